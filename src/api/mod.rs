@@ -1,0 +1,400 @@
+//! The HTTP API of the contract: routing, authentication, request parsing and JSON views.
+//!
+//! A request enters from `server` as a hyper request; [`handle`] matches its method and path
+//! to one handler (`accounts`, `webhooks`, `events`, `deliveries`), authenticates the bearer
+//! token (admin token, or an account's API key that only reaches its own account), reads and
+//! strictly parses the JSON body within `server.max_body_bytes`, and calls into the store,
+//! registry, ingest and dispatch. Every answer — including every error, as [`ApiError`] — is
+//! JSON; bad input is a 4xx, never a 500 or a dropped connection.
+
+mod accounts;
+mod deliveries;
+pub mod error;
+mod events;
+mod webhooks;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::de::DeserializeOwned;
+
+pub use error::ApiError;
+
+use crate::config::Config;
+use crate::dispatch::Deliverer;
+use crate::ids::AccountId;
+use crate::ingest::Ingest;
+use crate::registry::Registry;
+use crate::scheduler::SchedulerHandle;
+use crate::signing;
+use crate::store::Store;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub registry: Arc<Registry>,
+    pub ingest: Ingest,
+    pub deliverer: Arc<Deliverer>,
+    pub scheduler: SchedulerHandle,
+}
+
+pub type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Account(AccountId),
+}
+
+impl Caller {
+    /// The account a route under `/v1/accounts/{id}` addresses, if this caller may reach it.
+    /// Another account's resources answer 404, as if they did not exist.
+    fn scope(&self, state: &AppState, raw: &str) -> Result<AccountId, ApiError> {
+        let missing = || ApiError::not_found("account_not_found", format!("no account {raw:?}"));
+        let id = AccountId::parse(raw).ok_or_else(missing)?;
+        match self {
+            Caller::Account(own) if *own != id => Err(missing()),
+            _ if !state.registry.account_exists(&id) => Err(missing()),
+            _ => Ok(id),
+        }
+    }
+
+    fn require_admin(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Account(_) => Err(ApiError::forbidden("this route needs the admin token")),
+        }
+    }
+}
+
+fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiError> {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(ApiError::unauthorized)?;
+    if signing::constant_time_eq(token, &state.config.auth.admin_token) {
+        return Ok(Caller::Admin);
+    }
+    state
+        .registry
+        .account_by_key(&signing::hash_api_key(token))
+        .map(Caller::Account)
+        .ok_or_else(ApiError::unauthorized)
+}
+
+/// A request with its body still unread, and what the router learned about it.
+pub struct Call {
+    pub req: Request<hyper::body::Incoming>,
+    pub caller: Caller,
+}
+
+impl Call {
+    /// Reads the whole body (bounded) and parses it as strict JSON.
+    pub async fn json<T: DeserializeOwned>(self, state: &AppState) -> Result<T, ApiError> {
+        let bytes = self.bytes(state).await?;
+        parse_json::<T>(&bytes)
+    }
+
+    pub async fn bytes(self, state: &AppState) -> Result<Bytes, ApiError> {
+        let limit = state.config.server.max_body_bytes;
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request bodies are limited to {limit} bytes (server.max_body_bytes)"),
+            )
+        };
+        if let Some(len) = self
+            .req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if len > limit as u64 {
+                return Err(too_large());
+            }
+        }
+        match Limited::new(self.req.into_body(), limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(too_large())
+            }
+            Err(e) => Err(ApiError::bad_request(
+                "invalid_body",
+                format!("could not read the request body: {e}"),
+            )),
+        }
+    }
+
+    pub fn query(&self) -> Vec<(String, String)> {
+        self.req
+            .uri()
+            .query()
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Strict JSON: unknown fields, wrong types and trailing data are 400s naming the problem.
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request needs a JSON body",
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        let code = match e.classify() {
+            serde_json::error::Category::Data => "invalid_request",
+            _ => "invalid_json",
+        };
+        ApiError::bad_request(code, format!("invalid request body: {e}"))
+    })
+}
+
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).expect("serialising a JSON value cannot fail");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+pub fn empty_response(status: StatusCode) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::new()))
+        .expect("static response parts are valid")
+}
+
+pub fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let mut builder = Response::builder()
+        .status(e.status)
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(secs) = e.retry_after {
+        builder = builder.header(header::RETRY_AFTER, secs.to_string());
+    }
+    builder
+        .body(Full::new(Bytes::from(e.body())))
+        .expect("static response parts are valid")
+}
+
+/// Serves one request. Never fails: every error is rendered as the contract's JSON error.
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let (route, result) = route(&state, req).await;
+    let response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(route, code = e.code, message = %e.message, "request failed");
+            }
+            error_response(&e)
+        }
+    };
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("kyberhook_api_requests_total", "route" => route, "status" => status)
+        .increment(1);
+    metrics::histogram!("kyberhook_api_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn route(
+    state: &Arc<AppState>,
+    req: Request<hyper::body::Incoming>,
+) -> (&'static str, ApiResult) {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    use Method as M;
+
+    // Unauthenticated probes.
+    match (&method, segs.as_slice()) {
+        (&M::GET, ["healthz"]) => {
+            return (
+                "/healthz",
+                Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ok"}),
+                )),
+            )
+        }
+        (&M::GET, ["readyz"]) => {
+            let ready = state.scheduler.is_ready();
+            let (status, text) = if ready {
+                (StatusCode::OK, "ready")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "recovering")
+            };
+            return (
+                "/readyz",
+                Ok(json_response(status, &serde_json::json!({"status": text}))),
+            );
+        }
+        _ => {}
+    }
+
+    let label = route_label(&segs);
+    if label == "unknown" {
+        return (
+            label,
+            Err(ApiError::not_found(
+                "not_found",
+                format!("no route {method} {path}"),
+            )),
+        );
+    }
+    let caller = match authenticate(state, &req) {
+        Ok(c) => c,
+        Err(e) => return (label, Err(e)),
+    };
+    let call = Call { req, caller };
+    let s = state.as_ref();
+    let result = match (&method, segs.as_slice()) {
+        (&M::GET, ["v1", "event-types"]) => events::event_types(s),
+        (&M::POST, ["v1", "events"]) => events::ingest_one(s, call).await,
+        (&M::POST, ["v1", "events", "batch"]) => events::ingest_batch(s, call).await,
+
+        (&M::POST, ["v1", "accounts"]) => accounts::create(s, call).await,
+        (&M::GET, ["v1", "accounts", a]) => accounts::get(s, call, a),
+        (&M::PATCH, ["v1", "accounts", a]) => accounts::update(s, call, a).await,
+        (&M::DELETE, ["v1", "accounts", a]) => accounts::delete(s, call, a).await,
+        (&M::POST, ["v1", "accounts", a, "api-key"]) => accounts::rotate_key(s, call, a).await,
+
+        (&M::POST, ["v1", "accounts", a, "webhooks"]) => webhooks::create(s, call, a).await,
+        (&M::GET, ["v1", "accounts", a, "webhooks"]) => webhooks::list(s, call, a),
+        (&M::GET, ["v1", "accounts", a, "webhooks", w]) => webhooks::get(s, call, a, w),
+        (&M::PATCH, ["v1", "accounts", a, "webhooks", w]) => webhooks::update(s, call, a, w).await,
+        (&M::DELETE, ["v1", "accounts", a, "webhooks", w]) => webhooks::delete(s, call, a, w).await,
+        (&M::GET, ["v1", "accounts", a, "webhooks", w, "secret"]) => {
+            webhooks::secret(s, call, a, w)
+        }
+        (&M::POST, ["v1", "accounts", a, "webhooks", w, "secret", "rotate"]) => {
+            webhooks::rotate_secret(s, call, a, w).await
+        }
+        (&M::POST, ["v1", "accounts", a, "webhooks", w, "test"]) => {
+            webhooks::test(s, call, a, w).await
+        }
+        (&M::GET, ["v1", "accounts", a, "webhooks", w, "deliveries"]) => {
+            deliveries::list_for_webhook(s, call, a, w)
+        }
+        (&M::GET, ["v1", "accounts", a, "deliveries"]) => deliveries::list(s, call, a),
+        (&M::GET, ["v1", "accounts", a, "deliveries", d]) => deliveries::get(s, call, a, d),
+        (&M::POST, ["v1", "accounts", a, "deliveries", d, "retry"]) => {
+            deliveries::retry(s, call, a, d).await
+        }
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        )),
+    };
+    (label, result)
+}
+
+/// The matched route's pattern, for metrics labels (never the raw path: bounded cardinality).
+fn route_label(segs: &[&str]) -> &'static str {
+    match segs {
+        ["v1", "event-types"] => "/v1/event-types",
+        ["v1", "events"] => "/v1/events",
+        ["v1", "events", "batch"] => "/v1/events/batch",
+        ["v1", "accounts"] => "/v1/accounts",
+        ["v1", "accounts", _] => "/v1/accounts/{id}",
+        ["v1", "accounts", _, "api-key"] => "/v1/accounts/{id}/api-key",
+        ["v1", "accounts", _, "webhooks"] => "/v1/accounts/{id}/webhooks",
+        ["v1", "accounts", _, "webhooks", _] => "/v1/accounts/{id}/webhooks/{id}",
+        ["v1", "accounts", _, "webhooks", _, "secret"] => "/v1/accounts/{id}/webhooks/{id}/secret",
+        ["v1", "accounts", _, "webhooks", _, "secret", "rotate"] => {
+            "/v1/accounts/{id}/webhooks/{id}/secret/rotate"
+        }
+        ["v1", "accounts", _, "webhooks", _, "test"] => "/v1/accounts/{id}/webhooks/{id}/test",
+        ["v1", "accounts", _, "webhooks", _, "deliveries"] => {
+            "/v1/accounts/{id}/webhooks/{id}/deliveries"
+        }
+        ["v1", "accounts", _, "deliveries"] => "/v1/accounts/{id}/deliveries",
+        ["v1", "accounts", _, "deliveries", _] => "/v1/accounts/{id}/deliveries/{id}",
+        ["v1", "accounts", _, "deliveries", _, "retry"] => {
+            "/v1/accounts/{id}/deliveries/{id}/retry"
+        }
+        _ => "unknown",
+    }
+}
+
+/// `limit` and `cursor` of a list route.
+pub struct Paging {
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+/// Parses the list query parameters; anything not in `allowed` (besides limit and cursor) is
+/// refused, so a typo in a filter is a 400 rather than an unfiltered list.
+pub fn paging(params: &[(String, String)], allowed: &[&str]) -> Result<Paging, ApiError> {
+    let mut paging = Paging {
+        limit: 50,
+        cursor: None,
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for (k, v) in params {
+        if seen.contains(&k.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("query parameter {k:?} is given twice"),
+            ));
+        }
+        seen.push(k);
+        match k.as_str() {
+            "limit" => {
+                paging.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            "limit must be a whole number from 1 to 1000",
+                        )
+                    })?
+            }
+            "cursor" => paging.cursor = Some(v.clone()),
+            other if allowed.contains(&other) => {}
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown query parameter {other:?}"),
+                ))
+            }
+        }
+    }
+    Ok(paging)
+}
+
+pub fn list_response(
+    data: Vec<serde_json::Value>,
+    next_cursor: Option<String>,
+) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "data": data, "next_cursor": next_cursor }),
+    )
+}

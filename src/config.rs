@@ -1,0 +1,646 @@
+//! Configuration: the `config.toml` of the contract, parsed once at start-up, validated, and
+//! shared read-only (`Arc<Config>`) by every stage of the pipeline.
+//!
+//! Enters as TOML text (a file, or the default compiled in from the repository's `config.toml`)
+//! plus the `KYBERHOOK_ADMIN_TOKEN` environment override; leaves as a typed [`Config`] with
+//! durations, addresses and CIDRs already parsed. Unknown keys and wrong types are refused with a
+//! one-line [`ConfigError`] that names the file, line and key, which `main` turns into exit code 2.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// The repository's `config.toml`, the documented default.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
+
+/// The 21 event types of the KyberAccess webhook guide: the default `events.catalog`.
+pub const DEFAULT_EVENT_CATALOG: [&str; 21] = [
+    "visitor.checked_in",
+    "visitor.checked_out",
+    "visitor.denied",
+    "visitor.pre_registered",
+    "visitor.pre_registration_cancelled",
+    "visitor.updated",
+    "visitor.deleted",
+    "screening.watchlist_hit",
+    "screening.bolo_alert",
+    "screening.cleared",
+    "emergency.lockdown_activated",
+    "emergency.lockdown_deactivated",
+    "emergency.evacuation_activated",
+    "document.nda_signed",
+    "document.nda_declined",
+    "delivery.received",
+    "delivery.picked_up",
+    "delivery.notified",
+    "user.login",
+    "user.login_failed",
+    "settings.updated",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub metrics: MetricsConfig,
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub delivery: DeliveryConfig,
+    pub plans: BTreeMap<String, Plan>,
+    pub events: EventsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "d_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "d_max_body")]
+    pub max_body_bytes: usize,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Events that may wait in the write-ahead queue; beyond it ingest answers 503.
+    #[serde(default = "d_ingest_queue")]
+    pub ingest_queue: usize,
+    /// How long a client may take to send its request head (slowloris bound).
+    #[serde(default = "d_header_timeout", deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "d_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default = "d_storage_path")]
+    pub path: PathBuf,
+    #[serde(default = "d_retention", deserialize_with = "de_duration")]
+    pub retention: Duration,
+    /// Make every acknowledged write power-safe (fdatasync after sled's flush). Only turn off
+    /// for throw-away benchmarks.
+    #[serde(default = "d_true")]
+    pub fsync: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default = "d_admin_token")]
+    pub admin_token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    #[serde(default = "d_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    #[serde(default = "d_retry_schedule", deserialize_with = "de_durations")]
+    pub retry_schedule: Vec<Duration>,
+    #[serde(default = "d_auto_disable")]
+    pub auto_disable_after: u32,
+    #[serde(default = "d_true")]
+    pub require_https: bool,
+    #[serde(default)]
+    pub extra_ca_files: Vec<PathBuf>,
+    #[serde(default, deserialize_with = "de_cidrs")]
+    pub private_network_allowlist: Vec<IpNet>,
+    #[serde(default = "d_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Concurrent attempts to one webhook, so that one slow endpoint cannot take every slot.
+    #[serde(default = "d_max_in_flight_per_webhook")]
+    pub max_in_flight_per_webhook: usize,
+    /// Bytes of an endpoint's response body kept in the delivery log.
+    #[serde(default = "d_max_response_body")]
+    pub max_response_body_bytes: usize,
+    /// Deliveries that may wait for a future attempt before ingest answers 503.
+    #[serde(default = "d_max_scheduled")]
+    pub max_scheduled: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// `None`: unlimited.
+    #[serde(default)]
+    pub max_webhooks: Option<u32>,
+    /// Deliveries per second to the account's endpoints, all webhooks together. 0: unlimited.
+    pub events_per_second: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    #[serde(default = "d_catalog")]
+    pub catalog: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "d_log_format")]
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; the `RUST_LOG` environment variable wins when set.
+    #[serde(default = "d_log_level")]
+    pub level: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "d_server")]
+    server: ServerConfig,
+    #[serde(default = "d_metrics")]
+    metrics: MetricsConfig,
+    #[serde(default = "d_storage")]
+    storage: StorageConfig,
+    #[serde(default = "d_auth")]
+    auth: AuthConfig,
+    #[serde(default = "d_delivery")]
+    delivery: DeliveryConfig,
+    #[serde(default)]
+    plans: BTreeMap<String, Plan>,
+    #[serde(default = "d_events")]
+    events: EventsConfig,
+    #[serde(default = "d_log")]
+    log: LogConfig,
+}
+
+fn empty<T: for<'de> Deserialize<'de>>() -> T {
+    toml::from_str("").expect("every key of an empty section has a default")
+}
+fn d_server() -> ServerConfig {
+    empty()
+}
+fn d_metrics() -> MetricsConfig {
+    empty()
+}
+fn d_storage() -> StorageConfig {
+    empty()
+}
+fn d_auth() -> AuthConfig {
+    empty()
+}
+fn d_delivery() -> DeliveryConfig {
+    empty()
+}
+fn d_events() -> EventsConfig {
+    empty()
+}
+fn d_log() -> LogConfig {
+    empty()
+}
+fn d_listen() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("static")
+}
+fn d_metrics_listen() -> SocketAddr {
+    "127.0.0.1:9464".parse().expect("static")
+}
+fn d_max_body() -> usize {
+    1 << 20
+}
+fn d_ingest_queue() -> usize {
+    65_536
+}
+fn d_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_storage_path() -> PathBuf {
+    PathBuf::from("data")
+}
+fn d_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn d_true() -> bool {
+    true
+}
+fn d_admin_token() -> String {
+    "change-me".into()
+}
+fn d_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_retry_schedule() -> Vec<Duration> {
+    [60, 300, 1800, 7200, 43_200]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+fn d_auto_disable() -> u32 {
+    100
+}
+fn d_max_in_flight() -> usize {
+    1024
+}
+fn d_max_in_flight_per_webhook() -> usize {
+    64
+}
+fn d_max_response_body() -> usize {
+    64 * 1024
+}
+fn d_max_scheduled() -> usize {
+    5_000_000
+}
+fn d_catalog() -> Vec<String> {
+    DEFAULT_EVENT_CATALOG
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+fn d_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn d_log_level() -> String {
+    "info".into()
+}
+
+/// The plans of the guide; `[plans.NAME]` in the file replaces or adds one.
+pub fn default_plans() -> BTreeMap<String, Plan> {
+    let mut plans = BTreeMap::new();
+    plans.insert(
+        "starter".into(),
+        Plan {
+            max_webhooks: Some(3),
+            events_per_second: 10,
+        },
+    );
+    plans.insert(
+        "professional".into(),
+        Plan {
+            max_webhooks: Some(10),
+            events_per_second: 50,
+        },
+    );
+    plans.insert(
+        "enterprise".into(),
+        Plan {
+            max_webhooks: None,
+            events_per_second: 200,
+        },
+    );
+    plans
+}
+
+/// Parses a duration with a unit: `500ms`, `30s`, `5m`, `2h`, `30d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m, h or d)"))?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("duration {text:?} does not start with a number"))?;
+    let ms_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "duration {text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    n.checked_mul(ms_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {text:?} is too large"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| parse_duration(t).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn de_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| parse_cidr(t).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// A CIDR (`10.0.0.0/8`) or a bare address (taken as a /32 or /128).
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{text:?} is not a CIDR (e.g. \"10.0.0.0/8\") or an IP address"))
+}
+
+impl Config {
+    /// The repository's default configuration.
+    pub fn default_config() -> Config {
+        Config::from_toml(DEFAULT_CONFIG_TOML, "config.toml (built-in)")
+            .expect("the shipped config.toml is valid")
+    }
+
+    /// Reads and validates a config file, then applies the environment override.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut config = Config::from_toml(&text, &shown)?;
+        if let Ok(token) = std::env::var("KYBERHOOK_ADMIN_TOKEN") {
+            config.auth.admin_token = token;
+            config.validate(&shown)?;
+        }
+        Ok(config)
+    }
+
+    /// Parses TOML text; `origin` names the file in error messages.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(0);
+            ConfigError::Parse {
+                path: origin.to_string(),
+                line,
+                message: e.message().replace('\n', " ").trim().to_string(),
+            }
+        })?;
+        let mut plans = default_plans();
+        plans.extend(raw.plans);
+        let config = Config {
+            server: raw.server,
+            metrics: raw.metrics,
+            storage: raw.storage,
+            auth: raw.auth,
+            delivery: raw.delivery,
+            plans,
+            events: raw.events,
+            log: raw.log,
+        };
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| ConfigError::Invalid {
+            path: origin.to_string(),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        if self.auth.admin_token.len() < 8 {
+            return Err(bad(
+                "auth.admin_token",
+                "must be at least 8 characters (or set KYBERHOOK_ADMIN_TOKEN)",
+            ));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(bad("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err(bad(
+                "server.tls_cert",
+                "server.tls_cert and server.tls_key must be set together",
+            ));
+        }
+        if self.server.ingest_queue == 0 {
+            return Err(bad("server.ingest_queue", "must be at least 1"));
+        }
+        if self.delivery.timeout.is_zero() {
+            return Err(bad("delivery.timeout", "must be greater than zero"));
+        }
+        if self.delivery.max_in_flight == 0 {
+            return Err(bad("delivery.max_in_flight", "must be at least 1"));
+        }
+        if self.delivery.max_in_flight_per_webhook == 0 {
+            return Err(bad(
+                "delivery.max_in_flight_per_webhook",
+                "must be at least 1",
+            ));
+        }
+        if self.delivery.auto_disable_after == 0 {
+            return Err(bad("delivery.auto_disable_after", "must be at least 1"));
+        }
+        if self.delivery.retry_schedule.len() > 100 {
+            return Err(bad("delivery.retry_schedule", "at most 100 retries"));
+        }
+        if self.events.catalog.is_empty() {
+            return Err(bad("events.catalog", "must name at least one event type"));
+        }
+        for name in &self.events.catalog {
+            if !crate::model::is_valid_event_name(name) {
+                return Err(bad(
+                    "events.catalog",
+                    &format!("{name:?} is not an event name like \"family.action\""),
+                ));
+            }
+        }
+        for (name, plan) in &self.plans {
+            if !crate::ids::is_safe_token(name, 32) {
+                return Err(bad(
+                    &format!("plans.{name}"),
+                    "plan names are [A-Za-z0-9_-]",
+                ));
+            }
+            let _ = plan;
+        }
+        if self.storage.retention.is_zero() {
+            return Err(bad("storage.retention", "must be greater than zero"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(bad("log.level", "is not a valid filter (e.g. \"info\")"));
+        }
+        Ok(())
+    }
+
+    /// The retry delay after failed attempt number `attempt` (1-based), or `None` when the
+    /// schedule is exhausted.
+    pub fn retry_delay(&self, attempt: u32) -> Option<Duration> {
+        let idx = usize::try_from(attempt).ok()?.checked_sub(1)?;
+        self.delivery.retry_schedule.get(idx).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, "test.toml")
+    }
+
+    #[test]
+    fn shipped_default_is_valid_and_matches_the_contract() {
+        let c = Config::default_config();
+        assert_eq!(c.server.listen, d_listen());
+        assert_eq!(c.server.max_body_bytes, 1_048_576);
+        assert_eq!(c.metrics.listen.port(), 9464);
+        assert_eq!(c.storage.path, PathBuf::from("data"));
+        assert_eq!(c.storage.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.delivery.timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.delivery.retry_schedule,
+            vec![
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+                Duration::from_secs(1800),
+                Duration::from_secs(7200),
+                Duration::from_secs(43_200)
+            ]
+        );
+        assert_eq!(c.delivery.auto_disable_after, 100);
+        assert!(c.delivery.require_https);
+        assert_eq!(c.delivery.max_in_flight, 1024);
+        assert_eq!(c.plans["starter"].max_webhooks, Some(3));
+        assert_eq!(c.plans["professional"].events_per_second, 50);
+        assert_eq!(c.plans["enterprise"].max_webhooks, None);
+        assert_eq!(c.events.catalog.len(), 21);
+    }
+
+    #[test]
+    fn empty_file_gives_contract_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.auth.admin_token, "change-me");
+        assert_eq!(c.plans.len(), 3);
+        assert_eq!(c.events.catalog.len(), 21);
+        assert_eq!(c.retry_delay(1), Some(Duration::from_secs(60)));
+        assert_eq!(c.retry_delay(5), Some(Duration::from_secs(43_200)));
+        assert_eq!(c.retry_delay(6), None);
+        assert_eq!(c.retry_delay(0), None);
+    }
+
+    #[test]
+    fn durations_take_every_unit_and_refuse_others() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(2_592_000)
+        );
+        for bad in [
+            "",
+            "10",
+            "ms",
+            "1w",
+            "1.5s",
+            "-1s",
+            "1 s x",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_line() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlissten = 3\n").unwrap_err();
+        let line = err.to_string();
+        assert!(line.starts_with("test.toml:3:"), "{line}");
+        assert!(line.contains("lissten"), "{line}");
+        assert!(!line.contains('\n'));
+        let err = parse("[nope]\n").unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_bad_values_are_refused() {
+        let cases = [
+            ("[server]\nlisten = 8080\n", "test.toml:2"),
+            ("[server]\nlisten = \"not an address\"\n", "test.toml:2"),
+            ("[delivery]\ntimeout = \"30 parsecs\"\n", "unit"),
+            ("[delivery]\nretry_schedule = [\"1m\", 5]\n", "test.toml:2"),
+            (
+                "[delivery]\nprivate_network_allowlist = [\"10.0.0.0/33\"]\n",
+                "CIDR",
+            ),
+            ("[delivery]\nmax_in_flight = 0\n", "delivery.max_in_flight"),
+            ("[plans.gold]\nmax_webhooks = 5\n", "events_per_second"),
+            ("[auth]\nadmin_token = \"x\"\n", "auth.admin_token"),
+            ("[events]\ncatalog = []\n", "events.catalog"),
+            ("[log]\nformat = \"xml\"\n", "test.toml:2"),
+            ("[server]\ntls_cert = \"a.pem\"\n", "tls_key"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text:?} gave {err:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn plans_merge_over_the_defaults() {
+        let c = parse(
+            "[plans.starter]\nmax_webhooks = 1\nevents_per_second = 5\n[plans.bench]\nevents_per_second = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.plans["starter"].max_webhooks, Some(1));
+        assert_eq!(c.plans["starter"].events_per_second, 5);
+        assert_eq!(c.plans["bench"].max_webhooks, None);
+        assert_eq!(c.plans["enterprise"].events_per_second, 200);
+    }
+
+    #[test]
+    fn cidrs_accept_bare_addresses() {
+        let c =
+            parse("[delivery]\nprivate_network_allowlist = [\"127.0.0.0/8\", \"::1\"]\n").unwrap();
+        assert_eq!(c.delivery.private_network_allowlist.len(), 2);
+        assert!(c.delivery.private_network_allowlist[1]
+            .contains(&"::1".parse::<std::net::IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn unreadable_file_names_the_file() {
+        let err = Config::load(Path::new("/nonexistent/kh.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/nonexistent/kh.toml:"), "{err}");
+    }
+}

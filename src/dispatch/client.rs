@@ -1,0 +1,320 @@
+//! The outbound HTTPS client: one POST per attempt, over pooled keep-alive connections.
+//!
+//! In: a URL, the webhook's address policy, headers and the body bytes. Out: an
+//! [`AttemptOutcome`] — status, headers, the start of the body, elapsed time, or the error
+//! text of a refusal, TLS failure, connection failure or timeout. Built on hyper-util's pooled
+//! client over hyper-rustls (ring provider; TLS 1.2 minimum; system roots plus
+//! `delivery.extra_ca_files`; SNI from the URL host). Host names are resolved by
+//! [`GuardedResolver`], which drops every address the policy refuses, so the connector only
+//! ever connects to an address that was checked. Redirects are never followed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use ipnet::IpNet;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::netguard::AddressPolicy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{path}: cannot read CA bundle: {message}")]
+    CaFile { path: PathBuf, message: String },
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
+}
+
+/// Resolves a host and keeps only the addresses the policy allows; if none is left the
+/// connection fails with the reason of the first refusal.
+#[derive(Clone)]
+pub struct GuardedResolver {
+    policy: Arc<AddressPolicy>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("refused to connect to {host}: {reason}")]
+pub struct Refused {
+    host: String,
+    reason: String,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                .collect();
+            let mut first_refusal = None;
+            let allowed: Vec<SocketAddr> = resolved
+                .into_iter()
+                .filter(|a| match policy.check(a.ip()) {
+                    Ok(()) => true,
+                    Err(reason) => {
+                        first_refusal.get_or_insert(reason);
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let reason = first_refusal.unwrap_or_else(|| "no address".into());
+                return Err(Box::new(Refused { host, reason }) as BoxError);
+            }
+            Ok(allowed.into_iter())
+        })
+    }
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+
+/// What one attempt got back.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptOutcome {
+    pub status: Option<u16>,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub error: Option<String>,
+    pub elapsed: Duration,
+}
+
+impl AttemptOutcome {
+    pub fn is_success(&self) -> bool {
+        self.error.is_none() && self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+}
+
+pub struct Outbound {
+    tls: Arc<rustls::ClientConfig>,
+    private_allowlist: Vec<IpNet>,
+    timeout: Duration,
+    max_body: usize,
+    allow_http: bool,
+    /// One pooled client per distinct `ip_allowlist` (almost always just the empty one), since
+    /// a pooled connection must only be reused by webhooks whose policy admitted it.
+    clients: Mutex<HashMap<Vec<IpNet>, HttpClient>>,
+}
+
+impl Outbound {
+    pub fn new(
+        extra_ca_files: &[PathBuf],
+        private_allowlist: Vec<IpNet>,
+        timeout: Duration,
+        max_body: usize,
+        allow_http: bool,
+    ) -> Result<Outbound, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        for path in extra_ca_files {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| ClientError::CaFile {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            if certs.is_empty() {
+                return Err(ClientError::CaFile {
+                    path: path.clone(),
+                    message: "no certificate in the file".into(),
+                });
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| ClientError::CaFile {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Outbound {
+            tls: Arc::new(tls),
+            private_allowlist,
+            timeout,
+            max_body,
+            allow_http,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn client_for(&self, pin: &[IpNet]) -> HttpClient {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(pin.to_vec())
+            .or_insert_with(|| {
+                let resolver = GuardedResolver {
+                    policy: Arc::new(AddressPolicy {
+                        private_allowlist: self.private_allowlist.clone(),
+                        pin: pin.to_vec(),
+                    }),
+                };
+                let mut http = HttpConnector::new_with_resolver(resolver);
+                http.enforce_http(false);
+                http.set_nodelay(true);
+                http.set_connect_timeout(Some(self.timeout));
+                let builder =
+                    hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((*self.tls).clone());
+                let https = if self.allow_http {
+                    builder.https_or_http().enable_http1().wrap_connector(http)
+                } else {
+                    builder.https_only().enable_http1().wrap_connector(http)
+                };
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(256)
+                    .build(https)
+            })
+            .clone()
+    }
+
+    /// Forgets pooled clients of allowlists no webhook uses any more.
+    pub fn prune(&self, keep: &[Vec<IpNet>]) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients.retain(|k, _| k.is_empty() || keep.contains(k));
+    }
+
+    /// POSTs `body` to `url` and reports what came back, within the attempt timeout.
+    pub async fn post(
+        &self,
+        url: &str,
+        pin: &[IpNet],
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Bytes,
+    ) -> AttemptOutcome {
+        let started = Instant::now();
+        let mut outcome = match self.post_inner(url, pin, headers, body).await {
+            Ok(o) => o,
+            Err(error) => AttemptOutcome {
+                error: Some(error),
+                ..Default::default()
+            },
+        };
+        outcome.elapsed = started.elapsed();
+        outcome
+    }
+
+    async fn post_inner(
+        &self,
+        url: &str,
+        pin: &[IpNet],
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Bytes,
+    ) -> Result<AttemptOutcome, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
+        let host = uri.host().ok_or("URL has no host")?;
+        // Literal addresses never reach the resolver, so they are checked here.
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = literal.parse::<IpAddr>() {
+            let policy = AddressPolicy {
+                private_allowlist: self.private_allowlist.clone(),
+                pin: pin.to_vec(),
+            };
+            policy
+                .check(ip)
+                .map_err(|reason| format!("refused to connect to {host}: {reason}"))?;
+        }
+        let mut request = Request::post(uri);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| format!("cannot build request: {e}"))?;
+        let client = self.client_for(pin);
+        let exchange = async {
+            let response = client.request(request).await.map_err(|e| error_chain(&e))?;
+            let status = response.status().as_u16();
+            let headers = response
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let mut body = response.into_body();
+            let mut kept: Vec<u8> = Vec::new();
+            while kept.len() < self.max_body {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            let room = self.max_body - kept.len();
+                            kept.extend_from_slice(&data[..data.len().min(room)]);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        return Err(format!(
+                            "reading the response body failed: {}",
+                            error_chain(&e)
+                        ))
+                    }
+                    None => break,
+                }
+            }
+            Ok(AttemptOutcome {
+                status: Some(status),
+                headers,
+                body: String::from_utf8_lossy(&kept).into_owned(),
+                error: None,
+                elapsed: Duration::ZERO,
+            })
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => {
+                let mut outcome = result?;
+                if let Some(status) = outcome.status.filter(|s| (300..400).contains(s)) {
+                    outcome.error = Some(format!("redirect ({status}) not followed"));
+                }
+                Ok(outcome)
+            }
+            Err(_) => Err(format!("timed out after {} ms", self.timeout.as_millis())),
+        }
+    }
+}
+
+/// An error and its causes on one line, without repeating a cause that says the same.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,243 @@
+//! Typed identifiers: every ID the API shows is an opaque string with a prefix (`acc_`, `wh_`,
+//! `evt_`, `dlv_`), and each has its own type so that a webhook id can never be passed where a
+//! delivery id is expected.
+//!
+//! IDs enter from URLs and JSON (parsed and validated here) or are minted here; they leave as
+//! strings in JSON and as fixed-width big-endian bytes in store keys (see `store::keys`).
+//! Event sequence numbers are time-ordered (`unix_ms << 20 | counter`), so that delivery keys
+//! built from them sort by creation time and range scans serve "newest first" and `since/until`.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Whether `text` is 1..=max characters of `[A-Za-z0-9_.-]`: the shape of every ID a client
+/// may choose, so that IDs are safe in URLs, keys and logs.
+pub fn is_safe_token(text: &str, max: usize) -> bool {
+    !text.is_empty()
+        && text.len() <= max
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// `len` random bytes from the OS RNG, as lowercase hex.
+pub fn random_hex(len: usize) -> String {
+    let mut buf = vec![0u8; len];
+    getrandom::fill(&mut buf).expect("the OS random number generator is available");
+    hex::encode(buf)
+}
+
+/// An account: chosen by the operator (`"id"` at creation) or minted as `acc_` + 16 hex.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct AccountId(String);
+
+impl AccountId {
+    pub const MAX_LEN: usize = 64;
+    pub fn generate() -> Self {
+        AccountId(format!("acc_{}", random_hex(8)))
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        is_safe_token(text, Self::MAX_LEN).then(|| AccountId(text.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A webhook: `wh_` + 16 hex digits of a random `u64`, which is also its key in the store, so
+/// index keys stay fixed-width.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct WebhookId(pub u64);
+
+impl WebhookId {
+    pub fn generate() -> Self {
+        let mut buf = [0u8; 8];
+        getrandom::fill(&mut buf).expect("the OS random number generator is available");
+        WebhookId(u64::from_be_bytes(buf))
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex = text.strip_prefix("wh_")?;
+        if hex.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(hex, 16).ok().map(WebhookId)
+    }
+}
+
+impl fmt::Display for WebhookId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "wh_{:016x}", self.0)
+    }
+}
+
+/// An event as the producer names it: its own `id`, or `evt_` + the hex sequence number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct EventId(String);
+
+impl EventId {
+    pub const MAX_LEN: usize = 128;
+    pub fn from_seq(seq: u64) -> Self {
+        EventId(format!("evt_{seq:016x}"))
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        is_safe_token(text, Self::MAX_LEN).then(|| EventId(text.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One event (or test send) to one webhook: the event's sequence number and the webhook, so
+/// fan-out is idempotent (re-running it after a crash finds the same keys) and the key sorts by
+/// creation time. Shown as `dlv_` + 32 hex digits.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct DeliveryId {
+    pub seq: u64,
+    pub webhook: WebhookId,
+}
+
+impl DeliveryId {
+    pub const ENCODED_LEN: usize = 16;
+
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.seq.to_be_bytes());
+        out[8..].copy_from_slice(&self.webhook.0.to_be_bytes());
+        out
+    }
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let seq = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let wh = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(DeliveryId {
+            seq,
+            webhook: WebhookId(wh),
+        })
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex = text.strip_prefix("dlv_")?;
+        if hex.len() != 32 {
+            return None;
+        }
+        let bytes = hex::decode(hex).ok()?;
+        Self::from_bytes(&bytes)
+    }
+    /// Creation time in unix ms, read from the sequence number.
+    pub fn created_ms(self) -> u64 {
+        seq_time_ms(self.seq)
+    }
+}
+
+impl fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dlv_{:016x}{:016x}", self.seq, self.webhook.0)
+    }
+}
+
+const SEQ_COUNTER_BITS: u32 = 20;
+
+/// The unix ms encoded in a sequence number.
+pub fn seq_time_ms(seq: u64) -> u64 {
+    seq >> SEQ_COUNTER_BITS
+}
+
+/// The smallest sequence number of unix ms `ms` (for `since`/`until` range bounds).
+pub fn seq_floor(ms: u64) -> u64 {
+    ms.saturating_mul(1 << SEQ_COUNTER_BITS)
+}
+
+/// Mints strictly increasing, time-ordered sequence numbers: `unix_ms << 20 | counter`. Never
+/// goes backwards, even if the wall clock does (it then counts on from the last value).
+#[derive(Debug)]
+pub struct Sequencer {
+    last: AtomicU64,
+}
+
+impl Sequencer {
+    /// Continues after `last_used` (the largest sequence number found in the store).
+    pub fn new(last_used: u64) -> Self {
+        Sequencer {
+            last: AtomicU64::new(last_used),
+        }
+    }
+
+    pub fn next(&self, now_ms: u64) -> u64 {
+        let floor = seq_floor(now_ms);
+        let mut prev = self.last.load(Ordering::Relaxed);
+        loop {
+            let next = floor.max(prev + 1);
+            match self
+                .last
+                .compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(actual) => prev = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_ids_round_trip_and_sort_by_time() {
+        let a = DeliveryId {
+            seq: seq_floor(1_700_000_000_000) + 5,
+            webhook: WebhookId(u64::MAX),
+        };
+        let text = a.to_string();
+        assert!(text.starts_with("dlv_") && text.len() == 36, "{text}");
+        assert_eq!(DeliveryId::parse(&text), Some(a));
+        assert_eq!(DeliveryId::from_bytes(&a.to_bytes()), Some(a));
+        let b = DeliveryId {
+            seq: a.seq + 1,
+            webhook: WebhookId(0),
+        };
+        assert!(a.to_bytes() < b.to_bytes());
+        assert_eq!(a.created_ms(), 1_700_000_000_000);
+        for bad in ["", "dlv_", "dlv_zz", "wh_0000000000000000", &text[..35]] {
+            assert_eq!(DeliveryId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn webhook_ids_round_trip() {
+        let id = WebhookId(0xdead_beef);
+        assert_eq!(id.to_string(), "wh_00000000deadbeef");
+        assert_eq!(WebhookId::parse(&id.to_string()), Some(id));
+        assert_eq!(WebhookId::parse("wh_xyz"), None);
+        assert_eq!(WebhookId::parse("wh_00000000deadbeef0"), None);
+    }
+
+    #[test]
+    fn sequencer_is_monotonic_even_when_the_clock_goes_back() {
+        let s = Sequencer::new(0);
+        let a = s.next(1000);
+        let b = s.next(1000);
+        let c = s.next(999);
+        let d = s.next(2000);
+        assert!(a < b && b < c && c < d);
+        assert_eq!(seq_time_ms(a), 1000);
+        assert_eq!(seq_time_ms(d), 2000);
+        let resumed = Sequencer::new(d);
+        assert!(resumed.next(1500) > d);
+    }
+
+    #[test]
+    fn client_chosen_ids_are_restricted_to_safe_characters() {
+        assert!(AccountId::parse("acc_001").is_some());
+        assert!(AccountId::parse("customer-42.eu").is_some());
+        for bad in ["", "a b", "a/b", "ä", &"x".repeat(65)] {
+            assert!(AccountId::parse(bad).is_none(), "{bad}");
+        }
+        assert!(EventId::parse(&"e".repeat(128)).is_some());
+        assert!(EventId::parse(&"e".repeat(129)).is_none());
+    }
+}

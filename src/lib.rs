@@ -1,0 +1,304 @@
+//! kyberhook: a webhook delivery engine in one process with an embedded store.
+//!
+//! The pipeline, in the order an event travels (see ARCHITECTURE.md for the picture):
+//!
+//! - [`server`] accepts HTTP(S) connections and hands requests to [`api`], which routes,
+//!   authenticates and validates them.
+//! - [`ingest`] builds each event's body once and hands it to the group committer, which
+//!   makes a whole batch durable in the [`store`] with one flush before answering 202, then
+//!   fans it out through the [`registry`]'s subscription index into delivery records.
+//! - [`scheduler`] owns the [`wheel`] (a hierarchical timing wheel) holding every future
+//!   attempt; due attempts go to [`dispatch`], which applies [`ratelimit`] and in-flight
+//!   limits, signs ([`signing`]) and sends the request, records the attempt and schedules
+//!   the retry.
+//! - [`metrics`] serves Prometheus; [`config`] is read once at start; [`ids`], [`model`] and
+//!   [`codec`] define what flows between the stages.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod clock;
+pub mod codec;
+pub mod config;
+pub mod dispatch;
+pub mod ids;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod ratelimit;
+pub mod registry;
+pub mod scheduler;
+pub mod server;
+pub mod signing;
+pub mod store;
+pub mod wheel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::api::AppState;
+use crate::config::Config;
+use crate::dispatch::{Deliverer, Dispatcher, Outbound};
+use crate::ingest::{Committer, Ingest};
+use crate::registry::Registry;
+use crate::scheduler::{Scheduler, SchedulerHandle};
+use crate::store::Store;
+
+/// Why the engine could not start. `Config` errors are the operator's to fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StartError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Due attempts waiting for the dispatcher; small, since the wheel is the real buffer.
+const DUE_QUEUE: usize = 4096;
+/// How often delivery logs past `storage.retention` are purged.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// A running engine.
+pub struct Engine {
+    api_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server_tasks: Vec<JoinHandle<()>>,
+    pipeline_tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    state: Option<Arc<AppState>>,
+    committer: Option<Committer>,
+    store: Arc<Store>,
+    scheduler: SchedulerHandle,
+}
+
+impl Engine {
+    /// Opens the store, recovers owed work, binds both listeners and starts every stage.
+    pub async fn start(config: Config) -> Result<Engine, StartError> {
+        let config = Arc::new(config);
+        let api_listener = server::bind(config.server.listen, "server.listen").await?;
+        let metrics_listener = server::bind(config.metrics.listen, "metrics.listen").await?;
+        let api_addr = api_listener
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                server::tls_acceptor(cert, key).map_err(|e| StartError::Config(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        let outbound = Outbound::new(
+            &config.delivery.extra_ca_files,
+            config.delivery.private_network_allowlist.clone(),
+            config.delivery.timeout,
+            config.delivery.max_response_body_bytes,
+            !config.delivery.require_https,
+        )
+        .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
+        let prometheus = metrics::install();
+
+        let path = config.storage.path.clone();
+        let fsync = config.storage.fsync;
+        let store = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&path).map_err(|e| {
+                StartError::Config(format!("storage.path = {:?}: {e}", path.display()))
+            })?;
+            Store::open(&path, fsync).map_err(|e| match e {
+                store::StoreError::Sled(sled::Error::Io(io)) => {
+                    StartError::Config(format!("storage.path = {:?}: {io}", path.display()))
+                }
+                other => StartError::Store(other),
+            })
+        })
+        .await
+        .map_err(|e| StartError::Other(e.to_string()))??;
+        let store = Arc::new(store);
+
+        let registry = Arc::new(Registry::new(config.events.catalog.clone()));
+        registry.load(store.all_accounts()?, store.all_webhooks()?);
+        let seq = Arc::new(ids::Sequencer::new(store.last_seq()?));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (due_tx, due_rx) = mpsc::channel(DUE_QUEUE);
+        let (scheduler_task, scheduler) = Scheduler::new(due_tx);
+        let (ingest, committer) = {
+            let store = store.clone();
+            let registry = registry.clone();
+            let scheduler = scheduler.clone();
+            let queue = config.server.ingest_queue;
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                Ingest::start(store, registry, scheduler, seq, queue, rt)
+            })
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))??
+        };
+        let deliverer = Arc::new(Deliverer {
+            store: store.clone(),
+            registry: registry.clone(),
+            config: config.clone(),
+            outbound,
+            scheduler: scheduler.clone(),
+            global: Arc::new(Semaphore::new(config.delivery.max_in_flight)),
+        });
+        let pipeline_tasks = vec![
+            tokio::spawn(scheduler_task.run(Some(store.clone()), shutdown_rx.clone())),
+            tokio::spawn(Dispatcher::new(deliverer.clone()).run(due_rx, shutdown_rx.clone())),
+        ];
+        let state = Arc::new(AppState {
+            config: config.clone(),
+            store: store.clone(),
+            registry,
+            ingest,
+            deliverer,
+            scheduler: scheduler.clone(),
+        });
+        let server_tasks = vec![
+            tokio::spawn(server::serve(
+                api_listener,
+                tls,
+                server::ApiHandler(state.clone()),
+                config.server.header_read_timeout,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(server::serve(
+                metrics_listener,
+                None,
+                metrics::MetricsHandler(prometheus.clone()),
+                config.server.header_read_timeout,
+                shutdown_rx.clone(),
+            )),
+        ];
+        let background = vec![
+            metrics::spawn_upkeep(prometheus),
+            spawn_retention(store.clone(), config.storage.retention),
+        ];
+        tracing::info!(api = %api_addr, metrics = %metrics_addr, tls = config.server.tls_cert.is_some(), "kyberhook is serving");
+        Ok(Engine {
+            api_addr,
+            metrics_addr,
+            shutdown,
+            server_tasks,
+            pipeline_tasks,
+            background,
+            state: Some(state),
+            committer: Some(committer),
+            store,
+            scheduler,
+        })
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Deliveries waiting for an attempt.
+    pub fn scheduled(&self) -> usize {
+        self.scheduler.scheduled()
+    }
+
+    /// Stops accepting, lets open requests finish, commits what was acknowledged, waits for
+    /// attempts in flight, and flushes the store.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.server_tasks.drain(..) {
+            let _ = t.await;
+        }
+        // The last ingest handle goes with the state; the committer then drains and exits.
+        drop(self.state.take());
+        if let Some(c) = self.committer.take() {
+            let _ = tokio::task::spawn_blocking(move || c.join()).await;
+        }
+        for t in self.pipeline_tasks.drain(..) {
+            let _ = t.await;
+        }
+        for t in self.background.drain(..) {
+            t.abort();
+        }
+        let store = self.store.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.make_durable()).await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!("kyberhook stopped");
+    }
+}
+
+fn spawn_retention(store: Arc<Store>, retention: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_EVERY);
+        loop {
+            tick.tick().await;
+            let cutoff = model::now_ms().saturating_sub(retention.as_millis() as u64);
+            let store = store.clone();
+            let purged =
+                tokio::task::spawn_blocking(move || store.purge_before(cutoff, 10_000)).await;
+            match purged {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(deliveries = n, "purged delivery logs past retention")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "retention purge failed"),
+                _ => {}
+            }
+        }
+    })
+}
+
+/// Sets up logging as `log.format` and `log.level` (or `RUST_LOG`) say. Call once.
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs the engine until SIGINT or SIGTERM, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let engine = Engine::start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    engine.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

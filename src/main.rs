@@ -1,0 +1,90 @@
+//! The `kyberhook` command: parses the CLI and the config file, then runs the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kyberhook::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "kyberhook",
+    version,
+    about = "A webhook delivery engine with an embedded store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine: ingest + management API, delivery pipeline and metrics.
+    Serve {
+        /// Config file [default: config.toml in the working directory, else the built-in default]
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check a config file and exit (0 when valid, 2 with the problem when not).
+    CheckConfig {
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+    },
+}
+
+fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let result = match path {
+        Some(p) => Config::load(&p),
+        None if PathBuf::from("config.toml").exists() => {
+            Config::load(&PathBuf::from("config.toml"))
+        }
+        None => {
+            let mut c = Config::default_config();
+            if let Ok(token) = std::env::var("KYBERHOOK_ADMIN_TOKEN") {
+                c.auth.admin_token = token;
+            }
+            Ok(c)
+        }
+    };
+    result.map_err(|e| {
+        eprintln!("kyberhook: config error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match load(Some(config)) {
+            Ok(_) => {
+                println!("config ok");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Serve { config } => {
+            let config = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            kyberhook::init_logging(&config);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("kyberhook: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(kyberhook::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kyberhook: {e}");
+                    ExitCode::from(e.exit_code() as u8)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The records of the engine — accounts, webhooks, events, deliveries and attempts — as they are
+//! stored (via `codec`), plus the rules that belong to them: event-name and subscription
+//! matching, delivery states, and RFC 3339 time formatting.
+//!
+//! Records enter from the API and the pipeline, are written by `store`, and leave as JSON views
+//! built by `api`. Times are unix milliseconds inside the engine and RFC 3339 UTC outside.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AccountId, DeliveryId, EventId, WebhookId};
+
+/// Wall-clock unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `2025-01-15T09:30:00Z` (milliseconds shown only when not zero).
+pub fn rfc3339(ms: u64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms);
+    if ms % 1000 == 0 {
+        humantime::format_rfc3339_seconds(t).to_string()
+    } else {
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+}
+
+/// Parses an RFC 3339 UTC time (`Z` or `+00:00`) into unix ms.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339(text)
+        .ok()
+        .or_else(|| humantime::parse_rfc3339(&text.replace("+00:00", "Z")).ok())?;
+    t.duration_since(UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
+}
+
+/// `family.action`: lowercase letters, digits and `_`, exactly one dot.
+pub fn is_valid_event_name(name: &str) -> bool {
+    let mut parts = name.split('.');
+    let ok = |p: Option<&str>| {
+        p.is_some_and(|p| {
+            !p.is_empty()
+                && p.len() <= 64
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+    };
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+}
+
+/// The family of an event name: `emergency` for `emergency.lockdown_activated`.
+pub fn event_family(name: &str) -> &str {
+    name.split_once('.').map_or(name, |(family, _)| family)
+}
+
+/// A webhook's subscription entry: an exact name, `family.*`, or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subscription {
+    All,
+    Family(String),
+    Exact(String),
+}
+
+impl Subscription {
+    /// Parses an entry against the catalog; `None` when it names nothing in the catalog.
+    pub fn parse(entry: &str, catalog: &[String]) -> Option<Self> {
+        if entry == "*" {
+            return Some(Subscription::All);
+        }
+        if let Some(family) = entry.strip_suffix(".*") {
+            return catalog
+                .iter()
+                .any(|c| event_family(c) == family)
+                .then(|| Subscription::Family(family.to_string()));
+        }
+        catalog
+            .iter()
+            .any(|c| c == entry)
+            .then(|| Subscription::Exact(entry.to_string()))
+    }
+
+    pub fn matches(&self, event: &str) -> bool {
+        match self {
+            Subscription::All => true,
+            Subscription::Family(f) => event_family(event) == f,
+            Subscription::Exact(e) => e == event,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+    pub plan: String,
+    pub created_ms: u64,
+    /// SHA-256 of the current API key; the key itself is never stored.
+    pub api_key_hash: [u8; 32],
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum WebhookStatus {
+    Active,
+    Paused,
+    Disabled,
+}
+
+impl WebhookStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookStatus::Active => "active",
+            WebhookStatus::Paused => "paused",
+            WebhookStatus::Disabled => "disabled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Webhook {
+    pub id: WebhookId,
+    pub account_id: AccountId,
+    pub name: String,
+    pub url: String,
+    pub description: Option<String>,
+    pub events: Vec<String>,
+    /// CIDRs as the client wrote them (validated at write time).
+    pub ip_allowlist: Vec<String>,
+    pub status: WebhookStatus,
+    pub disabled_reason: Option<String>,
+    pub consecutive_failures: u32,
+    pub secret: String,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+/// An acknowledged event: the exact body every attempt of every delivery sends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventRecord {
+    pub seq: u64,
+    pub id: EventId,
+    pub account_id: AccountId,
+    pub event: String,
+    /// Compact JSON: `{"id","event","timestamp","data","account_id"}`.
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// Created, first attempt not yet made.
+    Pending,
+    Delivered,
+    /// At least one attempt failed; another is scheduled.
+    Retrying,
+    /// No further attempt will be made (schedule exhausted, or the webhook stopped).
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Retrying => "retrying",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => DeliveryStatus::Pending,
+            "delivered" => DeliveryStatus::Delivered,
+            "retrying" => DeliveryStatus::Retrying,
+            "failed" => DeliveryStatus::Failed,
+            _ => return None,
+        })
+    }
+    /// Whether another attempt may still come without a manual retry.
+    pub fn is_open(self) -> bool {
+        matches!(self, DeliveryStatus::Pending | DeliveryStatus::Retrying)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub id: DeliveryId,
+    pub account_id: AccountId,
+    pub event_id: EventId,
+    pub event: String,
+    pub status: DeliveryStatus,
+    pub attempt_count: u32,
+    pub response_code: Option<u16>,
+    pub response_time_ms: Option<u64>,
+    pub updated_ms: u64,
+    /// When the next attempt is due; also the token that tells a current schedule entry from
+    /// a superseded one (see `scheduler`).
+    pub next_attempt_ms: Option<u64>,
+    /// Why the delivery ended `failed` when it was not an endpoint's answer.
+    pub note: Option<String>,
+    /// Sent by the test tool: one attempt, no retries.
+    pub is_test: bool,
+}
+
+impl DeliveryRecord {
+    pub fn new(id: DeliveryId, event: &EventRecord, now: u64, is_test: bool) -> Self {
+        DeliveryRecord {
+            id,
+            account_id: event.account_id.clone(),
+            event_id: event.id.clone(),
+            event: event.event.clone(),
+            status: DeliveryStatus::Pending,
+            attempt_count: 0,
+            response_code: None,
+            response_time_ms: None,
+            updated_ms: now,
+            next_attempt_ms: Some(now),
+            note: None,
+            is_test,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub number: u32,
+    pub at_ms: u64,
+    pub response_code: Option<u16>,
+    pub response_time_ms: u64,
+    pub response_headers: Vec<(String, String)>,
+    /// The start of the response body (bounded by `delivery.max_response_body_bytes`).
+    pub response_body: String,
+    pub error: Option<String>,
+    /// `X-KyberAccess-Timestamp` and the signature hex this attempt was sent with.
+    pub timestamp: u64,
+    pub signature: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Vec<String> {
+        crate::config::DEFAULT_EVENT_CATALOG
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn subscriptions_parse_against_the_catalog() {
+        let c = catalog();
+        assert_eq!(Subscription::parse("*", &c), Some(Subscription::All));
+        assert_eq!(
+            Subscription::parse("emergency.*", &c),
+            Some(Subscription::Family("emergency".into()))
+        );
+        assert!(Subscription::parse("visitor.checked_in", &c).is_some());
+        for bad in [
+            "nope.*",
+            "visitor.flew_away",
+            "",
+            "visitor",
+            "*.*",
+            "visitor.*.x",
+        ] {
+            assert_eq!(Subscription::parse(bad, &c), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn subscriptions_match() {
+        let fam = Subscription::Family("emergency".into());
+        assert!(fam.matches("emergency.lockdown_activated"));
+        assert!(!fam.matches("visitor.checked_in"));
+        assert!(!fam.matches("emergencyx.lockdown"));
+        assert!(Subscription::All.matches("user.login"));
+        let ex = Subscription::Exact("user.login".into());
+        assert!(ex.matches("user.login"));
+        assert!(!ex.matches("user.login_failed"));
+    }
+
+    #[test]
+    fn times_format_and_parse() {
+        assert_eq!(rfc3339(1_736_933_400_000), "2025-01-15T09:30:00Z");
+        assert_eq!(rfc3339(1_736_933_400_250), "2025-01-15T09:30:00.250Z");
+        assert_eq!(
+            parse_rfc3339("2025-01-15T09:30:00Z"),
+            Some(1_736_933_400_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2025-01-15T09:30:00+00:00"),
+            Some(1_736_933_400_000)
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn event_names() {
+        assert!(is_valid_event_name("visitor.checked_in"));
+        for bad in ["visitor", "Visitor.x", "a.b.c", ".x", "x.", "a b.c"] {
+            assert!(!is_valid_event_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The in-memory view of accounts and webhooks: API-key lookup, plans, and the subscription
+//! index that fan-out consults for every event.
+//!
+//! Loaded from the store at start-up; the API (and the dispatcher, when it disables a webhook)
+//! writes the store first and then updates this view through `upsert_*`/`remove_*`, under
+//! [`Registry::write_lock`] so that read-modify-write of a record never interleaves. Readers
+//! take a short read lock and get `Arc` snapshots; nothing here is held across an await.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use ipnet::IpNet;
+
+use crate::ids::{AccountId, WebhookId};
+use crate::model::{event_family, Account, Subscription, Webhook, WebhookStatus};
+
+/// A webhook as the pipeline needs it: the record plus its parsed subscriptions and
+/// allowlist. Replaced whole on every change, so readers hold a consistent snapshot.
+#[derive(Debug)]
+pub struct HookEntry {
+    pub hook: Webhook,
+    pub ip_allowlist: Vec<IpNet>,
+}
+
+/// One account's subscriptions, by how they match: a lookup per event is three hash probes,
+/// never a scan of the account's webhooks.
+#[derive(Debug, Default)]
+struct SubIndex {
+    exact: HashMap<String, Vec<WebhookId>>,
+    family: HashMap<String, Vec<WebhookId>>,
+    all: Vec<WebhookId>,
+}
+
+#[derive(Debug)]
+struct AccountEntry {
+    account: Account,
+    hooks: Vec<WebhookId>,
+    index: SubIndex,
+}
+
+#[derive(Default)]
+struct Inner {
+    accounts: HashMap<AccountId, AccountEntry>,
+    keys: HashMap<[u8; 32], AccountId>,
+    hooks: HashMap<WebhookId, Arc<HookEntry>>,
+}
+
+pub struct Registry {
+    catalog: Vec<String>,
+    catalog_set: std::collections::HashSet<String>,
+    inner: RwLock<Inner>,
+    /// Serialises read-modify-write of account and webhook records (store, then this view).
+    /// A std mutex: it is never held across an await.
+    writes: Mutex<()>,
+}
+
+impl Registry {
+    pub fn new(catalog: Vec<String>) -> Self {
+        Registry {
+            catalog_set: catalog.iter().cloned().collect(),
+            catalog,
+            inner: RwLock::new(Inner::default()),
+            writes: Mutex::new(()),
+        }
+    }
+
+    pub fn catalog(&self) -> &[String] {
+        &self.catalog
+    }
+
+    /// Whether `event` is an event type of the catalog.
+    pub fn is_cataloged(&self, event: &str) -> bool {
+        self.catalog_set.contains(event)
+    }
+
+    pub fn write_lock(&self) -> MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn account(&self, id: &AccountId) -> Option<Account> {
+        self.read().accounts.get(id).map(|a| a.account.clone())
+    }
+
+    pub fn account_exists(&self, id: &AccountId) -> bool {
+        self.read().accounts.contains_key(id)
+    }
+
+    pub fn plan_of(&self, id: &AccountId) -> Option<String> {
+        self.read().accounts.get(id).map(|a| a.account.plan.clone())
+    }
+
+    pub fn account_by_key(&self, hash: &[u8; 32]) -> Option<AccountId> {
+        self.read().keys.get(hash).cloned()
+    }
+
+    pub fn hook_count(&self, id: &AccountId) -> usize {
+        self.read().accounts.get(id).map_or(0, |a| a.hooks.len())
+    }
+
+    pub fn hook(&self, id: WebhookId) -> Option<Arc<HookEntry>> {
+        self.read().hooks.get(&id).cloned()
+    }
+
+    pub fn upsert_account(&self, account: Account) {
+        let mut inner = self.write();
+        let inner = &mut *inner;
+        if let Some(old) = inner.accounts.get_mut(&account.id) {
+            inner.keys.remove(&old.account.api_key_hash);
+            inner.keys.insert(account.api_key_hash, account.id.clone());
+            old.account = account;
+        } else {
+            inner.keys.insert(account.api_key_hash, account.id.clone());
+            inner.accounts.insert(
+                account.id.clone(),
+                AccountEntry {
+                    account,
+                    hooks: Vec::new(),
+                    index: SubIndex::default(),
+                },
+            );
+        }
+    }
+
+    pub fn remove_account(&self, id: &AccountId) {
+        let mut inner = self.write();
+        if let Some(entry) = inner.accounts.remove(id) {
+            inner.keys.remove(&entry.account.api_key_hash);
+            for hook in entry.hooks {
+                inner.hooks.remove(&hook);
+            }
+        }
+    }
+
+    pub fn upsert_hook(&self, hook: Webhook) {
+        let ip_allowlist = hook
+            .ip_allowlist
+            .iter()
+            .filter_map(|c| crate::config::parse_cidr(c).ok())
+            .collect();
+        let account = hook.account_id.clone();
+        let id = hook.id;
+        let mut inner = self.write();
+        inner
+            .hooks
+            .insert(id, Arc::new(HookEntry { hook, ip_allowlist }));
+        if let Some(entry) = inner.accounts.get_mut(&account) {
+            if !entry.hooks.contains(&id) {
+                entry.hooks.push(id);
+            }
+        }
+        self.reindex(&mut inner, &account);
+    }
+
+    pub fn remove_hook(&self, account: &AccountId, id: WebhookId) {
+        let mut inner = self.write();
+        inner.hooks.remove(&id);
+        if let Some(entry) = inner.accounts.get_mut(account) {
+            entry.hooks.retain(|h| *h != id);
+        }
+        self.reindex(&mut inner, account);
+    }
+
+    /// Rebuilds one account's index from its webhooks (a handful; done on API writes only).
+    fn reindex(&self, inner: &mut Inner, account: &AccountId) {
+        let Some(entry) = inner.accounts.get(account) else {
+            return;
+        };
+        let mut index = SubIndex::default();
+        for id in &entry.hooks {
+            let Some(h) = inner.hooks.get(id) else {
+                continue;
+            };
+            for e in &h.hook.events {
+                match Subscription::parse(e, &self.catalog) {
+                    Some(Subscription::All) => index.all.push(*id),
+                    Some(Subscription::Family(f)) => index.family.entry(f).or_default().push(*id),
+                    Some(Subscription::Exact(x)) => index.exact.entry(x).or_default().push(*id),
+                    None => {}
+                }
+            }
+        }
+        if let Some(entry) = inner.accounts.get_mut(account) {
+            entry.index = index;
+        }
+    }
+
+    /// The active webhooks of `account` subscribed to `event`, each once.
+    pub fn matching(&self, account: &AccountId, event: &str) -> Vec<Arc<HookEntry>> {
+        let inner = self.read();
+        let Some(entry) = inner.accounts.get(account) else {
+            return Vec::new();
+        };
+        let idx = &entry.index;
+        let mut ids: Vec<WebhookId> = Vec::new();
+        if let Some(v) = idx.exact.get(event) {
+            ids.extend_from_slice(v);
+        }
+        if let Some(v) = idx.family.get(event_family(event)) {
+            ids.extend_from_slice(v);
+        }
+        ids.extend_from_slice(&idx.all);
+        ids.sort_unstable();
+        ids.dedup();
+        ids.iter()
+            .filter_map(|id| inner.hooks.get(id))
+            .filter(|h| h.hook.status == WebhookStatus::Active)
+            .cloned()
+            .collect()
+    }
+
+    /// Loads every account and webhook (start-up).
+    pub fn load(&self, accounts: Vec<Account>, hooks: Vec<Webhook>) {
+        for a in accounts {
+            self.upsert_account(a);
+        }
+        for h in hooks {
+            self.upsert_hook(h);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(id: u64, account: &AccountId, events: &[&str], status: WebhookStatus) -> Webhook {
+        Webhook {
+            id: WebhookId(id),
+            account_id: account.clone(),
+            name: "h".into(),
+            url: "https://example.com/".into(),
+            description: None,
+            events: events.iter().map(|s| s.to_string()).collect(),
+            ip_allowlist: vec![],
+            status,
+            disabled_reason: None,
+            consecutive_failures: 0,
+            secret: "whsec_x".into(),
+            created_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    #[test]
+    fn matching_uses_exact_family_and_wildcard_and_skips_inactive() {
+        let catalog: Vec<String> = crate::config::DEFAULT_EVENT_CATALOG
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let reg = Registry::new(catalog);
+        let a = AccountId::parse("acc_a").unwrap();
+        let b = AccountId::parse("acc_b").unwrap();
+        for acc in [&a, &b] {
+            reg.upsert_account(Account {
+                id: acc.clone(),
+                name: "n".into(),
+                plan: "starter".into(),
+                created_ms: 0,
+                api_key_hash: crate::signing::hash_api_key(acc.as_str()),
+            });
+        }
+        reg.upsert_hook(hook(1, &a, &["visitor.checked_in"], WebhookStatus::Active));
+        reg.upsert_hook(hook(
+            2,
+            &a,
+            &["visitor.*", "visitor.checked_in"],
+            WebhookStatus::Active,
+        ));
+        reg.upsert_hook(hook(3, &a, &["*"], WebhookStatus::Active));
+        reg.upsert_hook(hook(4, &a, &["*"], WebhookStatus::Paused));
+        reg.upsert_hook(hook(5, &b, &["*"], WebhookStatus::Active));
+        let ids = |acc: &AccountId, ev: &str| {
+            let mut v: Vec<u64> = reg.matching(acc, ev).iter().map(|h| h.hook.id.0).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&a, "visitor.checked_in"), vec![1, 2, 3]);
+        assert_eq!(ids(&a, "visitor.checked_out"), vec![2, 3]);
+        assert_eq!(ids(&a, "user.login"), vec![3]);
+        assert_eq!(ids(&b, "user.login"), vec![5]);
+        reg.upsert_hook(hook(3, &a, &["user.*"], WebhookStatus::Active));
+        assert_eq!(ids(&a, "visitor.checked_out"), vec![2]);
+        reg.remove_hook(&a, WebhookId(2));
+        assert_eq!(ids(&a, "visitor.checked_in"), vec![1]);
+        assert_eq!(reg.hook_count(&a), 3);
+        reg.remove_account(&a);
+        assert!(ids(&a, "user.login").is_empty());
+        assert!(reg.hook(WebhookId(1)).is_none());
+        assert_eq!(ids(&b, "user.login"), vec![5]);
+    }
+}

@@ -1,0 +1,184 @@
+//! The HTTP edge: accepts connections for the API (plain or rustls TLS) and for `/metrics`,
+//! and shuts both down gracefully.
+//!
+//! A connection permit is taken before each accept (at most `MAX_CONNECTIONS` open at once),
+//! every connection is served by hyper's HTTP/1.1 server with a bound on the request head size
+//! and on the time to read it (slowloris), and every request goes to `api::handle`. On
+//! shutdown the accept loop stops, open connections finish the request they are serving, and
+//! the call returns once they are closed or the drain deadline passes.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::api::{self, AppState};
+
+const MAX_CONNECTIONS: usize = 16_384;
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("server.tls_cert/server.tls_key: {0}")]
+    Config(String),
+}
+
+/// A rustls acceptor for the API from PEM files.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
+    let file_err = |path: &Path, message: String| TlsSetupError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| file_err(cert, format!("cannot read certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_err(cert, "no certificate in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| file_err(key, format!("cannot read private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsSetupError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsSetupError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Something that answers requests: the API, or the metrics page.
+pub trait Handler: Clone + Send + Sync + 'static {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Response<Full<Bytes>>> + Send;
+}
+
+#[derive(Clone)]
+pub struct ApiHandler(pub Arc<AppState>);
+
+impl Handler for ApiHandler {
+    async fn call(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        api::handle(self.0.clone(), req).await
+    }
+}
+
+/// Serves `listener` until `shutdown` turns true, then drains.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: H,
+    header_read_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.changed() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let builder = {
+            let mut b = http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .keep_alive(true);
+            b
+        };
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, std::convert::Infallible>(handler.call(req).await) }
+        });
+        match &tls {
+            None => {
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                let watched = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Err(e) = watched.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let graceful_watch = graceful.watcher();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let tls_stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
+                    if let Err(e) = graceful_watch.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain deadline; closing them");
+    }
+}
+
+/// Binds a listener, naming the address on failure.
+pub async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, crate::StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| crate::StartError::Config(format!("{key} = \"{addr}\": cannot listen: {e}")))
+}
+
+/// A plain JSON 404, for the metrics listener's other paths.
+pub fn not_found() -> Response<Full<Bytes>> {
+    api::error_response(&api::ApiError::not_found(
+        "not_found",
+        "only GET /metrics is served here",
+    ))
+}

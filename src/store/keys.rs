@@ -1,0 +1,133 @@
+//! Key encodings of every sled tree — the one place they are defined.
+//!
+//! Integers are big-endian so that byte order is numeric order and range scans come out sorted.
+//! Variable-length strings (account and event ids, at most 255 bytes, validated in `ids`) are
+//! prefixed with their length so that a prefix scan of one account never runs into another
+//! whose id merely starts the same way.
+//!
+//! | tree          | key                                      | value                  |
+//! |---------------|------------------------------------------|------------------------|
+//! | `meta`        | name (utf-8)                             | bytes                  |
+//! | `accounts`    | account id                               | `Account`              |
+//! | `api_keys`    | SHA-256(api key), 32 bytes               | account id             |
+//! | `webhooks`    | acc(len u8, bytes) · webhook u64         | `Webhook`              |
+//! | `events`      | seq u64                                  | `EventRecord`          |
+//! | `event_ids`   | acc(len u8, bytes) · event id bytes      | seq u64                |
+//! | `inbox`       | seq u64                                  | empty (fan-out owed)   |
+//! | `deliveries`  | seq u64 · webhook u64 (= delivery id)    | `DeliveryRecord`       |
+//! | `attempts`    | delivery id (16) · attempt number u32    | `AttemptRecord`        |
+//! | `by_webhook`  | webhook u64 · delivery id (16)           | empty                  |
+//! | `by_account`  | acc(len u8, bytes) · delivery id (16)    | empty                  |
+//! | `schedule`    | due unix ms u64 · delivery id (16)       | empty                  |
+//!
+//! `seq` is time-ordered (`ids::Sequencer`), so `deliveries`, `by_webhook` and `by_account`
+//! sort by creation time, and retention is a scan from the front of `deliveries`.
+
+use crate::ids::{AccountId, DeliveryId, WebhookId};
+
+pub fn account_prefix(account: &AccountId) -> Vec<u8> {
+    let bytes = account.as_str().as_bytes();
+    let mut key = Vec::with_capacity(1 + bytes.len() + 16);
+    key.push(bytes.len() as u8);
+    key.extend_from_slice(bytes);
+    key
+}
+
+pub fn webhook(account: &AccountId, webhook: WebhookId) -> Vec<u8> {
+    let mut key = account_prefix(account);
+    key.extend_from_slice(&webhook.0.to_be_bytes());
+    key
+}
+
+pub fn seq(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub fn seq_from(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(..8)?.try_into().ok()?))
+}
+
+pub fn event_id(account: &AccountId, event_id: &str) -> Vec<u8> {
+    let mut key = account_prefix(account);
+    key.extend_from_slice(event_id.as_bytes());
+    key
+}
+
+pub fn delivery(id: DeliveryId) -> [u8; 16] {
+    id.to_bytes()
+}
+
+pub fn attempt(id: DeliveryId, number: u32) -> [u8; 20] {
+    let mut key = [0u8; 20];
+    key[..16].copy_from_slice(&id.to_bytes());
+    key[16..].copy_from_slice(&number.to_be_bytes());
+    key
+}
+
+pub fn by_webhook_prefix(webhook: WebhookId) -> [u8; 8] {
+    webhook.0.to_be_bytes()
+}
+
+pub fn by_webhook(webhook: WebhookId, id: DeliveryId) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&webhook.0.to_be_bytes());
+    key[8..].copy_from_slice(&id.to_bytes());
+    key
+}
+
+pub fn by_account(account: &AccountId, id: DeliveryId) -> Vec<u8> {
+    let mut key = account_prefix(account);
+    key.extend_from_slice(&id.to_bytes());
+    key
+}
+
+pub fn schedule(due_ms: u64, id: DeliveryId) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&due_ms.to_be_bytes());
+    key[8..].copy_from_slice(&id.to_bytes());
+    key
+}
+
+/// Splits a `schedule` key into (due ms, delivery id).
+pub fn schedule_parts(key: &[u8]) -> Option<(u64, DeliveryId)> {
+    Some((seq_from(key)?, DeliveryId::from_bytes(key.get(8..24)?)?))
+}
+
+/// The delivery id at the end of an index key (`by_webhook`, `by_account`).
+pub fn trailing_delivery(key: &[u8]) -> Option<DeliveryId> {
+    let start = key.len().checked_sub(16)?;
+    DeliveryId::from_bytes(&key[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_prefixes_do_not_overlap() {
+        let a = AccountId::parse("acc_1").unwrap();
+        let b = AccountId::parse("acc_12").unwrap();
+        let ka = webhook(&a, WebhookId(1));
+        let kb = webhook(&b, WebhookId(1));
+        assert!(!kb.starts_with(&account_prefix(&a)));
+        assert!(ka.starts_with(&account_prefix(&a)));
+    }
+
+    #[test]
+    fn integer_keys_sort_numerically() {
+        let id = |s| DeliveryId {
+            seq: s,
+            webhook: WebhookId(9),
+        };
+        assert!(schedule(255, id(1)) < schedule(256, id(0)));
+        assert!(delivery(id(255)) < delivery(id(256)));
+        assert!(attempt(id(1), 255) < attempt(id(1), 256));
+        assert_eq!(schedule_parts(&schedule(77, id(5))), Some((77, id(5))));
+        assert_eq!(
+            trailing_delivery(&by_webhook(WebhookId(3), id(8))),
+            Some(id(8))
+        );
+        let acc = AccountId::parse("acc_x").unwrap();
+        assert_eq!(trailing_delivery(&by_account(&acc, id(8))), Some(id(8)));
+    }
+}

@@ -1,0 +1,515 @@
+//! The embedded store: the only module that touches sled.
+//!
+//! Records enter through typed methods (`put_account`, `append_events`, `create_deliveries`,
+//! `record_attempt`, …), are encoded by `codec`, and are written to the trees listed in
+//! [`keys`]. Reads come back as typed records. Durability is explicit: writes are made
+//! power-safe only by [`Store::make_durable`] (sled flush, then `fdatasync` of sled's `db`
+//! file, because sled's flush is `sync_file_range`), which the group committer in `ingest`
+//! calls once per batch. sled is beta software; keeping it behind this module keeps the engine
+//! replaceable.
+
+pub mod keys;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use sled::{Batch, IVec, Tree};
+
+use crate::codec::{self, CodecError};
+use crate::ids::{self, AccountId, DeliveryId, WebhookId};
+use crate::model::{Account, AttemptRecord, DeliveryRecord, DeliveryStatus, EventRecord, Webhook};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("storage: cannot sync {path}: {source}")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("storage: {0}")]
+    Codec(#[from] CodecError),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A page of deliveries and the cursor of the next page.
+pub struct DeliveryPage {
+    pub items: Vec<DeliveryRecord>,
+    pub next_cursor: Option<DeliveryId>,
+}
+
+/// Filters of the delivery-log queries; served by a reverse range scan of one index.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    pub webhook: Option<WebhookId>,
+    pub status: Option<DeliveryStatus>,
+    pub event: Option<String>,
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+    /// Exclusive upper bound: the last id of the previous page.
+    pub cursor: Option<DeliveryId>,
+    pub limit: usize,
+}
+
+pub struct Store {
+    db: sled::Db,
+    db_file: Option<(PathBuf, File)>,
+    accounts: Tree,
+    api_keys: Tree,
+    webhooks: Tree,
+    events: Tree,
+    event_ids: Tree,
+    inbox: Tree,
+    deliveries: Tree,
+    attempts: Tree,
+    by_webhook: Tree,
+    by_account: Tree,
+    schedule: Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. With `fsync`, [`Store::make_durable`] also
+    /// `fdatasync`s sled's data file.
+    pub fn open(path: &Path, fsync: bool) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(256 << 20)
+            .flush_every_ms(Some(200))
+            .open()?;
+        let db_file = if fsync {
+            let file_path = path.join("db");
+            let file = File::open(&file_path).map_err(|source| StoreError::Sync {
+                path: file_path.clone(),
+                source,
+            })?;
+            Some((file_path, file))
+        } else {
+            None
+        };
+        let tree = |name: &str| db.open_tree(name);
+        Ok(Store {
+            accounts: tree("accounts")?,
+            api_keys: tree("api_keys")?,
+            webhooks: tree("webhooks")?,
+            events: tree("events")?,
+            event_ids: tree("event_ids")?,
+            inbox: tree("inbox")?,
+            deliveries: tree("deliveries")?,
+            attempts: tree("attempts")?,
+            by_webhook: tree("by_webhook")?,
+            by_account: tree("by_account")?,
+            schedule: tree("schedule")?,
+            db_file,
+            db,
+        })
+    }
+
+    /// Makes every write so far power-safe. Blocking: call it from a dedicated thread or
+    /// `spawn_blocking`, never on an async worker.
+    pub fn make_durable(&self) -> Result<()> {
+        self.db.flush()?;
+        if let Some((path, file)) = &self.db_file {
+            file.sync_data().map_err(|source| StoreError::Sync {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// The largest sequence number in use, so the sequencer continues after it.
+    pub fn last_seq(&self) -> Result<u64> {
+        let from_events = self.events.last()?.and_then(|(k, _)| keys::seq_from(&k));
+        let from_deliveries = self
+            .deliveries
+            .last()?
+            .and_then(|(k, _)| keys::seq_from(&k));
+        Ok(from_events.unwrap_or(0).max(from_deliveries.unwrap_or(0)))
+    }
+
+    // ---- accounts and API keys ----
+
+    pub fn put_account(&self, account: &Account) -> Result<()> {
+        self.accounts
+            .insert(account.id.as_str().as_bytes(), codec::encode(account))?;
+        Ok(())
+    }
+
+    pub fn get_account(&self, id: &AccountId) -> Result<Option<Account>> {
+        decode_opt(self.accounts.get(id.as_str().as_bytes())?)
+    }
+
+    pub fn all_accounts(&self) -> Result<Vec<Account>> {
+        self.accounts
+            .iter()
+            .map(|kv| Ok(codec::decode(&kv?.1)?))
+            .collect()
+    }
+
+    pub fn put_api_key(&self, hash: &[u8; 32], account: &AccountId) -> Result<()> {
+        self.api_keys.insert(hash, account.as_str().as_bytes())?;
+        Ok(())
+    }
+
+    pub fn remove_api_key(&self, hash: &[u8; 32]) -> Result<()> {
+        self.api_keys.remove(hash)?;
+        Ok(())
+    }
+
+    /// Deletes an account with its webhooks, delivery history, events and key.
+    pub fn delete_account(&self, account: &Account) -> Result<()> {
+        for hook in self.webhooks_of(&account.id)? {
+            self.delete_webhook(&hook)?;
+        }
+        // Test deliveries of webhooks deleted earlier are already gone; what is left in the
+        // account index is removed with its records.
+        let prefix = keys::account_prefix(&account.id);
+        for kv in self.by_account.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            if let Some(id) = keys::trailing_delivery(&k) {
+                self.delete_delivery(id)?;
+            }
+        }
+        for kv in self.event_ids.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            if let Some(seq) = keys::seq_from(&v) {
+                self.events.remove(keys::seq(seq))?;
+                self.inbox.remove(keys::seq(seq))?;
+            }
+            self.event_ids.remove(k)?;
+        }
+        self.api_keys.remove(account.api_key_hash)?;
+        self.accounts.remove(account.id.as_str().as_bytes())?;
+        Ok(())
+    }
+
+    // ---- webhooks ----
+
+    pub fn put_webhook(&self, hook: &Webhook) -> Result<()> {
+        self.webhooks.insert(
+            keys::webhook(&hook.account_id, hook.id),
+            codec::encode(hook),
+        )?;
+        Ok(())
+    }
+
+    pub fn get_webhook(&self, account: &AccountId, id: WebhookId) -> Result<Option<Webhook>> {
+        decode_opt(self.webhooks.get(keys::webhook(account, id))?)
+    }
+
+    pub fn webhooks_of(&self, account: &AccountId) -> Result<Vec<Webhook>> {
+        self.webhooks
+            .scan_prefix(keys::account_prefix(account))
+            .map(|kv| Ok(codec::decode(&kv?.1)?))
+            .collect()
+    }
+
+    pub fn all_webhooks(&self) -> Result<Vec<Webhook>> {
+        self.webhooks
+            .iter()
+            .map(|kv| Ok(codec::decode(&kv?.1)?))
+            .collect()
+    }
+
+    /// Deletes a webhook and all its delivery history.
+    pub fn delete_webhook(&self, hook: &Webhook) -> Result<()> {
+        for kv in self
+            .by_webhook
+            .scan_prefix(keys::by_webhook_prefix(hook.id))
+        {
+            let (k, _) = kv?;
+            if let Some(id) = keys::trailing_delivery(&k) {
+                self.delete_delivery(id)?;
+            }
+        }
+        self.webhooks
+            .remove(keys::webhook(&hook.account_id, hook.id))?;
+        Ok(())
+    }
+
+    // ---- events (the write-ahead log) ----
+
+    /// The sequence number of an event id the account already used.
+    pub fn event_seq(&self, account: &AccountId, event_id: &str) -> Result<Option<u64>> {
+        Ok(self
+            .event_ids
+            .get(keys::event_id(account, event_id))?
+            .and_then(|v| keys::seq_from(&v)))
+    }
+
+    /// Appends acknowledged-to-be events with their idempotency entries and an inbox entry
+    /// each (fan-out owed). Not durable until [`Store::make_durable`].
+    pub fn append_events(&self, events: &[EventRecord]) -> Result<()> {
+        let mut ev = Batch::default();
+        let mut ids = Batch::default();
+        let mut inbox = Batch::default();
+        for e in events {
+            ev.insert(&keys::seq(e.seq), codec::encode(e));
+            ids.insert(
+                keys::event_id(&e.account_id, e.id.as_str()),
+                &keys::seq(e.seq),
+            );
+            inbox.insert(&keys::seq(e.seq), &[]);
+        }
+        self.events.apply_batch(ev)?;
+        self.event_ids.apply_batch(ids)?;
+        self.inbox.apply_batch(inbox)?;
+        Ok(())
+    }
+
+    /// Stores an event that has no inbox entry (test sends).
+    pub fn put_event(&self, event: &EventRecord) -> Result<()> {
+        self.events
+            .insert(keys::seq(event.seq), codec::encode(event))?;
+        self.event_ids.insert(
+            keys::event_id(&event.account_id, event.id.as_str()),
+            &keys::seq(event.seq),
+        )?;
+        Ok(())
+    }
+
+    pub fn get_event(&self, seq: u64) -> Result<Option<EventRecord>> {
+        decode_opt(self.events.get(keys::seq(seq))?)
+    }
+
+    /// Events whose fan-out was owed at the last stop.
+    pub fn inbox(&self) -> Result<Vec<u64>> {
+        self.inbox
+            .iter()
+            .keys()
+            .map(|k| Ok(keys::seq_from(&k?).unwrap_or(0)))
+            .collect()
+    }
+
+    /// Fan-out of these events is complete (and durable).
+    pub fn clear_inbox(&self, seqs: &[u64]) -> Result<()> {
+        let mut batch = Batch::default();
+        for s in seqs {
+            batch.remove(&keys::seq(*s));
+        }
+        self.inbox.apply_batch(batch)?;
+        Ok(())
+    }
+
+    // ---- deliveries ----
+
+    /// Writes new deliveries with their index and schedule entries. A delivery that already
+    /// exists is left as it is (fan-out re-run after a crash). Returns the ones created.
+    pub fn create_deliveries(&self, records: Vec<DeliveryRecord>) -> Result<Vec<DeliveryRecord>> {
+        let mut created = Vec::with_capacity(records.len());
+        let mut dl = Batch::default();
+        let mut bw = Batch::default();
+        let mut ba = Batch::default();
+        let mut sc = Batch::default();
+        for r in records {
+            let key = keys::delivery(r.id);
+            if self.deliveries.contains_key(key)? {
+                continue;
+            }
+            dl.insert(&key, codec::encode(&r));
+            bw.insert(&keys::by_webhook(r.id.webhook, r.id), &[]);
+            ba.insert(keys::by_account(&r.account_id, r.id), &[]);
+            if let Some(due) = r.next_attempt_ms {
+                sc.insert(&keys::schedule(due, r.id), &[]);
+            }
+            created.push(r);
+        }
+        // Order matters for crash recovery: the delivery before its schedule entry.
+        self.deliveries.apply_batch(dl)?;
+        self.by_webhook.apply_batch(bw)?;
+        self.by_account.apply_batch(ba)?;
+        self.schedule.apply_batch(sc)?;
+        Ok(created)
+    }
+
+    pub fn get_delivery(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>> {
+        decode_opt(self.deliveries.get(keys::delivery(id))?)
+    }
+
+    /// Replaces a delivery record and moves its schedule entry from `old_due` to the record's
+    /// `next_attempt_ms`.
+    pub fn update_delivery(&self, record: &DeliveryRecord, old_due: Option<u64>) -> Result<()> {
+        self.deliveries
+            .insert(keys::delivery(record.id), codec::encode(record))?;
+        if old_due != record.next_attempt_ms {
+            if let Some(due) = record.next_attempt_ms {
+                self.schedule.insert(keys::schedule(due, record.id), &[])?;
+            }
+            if let Some(due) = old_due {
+                self.schedule.remove(keys::schedule(due, record.id))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records one attempt and the delivery's new state in one step.
+    pub fn record_attempt(
+        &self,
+        record: &DeliveryRecord,
+        old_due: Option<u64>,
+        attempt: &AttemptRecord,
+    ) -> Result<()> {
+        self.attempts.insert(
+            keys::attempt(record.id, attempt.number),
+            codec::encode(attempt),
+        )?;
+        self.update_delivery(record, old_due)
+    }
+
+    pub fn attempts(&self, id: DeliveryId) -> Result<Vec<AttemptRecord>> {
+        self.attempts
+            .scan_prefix(keys::delivery(id))
+            .map(|kv| Ok(codec::decode(&kv?.1)?))
+            .collect()
+    }
+
+    fn delete_delivery(&self, id: DeliveryId) -> Result<()> {
+        if let Some(record) = self.get_delivery(id)? {
+            if let Some(due) = record.next_attempt_ms {
+                self.schedule.remove(keys::schedule(due, id))?;
+            }
+            self.by_account
+                .remove(keys::by_account(&record.account_id, id))?;
+        }
+        let mut batch = Batch::default();
+        for k in self.attempts.scan_prefix(keys::delivery(id)).keys() {
+            batch.remove(k?);
+        }
+        self.attempts.apply_batch(batch)?;
+        self.by_webhook.remove(keys::by_webhook(id.webhook, id))?;
+        self.deliveries.remove(keys::delivery(id))?;
+        Ok(())
+    }
+
+    /// Every scheduled attempt, in due order: read back into the wheel at start-up.
+    pub fn scheduled(&self) -> impl Iterator<Item = Result<(u64, DeliveryId)>> + '_ {
+        self.schedule.iter().keys().filter_map(|k| match k {
+            Ok(k) => keys::schedule_parts(&k).map(Ok),
+            Err(e) => Some(Err(e.into())),
+        })
+    }
+
+    pub fn scheduled_count(&self) -> usize {
+        self.schedule.len()
+    }
+
+    /// One page of an account's (or one webhook's) deliveries, newest first.
+    pub fn list_deliveries(&self, account: &AccountId, q: &DeliveryQuery) -> Result<DeliveryPage> {
+        let prefix: Vec<u8> = match q.webhook {
+            Some(wh) => keys::by_webhook_prefix(wh).to_vec(),
+            None => keys::account_prefix(account),
+        };
+        let bound = |seq: u64| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(&seq.to_be_bytes());
+            k
+        };
+        let lo = bound(q.since_ms.map_or(0, ids::seq_floor));
+        let mut hi = match q.until_ms {
+            Some(until) => bound(ids::seq_floor(until.saturating_add(1))),
+            None => {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&[0xff; 17]);
+                k
+            }
+        };
+        if let Some(cursor) = q.cursor {
+            let mut k = prefix.clone();
+            k.extend_from_slice(&cursor.to_bytes());
+            hi = hi.min(k);
+        }
+        let tree = if q.webhook.is_some() {
+            &self.by_webhook
+        } else {
+            &self.by_account
+        };
+        let mut items = Vec::with_capacity(q.limit.min(1024));
+        let mut next_cursor = None;
+        if lo >= hi {
+            return Ok(DeliveryPage { items, next_cursor });
+        }
+        for k in tree.range(lo..hi).keys().rev() {
+            let Some(id) = keys::trailing_delivery(&k?) else {
+                continue;
+            };
+            let Some(record) = self.get_delivery(id)? else {
+                continue;
+            };
+            if record.account_id != *account
+                || q.status.is_some_and(|s| s != record.status)
+                || q.event.as_ref().is_some_and(|e| *e != record.event)
+            {
+                continue;
+            }
+            if items.len() == q.limit {
+                next_cursor = items.last().map(|r: &DeliveryRecord| r.id);
+                break;
+            }
+            items.push(record);
+        }
+        Ok(DeliveryPage { items, next_cursor })
+    }
+
+    /// Deletes finished deliveries created before `cutoff_ms`, and events before it that no
+    /// delivery needs any more. At most `budget` deliveries per call; returns how many went.
+    pub fn purge_before(&self, cutoff_ms: u64, budget: usize) -> Result<usize> {
+        let end = keys::seq(ids::seq_floor(cutoff_ms));
+        let mut purged = 0;
+        let mut doomed = Vec::new();
+        for kv in self.deliveries.range(..end) {
+            let (k, v) = kv?;
+            let record: DeliveryRecord = codec::decode(&v)?;
+            if !record.status.is_open() {
+                if let Some(id) = DeliveryId::from_bytes(&k) {
+                    doomed.push(id);
+                }
+            }
+            if doomed.len() >= budget {
+                break;
+            }
+        }
+        for id in doomed {
+            self.delete_delivery(id)?;
+            purged += 1;
+        }
+        let mut events_seen = 0;
+        for kv in self.events.range(..end) {
+            let (k, v) = kv?;
+            events_seen += 1;
+            if events_seen > budget {
+                break;
+            }
+            let Some(seq) = keys::seq_from(&k) else {
+                continue;
+            };
+            let mut still_needed = self.inbox.contains_key(&k)?;
+            let mut lo = [0u8; 16];
+            lo[..8].copy_from_slice(&k);
+            let hi_seq = seq.saturating_add(1);
+            let mut hi = [0u8; 16];
+            hi[..8].copy_from_slice(&hi_seq.to_be_bytes());
+            still_needed |= self.deliveries.range(lo..hi).next().is_some();
+            if !still_needed {
+                let event: EventRecord = codec::decode(&v)?;
+                self.event_ids
+                    .remove(keys::event_id(&event.account_id, event.id.as_str()))?;
+                self.events.remove(&k)?;
+            }
+        }
+        Ok(purged)
+    }
+}
+
+fn decode_opt<T: serde::de::DeserializeOwned>(value: Option<IVec>) -> Result<Option<T>> {
+    value
+        .map(|v| codec::decode(&v))
+        .transpose()
+        .map_err(Into::into)
+}

@@ -1,0 +1,544 @@
+//! Test support: a throw-away PKI (rcgen), real HTTPS receivers, an engine on 127.0.0.1:0 with
+//! its own data directory, and a small JSON client for the API.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kyberhook::config::Config;
+use kyberhook::Engine;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+pub const ADMIN: &str = "test-admin-token";
+
+/// A CA, a server certificate it signed for localhost/127.0.0.1, and the CA as a PEM file.
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca_file: PathBuf,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub server: Arc<rustls::ServerConfig>,
+    /// A self-signed certificate nobody trusts, for the "refused" cases.
+    pub untrusted: Arc<rustls::ServerConfig>,
+}
+
+fn server_config(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    Arc::new(cfg)
+}
+
+pub fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kyberhook test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let cert_file = dir.path().join("cert.pem");
+    let key_file = dir.path().join("key.pem");
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    let server = server_config(
+        leaf.der().clone(),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+    );
+    let self_key = KeyPair::generate().unwrap();
+    let self_signed =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&self_key)
+            .unwrap();
+    let untrusted = server_config(
+        self_signed.der().clone(),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self_key.serialize_der())),
+    );
+    Pki {
+        cert_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
+        dir,
+        ca_file,
+        cert_file,
+        key_file,
+        server,
+        untrusted,
+    }
+}
+
+/// How a receiver answers one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Status(u16),
+    /// Wait, then answer with the status.
+    Slow(Duration, u16),
+    /// A 302 to elsewhere.
+    Redirect,
+}
+
+/// One request a receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+    pub path: String,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// A real HTTPS endpoint on 127.0.0.1 that records every request and answers from a script
+/// (then with the default reply).
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub url: String,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Received>>,
+    script: Arc<Mutex<VecDeque<Reply>>>,
+    default: Arc<Mutex<Reply>>,
+    pub log: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Receiver {
+    pub async fn start(tls: Arc<rustls::ServerConfig>) -> Receiver {
+        Self::start_at("127.0.0.1:0".parse().unwrap(), tls).await
+    }
+
+    pub async fn start_at(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Receiver {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let script: Arc<Mutex<VecDeque<Reply>>> = Arc::default();
+        let default = Arc::new(Mutex::new(Reply::Status(200)));
+        let log: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let (s, d, l) = (script.clone(), default.clone(), log.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let (tx, s, d, l) = (tx.clone(), s.clone(), d.clone(), l.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (tx, s, d, l) = (tx.clone(), s.clone(), d.clone(), l.clone());
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let headers = req.headers().clone();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let got = Received {
+                                headers,
+                                body,
+                                at: Instant::now(),
+                                path,
+                            };
+                            l.lock().unwrap().push(got.clone());
+                            let _ = tx.send(got);
+                            let reply = s
+                                .lock()
+                                .unwrap()
+                                .pop_front()
+                                .unwrap_or_else(|| d.lock().unwrap().clone());
+                            let resp = match reply {
+                                Reply::Status(code) => Response::builder()
+                                    .status(code)
+                                    .header("x-receiver", "test")
+                                    .body(Full::new(Bytes::from(format!("answer {code}"))))
+                                    .unwrap(),
+                                Reply::Slow(wait, code) => {
+                                    tokio::time::sleep(wait).await;
+                                    Response::builder()
+                                        .status(code)
+                                        .body(Full::new(Bytes::from("slow")))
+                                        .unwrap()
+                                }
+                                Reply::Redirect => Response::builder()
+                                    .status(302)
+                                    .header("location", "https://example.com/")
+                                    .body(Full::new(Bytes::new()))
+                                    .unwrap(),
+                            };
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver {
+            addr,
+            url: format!("https://127.0.0.1:{}/hook", addr.port()),
+            rx: tokio::sync::Mutex::new(rx),
+            script,
+            default,
+            log,
+            task,
+        }
+    }
+
+    /// Answers the next requests in this order, then with the default.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.script.lock().unwrap().extend(replies);
+    }
+
+    pub fn set_default(&self, reply: Reply) {
+        *self.default.lock().unwrap() = reply;
+    }
+
+    /// The next request, or a panic after `wait`.
+    pub async fn next(&self, wait: Duration) -> Received {
+        match tokio::time::timeout(wait, self.rx.lock().await.recv()).await {
+            Ok(Some(r)) => r,
+            _ => panic!("no request reached the receiver within {wait:?}"),
+        }
+    }
+
+    /// Waits until `n` requests have arrived in total; returns them all.
+    pub async fn wait_for(&self, n: usize, wait: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let got = self.log.lock().unwrap().clone();
+            if got.len() >= n {
+                return got;
+            }
+            if Instant::now() > deadline {
+                panic!("receiver got {} of {n} requests within {wait:?}", got.len());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Asserts that nothing more arrives for `quiet`.
+    pub async fn assert_quiet(&self, quiet: Duration) {
+        let before = self.count();
+        tokio::time::sleep(quiet).await;
+        assert_eq!(self.count(), before, "unexpected requests arrived");
+    }
+}
+
+/// The TOML of a test engine: loopback listeners on port 0, its own data dir, the test CA,
+/// 127.0.0.0/8 allowed, short retries. `extra` is appended (later keys of a table win only if
+/// they are new; pass whole tables).
+pub fn config_toml(data: &Path, ca_file: &Path, delivery_extra: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+max_body_bytes = 65536
+[metrics]
+listen = "127.0.0.1:0"
+[storage]
+path = "{data}"
+[auth]
+admin_token = "{ADMIN}"
+[delivery]
+timeout = "2s"
+extra_ca_files = ["{ca}"]
+private_network_allowlist = ["127.0.0.0/8"]
+{delivery_extra}
+{extra}
+"#,
+        data = data.display(),
+        ca = ca_file.display(),
+    )
+}
+
+pub struct TestEngine {
+    pub engine: Option<Engine>,
+    pub api: Api,
+    pub data: TempDir,
+    pub config: Config,
+}
+
+impl TestEngine {
+    /// An engine with retries `["500ms", "1s"]` unless `delivery_extra` sets them.
+    pub async fn start(pki: &Pki, delivery_extra: &str, extra: &str) -> TestEngine {
+        let data = tempfile::tempdir().unwrap();
+        let delivery = if delivery_extra.contains("retry_schedule") {
+            delivery_extra.to_string()
+        } else {
+            format!("retry_schedule = [\"500ms\", \"1s\"]\n{delivery_extra}")
+        };
+        let toml = config_toml(data.path(), &pki.ca_file, &delivery, extra);
+        let config = Config::from_toml(&toml, "test").unwrap();
+        Self::start_with(config, data).await
+    }
+
+    pub async fn start_with(config: Config, data: TempDir) -> TestEngine {
+        let engine = Engine::start(config.clone()).await.unwrap();
+        let api = Api::new(engine.api_addr());
+        TestEngine {
+            engine: Some(engine),
+            api,
+            data,
+            config,
+        }
+    }
+
+    /// Stops gracefully and starts again on the same data dir (and a new port).
+    pub async fn restart(&mut self) {
+        self.engine.take().unwrap().shutdown().await;
+        let engine = Engine::start(self.config.clone()).await.unwrap();
+        self.api = Api::new(engine.api_addr());
+        self.engine = Some(engine);
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!(
+            "http://{}/metrics",
+            self.engine.as_ref().unwrap().metrics_addr()
+        )
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(e) = self.engine.take() {
+            e.shutdown().await;
+        }
+    }
+
+    /// Creates an account (admin) and returns (id, api_key).
+    pub async fn account(&self, id: &str, plan: &str) -> (String, String) {
+        let (s, v) = self
+            .api
+            .admin(
+                Method::POST,
+                "/v1/accounts",
+                Some(serde_json::json!({"name": id, "plan": plan, "id": id})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["api_key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Creates a webhook; returns its JSON (with `secret`).
+    pub async fn webhook(&self, account: &str, url: &str, events: &[&str]) -> Value {
+        let (s, v) = self
+            .api
+            .admin(
+                Method::POST,
+                &format!("/v1/accounts/{account}/webhooks"),
+                Some(serde_json::json!({"name": "hook", "url": url, "events": events})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    /// Posts one event; returns its id.
+    pub async fn event(&self, account: &str, event: &str, data: Value) -> String {
+        let (s, v) = self
+            .api
+            .admin(
+                Method::POST,
+                "/v1/events",
+                Some(serde_json::json!({"account_id": account, "event": event, "data": data})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// Polls one delivery until `pred` holds (or panics after `wait`).
+    pub async fn wait_delivery(
+        &self,
+        account: &str,
+        id: &str,
+        wait: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + wait;
+        loop {
+            let (s, v) = self
+                .api
+                .admin(
+                    Method::GET,
+                    &format!("/v1/accounts/{account}/deliveries/{id}"),
+                    None,
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            if pred(&v) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("delivery {id} did not reach the expected state: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A JSON client for the API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr) -> Api {
+        Api {
+            base: format!("http://{addr}"),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Sends raw bytes; returns status, headers and the body as JSON (Null when empty).
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
+        let resp = self.client.request(req).await.expect("the API answered");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!(
+                    "non-JSON answer {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        (status, headers, value)
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (s, _, v) = self
+            .raw(
+                method,
+                path,
+                token,
+                body.map(|b| serde_json::to_vec(&b).unwrap()),
+            )
+            .await;
+        (s, v)
+    }
+
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call(method, path, Some(ADMIN), body).await
+    }
+
+    /// GET a plain-text page (metrics).
+    pub async fn text(&self, url: &str) -> String {
+        let resp = self
+            .client
+            .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap()
+    }
+}
+
+/// The guide's signature: lowercase hex HMAC-SHA256 of "timestamp.body" under the secret,
+/// computed independently of the engine's own signing module.
+pub fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}

@@ -295,7 +295,7 @@ path = "{data}"
 [auth]
 admin_token = "{ADMIN}"
 [delivery]
-timeout = "2s"
+{timeout}
 extra_ca_files = ["{ca}"]
 private_network_allowlist = ["127.0.0.0/8"]
 {delivery_extra}
@@ -303,6 +303,11 @@ private_network_allowlist = ["127.0.0.0/8"]
 "#,
         data = data.display(),
         ca = ca_file.display(),
+        timeout = if delivery_extra.contains("timeout") {
+            ""
+        } else {
+            "timeout = \"2s\""
+        },
     )
 }
 

@@ -1212,6 +1212,30 @@ async fn webhook_list_is_newest_first_without_secrets_and_pages() {
 }
 
 #[tokio::test]
+async fn paging_goes_on_when_the_cursor_webhook_is_deleted() {
+    let e = engine().await;
+    let (acc, _) = e.account("acc_cur", "professional").await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(e.webhook(&acc, URL, &["*"]).await["id"].as_str().unwrap().to_string());
+    }
+    ids.reverse();
+    let (page, v) = list_ids(&e, &acc, "?limit=2").await;
+    assert_eq!(page, ids[..2]);
+    let cursor = v["next_cursor"].as_str().expect("a next cursor").to_string();
+    // The last webhook of the page goes away before the next page is asked for.
+    let (s, _) = e.api.admin(Method::DELETE, &format!("{}/{}", hooks_path(&acc), ids[1]), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (page, v) = list_ids(&e, &acc, &format!("?limit=2&cursor={cursor}")).await;
+    assert_eq!(page, ids[2..4], "the page after a deleted cursor webhook");
+    let cursor = v["next_cursor"].as_str().expect("a next cursor").to_string();
+    let (page, v) = list_ids(&e, &acc, &format!("?limit=2&cursor={cursor}")).await;
+    assert_eq!(page, ids[4..]);
+    assert_eq!(v["next_cursor"], Value::Null);
+    e.stop().await;
+}
+
+#[tokio::test]
 async fn webhook_get_secret_and_rotation() {
     let e = engine().await;
     let (acc, _) = e.account("acc_sec", "starter").await;
@@ -1527,7 +1551,9 @@ async fn oversize_bodies_are_413_and_the_server_stays_healthy() {
 
 #[tokio::test]
 async fn accounts_webhooks_and_keys_survive_a_restart() {
-    let mut e = engine().await;
+    // The PKI's files must outlive the restart (the config names its CA file).
+    let pki = pki();
+    let mut e = TestEngine::start(&pki, "", "").await;
     let (a, old_key) = e.account("acc_persist", "starter").await;
     let (b, key_b) = e.account("acc_second", "enterprise").await;
     let h1 = e.webhook(&a, URL, &["visitor.*"]).await;

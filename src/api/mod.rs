@@ -252,6 +252,17 @@ async fn route(
                 Ok(json_response(status, &serde_json::json!({"status": text}))),
             );
         }
+        (_, [probe @ ("healthz" | "readyz")]) => {
+            let label = if *probe == "healthz" { "/healthz" } else { "/readyz" };
+            return (
+                label,
+                Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {path}"),
+                )),
+            );
+        }
         _ => {}
     }
 

@@ -186,7 +186,6 @@ pub async fn create(state: &AppState, call: Call, account_raw: &str) -> ApiResul
     let description = check_description(body.description)?;
     let events = check_events(state, body.events)?;
     let ip_allowlist = check_cidrs(body.ip_allowlist)?;
-    let now = now_ms();
     let hook = {
         let _writes = state.registry.write_lock();
         let plan_name = state.registry.plan_of(&account).unwrap_or_default();
@@ -204,6 +203,15 @@ pub async fn create(state: &AppState, call: Call, account_raw: &str) -> ApiResul
                 ));
             }
         }
+        // Lists are newest first by (created_ms, id), and ids are random: keep created_ms
+        // strictly increasing within the account so that webhooks created in the same
+        // millisecond still list in creation order.
+        let now = state
+            .store
+            .webhooks_of(&account)?
+            .iter()
+            .map(|h| h.created_ms + 1)
+            .fold(now_ms(), u64::max);
         let mut id = WebhookId::generate();
         while state.registry.hook(id).is_some() {
             id = WebhookId::generate();

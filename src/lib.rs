@@ -183,7 +183,10 @@ impl Engine {
             tokio::spawn(server::serve(
                 metrics_listener,
                 None,
-                metrics::MetricsHandler(prometheus.clone()),
+                metrics::MetricsHandler {
+                    prometheus: prometheus.clone(),
+                    scheduler: scheduler.clone(),
+                },
                 config.server.header_read_timeout,
                 shutdown_rx.clone(),
             )),

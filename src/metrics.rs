@@ -120,7 +120,11 @@ pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
 }
 
 #[derive(Clone)]
-pub struct MetricsHandler(pub PrometheusHandle);
+pub struct MetricsHandler {
+    pub prometheus: PrometheusHandle,
+    /// Read at scrape time, so the gauge is exact whenever it is looked at.
+    pub scheduler: crate::scheduler::SchedulerHandle,
+}
 
 impl Handler for MetricsHandler {
     async fn call(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -130,7 +134,11 @@ impl Handler for MetricsHandler {
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(self.0.render())))
+            .body(Full::new(Bytes::from({
+                metrics::gauge!("kyberhook_deliveries_scheduled")
+                    .set(self.scheduler.scheduled() as f64);
+                self.prometheus.render()
+            })))
             .expect("static response parts are valid")
     }
 }

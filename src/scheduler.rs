@@ -73,7 +73,14 @@ impl SchedulerHandle {
         self.schedule(id, token, when)
     }
 
-    /// Deliveries waiting in the wheel (or on their way into it).
+    /// An entry handed out by the scheduler stopped waiting: its attempt started, or it was
+    /// dropped as stale, or re-scheduled (which counts it again).
+    pub fn taken(&self) {
+        self.scheduled.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Deliveries waiting for an attempt: in the wheel, on their way to the dispatcher, or
+    /// queued behind a busy webhook.
     pub fn scheduled(&self) -> usize {
         self.scheduled.load(Ordering::Relaxed)
     }
@@ -183,14 +190,12 @@ impl Scheduler {
                     let Ok(permit) = permit else { break };
                     if let Some(due) = ready.pop_front() {
                         permit.send(due);
-                        self.scheduled.fetch_sub(1, Ordering::Relaxed);
                     }
                     while let Some(due) = ready.front().copied() {
                         match self.out.try_reserve() {
                             Ok(p) => {
                                 p.send(due);
                                 ready.pop_front();
-                                self.scheduled.fetch_sub(1, Ordering::Relaxed);
                             }
                             Err(_) => break,
                         }
@@ -248,6 +253,11 @@ mod tests {
             }
         );
         assert!((3_600_000..=3_600_001).contains(&(clock::now_ms() - t0)));
+        // Counted until the dispatcher says the attempts started.
+        assert_eq!(handle.scheduled(), 4);
+        for _ in 0..4 {
+            handle.taken();
+        }
         assert_eq!(handle.scheduled(), 0);
         task.abort();
     }

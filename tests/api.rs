@@ -1217,18 +1217,36 @@ async fn paging_goes_on_when_the_cursor_webhook_is_deleted() {
     let (acc, _) = e.account("acc_cur", "professional").await;
     let mut ids = Vec::new();
     for _ in 0..5 {
-        ids.push(e.webhook(&acc, URL, &["*"]).await["id"].as_str().unwrap().to_string());
+        ids.push(
+            e.webhook(&acc, URL, &["*"]).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     ids.reverse();
     let (page, v) = list_ids(&e, &acc, "?limit=2").await;
     assert_eq!(page, ids[..2]);
-    let cursor = v["next_cursor"].as_str().expect("a next cursor").to_string();
+    let cursor = v["next_cursor"]
+        .as_str()
+        .expect("a next cursor")
+        .to_string();
     // The last webhook of the page goes away before the next page is asked for.
-    let (s, _) = e.api.admin(Method::DELETE, &format!("{}/{}", hooks_path(&acc), ids[1]), None).await;
+    let (s, _) = e
+        .api
+        .admin(
+            Method::DELETE,
+            &format!("{}/{}", hooks_path(&acc), ids[1]),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (page, v) = list_ids(&e, &acc, &format!("?limit=2&cursor={cursor}")).await;
     assert_eq!(page, ids[2..4], "the page after a deleted cursor webhook");
-    let cursor = v["next_cursor"].as_str().expect("a next cursor").to_string();
+    let cursor = v["next_cursor"]
+        .as_str()
+        .expect("a next cursor")
+        .to_string();
     let (page, v) = list_ids(&e, &acc, &format!("?limit=2&cursor={cursor}")).await;
     assert_eq!(page, ids[4..]);
     assert_eq!(v["next_cursor"], Value::Null);

@@ -42,6 +42,7 @@ fn check_capacity(state: &AppState) -> Result<(), ApiError> {
 }
 
 pub async fn ingest_one(state: &AppState, call: Call) -> ApiResult {
+    let started = std::time::Instant::now();
     call.caller.require_admin()?;
     check_capacity(state)?;
     let bytes = call.bytes(state).await?;
@@ -55,6 +56,8 @@ pub async fn ingest_one(state: &AppState, call: Call) -> ApiResult {
         .first()
         .map(|a| a.id().as_str().to_string())
         .ok_or_else(|| ApiError::internal("the committer returned no result"))?;
+    metrics::histogram!("kyberhook_ingest_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
     Ok(json_response(StatusCode::ACCEPTED, &json!({ "id": id })))
 }
 
@@ -66,6 +69,7 @@ struct Batch<'a> {
 }
 
 pub async fn ingest_batch(state: &AppState, call: Call) -> ApiResult {
+    let started = std::time::Instant::now();
     call.caller.require_admin()?;
     check_capacity(state)?;
     let bytes = call.bytes(state).await?;
@@ -97,6 +101,8 @@ pub async fn ingest_batch(state: &AppState, call: Call) -> ApiResult {
         });
     }
     let accepted: Vec<Accepted> = state.ingest.submit(records).await?;
+    metrics::histogram!("kyberhook_ingest_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
     let results: Vec<Value> = slots
         .into_iter()
         .map(|slot| match slot {

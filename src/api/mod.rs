@@ -253,7 +253,11 @@ async fn route(
             );
         }
         (_, [probe @ ("healthz" | "readyz")]) => {
-            let label = if *probe == "healthz" { "/healthz" } else { "/readyz" };
+            let label = if *probe == "healthz" {
+                "/healthz"
+            } else {
+                "/readyz"
+            };
             return (
                 label,
                 Err(ApiError::new(

@@ -246,22 +246,27 @@ pub fn list(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
     let page = paging(&call.query(), &[])?;
     let mut hooks = state.store.webhooks_of(&account)?;
     hooks.sort_by_key(|h| std::cmp::Reverse((h.created_ms, h.id)));
+    // The cursor is the sort key of the last item shown, `{created_ms}.{webhook id}`, so a page
+    // continues after it even if that webhook was deleted in the meantime.
     let start = match &page.cursor {
         Some(c) => {
-            let id = WebhookId::parse(c).ok_or_else(|| {
-                ApiError::bad_request("invalid_cursor", "cursor is not one this API gave")
-            })?;
+            let key = c
+                .split_once('.')
+                .and_then(|(ms, id)| Some((ms.parse::<u64>().ok()?, WebhookId::parse(id)?)))
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_cursor", "cursor is not one this API gave")
+                })?;
             hooks
                 .iter()
-                .position(|h| h.id == id)
-                .map_or(hooks.len(), |i| i + 1)
+                .position(|h| (h.created_ms, h.id) < key)
+                .unwrap_or(hooks.len())
         }
         None => 0,
     };
-    let rest = &hooks[start.min(hooks.len())..];
+    let rest = &hooks[start..];
     let taken: Vec<&Webhook> = rest.iter().take(page.limit).collect();
     let next = (rest.len() > page.limit)
-        .then(|| taken.last().map(|h| h.id.to_string()))
+        .then(|| taken.last().map(|h| format!("{}.{}", h.created_ms, h.id)))
         .flatten();
     Ok(list_response(taken.into_iter().map(view).collect(), next))
 }

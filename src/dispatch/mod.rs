@@ -209,6 +209,13 @@ impl Deliverer {
     }
 }
 
+/// What became of a due entry: finished with (attempt started, or nothing to do), or queued
+/// behind its webhook's busy slots (still waiting, so still counted as scheduled).
+enum Dispatched {
+    Done,
+    Queued,
+}
+
 struct Job {
     record: DeliveryRecord,
     hook: Arc<HookEntry>,
@@ -247,8 +254,13 @@ impl Dispatcher {
                 next = due.recv() => next,
             };
             let Some(next) = next else { break };
-            if let Err(err) = self.dispatch(next).await {
-                tracing::error!(error = %err, "dispatch failed; the attempt is retried from the store at the next start");
+            match self.dispatch(next).await {
+                Ok(Dispatched::Queued) => {}
+                Ok(Dispatched::Done) => self.deliverer.scheduler.taken(),
+                Err(err) => {
+                    self.deliverer.scheduler.taken();
+                    tracing::error!(error = %err, "dispatch failed; the attempt is retried from the store at the next start");
+                }
             }
         }
         // Wait for attempts in flight, so their outcomes are recorded before the store closes.
@@ -256,22 +268,23 @@ impl Dispatcher {
         let _ = self.deliverer.global.acquire_many(max).await;
     }
 
-    async fn dispatch(&mut self, due: Due) -> Result<(), StoreError> {
+    async fn dispatch(&mut self, due: Due) -> Result<Dispatched, StoreError> {
         let d = &self.deliverer;
         let Some(record) = d.store.get_delivery(due.id)? else {
-            return Ok(());
+            return Ok(Dispatched::Done);
         };
         if record.next_attempt_ms != Some(due.token) || !record.status.is_open() {
-            return Ok(());
+            return Ok(Dispatched::Done);
         }
         if self.in_flight_contains(due.id) {
-            return Ok(());
+            return Ok(Dispatched::Done);
         }
         let Some(hook) = d.registry.hook(due.id.webhook) else {
-            return Ok(());
+            return Ok(Dispatched::Done);
         };
         if hook.hook.status != WebhookStatus::Active {
-            return d.end_stopped(record, hook.hook.status);
+            d.end_stopped(record, hook.hook.status)?;
+            return Ok(Dispatched::Done);
         }
         let per_second = d
             .registry
@@ -281,7 +294,7 @@ impl Dispatcher {
         if let Admit::At(when) = self.limits.admit(&record.account_id, per_second) {
             metrics::counter!("kyberhook_rate_limit_deferrals_total").increment(1);
             d.scheduler.schedule(due.id, due.token, when);
-            return Ok(());
+            return Ok(Dispatched::Done);
         }
         let per_hook = d.config.delivery.max_in_flight_per_webhook;
         let slots = self
@@ -302,7 +315,7 @@ impl Dispatcher {
                 Ok(p) => p,
                 Err(_) => {
                     waiting.push_back(job);
-                    return Ok(());
+                    return Ok(Dispatched::Queued);
                 }
             }
         };
@@ -320,7 +333,7 @@ impl Dispatcher {
             global,
             self.in_flight.clone(),
         ));
-        Ok(())
+        Ok(Dispatched::Done)
     }
 
     fn in_flight_contains(&self, id: DeliveryId) -> bool {
@@ -370,7 +383,10 @@ async fn run_attempts(
             .remove(&id);
         let mut waiting = slots.waiting.lock().unwrap_or_else(|p| p.into_inner());
         match waiting.pop_front() {
-            Some(next) => job = next,
+            Some(next) => {
+                deliverer.scheduler.taken();
+                job = next;
+            }
             None => {
                 // Released under the queue lock, so the dispatcher never queues a job behind
                 // a slot that is being given back.

@@ -377,6 +377,26 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{text:?} is not a CIDR (e.g. \"10.0.0.0/8\") or an IP address"))
 }
 
+/// The dotted key (`storage.retention`) of the `key = value` line holding byte `offset`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
 impl Config {
     /// The repository's default configuration.
     pub fn default_config() -> Config {
@@ -402,14 +422,17 @@ impl Config {
     /// Parses TOML text; `origin` names the file in error messages.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-                .unwrap_or(0);
+            let start = e.span().map_or(0, |s| s.start.min(text.len()));
+            let line = text[..start].matches('\n').count() + 1;
+            let message = e.message().replace('\n', " ").trim().to_string();
+            let message = match key_at(text, start) {
+                Some(key) if !message.contains(&key) => format!("{key}: {message}"),
+                _ => message,
+            };
             ConfigError::Parse {
                 path: origin.to_string(),
                 line,
-                message: e.message().replace('\n', " ").trim().to_string(),
+                message,
             }
         })?;
         let mut plans = default_plans();
@@ -595,7 +618,8 @@ mod tests {
         let cases = [
             ("[server]\nlisten = 8080\n", "test.toml:2"),
             ("[server]\nlisten = \"not an address\"\n", "test.toml:2"),
-            ("[delivery]\ntimeout = \"30 parsecs\"\n", "unit"),
+            ("[delivery]\ntimeout = \"30 parsecs\"\n", "delivery.timeout"),
+            ("[storage]\nretention = \"30 days\"\n", "storage.retention"),
             ("[delivery]\nretry_schedule = [\"1m\", 5]\n", "test.toml:2"),
             (
                 "[delivery]\nprivate_network_allowlist = [\"10.0.0.0/33\"]\n",

@@ -30,6 +30,9 @@ use crate::registry::Registry;
 use crate::scheduler::SchedulerHandle;
 use crate::store::{Store, StoreError};
 
+/// How deeply an event's `data` may nest; deeper payloads are refused with a 400 so that no
+/// receiver's parser is made to recurse without bound.
+pub const MAX_DATA_DEPTH: usize = 64;
 /// Most requests one commit takes; bounds the latency a batch adds.
 const MAX_BATCH: usize = 4096;
 /// Idle time after which owed inbox clean-up is flushed without waiting for new work.
@@ -203,7 +206,7 @@ impl Ingest {
             &timestamp,
             data,
             account.as_str(),
-        );
+        )?;
         Ok(EventRecord {
             seq,
             id,
@@ -258,7 +261,15 @@ impl Ingest {
 
 /// `{"id":…,"event":…,"timestamp":…,"data":…,"account_id":…}` with no insignificant
 /// whitespace: the bytes every attempt sends and every signature covers.
-pub fn build_body(id: &str, event: &str, timestamp: &str, data: &str, account: &str) -> Vec<u8> {
+///
+/// Fails when `data` nests deeper than [`MAX_DATA_DEPTH`].
+pub fn build_body(
+    id: &str,
+    event: &str,
+    timestamp: &str,
+    data: &str,
+    account: &str,
+) -> Result<Vec<u8>, Rejection> {
     let mut out = Vec::with_capacity(data.len() + 128);
     out.extend_from_slice(b"{\"id\":");
     push_json_string(&mut out, id);
@@ -267,11 +278,15 @@ pub fn build_body(id: &str, event: &str, timestamp: &str, data: &str, account: &
     out.extend_from_slice(b",\"timestamp\":");
     push_json_string(&mut out, timestamp);
     out.extend_from_slice(b",\"data\":");
-    minify_into(&mut out, data);
+    if minify_into(&mut out, data) > MAX_DATA_DEPTH {
+        return Err(Rejection::Invalid(format!(
+            "data nests objects and arrays deeper than {MAX_DATA_DEPTH} levels"
+        )));
+    }
     out.extend_from_slice(b",\"account_id\":");
     push_json_string(&mut out, account);
     out.push(b'}');
-    out
+    Ok(out)
 }
 
 fn push_json_string(out: &mut Vec<u8>, s: &str) {
@@ -280,9 +295,12 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
 
 /// Copies already-validated JSON, dropping whitespace outside strings. Everything else —
 /// key order, number spelling, escapes — stays byte for byte as the producer sent it.
-pub fn minify_into(out: &mut Vec<u8>, json: &str) {
+/// Returns the deepest nesting of objects and arrays it saw.
+pub fn minify_into(out: &mut Vec<u8>, json: &str) -> usize {
     let mut in_string = false;
     let mut escaped = false;
+    let mut depth = 0usize;
+    let mut deepest = 0usize;
     for &b in json.as_bytes() {
         if in_string {
             out.push(b);
@@ -300,10 +318,20 @@ pub fn minify_into(out: &mut Vec<u8>, json: &str) {
                     in_string = true;
                     out.push(b);
                 }
+                b'{' | b'[' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                    out.push(b);
+                }
+                b'}' | b']' => {
+                    depth = depth.saturating_sub(1);
+                    out.push(b);
+                }
                 _ => out.push(b),
             }
         }
     }
+    deepest
 }
 
 fn commit_loop(rx: Receiver<Commit>, store: Arc<Store>, fanout: Fanout) {
@@ -441,14 +469,15 @@ mod tests {
     #[test]
     fn minify_keeps_strings_and_drops_whitespace() {
         let mut out = Vec::new();
-        minify_into(
+        let depth = minify_into(
             &mut out,
-            "{ \"a b\" : [1, 2,\n\t3], \"s\": \"x \\\" y\\\\\", \"u\": \"\\u00e9 é\" }",
+            "{ \"a b\" : [1, 2,\n\t3], \"s\": \"x \\\" y\\\\\", \"u\": \"\\u00e9 é\", \"d\": \"[{\" }",
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"a b":[1,2,3],"s":"x \" y\\","u":"\u00e9 é"}"#
+            r#"{"a b":[1,2,3],"s":"x \" y\\","u":"\u00e9 é","d":"[{"}"#
         );
+        assert_eq!(depth, 2, "brackets inside strings do not count");
     }
 
     #[test]
@@ -459,7 +488,8 @@ mod tests {
             "2025-01-15T09:30:00Z",
             "{ \"k\": 1 }",
             "acc_1",
-        );
+        )
+        .unwrap();
         assert_eq!(
             String::from_utf8(body.clone()).unwrap(),
             r#"{"id":"evt_1","event":"visitor.checked_in","timestamp":"2025-01-15T09:30:00Z","data":{"k":1},"account_id":"acc_1"}"#

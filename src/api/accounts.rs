@@ -20,20 +20,20 @@ pub fn view(a: &Account) -> Value {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateAccount {
-    name: String,
-    plan: String,
+pub struct CreateAccount {
+    pub name: String,
+    pub plan: String,
     #[serde(default)]
-    id: Option<String>,
+    pub id: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UpdateAccount {
+pub struct UpdateAccount {
     #[serde(default)]
-    name: Option<String>,
+    pub name: Option<String>,
     #[serde(default)]
-    plan: Option<String>,
+    pub plan: Option<String>,
 }
 
 fn check_name(name: &str) -> Result<String, ApiError> {

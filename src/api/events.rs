@@ -63,9 +63,9 @@ pub async fn ingest_one(state: &AppState, call: Call) -> ApiResult {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Batch<'a> {
+pub struct Batch<'a> {
     #[serde(borrow)]
-    events: Vec<&'a RawValue>,
+    pub events: Vec<&'a RawValue>,
 }
 
 pub async fn ingest_batch(state: &AppState, call: Call) -> ApiResult {

@@ -13,6 +13,13 @@ pub mod error;
 mod events;
 mod webhooks;
 
+/// The request bodies the API parses, for tools outside the crate (the fuzz targets).
+pub mod bodies {
+    pub use super::accounts::{CreateAccount, UpdateAccount};
+    pub use super::events::Batch;
+    pub use super::webhooks::{CreateWebhook, TestRequest, UpdateWebhook};
+}
+
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -40,37 +40,37 @@ pub fn view(h: &Webhook) -> Value {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateWebhook {
-    name: String,
-    url: String,
+pub struct CreateWebhook {
+    pub name: String,
+    pub url: String,
     #[serde(default)]
-    description: Option<String>,
-    events: Vec<String>,
+    pub description: Option<String>,
+    pub events: Vec<String>,
     #[serde(default)]
-    ip_allowlist: Vec<String>,
+    pub ip_allowlist: Vec<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UpdateWebhook {
+pub struct UpdateWebhook {
     #[serde(default)]
-    name: Option<String>,
+    pub name: Option<String>,
     #[serde(default)]
-    url: Option<String>,
+    pub url: Option<String>,
     #[serde(default)]
-    description: Option<String>,
+    pub description: Option<String>,
     #[serde(default)]
-    events: Option<Vec<String>>,
+    pub events: Option<Vec<String>>,
     #[serde(default)]
-    ip_allowlist: Option<Vec<String>>,
+    pub ip_allowlist: Option<Vec<String>>,
     #[serde(default)]
-    status: Option<String>,
+    pub status: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TestRequest {
-    event: String,
+pub struct TestRequest {
+    pub event: String,
 }
 
 fn check_name(name: &str) -> Result<String, ApiError> {
@@ -452,7 +452,8 @@ pub async fn test(state: &AppState, call: Call, account_raw: &str, raw: &str) ->
             &rfc3339(now_ms()),
             &sample_data(&body.event),
             account.as_str(),
-        ),
+        )
+        .map_err(|r| ApiError::bad_request("invalid_request", r.to_string()))?,
         id: event_id,
         account_id: account,
         event: body.event,

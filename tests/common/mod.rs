@@ -297,12 +297,17 @@ admin_token = "{ADMIN}"
 [delivery]
 {timeout}
 extra_ca_files = ["{ca}"]
-private_network_allowlist = ["127.0.0.0/8"]
+{allow}
 {delivery_extra}
 {extra}
 "#,
         data = data.display(),
         ca = ca_file.display(),
+        allow = if delivery_extra.contains("private_network_allowlist") {
+            ""
+        } else {
+            "private_network_allowlist = [\"127.0.0.0/8\"]"
+        },
         timeout = if delivery_extra.contains("timeout") {
             ""
         } else {

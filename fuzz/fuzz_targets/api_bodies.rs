@@ -1,0 +1,88 @@
+//! Every request body the API parses, fed arbitrary bytes: parsing may refuse, never panic.
+//! When an event parses, the body built from it (`ingest::build_body`, whose minifier drops
+//! whitespace from the producer's `data`) must be JSON whose fields mean what was sent.
+#![no_main]
+
+use kyberhook::api::bodies::{
+    Batch, CreateAccount, CreateWebhook, TestRequest, UpdateAccount, UpdateWebhook,
+};
+use kyberhook::ingest::{build_body, minify_into, EventInput};
+use libfuzzer_sys::fuzz_target;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// The shape `build_body` promises, read back strictly.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Built<'a> {
+    id: String,
+    event: String,
+    timestamp: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    account_id: String,
+}
+
+fuzz_target!(|bytes: &[u8]| {
+    let _ = serde_json::from_slice::<CreateAccount>(bytes);
+    let _ = serde_json::from_slice::<UpdateAccount>(bytes);
+    let _ = serde_json::from_slice::<CreateWebhook>(bytes);
+    let _ = serde_json::from_slice::<UpdateWebhook>(bytes);
+    let _ = serde_json::from_slice::<TestRequest>(bytes);
+    // The API's own strict parse, including its error classification and message.
+    if let Err(e) = kyberhook::api::parse_json::<EventInput>(bytes) {
+        let _ = e.body();
+    }
+    if let Ok(event) = serde_json::from_slice::<EventInput>(bytes) {
+        check_event(&event);
+    }
+    if let Ok(batch) = serde_json::from_slice::<Batch>(bytes) {
+        for raw in &batch.events {
+            if let Ok(event) = serde_json::from_str::<EventInput>(raw.get()) {
+                check_event(&event);
+            }
+        }
+    }
+});
+
+fn check_event(input: &EventInput<'_>) {
+    let id = input.id.as_deref().unwrap_or("evt_0000000000000001");
+    let timestamp = input.timestamp.as_deref().unwrap_or("2025-01-15T09:30:00Z");
+    let data = input.data.get();
+    let body = build_body(id, &input.event, timestamp, data, &input.account_id);
+
+    // Compact: no insignificant whitespace survives (raw control characters cannot appear
+    // inside JSON strings, and spaces outside strings are dropped), and minifying again is a
+    // no-op.
+    assert!(
+        !body.iter().any(|b| matches!(b, b'\n' | b'\r' | b'\t')),
+        "build_body left whitespace: {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    let text = std::str::from_utf8(&body).expect("build_body output is UTF-8");
+    let mut again = Vec::with_capacity(body.len());
+    minify_into(&mut again, text);
+    assert_eq!(again, body, "minifying is not idempotent");
+
+    let built: Built = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "build_body output is not the promised JSON ({e}): {:?}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    assert_eq!(built.id, id);
+    assert_eq!(built.event, input.event);
+    assert_eq!(built.timestamp, timestamp);
+    assert_eq!(built.account_id, input.account_id);
+    // `data` means the same after minifying. (A number beyond f64 range passes RawValue's
+    // syntax check but not Value's; then there is no Value to compare, on either side.)
+    match serde_json::from_str::<Value>(data) {
+        Ok(expected) => {
+            let got: Value = serde_json::from_str(built.data.get())
+                .expect("minified data parses when the original does");
+            assert_eq!(got, expected, "the minifier changed the meaning of data");
+        }
+        Err(_) => assert!(serde_json::from_str::<Value>(built.data.get()).is_err()),
+    }
+}

@@ -218,6 +218,11 @@ impl Engine {
         self.metrics_addr
     }
 
+    /// Whether start-up recovery has finished (what `/readyz` reports).
+    pub fn is_ready(&self) -> bool {
+        self.scheduler.is_ready()
+    }
+
     /// Deliveries waiting for an attempt.
     pub fn scheduled(&self) -> usize {
         self.scheduler.scheduled()

@@ -56,6 +56,10 @@ pub struct DeliveryQuery {
 pub struct Store {
     db: sled::Db,
     db_file: Option<(PathBuf, File)>,
+    /// sled writes values too large for a log segment as separate files under `blobs/`,
+    /// without syncing them; [`Store::make_durable`] syncs each new one once.
+    blobs_dir: PathBuf,
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     accounts: Tree,
     api_keys: Tree,
     webhooks: Tree,
@@ -75,6 +79,9 @@ impl Store {
     pub fn open(path: &Path, fsync: bool) -> Result<Store> {
         let db = sled::Config::new()
             .path(path)
+            // 8 MiB segments put sled's blob threshold (a quarter segment) above the largest
+            // request body, so event bodies stay in the log that flush + fdatasync cover.
+            .segment_size(8 << 20)
             .cache_capacity(256 << 20)
             .flush_every_ms(Some(200))
             .open()?;
@@ -102,6 +109,8 @@ impl Store {
             by_account: tree("by_account")?,
             schedule: tree("schedule")?,
             db_file,
+            blobs_dir: path.join("blobs"),
+            synced_blobs: Default::default(),
             db,
         })
     }
@@ -115,7 +124,34 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
+            self.sync_blobs().map_err(|source| StoreError::Sync {
+                path: self.blobs_dir.clone(),
+                source,
+            })?;
         }
+        Ok(())
+    }
+
+    fn sync_blobs(&self) -> std::io::Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.blobs_dir) else {
+            return Ok(());
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut present = std::collections::HashSet::new();
+        let mut fresh = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                File::open(entry.path())?.sync_data()?;
+                fresh = true;
+            }
+            present.insert(name);
+        }
+        if fresh {
+            File::open(&self.blobs_dir)?.sync_all()?;
+        }
+        *synced = present;
         Ok(())
     }
 

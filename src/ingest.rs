@@ -456,7 +456,9 @@ impl Fanout {
             return Ok(());
         }
         for r in self.store.create_deliveries(records)? {
-            self.scheduler.schedule_blocking(r.id, now, now);
+            if let Some(due) = r.next_attempt_ms {
+                self.scheduler.schedule_blocking(r.id, due, due);
+            }
         }
         Ok(())
     }

@@ -193,15 +193,29 @@ async fn sigkill_with_retries_pending_keeps_every_retry() {
     let started = rx.count();
     let mut p = spawn(&config);
     wait_all_delivered_after(&rx, &acked, started, Duration::from_secs(20)).await;
-    let (_, v) = p
-        .api
-        .admin(
-            Method::GET,
-            "/v1/accounts/acc_retry_crash/deliveries?status=delivered&limit=1000",
-            None,
-        )
-        .await;
-    assert_eq!(v["data"].as_array().unwrap().len(), 50, "{v}");
+    // The log catches up with what the receiver saw.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = p
+            .api
+            .admin(
+                Method::GET,
+                "/v1/accounts/acc_retry_crash/deliveries?limit=1000",
+                None,
+            )
+            .await;
+        let all = v["data"].as_array().unwrap();
+        let pending: Vec<_> = all.iter().filter(|d| d["status"] != "delivered").collect();
+        if all.len() == 50 && pending.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} deliveries, not delivered: {pending:?}",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     p.child.kill().unwrap();
     p.child.wait().unwrap();
 }

@@ -336,17 +336,28 @@ impl Store {
 
     // ---- deliveries ----
 
-    /// Writes new deliveries with their index and schedule entries. A delivery that already
-    /// exists is left as it is (fan-out re-run after a crash). Returns the ones created.
+    /// Writes new deliveries with their index and schedule entries, and returns every delivery
+    /// that now needs its attempt scheduled. A delivery that already exists (fan-out re-run
+    /// after a crash) is left as it is, but its index entries are written again and, if it is
+    /// still owed an attempt, so is its schedule entry (and it is returned too): a crash
+    /// between these writes cannot strand it or hide it from the log.
     pub fn create_deliveries(&self, records: Vec<DeliveryRecord>) -> Result<Vec<DeliveryRecord>> {
-        let mut created = Vec::with_capacity(records.len());
+        let mut owed = Vec::with_capacity(records.len());
         let mut dl = Batch::default();
         let mut bw = Batch::default();
         let mut ba = Batch::default();
         let mut sc = Batch::default();
         for r in records {
             let key = keys::delivery(r.id);
-            if self.deliveries.contains_key(key)? {
+            if let Some(existing) = self.deliveries.get(key)? {
+                let existing: DeliveryRecord = codec::decode(&existing)?;
+                // Its index entries may not have reached the disk before the crash.
+                bw.insert(&keys::by_webhook(existing.id.webhook, existing.id), &[]);
+                ba.insert(keys::by_account(&existing.account_id, existing.id), &[]);
+                if let (true, Some(due)) = (existing.status.is_open(), existing.next_attempt_ms) {
+                    sc.insert(&keys::schedule(due, existing.id), &[]);
+                    owed.push(existing);
+                }
                 continue;
             }
             dl.insert(&key, codec::encode(&r));
@@ -355,14 +366,16 @@ impl Store {
             if let Some(due) = r.next_attempt_ms {
                 sc.insert(&keys::schedule(due, r.id), &[]);
             }
-            created.push(r);
+            owed.push(r);
         }
-        // Order matters for crash recovery: the delivery before its schedule entry.
+        // Schedule entries first: after a crash, an entry without its delivery is dropped when
+        // it fires (and fan-out, still owed, creates both), while a delivery without its entry
+        // would never be attempted.
+        self.schedule.apply_batch(sc)?;
         self.deliveries.apply_batch(dl)?;
         self.by_webhook.apply_batch(bw)?;
         self.by_account.apply_batch(ba)?;
-        self.schedule.apply_batch(sc)?;
-        Ok(created)
+        Ok(owed)
     }
 
     pub fn get_delivery(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>> {

@@ -147,7 +147,7 @@ impl Ingest {
                 "re-running fan-out owed from before the last stop"
             );
             let _guard = runtime.enter();
-            fanout.run(&events)?;
+            fanout.run(&events, Recovery::Yes)?;
             store.make_durable()?;
             store.clear_inbox(&owed)?;
         }
@@ -416,7 +416,7 @@ fn commit_loop(rx: Receiver<Commit>, store: Arc<Store>, fanout: Fanout) {
             continue;
         }
         metrics::counter!("kyberhook_events_ingested_total").increment(fresh.len() as u64);
-        match fanout.run(&fresh) {
+        match fanout.run(&fresh, Recovery::No) {
             Ok(()) => owed_clear.extend(fresh.iter().map(|e| e.seq)),
             // The inbox entries stay: fan-out is re-run at the next start.
             Err(err) => {
@@ -432,6 +432,13 @@ fn commit_loop(rx: Receiver<Commit>, store: Arc<Store>, fanout: Fanout) {
     }
 }
 
+/// Whether fan-out re-runs for events whose deliveries may partly exist already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    Yes,
+    No,
+}
+
 /// Creates the deliveries of acknowledged events and schedules their first attempts.
 struct Fanout {
     store: Arc<Store>,
@@ -440,7 +447,7 @@ struct Fanout {
 }
 
 impl Fanout {
-    fn run(&self, events: &[EventRecord]) -> Result<(), StoreError> {
+    fn run(&self, events: &[EventRecord], recovery: Recovery) -> Result<(), StoreError> {
         let now = clock::now_ms();
         let mut records = Vec::new();
         for e in events {
@@ -455,7 +462,11 @@ impl Fanout {
         if records.is_empty() {
             return Ok(());
         }
-        for r in self.store.create_deliveries(records)? {
+        let owed = match recovery {
+            Recovery::Yes => self.store.create_deliveries(records)?,
+            Recovery::No => self.store.create_fresh_deliveries(records)?,
+        };
+        for r in owed {
             if let Some(due) = r.next_attempt_ms {
                 self.scheduler.schedule_blocking(r.id, due, due);
             }

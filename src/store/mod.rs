@@ -342,6 +342,23 @@ impl Store {
     /// still owed an attempt, so is its schedule entry (and it is returned too): a crash
     /// between these writes cannot strand it or hide it from the log.
     pub fn create_deliveries(&self, records: Vec<DeliveryRecord>) -> Result<Vec<DeliveryRecord>> {
+        self.write_new_deliveries(records, true)
+    }
+
+    /// [`Store::create_deliveries`] for deliveries of events committed just now, which cannot
+    /// exist yet: skips the existence check (a read per delivery on the hot path).
+    pub fn create_fresh_deliveries(
+        &self,
+        records: Vec<DeliveryRecord>,
+    ) -> Result<Vec<DeliveryRecord>> {
+        self.write_new_deliveries(records, false)
+    }
+
+    fn write_new_deliveries(
+        &self,
+        records: Vec<DeliveryRecord>,
+        may_exist: bool,
+    ) -> Result<Vec<DeliveryRecord>> {
         let mut owed = Vec::with_capacity(records.len());
         let mut dl = Batch::default();
         let mut bw = Batch::default();
@@ -349,7 +366,12 @@ impl Store {
         let mut sc = Batch::default();
         for r in records {
             let key = keys::delivery(r.id);
-            if let Some(existing) = self.deliveries.get(key)? {
+            let existing = if may_exist {
+                self.deliveries.get(key)?
+            } else {
+                None
+            };
+            if let Some(existing) = existing {
                 let existing: DeliveryRecord = codec::decode(&existing)?;
                 // Its index entries may not have reached the disk before the crash.
                 bw.insert(&keys::by_webhook(existing.id.webhook, existing.id), &[]);

@@ -132,6 +132,7 @@ impl Scheduler {
             match loaded {
                 Ok(Ok(entries)) => {
                     let now = clock::now_ms();
+                    wheel = Wheel::with_capacity(now, entries.len());
                     for (due, id) in &entries {
                         wheel.insert(
                             (*due).max(now),

@@ -4,7 +4,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{empty_response, json_response, ApiError, ApiResult, AppState, Call};
+use super::{check_name, empty_response, json_response, ApiError, ApiResult, AppState, Call};
 use crate::ids::AccountId;
 use crate::model::{now_ms, rfc3339, Account};
 use crate::signing;
@@ -34,17 +34,6 @@ pub struct UpdateAccount {
     pub name: Option<String>,
     #[serde(default)]
     pub plan: Option<String>,
-}
-
-fn check_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::bad_request(
-            "invalid_name",
-            "name must be 1 to 200 characters",
-        ));
-    }
-    Ok(name.to_string())
 }
 
 fn check_plan(state: &AppState, plan: &str) -> Result<String, ApiError> {

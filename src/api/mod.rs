@@ -363,6 +363,18 @@ fn route_label(segs: &[&str]) -> &'static str {
     }
 }
 
+/// A display name: 1 to 200 characters after trimming (accounts and webhooks).
+pub(crate) fn check_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            "name must be 1 to 200 characters",
+        ));
+    }
+    Ok(name.to_string())
+}
+
 /// `limit` and `cursor` of a list route.
 pub struct Paging {
     pub limit: usize,

@@ -6,7 +6,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    empty_response, json_response, list_response, paging, ApiError, ApiResult, AppState, Call,
+    check_name, empty_response, json_response, list_response, paging, ApiError, ApiResult,
+    AppState, Call,
 };
 use crate::clock;
 use crate::config::parse_cidr;
@@ -71,17 +72,6 @@ pub struct UpdateWebhook {
 #[serde(deny_unknown_fields)]
 pub struct TestRequest {
     pub event: String,
-}
-
-fn check_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::bad_request(
-            "invalid_name",
-            "name must be 1 to 200 characters",
-        ));
-    }
-    Ok(name.to_string())
 }
 
 fn check_description(d: Option<String>) -> Result<Option<String>, ApiError> {

@@ -20,6 +20,14 @@ struct Proc {
     api: Api,
 }
 
+impl Drop for Proc {
+    /// A failing test must not leave an engine running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `kyberhook serve` and waits for the line that names its API address.
 fn spawn(config: &Path) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))

@@ -179,7 +179,8 @@ pub struct LogConfig {
     #[serde(default = "d_log_format")]
     pub format: LogFormat,
     /// A `RUST_LOG`-style filter; the `RUST_LOG` environment variable wins when set.
-    #[serde(default = "d_log_level")]
+    /// Whitespace around each comma-separated directive is dropped (see [`trim_directives`]).
+    #[serde(default = "d_log_level", deserialize_with = "de_log_filter")]
     pub level: String,
 }
 
@@ -359,6 +360,36 @@ fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Err
         .collect()
 }
 
+fn de_log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    String::deserialize(d).map(|text| trim_directives(&text))
+}
+
+/// `"info, kyberhook=debug"` -> `"info,kyberhook=debug"`. tracing-subscriber's `EnvFilter`
+/// does not trim its directives (tokio-rs/tracing#2452): it walks the trimmed text but slices
+/// the untrimmed one, so `" hyper=warn"` is refused and a leading space before a multi-byte
+/// character panics (found by `fuzz/` target `config`).
+pub fn trim_directives(filter: &str) -> String {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A `RUST_LOG`-style filter as the engine uses it (`log.level`, `RUST_LOG`): directives trimmed
+/// ([`trim_directives`]), and field values matched literally rather than as regular expressions.
+/// tracing-subscriber compiles such a regex into a dense DFA, which took 27 s for a 200-byte
+/// `log.level` (found by `fuzz/` target `config`); its docs advise turning regexes off for
+/// untrusted input.
+pub fn log_filter(
+    directives: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(trim_directives(directives))
+}
+
 fn de_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
     let texts = Vec::<String>::deserialize(d)?;
     texts
@@ -516,7 +547,7 @@ impl Config {
         if self.storage.retention.is_zero() {
             return Err(bad("storage.retention", "must be greater than zero"));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if log_filter(&self.log.level).is_err() {
             return Err(bad("log.level", "is not a valid filter (e.g. \"info\")"));
         }
         Ok(())
@@ -600,6 +631,31 @@ mod tests {
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn log_level_is_trimmed_and_matches_fields_literally() {
+        let c = parse("[log]\nlevel = \" info, kyberhook=debug ,, hyper=warn \"\n").unwrap();
+        assert_eq!(c.log.level, "info,kyberhook=debug,hyper=warn");
+        // Both used to panic inside tracing-subscriber (a slice inside 'Δ').
+        let err = parse("[log]\nlevel = \"info, xΔ[\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level"), "{err}");
+        let c = parse("[log]\nlevel = \" xΔ=warn\"\n").unwrap();
+        assert_eq!(c.log.level, "xΔ=warn");
+        // Field values are matched literally, not compiled as regexes: this one (from the
+        // fuzzer, file fuzz/regressions/config/log-level-regex-dfa.toml) took 5 s to refuse.
+        let slow = concat!(
+            "[log]\nlevel = \"   [ yle filt U w{RS=BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB",
+            "...............................................................",
+            "BBBBBBBBBBBBBBBBBBBBBB<BBBBBBBBBBBBBBBBBBBBBBBBBBBlevel5=========",
+            "level===========`w{}}hen s \"\n"
+        );
+        let started = std::time::Instant::now();
+        let err = parse(slow).unwrap_err().to_string();
+        assert!(err.contains("log.level"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -86,6 +86,14 @@ impl EventId {
     pub fn parse(text: &str) -> Option<Self> {
         is_safe_token(text, Self::MAX_LEN).then(|| EventId(text.to_string()))
     }
+    /// Whether this is the id [`EventId::from_seq`] mints for `seq`.
+    pub fn is_minted_for(&self, seq: u64) -> bool {
+        self.0
+            .strip_prefix("evt_")
+            .filter(|hex| hex.len() == 16)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            == Some(seq)
+    }
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -205,6 +213,14 @@ mod tests {
         for bad in ["", "dlv_", "dlv_zz", "wh_0000000000000000", &text[..35]] {
             assert_eq!(DeliveryId::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn minted_event_ids_are_recognised() {
+        let id = EventId::from_seq(0x1a2b);
+        assert!(id.is_minted_for(0x1a2b));
+        assert!(!id.is_minted_for(0x1a2c));
+        assert!(!EventId::parse("evt_guide_1").unwrap().is_minted_for(0));
     }
 
     #[test]

@@ -368,6 +368,13 @@ fn commit_loop(rx: Receiver<Commit>, store: Arc<Store>, fanout: Fanout) {
             let mut accepted = Vec::with_capacity(events.len());
             let mut result = Ok(());
             for e in events.drain(..) {
+                // An id minted from the event's own fresh sequence number cannot be a repeat;
+                // only ids the producer chose need the idempotency lookups.
+                if e.id.is_minted_for(e.seq) {
+                    accepted.push(Accepted::New(e.id.clone()));
+                    fresh.push(e);
+                    continue;
+                }
                 let key = (e.account_id.clone(), e.id.clone());
                 if let Some(id) = seen.get(&key) {
                     accepted.push(Accepted::Duplicate(id.clone()));

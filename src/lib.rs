@@ -112,6 +112,7 @@ impl Engine {
             config.delivery.timeout,
             config.delivery.max_response_body_bytes,
             !config.delivery.require_https,
+            config.delivery.max_in_flight,
         )
         .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
         let prometheus = metrics::install();
@@ -276,8 +277,16 @@ fn spawn_retention(store: Arc<Store>, retention: Duration) -> JoinHandle<()> {
 
 /// Sets up logging as `log.format` and `log.level` (or `RUST_LOG`) say. Call once.
 pub fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    // Trimmed directives and no field-value regexes, as config::log_filter explains.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| config::log_filter(&v).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::builder()
+                .with_regex(false)
+                .with_default_directive(tracing_subscriber::filter::LevelFilter::ERROR.into())
+                .parse_lossy(config::trim_directives(&config.log.level))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -116,6 +116,7 @@ pub struct Outbound {
     timeout: Duration,
     max_body: usize,
     allow_http: bool,
+    max_idle: usize,
     /// One pooled client per distinct `ip_allowlist` (almost always just the empty one), since
     /// a pooled connection must only be reused by webhooks whose policy admitted it.
     clients: Mutex<HashMap<Vec<IpNet>, HttpClient>>,
@@ -128,6 +129,7 @@ impl Outbound {
         timeout: Duration,
         max_body: usize,
         allow_http: bool,
+        max_idle: usize,
     ) -> Result<Outbound, ClientError> {
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
@@ -164,6 +166,7 @@ impl Outbound {
             timeout,
             max_body,
             allow_http,
+            max_idle,
             clients: Mutex::new(HashMap::new()),
         })
     }
@@ -192,7 +195,9 @@ impl Outbound {
                 };
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(90))
-                    .pool_max_idle_per_host(256)
+                    // Keep as many idle connections as attempts can be in flight: closing the
+                    // surplus after a burst means a TLS handshake each for the next burst.
+                    .pool_max_idle_per_host(self.max_idle)
                     .build(https)
             })
             .clone()

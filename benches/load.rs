@@ -1,1 +1,1635 @@
-fn main() {}
+//! End-to-end load bench of kyberhook on this machine (harness = false: a plain `main`).
+//!
+//! ```text
+//! cargo bench --bench load                    # full run (30 s delivery/latency windows)
+//! cargo bench --bench load -- --quick         # short run (5 s windows)
+//! cargo bench --bench load -- --json          # also print the figures as one JSON object
+//! flags: --conns N (32)  --secs S (30; quick 5)  --rps-secs S (15; quick 3)
+//!        --warmup S (3; quick 1)  --rate EV/S (1000)  --fanouts 1,10
+//!        --receivers K (1: every webhook on one receiver URL)  --max-backlog N (50000)
+//!        --drain-secs S (120; quick 60)  --fanout-ingest single|batch|both (both)
+//!        --latency-webhooks N (1; 0 measures ingest latency alone)
+//!        --phases healthz,ingest,batch,fanout,latency (all; e.g. to profile one phase)
+//! ```
+//!
+//! In one process: the engine (its own 2-worker tokio runtime, durable store with
+//! `storage.fsync = true` in a fresh temp dir, plan `bench` with unlimited events/s), a fast
+//! HTTPS receiver (hyper http1 + tokio-rustls, answers 200 at once, counts per phase, records
+//! the first arrival of each event id for latency, counts duplicate delivery ids) and a load
+//! generator (N keep-alive HTTP/1.1 connections, hyper `client::conn::http1`, each a task
+//! sending back to back) share a second 2-worker runtime. Everything talks to 127.0.0.1 only.
+//!
+//! Phases, each with a warm-up that is not counted:
+//! 1. `GET /healthz` closed loop → `healthz_rps`;
+//! 2. `POST /v1/events` closed loop, no webhook subscribed → `ingest_rps` (durable ingest);
+//! 3. `POST /v1/events/batch` with 100 events per request → `batch_events_per_s`;
+//! 4. per fan-out F (1 and 10 webhooks on one account) and per ingest mode (single events, then
+//!    batches of 100, which offer far more load): closed-loop ingest for the window,
+//!    throttled only when the outstanding deliveries (acknowledged events × F − received)
+//!    exceed `--max-backlog`, so the engine is kept saturated without an unbounded backlog;
+//!    `deliveries_per_s` = requests the receiver got during the window / window length;
+//!    then the backlog is drained (bounded) before the next phase;
+//! 5. open loop at `--rate` events/s to one webhook: ingest latency (intended send → 202, so
+//!    queueing for a connection counts) and ingest → first attempt at the receiver.
+//!
+//! Peak RSS is the process's VmHWM and includes the receiver and the load generator.
+//! Every loop is bounded in time and count.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use kyberhook::config::Config;
+use kyberhook::Engine;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+const ADMIN: &str = "bench-admin-token-0123456789";
+/// Receiver counters are kept per phase, by the first path segment `/p{N}/…`.
+const PHASES: usize = 8;
+const LATENCY_PHASE: usize = 7;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A hard cap on the requests one connection sends in one phase.
+const MAX_REQUESTS_PER_CONN: u64 = 50_000_000;
+const BATCH_SIZE: usize = 100;
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+#[derive(Debug, Clone)]
+struct Opts {
+    quick: bool,
+    json: bool,
+    conns: usize,
+    secs: u64,
+    rps_secs: u64,
+    warmup: u64,
+    rate: u64,
+    fanouts: Vec<usize>,
+    receivers: usize,
+    max_backlog: u64,
+    drain_secs: u64,
+    /// How the fan-out phases ingest: single events, batches of 100, or each in turn.
+    fanout_ingest: Vec<IngestMode>,
+    latency_webhooks: usize,
+    /// Which phases run: healthz, ingest, batch, fanout, latency.
+    phases: Vec<String>,
+}
+
+impl Opts {
+    fn runs(&self, phase: &str) -> bool {
+        self.phases.iter().any(|p| p == phase)
+    }
+}
+
+const ALL_PHASES: &[&str] = &["healthz", "ingest", "batch", "fanout", "latency"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum IngestMode {
+    #[default]
+    Single,
+    Batch,
+}
+
+impl IngestMode {
+    fn name(self) -> &'static str {
+        match self {
+            IngestMode::Single => "single-event",
+            IngestMode::Batch => "batch x100",
+        }
+    }
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("load bench: {msg}");
+    eprintln!(
+        "usage: cargo bench --bench load -- [--quick] [--json] [--conns N] [--secs S] [--rps-secs S] \
+         [--warmup S] [--rate EV/S] [--fanouts 1,10] [--fanout-ingest single|batch|both] [--receivers K] \
+         [--max-backlog N] [--drain-secs S] [--latency-webhooks N] \
+         [--phases healthz,ingest,batch,fanout,latency]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_opts() -> Opts {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut o = Opts {
+        quick,
+        json: false,
+        conns: 32,
+        secs: if quick { 5 } else { 30 },
+        rps_secs: if quick { 3 } else { 15 },
+        warmup: if quick { 1 } else { 3 },
+        rate: 1000,
+        fanouts: vec![1, 10],
+        receivers: 1,
+        max_backlog: 50_000,
+        drain_secs: if quick { 60 } else { 120 },
+        fanout_ingest: vec![IngestMode::Single, IngestMode::Batch],
+        latency_webhooks: 1,
+        phases: ALL_PHASES.iter().map(|p| p.to_string()).collect(),
+    };
+    let mut it = args.into_iter().peekable();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> String {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
+        };
+        let num = |name: &str, v: String| -> u64 {
+            v.parse()
+                .unwrap_or_else(|_| usage(&format!("{name}: {v:?} is not a number")))
+        };
+        match flag.as_str() {
+            "--quick" => {}
+            // cargo passes --bench to harness = false benches.
+            "--bench" => {}
+            "--json" => o.json = true,
+            "--conns" => o.conns = num("--conns", value("--conns")).max(1) as usize,
+            "--secs" => o.secs = num("--secs", value("--secs")).max(1),
+            "--rps-secs" => o.rps_secs = num("--rps-secs", value("--rps-secs")).max(1),
+            "--warmup" => o.warmup = num("--warmup", value("--warmup")),
+            "--rate" => o.rate = num("--rate", value("--rate")).max(1),
+            "--receivers" => {
+                o.receivers = num("--receivers", value("--receivers")).clamp(1, 64) as usize
+            }
+            "--max-backlog" => o.max_backlog = num("--max-backlog", value("--max-backlog")).max(1),
+            "--drain-secs" => o.drain_secs = num("--drain-secs", value("--drain-secs")),
+            "--latency-webhooks" => {
+                o.latency_webhooks =
+                    num("--latency-webhooks", value("--latency-webhooks")).min(100) as usize
+            }
+            "--phases" => {
+                let v = value("--phases");
+                o.phases = v.split(',').map(|p| p.trim().to_string()).collect();
+                if let Some(bad) = o.phases.iter().find(|p| !ALL_PHASES.contains(&p.as_str())) {
+                    usage(&format!(
+                        "--phases: unknown phase {bad:?} (use {})",
+                        ALL_PHASES.join(",")
+                    ));
+                }
+            }
+            "--fanout-ingest" => {
+                o.fanout_ingest = match value("--fanout-ingest").as_str() {
+                    "single" => vec![IngestMode::Single],
+                    "batch" => vec![IngestMode::Batch],
+                    "both" => vec![IngestMode::Single, IngestMode::Batch],
+                    v => usage(&format!(
+                        "--fanout-ingest: {v:?} is not single, batch or both"
+                    )),
+                }
+            }
+            "--fanouts" => {
+                let v = value("--fanouts");
+                o.fanouts = v
+                    .split(',')
+                    .map(|s| num("--fanouts", s.trim().to_string()).clamp(1, 1000) as usize)
+                    .collect();
+                if o.fanouts.is_empty() || o.fanouts.len() > 3 {
+                    usage("--fanouts takes 1 to 3 comma-separated counts");
+                }
+            }
+            other => usage(&format!("unknown argument {other:?}")),
+        }
+    }
+    o
+}
+
+// ---------------------------------------------------------------------------------------------
+// PKI and the HTTPS receiver
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca_file: PathBuf,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kyberhook bench CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Pki {
+        _dir: dir,
+        ca_file,
+        server: Arc::new(server),
+    }
+}
+
+#[derive(Default)]
+struct RecvStats {
+    per_phase: [AtomicU64; PHASES],
+    dups: [AtomicU64; PHASES],
+    /// Requests whose path named no phase, or without a delivery id.
+    odd: AtomicU64,
+    /// TCP connections accepted (each one a TLS handshake).
+    accepted: AtomicU64,
+    seen: Mutex<HashSet<u128>>,
+    /// Latency phase: event id → first arrival.
+    first_seen: Mutex<HashMap<String, Instant>>,
+}
+
+struct Receivers {
+    urls: Vec<String>,
+    stats: Arc<RecvStats>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn start_receivers(count: usize, tls: Arc<rustls::ServerConfig>) -> Receivers {
+    let stats = Arc::new(RecvStats::default());
+    let (stop, stop_rx) = watch::channel(false);
+    let mut urls = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..count {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().unwrap();
+        urls.push(format!("https://127.0.0.1:{}", addr.port()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+        let stats = stats.clone();
+        let mut stop_rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop_rx.changed() => break,
+                    a = listener.accept() => a,
+                };
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let stats = stats.clone();
+                tokio::spawn(async move {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                    else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let stats = stats.clone();
+                        async move { Ok::<_, std::convert::Infallible>(receive(&stats, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        }));
+    }
+    Receivers {
+        urls,
+        stats,
+        stop,
+        tasks,
+    }
+}
+
+async fn receive(stats: &RecvStats, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let at = Instant::now();
+    let phase = req
+        .uri()
+        .path()
+        .strip_prefix("/p")
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p < PHASES);
+    let delivery = req
+        .headers()
+        .get("x-kyberaccess-delivery")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("dlv_"))
+        .and_then(|h| u128::from_str_radix(h, 16).ok());
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    match (phase, delivery) {
+        (Some(p), Some(d)) => {
+            stats.per_phase[p].fetch_add(1, Ordering::Relaxed);
+            if !stats.seen.lock().unwrap().insert(d) {
+                stats.dups[p].fetch_add(1, Ordering::Relaxed);
+            }
+            if p == LATENCY_PHASE {
+                #[derive(serde::Deserialize)]
+                struct Id {
+                    id: String,
+                }
+                if let Ok(Id { id }) = serde_json::from_slice::<Id>(&body) {
+                    stats.first_seen.lock().unwrap().entry(id).or_insert(at);
+                }
+            }
+        }
+        _ => {
+            stats.odd.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Response::new(Full::new(Bytes::new()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client
+
+type Sender = SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+async fn send(
+    sender: &mut Sender,
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes), String> {
+    let fut = async {
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((status, body))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, fut)
+        .await
+        .map_err(|_| "request timed out".to_string())?
+}
+
+fn request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("authorization", format!("Bearer {ADMIN}"));
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    b.body(Full::new(body.unwrap_or_default())).unwrap()
+}
+
+/// One request on a fresh connection (set-up calls and metric scrapes).
+async fn once(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Bytes) {
+    let mut s = connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let body = body.map(|v| Bytes::from(v.to_string()));
+    send(&mut s, request(addr, method, path, body))
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+async fn api_json(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    want: StatusCode,
+) -> Value {
+    let (status, bytes) = once(addr, method, path, body).await;
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    assert_eq!(status, want, "{path}: {v}");
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics page
+
+#[derive(Debug, Clone, Default)]
+struct Scrape(String);
+
+impl Scrape {
+    async fn get(addr: SocketAddr) -> Scrape {
+        let (_, body) = once(addr, Method::GET, "/metrics", None).await;
+        Scrape(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Sum over the series of `name` whose labels contain `filter` (if given).
+    fn sum(&self, name: &str, filter: Option<&str>) -> f64 {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(series, _)| {
+                let (n, labels) = match series.find('{') {
+                    Some(i) => (&series[..i], &series[i..]),
+                    None => (*series, ""),
+                };
+                n == name && filter.map_or(true, |f| labels.contains(f))
+            })
+            .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+            .sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Closed-loop generator
+
+#[derive(Default)]
+struct Counters {
+    ok: AtomicU64,
+    items: AtomicU64,
+    item_errors: AtomicU64,
+    io_errors: AtomicU64,
+    throttled_ns: AtomicU64,
+    stop: AtomicBool,
+    statuses: Mutex<HashMap<u16, u64>>,
+}
+
+impl Counters {
+    fn other_statuses(&self) -> String {
+        let s = self.statuses.lock().unwrap();
+        let mut v: Vec<_> = s.iter().collect();
+        v.sort();
+        v.iter()
+            .map(|(k, n)| format!("{k}x{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+type MakeReq = Arc<dyn Fn() -> Request<Full<Bytes>> + Send + Sync>;
+type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+struct Workload {
+    make: MakeReq,
+    expect: StatusCode,
+    items_per_ok: u64,
+    gate: Option<Gate>,
+}
+
+fn spawn_closed_loop(
+    addr: SocketAddr,
+    conns: usize,
+    work: Arc<Workload>,
+    counters: Arc<Counters>,
+    hard_deadline: Instant,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..conns)
+        .map(|_| {
+            let work = work.clone();
+            let c = counters.clone();
+            tokio::spawn(async move {
+                let mut sender = match connect(addr).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        c.io_errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                let mut sent = 0u64;
+                let mut reconnects = 0u32;
+                while !c.stop.load(Ordering::Relaxed)
+                    && Instant::now() < hard_deadline
+                    && sent < MAX_REQUESTS_PER_CONN
+                {
+                    if let Some(gate) = &work.gate {
+                        if !gate() {
+                            let t = Instant::now();
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            c.throttled_ns
+                                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                    sent += 1;
+                    match send(&mut sender, (work.make)()).await {
+                        Ok((status, body)) if status == work.expect => {
+                            c.ok.fetch_add(1, Ordering::Relaxed);
+                            c.items.fetch_add(work.items_per_ok, Ordering::Relaxed);
+                            if work.items_per_ok > 1 {
+                                let errs = body.windows(8).filter(|w| w == b"\"error\":").count();
+                                if errs > 0 {
+                                    c.item_errors.fetch_add(errs as u64, Ordering::Relaxed);
+                                    c.items.fetch_sub(errs as u64, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Ok((status, _)) => {
+                            *c.statuses
+                                .lock()
+                                .unwrap()
+                                .entry(status.as_u16())
+                                .or_default() += 1;
+                            if status == StatusCode::SERVICE_UNAVAILABLE {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                        Err(_) => {
+                            c.io_errors.fetch_add(1, Ordering::Relaxed);
+                            reconnects += 1;
+                            if reconnects > 5 {
+                                return;
+                            }
+                            match connect(addr).await {
+                                Ok(s) => sender = s,
+                                Err(_) => return,
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn join_all(handles: Vec<tokio::task::JoinHandle<()>>, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        for h in handles {
+            let _ = h.await;
+        }
+    })
+    .await;
+}
+
+#[derive(Debug, Clone, Default)]
+struct RpsResult {
+    skipped: bool,
+    ok_per_s: f64,
+    items_per_s: f64,
+    window_s: f64,
+    ok_total: u64,
+    items_total: u64,
+    io_errors: u64,
+    item_errors: u64,
+    other_statuses: String,
+    commits_per_s: f64,
+    events_per_commit: f64,
+    flush_ms_mean: f64,
+}
+
+/// Runs a closed-loop workload: warm-up, then a measured window.
+async fn closed_loop(ctx: &Ctx, work: Workload) -> RpsResult {
+    let counters = Arc::new(Counters::default());
+    let warmup = Duration::from_secs(ctx.opts.warmup);
+    let window = Duration::from_secs(ctx.opts.rps_secs);
+    let hard = Instant::now() + warmup + window + Duration::from_secs(30);
+    let handles = spawn_closed_loop(
+        ctx.api,
+        ctx.opts.conns,
+        Arc::new(work),
+        counters.clone(),
+        hard,
+    );
+    tokio::time::sleep(warmup).await;
+    let m0 = Scrape::get(ctx.metrics).await;
+    let (t0, ok0, it0) = (
+        Instant::now(),
+        counters.ok.load(Ordering::Relaxed),
+        counters.items.load(Ordering::Relaxed),
+    );
+    tokio::time::sleep(window).await;
+    let (t1, ok1, it1) = (
+        Instant::now(),
+        counters.ok.load(Ordering::Relaxed),
+        counters.items.load(Ordering::Relaxed),
+    );
+    counters.stop.store(true, Ordering::Relaxed);
+    let m1 = Scrape::get(ctx.metrics).await;
+    join_all(handles, Duration::from_secs(35)).await;
+    let secs = (t1 - t0).as_secs_f64();
+    let commits = m1.sum("kyberhook_wal_batch_events_count", None)
+        - m0.sum("kyberhook_wal_batch_events_count", None);
+    let events = m1.sum("kyberhook_wal_batch_events_sum", None)
+        - m0.sum("kyberhook_wal_batch_events_sum", None);
+    let flush_s = m1.sum("kyberhook_wal_flush_seconds_sum", None)
+        - m0.sum("kyberhook_wal_flush_seconds_sum", None);
+    RpsResult {
+        skipped: false,
+        ok_per_s: (ok1 - ok0) as f64 / secs,
+        items_per_s: (it1 - it0) as f64 / secs,
+        window_s: secs,
+        ok_total: counters.ok.load(Ordering::Relaxed),
+        items_total: counters.items.load(Ordering::Relaxed),
+        io_errors: counters.io_errors.load(Ordering::Relaxed),
+        item_errors: counters.item_errors.load(Ordering::Relaxed),
+        other_statuses: counters.other_statuses(),
+        commits_per_s: commits / secs,
+        events_per_commit: if commits > 0.0 { events / commits } else { 0.0 },
+        flush_ms_mean: if commits > 0.0 {
+            flush_s / commits * 1e3
+        } else {
+            0.0
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phases
+
+struct Ctx {
+    opts: Opts,
+    api: SocketAddr,
+    metrics: SocketAddr,
+    recv: Receivers,
+}
+
+/// About 200 bytes of `data`, the same for every event.
+const DATA: &str = r#"{"visitor":{"id":"vis_01HQ3K8Z2M","name":"Ada Lovelace","email":"ada@example.com","company":"Analytical Engines Ltd"},"location":{"id":"loc_42","name":"HQ Lobby"},"host":{"id":"usr_7","name":"Charles Babbage"},"badge":"B-1042"}"#;
+
+fn event_json(account: &str) -> Value {
+    json!({
+        "account_id": account,
+        "event": "visitor.checked_in",
+        "data": serde_json::from_str::<Value>(DATA).unwrap(),
+    })
+}
+
+fn ingest_workload(addr: SocketAddr, account: &str, gate: Option<Gate>) -> Workload {
+    let body = Bytes::from(event_json(account).to_string());
+    Workload {
+        make: Arc::new(move || request(addr, Method::POST, "/v1/events", Some(body.clone()))),
+        expect: StatusCode::ACCEPTED,
+        items_per_ok: 1,
+        gate,
+    }
+}
+
+fn batch_workload(addr: SocketAddr, account: &str, gate: Option<Gate>) -> Workload {
+    let one = event_json(account);
+    let body = Bytes::from(json!({"events": vec![one; BATCH_SIZE]}).to_string());
+    Workload {
+        make: Arc::new(move || request(addr, Method::POST, "/v1/events/batch", Some(body.clone()))),
+        expect: StatusCode::ACCEPTED,
+        items_per_ok: BATCH_SIZE as u64,
+        gate,
+    }
+}
+
+async fn create_account(ctx: &Ctx, id: &str) {
+    api_json(
+        ctx.api,
+        Method::POST,
+        "/v1/accounts",
+        Some(json!({"name": id, "plan": "bench", "id": id})),
+        StatusCode::CREATED,
+    )
+    .await;
+}
+
+async fn create_webhooks(ctx: &Ctx, account: &str, phase: usize, count: usize) {
+    for i in 0..count {
+        let base = &ctx.recv.urls[i % ctx.recv.urls.len()];
+        api_json(
+            ctx.api,
+            Method::POST,
+            &format!("/v1/accounts/{account}/webhooks"),
+            Some(json!({
+                "name": format!("bench {phase}/{i}"),
+                "url": format!("{base}/p{phase}/h{i}"),
+                "events": ["visitor.checked_in"],
+            })),
+            StatusCode::CREATED,
+        )
+        .await;
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct FanoutResult {
+    webhooks: usize,
+    mode: IngestMode,
+    deliveries_per_s: f64,
+    ingest_events_per_s: f64,
+    window_s: f64,
+    backlog_start: u64,
+    backlog_end: u64,
+    backlog_max: u64,
+    scheduled_gauge_end: f64,
+    scheduled_gauge_max: f64,
+    throttled_fraction: f64,
+    kept_up: bool,
+    drained: bool,
+    drain_s: f64,
+    left_after_drain: u64,
+    duplicates: u64,
+    attempt_failures: f64,
+    receiver_connections: u64,
+    ingest_other_statuses: String,
+    ingest_io_errors: u64,
+    attempt_ms_mean: f64,
+    rss_after_mib: f64,
+}
+
+async fn fanout_phase(ctx: &Ctx, phase: usize, fanout: usize, mode: IngestMode) -> FanoutResult {
+    let account = format!("acc_fanout{fanout}_{phase}");
+    create_account(ctx, &account).await;
+    create_webhooks(ctx, &account, phase, fanout).await;
+    let stats = ctx.recv.stats.clone();
+    let counters = Arc::new(Counters::default());
+    let outstanding = {
+        let (c, s) = (counters.clone(), stats.clone());
+        move || {
+            (c.items.load(Ordering::Relaxed) * fanout as u64)
+                .saturating_sub(s.per_phase[phase].load(Ordering::Relaxed))
+        }
+    };
+    let max_backlog = ctx.opts.max_backlog;
+    let gate: Gate = {
+        let o = outstanding.clone();
+        Arc::new(move || o() < max_backlog)
+    };
+    let work = Arc::new(match mode {
+        IngestMode::Single => ingest_workload(ctx.api, &account, Some(gate)),
+        IngestMode::Batch => batch_workload(ctx.api, &account, Some(gate)),
+    });
+    let warmup = Duration::from_secs(ctx.opts.warmup);
+    let window = Duration::from_secs(ctx.opts.secs);
+    let conns0 = stats.accepted.load(Ordering::Relaxed);
+    let m0 = Scrape::get(ctx.metrics).await;
+    let hard = Instant::now() + warmup + window + Duration::from_secs(30);
+    let handles = spawn_closed_loop(ctx.api, ctx.opts.conns, work, counters.clone(), hard);
+    tokio::time::sleep(warmup).await;
+
+    let mut r = FanoutResult {
+        webhooks: fanout,
+        mode,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let (recv0, ok0, thr0) = (
+        stats.per_phase[phase].load(Ordering::Relaxed),
+        counters.items.load(Ordering::Relaxed),
+        counters.throttled_ns.load(Ordering::Relaxed),
+    );
+    r.backlog_start = outstanding();
+    // Sample once a second (bounded by the window).
+    let end = t0 + window;
+    while Instant::now() < end {
+        let next = (Instant::now() + Duration::from_secs(1)).min(end);
+        tokio::time::sleep_until(next.into()).await;
+        let m = Scrape::get(ctx.metrics).await;
+        let g = m.sum("kyberhook_deliveries_scheduled", None);
+        r.scheduled_gauge_max = r.scheduled_gauge_max.max(g);
+        r.scheduled_gauge_end = g;
+        r.backlog_max = r.backlog_max.max(outstanding());
+    }
+    let t1 = Instant::now();
+    let (recv1, ok1, thr1) = (
+        stats.per_phase[phase].load(Ordering::Relaxed),
+        counters.items.load(Ordering::Relaxed),
+        counters.throttled_ns.load(Ordering::Relaxed),
+    );
+    r.backlog_end = outstanding();
+    counters.stop.store(true, Ordering::Relaxed);
+    join_all(handles, Duration::from_secs(35)).await;
+    let secs = (t1 - t0).as_secs_f64();
+    r.window_s = secs;
+    r.deliveries_per_s = (recv1 - recv0) as f64 / secs;
+    r.ingest_events_per_s = (ok1 - ok0) as f64 / secs;
+    r.throttled_fraction = (thr1 - thr0) as f64 / 1e9 / (secs * ctx.opts.conns as f64);
+    let delivered = recv1 - recv0;
+    r.kept_up = r.throttled_fraction < 0.01
+        && r.backlog_end <= r.backlog_start + (delivered / 20).max(2_000);
+    r.ingest_other_statuses = counters.other_statuses();
+    r.ingest_io_errors = counters.io_errors.load(Ordering::Relaxed);
+
+    // Drain (bounded) so the next phase starts clean.
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(ctx.opts.drain_secs);
+    while outstanding() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.drain_s = t.elapsed().as_secs_f64();
+    r.left_after_drain = outstanding();
+    r.drained = r.left_after_drain == 0;
+    r.duplicates = stats.dups[phase].load(Ordering::Relaxed);
+    r.receiver_connections = stats.accepted.load(Ordering::Relaxed) - conns0;
+    let m1 = Scrape::get(ctx.metrics).await;
+    r.attempt_failures = m1.sum("kyberhook_delivery_attempts_total", Some("failure"))
+        - m0.sum("kyberhook_delivery_attempts_total", Some("failure"));
+    let n = m1.sum("kyberhook_delivery_attempt_duration_seconds_count", None)
+        - m0.sum("kyberhook_delivery_attempt_duration_seconds_count", None);
+    let s = m1.sum("kyberhook_delivery_attempt_duration_seconds_sum", None)
+        - m0.sum("kyberhook_delivery_attempt_duration_seconds_sum", None);
+    r.attempt_ms_mean = if n > 0.0 { s / n * 1e3 } else { 0.0 };
+    stats.seen.lock().unwrap().clear();
+    r.rss_after_mib = proc_status_kb("VmRSS:") as f64 / 1024.0;
+    r
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Pcts {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+fn pcts(mut v: Vec<Duration>) -> Pcts {
+    if v.is_empty() {
+        return Pcts::default();
+    }
+    v.sort_unstable();
+    let at = |q: f64| {
+        let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i].as_secs_f64() * 1e3
+    };
+    Pcts {
+        p50: at(0.50),
+        p99: at(0.99),
+        p999: at(0.999),
+        max: v[v.len() - 1].as_secs_f64() * 1e3,
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct LatencyResult {
+    skipped: bool,
+    rate: u64,
+    measured: usize,
+    achieved_rate: f64,
+    ingest: Pcts,
+    ingest_service: Pcts,
+    e2e: Pcts,
+    failed: u64,
+    fail_reasons: String,
+    missing: usize,
+    duplicates: u64,
+}
+
+/// (intended send, actual send, acknowledged, event id) of one measured event.
+type Sample = (Instant, Instant, Instant, String);
+
+async fn latency_phase(ctx: &Ctx) -> LatencyResult {
+    let account = "acc_latency";
+    create_account(ctx, account).await;
+    create_webhooks(ctx, account, LATENCY_PHASE, ctx.opts.latency_webhooks).await;
+    let rate = ctx.opts.rate;
+    let warm_n = rate * ctx.opts.warmup;
+    let total = warm_n + rate * ctx.opts.secs;
+    let conns = ctx.opts.conns;
+    // FIFO, so every connection is used every `conns` requests: the engine closes a keep-alive
+    // connection that stays idle for `server.header_read_timeout` (hyper starts that timer
+    // while waiting for the next request head), and a LIFO pool would leave some idle that long.
+    let mut pool = std::collections::VecDeque::with_capacity(conns);
+    for _ in 0..conns {
+        pool.push_back(connect(ctx.api).await.expect("connect"));
+    }
+    let pool = Arc::new(Mutex::new(pool));
+    let sem = Arc::new(Semaphore::new(conns));
+    let body = Bytes::from(event_json(account).to_string());
+    let failed = Arc::new(AtomicU64::new(0));
+    let reasons: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    // (intended send, actual send, acknowledged, event id) of measured events.
+    let samples: Arc<Mutex<Vec<Sample>>> =
+        Arc::new(Mutex::new(Vec::with_capacity((total - warm_n) as usize)));
+    let api = ctx.api;
+    let start = Instant::now() + Duration::from_millis(20);
+    let step_ns = 1_000_000_000f64 / rate as f64;
+    let mut handles = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let intended = start + Duration::from_nanos((i as f64 * step_ns) as u64);
+        tokio::time::sleep_until(intended.into()).await;
+        let (pool, sem, body, failed, samples, reasons) = (
+            pool.clone(),
+            sem.clone(),
+            body.clone(),
+            failed.clone(),
+            samples.clone(),
+            reasons.clone(),
+        );
+        let fail = move |why: String| {
+            failed.fetch_add(1, Ordering::Relaxed);
+            *reasons.lock().unwrap().entry(why).or_default() += 1;
+        };
+        let measured = i >= warm_n;
+        handles.push(tokio::spawn(async move {
+            let Ok(_permit) = sem.acquire().await else {
+                return;
+            };
+            let Some(mut sender) = pool.lock().unwrap().pop_front() else {
+                fail("no connection left".into());
+                return;
+            };
+            let sent = Instant::now();
+            let res = send(
+                &mut sender,
+                request(api, Method::POST, "/v1/events", Some(body)),
+            )
+            .await;
+            let done = Instant::now();
+            match res {
+                Ok((StatusCode::ACCEPTED, bytes)) => {
+                    pool.lock().unwrap().push_back(sender);
+                    let id = serde_json::from_slice::<Value>(&bytes)
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(str::to_string));
+                    match (measured, id) {
+                        (true, Some(id)) => {
+                            samples.lock().unwrap().push((intended, sent, done, id))
+                        }
+                        (true, None) => fail("202 without an id".into()),
+                        _ => {}
+                    }
+                }
+                Ok((status, bytes)) => {
+                    pool.lock().unwrap().push_back(sender);
+                    fail(format!(
+                        "{} {}",
+                        status.as_u16(),
+                        String::from_utf8_lossy(&bytes[..bytes.len().min(160)])
+                    ));
+                }
+                Err(e) => {
+                    fail(format!("io: {e}"));
+                    match connect(api).await {
+                        Ok(s) => pool.lock().unwrap().push_back(s),
+                        Err(e) => fail(format!("reconnect: {e}")),
+                    }
+                }
+            }
+        }));
+    }
+    let sent_all = Instant::now();
+    join_all(handles, REQUEST_TIMEOUT + Duration::from_secs(5)).await;
+    let achieved_rate = total as f64 / (sent_all - start).as_secs_f64().max(1e-9);
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
+    // Wait (bounded) for every measured event's first attempt.
+    let wait = if ctx.opts.latency_webhooks == 0 {
+        0
+    } else {
+        ctx.opts.drain_secs
+    };
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    loop {
+        let have = {
+            let seen = ctx.recv.stats.first_seen.lock().unwrap();
+            samples.iter().filter(|s| seen.contains_key(&s.3)).count()
+        };
+        if have == samples.len() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = std::mem::take(&mut *ctx.recv.stats.first_seen.lock().unwrap());
+    let mut e2e = Vec::with_capacity(samples.len());
+    let mut missing = 0;
+    for (intended, _, _, id) in &samples {
+        match seen.get(id) {
+            Some(at) => e2e.push(at.saturating_duration_since(*intended)),
+            None => missing += 1,
+        }
+    }
+    LatencyResult {
+        skipped: false,
+        rate,
+        measured: samples.len(),
+        achieved_rate,
+        ingest: pcts(samples.iter().map(|s| s.2 - s.0).collect()),
+        ingest_service: pcts(samples.iter().map(|s| s.2 - s.1).collect()),
+        e2e: pcts(e2e),
+        failed: failed.load(Ordering::Relaxed),
+        fail_reasons: {
+            let r = reasons.lock().unwrap();
+            let mut v: Vec<String> = r.iter().map(|(k, n)| format!("{n}x {k}")).collect();
+            v.sort();
+            v.join("; ")
+        },
+        missing,
+        duplicates: ctx.recv.stats.dups[LATENCY_PHASE].load(Ordering::Relaxed),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process figures
+
+/// The first three fields of /proc/loadavg (other work on this machine skews every figure).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn proc_status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `du`-style: allocated bytes of every file under `path`.
+fn du(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    let mut budget = 1_000_000;
+    while let Some(p) = stack.pop() {
+        budget -= 1;
+        if budget == 0 {
+            break;
+        }
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        total += md.blocks() * 512;
+        if md.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    total
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+struct Table {
+    rows: Vec<[String; 3]>,
+}
+
+impl Table {
+    fn row(&mut self, a: impl Into<String>, b: impl Into<String>, c: impl Into<String>) {
+        self.rows.push([a.into(), b.into(), c.into()]);
+    }
+    fn section(&mut self, title: &str) {
+        self.rows
+            .push([format!("[{title}]"), String::new(), String::new()]);
+    }
+    fn render(&self) -> String {
+        let body = || {
+            self.rows
+                .iter()
+                .filter(|r| !(r[1].is_empty() && r[2].is_empty()))
+        };
+        let w0 = body().map(|r| r[0].chars().count()).max().unwrap_or(0);
+        let w1 = body().map(|r| r[1].chars().count()).max().unwrap_or(0);
+        let mut out = String::new();
+        for r in &self.rows {
+            if r[1].is_empty() && r[2].is_empty() {
+                let _ = writeln!(out, "{}", r[0]);
+            } else {
+                let _ = writeln!(out, "  {:<w0$}  {:>w1$}  {}", r[0], r[1], r[2]);
+            }
+        }
+        out
+    }
+}
+
+fn n0(x: f64) -> String {
+    let s = format!("{:.0}", x);
+    let (neg, digits) = s
+        .strip_prefix('-')
+        .map_or((false, s.as_str()), |d| (true, d));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if neg {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn pcts_json(p: &Pcts) -> Value {
+    json!({"p50": p.p50, "p99": p.p99, "p999": p.p999, "max": p.max})
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let opts = parse_opts();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let engine_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus)
+        .thread_name("engine")
+        .enable_all()
+        .build()
+        .expect("engine runtime");
+    let bench_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus)
+        .thread_name("loadgen")
+        .enable_all()
+        .build()
+        .expect("bench runtime");
+
+    let pki = pki();
+    let data = tempfile::tempdir().expect("data dir");
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[storage]
+path = "{data}"
+fsync = true
+[auth]
+admin_token = "{ADMIN}"
+[delivery]
+extra_ca_files = ["{ca}"]
+private_network_allowlist = ["127.0.0.0/8"]
+max_in_flight = 1024
+max_in_flight_per_webhook = 256
+[plans.bench]
+events_per_second = 0
+[log]
+level = "off"
+"#,
+        data = data.path().display(),
+        ca = pki.ca_file.display(),
+    );
+    let config = Config::from_toml(&toml, "load bench").expect("bench config");
+    let engine = engine_rt
+        .block_on(Engine::start(config))
+        .unwrap_or_else(|e| panic!("engine start: {e}"));
+    let (api, metrics) = (engine.api_addr(), engine.metrics_addr());
+    let recv = bench_rt.block_on(start_receivers(opts.receivers, pki.server.clone()));
+    let ctx = Ctx {
+        opts: opts.clone(),
+        api,
+        metrics,
+        recv,
+    };
+    let mode = if opts.quick { "quick" } else { "full" };
+    let load_start = loadavg();
+    eprintln!(
+        "load bench ({mode}): {cpus} CPUs, {} connections, windows: rps {} s, fan-out/latency {} s, warm-up {} s",
+        opts.conns, opts.rps_secs, opts.secs, opts.warmup
+    );
+
+    let (healthz, ingest, batch, events_only, fanouts, latency) = bench_rt.block_on(async {
+        let skipped = RpsResult {
+            skipped: true,
+            ..Default::default()
+        };
+        let api = ctx.api;
+        let healthz = if !ctx.opts.runs("healthz") {
+            skipped.clone()
+        } else {
+            eprintln!("phase: GET /healthz");
+            closed_loop(
+                &ctx,
+                Workload {
+                    make: Arc::new(move || request(api, Method::GET, "/healthz", None)),
+                    expect: StatusCode::OK,
+                    items_per_ok: 1,
+                    gate: None,
+                },
+            )
+            .await
+        };
+
+        create_account(&ctx, "acc_ingest").await;
+        let ingest = if !ctx.opts.runs("ingest") {
+            skipped.clone()
+        } else {
+            eprintln!("phase: POST /v1/events (no webhook)");
+            closed_loop(&ctx, ingest_workload(api, "acc_ingest", None)).await
+        };
+        let batch = if !ctx.opts.runs("batch") {
+            skipped.clone()
+        } else {
+            eprintln!("phase: POST /v1/events/batch x{BATCH_SIZE} (no webhook)");
+            closed_loop(&ctx, batch_workload(api, "acc_ingest", None)).await
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let m = Scrape::get(ctx.metrics).await;
+        let events_only = (
+            m.sum("kyberhook_events_ingested_total", None),
+            du(data.path()),
+            ingest.ok_total + batch.items_total,
+            proc_status_kb("VmRSS:"),
+        );
+
+        let mut fanouts = Vec::new();
+        let mut phase = 0;
+        let fanout_list = if ctx.opts.runs("fanout") {
+            ctx.opts.fanouts.clone()
+        } else {
+            Vec::new()
+        };
+        for &f in &fanout_list {
+            for &mode in &ctx.opts.fanout_ingest {
+                phase += 1;
+                eprintln!(
+                    "phase: deliveries with {f} webhook(s), {} ingest",
+                    mode.name()
+                );
+                fanouts.push(fanout_phase(&ctx, phase, f, mode).await);
+            }
+        }
+        let latency = if ctx.opts.runs("latency") {
+            eprintln!("phase: latency at {} events/s (open loop)", ctx.opts.rate);
+            latency_phase(&ctx).await
+        } else {
+            LatencyResult {
+                skipped: true,
+                ..Default::default()
+            }
+        };
+        (healthz, ingest, batch, events_only, fanouts, latency)
+    });
+
+    let peak_rss_kb = proc_status_kb("VmHWM:");
+    let rss_kb = proc_status_kb("VmRSS:");
+    let final_metrics = bench_rt.block_on(Scrape::get(ctx.metrics));
+    let ingested_total = final_metrics.sum("kyberhook_events_ingested_total", None);
+    let attempts_total = final_metrics.sum("kyberhook_delivery_attempts_total", None);
+    let odd = ctx.recv.stats.odd.load(Ordering::Relaxed);
+
+    let stopped = engine_rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), engine.shutdown())
+            .await
+            .is_ok()
+    });
+    let _ = ctx.recv.stop.send(true);
+    for t in &ctx.recv.tasks {
+        t.abort();
+    }
+    let data_bytes = du(data.path());
+    let load_end = loadavg();
+
+    // ---- report
+    let mut t = Table { rows: Vec::new() };
+    let skip = |r: &RpsResult, v: String| if r.skipped { "skipped".to_string() } else { v };
+    t.row("figure", "value", "notes");
+    t.section("closed loop, no webhook subscribed");
+    t.row(
+        "healthz_rps",
+        skip(&healthz, n0(healthz.ok_per_s)),
+        format!(
+            "GET /healthz, {} conns, {:.1} s",
+            opts.conns, healthz.window_s
+        ),
+    );
+    t.row(
+        "ingest_rps",
+        skip(&ingest, n0(ingest.ok_per_s)),
+        format!(
+            "POST /v1/events -> 202 (durable, fsync); {:.0} commits/s, {:.1} events/commit, flush {:.2} ms",
+            ingest.commits_per_s, ingest.events_per_commit, ingest.flush_ms_mean
+        ),
+    );
+    let ratio = if healthz.ok_per_s > 0.0 {
+        ingest.ok_per_s / healthz.ok_per_s
+    } else {
+        0.0
+    };
+    t.row("ingest_rps / healthz_rps", format!("{ratio:.3}"), "");
+    t.row(
+        "batch_events_per_s",
+        skip(&batch, n0(batch.items_per_s)),
+        format!(
+            "POST /v1/events/batch x{BATCH_SIZE}: {:.0} req/s; {:.0} commits/s, {:.0} events/commit, flush {:.2} ms",
+            batch.ok_per_s, batch.commits_per_s, batch.events_per_commit, batch.flush_ms_mean
+        ),
+    );
+    let mut errs = Vec::new();
+    for (name, r) in [
+        ("healthz", &healthz),
+        ("ingest", &ingest),
+        ("batch", &batch),
+    ] {
+        if r.io_errors > 0 || r.item_errors > 0 || !r.other_statuses.is_empty() {
+            errs.push(format!(
+                "{name}: io {} item {} status [{}]",
+                r.io_errors, r.item_errors, r.other_statuses
+            ));
+        }
+    }
+    t.row(
+        "errors",
+        if errs.is_empty() {
+            "0".into()
+        } else {
+            errs.len().to_string()
+        },
+        errs.join("; "),
+    );
+    for f in &fanouts {
+        t.section(&format!(
+            "deliveries, {} webhook(s), {} receiver(s), closed-loop {} ingest capped at {} outstanding",
+            f.webhooks,
+            ctx.recv.urls.len(),
+            f.mode.name(),
+            n0(opts.max_backlog as f64)
+        ));
+        t.row(
+            "deliveries_per_s",
+            n0(f.deliveries_per_s),
+            format!("received by the endpoint, {:.1} s window", f.window_s),
+        );
+        t.row(
+            "ingest events/s during window",
+            n0(f.ingest_events_per_s),
+            format!(
+                "x{} = {} deliveries/s offered",
+                f.webhooks,
+                n0(f.ingest_events_per_s * f.webhooks as f64)
+            ),
+        );
+        t.row(
+            "kept up",
+            if f.kept_up { "yes" } else { "no" },
+            format!(
+                "backlog start {} -> end {} (max {}); ingest throttled {:.0}% of the time",
+                n0(f.backlog_start as f64),
+                n0(f.backlog_end as f64),
+                n0(f.backlog_max as f64),
+                f.throttled_fraction * 100.0
+            ),
+        );
+        t.row(
+            "kyberhook_deliveries_scheduled",
+            n0(f.scheduled_gauge_end),
+            format!("at window end (max sampled {})", n0(f.scheduled_gauge_max)),
+        );
+        t.row(
+            "drain after window",
+            format!("{:.1} s", f.drain_s),
+            format!(
+                "{}; process VmRSS after drain {:.0} MiB",
+                if f.drained {
+                    "all delivered".to_string()
+                } else {
+                    format!("NOT drained: {} outstanding", n0(f.left_after_drain as f64))
+                },
+                f.rss_after_mib
+            ),
+        );
+        t.row(
+            "attempt duration (mean)",
+            format!("{:.2} ms", f.attempt_ms_mean),
+            "kyberhook_delivery_attempt_duration_seconds",
+        );
+        t.row(
+            "failures / duplicates",
+            format!("{} / {}", f.attempt_failures, f.duplicates),
+            format!(
+                "failed attempts (metrics) / repeated delivery ids at the receiver; {} TLS connections accepted{}",
+                f.receiver_connections,
+                if f.ingest_other_statuses.is_empty() && f.ingest_io_errors == 0 {
+                    String::new()
+                } else {
+                    format!("; ingest errors io {} status [{}]", f.ingest_io_errors, f.ingest_other_statuses)
+                }
+            ),
+        );
+    }
+    t.section(&format!(
+        "latency, open loop at {} events/s, {} webhook(s){}",
+        opts.rate,
+        opts.latency_webhooks,
+        if latency.skipped { ": skipped" } else { "" }
+    ));
+    t.row(
+        "events measured",
+        n0(latency.measured as f64),
+        format!(
+            "sent at {:.0}/s; failed {}{}, no delivery seen {}, duplicates {}",
+            latency.achieved_rate,
+            latency.failed,
+            if latency.fail_reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", latency.fail_reasons)
+            },
+            latency.missing,
+            latency.duplicates
+        ),
+    );
+    let p = &latency.ingest;
+    t.row(
+        "ingest p50 / p99 / p99.9",
+        format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.p999),
+        format!("intended send -> 202; max {:.1} ms", p.max),
+    );
+    let p = &latency.ingest_service;
+    t.row(
+        "  (service time only)",
+        format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.p999),
+        "actual send -> 202",
+    );
+    let p = &latency.e2e;
+    t.row(
+        "ingest -> first attempt p50 / p99 / p99.9",
+        format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.p999),
+        format!("intended send -> request at receiver; max {:.1} ms", p.max),
+    );
+    t.section("process and disk");
+    let (ev_only_metric, ev_only_bytes, ev_only_acked, rss_ingest_kb) = events_only;
+    t.row(
+        "peak RSS (VmHWM)",
+        format!("{:.0} MiB", peak_rss_kb as f64 / 1024.0),
+        format!(
+            "whole process: engine + receiver + load generator (VmRSS after the no-webhook phases {:.0} MiB, at end {:.0} MiB)",
+            rss_ingest_kb as f64 / 1024.0,
+            rss_kb as f64 / 1024.0
+        ),
+    );
+    let per_m = |bytes: u64, events: f64| {
+        if events > 0.0 {
+            bytes as f64 / events * 1e6
+        } else {
+            0.0
+        }
+    };
+    t.row(
+        "data dir per 1M events (ingest only)",
+        format!(
+            "{:.0} MiB",
+            per_m(ev_only_bytes, ev_only_metric) / 1048576.0
+        ),
+        format!(
+            "{:.1} MiB for {} events after the no-webhook phases",
+            ev_only_bytes as f64 / 1048576.0,
+            n0(ev_only_metric)
+        ),
+    );
+    t.row(
+        "data dir per 1M events (everything)",
+        format!("{:.0} MiB", per_m(data_bytes, ingested_total) / 1048576.0),
+        format!(
+            "{:.1} MiB after shutdown for {} events, {} attempts",
+            data_bytes as f64 / 1048576.0,
+            n0(ingested_total),
+            n0(attempts_total)
+        ),
+    );
+    let mut checks = Vec::new();
+    if (ev_only_metric - ev_only_acked as f64).abs() > 0.5 {
+        checks.push(format!(
+            "kyberhook_events_ingested_total {} != 202s counted {}",
+            ev_only_metric, ev_only_acked
+        ));
+    }
+    if odd > 0 {
+        checks.push(format!(
+            "{odd} receiver requests without phase path or delivery id"
+        ));
+    }
+    if !stopped {
+        checks.push("engine shutdown took over 60 s".into());
+    }
+    t.row(
+        "machine load average (1/5/15 min)",
+        format!("{load_start} -> {load_end}"),
+        "at start -> at end; the whole process itself keeps ~2 busy",
+    );
+    t.row(
+        "consistency checks",
+        if checks.is_empty() { "ok" } else { "FAIL" },
+        checks.join("; "),
+    );
+
+    println!(
+        "kyberhook load bench ({mode}) — {cpus} CPUs, {} connections, fsync on; engine, receiver and load generator share this process",
+        opts.conns
+    );
+    print!("{}", t.render());
+
+    if opts.json {
+        let fan: Vec<Value> = fanouts
+            .iter()
+            .map(|f| {
+                json!({
+                    "webhooks": f.webhooks,
+                    "ingest": f.mode.name(),
+                    "deliveries_per_s": f.deliveries_per_s,
+                    "ingest_events_per_s": f.ingest_events_per_s,
+                    "window_s": f.window_s,
+                    "kept_up": f.kept_up,
+                    "backlog_start": f.backlog_start,
+                    "backlog_end": f.backlog_end,
+                    "backlog_max": f.backlog_max,
+                    "ingest_throttled_fraction": f.throttled_fraction,
+                    "deliveries_scheduled_end": f.scheduled_gauge_end,
+                    "deliveries_scheduled_max": f.scheduled_gauge_max,
+                    "drain_s": f.drain_s,
+                    "drained": f.drained,
+                    "left_after_drain": f.left_after_drain,
+                    "attempt_ms_mean": f.attempt_ms_mean,
+                    "attempt_failures": f.attempt_failures,
+                    "duplicates": f.duplicates,
+                    "receiver_connections": f.receiver_connections,
+                    "rss_after_drain_bytes": (f.rss_after_mib * 1048576.0) as u64,
+                })
+            })
+            .collect();
+        let out = json!({
+            "mode": mode,
+            "cpus": cpus,
+            "conns": opts.conns,
+            "receivers": ctx.recv.urls.len(),
+            "healthz_rps": healthz.ok_per_s,
+            "ingest_rps": ingest.ok_per_s,
+            "ingest_to_healthz_ratio": ratio,
+            "ingest_commits_per_s": ingest.commits_per_s,
+            "ingest_events_per_commit": ingest.events_per_commit,
+            "ingest_flush_ms_mean": ingest.flush_ms_mean,
+            "batch_events_per_s": batch.items_per_s,
+            "batch_requests_per_s": batch.ok_per_s,
+            "fanout": fan,
+            "latency": {
+                "rate": latency.rate,
+                "webhooks": opts.latency_webhooks,
+                "achieved_rate": latency.achieved_rate,
+                "measured": latency.measured,
+                "failed": latency.failed,
+                "fail_reasons": latency.fail_reasons,
+                "missing": latency.missing,
+                "ingest_ms": pcts_json(&latency.ingest),
+                "ingest_service_ms": pcts_json(&latency.ingest_service),
+                "ingest_to_first_attempt_ms": pcts_json(&latency.e2e),
+            },
+            "peak_rss_bytes": peak_rss_kb * 1024,
+            "peak_rss_note": "VmHWM of the whole process: engine + receiver + load generator",
+            "data_dir_bytes_ingest_only": ev_only_bytes,
+            "events_ingest_only": ev_only_metric,
+            "data_dir_bytes_per_million_events_ingest_only": per_m(ev_only_bytes, ev_only_metric),
+            "data_dir_bytes_final": data_bytes,
+            "events_ingested_total": ingested_total,
+            "delivery_attempts_total": attempts_total,
+            "data_dir_bytes_per_million_events_final": per_m(data_bytes, ingested_total),
+            "checks": checks,
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    }
+    drop(ctx);
+    engine_rt.shutdown_timeout(Duration::from_secs(5));
+    bench_rt.shutdown_timeout(Duration::from_secs(5));
+}

@@ -79,7 +79,6 @@ fn bench_signing(c: &mut Criterion) {
     assert_eq!(body.len(), 1024);
     let mut g = c.benchmark_group("signing");
     g.throughput(Throughput::Bytes(body.len() as u64));
-    g.measurement_time(Duration::from_secs(3));
     g.bench_function("signature_header_1KiB", |b| {
         b.iter(|| {
             kyberhook::signing::signature_header(
@@ -106,7 +105,6 @@ fn bench_codec(c: &mut Criterion) {
     let ev_bytes = kyberhook::codec::encode(&event);
     let dl_bytes = kyberhook::codec::encode(&delivery);
     let mut g = c.benchmark_group("codec");
-    g.measurement_time(Duration::from_secs(3));
     g.bench_function(
         format!("encode_delivery_record ({} B)", dl_bytes.len()),
         |b| b.iter(|| kyberhook::codec::encode(black_box(&delivery))),
@@ -128,7 +126,6 @@ fn bench_wal(c: &mut Criterion) {
     let mut g = c.benchmark_group("wal_append");
     g.sample_size(20);
     g.measurement_time(Duration::from_secs(3));
-    g.warm_up_time(Duration::from_secs(1));
     for &n in &[1usize, 64, 1024] {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path(), true).expect("open store");
@@ -239,7 +236,6 @@ fn population(accounts: usize, per_account: usize) -> (Vec<Account>, Vec<Webhook
 
 fn bench_fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout_lookup");
-    g.measurement_time(Duration::from_secs(3));
 
     // 1 000 accounts x 10 webhooks.
     let (accs, hooks) = population(1_000, 10);
@@ -287,7 +283,6 @@ fn bench_fanout(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("registry_load");
     g.sample_size(10);
-    g.measurement_time(Duration::from_secs(3));
     g.throughput(Throughput::Elements(hooks.len() as u64));
     g.bench_function("load 1000acc x 10wh", |b| {
         b.iter_batched(
@@ -304,7 +299,13 @@ fn bench_fanout(c: &mut Criterion) {
 }
 
 fn main() {
-    let mut c = Criterion::default().configure_from_args();
+    // Short warm-ups and windows keep the whole file to a couple of minutes; command-line
+    // flags (e.g. `-- --measurement-time 10`) still override these.
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .nresamples(20_000)
+        .configure_from_args();
     bench_signing(&mut c);
     bench_codec(&mut c);
     bench_wal(&mut c);

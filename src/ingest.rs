@@ -6,15 +6,17 @@
 //! write-ahead log: it blocks for one request, drains whatever else is queued (up to
 //! `MAX_BATCH`), checks idempotency, appends the whole batch to the store, makes it
 //! power-safe with one flush + fdatasync, and only then answers every waiting request (202).
-//! After the acknowledgement it fans the batch out: matching webhooks from the registry's
-//! subscription index, delivery records written, each handed to the scheduler as due now.
+//! After the acknowledgement it hands the batch to the **fan-out thread** (a bounded queue),
+//! which finds the matching webhooks in the registry's subscription index, writes the delivery
+//! records and hands each to the scheduler as due now — so fan-out work never delays the next
+//! group commit.
 //!
 //! An event's `inbox` entry is cleared only by the flush *after* the one that made its
 //! deliveries durable, so a crash at any point leaves either the deliveries or the inbox entry,
 //! and start-up fan-out ([`Ingest::start`]) re-creates whatever is missing.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,8 +35,11 @@ use crate::store::{Store, StoreError};
 /// How deeply an event's `data` may nest; deeper payloads are refused with a 400 so that no
 /// receiver's parser is made to recurse without bound.
 pub const MAX_DATA_DEPTH: usize = 64;
-/// Most requests one commit takes; bounds the latency a batch adds.
+/// Most events one commit takes (a batch request counts each of its events); bounds the
+/// latency and the memory one commit adds.
 const MAX_BATCH: usize = 4096;
+/// Committed batches waiting for the fan-out thread.
+const FANOUT_QUEUE: usize = 64;
 /// Idle time after which owed inbox clean-up is flushed without waiting for new work.
 const IDLE_FLUSH: Duration = Duration::from_millis(100);
 
@@ -99,6 +104,15 @@ enum Commit {
     },
 }
 
+impl Commit {
+    fn len(&self) -> usize {
+        match self {
+            Commit::Events { events, .. } => events.len(),
+            Commit::Sync { .. } => 1,
+        }
+    }
+}
+
 /// The API's side of ingest: validation, record building, and the committer's queue.
 #[derive(Clone)]
 pub struct Ingest {
@@ -152,11 +166,34 @@ impl Ingest {
             store.clear_inbox(&owed)?;
         }
         let (tx, rx) = channel::bounded(queue);
+        let (fan_tx, fan_rx) = channel::bounded::<Vec<EventRecord>>(FANOUT_QUEUE);
+        let fanned: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let fanout_thread = {
+            let fanned = fanned.clone();
+            let runtime = runtime.clone();
+            std::thread::Builder::new()
+                .name("kyberhook-fanout".into())
+                .spawn(move || {
+                    let _guard = runtime.enter();
+                    fanout_loop(fan_rx, fanout, fanned)
+                })
+                .expect("spawning the fan-out thread")
+        };
         let thread = std::thread::Builder::new()
             .name("kyberhook-committer".into())
             .spawn(move || {
                 let _guard = runtime.enter();
-                commit_loop(rx, store, fanout)
+                commit_loop(rx, store.clone(), fan_tx, fanned.clone());
+                // The fan-out thread ends once the committer's sender is gone; then whatever
+                // it fanned out last is flushed and its inbox entries cleared.
+                let _ = fanout_thread.join();
+                let last = std::mem::take(&mut *fanned.lock().unwrap_or_else(|p| p.into_inner()));
+                if store.make_durable().is_ok() {
+                    let _ = store.clear_inbox(&last);
+                }
+                if let Err(err) = store.make_durable() {
+                    tracing::error!(error = %err, "final flush failed");
+                }
             })
             .expect("spawning the committer thread");
         Ok((
@@ -334,25 +371,44 @@ pub fn minify_into(out: &mut Vec<u8>, json: &str) -> usize {
     deepest
 }
 
-fn commit_loop(rx: Receiver<Commit>, store: Arc<Store>, fanout: Fanout) {
-    // Inbox entries whose deliveries were written after the last flush: cleared by the next.
+/// Takes the sequence numbers the fan-out thread has finished (their deliveries are written).
+fn take_fanned(fanned: &Mutex<Vec<u64>>) -> Vec<u64> {
+    std::mem::take(&mut *fanned.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn commit_loop(
+    rx: Receiver<Commit>,
+    store: Arc<Store>,
+    fanout: Sender<Vec<EventRecord>>,
+    fanned: Arc<Mutex<Vec<u64>>>,
+) {
+    // Inbox entries whose deliveries were made durable by the last flush: cleared in the next
+    // commit, so clearing one never depends on the order sled persists writes in.
     let mut owed_clear: Vec<u64> = Vec::new();
     loop {
         let first = match rx.recv_timeout(IDLE_FLUSH) {
             Ok(c) => c,
             Err(RecvTimeoutError::Timeout) => {
-                if !owed_clear.is_empty() && store.make_durable().is_ok() {
-                    let _ = store.clear_inbox(&owed_clear);
-                    owed_clear.clear();
+                let ready = take_fanned(&fanned);
+                if (ready.is_empty() && owed_clear.is_empty()) || store.make_durable().is_err() {
+                    owed_clear.extend(ready);
+                    continue;
                 }
+                owed_clear.extend(ready);
+                let _ = store.clear_inbox(&owed_clear);
+                owed_clear.clear();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
         };
+        let mut events_in_batch = first.len();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while events_in_batch < MAX_BATCH {
             match rx.try_recv() {
-                Ok(c) => batch.push(c),
+                Ok(c) => {
+                    events_in_batch += c.len();
+                    batch.push(c);
+                }
                 Err(_) => break,
             }
         }
@@ -392,13 +448,15 @@ fn commit_loop(rx: Receiver<Commit>, store: Arc<Store>, fanout: Fanout) {
             }
             outcomes.push(result.map(|()| accepted));
         }
+        // Taken before the flush, so the flush covers their deliveries.
+        let ready = take_fanned(&fanned);
         let written = store
             .append_events(&fresh)
             .and_then(|()| store.clear_inbox(&owed_clear))
             .and_then(|()| store.make_durable());
         metrics::histogram!("kyberhook_wal_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("kyberhook_wal_batch_events").record(fresh.len() as f64);
-        owed_clear.clear();
+        owed_clear = ready;
         let failed = written.as_ref().err().map(|e| e.to_string());
         if let Some(err) = &failed {
             tracing::error!(error = %err, "group commit failed; the batch is not acknowledged");
@@ -423,19 +481,39 @@ fn commit_loop(rx: Receiver<Commit>, store: Arc<Store>, fanout: Fanout) {
             continue;
         }
         metrics::counter!("kyberhook_events_ingested_total").increment(fresh.len() as u64);
-        match fanout.run(&fresh, Recovery::No) {
-            Ok(()) => owed_clear.extend(fresh.iter().map(|e| e.seq)),
+        // A full fan-out queue holds the committer here, which fills the ingest queue, which
+        // answers 503: backpressure instead of unbounded memory.
+        if !fresh.is_empty() && fanout.send(fresh).is_err() {
+            tracing::error!("the fan-out thread is gone; fan-out will be re-run at start-up");
+        }
+    }
+    // Cleared after the final flush, in the committer thread's epilogue.
+    fanned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(owed_clear);
+}
+
+/// The fan-out thread: creates the deliveries of committed events, off the committer's path,
+/// and reports which events are done.
+fn fanout_loop(rx: Receiver<Vec<EventRecord>>, fanout: Fanout, fanned: Arc<Mutex<Vec<u64>>>) {
+    while let Ok(mut events) = rx.recv() {
+        while events.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => events.extend(more),
+                Err(_) => break,
+            }
+        }
+        match fanout.run(&events, Recovery::No) {
+            Ok(()) => fanned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(events.iter().map(|e| e.seq)),
             // The inbox entries stay: fan-out is re-run at the next start.
             Err(err) => {
                 tracing::error!(error = %err, "fan-out failed; it will be retried at start-up")
             }
         }
-    }
-    if !owed_clear.is_empty() && store.make_durable().is_ok() {
-        let _ = store.clear_inbox(&owed_clear);
-    }
-    if let Err(err) = store.make_durable() {
-        tracing::error!(error = %err, "final flush failed");
     }
 }
 

@@ -140,6 +140,14 @@ impl Registry {
     }
 
     pub fn upsert_hook(&self, hook: Webhook) {
+        let account = hook.account_id.clone();
+        let mut inner = self.write();
+        Self::put_hook(&mut inner, hook);
+        self.reindex(&mut inner, &account);
+    }
+
+    /// Stores a webhook without re-indexing its account.
+    fn put_hook(inner: &mut Inner, hook: Webhook) {
         let ip_allowlist = hook
             .ip_allowlist
             .iter()
@@ -147,16 +155,13 @@ impl Registry {
             .collect();
         let account = hook.account_id.clone();
         let id = hook.id;
-        let mut inner = self.write();
-        inner
+        let is_new = inner
             .hooks
-            .insert(id, Arc::new(HookEntry { hook, ip_allowlist }));
-        if let Some(entry) = inner.accounts.get_mut(&account) {
-            if !entry.hooks.contains(&id) {
-                entry.hooks.push(id);
-            }
+            .insert(id, Arc::new(HookEntry { hook, ip_allowlist }))
+            .is_none();
+        if let (true, Some(entry)) = (is_new, inner.accounts.get_mut(&account)) {
+            entry.hooks.push(id);
         }
-        self.reindex(&mut inner, &account);
     }
 
     pub fn remove_hook(&self, account: &AccountId, id: WebhookId) {
@@ -221,8 +226,14 @@ impl Registry {
         for a in accounts {
             self.upsert_account(a);
         }
+        let mut inner = self.write();
         for h in hooks {
-            self.upsert_hook(h);
+            Self::put_hook(&mut inner, h);
+        }
+        // Each account indexed once, not once per webhook.
+        let ids: Vec<AccountId> = inner.accounts.keys().cloned().collect();
+        for id in ids {
+            self.reindex(&mut inner, &id);
         }
     }
 }

@@ -6,7 +6,7 @@
 use kyberhook::api::bodies::{
     Batch, CreateAccount, CreateWebhook, TestRequest, UpdateAccount, UpdateWebhook,
 };
-use kyberhook::ingest::{build_body, minify_into, EventInput};
+use kyberhook::ingest::{build_body, minify_into, EventInput, Rejection, MAX_DATA_DEPTH};
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -50,7 +50,30 @@ fn check_event(input: &EventInput<'_>) {
     let id = input.id.as_deref().unwrap_or("evt_0000000000000001");
     let timestamp = input.timestamp.as_deref().unwrap_or("2025-01-15T09:30:00Z");
     let data = input.data.get();
-    let body = build_body(id, &input.event, timestamp, data, &input.account_id);
+    let expected = serde_json::from_str::<Value>(data).ok();
+    let body = match build_body(id, &input.event, timestamp, data, &input.account_id) {
+        Ok(body) => body,
+        Err(rejection) => {
+            // Refused only for nesting past the limit (serde_json's own limit of 128 levels
+            // may have kept `expected` from parsing at all).
+            assert!(matches!(rejection, Rejection::Invalid(_)), "{rejection:?}");
+            if let Some(value) = &expected {
+                assert!(
+                    depth(value) > MAX_DATA_DEPTH,
+                    "data nesting {} levels was refused: {rejection}",
+                    depth(value)
+                );
+            }
+            return;
+        }
+    };
+    if let Some(value) = &expected {
+        assert!(
+            depth(value) <= MAX_DATA_DEPTH,
+            "data nesting {} levels was accepted",
+            depth(value)
+        );
+    }
 
     // Compact: no insignificant whitespace survives (raw control characters cannot appear
     // inside JSON strings, and spaces outside strings are dropped), and minifying again is a
@@ -77,12 +100,21 @@ fn check_event(input: &EventInput<'_>) {
     assert_eq!(built.account_id, input.account_id);
     // `data` means the same after minifying. (A number beyond f64 range passes RawValue's
     // syntax check but not Value's; then there is no Value to compare, on either side.)
-    match serde_json::from_str::<Value>(data) {
-        Ok(expected) => {
+    match expected {
+        Some(expected) => {
             let got: Value = serde_json::from_str(built.data.get())
                 .expect("minified data parses when the original does");
             assert_eq!(got, expected, "the minifier changed the meaning of data");
         }
-        Err(_) => assert!(serde_json::from_str::<Value>(built.data.get()).is_err()),
+        None => assert!(serde_json::from_str::<Value>(built.data.get()).is_err()),
+    }
+}
+
+/// Levels of objects and arrays: 0 for a scalar.
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
     }
 }

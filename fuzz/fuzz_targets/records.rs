@@ -13,9 +13,8 @@ use serde::Serialize;
 fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(bytes: &[u8]) {
     if let Ok(value) = decode::<T>(bytes) {
         let encoded = encode(&value);
-        let back: T = decode(&encoded).unwrap_or_else(|e| {
-            panic!("a decoded {value:?} does not decode after encoding: {e}")
-        });
+        let back: T = decode(&encoded)
+            .unwrap_or_else(|e| panic!("a decoded {value:?} does not decode after encoding: {e}"));
         assert_eq!(back, value, "encode -> decode changed the record");
     }
 }

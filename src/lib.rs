@@ -287,8 +287,11 @@ pub fn init_logging(config: &Config) {
                 .with_default_directive(tracing_subscriber::filter::LevelFilter::ERROR.into())
                 .parse_lossy(config::trim_directives(&config.log.level))
         });
+    // Colours only on a terminal: escape codes in a log file or journal are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match config.log.format {
         config::LogFormat::Json => builder.json().try_init(),

@@ -21,29 +21,7 @@ use kyberhook::model::{Account, DeliveryRecord, EventRecord, Webhook, WebhookSta
 use kyberhook::registry::Registry;
 use kyberhook::store::Store;
 
-const CATALOG: &[&str] = &[
-    "visitor.checked_in",
-    "visitor.checked_out",
-    "visitor.denied",
-    "visitor.pre_registered",
-    "visitor.pre_registration_cancelled",
-    "visitor.updated",
-    "visitor.deleted",
-    "screening.watchlist_hit",
-    "screening.bolo_alert",
-    "screening.cleared",
-    "emergency.lockdown_activated",
-    "emergency.lockdown_deactivated",
-    "emergency.evacuation_activated",
-    "document.nda_signed",
-    "document.nda_declined",
-    "delivery.received",
-    "delivery.picked_up",
-    "delivery.notified",
-    "user.login",
-    "user.login_failed",
-    "settings.updated",
-];
+const CATALOG: &[&str] = &kyberhook::config::DEFAULT_EVENT_CATALOG;
 
 fn catalog() -> Vec<String> {
     CATALOG.iter().map(|s| s.to_string()).collect()

@@ -303,19 +303,13 @@ async fn delivery_log_filters_and_pages_newest_first() {
     ok.wait_for(10, WAIT).await;
     bad.wait_for(5, WAIT).await;
     let base = format!("/v1/accounts/{acc}/deliveries");
-    // Wait until the failing ones are recorded as retrying.
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, v) = e
-            .api
-            .admin(Method::GET, &format!("{base}?status=retrying"), None)
-            .await;
-        if v["data"].as_array().unwrap().len() == 5 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    // Wait until every attempt's outcome is recorded.
+    e.poll(&format!("{base}?status=retrying"), WAIT, |v| count(v) == 5)
+        .await;
+    e.poll(&format!("{base}?status=delivered"), WAIT, |v| {
+        count(v) == 10
+    })
+    .await;
     let (s, v) = e.api.admin(Method::GET, &base, None).await;
     assert_eq!(s, StatusCode::OK);
     let all = v["data"].as_array().unwrap();
@@ -607,18 +601,8 @@ async fn deleting_a_webhook_or_account_deletes_its_history() {
     }
     rx.wait_for(6, WAIT).await;
     let base = format!("/v1/accounts/{acc}/deliveries");
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, v) = e
-            .api
-            .admin(Method::GET, &format!("{base}?status=delivered"), None)
-            .await;
-        if v["data"].as_array().unwrap().len() == 6 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    e.poll(&format!("{base}?status=delivered"), WAIT, |v| count(v) == 6)
+        .await;
     let (_, v) = e.api.admin(Method::GET, &base, None).await;
     let one_of_h1 = v["data"]
         .as_array()
@@ -697,25 +681,12 @@ async fn acknowledged_events_are_delivered_after_a_restart() {
     rx.wait_for(20, WAIT).await;
     e.restart().await;
     rx.set_default(Reply::Status(200));
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, v) = e
-            .api
-            .admin(
-                Method::GET,
-                &format!("/v1/accounts/{acc}/deliveries?status=delivered&limit=100"),
-                None,
-            )
-            .await;
-        if v["data"].as_array().unwrap().len() == 20 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not all delivered after restart: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    e.poll(
+        &format!("/v1/accounts/{acc}/deliveries?status=delivered&limit=100"),
+        WAIT,
+        |v| count(v) == 20,
+    )
+    .await;
     let delivered: std::collections::HashSet<String> = rx
         .log
         .lock()

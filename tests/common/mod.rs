@@ -414,6 +414,20 @@ impl TestEngine {
         v["id"].as_str().unwrap().to_string()
     }
 
+    /// GETs `path` (admin) until `pred` holds for the JSON answer; panics after `wait`.
+    pub async fn poll(&self, path: &str, wait: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + wait;
+        loop {
+            let (s, v) = self.api.admin(Method::GET, path, None).await;
+            assert!(s.is_success(), "GET {path}: {s} {v}");
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "GET {path} never matched: {v}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Polls one delivery until `pred` holds (or panics after `wait`).
     pub async fn wait_delivery(
         &self,
@@ -422,26 +436,18 @@ impl TestEngine {
         wait: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + wait;
-        loop {
-            let (s, v) = self
-                .api
-                .admin(
-                    Method::GET,
-                    &format!("/v1/accounts/{account}/deliveries/{id}"),
-                    None,
-                )
-                .await;
-            assert_eq!(s, StatusCode::OK, "{v}");
-            if pred(&v) {
-                return v;
-            }
-            if Instant::now() > deadline {
-                panic!("delivery {id} did not reach the expected state: {v}");
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        self.poll(
+            &format!("/v1/accounts/{account}/deliveries/{id}"),
+            wait,
+            pred,
+        )
+        .await
     }
+}
+
+/// The number of items in a list answer.
+pub fn count(v: &Value) -> usize {
+    v["data"].as_array().map_or(0, Vec::len)
 }
 
 /// A JSON client for the API.

@@ -141,9 +141,11 @@ async fn a_slow_endpoint_does_not_slow_a_fast_one() {
         "fast endpoint slowed: {:?}",
         got.last().unwrap().at - t
     );
+    // At most 4 at a time, each held for the 1 s timeout.
+    let window = (Instant::now() - t).as_secs() as usize + 1;
     assert!(
-        slow.count() <= 8,
-        "the slow endpoint got {} concurrent attempts",
+        slow.count() <= 4 * window,
+        "the slow endpoint got {} attempts in {window} s with 4 slots",
         slow.count()
     );
     e.stop().await;

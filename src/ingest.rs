@@ -456,7 +456,12 @@ fn commit_loop(
             .and_then(|()| store.make_durable());
         metrics::histogram!("kyberhook_wal_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("kyberhook_wal_batch_events").record(fresh.len() as f64);
-        owed_clear = ready;
+        if written.is_ok() {
+            owed_clear = ready;
+        } else {
+            // Nothing of this commit is known to be on disk: keep everything owed.
+            owed_clear.extend(ready);
+        }
         let failed = written.as_ref().err().map(|e| e.to_string());
         if let Some(err) = &failed {
             tracing::error!(error = %err, "group commit failed; the batch is not acknowledged");

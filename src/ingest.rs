@@ -179,11 +179,18 @@ impl Ingest {
                 })
                 .expect("spawning the fan-out thread")
         };
+        let committer_registry = registry.clone();
         let thread = std::thread::Builder::new()
             .name("kyberhook-committer".into())
             .spawn(move || {
                 let _guard = runtime.enter();
-                commit_loop(rx, store.clone(), fan_tx, fanned.clone());
+                commit_loop(
+                    rx,
+                    store.clone(),
+                    &committer_registry,
+                    fan_tx,
+                    fanned.clone(),
+                );
                 // The fan-out thread ends once the committer's sender is gone; then whatever
                 // it fanned out last is flushed and its inbox entries cleared.
                 let _ = fanout_thread.join();
@@ -379,6 +386,7 @@ fn take_fanned(fanned: &Mutex<Vec<u64>>) -> Vec<u64> {
 fn commit_loop(
     rx: Receiver<Commit>,
     store: Arc<Store>,
+    registry: &Registry,
     fanout: Sender<Vec<EventRecord>>,
     fanned: Arc<Mutex<Vec<u64>>>,
 ) {
@@ -450,8 +458,14 @@ fn commit_loop(
         }
         // Taken before the flush, so the flush covers their deliveries.
         let ready = take_fanned(&fanned);
+        // Only events some webhook subscribes to owe a fan-out (and an inbox mark): the rest
+        // are durable and done once committed.
+        let owed: Vec<bool> = fresh
+            .iter()
+            .map(|e| registry.has_subscriber(&e.account_id, &e.event))
+            .collect();
         let written = store
-            .append_events(&fresh)
+            .append_events_owing(&fresh, &owed)
             .and_then(|()| store.clear_inbox(&owed_clear))
             .and_then(|()| store.make_durable());
         metrics::histogram!("kyberhook_wal_flush_seconds").record(started.elapsed().as_secs_f64());
@@ -488,7 +502,12 @@ fn commit_loop(
         metrics::counter!("kyberhook_events_ingested_total").increment(fresh.len() as u64);
         // A full fan-out queue holds the committer here, which fills the ingest queue, which
         // answers 503: backpressure instead of unbounded memory.
-        if !fresh.is_empty() && fanout.send(fresh).is_err() {
+        let to_fan_out: Vec<EventRecord> = fresh
+            .into_iter()
+            .zip(owed)
+            .filter_map(|(e, owed)| owed.then_some(e))
+            .collect();
+        if !to_fan_out.is_empty() && fanout.send(to_fan_out).is_err() {
             tracing::error!("the fan-out thread is gone; fan-out will be re-run at start-up");
         }
     }

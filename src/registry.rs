@@ -197,6 +197,27 @@ impl Registry {
         }
     }
 
+    /// Whether any active webhook of `account` is subscribed to `event`.
+    pub fn has_subscriber(&self, account: &AccountId, event: &str) -> bool {
+        let inner = self.read();
+        let Some(entry) = inner.accounts.get(account) else {
+            return false;
+        };
+        let idx = &entry.index;
+        idx.exact
+            .get(event)
+            .into_iter()
+            .flatten()
+            .chain(idx.family.get(event_family(event)).into_iter().flatten())
+            .chain(idx.all.iter())
+            .any(|id| {
+                inner
+                    .hooks
+                    .get(id)
+                    .is_some_and(|h| h.hook.status == WebhookStatus::Active)
+            })
+    }
+
     /// The active webhooks of `account` subscribed to `event`, each once.
     pub fn matching(&self, account: &AccountId, event: &str) -> Vec<Arc<HookEntry>> {
         let inner = self.read();
@@ -294,6 +315,14 @@ mod tests {
             v
         };
         assert_eq!(ids(&a, "visitor.checked_in"), vec![1, 2, 3]);
+        for ev in [
+            "visitor.checked_in",
+            "user.login",
+            "emergency.lockdown_activated",
+        ] {
+            assert_eq!(reg.has_subscriber(&a, ev), !ids(&a, ev).is_empty(), "{ev}");
+        }
+        assert!(!reg.has_subscriber(&AccountId::parse("acc_none").unwrap(), "user.login"));
         assert_eq!(ids(&a, "visitor.checked_out"), vec![2, 3]);
         assert_eq!(ids(&a, "user.login"), vec![3]);
         assert_eq!(ids(&b, "user.login"), vec![5]);
@@ -302,6 +331,9 @@ mod tests {
         reg.remove_hook(&a, WebhookId(2));
         assert_eq!(ids(&a, "visitor.checked_in"), vec![1]);
         assert_eq!(reg.hook_count(&a), 3);
+        // Only a paused catch-all left for user.login: no active subscriber.
+        reg.upsert_hook(hook(3, &a, &["visitor.*"], WebhookStatus::Active));
+        assert!(!reg.has_subscriber(&a, "user.login"));
         reg.remove_account(&a);
         assert!(ids(&a, "user.login").is_empty());
         assert!(reg.hook(WebhookId(1)).is_none());

@@ -280,16 +280,25 @@ impl Store {
     /// Appends acknowledged-to-be events with their idempotency entries and an inbox entry
     /// each (fan-out owed). Not durable until [`Store::make_durable`].
     pub fn append_events(&self, events: &[EventRecord]) -> Result<()> {
+        self.append_events_owing(events, &vec![true; events.len()])
+    }
+
+    /// [`Store::append_events`], with an inbox entry only where `owes_fanout` (one flag per
+    /// event) says so: an event no webhook was subscribed to when it was committed owes no
+    /// fan-out.
+    pub fn append_events_owing(&self, events: &[EventRecord], owes_fanout: &[bool]) -> Result<()> {
         let mut ev = Batch::default();
         let mut ids = Batch::default();
         let mut inbox = Batch::default();
-        for e in events {
+        for (i, e) in events.iter().enumerate() {
             ev.insert(&keys::seq(e.seq), codec::encode(e));
             ids.insert(
                 keys::event_id(&e.account_id, e.id.as_str()),
                 &keys::seq(e.seq),
             );
-            inbox.insert(&keys::seq(e.seq), &[]);
+            if owes_fanout.get(i).copied().unwrap_or(true) {
+                inbox.insert(&keys::seq(e.seq), &[]);
+            }
         }
         self.events.apply_batch(ev)?;
         self.event_ids.apply_batch(ids)?;
@@ -613,6 +622,13 @@ mod tests {
             store.event_seq(&account, event.id.as_str()).unwrap(),
             Some(42)
         );
+        assert_eq!(store.inbox().unwrap(), vec![42]);
+        // An event that owes no fan-out gets no inbox mark.
+        let mut quiet = event.clone();
+        quiet.seq = 43;
+        quiet.id = EventId::from_seq(43);
+        store.append_events_owing(&[quiet], &[false]).unwrap();
+        assert!(store.get_event(43).unwrap().is_some());
         assert_eq!(store.inbox().unwrap(), vec![42]);
     }
 }

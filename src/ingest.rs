@@ -11,9 +11,10 @@
 //! records and hands each to the scheduler as due now — so fan-out work never delays the next
 //! group commit.
 //!
-//! An event's `inbox` entry is cleared only by the flush *after* the one that made its
-//! deliveries durable, so a crash at any point leaves either the deliveries or the inbox entry,
-//! and start-up fan-out ([`Ingest::start`]) re-creates whatever is missing.
+//! An event that some webhook subscribes to is written with an `inbox` entry, cleared only by
+//! the flush *after* the one that made its deliveries durable, so a crash at any point leaves
+//! either the deliveries or the inbox entry, and start-up fan-out ([`Ingest::start`])
+//! re-creates whatever is missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

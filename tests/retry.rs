@@ -121,37 +121,8 @@ async fn timeouts_redirects_tls_and_connection_failures_are_failed_attempts_with
     }
     e.event(&acc, "user.login", json!({})).await;
     for (hook, (url, needle)) in hooks.iter().zip(&cases) {
-        let deadline = std::time::Instant::now() + WAIT;
-        let d = loop {
-            let (_, v) = e
-                .api
-                .admin(
-                    Method::GET,
-                    &format!("/v1/accounts/{acc}/webhooks/{hook}/deliveries"),
-                    None,
-                )
-                .await;
-            if let Some(d) = v["data"]
-                .as_array()
-                .unwrap()
-                .first()
-                .filter(|d| d["status"] == "retrying")
-            {
-                break d.clone();
-            }
-            assert!(std::time::Instant::now() < deadline, "{url}: {v}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
-        let (_, detail) = e
-            .api
-            .admin(
-                Method::GET,
-                &format!(
-                    "/v1/accounts/{acc}/deliveries/{}",
-                    d["id"].as_str().unwrap()
-                ),
-                None,
-            )
+        let detail = e
+            .newest_delivery(&acc, hook, WAIT, |d| d["status"] == "retrying")
             .await;
         let err = detail["attempts"][0]["error"]
             .as_str()

@@ -17,44 +17,13 @@ use serde_json::{json, Value};
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn first_attempt_error(e: &TestEngine, acc: &str, wh: &str) -> String {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, v) = e
-            .api
-            .admin(
-                Method::GET,
-                &format!("/v1/accounts/{acc}/webhooks/{wh}/deliveries"),
-                None,
-            )
-            .await;
-        if let Some(d) = v["data"]
-            .as_array()
-            .unwrap()
-            .first()
-            .filter(|d| d["attempt_count"] == 1)
-        {
-            let (_, detail) = e
-                .api
-                .admin(
-                    Method::GET,
-                    &format!(
-                        "/v1/accounts/{acc}/deliveries/{}",
-                        d["id"].as_str().unwrap()
-                    ),
-                    None,
-                )
-                .await;
-            return detail["attempts"][0]["error"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no attempt recorded: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let d = e
+        .newest_delivery(acc, wh, WAIT, |d| d["attempt_count"] == 1)
+        .await;
+    d["attempts"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test]

@@ -428,6 +428,30 @@ impl TestEngine {
         }
     }
 
+    /// The full detail of a webhook's newest delivery, once `pred` holds for its summary.
+    pub async fn newest_delivery(
+        &self,
+        account: &str,
+        webhook: &str,
+        wait: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let list = self
+            .poll(
+                &format!("/v1/accounts/{account}/webhooks/{webhook}/deliveries"),
+                wait,
+                |v| {
+                    v["data"]
+                        .as_array()
+                        .and_then(|a| a.first())
+                        .is_some_and(&pred)
+                },
+            )
+            .await;
+        let id = list["data"][0]["id"].as_str().unwrap().to_string();
+        self.wait_delivery(account, &id, wait, |_| true).await
+    }
+
     /// Polls one delivery until `pred` holds (or panics after `wait`).
     pub async fn wait_delivery(
         &self,

@@ -86,7 +86,6 @@ pub async fn create(state: &AppState, call: Call) -> ApiResult {
             ));
         }
         state.store.put_account(&account)?;
-        state.store.put_api_key(&account.api_key_hash, &id)?;
         state.registry.upsert_account(account.clone());
     }
     state.ingest.sync().await?;
@@ -157,11 +156,8 @@ pub async fn rotate_key(state: &AppState, call: Call, raw: &str) -> ApiResult {
         let mut account = state.store.get_account(&id)?.ok_or_else(|| {
             ApiError::not_found("account_not_found", format!("no account {raw:?}"))
         })?;
-        let old = account.api_key_hash;
         account.api_key_hash = signing::hash_api_key(&api_key);
         state.store.put_account(&account)?;
-        state.store.put_api_key(&account.api_key_hash, &id)?;
-        state.store.remove_api_key(&old)?;
         state.registry.upsert_account(account);
     }
     state.ingest.sync().await?;

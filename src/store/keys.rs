@@ -9,7 +9,6 @@
 //! |---------------|------------------------------------------|------------------------|
 //! | `meta`        | name (utf-8)                             | bytes                  |
 //! | `accounts`    | account id                               | `Account`              |
-//! | `api_keys`    | SHA-256(api key), 32 bytes               | account id             |
 //! | `webhooks`    | acc(len u8, bytes) · webhook u64         | `Webhook`              |
 //! | `events`      | seq u64                                  | `EventRecord`          |
 //! | `event_ids`   | acc(len u8, bytes) · event id bytes      | seq u64                |

@@ -61,7 +61,6 @@ pub struct Store {
     blobs_dir: PathBuf,
     synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     accounts: Tree,
-    api_keys: Tree,
     webhooks: Tree,
     events: Tree,
     event_ids: Tree,
@@ -95,7 +94,6 @@ impl Store {
         let tree = |name: &str| db.open_tree(name);
         Ok(Store {
             accounts: tree("accounts")?,
-            api_keys: tree("api_keys")?,
             webhooks: tree("webhooks")?,
             events: tree("events")?,
             event_ids: tree("event_ids")?,
@@ -186,17 +184,8 @@ impl Store {
             .collect()
     }
 
-    pub fn put_api_key(&self, hash: &[u8; 32], account: &AccountId) -> Result<()> {
-        self.api_keys.insert(hash, account.as_str().as_bytes())?;
-        Ok(())
-    }
-
-    pub fn remove_api_key(&self, hash: &[u8; 32]) -> Result<()> {
-        self.api_keys.remove(hash)?;
-        Ok(())
-    }
-
-    /// Deletes an account with its webhooks, delivery history, events and key.
+    /// Deletes an account with its webhooks, delivery history and events (its key hash goes
+    /// with the account record).
     pub fn delete_account(&self, account: &Account) -> Result<()> {
         for hook in self.webhooks_of(&account.id)? {
             self.delete_webhook(&hook)?;
@@ -218,7 +207,6 @@ impl Store {
             }
             self.event_ids.remove(k)?;
         }
-        self.api_keys.remove(account.api_key_hash)?;
         self.accounts.remove(account.id.as_str().as_bytes())?;
         Ok(())
     }

@@ -4,7 +4,8 @@
 //! cargo bench --bench load                    # full run (30 s delivery/latency windows)
 //! cargo bench --bench load -- --quick         # short run (5 s windows)
 //! cargo bench --bench load -- --json          # also print the figures as one JSON object
-//! flags: --conns N (32)  --secs S (30; quick 5)  --rps-secs S (15; quick 3)
+//! cargo bench --bench load -- --no-fsync      # storage.fsync = false: what durability costs
+//! flags: --conns N (256)  --secs S (30; quick 5)  --rps-secs S (15; quick 3)
 //!        --warmup S (3; quick 1)  --rate EV/S (1000)  --fanouts 1,10
 //!        --receivers K (1: every webhook on one receiver URL)  --max-backlog N (50000)
 //!        --drain-secs S (120; quick 60)  --fanout-ingest single|batch|both (both)
@@ -57,6 +58,10 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+/// The same allocator as the `kyberhook` binary, so the bench measures what runs in production.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const ADMIN: &str = "bench-admin-token-0123456789";
 /// Receiver counters are kept per phase, by the first path segment `/p{N}/…`.
 const PHASES: usize = 8;
@@ -73,6 +78,8 @@ const BATCH_SIZE: usize = 100;
 struct Opts {
     quick: bool,
     json: bool,
+    /// `storage.fsync`: off only to see what durability costs (`--no-fsync`).
+    fsync: bool,
     conns: usize,
     secs: u64,
     rps_secs: u64,
@@ -116,7 +123,7 @@ impl IngestMode {
 fn usage(msg: &str) -> ! {
     eprintln!("load bench: {msg}");
     eprintln!(
-        "usage: cargo bench --bench load -- [--quick] [--json] [--conns N] [--secs S] [--rps-secs S] \
+        "usage: cargo bench --bench load -- [--quick] [--json] [--no-fsync] [--conns N] [--secs S] [--rps-secs S] \
          [--warmup S] [--rate EV/S] [--fanouts 1,10] [--fanout-ingest single|batch|both] [--receivers K] \
          [--max-backlog N] [--drain-secs S] [--latency-webhooks N] \
          [--phases healthz,ingest,batch,fanout,latency]"
@@ -130,7 +137,8 @@ fn parse_opts() -> Opts {
     let mut o = Opts {
         quick,
         json: false,
-        conns: 32,
+        fsync: true,
+        conns: 256,
         secs: if quick { 5 } else { 30 },
         rps_secs: if quick { 3 } else { 15 },
         warmup: if quick { 1 } else { 3 },
@@ -164,6 +172,7 @@ fn parse_opts() -> Opts {
             // cargo passes --bench to harness = false benches.
             "--bench" => {}
             "--json" => o.json = true,
+            "--no-fsync" => o.fsync = false,
             "--conns" => o.conns = num("--conns", value("--conns")).max(1) as usize,
             "--secs" => o.secs = num("--secs", value("--secs")).max(1),
             "--rps-secs" => o.rps_secs = num("--rps-secs", value("--rps-secs")).max(1),
@@ -1194,7 +1203,7 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 [storage]
 path = "{data}"
-fsync = true
+fsync = {fsync}
 [auth]
 admin_token = "{ADMIN}"
 [delivery]
@@ -1209,6 +1218,7 @@ level = "off"
 "#,
         data = data.path().display(),
         ca = pki.ca_file.display(),
+        fsync = opts.fsync,
     );
     let config = Config::from_toml(&toml, "load bench").expect("bench config");
     let engine = engine_rt
@@ -1555,8 +1565,9 @@ level = "off"
     );
 
     println!(
-        "kyberhook load bench ({mode}) — {cpus} CPUs, {} connections, fsync on; engine, receiver and load generator share this process",
-        opts.conns
+        "kyberhook load bench ({mode}) — {cpus} CPUs, {} connections, fsync {}; engine, receiver and load generator share this process",
+        opts.conns,
+        if opts.fsync { "on" } else { "off" }
     );
     print!("{}", t.render());
 

@@ -21,6 +21,10 @@ use kyberhook::model::{Account, DeliveryRecord, EventRecord, Webhook, WebhookSta
 use kyberhook::registry::Registry;
 use kyberhook::store::Store;
 
+/// The `kyberhook` binary's allocator, so the figures are the ones production gets.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const CATALOG: &[&str] = &kyberhook::config::DEFAULT_EVENT_CATALOG;
 
 fn catalog() -> Vec<String> {

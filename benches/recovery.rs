@@ -13,6 +13,10 @@ use kyberhook::scheduler::Due;
 use kyberhook::store::Store;
 use kyberhook::wheel::Wheel;
 
+/// The `kyberhook` binary's allocator, so the figures are the ones production gets.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status

@@ -81,18 +81,28 @@ pub struct EventId(String);
 impl EventId {
     pub const MAX_LEN: usize = 128;
     pub fn from_seq(seq: u64) -> Self {
-        EventId(format!("evt_{seq:016x}"))
+        Self::minted("evt_", seq)
+    }
+    /// `prefix` followed by `seq` in 16 hex digits (test sends use `evt_test_`).
+    pub fn minted(prefix: &str, seq: u64) -> Self {
+        EventId(format!("{prefix}{seq:016x}"))
     }
     pub fn parse(text: &str) -> Option<Self> {
         is_safe_token(text, Self::MAX_LEN).then(|| EventId(text.to_string()))
     }
     /// Whether this is the id [`EventId::from_seq`] mints for `seq`.
     pub fn is_minted_for(&self, seq: u64) -> bool {
-        self.0
-            .strip_prefix("evt_")
-            .filter(|hex| hex.len() == 16)
-            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-            == Some(seq)
+        Self::minted_seq(&self.0) == Some(seq)
+    }
+    /// The sequence number `text` names if it has the shape [`EventId::from_seq`] mints
+    /// (a producer may also have chosen such an id for an event of its own).
+    pub fn minted_seq(text: &str) -> Option<u64> {
+        let hex = text.strip_prefix("evt_").filter(|hex| hex.len() == 16)?;
+        // from_str_radix also takes a leading '+', which from_seq never writes.
+        hex.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            .then(|| u64::from_str_radix(hex, 16).ok())
+            .flatten()
     }
     pub fn as_str(&self) -> &str {
         &self.0

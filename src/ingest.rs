@@ -1,20 +1,21 @@
 //! Ingest: turns an accepted request into a durable event and fans it out.
 //!
-//! Requests (from `api`) are validated and built into [`EventRecord`]s on the async workers —
+//! Requests (from `api`) are validated and built into [`PendingEvent`]s on the async workers —
 //! the compact JSON body every attempt will send is made here, once. They are then handed over
 //! a bounded crossbeam channel to the **group committer**, a dedicated thread that owns the
 //! write-ahead log: it blocks for one request, drains whatever else is queued (up to
-//! `MAX_BATCH`), checks idempotency, appends the whole batch to the store, makes it
-//! power-safe with one flush + fdatasync, and only then answers every waiting request (202).
-//! After the acknowledgement it hands the batch to the **fan-out thread** (a bounded queue),
-//! which finds the matching webhooks in the registry's subscription index, writes the delivery
-//! records and hands each to the scheduler as due now — so fan-out work never delays the next
-//! group commit.
+//! `MAX_BATCH`), gives each event its sequence number in commit order (and writes a minted id
+//! into the body), checks idempotency of producer-chosen ids, appends the whole batch to the
+//! store's chunked event log, makes it power-safe with one flush + fdatasync, and only then
+//! answers every waiting request (202). After the acknowledgement it hands the batch to the
+//! **fan-out thread** (a bounded queue), which finds the matching webhooks in the registry's
+//! subscription index, writes the delivery records and hands each to the scheduler as due now
+//! — so fan-out work never delays the next group commit.
 //!
-//! An event that some webhook subscribes to is written with an `inbox` entry, cleared only by
-//! the flush *after* the one that made its deliveries durable, so a crash at any point leaves
-//! either the deliveries or the inbox entry, and start-up fan-out ([`Ingest::start`])
-//! re-creates whatever is missing.
+//! An event that some webhook subscribes to is written with an `inbox` entry, cleared only
+//! after the flush that made its deliveries durable, so a crash at any point leaves either the
+//! deliveries or the inbox entry, and start-up fan-out ([`Ingest::start`]) re-creates whatever
+//! is missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -82,7 +83,8 @@ pub struct EventInput<'a> {
 /// What the committer did with one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
-    New(EventId),
+    /// Stored under this sequence number.
+    New(EventId, u64),
     /// The account used this id before: nothing new was created.
     Duplicate(EventId),
 }
@@ -90,14 +92,47 @@ pub enum Accepted {
 impl Accepted {
     pub fn id(&self) -> &EventId {
         match self {
-            Accepted::New(id) | Accepted::Duplicate(id) => id,
+            Accepted::New(id, _) | Accepted::Duplicate(id) => id,
         }
+    }
+}
+
+/// An event validated and built on an async worker, waiting for the committer to give it its
+/// sequence number (and, unless the producer chose one, its id).
+#[derive(Debug, Clone)]
+pub struct PendingEvent {
+    /// `seq` is 0 until committed; a minted id is a placeholder of the final length.
+    record: EventRecord,
+    /// The prefix of the id the committer mints (`evt_`, or `evt_test_` for test sends),
+    /// which is followed by the sequence number in 16 hex digits.
+    mint: Option<&'static str>,
+}
+
+/// Where a minted id starts in a body: `{"id":"` comes first (see [`build_body`]).
+const BODY_ID_AT: usize = 7;
+
+impl PendingEvent {
+    /// Gives the event its sequence number and, when minted, writes its id into the record
+    /// and, in place, into the body (the placeholder has the same length).
+    fn commit_as(mut self, seq: u64) -> EventRecord {
+        self.record.seq = seq;
+        if let Some(prefix) = self.mint {
+            let hex = format!("{seq:016x}");
+            let at = BODY_ID_AT + prefix.len();
+            if let Some(slot) = self.record.body.get_mut(at..at + 16) {
+                slot.copy_from_slice(hex.as_bytes());
+            }
+            self.record.id = EventId::minted(prefix, seq);
+        }
+        self.record
     }
 }
 
 enum Commit {
     Events {
-        events: Vec<EventRecord>,
+        events: Vec<PendingEvent>,
+        /// Test sends: stored, never fanned out.
+        quiet: bool,
         reply: oneshot::Sender<Result<Vec<Accepted>, String>>,
     },
     Sync {
@@ -118,7 +153,6 @@ impl Commit {
 #[derive(Clone)]
 pub struct Ingest {
     tx: Sender<Commit>,
-    seq: Arc<Sequencer>,
     registry: Arc<Registry>,
 }
 
@@ -185,17 +219,11 @@ impl Ingest {
             .name("kyberhook-committer".into())
             .spawn(move || {
                 let _guard = runtime.enter();
-                commit_loop(
-                    rx,
-                    store.clone(),
-                    &committer_registry,
-                    fan_tx,
-                    fanned.clone(),
-                );
+                commit_loop(rx, &store, &committer_registry, &seq, fan_tx, &fanned);
                 // The fan-out thread ends once the committer's sender is gone; then whatever
                 // it fanned out last is flushed and its inbox entries cleared.
                 let _ = fanout_thread.join();
-                let last = std::mem::take(&mut *fanned.lock().unwrap_or_else(|p| p.into_inner()));
+                let last = take_fanned(&fanned);
                 if store.make_durable().is_ok() {
                     let _ = store.clear_inbox(&last);
                 }
@@ -205,7 +233,7 @@ impl Ingest {
             })
             .expect("spawning the committer thread");
         Ok((
-            Ingest { tx, seq, registry },
+            Ingest { tx, registry },
             Committer {
                 thread: Some(thread),
             },
@@ -213,23 +241,21 @@ impl Ingest {
     }
 
     /// Validates one event and builds its record (body included). Does not store it.
-    pub fn prepare(&self, input: &EventInput<'_>) -> Result<EventRecord, Rejection> {
+    pub fn prepare(&self, input: &EventInput<'_>) -> Result<PendingEvent, Rejection> {
         let account = AccountId::parse(&input.account_id)
             .filter(|a| self.registry.account_exists(a))
             .ok_or_else(|| Rejection::UnknownAccount(input.account_id.clone()))?;
         if !self.registry.is_cataloged(&input.event) {
             return Err(Rejection::UnknownEventType(input.event.clone()));
         }
-        let now = clock::now_ms();
-        let seq = self.seq.next(now);
         let id = match &input.id {
-            Some(text) => EventId::parse(text).ok_or_else(|| {
+            Some(text) => Some(EventId::parse(text).ok_or_else(|| {
                 Rejection::Invalid(format!(
                     "id must be 1 to {} characters of [A-Za-z0-9_.-]",
                     EventId::MAX_LEN
                 ))
-            })?,
-            None => EventId::from_seq(seq),
+            })?),
+            None => None,
         };
         let timestamp = match &input.timestamp {
             Some(text) => crate::model::parse_rfc3339(text)
@@ -245,30 +271,49 @@ impl Ingest {
         if !data.trim_start().starts_with('{') {
             return Err(Rejection::Invalid("data must be a JSON object".into()));
         }
-        let body = build_body(
-            id.as_str(),
-            &input.event,
-            &timestamp,
-            data,
-            account.as_str(),
-        )?;
-        Ok(EventRecord {
-            seq,
-            id,
-            account_id: account,
-            event: input.event.clone(),
-            body,
-        })
+        pending_event(account, &input.event, &timestamp, data, id.ok_or(MINTED))
     }
 
     /// Queues events for the next group commit and waits until they are durable.
-    pub async fn submit(&self, events: Vec<EventRecord>) -> Result<Vec<Accepted>, IngestError> {
+    pub async fn submit(&self, events: Vec<PendingEvent>) -> Result<Vec<Accepted>, IngestError> {
+        self.enqueue(events, false).await
+    }
+
+    /// Stores a test send's event (never fanned out) and returns it as stored.
+    pub async fn submit_test(
+        &self,
+        account: AccountId,
+        event: &str,
+        timestamp: &str,
+        data: &str,
+    ) -> Result<Result<EventRecord, Rejection>, IngestError> {
+        let pending = match pending_event(account, event, timestamp, data, Err(TEST)) {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r)),
+        };
+        let template = pending.clone();
+        let accepted = self.enqueue(vec![pending], true).await?;
+        match accepted.first() {
+            Some(Accepted::New(_, seq)) => Ok(Ok(template.commit_as(*seq))),
+            _ => Err(IngestError::Commit("the test event was not stored".into())),
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        events: Vec<PendingEvent>,
+        quiet: bool,
+    ) -> Result<Vec<Accepted>, IngestError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .try_send(Commit::Events { events, reply })
+            .try_send(Commit::Events {
+                events,
+                quiet,
+                reply,
+            })
             .map_err(|e| match e {
                 TrySendError::Full(_) => IngestError::Busy,
                 TrySendError::Disconnected(_) => IngestError::Closed,
@@ -293,15 +338,40 @@ impl Ingest {
             .map_err(IngestError::Commit)
     }
 
-    /// A fresh sequence number (test sends use it for their event and delivery).
-    pub fn next_seq(&self) -> u64 {
-        self.seq.next(clock::now_ms())
-    }
-
     /// How many commits are waiting.
     pub fn queued(&self) -> usize {
         self.tx.len()
     }
+}
+
+/// The prefixes of ids the committer mints: for produced events, and for test sends.
+const MINTED: &str = "evt_";
+const TEST: &str = "evt_test_";
+
+/// Builds a pending event whose id is the producer's (`Ok`) or minted at commit with the given
+/// prefix (`Err`).
+fn pending_event(
+    account: AccountId,
+    event: &str,
+    timestamp: &str,
+    data: &str,
+    id: Result<EventId, &'static str>,
+) -> Result<PendingEvent, Rejection> {
+    let (id, mint) = match id {
+        Ok(id) => (id, None),
+        Err(prefix) => (EventId::minted(prefix, 0), Some(prefix)),
+    };
+    let body = build_body(id.as_str(), event, timestamp, data, account.as_str())?;
+    Ok(PendingEvent {
+        record: EventRecord {
+            seq: 0,
+            id,
+            account_id: account,
+            event: event.to_string(),
+            body,
+        },
+        mint,
+    })
 }
 
 /// `{"id":…,"event":…,"timestamp":…,"data":…,"account_id":…}` with no insignificant
@@ -384,28 +454,46 @@ fn take_fanned(fanned: &Mutex<Vec<u64>>) -> Vec<u64> {
     std::mem::take(&mut *fanned.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
+/// A batch the committer appended, waiting for the flush that makes it durable.
+struct Appended {
+    /// Each request's reply and what to answer once the batch is durable.
+    replies: Vec<(Reply, Result<Vec<Accepted>, String>)>,
+    /// Committed events that owe a fan-out.
+    fan_out: Vec<EventRecord>,
+    events: usize,
+    /// The append itself failed: nothing of the batch is acknowledged.
+    failed: Option<String>,
+}
+
+enum Reply {
+    Events(oneshot::Sender<Result<Vec<Accepted>, String>>),
+    Sync(oneshot::Sender<Result<(), String>>),
+}
+
+/// The committer: takes whatever requests are queued (up to [`MAX_BATCH`] events), gives
+/// their events sequence numbers, checks idempotency, appends them to the store, makes them
+/// durable with one flush, answers every request, and passes the events to the fan-out
+/// thread. (Overlapping the append of one batch with the flush of the previous one was tried:
+/// sled's flush then also waits for the concurrent appends, and batch ingest fell by half.)
 fn commit_loop(
     rx: Receiver<Commit>,
-    store: Arc<Store>,
+    store: &Store,
     registry: &Registry,
+    seq: &Sequencer,
     fanout: Sender<Vec<EventRecord>>,
-    fanned: Arc<Mutex<Vec<u64>>>,
+    fanned: &Mutex<Vec<u64>>,
 ) {
-    // Inbox entries whose deliveries were made durable by the last flush: cleared in the next
-    // commit, so clearing one never depends on the order sled persists writes in.
-    let mut owed_clear: Vec<u64> = Vec::new();
     loop {
         let first = match rx.recv_timeout(IDLE_FLUSH) {
             Ok(c) => c,
             Err(RecvTimeoutError::Timeout) => {
-                let ready = take_fanned(&fanned);
-                if (ready.is_empty() && owed_clear.is_empty()) || store.make_durable().is_err() {
-                    owed_clear.extend(ready);
-                    continue;
+                // Inbox marks owed a clear-up are not left waiting for the next request.
+                let ready = take_fanned(fanned);
+                if !ready.is_empty() {
+                    if let Err(err) = flush_and_clear(store, fanned, ready) {
+                        tracing::warn!(error = %err, "idle flush failed; retried with the next");
+                    }
                 }
-                owed_clear.extend(ready);
-                let _ = store.clear_inbox(&owed_clear);
-                owed_clear.clear();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -421,102 +509,137 @@ fn commit_loop(
                 Err(_) => break,
             }
         }
-        let started = std::time::Instant::now();
         let mut fresh: Vec<EventRecord> = Vec::new();
+        // Per fresh event: whether a webhook subscribes to it, so it owes a fan-out.
+        let mut owed: Vec<bool> = Vec::new();
         let mut seen: HashMap<(AccountId, EventId), EventId> = HashMap::new();
-        let mut outcomes: Vec<Result<Vec<Accepted>, String>> = Vec::with_capacity(batch.len());
-        for c in &mut batch {
-            let Commit::Events { events, .. } = c else {
-                outcomes.push(Ok(Vec::new()));
-                continue;
+        let mut replies = Vec::with_capacity(batch.len());
+        // Sequence numbers are given here, in commit order, so the log's chunks never overlap.
+        let now = clock::now_ms();
+        for c in batch {
+            let (events, quiet, reply) = match c {
+                Commit::Events {
+                    events,
+                    quiet,
+                    reply,
+                } => (events, quiet, reply),
+                Commit::Sync { reply } => {
+                    replies.push((Reply::Sync(reply), Ok(Vec::new())));
+                    continue;
+                }
             };
             let mut accepted = Vec::with_capacity(events.len());
             let mut result = Ok(());
-            for e in events.drain(..) {
-                // An id minted from the event's own fresh sequence number cannot be a repeat;
-                // only ids the producer chose need the idempotency lookups.
-                if e.id.is_minted_for(e.seq) {
-                    accepted.push(Accepted::New(e.id.clone()));
-                    fresh.push(e);
-                    continue;
-                }
-                let key = (e.account_id.clone(), e.id.clone());
-                if let Some(id) = seen.get(&key) {
-                    accepted.push(Accepted::Duplicate(id.clone()));
-                    continue;
-                }
-                match store.event_seq(&e.account_id, e.id.as_str()) {
-                    Ok(Some(_)) => accepted.push(Accepted::Duplicate(e.id.clone())),
-                    Ok(None) => {
-                        seen.insert(key, e.id.clone());
-                        accepted.push(Accepted::New(e.id.clone()));
-                        fresh.push(e);
+            for p in events {
+                // A minted id cannot be a repeat; only ids the producer chose need the
+                // idempotency lookups.
+                if p.mint.is_none() {
+                    let key = (p.record.account_id.clone(), p.record.id.clone());
+                    if let Some(id) = seen.get(&key) {
+                        accepted.push(Accepted::Duplicate(id.clone()));
+                        continue;
                     }
-                    Err(err) => result = Err(err.to_string()),
+                    match store.event_seq(&p.record.account_id, p.record.id.as_str()) {
+                        Ok(Some(_)) => {
+                            accepted.push(Accepted::Duplicate(p.record.id.clone()));
+                            continue;
+                        }
+                        Ok(None) => {
+                            seen.insert(key, p.record.id.clone());
+                        }
+                        Err(err) => {
+                            result = Err(err.to_string());
+                            continue;
+                        }
+                    }
                 }
+                let e = p.commit_as(seq.next(now));
+                accepted.push(Accepted::New(e.id.clone(), e.seq));
+                // Only events some webhook subscribes to owe a fan-out (and an inbox mark):
+                // the rest are durable and done once committed.
+                owed.push(!quiet && registry.has_subscriber(&e.account_id, &e.event));
+                fresh.push(e);
             }
-            outcomes.push(result.map(|()| accepted));
+            replies.push((Reply::Events(reply), result.map(|()| accepted)));
         }
-        // Taken before the flush, so the flush covers their deliveries.
-        let ready = take_fanned(&fanned);
-        // Only events some webhook subscribes to owe a fan-out (and an inbox mark): the rest
-        // are durable and done once committed.
-        let owed: Vec<bool> = fresh
-            .iter()
-            .map(|e| registry.has_subscriber(&e.account_id, &e.event))
-            .collect();
-        let written = store
+        let failed = store
             .append_events_owing(&fresh, &owed)
-            .and_then(|()| store.clear_inbox(&owed_clear))
-            .and_then(|()| store.make_durable());
-        metrics::histogram!("kyberhook_wal_flush_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("kyberhook_wal_batch_events").record(fresh.len() as f64);
-        if written.is_ok() {
-            owed_clear = ready;
-        } else {
-            // Nothing of this commit is known to be on disk: keep everything owed.
-            owed_clear.extend(ready);
-        }
-        let failed = written.as_ref().err().map(|e| e.to_string());
-        if let Some(err) = &failed {
-            tracing::error!(error = %err, "group commit failed; the batch is not acknowledged");
-        }
-        for (c, outcome) in batch.into_iter().zip(outcomes) {
-            match c {
-                Commit::Events { reply, .. } => {
-                    let _ = reply.send(match &failed {
-                        Some(err) => Err(err.clone()),
-                        None => outcome,
-                    });
-                }
-                Commit::Sync { reply } => {
-                    let _ = reply.send(match &failed {
-                        Some(err) => Err(err.clone()),
-                        None => Ok(()),
-                    });
-                }
+            .err()
+            .map(|e| e.to_string());
+        let appended = Appended {
+            replies,
+            events: fresh.len(),
+            fan_out: fresh
+                .into_iter()
+                .zip(owed)
+                .filter_map(|(e, owed)| owed.then_some(e))
+                .collect(),
+            failed,
+        };
+        finish(appended, store, &fanout, fanned);
+    }
+}
+
+/// Makes an appended batch durable with one flush, answers its requests, and passes its
+/// events to the fan-out thread. Inbox marks of events whose deliveries the fan-out thread had
+/// written before the flush started are cleared after it: a crash at any point leaves either
+/// the deliveries or the mark.
+fn finish(a: Appended, store: &Store, fanout: &Sender<Vec<EventRecord>>, fanned: &Mutex<Vec<u64>>) {
+    let started = std::time::Instant::now();
+    // Taken before the flush, so the flush covers their deliveries.
+    let ready = take_fanned(fanned);
+    let flushed = flush_and_clear(store, fanned, ready);
+    metrics::histogram!("kyberhook_wal_flush_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("kyberhook_wal_batch_events").record(a.events as f64);
+    let failed = a.failed.or_else(|| flushed.err());
+    if let Some(err) = &failed {
+        tracing::error!(error = %err, "group commit failed; the batch is not acknowledged");
+    }
+    for (reply, outcome) in a.replies {
+        match reply {
+            Reply::Events(tx) => {
+                let _ = tx.send(match &failed {
+                    Some(err) => Err(err.clone()),
+                    None => outcome,
+                });
             }
-        }
-        if failed.is_some() {
-            continue;
-        }
-        metrics::counter!("kyberhook_events_ingested_total").increment(fresh.len() as u64);
-        // A full fan-out queue holds the committer here, which fills the ingest queue, which
-        // answers 503: backpressure instead of unbounded memory.
-        let to_fan_out: Vec<EventRecord> = fresh
-            .into_iter()
-            .zip(owed)
-            .filter_map(|(e, owed)| owed.then_some(e))
-            .collect();
-        if !to_fan_out.is_empty() && fanout.send(to_fan_out).is_err() {
-            tracing::error!("the fan-out thread is gone; fan-out will be re-run at start-up");
+            Reply::Sync(tx) => {
+                let _ = tx.send(match &failed {
+                    Some(err) => Err(err.clone()),
+                    None => Ok(()),
+                });
+            }
         }
     }
-    // Cleared after the final flush, in the committer thread's epilogue.
-    fanned
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .extend(owed_clear);
+    if failed.is_some() {
+        return;
+    }
+    metrics::counter!("kyberhook_events_ingested_total").increment(a.events as u64);
+    // A full fan-out queue holds the committer here, which fills the ingest queue, which
+    // answers 503: backpressure instead of unbounded memory.
+    if !a.fan_out.is_empty() && fanout.send(a.fan_out).is_err() {
+        tracing::error!("the fan-out thread is gone; fan-out will be re-run at start-up");
+    }
+}
+
+/// One durable flush; then the inbox marks of `ready` (events whose deliveries were written
+/// before it) are cleared. On failure they stay owed.
+fn flush_and_clear(store: &Store, fanned: &Mutex<Vec<u64>>, ready: Vec<u64>) -> Result<(), String> {
+    match store.make_durable() {
+        Ok(()) => {
+            if let Err(err) = store.clear_inbox(&ready) {
+                tracing::warn!(error = %err, "clearing inbox marks failed; fan-out re-runs at start-up");
+            }
+            Ok(())
+        }
+        Err(err) => {
+            fanned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(ready);
+            Err(err.to_string())
+        }
+    }
 }
 
 /// The fan-out thread: creates the deliveries of committed events, off the committer's path,

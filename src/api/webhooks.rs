@@ -11,11 +11,8 @@ use super::{
 };
 use crate::clock;
 use crate::config::parse_cidr;
-use crate::ids::{AccountId, DeliveryId, EventId, WebhookId};
-use crate::ingest::build_body;
-use crate::model::{
-    now_ms, rfc3339, DeliveryRecord, EventRecord, Subscription, Webhook, WebhookStatus,
-};
+use crate::ids::{AccountId, DeliveryId, WebhookId};
+use crate::model::{now_ms, rfc3339, DeliveryRecord, Subscription, Webhook, WebhookStatus};
 use crate::signing;
 
 const MAX_URL_LEN: usize = 2048;
@@ -432,26 +429,22 @@ pub async fn test(state: &AppState, call: Call, account_raw: &str, raw: &str) ->
     }
     let id = WebhookId::parse(raw).ok_or_else(|| not_found(raw))?;
     let hook = state.registry.hook(id).ok_or_else(|| not_found(raw))?;
-    let seq = state.ingest.next_seq();
-    let event_id = EventId::parse(&format!("evt_test_{seq:016x}")).expect("a valid id");
-    let event = EventRecord {
-        seq,
-        body: build_body(
-            event_id.as_str(),
+    // Stored through the group committer like any event (it gives the sequence number the
+    // delivery id is made of), but never fanned out.
+    let event = state
+        .ingest
+        .submit_test(
+            account,
             &body.event,
             &rfc3339(now_ms()),
             &sample_data(&body.event),
-            account.as_str(),
         )
-        .map_err(|r| ApiError::bad_request("invalid_request", r.to_string()))?,
-        id: event_id,
-        account_id: account,
-        event: body.event,
-    };
+        .await?
+        .map_err(|r| ApiError::bad_request("invalid_request", r.to_string()))?;
+    let seq = event.seq;
     let delivery_id = DeliveryId { seq, webhook: id };
     let mut record = DeliveryRecord::new(delivery_id, &event, clock::now_ms(), true);
     record.next_attempt_ms = None;
-    state.store.put_event(&event)?;
     state.store.create_deliveries(vec![record.clone()])?;
     let _slot = state
         .deliverer

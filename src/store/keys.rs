@@ -10,8 +10,8 @@
 //! | `meta`        | name (utf-8)                             | bytes                  |
 //! | `accounts`    | account id                               | `Account`              |
 //! | `webhooks`    | acc(len u8, bytes) · webhook u64         | `Webhook`              |
-//! | `events`      | seq u64                                  | `EventRecord`          |
-//! | `event_ids`   | acc(len u8, bytes) · event id bytes      | seq u64                |
+//! | `events`      | last seq u64 of the chunk                | chunk of `EventRecord` |
+//! | `event_ids`   | acc(len u8, bytes) · event id bytes      | seq u64 (producer ids) |
 //! | `inbox`       | seq u64                                  | empty (fan-out owed)   |
 //! | `deliveries`  | seq u64 · webhook u64 (= delivery id)    | `DeliveryRecord`       |
 //! | `attempts`    | delivery id (16) · attempt number u32    | `AttemptRecord`        |

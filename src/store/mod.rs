@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use sled::{Batch, IVec, Tree};
 
 use crate::codec::{self, CodecError};
-use crate::ids::{self, AccountId, DeliveryId, WebhookId};
+use crate::ids::{self, AccountId, DeliveryId, EventId, WebhookId};
 use crate::model::{Account, AttemptRecord, DeliveryRecord, DeliveryStatus, EventRecord, Webhook};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,15 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Most events one chunk of the event log holds.
+pub const CHUNK_EVENTS: usize = 64;
+/// About the most body bytes one chunk holds (a single larger event gets a chunk of its own).
+pub const CHUNK_BYTES: usize = 32 << 10;
+
+fn e_last(chunk: &[(u64, &EventRecord)]) -> u64 {
+    chunk.last().map_or(0, |(seq, _)| *seq)
+}
 
 /// A page of deliveries and the cursor of the next page.
 pub struct DeliveryPage {
@@ -199,13 +208,12 @@ impl Store {
                 self.delete_delivery(id)?;
             }
         }
+        // The log is ordered by time, not account, and minted ids have no `event_ids` entry:
+        // the account's events are found by a scan of the log. Deleting an account is rare
+        // and must not leave its payloads behind.
+        self.drop_events(None, None, |e| Ok(e.account_id == account.id))?;
         for kv in self.event_ids.scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            if let Some(seq) = keys::seq_from(&v) {
-                self.events.remove(keys::seq(seq))?;
-                self.inbox.remove(keys::seq(seq))?;
-            }
-            self.event_ids.remove(k)?;
+            self.event_ids.remove(kv?.0)?;
         }
         self.accounts.remove(account.id.as_str().as_bytes())?;
         Ok(())
@@ -258,7 +266,17 @@ impl Store {
     // ---- events (the write-ahead log) ----
 
     /// The sequence number of an event id the account already used.
+    ///
+    /// An id the engine minted names its own sequence number and is found in `events`
+    /// directly; ids the producer chose are found through `event_ids`.
     pub fn event_seq(&self, account: &AccountId, event_id: &str) -> Result<Option<u64>> {
+        if let Some(seq) = EventId::minted_seq(event_id) {
+            if let Some(event) = self.get_event(seq)? {
+                if &event.account_id == account && event.id.as_str() == event_id {
+                    return Ok(Some(seq));
+                }
+            }
+        }
         Ok(self
             .event_ids
             .get(keys::event_id(account, event_id))?
@@ -274,19 +292,44 @@ impl Store {
     /// [`Store::append_events`], with an inbox entry only where `owes_fanout` (one flag per
     /// event) says so: an event no webhook was subscribed to when it was committed owes no
     /// fan-out.
+    ///
+    /// `events` must come in strictly increasing sequence order, after every event already
+    /// stored (the group committer assigns sequence numbers as it commits), because the log
+    /// is a run of chunks keyed by their last sequence number (see [`Store::get_event`]).
+    /// A chunk holds at most [`CHUNK_EVENTS`] events or about [`CHUNK_BYTES`], so reading
+    /// one event back decodes one record of one small value, and sled keeps every chunk in
+    /// its log rather than as a separate blob file.
+    ///
+    /// Only producer-chosen ids get an `event_ids` entry: a minted id names its sequence
+    /// number, so [`Store::event_seq`] finds it without an index.
     pub fn append_events_owing(&self, events: &[EventRecord], owes_fanout: &[bool]) -> Result<()> {
         let mut ev = Batch::default();
         let mut ids = Batch::default();
         let mut inbox = Batch::default();
+        let mut chunk: Vec<(u64, &EventRecord)> = Vec::with_capacity(CHUNK_EVENTS);
+        let mut chunk_bytes = 0;
         for (i, e) in events.iter().enumerate() {
-            ev.insert(&keys::seq(e.seq), codec::encode(e));
-            ids.insert(
-                keys::event_id(&e.account_id, e.id.as_str()),
-                &keys::seq(e.seq),
-            );
+            if !chunk.is_empty()
+                && (chunk.len() >= CHUNK_EVENTS || chunk_bytes + e.body.len() > CHUNK_BYTES)
+            {
+                ev.insert(&keys::seq(e_last(&chunk)), codec::encode_chunk(&chunk));
+                chunk.clear();
+                chunk_bytes = 0;
+            }
+            chunk.push((e.seq, e));
+            chunk_bytes += e.body.len();
+            if !e.id.is_minted_for(e.seq) {
+                ids.insert(
+                    keys::event_id(&e.account_id, e.id.as_str()),
+                    &keys::seq(e.seq),
+                );
+            }
             if owes_fanout.get(i).copied().unwrap_or(true) {
                 inbox.insert(&keys::seq(e.seq), &[]);
             }
+        }
+        if !chunk.is_empty() {
+            ev.insert(&keys::seq(e_last(&chunk)), codec::encode_chunk(&chunk));
         }
         self.events.apply_batch(ev)?;
         self.event_ids.apply_batch(ids)?;
@@ -294,19 +337,70 @@ impl Store {
         Ok(())
     }
 
-    /// Stores an event that has no inbox entry (test sends).
-    pub fn put_event(&self, event: &EventRecord) -> Result<()> {
-        self.events
-            .insert(keys::seq(event.seq), codec::encode(event))?;
-        self.event_ids.insert(
-            keys::event_id(&event.account_id, event.id.as_str()),
-            &keys::seq(event.seq),
-        )?;
-        Ok(())
+    /// The event with sequence number `seq`: the chunk holding it is the first whose key (its
+    /// last sequence number) is at or after `seq`, because chunks never overlap.
+    pub fn get_event(&self, seq: u64) -> Result<Option<EventRecord>> {
+        let Some(kv) = self.events.range(keys::seq(seq)..).next() else {
+            return Ok(None);
+        };
+        let (_, value) = kv?;
+        let chunk = codec::Chunk::parse(&value)?;
+        match chunk.find(seq) {
+            Some(i) => Ok(Some(chunk.decode(i)?)),
+            None => Ok(None),
+        }
     }
 
-    pub fn get_event(&self, seq: u64) -> Result<Option<EventRecord>> {
-        decode_opt(self.events.get(keys::seq(seq))?)
+    /// Rewrites every chunk holding an event `doomed` picks, without those events (a chunk
+    /// left empty is removed), and removes their idempotency and inbox entries. Stops after
+    /// `budget` chunks when given one; the range covers chunks keyed below `end`.
+    fn drop_events(
+        &self,
+        end: Option<[u8; 8]>,
+        budget: Option<usize>,
+        mut doomed: impl FnMut(&EventRecord) -> Result<bool>,
+    ) -> Result<usize> {
+        let range = match end {
+            Some(end) => self.events.range(..end),
+            None => self.events.range::<&[u8], _>(..),
+        };
+        let mut dropped = 0;
+        for (seen, kv) in range.enumerate() {
+            if budget.is_some_and(|b| seen >= b) {
+                break;
+            }
+            let (key, value) = kv?;
+            let chunk = codec::Chunk::parse(&value)?;
+            let mut kept = Vec::with_capacity(chunk.len());
+            let mut gone = Vec::new();
+            for i in 0..chunk.len() {
+                let event: EventRecord = chunk.decode(i)?;
+                if doomed(&event)? {
+                    gone.push(event);
+                } else {
+                    kept.push(event);
+                }
+            }
+            if gone.is_empty() {
+                continue;
+            }
+            for e in &gone {
+                if !e.id.is_minted_for(e.seq) {
+                    self.event_ids
+                        .remove(keys::event_id(&e.account_id, e.id.as_str()))?;
+                }
+                self.inbox.remove(keys::seq(e.seq))?;
+            }
+            dropped += gone.len();
+            if kept.is_empty() {
+                self.events.remove(key)?;
+            } else {
+                // Same key: the chunk's range only shrinks, so chunks still never overlap.
+                let items: Vec<(u64, &EventRecord)> = kept.iter().map(|e| (e.seq, e)).collect();
+                self.events.insert(key, codec::encode_chunk(&items))?;
+            }
+        }
+        Ok(dropped)
     }
 
     /// Events whose fan-out was owed at the last stop.
@@ -544,30 +638,26 @@ impl Store {
             self.delete_delivery(id)?;
             purged += 1;
         }
-        let mut events_seen = 0;
-        for kv in self.events.range(..end) {
-            let (k, v) = kv?;
-            events_seen += 1;
-            if events_seen > budget {
-                break;
+        // Chunks keyed below the cutoff hold only events older than it; an event goes once no
+        // delivery and no owed fan-out needs it.
+        let chunks = budget.div_ceil(CHUNK_EVENTS).max(1);
+        self.drop_events(Some(end), Some(chunks), |e| {
+            let key = keys::seq(e.seq);
+            if self.inbox.contains_key(key)? {
+                return Ok(false);
             }
-            let Some(seq) = keys::seq_from(&k) else {
-                continue;
-            };
-            let mut still_needed = self.inbox.contains_key(&k)?;
-            let mut lo = [0u8; 16];
-            lo[..8].copy_from_slice(&k);
-            let hi_seq = seq.saturating_add(1);
-            let mut hi = [0u8; 16];
-            hi[..8].copy_from_slice(&hi_seq.to_be_bytes());
-            still_needed |= self.deliveries.range(lo..hi).next().is_some();
-            if !still_needed {
-                let event: EventRecord = codec::decode(&v)?;
-                self.event_ids
-                    .remove(keys::event_id(&event.account_id, event.id.as_str()))?;
-                self.events.remove(&k)?;
+            let lo = DeliveryId {
+                seq: e.seq,
+                webhook: WebhookId(0),
             }
-        }
+            .to_bytes();
+            let hi = DeliveryId {
+                seq: e.seq,
+                webhook: WebhookId(u64::MAX),
+            }
+            .to_bytes();
+            Ok(self.deliveries.range(lo..=hi).next().is_none())
+        })?;
         Ok(purged)
     }
 }
@@ -618,5 +708,107 @@ mod tests {
         store.append_events_owing(&[quiet], &[false]).unwrap();
         assert!(store.get_event(43).unwrap().is_some());
         assert_eq!(store.inbox().unwrap(), vec![42]);
+    }
+
+    #[test]
+    fn minted_ids_are_found_without_an_index_and_go_with_their_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let a = AccountId::parse("acc_a").unwrap();
+        let b = AccountId::parse("acc_b").unwrap();
+        let event = |seq: u64, id: EventId, account: &AccountId| EventRecord {
+            seq,
+            id,
+            account_id: account.clone(),
+            event: "visitor.checked_in".into(),
+            body: b"{}".to_vec(),
+        };
+        let minted = event(0x10, EventId::from_seq(0x10), &a);
+        // A producer of account b chose an id shaped like a minted one, naming seq 0x10.
+        let lookalike = event(0x11, EventId::from_seq(0x10), &b);
+        let chosen = event(0x12, EventId::parse("visit-7").unwrap(), &a);
+        store
+            .append_events_owing(
+                &[minted.clone(), lookalike.clone(), chosen.clone()],
+                &[false; 3],
+            )
+            .unwrap();
+        // Only the producer-chosen ids are indexed.
+        assert_eq!(store.event_ids.len(), 2);
+        assert_eq!(store.event_seq(&a, minted.id.as_str()).unwrap(), Some(0x10));
+        assert_eq!(
+            store.event_seq(&b, lookalike.id.as_str()).unwrap(),
+            Some(0x11)
+        );
+        assert_eq!(store.event_seq(&a, "visit-7").unwrap(), Some(0x12));
+        assert_eq!(store.event_seq(&b, "visit-7").unwrap(), None);
+        assert_eq!(
+            store
+                .event_seq(&a, EventId::from_seq(0x11).as_str())
+                .unwrap(),
+            None
+        );
+        let account = Account {
+            id: a.clone(),
+            name: "A".into(),
+            plan: "starter".into(),
+            created_ms: 0,
+            api_key_hash: [0; 32],
+        };
+        store.delete_account(&account).unwrap();
+        assert!(store.get_event(0x10).unwrap().is_none());
+        assert!(store.get_event(0x12).unwrap().is_none());
+        assert!(store.get_event(0x11).unwrap().is_some());
+        assert_eq!(store.event_seq(&a, "visit-7").unwrap(), None);
+        assert_eq!(store.event_ids.len(), 1);
+    }
+
+    #[test]
+    fn the_log_is_chunked_and_purge_keeps_what_a_delivery_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let account = AccountId::parse("acc_log").unwrap();
+        let events: Vec<EventRecord> = (1..=300u64)
+            .map(|seq| EventRecord {
+                seq,
+                id: EventId::from_seq(seq),
+                account_id: account.clone(),
+                event: "visitor.checked_in".into(),
+                // Every 50th is larger than a chunk's byte budget.
+                body: vec![
+                    b'x';
+                    if seq % 50 == 0 {
+                        40_000
+                    } else {
+                        100 + seq as usize
+                    }
+                ],
+            })
+            .collect();
+        store.append_events_owing(&events, &[false; 300]).unwrap();
+        let chunks = store.events.len();
+        assert!(
+            (300 / CHUNK_EVENTS..=20).contains(&chunks),
+            "{chunks} chunks"
+        );
+        for e in &events {
+            assert_eq!(store.get_event(e.seq).unwrap().as_ref(), Some(e));
+        }
+        assert!(store.get_event(0).unwrap().is_none());
+        assert!(store.get_event(301).unwrap().is_none());
+        assert_eq!(store.last_seq().unwrap(), 300);
+        // An open delivery of event 100 keeps that event; every other one is purged.
+        let id = DeliveryId {
+            seq: 100,
+            webhook: WebhookId(7),
+        };
+        let record = DeliveryRecord::new(id, &events[99], 0, false);
+        store.create_fresh_deliveries(vec![record]).unwrap();
+        store.purge_before(1, 10_000).unwrap();
+        assert_eq!(store.get_event(100).unwrap().as_ref(), Some(&events[99]));
+        for seq in [1, 99, 101, 150, 300] {
+            assert!(store.get_event(seq).unwrap().is_none(), "event {seq} kept");
+        }
+        assert_eq!(store.events.len(), 1);
     }
 }

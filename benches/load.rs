@@ -1214,11 +1214,13 @@ max_in_flight_per_webhook = 256
 [plans.bench]
 events_per_second = 0
 [log]
-level = "off"
+level = "{log}"
 "#,
         data = data.path().display(),
         ca = pki.ca_file.display(),
         fsync = opts.fsync,
+        // The engine's own log (stderr), e.g. BENCH_LOG=warn to see why requests failed.
+        log = std::env::var("BENCH_LOG").unwrap_or_else(|_| "off".into()),
     );
     let config = Config::from_toml(&toml, "load bench").expect("bench config");
     let engine = engine_rt

@@ -509,6 +509,9 @@ impl Scrape {
 struct Counters {
     ok: AtomicU64,
     items: AtomicU64,
+    /// Events in requests sent but not yet answered: the gate counts them as already
+    /// offered, so 256 connections x 100-event batches cannot overshoot the backlog cap.
+    items_in_flight: AtomicU64,
     item_errors: AtomicU64,
     io_errors: AtomicU64,
     throttled_ns: AtomicU64,
@@ -573,7 +576,12 @@ fn spawn_closed_loop(
                         }
                     }
                     sent += 1;
-                    match send(&mut sender, (work.make)()).await {
+                    c.items_in_flight
+                        .fetch_add(work.items_per_ok, Ordering::Relaxed);
+                    let answer = send(&mut sender, (work.make)()).await;
+                    c.items_in_flight
+                        .fetch_sub(work.items_per_ok, Ordering::Relaxed);
+                    match answer {
                         Ok((status, body)) if status == work.expect => {
                             c.ok.fetch_add(1, Ordering::Relaxed);
                             c.items.fetch_add(work.items_per_ok, Ordering::Relaxed);
@@ -800,7 +808,8 @@ async fn fanout_phase(ctx: &Ctx, phase: usize, fanout: usize, mode: IngestMode) 
     let outstanding = {
         let (c, s) = (counters.clone(), stats.clone());
         move || {
-            (c.items.load(Ordering::Relaxed) * fanout as u64)
+            ((c.items.load(Ordering::Relaxed) + c.items_in_flight.load(Ordering::Relaxed))
+                * fanout as u64)
                 .saturating_sub(s.per_phase[phase].load(Ordering::Relaxed))
         }
     };

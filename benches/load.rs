@@ -9,7 +9,7 @@
 //!        --warmup S (3; quick 1)  --rate EV/S (1000)  --fanouts 1,10
 //!        --receivers K (1: every webhook on one receiver URL)  --max-backlog N (50000)
 //!        --drain-secs S (120; quick 60)  --fanout-ingest single|batch|both (both)
-//!        --latency-webhooks N (1; 0 measures ingest latency alone)
+//!        --latency-webhooks N (1; 0 measures ingest latency alone)  --latency-conns N (32)
 //!        --phases healthz,ingest,batch,fanout,latency (all; e.g. to profile one phase)
 //! ```
 //!
@@ -67,6 +67,9 @@ const ADMIN: &str = "bench-admin-token-0123456789";
 const PHASES: usize = 8;
 const LATENCY_PHASE: usize = 7;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A closed-loop connection idle (throttled) for longer than this is replaced before use.
+const IDLE_RECONNECT: Duration = Duration::from_secs(5);
+
 /// A hard cap on the requests one connection sends in one phase.
 const MAX_REQUESTS_PER_CONN: u64 = 50_000_000;
 const BATCH_SIZE: usize = 100;
@@ -92,6 +95,9 @@ struct Opts {
     /// How the fan-out phases ingest: single events, batches of 100, or each in turn.
     fanout_ingest: Vec<IngestMode>,
     latency_webhooks: usize,
+    /// Connections of the open-loop latency phase (a producer sending 1 000 events/s needs a
+    /// few; each of 256 would sit idle for a quarter of a second between requests).
+    latency_conns: usize,
     /// Which phases run: healthz, ingest, batch, fanout, latency.
     phases: Vec<String>,
 }
@@ -125,7 +131,7 @@ fn usage(msg: &str) -> ! {
     eprintln!(
         "usage: cargo bench --bench load -- [--quick] [--json] [--no-fsync] [--conns N] [--secs S] [--rps-secs S] \
          [--warmup S] [--rate EV/S] [--fanouts 1,10] [--fanout-ingest single|batch|both] [--receivers K] \
-         [--max-backlog N] [--drain-secs S] [--latency-webhooks N] \
+         [--max-backlog N] [--drain-secs S] [--latency-webhooks N] [--latency-conns N] \
          [--phases healthz,ingest,batch,fanout,latency]"
     );
     std::process::exit(2)
@@ -149,6 +155,7 @@ fn parse_opts() -> Opts {
         drain_secs: if quick { 60 } else { 120 },
         fanout_ingest: vec![IngestMode::Single, IngestMode::Batch],
         latency_webhooks: 1,
+        latency_conns: 32,
         phases: ALL_PHASES.iter().map(|p| p.to_string()).collect(),
     };
     let mut it = args.into_iter().peekable();
@@ -186,6 +193,9 @@ fn parse_opts() -> Opts {
             "--latency-webhooks" => {
                 o.latency_webhooks =
                     num("--latency-webhooks", value("--latency-webhooks")).min(100) as usize
+            }
+            "--latency-conns" => {
+                o.latency_conns = num("--latency-conns", value("--latency-conns")).max(1) as usize
             }
             "--phases" => {
                 let v = value("--phases");
@@ -562,6 +572,7 @@ fn spawn_closed_loop(
                 };
                 let mut sent = 0u64;
                 let mut reconnects = 0u32;
+                let mut last_used = Instant::now();
                 while !c.stop.load(Ordering::Relaxed)
                     && Instant::now() < hard_deadline
                     && sent < MAX_REQUESTS_PER_CONN
@@ -575,6 +586,18 @@ fn spawn_closed_loop(
                             continue;
                         }
                     }
+                    // Like any client pool, drop a connection idle for longer than the server
+                    // keeps one (`server.header_read_timeout`, 10 s) instead of failing on it.
+                    if last_used.elapsed() > IDLE_RECONNECT {
+                        match connect(addr).await {
+                            Ok(s) => sender = s,
+                            Err(_) => {
+                                c.io_errors.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                    last_used = Instant::now();
                     sent += 1;
                     c.items_in_flight
                         .fetch_add(work.items_per_ok, Ordering::Relaxed);
@@ -947,7 +970,7 @@ async fn latency_phase(ctx: &Ctx) -> LatencyResult {
     let rate = ctx.opts.rate;
     let warm_n = rate * ctx.opts.warmup;
     let total = warm_n + rate * ctx.opts.secs;
-    let conns = ctx.opts.conns;
+    let conns = ctx.opts.latency_conns;
     // FIFO, so every connection is used every `conns` requests: the engine closes a keep-alive
     // connection that stays idle for `server.header_read_timeout` (hyper starts that timer
     // while waiting for the next request head), and a LIFO pool would leave some idle that long.
@@ -1470,9 +1493,10 @@ level = "{log}"
         );
     }
     t.section(&format!(
-        "latency, open loop at {} events/s, {} webhook(s){}",
+        "latency, open loop at {} events/s, {} webhook(s), {} connections{}",
         opts.rate,
         opts.latency_webhooks,
+        opts.latency_conns,
         if latency.skipped { ": skipped" } else { "" }
     ));
     t.row(
@@ -1627,6 +1651,7 @@ level = "{log}"
             "latency": {
                 "rate": latency.rate,
                 "webhooks": opts.latency_webhooks,
+                "connections": opts.latency_conns,
                 "achieved_rate": latency.achieved_rate,
                 "measured": latency.measured,
                 "failed": latency.failed,

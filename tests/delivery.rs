@@ -228,6 +228,22 @@ async fn idempotent_ingest_and_batch_partial_errors() {
         .collect();
     ns.sort();
     assert_eq!(ns, vec![1, 2]);
+    // A minted id is written into the body when the event is committed, and re-posting an
+    // event under it is a duplicate like any producer-chosen id.
+    let minted = r[0]["id"].as_str().unwrap().to_string();
+    let first = got.iter().find(|g| g.json()["data"]["n"] == 1).unwrap();
+    assert_eq!(first.json()["id"], minted.as_str());
+    let (s, v) = e
+        .api
+        .admin(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"account_id": acc, "event": "user.login", "data": {"n": 9}, "id": minted})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["id"], minted.as_str());
+    rx.assert_quiet(Duration::from_millis(300)).await;
 
     // Single-event errors.
     for (body, status, code) in [

@@ -117,6 +117,10 @@ pub async fn serve<H: Handler>(
             b.timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
                 .max_buf_size(MAX_HEAD_BYTES)
+                // One write per response (head and body copied into one buffer) instead of a
+                // vectored write of queued pieces: responses are small, and the load bench
+                // measured single-event ingest 59 k -> 67 k/s with it.
+                .writev(false)
                 .keep_alive(true);
             b
         };

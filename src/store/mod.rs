@@ -355,11 +355,26 @@ impl Store {
             return Ok(None);
         };
         let (_, value) = kv?;
+        if value.first() == Some(&codec::FORMAT_V1) {
+            // A data dir from before the chunked log: one record under its own seq.
+            let event: EventRecord = codec::decode(&value)?;
+            return Ok((event.seq == seq).then_some(event));
+        }
         let chunk = codec::Chunk::parse(&value)?;
         match chunk.find(seq) {
             Some(i) => Ok(Some(chunk.decode(i)?)),
             None => Ok(None),
         }
+    }
+
+    /// Every event of one stored log value: a chunk, or a single record written before the log
+    /// was chunked (keyed by its own seq, so it never overlaps a chunk either).
+    fn log_events(value: &[u8]) -> Result<Vec<EventRecord>> {
+        if value.first() == Some(&codec::FORMAT_V1) {
+            return Ok(vec![codec::decode(value)?]);
+        }
+        let chunk = codec::Chunk::parse(value)?;
+        (0..chunk.len()).map(|i| Ok(chunk.decode(i)?)).collect()
     }
 
     /// Rewrites every chunk holding an event `doomed` picks, without those events (a chunk
@@ -381,11 +396,9 @@ impl Store {
                 break;
             }
             let (key, value) = kv?;
-            let chunk = codec::Chunk::parse(&value)?;
-            let mut kept = Vec::with_capacity(chunk.len());
+            let mut kept = Vec::new();
             let mut gone = Vec::new();
-            for i in 0..chunk.len() {
-                let event: EventRecord = chunk.decode(i)?;
+            for event in Self::log_events(&value)? {
                 if doomed(&event)? {
                     gone.push(event);
                 } else {
@@ -821,5 +834,44 @@ mod tests {
             assert!(store.get_event(seq).unwrap().is_none(), "event {seq} kept");
         }
         assert_eq!(store.events.len(), 1);
+    }
+
+    #[test]
+    fn a_log_written_before_chunking_still_reads_and_purges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let old = |seq: u64| EventRecord {
+            seq,
+            id: EventId::from_seq(seq),
+            account_id: AccountId::parse("acc_old").unwrap(),
+            event: "visitor.checked_in".into(),
+            body: format!("{{\"n\":{seq}}}").into_bytes(),
+        };
+        // The first session's layout: one record per key, keyed by its seq.
+        for seq in [5, 9] {
+            store
+                .events
+                .insert(keys::seq(seq), codec::encode(&old(seq)))
+                .unwrap();
+        }
+        let newer = old(20);
+        store
+            .append_events_owing(std::slice::from_ref(&newer), &[false])
+            .unwrap();
+        assert_eq!(store.get_event(5).unwrap(), Some(old(5)));
+        assert_eq!(store.get_event(9).unwrap(), Some(old(9)));
+        assert_eq!(store.get_event(7).unwrap(), None);
+        assert_eq!(store.get_event(20).unwrap(), Some(newer));
+        assert_eq!(
+            store
+                .event_seq(
+                    &AccountId::parse("acc_old").unwrap(),
+                    "evt_0000000000000009"
+                )
+                .unwrap(),
+            Some(9)
+        );
+        store.purge_before(1, 1_000).unwrap();
+        assert_eq!(store.events.len(), 0);
     }
 }

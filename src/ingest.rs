@@ -117,12 +117,12 @@ impl PendingEvent {
     fn commit_as(mut self, seq: u64) -> EventRecord {
         self.record.seq = seq;
         if let Some(prefix) = self.mint {
-            let hex = format!("{seq:016x}");
-            let at = BODY_ID_AT + prefix.len();
-            if let Some(slot) = self.record.body.get_mut(at..at + 16) {
-                slot.copy_from_slice(hex.as_bytes());
+            let id = EventId::minted(prefix, seq);
+            let end = BODY_ID_AT + id.as_str().len();
+            if let Some(slot) = self.record.body.get_mut(BODY_ID_AT..end) {
+                slot.copy_from_slice(id.as_str().as_bytes());
             }
-            self.record.id = EventId::minted(prefix, seq);
+            self.record.id = id;
         }
         self.record
     }

@@ -44,8 +44,9 @@ pub const CHUNK_BYTES: usize = 6 << 10;
 /// What a record adds to its body in a chunk (table entry, ids, event name), roughly.
 const CHUNK_RECORD_OVERHEAD: usize = 96;
 
-fn e_last(chunk: &[(u64, &EventRecord)]) -> u64 {
-    chunk.last().map_or(0, |(seq, _)| *seq)
+/// A chunk's key in `events`: the sequence number of its last event.
+fn chunk_key(chunk: &[(u64, &EventRecord)]) -> [u8; 8] {
+    keys::seq(chunk.last().map_or(0, |(seq, _)| *seq))
 }
 
 /// A page of deliveries and the cursor of the next page.
@@ -323,7 +324,7 @@ impl Store {
             if !chunk.is_empty()
                 && (chunk.len() >= CHUNK_EVENTS || chunk_bytes + size > CHUNK_BYTES)
             {
-                ev.insert(&keys::seq(e_last(&chunk)), codec::encode_chunk(&chunk));
+                ev.insert(&chunk_key(&chunk), codec::encode_chunk(&chunk));
                 chunk.clear();
                 chunk_bytes = 0;
             }
@@ -340,7 +341,7 @@ impl Store {
             }
         }
         if !chunk.is_empty() {
-            ev.insert(&keys::seq(e_last(&chunk)), codec::encode_chunk(&chunk));
+            ev.insert(&chunk_key(&chunk), codec::encode_chunk(&chunk));
         }
         self.events.apply_batch(ev)?;
         self.event_ids.apply_batch(ids)?;

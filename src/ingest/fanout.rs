@@ -1,0 +1,89 @@
+//! The fan-out thread: creates the deliveries of committed events.
+//!
+//! Committed events that some webhook subscribes to enter from the group committer
+//! ([`super::commit`]) over a bounded channel; for each matching webhook in the registry a
+//! delivery record is written and its first attempt handed to the scheduler. The sequence
+//! numbers of events whose deliveries are written leave through `fanned`, for the committer to
+//! clear their inbox marks after its next flush. Start-up recovery runs the same [`Fanout`].
+
+use std::sync::{Arc, Mutex};
+
+use crossbeam::channel::Receiver;
+
+use super::MAX_BATCH;
+use crate::clock;
+use crate::ids::DeliveryId;
+use crate::model::{DeliveryRecord, EventRecord};
+use crate::registry::Registry;
+use crate::scheduler::SchedulerHandle;
+use crate::store::{Store, StoreError};
+
+/// The fan-out thread: creates the deliveries of committed events, off the committer's path,
+/// and reports which events are done.
+pub(super) fn fanout_loop(
+    rx: Receiver<Vec<EventRecord>>,
+    fanout: Fanout,
+    fanned: Arc<Mutex<Vec<u64>>>,
+) {
+    while let Ok(mut events) = rx.recv() {
+        while events.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => events.extend(more),
+                Err(_) => break,
+            }
+        }
+        match fanout.run(&events, Recovery::No) {
+            Ok(()) => fanned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(events.iter().map(|e| e.seq)),
+            // The inbox entries stay: fan-out is re-run at the next start.
+            Err(err) => {
+                tracing::error!(error = %err, "fan-out failed; it will be retried at start-up")
+            }
+        }
+    }
+}
+
+/// Whether fan-out re-runs for events whose deliveries may partly exist already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recovery {
+    Yes,
+    No,
+}
+
+/// Creates the deliveries of acknowledged events and schedules their first attempts.
+pub(super) struct Fanout {
+    pub(super) store: Arc<Store>,
+    pub(super) registry: Arc<Registry>,
+    pub(super) scheduler: SchedulerHandle,
+}
+
+impl Fanout {
+    pub(super) fn run(&self, events: &[EventRecord], recovery: Recovery) -> Result<(), StoreError> {
+        let now = clock::now_ms();
+        let mut records = Vec::new();
+        for e in events {
+            for hook in self.registry.matching(&e.account_id, &e.event) {
+                let id = DeliveryId {
+                    seq: e.seq,
+                    webhook: hook.hook.id,
+                };
+                records.push(DeliveryRecord::new(id, e, now, false));
+            }
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let owed = match recovery {
+            Recovery::Yes => self.store.create_deliveries(records)?,
+            Recovery::No => self.store.create_fresh_deliveries(records)?,
+        };
+        for r in owed {
+            if let Some(due) = r.next_attempt_ms {
+                self.scheduler.schedule_blocking(r.id, due, due);
+            }
+        }
+        Ok(())
+    }
+}

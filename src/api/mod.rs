@@ -3,12 +3,13 @@
 //! A request enters from `server` as a hyper request; [`handle`] matches its method and path
 //! to one handler (`accounts`, `webhooks`, `events`, `deliveries`), authenticates the bearer
 //! token (admin token, or an account's API key that only reaches its own account), reads and
-//! strictly parses the JSON body within `server.max_body_bytes`, and calls into the store,
-//! registry, ingest and dispatch. Every answer — including every error, as [`ApiError`] — is
+//! strictly parses the JSON body within `server.max_body_bytes`, and calls the domain function
+//! of the route ([`domain`]: every business rule, shared with the dashboard). Every answer — including every error, as [`ApiError`] — is
 //! JSON; bad input is a 4xx, never a 500 or a dropped connection.
 
 mod accounts;
 mod deliveries;
+pub mod domain;
 pub mod error;
 mod events;
 mod webhooks;
@@ -61,7 +62,7 @@ pub enum Caller {
 impl Caller {
     /// The account a route under `/v1/accounts/{id}` addresses, if this caller may reach it.
     /// Another account's resources answer 404, as if they did not exist.
-    fn scope(&self, state: &AppState, raw: &str) -> Result<AccountId, ApiError> {
+    pub(crate) fn scope(&self, state: &AppState, raw: &str) -> Result<AccountId, ApiError> {
         let missing = || ApiError::not_found("account_not_found", format!("no account {raw:?}"));
         let id = AccountId::parse(raw).ok_or_else(missing)?;
         match self {
@@ -71,7 +72,7 @@ impl Caller {
         }
     }
 
-    fn require_admin(&self) -> Result<(), ApiError> {
+    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
         match self {
             Caller::Admin => Ok(()),
             Caller::Account(_) => Err(ApiError::forbidden("this route needs the admin token")),
@@ -361,18 +362,6 @@ fn route_label(segs: &[&str]) -> &'static str {
         }
         _ => "unknown",
     }
-}
-
-/// A display name: 1 to 200 characters after trimming (accounts and webhooks).
-pub(crate) fn check_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::bad_request(
-            "invalid_name",
-            "name must be 1 to 200 characters",
-        ));
-    }
-    Ok(name.to_string())
 }
 
 /// `limit` and `cursor` of a list route.

@@ -1,23 +1,17 @@
-//! Webhook routes: create, list, read, update (including pause/resume), delete, signing-secret
-//! read and rotation, and the test tool (one real attempt with a sample payload).
+//! Webhook routes (HTTP side): account scope, id and body parsing, and the JSON views of
+//! create, list, read, update (including pause/resume), delete, signing-secret read and
+//! rotation, and the test tool. The rules are in [`domain::webhooks`](super::domain::webhooks).
 
 use http::StatusCode;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::domain::webhooks as domain;
+pub use super::domain::webhooks::{CreateWebhook, TestRequest, UpdateWebhook};
 use super::{
-    check_name, empty_response, json_response, list_response, paging, ApiError, ApiResult,
-    AppState, Call,
+    empty_response, json_response, list_response, paging, ApiError, ApiResult, AppState, Call,
 };
-use crate::clock;
-use crate::config::parse_cidr;
-use crate::ids::{AccountId, DeliveryId, WebhookId};
-use crate::model::{now_ms, rfc3339, DeliveryRecord, Subscription, Webhook, WebhookStatus};
-use crate::signing;
-
-const MAX_URL_LEN: usize = 2048;
-const MAX_EVENTS: usize = 100;
-const MAX_CIDRS: usize = 100;
+use crate::ids::{AccountId, WebhookId};
+use crate::model::{rfc3339, Webhook};
 
 pub fn view(h: &Webhook) -> Value {
     json!({
@@ -36,193 +30,22 @@ pub fn view(h: &Webhook) -> Value {
     })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateWebhook {
-    pub name: String,
-    pub url: String,
-    #[serde(default)]
-    pub description: Option<String>,
-    pub events: Vec<String>,
-    #[serde(default)]
-    pub ip_allowlist: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateWebhook {
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default)]
-    pub description: Option<String>,
-    #[serde(default)]
-    pub events: Option<Vec<String>>,
-    #[serde(default)]
-    pub ip_allowlist: Option<Vec<String>>,
-    #[serde(default)]
-    pub status: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TestRequest {
-    pub event: String,
-}
-
-fn check_description(d: Option<String>) -> Result<Option<String>, ApiError> {
-    match d {
-        Some(d) if d.chars().count() > 1000 => Err(ApiError::bad_request(
-            "invalid_description",
-            "description must be at most 1000 characters",
-        )),
-        Some(d) if d.is_empty() => Ok(None),
-        other => Ok(other),
-    }
-}
-
-fn check_url(state: &AppState, url: &str) -> Result<String, ApiError> {
-    let bad = |why: &str| ApiError::bad_request("invalid_url", format!("url {url:?}: {why}"));
-    if url.len() > MAX_URL_LEN {
-        return Err(bad(&format!("longer than {MAX_URL_LEN} characters")));
-    }
-    let uri: http::Uri = url.parse().map_err(|_| bad("not a valid URL"))?;
-    match uri.scheme_str() {
-        Some("https") => {}
-        Some("http") if !state.config.delivery.require_https => {}
-        Some("http") => return Err(bad("must use https:// (delivery.require_https)")),
-        _ => return Err(bad("must be an absolute https:// URL")),
-    }
-    let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
-    if authority.as_str().contains('@') {
-        return Err(bad("must not contain credentials"));
-    }
-    if authority.host().is_empty() {
-        return Err(bad("has no host"));
-    }
-    Ok(url.to_string())
-}
-
-fn check_events(state: &AppState, events: Vec<String>) -> Result<Vec<String>, ApiError> {
-    if events.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_events",
-            "events must name at least one event type",
-        ));
-    }
-    if events.len() > MAX_EVENTS {
-        return Err(ApiError::bad_request(
-            "invalid_events",
-            format!("at most {MAX_EVENTS} event entries"),
-        ));
-    }
-    let mut out: Vec<String> = Vec::with_capacity(events.len());
-    for e in events {
-        if Subscription::parse(&e, state.registry.catalog()).is_none() {
-            return Err(ApiError::bad_request(
-                "invalid_events",
-                format!("{e:?} is not an event type, a family wildcard like \"emergency.*\", or \"*\" (see GET /v1/event-types)"),
-            ));
-        }
-        if !out.contains(&e) {
-            out.push(e);
-        }
-    }
-    Ok(out)
-}
-
-fn check_cidrs(list: Vec<String>) -> Result<Vec<String>, ApiError> {
-    if list.len() > MAX_CIDRS {
-        return Err(ApiError::bad_request(
-            "invalid_ip_allowlist",
-            format!("at most {MAX_CIDRS} entries"),
-        ));
-    }
-    for c in &list {
-        parse_cidr(c).map_err(|e| ApiError::bad_request("invalid_ip_allowlist", e))?;
-    }
-    Ok(list)
-}
-
-fn not_found(raw: &str) -> ApiError {
-    ApiError::not_found("webhook_not_found", format!("no webhook {raw:?}"))
-}
-
-/// The webhook `raw` of the account the caller may reach.
-fn load(
+/// The account the caller may reach and the webhook id the path names.
+fn ids(
     state: &AppState,
     call: &Call,
     account_raw: &str,
     raw: &str,
-) -> Result<(AccountId, Webhook), ApiError> {
+) -> Result<(AccountId, WebhookId), ApiError> {
     let account = call.caller.scope(state, account_raw)?;
-    let id = WebhookId::parse(raw).ok_or_else(|| not_found(raw))?;
-    let hook = state
-        .store
-        .get_webhook(&account, id)?
-        .ok_or_else(|| not_found(raw))?;
-    Ok((account, hook))
+    let id = WebhookId::parse(raw).ok_or_else(|| domain::not_found(raw))?;
+    Ok((account, id))
 }
 
 pub async fn create(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
     let body: CreateWebhook = call.json(state).await?;
-    let name = check_name(&body.name)?;
-    let url = check_url(state, &body.url)?;
-    let description = check_description(body.description)?;
-    let events = check_events(state, body.events)?;
-    let ip_allowlist = check_cidrs(body.ip_allowlist)?;
-    let hook = {
-        let _writes = state.registry.write_lock();
-        let plan_name = state.registry.plan_of(&account).unwrap_or_default();
-        if let Some(max) = state
-            .config
-            .plans
-            .get(&plan_name)
-            .and_then(|p| p.max_webhooks)
-        {
-            if state.registry.hook_count(&account) >= max as usize {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "plan_limit_reached",
-                    format!("the {plan_name} plan allows at most {max} webhooks"),
-                ));
-            }
-        }
-        // Lists are newest first by (created_ms, id), and ids are random: keep created_ms
-        // strictly increasing within the account so that webhooks created in the same
-        // millisecond still list in creation order.
-        let now = state
-            .store
-            .webhooks_of(&account)?
-            .iter()
-            .map(|h| h.created_ms + 1)
-            .fold(now_ms(), u64::max);
-        let mut id = WebhookId::generate();
-        while state.registry.hook(id).is_some() {
-            id = WebhookId::generate();
-        }
-        let hook = Webhook {
-            id,
-            account_id: account.clone(),
-            name,
-            url,
-            description,
-            events,
-            ip_allowlist,
-            status: WebhookStatus::Active,
-            disabled_reason: None,
-            consecutive_failures: 0,
-            secret: signing::new_secret(),
-            created_ms: now,
-            updated_ms: now,
-        };
-        state.store.put_webhook(&hook)?;
-        state.registry.upsert_hook(hook.clone());
-        hook
-    };
-    state.ingest.sync().await?;
+    let hook = domain::create_webhook(state, &account, body).await?;
     let mut out = view(&hook);
     out["secret"] = json!(hook.secret);
     Ok(json_response(StatusCode::CREATED, &out))
@@ -231,68 +54,23 @@ pub async fn create(state: &AppState, call: Call, account_raw: &str) -> ApiResul
 pub fn list(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
     let page = paging(&call.query(), &[])?;
-    let mut hooks = state.store.webhooks_of(&account)?;
-    hooks.sort_by_key(|h| std::cmp::Reverse((h.created_ms, h.id)));
-    // The cursor is the sort key of the last item shown, `{created_ms}.{webhook id}`, so a page
-    // continues after it even if that webhook was deleted in the meantime.
-    let start = match &page.cursor {
-        Some(c) => {
-            let key = c
-                .split_once('.')
-                .and_then(|(ms, id)| Some((ms.parse::<u64>().ok()?, WebhookId::parse(id)?)))
-                .ok_or_else(|| {
-                    ApiError::bad_request("invalid_cursor", "cursor is not one this API gave")
-                })?;
-            hooks
-                .iter()
-                .position(|h| (h.created_ms, h.id) < key)
-                .unwrap_or(hooks.len())
-        }
-        None => 0,
-    };
-    let rest = &hooks[start..];
-    let taken: Vec<&Webhook> = rest.iter().take(page.limit).collect();
-    let next = (rest.len() > page.limit)
-        .then(|| taken.last().map(|h| format!("{}.{}", h.created_ms, h.id)))
-        .flatten();
-    Ok(list_response(taken.into_iter().map(view).collect(), next))
+    let (hooks, next) = domain::list_webhooks(state, &account, &page)?;
+    Ok(list_response(hooks.iter().map(view).collect(), next))
 }
 
 pub fn get(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
-    let (_, hook) = load(state, &call, account_raw, raw)?;
+    let (account, id) = ids(state, &call, account_raw, raw)?;
+    let hook = domain::get_webhook(state, &account, id)?;
     Ok(json_response(StatusCode::OK, &view(&hook)))
 }
 
 pub fn secret(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
-    let (_, hook) = load(state, &call, account_raw, raw)?;
+    let (account, id) = ids(state, &call, account_raw, raw)?;
+    let hook = domain::get_webhook(state, &account, id)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "secret": hook.secret }),
     ))
-}
-
-/// Read-modify-write of one webhook under the registry's write lock, then durable.
-async fn modify(
-    state: &AppState,
-    account: &AccountId,
-    raw: &str,
-    change: impl FnOnce(&mut Webhook) -> Result<(), ApiError>,
-) -> Result<Webhook, ApiError> {
-    let id = WebhookId::parse(raw).ok_or_else(|| not_found(raw))?;
-    let hook = {
-        let _writes = state.registry.write_lock();
-        let mut hook = state
-            .store
-            .get_webhook(account, id)?
-            .ok_or_else(|| not_found(raw))?;
-        change(&mut hook)?;
-        hook.updated_ms = now_ms();
-        state.store.put_webhook(&hook)?;
-        state.registry.upsert_hook(hook.clone());
-        hook
-    };
-    state.ingest.sync().await?;
-    Ok(hook)
 }
 
 pub async fn rotate_secret(
@@ -301,168 +79,36 @@ pub async fn rotate_secret(
     account_raw: &str,
     raw: &str,
 ) -> ApiResult {
-    let account = call.caller.scope(state, account_raw)?;
-    let hook = modify(state, &account, raw, |h| {
-        h.secret = signing::new_secret();
-        Ok(())
-    })
-    .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "secret": hook.secret }),
-    ))
+    let (account, id) = ids(state, &call, account_raw, raw)?;
+    let secret = domain::rotate_secret(state, &account, id).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "secret": secret })))
 }
 
 pub async fn update(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
-    let account = call.caller.scope(state, account_raw)?;
+    let (account, id) = ids(state, &call, account_raw, raw)?;
     let body: UpdateWebhook = call.json(state).await?;
-    let name = body.name.as_deref().map(check_name).transpose()?;
-    let url = body
-        .url
-        .as_deref()
-        .map(|u| check_url(state, u))
-        .transpose()?;
-    let description = body
-        .description
-        .map(|d| check_description(Some(d)))
-        .transpose()?;
-    let events = body.events.map(|e| check_events(state, e)).transpose()?;
-    let ip_allowlist = body.ip_allowlist.map(check_cidrs).transpose()?;
-    let status = match body.status.as_deref() {
-        None => None,
-        Some("active") => Some(WebhookStatus::Active),
-        Some("paused") => Some(WebhookStatus::Paused),
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_status",
-                format!("status {other:?} cannot be set; use \"active\" or \"paused\""),
-            ))
-        }
-    };
-    let hook = modify(state, &account, raw, |h| {
-        if let Some(v) = name {
-            h.name = v;
-        }
-        if let Some(v) = url {
-            h.url = v;
-        }
-        if let Some(v) = description {
-            h.description = v;
-        }
-        if let Some(v) = events {
-            h.events = v;
-        }
-        if let Some(v) = ip_allowlist {
-            h.ip_allowlist = v;
-        }
-        match status {
-            Some(WebhookStatus::Active) => {
-                h.status = WebhookStatus::Active;
-                h.disabled_reason = None;
-                h.consecutive_failures = 0;
-            }
-            Some(s) => h.status = s,
-            None => {}
-        }
-        Ok(())
-    })
-    .await?;
+    let hook = domain::update_webhook(state, &account, id, body).await?;
     Ok(json_response(StatusCode::OK, &view(&hook)))
 }
 
 pub async fn delete(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
-    let (account, hook) = load(state, &call, account_raw, raw)?;
-    {
-        let _writes = state.registry.write_lock();
-        state.registry.remove_hook(&account, hook.id);
-    }
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || store.delete_webhook(&hook)).await??;
-    state.ingest.sync().await?;
+    let (account, id) = ids(state, &call, account_raw, raw)?;
+    domain::delete_webhook(state, &account, id).await?;
     Ok(empty_response(StatusCode::NO_CONTENT))
 }
 
-/// A plausible `data` object for a test send of `event`.
-pub fn sample_data(event: &str) -> String {
-    let now = rfc3339(now_ms());
-    let visitor = json!({
-        "id": "vis_test123", "first_name": "Jane", "last_name": "Smith",
-        "email": "jane@example.com", "company": "Acme Corp", "purpose": "Meeting"
-    });
-    let location = json!({ "id": "loc_001", "name": "Main Office" });
-    let data = match crate::model::event_family(event) {
-        "visitor" => json!({
-            "visitor": visitor,
-            "host": { "id": "usr_xyz789", "name": "John Doe", "department": "Engineering" },
-            "location": location,
-            "check_in_time": now, "badge_number": "V-0042", "id_scanned": true,
-            "nda_signed": true, "screening_status": "cleared", "test": true
-        }),
-        "screening" => {
-            json!({ "visitor": visitor, "location": location, "list": "internal", "matched_at": now, "test": true })
-        }
-        "emergency" => {
-            json!({ "location": location, "triggered_by": { "id": "usr_xyz789", "name": "John Doe" }, "at": now, "test": true })
-        }
-        "document" => {
-            json!({ "visitor": visitor, "document": { "id": "doc_001", "type": "nda" }, "at": now, "test": true })
-        }
-        "delivery" => {
-            json!({ "package": { "id": "pkg_001", "carrier": "UPS" }, "recipient": { "id": "usr_xyz789", "name": "John Doe" }, "location": location, "at": now, "test": true })
-        }
-        _ => json!({ "user": { "id": "usr_xyz789", "name": "John Doe" }, "at": now, "test": true }),
-    };
-    data.to_string()
-}
-
 pub async fn test(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
-    let (account, _) = load(state, &call, account_raw, raw)?;
+    let (account, id) = ids(state, &call, account_raw, raw)?;
+    // An unknown webhook is a 404 before the body is looked at.
+    domain::get_webhook(state, &account, id)?;
     let body: TestRequest = call.json(state).await?;
-    if !state.registry.is_cataloged(&body.event) {
-        return Err(ApiError::bad_request(
-            "unknown_event_type",
-            format!(
-                "event type {:?} is not in the catalog (GET /v1/event-types)",
-                body.event
-            ),
-        ));
-    }
-    let id = WebhookId::parse(raw).ok_or_else(|| not_found(raw))?;
-    let hook = state.registry.hook(id).ok_or_else(|| not_found(raw))?;
-    // Stored through the group committer like any event (it gives the sequence number the
-    // delivery id is made of), but never fanned out.
-    let event = state
-        .ingest
-        .submit_test(
-            account,
-            &body.event,
-            &rfc3339(now_ms()),
-            &sample_data(&body.event),
-        )
-        .await?
-        .map_err(|r| ApiError::bad_request("invalid_request", r.to_string()))?;
-    let seq = event.seq;
-    let delivery_id = DeliveryId { seq, webhook: id };
-    let mut record = DeliveryRecord::new(delivery_id, &event, clock::now_ms(), true);
-    record.next_attempt_ms = None;
-    state.store.create_deliveries(vec![record.clone()])?;
-    let _slot = state
-        .deliverer
-        .global
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::internal("the engine is shutting down"))?;
-    let attempt = state
-        .deliverer
-        .attempt(&hook, record, bytes::Bytes::from(event.body))
-        .await?;
-    let stored = state.store.get_delivery(delivery_id)?;
+    let outcome = domain::test_webhook(state, &account, id, &body.event).await?;
+    let attempt = &outcome.attempt;
     Ok(json_response(
         StatusCode::OK,
         &json!({
-            "delivery_id": delivery_id.to_string(),
-            "status": stored.map_or("failed", |d| d.status.as_str()),
+            "delivery_id": outcome.delivery_id.to_string(),
+            "status": outcome.status,
             "response_code": attempt.response_code,
             "response_time_ms": attempt.response_time_ms,
             "response_body": attempt.response_body,

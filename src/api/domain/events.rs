@@ -1,0 +1,81 @@
+//! Ingest rules: the engine-wide backlog refusal, validating and building each event, and the
+//! batch's per-item outcome. Events enter as [`EventInput`] (already parsed JSON); they leave
+//! as the accepted event ids once the commit that holds them is durable.
+
+use http::StatusCode;
+
+use crate::api::{ApiError, AppState};
+use crate::ingest::{Accepted, EventInput, PendingEvent, Rejection};
+
+/// Most events one batch request may carry.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+
+pub fn rejection_error(r: &Rejection) -> ApiError {
+    let (status, code) = match r {
+        Rejection::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+        Rejection::UnknownAccount(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_account"),
+        Rejection::UnknownEventType(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_event_type"),
+    };
+    ApiError::new(status, code, r.to_string())
+}
+
+/// Refuses new events while more deliveries wait than the engine is configured to hold.
+pub fn check_capacity(state: &AppState) -> Result<(), ApiError> {
+    let waiting = state.scheduler.scheduled();
+    if waiting > state.config.delivery.max_scheduled {
+        return Err(ApiError::busy(format!(
+            "{waiting} deliveries are waiting (delivery.max_scheduled); retry shortly"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates and builds one event (on the calling worker, before the committer sees it).
+pub fn prepare(state: &AppState, input: &EventInput) -> Result<PendingEvent, ApiError> {
+    state.ingest.prepare(input).map_err(|r| rejection_error(&r))
+}
+
+/// Stores one event durably; returns its id.
+pub async fn ingest_one(state: &AppState, input: &EventInput<'_>) -> Result<String, ApiError> {
+    let record = prepare(state, input)?;
+    let accepted = state.ingest.submit(vec![record]).await?;
+    accepted
+        .first()
+        .map(|a| a.id().as_str().to_string())
+        .ok_or_else(|| ApiError::internal("the committer returned no result"))
+}
+
+/// Stores every valid event of a batch in one commit; per item (already parsed, or the parse
+/// error), its id or why it was refused.
+pub async fn ingest_batch(
+    state: &AppState,
+    items: Vec<Result<EventInput<'_>, ApiError>>,
+) -> Result<Vec<Result<String, ApiError>>, ApiError> {
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::bad_request(
+            "batch_too_large",
+            format!("a batch holds at most {MAX_BATCH_EVENTS} events"),
+        ));
+    }
+    // Per item: a prepared record (index into `records`) or an error.
+    let mut slots: Vec<Result<usize, ApiError>> = Vec::with_capacity(items.len());
+    let mut records = Vec::with_capacity(items.len());
+    for item in items {
+        slots.push(item.and_then(|input| prepare(state, &input)).map(|record| {
+            records.push(record);
+            records.len() - 1
+        }));
+    }
+    let accepted: Vec<Accepted> = state.ingest.submit(records).await?;
+    Ok(slots
+        .into_iter()
+        .map(|slot| {
+            slot.and_then(|i| {
+                accepted
+                    .get(i)
+                    .map(|a| a.id().as_str().to_string())
+                    .ok_or_else(|| ApiError::internal("the committer returned no result"))
+            })
+        })
+        .collect())
+}

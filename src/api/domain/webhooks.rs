@@ -1,0 +1,453 @@
+//! Webhook rules: field validation (the HTTPS rule, events against the catalog, CIDR
+//! allowlists), the plan's webhook limit, pause/resume semantics, deletion with its history,
+//! signing-secret rotation and the test send (one real attempt with a sample payload).
+//! Bodies enter as [`CreateWebhook`] / [`UpdateWebhook`]; webhooks leave as [`Webhook`].
+
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::accounts::plan_usage;
+use super::check_name;
+use crate::api::{ApiError, AppState, Paging};
+use crate::clock;
+use crate::config::parse_cidr;
+use crate::ids::{AccountId, DeliveryId, WebhookId};
+use crate::model::{
+    now_ms, rfc3339, AttemptRecord, DeliveryRecord, Subscription, Webhook, WebhookStatus,
+};
+use crate::signing;
+
+const MAX_URL_LEN: usize = 2048;
+const MAX_EVENTS: usize = 100;
+const MAX_CIDRS: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    pub name: String,
+    pub url: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub events: Vec<String>,
+    #[serde(default)]
+    pub ip_allowlist: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWebhook {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    #[serde(default)]
+    pub ip_allowlist: Option<Vec<String>>,
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestRequest {
+    pub event: String,
+}
+
+/// What a test send came to.
+#[derive(Debug, Clone)]
+pub struct TestOutcome {
+    pub delivery_id: DeliveryId,
+    /// The delivery's status after the attempt (`delivered` or `failed`).
+    pub status: &'static str,
+    pub attempt: AttemptRecord,
+}
+
+pub fn check_description(d: Option<String>) -> Result<Option<String>, ApiError> {
+    match d {
+        Some(d) if d.chars().count() > 1000 => Err(ApiError::bad_request(
+            "invalid_description",
+            "description must be at most 1000 characters",
+        )),
+        Some(d) if d.is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+/// The HTTPS rule: an absolute `https://` URL (or `http://` when `delivery.require_https` is
+/// off) with a host and no credentials.
+pub fn check_url(state: &AppState, url: &str) -> Result<String, ApiError> {
+    let bad = |why: &str| ApiError::bad_request("invalid_url", format!("url {url:?}: {why}"));
+    if url.len() > MAX_URL_LEN {
+        return Err(bad(&format!("longer than {MAX_URL_LEN} characters")));
+    }
+    let uri: http::Uri = url.parse().map_err(|_| bad("not a valid URL"))?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if !state.config.delivery.require_https => {}
+        Some("http") => return Err(bad("must use https:// (delivery.require_https)")),
+        _ => return Err(bad("must be an absolute https:// URL")),
+    }
+    let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("must not contain credentials"));
+    }
+    if authority.host().is_empty() {
+        return Err(bad("has no host"));
+    }
+    Ok(url.to_string())
+}
+
+pub fn check_events(state: &AppState, events: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if events.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_events",
+            "events must name at least one event type",
+        ));
+    }
+    if events.len() > MAX_EVENTS {
+        return Err(ApiError::bad_request(
+            "invalid_events",
+            format!("at most {MAX_EVENTS} event entries"),
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(events.len());
+    for e in events {
+        if Subscription::parse(&e, state.registry.catalog()).is_none() {
+            return Err(ApiError::bad_request(
+                "invalid_events",
+                format!("{e:?} is not an event type, a family wildcard like \"emergency.*\", or \"*\" (see GET /v1/event-types)"),
+            ));
+        }
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+pub fn check_cidrs(list: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if list.len() > MAX_CIDRS {
+        return Err(ApiError::bad_request(
+            "invalid_ip_allowlist",
+            format!("at most {MAX_CIDRS} entries"),
+        ));
+    }
+    for c in &list {
+        parse_cidr(c).map_err(|e| ApiError::bad_request("invalid_ip_allowlist", e))?;
+    }
+    Ok(list)
+}
+
+pub fn not_found(id: &str) -> ApiError {
+    ApiError::not_found("webhook_not_found", format!("no webhook {id:?}"))
+}
+
+/// The webhook `id` of `account` (another account's webhook is not found).
+pub fn get_webhook(
+    state: &AppState,
+    account: &AccountId,
+    id: WebhookId,
+) -> Result<Webhook, ApiError> {
+    state
+        .store
+        .get_webhook(account, id)?
+        .ok_or_else(|| not_found(&id.to_string()))
+}
+
+pub async fn create_webhook(
+    state: &AppState,
+    account: &AccountId,
+    body: CreateWebhook,
+) -> Result<Webhook, ApiError> {
+    let name = check_name(&body.name)?;
+    let url = check_url(state, &body.url)?;
+    let description = check_description(body.description)?;
+    let events = check_events(state, body.events)?;
+    let ip_allowlist = check_cidrs(body.ip_allowlist)?;
+    let hook = {
+        let _writes = state.registry.write_lock();
+        let usage = plan_usage(state, account);
+        if let (true, Some(max)) = (usage.at_limit(), usage.max_webhooks) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "plan_limit_reached",
+                format!("the {} plan allows at most {max} webhooks", usage.plan),
+            ));
+        }
+        // Lists are newest first by (created_ms, id), and ids are random: keep created_ms
+        // strictly increasing within the account so that webhooks created in the same
+        // millisecond still list in creation order.
+        let now = state
+            .store
+            .webhooks_of(account)?
+            .iter()
+            .map(|h| h.created_ms + 1)
+            .fold(now_ms(), u64::max);
+        let mut id = WebhookId::generate();
+        while state.registry.hook(id).is_some() {
+            id = WebhookId::generate();
+        }
+        let hook = Webhook {
+            id,
+            account_id: account.clone(),
+            name,
+            url,
+            description,
+            events,
+            ip_allowlist,
+            status: WebhookStatus::Active,
+            disabled_reason: None,
+            consecutive_failures: 0,
+            secret: signing::new_secret(),
+            created_ms: now,
+            updated_ms: now,
+        };
+        state.store.put_webhook(&hook)?;
+        state.registry.upsert_hook(hook.clone());
+        hook
+    };
+    state.ingest.sync().await?;
+    Ok(hook)
+}
+
+/// One page of the account's webhooks, newest first, and the cursor of the next page.
+pub fn list_webhooks(
+    state: &AppState,
+    account: &AccountId,
+    page: &Paging,
+) -> Result<(Vec<Webhook>, Option<String>), ApiError> {
+    let mut hooks = state.store.webhooks_of(account)?;
+    hooks.sort_by_key(|h| std::cmp::Reverse((h.created_ms, h.id)));
+    // The cursor is the sort key of the last item shown, `{created_ms}.{webhook id}`, so a page
+    // continues after it even if that webhook was deleted in the meantime.
+    let start = match &page.cursor {
+        Some(c) => {
+            let key = c
+                .split_once('.')
+                .and_then(|(ms, id)| Some((ms.parse::<u64>().ok()?, WebhookId::parse(id)?)))
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_cursor", "cursor is not one this API gave")
+                })?;
+            hooks
+                .iter()
+                .position(|h| (h.created_ms, h.id) < key)
+                .unwrap_or(hooks.len())
+        }
+        None => 0,
+    };
+    let more = hooks.len() - start > page.limit;
+    let taken: Vec<Webhook> = hooks.into_iter().skip(start).take(page.limit).collect();
+    let next = more
+        .then(|| taken.last().map(|h| format!("{}.{}", h.created_ms, h.id)))
+        .flatten();
+    Ok((taken, next))
+}
+
+/// Read-modify-write of one webhook under the registry's write lock, then durable.
+async fn modify(
+    state: &AppState,
+    account: &AccountId,
+    id: WebhookId,
+    change: impl FnOnce(&mut Webhook) -> Result<(), ApiError>,
+) -> Result<Webhook, ApiError> {
+    let hook = {
+        let _writes = state.registry.write_lock();
+        let mut hook = get_webhook(state, account, id)?;
+        change(&mut hook)?;
+        hook.updated_ms = now_ms();
+        state.store.put_webhook(&hook)?;
+        state.registry.upsert_hook(hook.clone());
+        hook
+    };
+    state.ingest.sync().await?;
+    Ok(hook)
+}
+
+/// Replaces the signing secret; returns the new one.
+pub async fn rotate_secret(
+    state: &AppState,
+    account: &AccountId,
+    id: WebhookId,
+) -> Result<String, ApiError> {
+    let hook = modify(state, account, id, |h| {
+        h.secret = signing::new_secret();
+        Ok(())
+    })
+    .await?;
+    Ok(hook.secret)
+}
+
+/// Changes the given fields. Pause semantics: `"paused"` stops deliveries (they wait);
+/// `"active"` resumes, and also clears an automatic disable with its failure count.
+pub async fn update_webhook(
+    state: &AppState,
+    account: &AccountId,
+    id: WebhookId,
+    body: UpdateWebhook,
+) -> Result<Webhook, ApiError> {
+    let name = body.name.as_deref().map(check_name).transpose()?;
+    let url = body
+        .url
+        .as_deref()
+        .map(|u| check_url(state, u))
+        .transpose()?;
+    let description = body
+        .description
+        .map(|d| check_description(Some(d)))
+        .transpose()?;
+    let events = body.events.map(|e| check_events(state, e)).transpose()?;
+    let ip_allowlist = body.ip_allowlist.map(check_cidrs).transpose()?;
+    let status = match body.status.as_deref() {
+        None => None,
+        Some("active") => Some(WebhookStatus::Active),
+        Some("paused") => Some(WebhookStatus::Paused),
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_status",
+                format!("status {other:?} cannot be set; use \"active\" or \"paused\""),
+            ))
+        }
+    };
+    modify(state, account, id, |h| {
+        if let Some(v) = name {
+            h.name = v;
+        }
+        if let Some(v) = url {
+            h.url = v;
+        }
+        if let Some(v) = description {
+            h.description = v;
+        }
+        if let Some(v) = events {
+            h.events = v;
+        }
+        if let Some(v) = ip_allowlist {
+            h.ip_allowlist = v;
+        }
+        match status {
+            Some(WebhookStatus::Active) => {
+                h.status = WebhookStatus::Active;
+                h.disabled_reason = None;
+                h.consecutive_failures = 0;
+            }
+            Some(s) => h.status = s,
+            None => {}
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Deletes the webhook and its delivery history.
+pub async fn delete_webhook(
+    state: &AppState,
+    account: &AccountId,
+    id: WebhookId,
+) -> Result<(), ApiError> {
+    let hook = get_webhook(state, account, id)?;
+    {
+        let _writes = state.registry.write_lock();
+        state.registry.remove_hook(account, hook.id);
+    }
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || store.delete_webhook(&hook)).await??;
+    state.ingest.sync().await?;
+    Ok(())
+}
+
+/// A plausible `data` object for a test send of `event`.
+pub fn sample_data(event: &str) -> String {
+    let now = rfc3339(now_ms());
+    let visitor = json!({
+        "id": "vis_test123", "first_name": "Jane", "last_name": "Smith",
+        "email": "jane@example.com", "company": "Acme Corp", "purpose": "Meeting"
+    });
+    let location = json!({ "id": "loc_001", "name": "Main Office" });
+    let data = match crate::model::event_family(event) {
+        "visitor" => json!({
+            "visitor": visitor,
+            "host": { "id": "usr_xyz789", "name": "John Doe", "department": "Engineering" },
+            "location": location,
+            "check_in_time": now, "badge_number": "V-0042", "id_scanned": true,
+            "nda_signed": true, "screening_status": "cleared", "test": true
+        }),
+        "screening" => {
+            json!({ "visitor": visitor, "location": location, "list": "internal", "matched_at": now, "test": true })
+        }
+        "emergency" => {
+            json!({ "location": location, "triggered_by": { "id": "usr_xyz789", "name": "John Doe" }, "at": now, "test": true })
+        }
+        "document" => {
+            json!({ "visitor": visitor, "document": { "id": "doc_001", "type": "nda" }, "at": now, "test": true })
+        }
+        "delivery" => {
+            json!({ "package": { "id": "pkg_001", "carrier": "UPS" }, "recipient": { "id": "usr_xyz789", "name": "John Doe" }, "location": location, "at": now, "test": true })
+        }
+        _ => json!({ "user": { "id": "usr_xyz789", "name": "John Doe" }, "at": now, "test": true }),
+    };
+    data.to_string()
+}
+
+/// The test tool: one real, signed attempt of a sample `event` to the webhook, now, whatever
+/// its status; recorded as a test delivery and never retried.
+pub async fn test_webhook(
+    state: &AppState,
+    account: &AccountId,
+    id: WebhookId,
+    event: &str,
+) -> Result<TestOutcome, ApiError> {
+    if !state.registry.is_cataloged(event) {
+        return Err(ApiError::bad_request(
+            "unknown_event_type",
+            format!("event type {event:?} is not in the catalog (GET /v1/event-types)"),
+        ));
+    }
+    let hook = state
+        .registry
+        .hook(id)
+        .filter(|h| h.hook.account_id == *account)
+        .ok_or_else(|| not_found(&id.to_string()))?;
+    // Stored through the group committer like any event (it gives the sequence number the
+    // delivery id is made of), but never fanned out.
+    let stored = state
+        .ingest
+        .submit_test(
+            account.clone(),
+            event,
+            &rfc3339(now_ms()),
+            &sample_data(event),
+        )
+        .await?
+        .map_err(|r| ApiError::bad_request("invalid_request", r.to_string()))?;
+    let delivery_id = DeliveryId {
+        seq: stored.seq,
+        webhook: id,
+    };
+    let mut record = DeliveryRecord::new(delivery_id, &stored, clock::now_ms(), true);
+    record.next_attempt_ms = None;
+    state.store.create_deliveries(vec![record.clone()])?;
+    let _slot = state
+        .deliverer
+        .global
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::internal("the engine is shutting down"))?;
+    let attempt = state
+        .deliverer
+        .attempt(&hook, record, bytes::Bytes::from(stored.body))
+        .await?;
+    let status = state
+        .store
+        .get_delivery(delivery_id)?
+        .map_or("failed", |d| d.status.as_str());
+    Ok(TestOutcome {
+        delivery_id,
+        status,
+        attempt,
+    })
+}

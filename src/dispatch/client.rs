@@ -7,6 +7,11 @@
 //! `delivery.extra_ca_files`; SNI from the URL host). Host names are resolved by
 //! [`GuardedResolver`], which drops every address the policy refuses, so the connector only
 //! ever connects to an address that was checked. Redirects are never followed.
+//!
+//! The error text of an outcome is shown to the tenant (delivery log, test tool), so a refusal
+//! or a failed lookup is reported as [`NOT_ALLOWED`] or [`UNRESOLVABLE`] only: what the host
+//! resolved to and the resolver's own message would let a tenant map the internal network. That
+//! detail goes to the operator's log, with the delivery id.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,7 +34,13 @@ use ipnet::IpNet;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-use super::netguard::AddressPolicy;
+use super::netguard::{AddressPolicy, Refusal};
+use crate::ids::DeliveryId;
+
+/// What a tenant is told when the guard refuses every address of the host (or its literal one).
+pub const NOT_ALLOWED: &str = "destination is not allowed";
+/// What a tenant is told when the host name has no address.
+pub const UNRESOLVABLE: &str = "host cannot be resolved";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -40,17 +51,25 @@ pub enum ClientError {
 }
 
 /// Resolves a host and keeps only the addresses the policy allows; if none is left the
-/// connection fails with the reason of the first refusal.
+/// connection fails with the first refusal.
 #[derive(Clone)]
 pub struct GuardedResolver {
     policy: Arc<AddressPolicy>,
 }
 
+/// The resolver's errors. They travel inside hyper's connect error, where [`Failure::from_client`]
+/// finds them again; their text is for the operator's log.
 #[derive(Debug, thiserror::Error)]
-#[error("refused to connect to {host}: {reason}")]
-pub struct Refused {
-    host: String,
-    reason: String,
+pub enum ResolveError {
+    #[error("refused to connect to {host}: {refusal}")]
+    Refused { host: String, refusal: Refusal },
+    #[error("cannot resolve {host}: {source}")]
+    Lookup {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("cannot resolve {host}: no address")]
+    NoAddress { host: String },
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -68,24 +87,30 @@ impl tower_service::Service<Name> for GuardedResolver {
         let policy = self.policy.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+            let lookup: Result<Vec<SocketAddr>, _> = tokio::net::lookup_host((host.as_str(), 0))
                 .await
-                .map_err(|e| format!("cannot resolve {host}: {e}"))?
-                .collect();
+                .map(Iterator::collect);
+            let resolved = match lookup {
+                Ok(addrs) => addrs,
+                Err(source) => return Err(Box::new(ResolveError::Lookup { host, source }) as _),
+            };
             let mut first_refusal = None;
             let allowed: Vec<SocketAddr> = resolved
                 .into_iter()
                 .filter(|a| match policy.check(a.ip()) {
                     Ok(()) => true,
-                    Err(reason) => {
-                        first_refusal.get_or_insert(reason);
+                    Err(refusal) => {
+                        first_refusal.get_or_insert(refusal);
                         false
                     }
                 })
                 .collect();
             if allowed.is_empty() {
-                let reason = first_refusal.unwrap_or_else(|| "no address".into());
-                return Err(Box::new(Refused { host, reason }) as BoxError);
+                let error = match first_refusal {
+                    Some(refusal) => ResolveError::Refused { host, refusal },
+                    None => ResolveError::NoAddress { host },
+                };
+                return Err(Box::new(error) as BoxError);
             }
             Ok(allowed.into_iter())
         })
@@ -107,6 +132,41 @@ pub struct AttemptOutcome {
 impl AttemptOutcome {
     pub fn is_success(&self) -> bool {
         self.error.is_none() && self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+}
+
+/// Why an attempt got no answer: `shown` is for the tenant, `detail` (which may name addresses
+/// or quote the resolver) for the operator's log only.
+struct Failure {
+    shown: String,
+    detail: Option<String>,
+}
+
+impl Failure {
+    fn shown(text: impl Into<String>) -> Failure {
+        Failure {
+            shown: text.into(),
+            detail: None,
+        }
+    }
+
+    /// A client error, with the guard's refusal or a failed lookup found among its causes.
+    fn from_client(e: &(dyn std::error::Error + 'static)) -> Failure {
+        let mut cause = Some(e);
+        while let Some(c) = cause {
+            if let Some(resolve) = c.downcast_ref::<ResolveError>() {
+                let shown = match resolve {
+                    ResolveError::Refused { .. } => NOT_ALLOWED,
+                    ResolveError::Lookup { .. } | ResolveError::NoAddress { .. } => UNRESOLVABLE,
+                };
+                return Failure {
+                    shown: shown.into(),
+                    detail: Some(resolve.to_string()),
+                };
+            }
+            cause = c.source();
+        }
+        Failure::shown(error_chain(e))
     }
 }
 
@@ -209,9 +269,11 @@ impl Outbound {
         clients.retain(|k, _| k.is_empty() || keep.contains(k));
     }
 
-    /// POSTs `body` to `url` and reports what came back, within the attempt timeout.
+    /// POSTs `body` to `url` and reports what came back, within the attempt timeout. A refused
+    /// destination or a failed lookup is logged with `delivery` and its detail.
     pub async fn post(
         &self,
+        delivery: DeliveryId,
         url: &str,
         pin: &[IpNet],
         headers: Vec<(HeaderName, HeaderValue)>,
@@ -220,10 +282,15 @@ impl Outbound {
         let started = Instant::now();
         let mut outcome = match self.post_inner(url, pin, headers, body).await {
             Ok(o) => o,
-            Err(error) => AttemptOutcome {
-                error: Some(error),
-                ..Default::default()
-            },
+            Err(failure) => {
+                if let Some(detail) = &failure.detail {
+                    tracing::warn!(%delivery, %detail, "attempt not made: {}", failure.shown);
+                }
+                AttemptOutcome {
+                    error: Some(failure.shown),
+                    ..Default::default()
+                }
+            }
         };
         outcome.elapsed = started.elapsed();
         outcome
@@ -235,9 +302,13 @@ impl Outbound {
         pin: &[IpNet],
         headers: Vec<(HeaderName, HeaderValue)>,
         body: Bytes,
-    ) -> Result<AttemptOutcome, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
-        let host = uri.host().ok_or("URL has no host")?;
+    ) -> Result<AttemptOutcome, Failure> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| Failure::shown(format!("invalid URL: {e}")))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| Failure::shown("URL has no host"))?;
         // Literal addresses never reach the resolver, so they are checked here.
         let literal = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = literal.parse::<IpAddr>() {
@@ -245,9 +316,10 @@ impl Outbound {
                 private_allowlist: self.private_allowlist.clone(),
                 pin: pin.to_vec(),
             };
-            policy
-                .check(ip)
-                .map_err(|reason| format!("refused to connect to {host}: {reason}"))?;
+            policy.check(ip).map_err(|refusal| Failure {
+                shown: NOT_ALLOWED.into(),
+                detail: Some(format!("refused to connect to {host}: {refusal}")),
+            })?;
         }
         let mut request = Request::post(uri);
         for (name, value) in headers {
@@ -255,10 +327,13 @@ impl Outbound {
         }
         let request = request
             .body(Full::new(body))
-            .map_err(|e| format!("cannot build request: {e}"))?;
+            .map_err(|e| Failure::shown(format!("cannot build request: {e}")))?;
         let client = self.client_for(pin);
         let exchange = async {
-            let response = client.request(request).await.map_err(|e| error_chain(&e))?;
+            let response = client
+                .request(request)
+                .await
+                .map_err(|e| Failure::from_client(&e))?;
             let status = response.status().as_u16();
             let headers = response
                 .headers()
@@ -281,10 +356,10 @@ impl Outbound {
                         }
                     }
                     Some(Err(e)) => {
-                        return Err(format!(
+                        return Err(Failure::shown(format!(
                             "reading the response body failed: {}",
                             error_chain(&e)
-                        ))
+                        )))
                     }
                     None => break,
                 }
@@ -305,7 +380,10 @@ impl Outbound {
                 }
                 Ok(outcome)
             }
-            Err(_) => Err(format!("timed out after {} ms", self.timeout.as_millis())),
+            Err(_) => Err(Failure::shown(format!(
+                "timed out after {} ms",
+                self.timeout.as_millis()
+            ))),
         }
     }
 }

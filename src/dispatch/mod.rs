@@ -85,7 +85,7 @@ impl Deliverer {
             .collect();
         let outcome = self
             .outbound
-            .post(&hook.hook.url, &hook.ip_allowlist, headers, body)
+            .post(record.id, &hook.hook.url, &hook.ip_allowlist, headers, body)
             .await;
         let success = outcome.is_success();
         metrics::counter!("kyberhook_delivery_attempts_total", "outcome" => if success { "success" } else { "failure" })

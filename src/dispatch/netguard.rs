@@ -6,6 +6,10 @@
 //! is then connected to (see `client`), so a second DNS answer cannot slip past it. Addresses in
 //! `delivery.private_network_allowlist` are exempt; a webhook's own `ip_allowlist` further pins
 //! which addresses it may be called on.
+//!
+//! A [`Refusal`] names the address and why it was refused. That is for the operator's log only:
+//! a tenant who saw it could map the internal network with webhook URLs, so `client` shows
+//! tenants one fixed text for every refusal.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -95,16 +99,23 @@ pub struct AddressPolicy {
     pub pin: Vec<IpNet>,
 }
 
+/// Why an address may not be called. The text names the address: operator log only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("address {0} is not in the webhook's ip_allowlist")]
+    NotPinned(IpAddr),
+    #[error("address {ip} is {reason} and not in delivery.private_network_allowlist")]
+    NonPublic { ip: IpAddr, reason: &'static str },
+}
+
 impl AddressPolicy {
-    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+    pub fn check(&self, ip: IpAddr) -> Result<(), Refusal> {
         if !self.pin.is_empty() && !contains(&self.pin, ip) {
-            return Err(format!("address {ip} is not in the webhook's ip_allowlist"));
+            return Err(Refusal::NotPinned(ip));
         }
         if let Some(reason) = non_public_reason(canonical(ip)) {
             if !contains(&self.private_allowlist, ip) {
-                return Err(format!(
-                    "address {ip} is {reason} and not in delivery.private_network_allowlist"
-                ));
+                return Err(Refusal::NonPublic { ip, reason });
             }
         }
         Ok(())
@@ -178,6 +189,7 @@ mod tests {
         assert!(open
             .check(ip("127.0.0.1"))
             .unwrap_err()
+            .to_string()
             .contains("loopback"));
         let lo = AddressPolicy {
             private_allowlist: vec!["127.0.0.0/8".parse().unwrap()],
@@ -190,10 +202,10 @@ mod tests {
             pin: vec!["192.0.2.0/24".parse().unwrap()],
             ..lo.clone()
         };
-        assert!(pinned
-            .check(ip("127.0.0.1"))
-            .unwrap_err()
-            .contains("ip_allowlist"));
+        assert_eq!(
+            pinned.check(ip("127.0.0.1")),
+            Err(Refusal::NotPinned(ip("127.0.0.1")))
+        );
         let pinned_public = AddressPolicy {
             pin: vec!["8.8.8.0/24".parse().unwrap()],
             private_allowlist: vec![],

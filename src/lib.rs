@@ -127,6 +127,9 @@ impl Engine {
                 store::StoreError::Sled(sled::Error::Io(io)) => {
                     StartError::Config(format!("storage.path = {:?}: {io}", path.display()))
                 }
+                // A store from a newer kyberhook is the operator's to sort out, as is a
+                // damaged version record.
+                store::StoreError::Format(e) => StartError::Config(format!("storage.path: {e}")),
                 other => StartError::Store(other),
             })
         })

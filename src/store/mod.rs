@@ -8,12 +8,17 @@
 //! calls once per batch. sled is beta software; keeping it behind this module keeps the engine
 //! replaceable.
 
+pub mod backup;
+pub mod format;
 pub mod keys;
+pub mod tracked;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use sled::{Batch, IVec, Tree};
+use sled::IVec;
+use tracked::{Batch, Tracker, Tree};
 
 use crate::codec::{self, CodecError};
 use crate::ids::{self, AccountId, DeliveryId, EventId, WebhookId};
@@ -30,6 +35,8 @@ pub enum StoreError {
     },
     #[error("storage: {0}")]
     Codec(#[from] CodecError),
+    #[error("storage: {0}")]
+    Format(#[from] format::FormatError),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -75,6 +82,10 @@ pub struct Store {
     /// without syncing them; [`Store::make_durable`] syncs each new one once.
     blobs_dir: PathBuf,
     synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+    /// The write gate and change tracking of every tree (online backups, `backup`).
+    tracker: Arc<Tracker>,
+    /// `format_version` (see `format`).
+    meta: Tree,
     accounts: Tree,
     webhooks: Tree,
     events: Tree,
@@ -106,11 +117,17 @@ impl Store {
         } else {
             None
         };
-        let tree = |name: &str| db.open_tree(name);
+        // Every tree is opened through the tracker, so an online backup covers it.
+        let tracker = Arc::new(Tracker::default());
+        let tree = |name: &str| Tree::open(&db, &tracker, name);
+        let meta = tree("meta")?;
+        let events = tree("events")?;
+        format::prepare(&db, &meta, &events, path)?;
         Ok(Store {
+            meta,
             accounts: tree("accounts")?,
             webhooks: tree("webhooks")?,
-            events: tree("events")?,
+            events,
             event_ids: tree("event_ids")?,
             inbox: tree("inbox")?,
             deliveries: tree("deliveries")?,
@@ -121,6 +138,7 @@ impl Store {
             db_file,
             blobs_dir: path.join("blobs"),
             synced_blobs: Default::default(),
+            tracker,
             db,
         })
     }

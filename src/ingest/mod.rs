@@ -24,7 +24,7 @@ mod body;
 mod commit;
 mod fanout;
 
-pub use body::{build_body, minify_into};
+pub use body::build_body;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

@@ -191,6 +191,8 @@ impl Engine {
                 metrics::MetricsHandler {
                     prometheus: prometheus.clone(),
                     scheduler: scheduler.clone(),
+                    store: store.clone(),
+                    registry: state.registry.clone(),
                 },
                 config.server.header_read_timeout,
                 shutdown_rx.clone(),

@@ -2,10 +2,16 @@
 //! the `GET /metrics` page on `metrics.listen`.
 //!
 //! Names, types and labels are documented in the README. Labels are bounded sets (route
-//! patterns, status codes, outcome): never an account, webhook or URL, so the number of series
-//! does not grow with customers.
+//! patterns, status codes, outcome, webhook status): never an account, webhook or URL, so the
+//! number of series does not grow with customers.
+//!
+//! Most families are pushed by the module that sees the event. The operator's gauges — store
+//! size, the oldest owed attempt's lateness, webhooks by status, deliveries scheduled — are
+//! state rather than events, so [`MetricsHandler`] reads them from the store, registry and
+//! scheduler when Prometheus scrapes (the store's part on the blocking pool), and they are
+//! exact whenever they are looked at.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +20,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::model::now_ms;
+use crate::registry::Registry;
 use crate::server::Handler;
+use crate::store::Store;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -54,6 +63,8 @@ pub fn install() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
             }
             describe();
+            // Present from the start, so an alert on its rate has a series before the first error.
+            metrics::counter!("kyberhook_store_write_errors_total").increment(0);
             handle
         })
         .clone()
@@ -97,6 +108,24 @@ fn describe() {
         "kyberhook_webhooks_auto_disabled_total",
         "Webhooks disabled after too many consecutive failures."
     );
+    describe_gauge!(
+        "kyberhook_store_size_bytes",
+        Unit::Bytes,
+        "Bytes the embedded store uses on disk (sled's data file and blobs)."
+    );
+    describe_counter!(
+        "kyberhook_store_write_errors_total",
+        "Store flushes that failed: the disk refused writes (full, read-only, failing)."
+    );
+    describe_gauge!(
+        "kyberhook_oldest_due_delivery_lateness_seconds",
+        Unit::Seconds,
+        "How far behind schedule the earliest owed attempt is (0 when none is overdue)."
+    );
+    describe_gauge!(
+        "kyberhook_webhooks",
+        "Webhooks by status (active, paused, disabled)."
+    );
     describe_counter!(
         "kyberhook_api_requests_total",
         "API requests by matched route and status."
@@ -122,8 +151,43 @@ pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
 #[derive(Clone)]
 pub struct MetricsHandler {
     pub prometheus: PrometheusHandle,
-    /// Read at scrape time, so the gauge is exact whenever it is looked at.
     pub scheduler: crate::scheduler::SchedulerHandle,
+    pub store: Arc<Store>,
+    pub registry: Arc<Registry>,
+}
+
+impl MetricsHandler {
+    /// Sets the state gauges from their owners, just before rendering.
+    async fn refresh(&self) {
+        metrics::gauge!("kyberhook_deliveries_scheduled").set(self.scheduler.scheduled() as f64);
+        let counts = self.registry.hook_status_counts();
+        for (status, n) in ["active", "paused", "disabled"].into_iter().zip(counts) {
+            metrics::gauge!("kyberhook_webhooks", "status" => status).set(n as f64);
+        }
+        // Directory metadata and a tree lookup: file-system work, off the async workers.
+        let store = self.store.clone();
+        let read =
+            tokio::task::spawn_blocking(move || (store.size_on_disk(), store.earliest_due_ms()))
+                .await;
+        match read {
+            Ok((size, earliest)) => {
+                metrics::gauge!("kyberhook_store_size_bytes").set(size as f64);
+                match earliest {
+                    Ok(earliest) => {
+                        metrics::gauge!("kyberhook_oldest_due_delivery_lateness_seconds")
+                            .set(lateness_seconds(earliest, now_ms()))
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the earliest due attempt failed"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the store's figures failed"),
+        }
+    }
+}
+
+/// Seconds from `earliest_due_ms` to `now_ms`; 0 when nothing is owed or nothing is overdue.
+pub fn lateness_seconds(earliest_due_ms: Option<u64>, now_ms: u64) -> f64 {
+    earliest_due_ms.map_or(0.0, |due| now_ms.saturating_sub(due) as f64 / 1000.0)
 }
 
 impl Handler for MetricsHandler {
@@ -131,14 +195,24 @@ impl Handler for MetricsHandler {
         if req.method() != Method::GET || req.uri().path() != "/metrics" {
             return crate::server::not_found();
         }
+        self.refresh().await;
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from({
-                metrics::gauge!("kyberhook_deliveries_scheduled")
-                    .set(self.scheduler.scheduled() as f64);
-                self.prometheus.render()
-            })))
+            .body(Full::new(Bytes::from(self.prometheus.render())))
             .expect("static response parts are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lateness_seconds;
+
+    #[test]
+    fn lateness_is_zero_unless_an_owed_attempt_is_overdue() {
+        assert_eq!(lateness_seconds(None, 10_000), 0.0);
+        assert_eq!(lateness_seconds(Some(12_000), 10_000), 0.0);
+        assert_eq!(lateness_seconds(Some(10_000), 10_000), 0.0);
+        assert_eq!(lateness_seconds(Some(7_500), 10_000), 2.5);
     }
 }

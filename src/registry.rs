@@ -139,6 +139,20 @@ impl Registry {
         }
     }
 
+    /// How many webhooks are active, paused and disabled (in that order): for the metrics
+    /// page, at scrape time. One pass over the webhooks under the read lock.
+    pub fn hook_status_counts(&self) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for entry in self.read().hooks.values() {
+            counts[match entry.hook.status {
+                WebhookStatus::Active => 0,
+                WebhookStatus::Paused => 1,
+                WebhookStatus::Disabled => 2,
+            }] += 1;
+        }
+        counts
+    }
+
     pub fn upsert_hook(&self, hook: Webhook) {
         let account = hook.account_id.clone();
         let mut inner = self.write();

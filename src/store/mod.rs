@@ -145,7 +145,19 @@ impl Store {
 
     /// Makes every write so far power-safe. Blocking: call it from a dedicated thread or
     /// `spawn_blocking`, never on an async worker.
+    ///
+    /// A failure here is counted in `kyberhook_store_write_errors_total`: sled writes in the
+    /// background, so a disk that refuses writes (full, read-only, failing) shows up at the
+    /// flush that every acknowledged write goes through.
     pub fn make_durable(&self) -> Result<()> {
+        let result = self.flush_and_sync();
+        if result.is_err() {
+            ::metrics::counter!("kyberhook_store_write_errors_total").increment(1);
+        }
+        result
+    }
+
+    fn flush_and_sync(&self) -> Result<()> {
         self.db.flush()?;
         if let Some((path, file)) = &self.db_file {
             file.sync_data().map_err(|source| StoreError::Sync {
@@ -596,6 +608,17 @@ impl Store {
             Ok(k) => keys::schedule_parts(&k).map(Ok),
             Err(e) => Some(Err(e.into())),
         })
+    }
+
+    /// When the earliest owed attempt was due (unix ms), if any is owed. A delivery keeps its
+    /// schedule entry until its attempt's outcome is written, so this includes attempts in
+    /// flight and deliveries queued behind a busy webhook or a plan rate.
+    pub fn earliest_due_ms(&self) -> Result<Option<u64>> {
+        Ok(self
+            .schedule
+            .first()?
+            .and_then(|(k, _)| keys::schedule_parts(&k))
+            .map(|(due, _)| due))
     }
 
     pub fn scheduled_count(&self) -> usize {

@@ -112,6 +112,14 @@ pub struct StorageConfig {
     /// for throw-away benchmarks.
     #[serde(default = "d_true")]
     pub fsync: bool,
+    /// sled's page cache in bytes: an integer, or a string with a unit (`"64MiB"`).
+    #[serde(default = "d_cache_size", deserialize_with = "de_bytes")]
+    pub cache_size: u64,
+    /// A file holding the key that seals webhook secrets (64 hex digits or base64 of 32
+    /// bytes). `KYBERHOOK_SECRETS_KEY` wins when set; with neither, the key is `secrets.key`
+    /// in the data dir, generated on first start.
+    #[serde(default)]
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -250,6 +258,9 @@ fn d_storage_path() -> PathBuf {
 fn d_retention() -> Duration {
     Duration::from_secs(30 * 86_400)
 }
+fn d_cache_size() -> u64 {
+    crate::store::DEFAULT_CACHE_BYTES
+}
 fn d_true() -> bool {
     true
 }
@@ -350,6 +361,44 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+/// Parses a size: bytes without a unit, or with `B`, `KiB`, `MiB`, `GiB` (`"64MiB"`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("size {text:?} does not start with a number"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        other => {
+            return Err(format!(
+                "size {text:?} has unknown unit {other:?} (use B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(t) => parse_bytes(&t).map_err(serde::de::Error::custom),
+    }
 }
 
 fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
@@ -547,6 +596,9 @@ impl Config {
         if self.storage.retention.is_zero() {
             return Err(bad("storage.retention", "must be greater than zero"));
         }
+        if self.storage.cache_size < 1 << 20 {
+            return Err(bad("storage.cache_size", "must be at least 1MiB"));
+        }
         if log_filter(&self.log.level).is_err() {
             return Err(bad("log.level", "is not a valid filter (e.g. \"info\")"));
         }
@@ -687,12 +739,29 @@ mod tests {
             ("[events]\ncatalog = []\n", "events.catalog"),
             ("[log]\nformat = \"xml\"\n", "test.toml:2"),
             ("[server]\ntls_cert = \"a.pem\"\n", "tls_key"),
+            ("[storage]\ncache_size = \"64 MB\"\n", "storage.cache_size"),
+            ("[storage]\ncache_size = 1000\n", "storage.cache_size"),
+            ("[storage]\ncache_size = \"-1MiB\"\n", "storage.cache_size"),
+            ("[storage]\ncache_size = true\n", "test.toml:2"),
         ];
         for (text, needle) in cases {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text:?} gave {err:?}");
             assert!(!err.contains('\n'), "{err:?}");
         }
+    }
+
+    #[test]
+    fn cache_size_takes_bytes_or_a_unit() {
+        assert_eq!(Config::default_config().storage.cache_size, 64 << 20);
+        assert_eq!(parse("").unwrap().storage.cache_size, 64 << 20);
+        let c = parse("[storage]\ncache_size = \"256MiB\"\n").unwrap();
+        assert_eq!(c.storage.cache_size, 256 << 20);
+        let c = parse("[storage]\ncache_size = 8388608\n").unwrap();
+        assert_eq!(c.storage.cache_size, 8 << 20);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("512KiB").unwrap(), 512 << 10);
+        assert!(parse_bytes("99999999999GiB").is_err());
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod model;
 pub mod ratelimit;
 pub mod registry;
 pub mod scheduler;
+pub mod secrets;
 pub mod server;
 pub mod signing;
 pub mod store;
@@ -118,19 +119,28 @@ impl Engine {
         .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
         let prometheus = metrics::install();
 
+        // The engine owns the process: every file it creates from here on (sled's segments,
+        // snapshots and blobs, the secrets key) is private to its user.
+        #[cfg(unix)]
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
         let path = config.storage.path.clone();
-        let fsync = config.storage.fsync;
+        let options = store::StoreOptions {
+            fsync: config.storage.fsync,
+            cache_bytes: config.storage.cache_size,
+            secrets: secrets::KeySource::from_env_or_file(
+                config.storage.secrets_key_file.as_deref(),
+            )
+            .map_err(|e| StartError::Config(e.to_string()))?,
+        };
         let store = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&path).map_err(|e| {
-                StartError::Config(format!("storage.path = {:?}: {e}", path.display()))
-            })?;
-            Store::open(&path, fsync).map_err(|e| match e {
+            Store::open_with(&path, &options).map_err(|e| match e {
                 store::StoreError::Sled(sled::Error::Io(io)) => {
                     StartError::Config(format!("storage.path = {:?}: {io}", path.display()))
                 }
                 // A store from a newer kyberhook is the operator's to sort out, as is a
                 // damaged version record.
                 store::StoreError::Format(e) => StartError::Config(format!("storage.path: {e}")),
+                e if e.is_operator_error() => StartError::Config(e.to_string()),
                 other => StartError::Store(other),
             })
         })

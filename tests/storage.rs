@@ -1,0 +1,254 @@
+//! Storage that stays bounded and honest, tested on the real binary: signing secrets sealed at
+//! rest in a private data dir, retention that keeps up, and a full disk that loses nothing
+//! acknowledged.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Method, StatusCode};
+use serde_json::json;
+
+/// A running `kyberhook serve` and every line it wrote to stderr.
+struct Proc {
+    child: Child,
+    api: Api,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Proc {
+    /// A failing test must not leave an engine running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn command(config: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kyberhook"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env_remove("KYBERHOOK_SECRETS_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Starts the binary and waits for the line naming its API address.
+fn spawn(config: &Path, env: &[(&str, &str)]) -> Proc {
+    let mut child = command(config, env).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(api) = v["fields"]["api"].as_str() {
+                    let _ = tx.send(api.parse::<SocketAddr>().unwrap());
+                }
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the engine did not start: {:?}", log.lock().unwrap()));
+    Proc {
+        child,
+        api: Api::new(addr),
+        log,
+    }
+}
+
+/// Runs the binary expecting it to refuse to start; returns its exit status and stderr lines.
+fn refused(config: &Path, env: &[(&str, &str)]) -> (ExitStatus, Vec<String>) {
+    let out = command(config, env).output().unwrap();
+    let lines = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    (out.status, lines)
+}
+
+fn write_config(dir: &Path, data: &Path, pki: &Pki, storage: &str) -> PathBuf {
+    let toml = config_toml(
+        data,
+        &pki.ca_file,
+        "retry_schedule = [\"200ms\", \"500ms\", \"1s\"]",
+        "[log]\nformat = \"json\"\nlevel = \"warn,kyberhook=info\"",
+    )
+    .replace("[storage]\n", &format!("[storage]\n{storage}\n"));
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Creates an enterprise account and a webhook for every event; returns the secret.
+async fn setup(api: &Api, account: &str, url: &str) -> String {
+    let (s, v) = api
+        .admin(
+            Method::POST,
+            "/v1/accounts",
+            Some(json!({"name": account, "plan": "enterprise", "id": account})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = api
+        .admin(
+            Method::POST,
+            &format!("/v1/accounts/{account}/webhooks"),
+            Some(json!({"name": "h", "url": url, "events": ["*"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    v["secret"].as_str().unwrap().to_string()
+}
+
+async fn post_event(api: &Api, account: &str, data: serde_json::Value) -> (StatusCode, String) {
+    let (s, v) = api
+        .admin(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"account_id": account, "event": "visitor.checked_in", "data": data})),
+        )
+        .await;
+    (s, v["id"].as_str().unwrap_or_default().to_string())
+}
+
+/// Waits until a request for event `id` arrived and checks its signature under `secret`.
+async fn arrives_signed(rx: &Receiver, id: &str, secret: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = rx
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.json()["id"] == id)
+            .cloned();
+        if let Some(r) = got {
+            let ts = r.header("x-kyberaccess-timestamp");
+            assert_eq!(
+                r.header("x-kyberaccess-signature"),
+                expected_signature(secret, &ts, &r.body),
+                "the delivery of {id} does not verify with the webhook's secret"
+            );
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every file under `dir` with its bytes.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                out.push((path, bytes));
+            }
+        }
+    }
+    out
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn signing_secrets_are_sealed_at_rest_and_need_their_key() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = write_config(dir.path(), &data, &pki, "");
+
+    let p = spawn(&config, &[]);
+    let secret = setup(&p.api, "acc_sealed", &rx.url).await;
+    let (s, first) = post_event(&p.api, "acc_sealed", json!({"n": 1})).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    arrives_signed(&rx, &first, &secret).await;
+    assert!(
+        !p.log.lock().unwrap().iter().any(|l| l.contains(&secret)),
+        "the engine logged a signing secret"
+    );
+    drop(p); // SIGKILL: what is on disk is what was made durable.
+
+    // No file of the data dir holds the secret (nor its random part); all are private.
+    let needle = secret.trim_start_matches("whsec_");
+    assert!(needle.len() >= 32);
+    let files = files_under(&data);
+    assert!(files.len() >= 3, "{files:?}");
+    for (path, bytes) in &files {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{} holds the signing secret in plaintext",
+            path.display()
+        );
+        assert_eq!(mode(path), 0o600, "{}", path.display());
+    }
+    assert_eq!(mode(&data), 0o700);
+    assert!(data.join("secrets.key").exists());
+
+    // Same data dir, same (generated) key: deliveries still verify.
+    let p = spawn(&config, &[]);
+    let (s, second) = post_event(&p.api, "acc_sealed", json!({"n": 2})).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    arrives_signed(&rx, &second, &secret).await;
+    drop(p);
+
+    // Another key: refused with exit code 2 and one line naming where the key came from.
+    let other = "ab".repeat(32);
+    let (status, lines) = refused(&config, &[("KYBERHOOK_SECRETS_KEY", &other)]);
+    assert_eq!(status.code(), Some(2), "{lines:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("KYBERHOOK_SECRETS_KEY"), "{lines:?}");
+    // A malformed key: the same.
+    let (status, lines) = refused(&config, &[("KYBERHOOK_SECRETS_KEY", "not-a-key")]);
+    assert_eq!(status.code(), Some(2), "{lines:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("KYBERHOOK_SECRETS_KEY"), "{lines:?}");
+
+    // The data dir's key, given through storage.secrets_key_file instead: accepted.
+    let key_file = dir.path().join("moved.key");
+    std::fs::rename(data.join("secrets.key"), &key_file).unwrap();
+    let (status, lines) = refused(&config, &[]);
+    assert_eq!(status.code(), Some(2), "started without its key: {lines:?}");
+    assert!(lines[0].contains("secrets_key_file"), "{lines:?}");
+    let config = write_config(
+        dir.path(),
+        &data,
+        &pki,
+        &format!("secrets_key_file = \"{}\"", key_file.display()),
+    );
+    let p = spawn(&config, &[]);
+    let (s, third) = post_event(&p.api, "acc_sealed", json!({"n": 3})).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    arrives_signed(&rx, &third, &secret).await;
+    assert!(
+        !data.join("secrets.key").exists(),
+        "a key was generated anyway"
+    );
+    drop(p);
+}

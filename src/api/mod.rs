@@ -5,7 +5,8 @@
 //! token (admin token, or an account's API key that only reaches its own account), reads and
 //! strictly parses the JSON body within `server.max_body_bytes`, and calls the domain function
 //! of the route ([`domain`]: every business rule, shared with the dashboard). Every answer — including every error, as [`ApiError`] — is
-//! JSON; bad input is a 4xx, never a 500 or a dropped connection.
+//! JSON; bad input is a 4xx, never a 500 or a dropped connection. [`ROUTES`] is the one list of
+//! what is served; `docs/openapi.json` (served at `GET /v1/openapi.json`) documents each entry.
 
 mod accounts;
 mod deliveries;
@@ -278,7 +279,7 @@ async fn route(
         _ => {}
     }
 
-    let label = route_label(&segs);
+    let (label, method_served) = route_label(&method, &segs);
     if label == "unknown" {
         return (
             label,
@@ -292,9 +293,13 @@ async fn route(
         Ok(c) => c,
         Err(e) => return (label, Err(e)),
     };
+    if !method_served {
+        return (label, Err(method_not_allowed(&method, &path)));
+    }
     let call = Call { req, caller };
     let s = state.as_ref();
     let result = match (&method, segs.as_slice()) {
+        (&M::GET, ["v1", "openapi.json"]) => Ok(openapi_response()),
         (&M::GET, ["v1", "event-types"]) => events::event_types(s),
         (&M::POST, ["v1", "events"]) => events::ingest_one(s, call).await,
         (&M::POST, ["v1", "events", "batch"]) => events::ingest_batch(s, call).await,
@@ -327,41 +332,106 @@ async fn route(
         (&M::POST, ["v1", "accounts", a, "deliveries", d, "retry"]) => {
             deliveries::retry(s, call, a, d).await
         }
-        _ => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed on {path}"),
-        )),
+        // A ROUTES entry without an arm; tests/openapi.rs finds it.
+        _ => Err(method_not_allowed(&method, &path)),
     };
     (label, result)
 }
 
-/// The matched route's pattern, for metrics labels (never the raw path: bounded cardinality).
-fn route_label(segs: &[&str]) -> &'static str {
-    match segs {
-        ["v1", "event-types"] => "/v1/event-types",
-        ["v1", "events"] => "/v1/events",
-        ["v1", "events", "batch"] => "/v1/events/batch",
-        ["v1", "accounts"] => "/v1/accounts",
-        ["v1", "accounts", _] => "/v1/accounts/{id}",
-        ["v1", "accounts", _, "api-key"] => "/v1/accounts/{id}/api-key",
-        ["v1", "accounts", _, "webhooks"] => "/v1/accounts/{id}/webhooks",
-        ["v1", "accounts", _, "webhooks", _] => "/v1/accounts/{id}/webhooks/{id}",
-        ["v1", "accounts", _, "webhooks", _, "secret"] => "/v1/accounts/{id}/webhooks/{id}/secret",
-        ["v1", "accounts", _, "webhooks", _, "secret", "rotate"] => {
-            "/v1/accounts/{id}/webhooks/{id}/secret/rotate"
+/// Every route the API serves, as (method, path pattern). The router refuses anything else
+/// before dispatching (404 for an unknown path, 405 for a method the path does not serve),
+/// metrics label requests by the pattern (bounded cardinality: never the raw path), and
+/// `tests/openapi.rs` checks `docs/openapi.json` against this table both ways and probes
+/// every entry on a real server. A new route needs a line here, an arm in `route`, and its
+/// entry in `docs/openapi.json`. (`/healthz` and `/readyz` are answered before the table is
+/// consulted; they are listed for the document.)
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/events"),
+    ("POST", "/v1/events/batch"),
+    ("GET", "/v1/event-types"),
+    ("GET", "/v1/openapi.json"),
+    ("POST", "/v1/accounts"),
+    ("GET", "/v1/accounts/{account_id}"),
+    ("PATCH", "/v1/accounts/{account_id}"),
+    ("DELETE", "/v1/accounts/{account_id}"),
+    ("POST", "/v1/accounts/{account_id}/api-key"),
+    ("POST", "/v1/accounts/{account_id}/webhooks"),
+    ("GET", "/v1/accounts/{account_id}/webhooks"),
+    ("GET", "/v1/accounts/{account_id}/webhooks/{webhook_id}"),
+    ("PATCH", "/v1/accounts/{account_id}/webhooks/{webhook_id}"),
+    ("DELETE", "/v1/accounts/{account_id}/webhooks/{webhook_id}"),
+    (
+        "GET",
+        "/v1/accounts/{account_id}/webhooks/{webhook_id}/secret",
+    ),
+    (
+        "POST",
+        "/v1/accounts/{account_id}/webhooks/{webhook_id}/secret/rotate",
+    ),
+    (
+        "POST",
+        "/v1/accounts/{account_id}/webhooks/{webhook_id}/test",
+    ),
+    (
+        "GET",
+        "/v1/accounts/{account_id}/webhooks/{webhook_id}/deliveries",
+    ),
+    ("GET", "/v1/accounts/{account_id}/deliveries"),
+    ("GET", "/v1/accounts/{account_id}/deliveries/{delivery_id}"),
+    (
+        "POST",
+        "/v1/accounts/{account_id}/deliveries/{delivery_id}/retry",
+    ),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+];
+
+/// Whether `segs` (a path split at `/`, without the leading empty one) fits `pattern`; a
+/// `{name}` segment of the pattern fits any one segment.
+fn fits(pattern: &str, segs: &[&str]) -> bool {
+    let mut want = pattern.split('/').skip(1);
+    let mut have = segs.iter();
+    loop {
+        match (want.next(), have.next()) {
+            (None, None) => return true,
+            (Some(w), Some(h)) if w.starts_with('{') || w == *h => {}
+            _ => return false,
         }
-        ["v1", "accounts", _, "webhooks", _, "test"] => "/v1/accounts/{id}/webhooks/{id}/test",
-        ["v1", "accounts", _, "webhooks", _, "deliveries"] => {
-            "/v1/accounts/{id}/webhooks/{id}/deliveries"
-        }
-        ["v1", "accounts", _, "deliveries"] => "/v1/accounts/{id}/deliveries",
-        ["v1", "accounts", _, "deliveries", _] => "/v1/accounts/{id}/deliveries/{id}",
-        ["v1", "accounts", _, "deliveries", _, "retry"] => {
-            "/v1/accounts/{id}/deliveries/{id}/retry"
-        }
-        _ => "unknown",
     }
+}
+
+/// The pattern of [`ROUTES`] the path fits ("unknown" if none), and whether `method` is
+/// served on it.
+fn route_label(method: &Method, segs: &[&str]) -> (&'static str, bool) {
+    let mut label = "unknown";
+    for (m, pattern) in ROUTES {
+        if fits(pattern, segs) {
+            if *m == method.as_str() {
+                return (pattern, true);
+            }
+            label = pattern;
+        }
+    }
+    (label, false)
+}
+
+fn method_not_allowed(method: &Method, path: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path}"),
+    )
+}
+
+/// The API's OpenAPI 3.1 document, kept in the repository and compiled in.
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
+fn openapi_response() -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(OPENAPI_JSON.as_bytes())))
+        .expect("static response parts are valid")
 }
 
 /// `limit` and `cursor` of a list route.

@@ -17,6 +17,10 @@ use serde::{Deserialize, Deserializer};
 /// The repository's `config.toml`, the documented default.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
 
+/// The admin token of the shipped `config.toml`: known to everyone, so only accepted while the
+/// API listens on a loopback address (and warned about even then).
+pub const DEFAULT_ADMIN_TOKEN: &str = "change-me";
+
 /// The 21 event types of the KyberAccess webhook guide: the default `events.catalog`.
 pub const DEFAULT_EVENT_CATALOG: [&str; 21] = [
     "visitor.checked_in",
@@ -265,7 +269,7 @@ fn d_true() -> bool {
     true
 }
 fn d_admin_token() -> String {
-    "change-me".into()
+    DEFAULT_ADMIN_TOKEN.into()
 }
 fn d_timeout() -> Duration {
     Duration::from_secs(30)
@@ -484,23 +488,46 @@ impl Config {
             .expect("the shipped config.toml is valid")
     }
 
-    /// Reads and validates a config file, then applies the environment override.
+    /// Reads a config file, applies the environment override, then validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: shown.clone(),
             source,
         })?;
-        let mut config = Config::from_toml(&text, &shown)?;
+        Config::from_toml_and_env(&text, &shown)
+    }
+
+    /// The built-in default with the environment override, validated: what `serve` runs on
+    /// without a config file.
+    pub fn load_default() -> Result<Config, ConfigError> {
+        Config::from_toml_and_env(DEFAULT_CONFIG_TOML, "config.toml (built-in)")
+    }
+
+    /// The override is applied before validation: a file with the default token and a public
+    /// `server.listen` is fine when `KYBERHOOK_ADMIN_TOKEN` replaces the token.
+    fn from_toml_and_env(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut config = Config::parse(text, origin)?;
         if let Ok(token) = std::env::var("KYBERHOOK_ADMIN_TOKEN") {
             config.auth.admin_token = token;
-            config.validate(&shown)?;
         }
+        config.validate(origin)?;
         Ok(config)
     }
 
-    /// Parses TOML text; `origin` names the file in error messages.
+    /// Whether the API accepts the publicly known default admin token (`main` warns about it).
+    pub fn uses_default_admin_token(&self) -> bool {
+        self.auth.admin_token == DEFAULT_ADMIN_TOKEN
+    }
+
+    /// Parses and validates TOML text; `origin` names the file in error messages.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config = Config::parse(text, origin)?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let start = e.span().map_or(0, |s| s.start.min(text.len()));
             let line = text[..start].matches('\n').count() + 1;
@@ -527,7 +554,6 @@ impl Config {
             events: raw.events,
             log: raw.log,
         };
-        config.validate(origin)?;
         Ok(config)
     }
 
@@ -541,6 +567,15 @@ impl Config {
             return Err(bad(
                 "auth.admin_token",
                 "must be at least 8 characters (or set KYBERHOOK_ADMIN_TOKEN)",
+            ));
+        }
+        if self.uses_default_admin_token() && !self.server.listen.ip().is_loopback() {
+            return Err(bad(
+                "auth.admin_token",
+                &format!(
+                    "the default {DEFAULT_ADMIN_TOKEN:?} is refused when server.listen ({}) is not a loopback address; set a secret token (or KYBERHOOK_ADMIN_TOKEN)",
+                    self.server.listen
+                ),
             ));
         }
         if self.server.max_body_bytes < 1024 {
@@ -762,6 +797,26 @@ mod tests {
         assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_bytes("512KiB").unwrap(), 512 << 10);
         assert!(parse_bytes("99999999999GiB").is_err());
+    }
+
+    #[test]
+    fn the_default_admin_token_is_refused_off_loopback() {
+        for listen in ["0.0.0.0:8080", "[::]:8080", "192.0.2.7:8080"] {
+            let err = parse(&format!("[server]\nlisten = \"{listen}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("auth.admin_token"), "{listen}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+            let c = parse(&format!(
+                "[server]\nlisten = \"{listen}\"\n[auth]\nadmin_token = \"a-long-secret\"\n"
+            ))
+            .unwrap();
+            assert!(!c.uses_default_admin_token());
+        }
+        for listen in ["127.0.0.1:8080", "127.1.2.3:0", "[::1]:8080"] {
+            let c = parse(&format!("[server]\nlisten = \"{listen}\"\n")).unwrap();
+            assert!(c.uses_default_admin_token(), "{listen}");
+        }
     }
 
     #[test]

@@ -317,7 +317,16 @@ pub fn init_logging(config: &Config) {
 
 /// Runs the engine until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    let default_token = config.uses_default_admin_token();
     let engine = Engine::start(config).await?;
+    if default_token {
+        // Validation refused it on any other address; on loopback it is still a password
+        // everyone knows. Logged once started, so that a failed start stays one line.
+        tracing::warn!(
+            "auth.admin_token is the default \"change-me\": anyone who can reach {} is admin; set a secret token (or KYBERHOOK_ADMIN_TOKEN)",
+            engine.api_addr()
+        );
+    }
     wait_for_signal().await;
     tracing::info!("shutting down");
     engine.shutdown().await;

@@ -45,13 +45,7 @@ fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
         None if PathBuf::from("config.toml").exists() => {
             Config::load(&PathBuf::from("config.toml"))
         }
-        None => {
-            let mut c = Config::default_config();
-            if let Ok(token) = std::env::var("KYBERHOOK_ADMIN_TOKEN") {
-                c.auth.admin_token = token;
-            }
-            Ok(c)
-        }
+        None => Config::load_default(),
     };
     result.map_err(|e| {
         eprintln!("kyberhook: config error: {e}");

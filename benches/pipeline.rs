@@ -254,6 +254,9 @@ fn webhook(n: u64, account: &AccountId, events: Vec<String>) -> Webhook {
         disabled_reason: None,
         consecutive_failures: 0,
         secret: format!("whsec_{n:064x}"),
+        signature_scheme: Default::default(),
+        previous_secret: None,
+        rotation_ends_ms: None,
         created_ms: 0,
         updated_ms: 0,
     }

@@ -133,9 +133,111 @@ pub struct Webhook {
     pub status: WebhookStatus,
     pub disabled_reason: Option<String>,
     pub consecutive_failures: u32,
+    /// The current signing secret (the one a rotation returned).
     pub secret: String,
     pub created_ms: u64,
     pub updated_ms: u64,
+    pub signature_scheme: SignatureScheme,
+    /// The secret the last rotation replaced: during its grace it still signs the primary
+    /// signature, and `secret` signs the `-Next` one (see `signing::sign_request`).
+    pub previous_secret: Option<String>,
+    /// When the grace of the last rotation ends (unix ms); after it `previous_secret` is unused.
+    pub rotation_ends_ms: Option<u64>,
+}
+
+impl Webhook {
+    /// The secret the last rotation replaced, while its grace lasts at `now_ms`.
+    pub fn previous_secret_at(&self, now_ms: u64) -> Option<&str> {
+        match (&self.previous_secret, self.rotation_ends_ms) {
+            (Some(old), Some(ends)) if now_ms < ends => Some(old),
+            _ => None,
+        }
+    }
+
+    /// When the current rotation grace ends, if one is running at `now_ms`.
+    pub fn rotation_grace_ends(&self, now_ms: u64) -> Option<u64> {
+        self.previous_secret_at(now_ms).and(self.rotation_ends_ms)
+    }
+
+    /// Decodes a stored webhook, also one written before `signature_scheme` and rotation
+    /// grace existed (bincode is not self-describing, so a shorter record cannot simply take
+    /// field defaults: the older layout is tried when the current one runs out of bytes).
+    pub fn decode(bytes: &[u8]) -> Result<Webhook, crate::codec::CodecError> {
+        crate::codec::decode::<Webhook>(bytes).or_else(|err| {
+            crate::codec::decode::<WebhookV1>(bytes)
+                .map(Webhook::from)
+                .map_err(|_| err)
+        })
+    }
+}
+
+/// How a webhook's requests are signed.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SignatureScheme {
+    /// The guide's `X-KyberAccess-Signature: sha256=HEX` over `TIMESTAMP.BODY`.
+    #[default]
+    KyberAccess,
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp` and
+    /// `webhook-signature: v1,BASE64` over `ID.TIMESTAMP.BODY`.
+    StandardWebhooks,
+}
+
+impl SignatureScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignatureScheme::KyberAccess => "kyberaccess",
+            SignatureScheme::StandardWebhooks => "standard-webhooks",
+        }
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "kyberaccess" => Some(SignatureScheme::KyberAccess),
+            "standard-webhooks" => Some(SignatureScheme::StandardWebhooks),
+            _ => None,
+        }
+    }
+}
+
+/// The stored layout of a webhook before `signature_scheme`, `previous_secret` and
+/// `rotation_ends_ms` were appended (same fields, same order).
+#[derive(Deserialize)]
+struct WebhookV1 {
+    id: WebhookId,
+    account_id: AccountId,
+    name: String,
+    url: String,
+    description: Option<String>,
+    events: Vec<String>,
+    ip_allowlist: Vec<String>,
+    status: WebhookStatus,
+    disabled_reason: Option<String>,
+    consecutive_failures: u32,
+    secret: String,
+    created_ms: u64,
+    updated_ms: u64,
+}
+
+impl From<WebhookV1> for Webhook {
+    fn from(v: WebhookV1) -> Webhook {
+        Webhook {
+            id: v.id,
+            account_id: v.account_id,
+            name: v.name,
+            url: v.url,
+            description: v.description,
+            events: v.events,
+            ip_allowlist: v.ip_allowlist,
+            status: v.status,
+            disabled_reason: v.disabled_reason,
+            consecutive_failures: v.consecutive_failures,
+            secret: v.secret,
+            created_ms: v.created_ms,
+            updated_ms: v.updated_ms,
+            signature_scheme: SignatureScheme::KyberAccess,
+            previous_secret: None,
+            rotation_ends_ms: None,
+        }
+    }
 }
 
 /// An acknowledged event: the exact body every attempt of every delivery sends.
@@ -295,6 +397,58 @@ mod tests {
             Some(1_736_933_400_000)
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn webhooks_written_before_signature_schemes_still_decode() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            id: WebhookId,
+            account_id: AccountId,
+            name: &'a str,
+            url: &'a str,
+            description: Option<&'a str>,
+            events: Vec<&'a str>,
+            ip_allowlist: Vec<&'a str>,
+            status: WebhookStatus,
+            disabled_reason: Option<&'a str>,
+            consecutive_failures: u32,
+            secret: &'a str,
+            created_ms: u64,
+            updated_ms: u64,
+        }
+        let old = crate::codec::encode(&Old {
+            id: WebhookId(7),
+            account_id: AccountId::parse("acc_1").unwrap(),
+            name: "n",
+            url: "https://example.com/h",
+            description: None,
+            events: vec!["*"],
+            ip_allowlist: vec![],
+            status: WebhookStatus::Paused,
+            disabled_reason: None,
+            consecutive_failures: 3,
+            secret: "whsec_old",
+            created_ms: 1,
+            updated_ms: 2,
+        });
+        assert!(crate::codec::decode::<Webhook>(&old).is_err());
+        let hook = Webhook::decode(&old).unwrap();
+        assert_eq!(
+            (hook.secret.as_str(), hook.status, hook.consecutive_failures),
+            ("whsec_old", WebhookStatus::Paused, 3)
+        );
+        assert_eq!(hook.signature_scheme, SignatureScheme::KyberAccess);
+        assert_eq!((hook.previous_secret, hook.rotation_ends_ms), (None, None));
+        // And the current layout round-trips through the same function.
+        let mut now = Webhook::decode(&old).unwrap();
+        now.signature_scheme = SignatureScheme::StandardWebhooks;
+        now.previous_secret = Some("whsec_prev".into());
+        now.rotation_ends_ms = Some(10);
+        assert_eq!(Webhook::decode(&crate::codec::encode(&now)).unwrap(), now);
+        assert_eq!(now.previous_secret_at(9), Some("whsec_prev"));
+        assert_eq!(now.previous_secret_at(10), None);
+        assert_eq!(now.rotation_grace_ends(9), Some(10));
     }
 
     #[test]

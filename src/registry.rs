@@ -290,6 +290,9 @@ mod tests {
             disabled_reason: None,
             consecutive_failures: 0,
             secret: "whsec_x".into(),
+            signature_scheme: Default::default(),
+            previous_secret: None,
+            rotation_ends_ms: None,
             created_ms: 0,
             updated_ms: 0,
         }

@@ -269,7 +269,12 @@ pub fn has_plaintext_secret(stored: &mut Webhook) -> bool {
 /// place to add a field: an `Option<String>` field is listed when it is `Some`, e.g.
 /// `if let Some(s) = hook.next_secret.as_mut() { fields.push(("next_secret", s)) }`.
 pub fn webhook_secret_fields(hook: &mut Webhook) -> Vec<(&'static str, &mut String)> {
-    vec![("secret", &mut hook.secret)]
+    let mut fields = vec![("secret", &mut hook.secret)];
+    // The secret a rotation replaced, kept for its grace period.
+    if let Some(s) = hook.previous_secret.as_mut() {
+        fields.push(("previous_secret", s));
+    }
+    fields
 }
 
 /// Associated data of one sealed field: which webhook and which field it belongs to.
@@ -304,6 +309,9 @@ mod tests {
             secret: secret.into(),
             created_ms: 0,
             updated_ms: 0,
+            signature_scheme: Default::default(),
+            previous_secret: None,
+            rotation_ends_ms: None,
         }
     }
 

@@ -1,13 +1,29 @@
-//! Request signing: the `X-KyberAccess-Signature` every endpoint can verify, and the signing
-//! secrets themselves.
+//! Request signing: the headers of every attempt ([`sign_request`]), in the webhook's
+//! signature scheme and with both secrets during a rotation grace; the signing secrets
+//! themselves, and API key hashing.
 //!
-//! In: a webhook's secret, the attempt's unix-seconds timestamp and the exact body bytes. Out:
-//! `sha256=` + lowercase hex of HMAC-SHA256(key = the secret string's UTF-8 bytes,
-//! message = `TIMESTAMP + "." + BODY`), exactly what the guide's Python and Node verifiers
-//! compute.
+//! In: the webhook (scheme, secrets, grace end), the event name, the delivery id, the clock and
+//! the exact body bytes. Out: the request headers, and the part of them an attempt record keeps
+//! so the delivery log can show them again ([`recorded_headers`]).
+//!
+//! - `kyberaccess` (the guide's): `X-KyberAccess-Signature: sha256=` + lowercase hex of
+//!   HMAC-SHA256(key = the secret string's UTF-8 bytes, message = `TIMESTAMP.BODY`), exactly
+//!   what the guide's Python and Node verifiers compute. During a rotation grace the old
+//!   secret signs that header (receivers that only know it keep working) and the new one signs
+//!   `X-KyberAccess-Signature-Next`.
+//! - `standard-webhooks` (standardwebhooks.com): `webhook-id` (the delivery id, the same on
+//!   every attempt), `webhook-timestamp`, and `webhook-signature: v1,` + base64 of
+//!   HMAC-SHA256(key = the base64-decoded part of `whsec_…`, message = `ID.TIMESTAMP.BODY`);
+//!   during a grace it lists the old and the new signature, space-separated, as the spec
+//!   allows. Our secrets (`whsec_` + 64 hex digits) are valid base64, so every secret works in
+//!   both schemes and a webhook can switch scheme without a new secret.
 
+use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
+
+use crate::ids::DeliveryId;
+use crate::model::{SignatureScheme, Webhook};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -42,6 +58,143 @@ pub fn signature_hex(secret: &str, timestamp: u64, body: &[u8]) -> String {
 /// The `X-KyberAccess-Signature` header value.
 pub fn signature_header(secret: &str, timestamp: u64, body: &[u8]) -> String {
     format!("sha256={}", signature_hex(secret, timestamp, body))
+}
+
+/// The `User-Agent` of every request.
+pub const USER_AGENT: &str = concat!("kyberhook/", env!("CARGO_PKG_VERSION"));
+
+/// The headers of one attempt's request, and what its attempt record keeps of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedRequest {
+    /// Every header, in the order sent.
+    pub headers: Vec<(&'static str, String)>,
+    /// Unix seconds of the attempt, as signed.
+    pub timestamp: u64,
+    /// What `AttemptRecord::signature` keeps: the signature hex alone for the plain guide
+    /// headers (the form records had before schemes and rotation existed), otherwise the
+    /// headers after the first three as `name: value` lines (see [`recorded_headers`]).
+    pub recorded: String,
+}
+
+/// The headers that start every request, whatever the scheme.
+fn common_headers(event: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("content-type", "application/json".to_string()),
+        ("user-agent", USER_AGENT.to_string()),
+        ("x-kyberaccess-event", event.to_string()),
+    ]
+}
+
+/// Signs one attempt of `delivery` (an `event` with this `body`) to `hook` at `now_ms`.
+pub fn sign_request(
+    hook: &Webhook,
+    event: &str,
+    delivery: DeliveryId,
+    now_ms: u64,
+    body: &[u8],
+) -> SignedRequest {
+    let timestamp = now_ms / 1000;
+    let previous = hook.previous_secret_at(now_ms);
+    let mut headers = common_headers(event);
+    let first_specific = headers.len();
+    match hook.signature_scheme {
+        SignatureScheme::KyberAccess => {
+            headers.push(("x-kyberaccess-delivery", delivery.to_string()));
+            headers.push(("x-kyberaccess-timestamp", timestamp.to_string()));
+            let primary = previous.unwrap_or(&hook.secret);
+            headers.push((
+                "x-kyberaccess-signature",
+                signature_header(primary, timestamp, body),
+            ));
+            if previous.is_some() {
+                headers.push((
+                    "x-kyberaccess-signature-next",
+                    signature_header(&hook.secret, timestamp, body),
+                ));
+            } else {
+                let recorded = signature_hex(&hook.secret, timestamp, body);
+                return SignedRequest {
+                    headers,
+                    timestamp,
+                    recorded,
+                };
+            }
+        }
+        SignatureScheme::StandardWebhooks => {
+            let id = delivery.to_string();
+            let signatures: Vec<String> = previous
+                .into_iter()
+                .chain([hook.secret.as_str()])
+                .map(|s| standard_signature(s, &id, timestamp, body))
+                .collect();
+            headers.push(("webhook-id", id));
+            headers.push(("webhook-timestamp", timestamp.to_string()));
+            headers.push(("webhook-signature", signatures.join(" ")));
+        }
+    }
+    let recorded = headers[first_specific..]
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    SignedRequest {
+        headers,
+        timestamp,
+        recorded,
+    }
+}
+
+/// The headers an attempt was sent with, rebuilt from its record: `attempt` is its
+/// `(timestamp, signature)`; without an attempt, the headers every attempt will carry.
+pub fn recorded_headers(
+    event: &str,
+    delivery: DeliveryId,
+    attempt: Option<(u64, &str)>,
+) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = common_headers(event)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    match attempt {
+        None => headers.push(("x-kyberaccess-delivery".into(), delivery.to_string())),
+        Some((timestamp, recorded)) if !recorded.contains(':') => {
+            headers.push(("x-kyberaccess-delivery".into(), delivery.to_string()));
+            headers.push(("x-kyberaccess-timestamp".into(), timestamp.to_string()));
+            headers.push((
+                "x-kyberaccess-signature".into(),
+                format!("sha256={recorded}"),
+            ));
+        }
+        Some((_, recorded)) => headers.extend(recorded.lines().filter_map(|line| {
+            let (k, v) = line.split_once(": ")?;
+            Some((k.to_string(), v.to_string()))
+        })),
+    }
+    headers
+}
+
+/// The HMAC key of a `whsec_<base64>` secret in the Standard Webhooks scheme: the decoded
+/// bytes (a secret that is not base64 — none of ours — signs with its own bytes).
+fn standard_key(secret: &str) -> Vec<u8> {
+    let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap_or_else(|_| secret.as_bytes().to_vec())
+}
+
+/// One Standard Webhooks signature: `v1,` + base64 HMAC-SHA256 of `ID.TIMESTAMP.BODY`.
+pub fn standard_signature(secret: &str, id: &str, timestamp: u64, body: &[u8]) -> String {
+    let mut mac =
+        HmacSha256::new_from_slice(&standard_key(secret)).expect("HMAC takes any key length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(&itoa_buf(timestamp));
+    mac.update(b".");
+    mac.update(body);
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
 }
 
 fn itoa_buf(n: u64) -> Vec<u8> {
@@ -90,6 +243,130 @@ mod tests {
         assert_ne!(h, signature_header("whsec_y", 1, b"{}"));
         assert_ne!(h, signature_header("whsec_x", 2, b"{}"));
         assert_ne!(h, signature_header("whsec_x", 1, b"{ }"));
+    }
+
+    fn hook(scheme: SignatureScheme) -> Webhook {
+        Webhook::decode(&crate::codec::encode(&Webhook {
+            id: crate::ids::WebhookId(1),
+            account_id: crate::ids::AccountId::parse("acc_1").unwrap(),
+            name: "h".into(),
+            url: "https://example.com".into(),
+            description: None,
+            events: vec!["*".into()],
+            ip_allowlist: vec![],
+            status: crate::model::WebhookStatus::Active,
+            disabled_reason: None,
+            consecutive_failures: 0,
+            secret: new_secret(),
+            created_ms: 0,
+            updated_ms: 0,
+            signature_scheme: scheme,
+            previous_secret: None,
+            rotation_ends_ms: None,
+        }))
+        .unwrap()
+    }
+
+    fn get<'a>(headers: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+        headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn the_guides_headers_with_a_next_signature_during_a_grace() {
+        let delivery = DeliveryId {
+            seq: 5,
+            webhook: crate::ids::WebhookId(1),
+        };
+        let mut h = hook(SignatureScheme::KyberAccess);
+        let plain = sign_request(&h, "user.login", delivery, 1_705_312_200_500, b"{}");
+        assert_eq!(plain.timestamp, 1_705_312_200);
+        assert_eq!(
+            get(&plain.headers, "x-kyberaccess-signature"),
+            Some(signature_header(&h.secret, 1_705_312_200, b"{}").as_str())
+        );
+        assert_eq!(get(&plain.headers, "x-kyberaccess-signature-next"), None);
+        assert_eq!(
+            plain.recorded,
+            signature_hex(&h.secret, 1_705_312_200, b"{}")
+        );
+        let shown = recorded_headers(
+            "user.login",
+            delivery,
+            Some((plain.timestamp, &plain.recorded)),
+        );
+        let sent: Vec<(String, String)> = plain
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        assert_eq!(shown, sent);
+
+        h.previous_secret = Some("whsec_old".into());
+        h.rotation_ends_ms = Some(2_000_000);
+        let graced = sign_request(&h, "user.login", delivery, 1_999_999, b"{}");
+        assert_eq!(
+            get(&graced.headers, "x-kyberaccess-signature"),
+            Some(signature_header("whsec_old", 1_999, b"{}").as_str())
+        );
+        assert_eq!(
+            get(&graced.headers, "x-kyberaccess-signature-next"),
+            Some(signature_header(&h.secret, 1_999, b"{}").as_str())
+        );
+        let shown = recorded_headers("user.login", delivery, Some((1_999, &graced.recorded)));
+        assert_eq!(shown.len(), graced.headers.len());
+        assert_eq!(shown[6].1, graced.headers[6].1);
+        // The grace is over: the new secret signs, alone.
+        let after = sign_request(&h, "user.login", delivery, 2_000_000, b"{}");
+        assert_eq!(
+            get(&after.headers, "x-kyberaccess-signature"),
+            Some(signature_header(&h.secret, 2_000, b"{}").as_str())
+        );
+        assert_eq!(get(&after.headers, "x-kyberaccess-signature-next"), None);
+    }
+
+    #[test]
+    fn standard_webhooks_signature_matches_the_specs_example() {
+        // The example of the Standard Webhooks specification's reference implementations.
+        let sig = standard_signature(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        let delivery = DeliveryId {
+            seq: 9,
+            webhook: crate::ids::WebhookId(1),
+        };
+        let mut h = hook(SignatureScheme::StandardWebhooks);
+        let signed = sign_request(&h, "user.login", delivery, 1_000_000, b"{}");
+        assert_eq!(
+            get(&signed.headers, "webhook-id"),
+            Some(delivery.to_string().as_str())
+        );
+        assert_eq!(get(&signed.headers, "webhook-timestamp"), Some("1000"));
+        assert_eq!(
+            get(&signed.headers, "webhook-signature"),
+            Some(standard_signature(&h.secret, &delivery.to_string(), 1000, b"{}").as_str())
+        );
+        assert_eq!(get(&signed.headers, "x-kyberaccess-signature"), None);
+        h.previous_secret = Some(new_secret());
+        h.rotation_ends_ms = Some(1_000_001);
+        let graced = sign_request(&h, "user.login", delivery, 1_000_000, b"{}");
+        let both: Vec<&str> = get(&graced.headers, "webhook-signature")
+            .unwrap()
+            .split(' ')
+            .collect();
+        assert_eq!(both.len(), 2);
+        assert_eq!(
+            both[1],
+            standard_signature(&h.secret, &delivery.to_string(), 1000, b"{}")
+        );
+        let shown = recorded_headers("user.login", delivery, Some((1000, &graced.recorded)));
+        assert_eq!(shown.last().unwrap().1, both.join(" "));
     }
 
     #[test]

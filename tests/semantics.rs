@@ -150,3 +150,426 @@ async fn the_guides_node_and_python_verifiers_accept_every_awkward_producer_body
     assert!(ok, "{out}");
     e.stop().await;
 }
+
+/// Runs an official Standard Webhooks library (`verify_standard.py` / `.js` under
+/// tests/verifiers/) over captured requests, with the project-local install that .ci/run makes.
+/// Returns `None` only when KYBERHOOK_SKIP_STANDARD_WEBHOOKS=1 says the libraries cannot be had;
+/// otherwise a missing library fails the test.
+fn run_official(program: &str, items: &Value) -> Option<(bool, String)> {
+    if std::env::var("KYBERHOOK_SKIP_STANDARD_WEBHOOKS").as_deref() == Ok("1") {
+        eprintln!("KYBERHOOK_SKIP_STANDARD_WEBHOOKS=1: not running the {program} library");
+        return None;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (script, var, dir) = match program {
+        "node" => (
+            "verify_standard.js",
+            "NODE_PATH",
+            format!("{root}/.ci/deps/node/node_modules"),
+        ),
+        _ => (
+            "verify_standard.py",
+            "PYTHONPATH",
+            format!("{root}/.ci/deps/python"),
+        ),
+    };
+    let mut child = Command::new(program)
+        .arg(format!("{root}/tests/verifiers/{script}"))
+        .env(var, &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(items.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !stderr.contains("No module named") && !stderr.contains("Cannot find module"),
+        "the official standardwebhooks library is not installed in {dir}: run .ci/run, or \
+         `pip install --target .ci/deps/python standardwebhooks` / `npm install --prefix \
+         .ci/deps/node standardwebhooks` (KYBERHOOK_SKIP_STANDARD_WEBHOOKS=1 skips):\n{stderr}"
+    );
+    Some((
+        out.status.success(),
+        format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)),
+    ))
+}
+
+/// A captured Standard Webhooks request as the official verifiers take it.
+fn standard_item(secret: &str, got: &Received) -> Value {
+    json!({
+        "secret": secret,
+        "headers": {
+            "webhook-id": got.header("webhook-id"),
+            "webhook-timestamp": got.header("webhook-timestamp"),
+            "webhook-signature": got.header("webhook-signature"),
+        },
+        "body": String::from_utf8(got.body.to_vec()).unwrap(),
+    })
+}
+
+/// Both official libraries accept every item; and each rejects a wrong secret (so they can
+/// fail at all).
+fn assert_official_libraries_accept(items: &[Value]) {
+    let mut wrong = items[0].clone();
+    wrong["secret"] = json!(format!("whsec_{}", "ab".repeat(32)));
+    for program in ["python3", "node"] {
+        let Some((ok, out)) = run_official(program, &Value::Array(items.to_vec())) else {
+            return;
+        };
+        assert!(
+            ok,
+            "the {program} standardwebhooks library rejected a delivery:\n{out}"
+        );
+        assert_eq!(out.matches("OK").count(), items.len(), "{out}");
+        let (ok, out) = run_official(program, &json!([wrong])).unwrap();
+        assert!(!ok, "the {program} library accepted a wrong secret: {out}");
+    }
+}
+
+async fn create_hook(e: &TestEngine, account: &str, body: Value) -> (StatusCode, Value) {
+    e.api
+        .admin(
+            Method::POST,
+            &format!("/v1/accounts/{account}/webhooks"),
+            Some(body),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn standard_webhooks_deliveries_verify_with_the_official_libraries() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let e = TestEngine::start(&pki, "", "").await;
+    let (acc, _) = e.account("acc_std", "enterprise").await;
+
+    // Bad values are 400s naming the field.
+    let (s, v) = create_hook(
+        &e,
+        &acc,
+        json!({"name": "h", "url": rx.url, "events": ["*"], "signature_scheme": "svix"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_signature_scheme");
+
+    // The default is the guide's scheme; PATCH switches it, keeping the secret.
+    let (s, hook) = create_hook(
+        &e,
+        &acc,
+        json!({"name": "h", "url": rx.url, "events": ["*"]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{hook}");
+    assert_eq!(hook["signature_scheme"], "kyberaccess");
+    assert_eq!(hook["secret_rotation_ends_at"], Value::Null);
+    let id = hook["id"].as_str().unwrap();
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    let path = format!("/v1/accounts/{acc}/webhooks/{id}");
+    let (s, v) = e
+        .api
+        .admin(
+            Method::PATCH,
+            &path,
+            Some(json!({"signature_scheme": "standard-webhooks"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["signature_scheme"].as_str()),
+        (StatusCode::OK, Some("standard-webhooks")),
+        "{v}"
+    );
+    let (s, v) = e
+        .api
+        .admin(Method::PATCH, &path, Some(json!({"signature_scheme": 7})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    let mut items = Vec::new();
+    for data in [
+        r#"{"visitor": {"first_name": "Zo\u00eb"}, "n": 1.0}"#,
+        r#"{"big": 12345678901234567890}"#,
+    ] {
+        post_raw_event(&e, &acc, "visitor.checked_in", data).await;
+        let got = rx.next(WAIT).await;
+        let delivery = got.header("webhook-id");
+        assert!(delivery.starts_with("dlv_"), "{delivery}");
+        let ts: u64 = got.header("webhook-timestamp").parse().unwrap();
+        assert!(got.header("webhook-signature").starts_with("v1,"));
+        assert_eq!(
+            got.header("x-kyberaccess-signature"),
+            "",
+            "one scheme per webhook"
+        );
+        assert_eq!(got.header("x-kyberaccess-event"), "visitor.checked_in");
+        // Independent of the engine's code: HMAC under the base64-decoded secret.
+        use base64::Engine as _;
+        use hmac::{Hmac, KeyInit, Mac};
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(secret.strip_prefix("whsec_").unwrap())
+            .unwrap();
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("{delivery}.{ts}.").as_bytes());
+        mac.update(&got.body);
+        let expected = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(got.header("webhook-signature"), expected);
+        items.push(standard_item(&secret, &got));
+    }
+
+    // The test tool signs the same way.
+    let (s, v) = e
+        .api
+        .admin(
+            Method::POST,
+            &format!("{path}/test"),
+            Some(json!({"event": "emergency.lockdown_activated"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("delivered")),
+        "{v}"
+    );
+    let got = rx.next(WAIT).await;
+    assert_eq!(got.header("webhook-id"), v["delivery_id"].as_str().unwrap());
+    items.push(standard_item(&secret, &got));
+    assert_official_libraries_accept(&items);
+
+    // During a rotation grace both signatures are listed: receivers holding either secret pass.
+    let (s, rotated) = e
+        .api
+        .admin(
+            Method::POST,
+            &format!("{path}/secret/rotate"),
+            Some(json!({"grace_period": "1h"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{rotated}");
+    let new_secret = rotated["secret"].as_str().unwrap().to_string();
+    assert_ne!(new_secret, secret);
+    e.event(&acc, "user.login", json!({"user": "x"})).await;
+    let got = rx.next(WAIT).await;
+    assert_eq!(
+        got.header("webhook-signature").split(' ').count(),
+        2,
+        "{}",
+        got.header("webhook-signature")
+    );
+    assert_official_libraries_accept(&[
+        standard_item(&secret, &got),
+        standard_item(&new_secret, &got),
+    ]);
+
+    // The delivery log shows the headers that were sent.
+    let detail = e
+        .newest_delivery(&acc, id, WAIT, |d| d["status"] == "delivered")
+        .await;
+    let shown = &detail["request"]["headers"];
+    assert_eq!(
+        shown["webhook-signature"],
+        got.header("webhook-signature"),
+        "{detail}"
+    );
+    assert_eq!(shown["webhook-id"], got.header("webhook-id"));
+    e.stop().await;
+}
+
+/// A captured guide-scheme request as the guide's verifiers take it, checked against `secret`
+/// with the signature in `header`.
+fn guide_item(secret: &str, got: &Received, header: &str) -> Value {
+    json!({
+        "secret": secret,
+        "timestamp": got.header("x-kyberaccess-timestamp"),
+        "signature": got.header(header),
+        "body": String::from_utf8(got.body.to_vec()).unwrap(),
+    })
+}
+
+fn assert_guide_verifiers_accept(items: &[Value]) {
+    for (program, script) in [("node", "verify.js"), ("python3", "verify.py")] {
+        let (ok, out) = run_script(program, script, &Value::Array(items.to_vec()));
+        assert!(ok, "{script} rejected a delivery:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn rotation_with_a_grace_signs_with_both_secrets_then_only_the_new_one() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let mut e = TestEngine::start(&pki, "", "").await;
+    let (acc, _) = e.account("acc_rot", "enterprise").await;
+    let hook = e.webhook(&acc, &rx.url, &["*"]).await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let old = hook["secret"].as_str().unwrap().to_string();
+    let path = format!("/v1/accounts/{acc}/webhooks/{id}");
+    let rotate = format!("{path}/secret/rotate");
+
+    // Refusals: a clear 400 for a grace outside 0..7 days or a bad body.
+    for (body, code) in [
+        (json!({"grace_period": "8d"}), "invalid_grace_period"),
+        (json!({"grace_period": "soon"}), "invalid_grace_period"),
+        (json!({"grace_period": 5}), "invalid_request"),
+        (json!({"grace": "1h"}), "invalid_request"),
+    ] {
+        let (s, v) = e.api.admin(Method::POST, &rotate, Some(body.clone())).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{body}: {v}"
+        );
+    }
+    let (s, v) = e
+        .api
+        .admin(Method::GET, &format!("{path}/secret"), None)
+        .await;
+    assert_eq!(
+        (s, v["secret"].as_str()),
+        (StatusCode::OK, Some(old.as_str())),
+        "refusals rotate nothing"
+    );
+
+    // A grace of 7 days is allowed; the answer has the new secret at once and the grace end.
+    let before = std::time::SystemTime::now();
+    let (s, v) = e
+        .api
+        .admin(Method::POST, &rotate, Some(json!({"grace_period": "7d"})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let ends = humantime::parse_rfc3339(v["secret_rotation_ends_at"].as_str().unwrap()).unwrap();
+    let grace = ends.duration_since(before).unwrap();
+    assert!(
+        grace > Duration::from_secs(7 * 86400 - 60) && grace <= Duration::from_secs(7 * 86400 + 1),
+        "{grace:?}"
+    );
+    let mid = v["secret"].as_str().unwrap().to_string();
+    assert_ne!(mid, old);
+
+    // No body: the default grace of 24 h. This rotation replaces `mid` (the secret the last
+    // rotation returned), which now signs the primary header.
+    let (s, v) = e.api.admin(Method::POST, &rotate, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let new = v["secret"].as_str().unwrap().to_string();
+    let ends = humantime::parse_rfc3339(v["secret_rotation_ends_at"].as_str().unwrap()).unwrap();
+    let grace = ends.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(
+        grace > Duration::from_secs(86400 - 60) && grace <= Duration::from_secs(86400),
+        "{grace:?}"
+    );
+    let (_, shown) = e.api.admin(Method::GET, &path, None).await;
+    assert_eq!(
+        shown["secret_rotation_ends_at"], v["secret_rotation_ends_at"],
+        "{shown}"
+    );
+    let (_, v) = e
+        .api
+        .admin(Method::GET, &format!("{path}/secret"), None)
+        .await;
+    assert_eq!(
+        v["secret"],
+        new.as_str(),
+        "the new secret is the webhook's secret at once"
+    );
+
+    // During the grace: the replaced secret signs X-KyberAccess-Signature, the new one -Next,
+    // and the guide's verifiers pass with either secret (on its header).
+    e.event(&acc, "user.login", json!({"user": "a"})).await;
+    let got = rx.next(WAIT).await;
+    let ts = got.header("x-kyberaccess-timestamp");
+    assert_eq!(
+        got.header("x-kyberaccess-signature"),
+        expected_signature(&mid, &ts, &got.body)
+    );
+    assert_eq!(
+        got.header("x-kyberaccess-signature-next"),
+        expected_signature(&new, &ts, &got.body)
+    );
+    assert_guide_verifiers_accept(&[
+        guide_item(&mid, &got, "x-kyberaccess-signature"),
+        guide_item(&new, &got, "x-kyberaccess-signature-next"),
+    ]);
+    let detail = e
+        .newest_delivery(&acc, &id, WAIT, |d| d["status"] == "delivered")
+        .await;
+    assert_eq!(
+        detail["request"]["headers"]["x-kyberaccess-signature-next"],
+        got.header("x-kyberaccess-signature-next"),
+        "{detail}"
+    );
+
+    // The grace survives a restart (the replaced secret is stored with the webhook).
+    e.restart().await;
+    e.event(&acc, "user.login", json!({"user": "b"})).await;
+    let got = rx.next(WAIT).await;
+    let ts = got.header("x-kyberaccess-timestamp");
+    assert_eq!(
+        got.header("x-kyberaccess-signature"),
+        expected_signature(&mid, &ts, &got.body)
+    );
+    assert_eq!(
+        got.header("x-kyberaccess-signature-next"),
+        expected_signature(&new, &ts, &got.body)
+    );
+
+    // A short grace, then its end: only the new secret signs, with no -Next header.
+    let (s, v) = e
+        .api
+        .admin(Method::POST, &rotate, Some(json!({"grace_period": "1s"})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let last = v["secret"].as_str().unwrap().to_string();
+    let ends = humantime::parse_rfc3339(v["secret_rotation_ends_at"].as_str().unwrap()).unwrap();
+    e.event(&acc, "user.login", json!({"user": "c"})).await;
+    let got = rx.next(WAIT).await;
+    if std::time::SystemTime::now() < ends {
+        let ts = got.header("x-kyberaccess-timestamp");
+        assert_eq!(
+            got.header("x-kyberaccess-signature"),
+            expected_signature(&new, &ts, &got.body)
+        );
+    }
+    if let Ok(left) = ends.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(20)).await;
+    }
+    e.event(&acc, "user.login", json!({"user": "d"})).await;
+    let got = rx.next(WAIT).await;
+    let ts = got.header("x-kyberaccess-timestamp");
+    assert_eq!(
+        got.header("x-kyberaccess-signature"),
+        expected_signature(&last, &ts, &got.body)
+    );
+    assert_eq!(got.header("x-kyberaccess-signature-next"), "");
+    assert_guide_verifiers_accept(&[guide_item(&last, &got, "x-kyberaccess-signature")]);
+    let (_, shown) = e.api.admin(Method::GET, &path, None).await;
+    assert_eq!(shown["secret_rotation_ends_at"], Value::Null, "{shown}");
+
+    // "0s": no grace at all; the new secret signs the very next request alone.
+    let (s, v) = e
+        .api
+        .admin(Method::POST, &rotate, Some(json!({"grace_period": "0s"})))
+        .await;
+    assert_eq!(
+        (s, &v["secret_rotation_ends_at"]),
+        (StatusCode::OK, &Value::Null),
+        "{v}"
+    );
+    let zero = v["secret"].as_str().unwrap().to_string();
+    e.event(&acc, "user.login", json!({"user": "e"})).await;
+    let got = rx.next(WAIT).await;
+    let ts = got.header("x-kyberaccess-timestamp");
+    assert_eq!(
+        got.header("x-kyberaccess-signature"),
+        expected_signature(&zero, &ts, &got.body)
+    );
+    assert_eq!(got.header("x-kyberaccess-signature-next"), "");
+    e.stop().await;
+}

@@ -6,12 +6,12 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::domain::webhooks as domain;
-pub use super::domain::webhooks::{CreateWebhook, TestRequest, UpdateWebhook};
+pub use super::domain::webhooks::{CreateWebhook, RotateSecret, TestRequest, UpdateWebhook};
 use super::{
     empty_response, json_response, list_response, paging, ApiError, ApiResult, AppState, Call,
 };
 use crate::ids::{AccountId, WebhookId};
-use crate::model::{rfc3339, Webhook};
+use crate::model::{now_ms, rfc3339, Webhook};
 
 pub fn view(h: &Webhook) -> Value {
     json!({
@@ -25,9 +25,16 @@ pub fn view(h: &Webhook) -> Value {
         "status": h.status.as_str(),
         "disabled_reason": h.disabled_reason,
         "consecutive_failures": h.consecutive_failures,
+        "signature_scheme": h.signature_scheme.as_str(),
+        "secret_rotation_ends_at": rotation_ends_at(h),
         "created_at": rfc3339(h.created_ms),
         "updated_at": rfc3339(h.updated_ms),
     })
+}
+
+/// When the running rotation grace ends (null when none runs).
+fn rotation_ends_at(h: &Webhook) -> Option<String> {
+    h.rotation_grace_ends(now_ms()).map(rfc3339)
 }
 
 /// The account the caller may reach and the webhook id the path names.
@@ -80,8 +87,19 @@ pub async fn rotate_secret(
     raw: &str,
 ) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
-    let secret = domain::rotate_secret(state, &account, id).await?;
-    Ok(json_response(StatusCode::OK, &json!({ "secret": secret })))
+    // The body is optional: an empty one asks for the default grace.
+    let bytes = call.bytes(state).await?;
+    let body: RotateSecret = if bytes.iter().all(u8::is_ascii_whitespace) {
+        RotateSecret::default()
+    } else {
+        super::parse_json(&bytes)?
+    };
+    let grace = domain::check_grace_period(body.grace_period.as_deref())?;
+    let hook = domain::rotate_secret(state, &account, id, grace).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "secret": hook.secret, "secret_rotation_ends_at": rotation_ends_at(&hook) }),
+    ))
 }
 
 pub async fn update(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {

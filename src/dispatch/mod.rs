@@ -33,8 +33,6 @@ use crate::store::{Store, StoreError};
 
 pub use client::{AttemptOutcome, Outbound};
 
-pub const USER_AGENT: &str = concat!("kyberhook/", env!("CARGO_PKG_VERSION"));
-
 /// Everything an attempt needs; shared by the dispatcher's tasks and the API's test tool.
 pub struct Deliverer {
     pub store: Arc<Store>,
@@ -44,23 +42,6 @@ pub struct Deliverer {
     pub scheduler: SchedulerHandle,
     /// `delivery.max_in_flight`: every attempt, from any path, holds one of these.
     pub global: Arc<Semaphore>,
-}
-
-/// The request headers of one attempt, in the order they are sent.
-pub fn request_headers(
-    event: &str,
-    delivery: DeliveryId,
-    timestamp: u64,
-    signature_hex: &str,
-) -> Vec<(&'static str, String)> {
-    vec![
-        ("content-type", "application/json".to_string()),
-        ("user-agent", USER_AGENT.to_string()),
-        ("x-kyberaccess-event", event.to_string()),
-        ("x-kyberaccess-delivery", delivery.to_string()),
-        ("x-kyberaccess-timestamp", timestamp.to_string()),
-        ("x-kyberaccess-signature", format!("sha256={signature_hex}")),
-    ]
 }
 
 impl Deliverer {
@@ -75,9 +56,16 @@ impl Deliverer {
         let number = record.attempt_count + 1;
         let is_test = record.is_test;
         let at_ms = clock::now_ms();
-        let timestamp = crate::model::now_ms() / 1000;
-        let signature = signing::signature_hex(&hook.hook.secret, timestamp, &body);
-        let headers = request_headers(&record.event, record.id, timestamp, &signature)
+        let signed = signing::sign_request(
+            &hook.hook,
+            &record.event,
+            record.id,
+            crate::model::now_ms(),
+            &body,
+        );
+        let (timestamp, signature) = (signed.timestamp, signed.recorded);
+        let headers = signed
+            .headers
             .into_iter()
             .filter_map(|(k, v)| {
                 Some((HeaderName::from_static(k), HeaderValue::from_str(&v).ok()?))

@@ -226,7 +226,7 @@ impl Store {
         let mut migrated = 0usize;
         for kv in self.webhooks.iter() {
             let (key, value) = kv?;
-            let mut stored: Webhook = codec::decode(&value)?;
+            let mut stored = Webhook::decode(&value)?;
             let plaintext = secrets::has_plaintext_secret(&mut stored);
             let hook = self.sealer.open_webhook(stored).map_err(|e| match e {
                 SecretsError::WrongKey => StoreError::WrongSecretsKey {
@@ -404,7 +404,8 @@ impl Store {
 
     /// A stored webhook with its secrets opened.
     fn open_webhook(&self, value: &[u8]) -> Result<Webhook> {
-        Ok(self.sealer.open_webhook(codec::decode(value)?)?)
+        // Webhook::decode also reads records written before signature schemes existed.
+        Ok(self.sealer.open_webhook(Webhook::decode(value)?)?)
     }
 
     /// Deletes a webhook and all its delivery history.
@@ -1095,6 +1096,9 @@ mod tests {
             secret: secret.into(),
             created_ms: 0,
             updated_ms: 0,
+            signature_scheme: Default::default(),
+            previous_secret: None,
+            rotation_ends_ms: None,
         }
     }
 
@@ -1116,6 +1120,39 @@ mod tests {
             }
         }
         false
+    }
+
+    #[test]
+    fn a_rotated_out_secret_is_sealed_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut hook = plain_hook(3, "whsec_current_secret_after_rotation");
+        hook.previous_secret = Some("whsec_rotated_out_but_still_in_grace".into());
+        hook.rotation_ends_ms = Some(u64::MAX);
+        {
+            let store = Store::open(&data, true).unwrap();
+            store.put_webhook(&hook).unwrap();
+            store.make_durable().unwrap();
+            let raw: Webhook = codec::decode(
+                &store
+                    .webhooks
+                    .get(keys::webhook(&hook.account_id, hook.id))
+                    .unwrap()
+                    .unwrap(),
+            )
+            .unwrap();
+            assert!(Sealer::is_sealed(raw.previous_secret.as_deref().unwrap()));
+            assert_eq!(
+                store.get_webhook(&hook.account_id, hook.id).unwrap(),
+                Some(hook.clone())
+            );
+        }
+        assert!(!dir_contains(
+            &data,
+            b"whsec_rotated_out_but_still_in_grace"
+        ));
+        let store = Store::open(&data, false).unwrap();
+        assert_eq!(store.all_webhooks().unwrap(), vec![hook]);
     }
 
     #[test]

@@ -8,7 +8,6 @@ use http::StatusCode;
 
 use crate::api::{paging, ApiError, AppState};
 use crate::clock;
-use crate::dispatch::request_headers;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{parse_rfc3339, AttemptRecord, DeliveryRecord, DeliveryStatus, WebhookStatus};
 use crate::store::{DeliveryPage, DeliveryQuery};
@@ -140,16 +139,11 @@ pub fn get_delivery(
         .get_event(record.id.seq)?
         .map(|e| String::from_utf8_lossy(&e.body).into_owned());
     let last = attempts.last();
-    let request_headers = request_headers(
+    let request_headers = crate::signing::recorded_headers(
         &record.event,
         record.id,
-        last.map_or(0, |a| a.timestamp),
-        last.map_or("", |a| a.signature.as_str()),
-    )
-    .into_iter()
-    .filter(|(k, _)| last.is_some() || !k.ends_with("timestamp") && !k.ends_with("signature"))
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+        last.map(|a| (a.timestamp, a.signature.as_str())),
+    );
     Ok(DeliveryDetail {
         record,
         request_headers,

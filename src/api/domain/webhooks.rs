@@ -1,6 +1,7 @@
 //! Webhook rules: field validation (the HTTPS rule, events against the catalog, CIDR
 //! allowlists), the plan's webhook limit, pause/resume semantics, deletion with its history,
-//! signing-secret rotation and the test send (one real attempt with a sample payload).
+//! signing-secret rotation (with a grace period during which both secrets sign), the signature
+//! scheme, and the test send (one real attempt with a sample payload).
 //! Bodies enter as [`CreateWebhook`] / [`UpdateWebhook`]; webhooks leave as [`Webhook`].
 
 use http::StatusCode;
@@ -14,7 +15,8 @@ use crate::clock;
 use crate::config::parse_cidr;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{
-    now_ms, rfc3339, AttemptRecord, DeliveryRecord, Subscription, Webhook, WebhookStatus,
+    now_ms, rfc3339, AttemptRecord, DeliveryRecord, SignatureScheme, Subscription, Webhook,
+    WebhookStatus,
 };
 use crate::signing;
 
@@ -32,6 +34,9 @@ pub struct CreateWebhook {
     pub events: Vec<String>,
     #[serde(default)]
     pub ip_allowlist: Vec<String>,
+    /// `"kyberaccess"` (default) or `"standard-webhooks"`.
+    #[serde(default)]
+    pub signature_scheme: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -49,6 +54,45 @@ pub struct UpdateWebhook {
     pub ip_allowlist: Option<Vec<String>>,
     #[serde(default)]
     pub status: Option<String>,
+    #[serde(default)]
+    pub signature_scheme: Option<String>,
+}
+
+/// The optional body of a secret rotation.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSecret {
+    /// How long the old secret keeps signing (`"24h"`, `"0s"` … `"7d"`); default 24 h.
+    #[serde(default)]
+    pub grace_period: Option<String>,
+}
+
+/// The grace period of a rotation when none is asked for.
+pub const DEFAULT_ROTATION_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The longest grace period a rotation may ask for.
+pub const MAX_ROTATION_GRACE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+pub fn check_signature_scheme(text: &str) -> Result<SignatureScheme, ApiError> {
+    SignatureScheme::parse(text).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_signature_scheme",
+            format!("signature_scheme {text:?} is not \"kyberaccess\" or \"standard-webhooks\""),
+        )
+    })
+}
+
+/// A rotation's grace period: a duration string from 0 to 7 days.
+pub fn check_grace_period(text: Option<&str>) -> Result<std::time::Duration, ApiError> {
+    let Some(text) = text else {
+        return Ok(DEFAULT_ROTATION_GRACE);
+    };
+    let bad = |why: String| ApiError::bad_request("invalid_grace_period", why);
+    let grace = crate::config::parse_duration(text)
+        .map_err(|e| bad(format!("grace_period {text:?}: {e}")))?;
+    if grace > MAX_ROTATION_GRACE {
+        return Err(bad(format!("grace_period {text:?} is longer than 7 days")));
+    }
+    Ok(grace)
 }
 
 #[derive(Deserialize)]
@@ -168,6 +212,12 @@ pub async fn create_webhook(
     let description = check_description(body.description)?;
     let events = check_events(state, body.events)?;
     let ip_allowlist = check_cidrs(body.ip_allowlist)?;
+    let signature_scheme = body
+        .signature_scheme
+        .as_deref()
+        .map(check_signature_scheme)
+        .transpose()?
+        .unwrap_or_default();
     let hook = {
         let _writes = state.registry.write_lock();
         let usage = plan_usage(state, account);
@@ -205,6 +255,9 @@ pub async fn create_webhook(
             secret: signing::new_secret(),
             created_ms: now,
             updated_ms: now,
+            signature_scheme,
+            previous_secret: None,
+            rotation_ends_ms: None,
         };
         state.store.put_webhook(&hook)?;
         state.registry.upsert_hook(hook.clone());
@@ -259,6 +312,11 @@ async fn modify(
         let mut hook = get_webhook(state, account, id)?;
         change(&mut hook)?;
         hook.updated_ms = now_ms();
+        // A secret whose rotation grace is over is not kept any longer than it must be.
+        if hook.previous_secret_at(hook.updated_ms).is_none() {
+            hook.previous_secret = None;
+            hook.rotation_ends_ms = None;
+        }
         state.store.put_webhook(&hook)?;
         state.registry.upsert_hook(hook.clone());
         hook
@@ -267,18 +325,28 @@ async fn modify(
     Ok(hook)
 }
 
-/// Replaces the signing secret; returns the new one.
+/// Replaces the signing secret and returns the webhook with the new one. For `grace`, the
+/// replaced secret keeps signing the primary signature and the new one signs the `-Next`
+/// signature; a rotation during a grace replaces the secret the previous rotation returned
+/// (the one before it stops signing at once).
 pub async fn rotate_secret(
     state: &AppState,
     account: &AccountId,
     id: WebhookId,
-) -> Result<String, ApiError> {
-    let hook = modify(state, account, id, |h| {
-        h.secret = signing::new_secret();
+    grace: std::time::Duration,
+) -> Result<Webhook, ApiError> {
+    modify(state, account, id, |h| {
+        let old = std::mem::replace(&mut h.secret, signing::new_secret());
+        if grace.is_zero() {
+            h.previous_secret = None;
+            h.rotation_ends_ms = None;
+        } else {
+            h.previous_secret = Some(old);
+            h.rotation_ends_ms = Some(now_ms() + grace.as_millis() as u64);
+        }
         Ok(())
     })
-    .await?;
-    Ok(hook.secret)
+    .await
 }
 
 /// Changes the given fields. Pause semantics: `"paused"` stops deliveries (they wait);
@@ -301,6 +369,11 @@ pub async fn update_webhook(
         .transpose()?;
     let events = body.events.map(|e| check_events(state, e)).transpose()?;
     let ip_allowlist = body.ip_allowlist.map(check_cidrs).transpose()?;
+    let signature_scheme = body
+        .signature_scheme
+        .as_deref()
+        .map(check_signature_scheme)
+        .transpose()?;
     let status = match body.status.as_deref() {
         None => None,
         Some("active") => Some(WebhookStatus::Active),
@@ -327,6 +400,9 @@ pub async fn update_webhook(
         }
         if let Some(v) = ip_allowlist {
             h.ip_allowlist = v;
+        }
+        if let Some(v) = signature_scheme {
+            h.signature_scheme = v;
         }
         match status {
             Some(WebhookStatus::Active) => {

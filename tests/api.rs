@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 /// Any valid https URL: these tests never send events, so nothing is ever called.
 const URL: &str = "https://hooks.example.com/kyber";
 
-const WEBHOOK_FIELDS: [&str; 12] = [
+const WEBHOOK_FIELDS: [&str; 14] = [
     "id",
     "account_id",
     "name",
@@ -24,6 +24,8 @@ const WEBHOOK_FIELDS: [&str; 12] = [
     "status",
     "disabled_reason",
     "consecutive_failures",
+    "signature_scheme",
+    "secret_rotation_ends_at",
     "created_at",
     "updated_at",
 ];
@@ -1275,7 +1277,7 @@ async fn webhook_get_secret_and_rotation() {
         .admin(Method::POST, &format!("{p}/secret/rotate"), None)
         .await;
     assert_eq!(s, StatusCode::OK, "{rotated}");
-    assert_eq!(keys(&rotated), set(&["secret"]));
+    assert_eq!(keys(&rotated), set(&["secret", "secret_rotation_ends_at"]));
     let new = rotated["secret"].as_str().unwrap();
     assert!(new.starts_with("whsec_"), "{rotated}");
     assert_ne!(rotated["secret"], created["secret"]);

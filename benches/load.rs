@@ -10,7 +10,8 @@
 //!        --receivers K (1: every webhook on one receiver URL)  --max-backlog N (50000)
 //!        --drain-secs S (120; quick 60)  --fanout-ingest single|batch|both (both)
 //!        --latency-webhooks N (1; 0 measures ingest latency alone)  --latency-conns N (32)
-//!        --phases healthz,ingest,batch,fanout,latency (all; e.g. to profile one phase)
+//!        --phases healthz,ingest,batch,fanout,latency,retention (all; e.g. to profile one phase)
+//!        --retention S (10: storage.retention of the retention phase)  --retention-run S (90; quick 40)
 //! ```
 //!
 //! In one process: the engine (its own 2-worker tokio runtime, durable store with
@@ -31,7 +32,13 @@
 //!    `deliveries_per_s` = requests the receiver got during the window / window length;
 //!    then the backlog is drained (bounded) before the next phase;
 //! 5. open loop at `--rate` events/s to one webhook: ingest latency (intended send → 202, so
-//!    queueing for a connection counts) and ingest → first attempt at the receiver.
+//!    queueing for a connection counts) and ingest → first attempt at the receiver;
+//! 6. retention: a second engine with its own data dir and `storage.retention = --retention`
+//!    seconds, 10 webhooks, closed-loop batch ingest (capped like the fan-out phases) for
+//!    `--retention-run` seconds; the data dir size is sampled every 2 s and must level off
+//!    once the purge starts; prints the purge rate (deliveries purged per second of wall time,
+//!    which equals the delivery rate once the data dir is level, and per second of purge work,
+//!    its capacity) and the steady-state data dir size.
 //!
 //! Peak RSS is the process's VmHWM and includes the receiver and the load generator.
 //! Every loop is bounded in time and count.
@@ -64,8 +71,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const ADMIN: &str = "bench-admin-token-0123456789";
 /// Receiver counters are kept per phase, by the first path segment `/p{N}/…`.
-const PHASES: usize = 8;
+const PHASES: usize = 9;
 const LATENCY_PHASE: usize = 7;
+const RETENTION_PHASE: usize = 8;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A closed-loop connection idle (throttled) for longer than this is replaced before use.
 const IDLE_RECONNECT: Duration = Duration::from_secs(5);
@@ -98,8 +106,12 @@ struct Opts {
     /// Connections of the open-loop latency phase (a producer sending 1 000 events/s needs a
     /// few; each of 256 would sit idle for a quarter of a second between requests).
     latency_conns: usize,
-    /// Which phases run: healthz, ingest, batch, fanout, latency.
+    /// Which phases run: healthz, ingest, batch, fanout, latency, retention.
     phases: Vec<String>,
+    /// `storage.retention` of the retention phase's engine, seconds.
+    retention: u64,
+    /// How long the retention phase ingests, seconds.
+    retention_run: u64,
 }
 
 impl Opts {
@@ -108,7 +120,14 @@ impl Opts {
     }
 }
 
-const ALL_PHASES: &[&str] = &["healthz", "ingest", "batch", "fanout", "latency"];
+const ALL_PHASES: &[&str] = &[
+    "healthz",
+    "ingest",
+    "batch",
+    "fanout",
+    "latency",
+    "retention",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum IngestMode {
@@ -132,7 +151,7 @@ fn usage(msg: &str) -> ! {
         "usage: cargo bench --bench load -- [--quick] [--json] [--no-fsync] [--conns N] [--secs S] [--rps-secs S] \
          [--warmup S] [--rate EV/S] [--fanouts 1,10] [--fanout-ingest single|batch|both] [--receivers K] \
          [--max-backlog N] [--drain-secs S] [--latency-webhooks N] [--latency-conns N] \
-         [--phases healthz,ingest,batch,fanout,latency]"
+         [--phases healthz,ingest,batch,fanout,latency,retention] [--retention S] [--retention-run S]"
     );
     std::process::exit(2)
 }
@@ -157,6 +176,8 @@ fn parse_opts() -> Opts {
         latency_webhooks: 1,
         latency_conns: 32,
         phases: ALL_PHASES.iter().map(|p| p.to_string()).collect(),
+        retention: 10,
+        retention_run: if quick { 40 } else { 90 },
     };
     let mut it = args.into_iter().peekable();
     while let Some(arg) = it.next() {
@@ -196,6 +217,10 @@ fn parse_opts() -> Opts {
             }
             "--latency-conns" => {
                 o.latency_conns = num("--latency-conns", value("--latency-conns")).max(1) as usize
+            }
+            "--retention" => o.retention = num("--retention", value("--retention")).max(1),
+            "--retention-run" => {
+                o.retention_run = num("--retention-run", value("--retention-run")).max(10)
             }
             "--phases" => {
                 let v = value("--phases");
@@ -1107,6 +1132,189 @@ async fn latency_phase(ctx: &Ctx) -> LatencyResult {
 // Process figures
 
 /// The first three fields of /proc/loadavg (other work on this machine skews every figure).
+#[derive(Debug, Clone, Default)]
+struct RetentionResult {
+    skipped: bool,
+    retention_s: u64,
+    run_s: f64,
+    deliveries_per_s: f64,
+    purged_deliveries: f64,
+    /// Purged deliveries per second of wall time, from the first purge to the end.
+    purge_per_s: f64,
+    /// Purged deliveries per second spent in purge passes (what the purge could do).
+    purge_capacity_per_s: f64,
+    passes: f64,
+    /// (seconds since start, data dir bytes) every 2 s.
+    sizes: Vec<(f64, u64)>,
+    steady_bytes: u64,
+    levelled_off: bool,
+    errors: String,
+}
+
+/// Phase 6: a second engine with a short retention under sustained fan-out; does the data dir
+/// level off, and how fast does the purge remove deliveries?
+async fn retention_phase(
+    opts: &Opts,
+    pki: &Pki,
+    recv: &Receivers,
+    engine_rt: &tokio::runtime::Handle,
+) -> RetentionResult {
+    let data = tempfile::tempdir().expect("retention data dir");
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[storage]
+path = "{data}"
+retention = "{retention}s"
+fsync = {fsync}
+[auth]
+admin_token = "{ADMIN}"
+[delivery]
+extra_ca_files = ["{ca}"]
+private_network_allowlist = ["127.0.0.0/8"]
+max_in_flight = 1024
+max_in_flight_per_webhook = 256
+[plans.bench]
+events_per_second = 0
+[log]
+level = "{log}"
+"#,
+        data = data.path().display(),
+        ca = pki.ca_file.display(),
+        retention = opts.retention,
+        fsync = opts.fsync,
+        log = std::env::var("BENCH_LOG").unwrap_or_else(|_| "off".into()),
+    );
+    let config = Config::from_toml(&toml, "load bench (retention)").expect("bench config");
+    let engine = engine_rt
+        .spawn(Engine::start(config))
+        .await
+        .expect("engine task")
+        .unwrap_or_else(|e| panic!("retention engine start: {e}"));
+    let (api, metrics) = (engine.api_addr(), engine.metrics_addr());
+    let account = "acc_retention";
+    let fanout = 10;
+    api_json(
+        api,
+        Method::POST,
+        "/v1/accounts",
+        Some(json!({"name": account, "plan": "bench", "id": account})),
+        StatusCode::CREATED,
+    )
+    .await;
+    for i in 0..fanout {
+        let base = &recv.urls[i % recv.urls.len()];
+        api_json(
+            api,
+            Method::POST,
+            &format!("/v1/accounts/{account}/webhooks"),
+            Some(json!({
+                "name": format!("retention {i}"),
+                "url": format!("{base}/p{RETENTION_PHASE}/h{i}"),
+                "events": ["visitor.checked_in"],
+            })),
+            StatusCode::CREATED,
+        )
+        .await;
+    }
+    let stats = recv.stats.clone();
+    let counters = Arc::new(Counters::default());
+    let outstanding = {
+        let (c, s) = (counters.clone(), stats.clone());
+        move || {
+            ((c.items.load(Ordering::Relaxed) + c.items_in_flight.load(Ordering::Relaxed))
+                * fanout as u64)
+                .saturating_sub(s.per_phase[RETENTION_PHASE].load(Ordering::Relaxed))
+        }
+    };
+    let max_backlog = opts.max_backlog;
+    let gate: Gate = {
+        let o = outstanding.clone();
+        Arc::new(move || o() < max_backlog)
+    };
+    let work = Arc::new(batch_workload(api, account, Some(gate)));
+    let run = Duration::from_secs(opts.retention_run);
+    let t0 = Instant::now();
+    let recv0 = stats.per_phase[RETENTION_PHASE].load(Ordering::Relaxed);
+    let handles = spawn_closed_loop(
+        api,
+        opts.conns,
+        work,
+        counters.clone(),
+        t0 + run + Duration::from_secs(30),
+    );
+    let mut r = RetentionResult {
+        retention_s: opts.retention,
+        ..Default::default()
+    };
+    let purged = |m: &Scrape| m.sum("kyberhook_retention_deliveries_purged_total", None);
+    let m0 = Scrape::get(metrics).await;
+    let (purged0, pass_s0, passes0) = (
+        purged(&m0),
+        m0.sum("kyberhook_retention_pass_seconds_sum", None),
+        m0.sum("kyberhook_retention_pass_seconds_count", None),
+    );
+    let mut first_purge: Option<(Instant, f64)> = None;
+    let end = t0 + run;
+    while Instant::now() < end {
+        let next = (Instant::now() + Duration::from_secs(2)).min(end);
+        tokio::time::sleep_until(next.into()).await;
+        r.sizes.push((t0.elapsed().as_secs_f64(), du(data.path())));
+        let p = purged(&Scrape::get(metrics).await);
+        if first_purge.is_none() && p > purged0 {
+            first_purge = Some((Instant::now(), p));
+        }
+    }
+    let t1 = Instant::now();
+    let recv1 = stats.per_phase[RETENTION_PHASE].load(Ordering::Relaxed);
+    let m1 = Scrape::get(metrics).await;
+    counters.stop.store(true, Ordering::Relaxed);
+    join_all(handles, Duration::from_secs(35)).await;
+    r.run_s = (t1 - t0).as_secs_f64();
+    r.deliveries_per_s = (recv1 - recv0) as f64 / r.run_s;
+    r.purged_deliveries = purged(&m1) - purged0;
+    if let Some((at, p)) = first_purge {
+        let secs = (t1 - at).as_secs_f64();
+        if secs > 0.0 {
+            r.purge_per_s = (purged(&m1) - p) / secs;
+        }
+    }
+    let pass_s = m1.sum("kyberhook_retention_pass_seconds_sum", None) - pass_s0;
+    r.passes = m1.sum("kyberhook_retention_pass_seconds_count", None) - passes0;
+    if pass_s > 0.0 {
+        r.purge_capacity_per_s = r.purged_deliveries / pass_s;
+    }
+    // Level: the last third of the samples grows by under 10 % of the middle third's peak.
+    let n = r.sizes.len();
+    if n >= 6 {
+        let mid_peak = r.sizes[n / 3..2 * n / 3]
+            .iter()
+            .map(|s| s.1)
+            .max()
+            .unwrap_or(0);
+        let last = &r.sizes[2 * n / 3..];
+        let last_peak = last.iter().map(|s| s.1).max().unwrap_or(0);
+        r.steady_bytes = last.iter().map(|s| s.1).sum::<u64>() / last.len() as u64;
+        r.levelled_off = (last_peak as f64) <= mid_peak as f64 * 1.10;
+    }
+    if counters.io_errors.load(Ordering::Relaxed) > 0 || !counters.other_statuses().is_empty() {
+        r.errors = format!(
+            "ingest io {} status [{}]",
+            counters.io_errors.load(Ordering::Relaxed),
+            counters.other_statuses()
+        );
+    }
+    let _ = engine_rt
+        .spawn(
+            async move { tokio::time::timeout(Duration::from_secs(60), engine.shutdown()).await },
+        )
+        .await;
+    r
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -1345,6 +1553,23 @@ level = "{log}"
         };
         (healthz, ingest, batch, events_only, fanouts, latency)
     });
+    let retention = if ctx.opts.runs("retention") {
+        eprintln!(
+            "phase: retention {} s under fan-out to 10 webhooks ({} s)",
+            ctx.opts.retention, ctx.opts.retention_run
+        );
+        bench_rt.block_on(retention_phase(
+            &ctx.opts,
+            &pki,
+            &ctx.recv,
+            engine_rt.handle(),
+        ))
+    } else {
+        RetentionResult {
+            skipped: true,
+            ..Default::default()
+        }
+    };
 
     let peak_rss_kb = proc_status_kb("VmHWM:");
     let rss_kb = proc_status_kb("VmRSS:");
@@ -1533,6 +1758,47 @@ level = "{log}"
         format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.p999),
         format!("intended send -> request at receiver; max {:.1} ms", p.max),
     );
+    t.section(&format!(
+        "retention {} s, 10 webhooks, closed-loop batch ingest{}",
+        retention.retention_s,
+        if retention.skipped { ": skipped" } else { "" }
+    ));
+    if !retention.skipped {
+        t.row(
+            "deliveries_per_s",
+            n0(retention.deliveries_per_s),
+            format!("received by the endpoint over {:.0} s", retention.run_s),
+        );
+        t.row(
+            "purge deliveries/s",
+            n0(retention.purge_per_s),
+            format!(
+                "wall time, first purge to end; capacity {} /s of purge work ({} purged in {} passes){}",
+                n0(retention.purge_capacity_per_s),
+                n0(retention.purged_deliveries),
+                retention.passes,
+                if retention.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", retention.errors)
+                }
+            ),
+        );
+        t.row(
+            "steady-state data dir",
+            format!("{:.0} MiB", retention.steady_bytes as f64 / 1048576.0),
+            format!(
+                "mean of the last third; levelled off: {}; samples (s: MiB) {}",
+                if retention.levelled_off { "yes" } else { "NO" },
+                retention
+                    .sizes
+                    .iter()
+                    .map(|(t, b)| format!("{t:.0}:{:.0}", *b as f64 / 1048576.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        );
+    }
     t.section("process and disk");
     let (ev_only_metric, ev_only_bytes, ev_only_acked, rss_ingest_kb) = events_only;
     t.row(

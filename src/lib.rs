@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod ratelimit;
 pub mod registry;
+pub mod retention;
 pub mod scheduler;
 pub mod secrets;
 pub mod server;
@@ -37,7 +38,6 @@ pub mod wheel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -73,8 +73,6 @@ impl StartError {
 
 /// Due attempts waiting for the dispatcher; small, since the wheel is the real buffer.
 const DUE_QUEUE: usize = 4096;
-/// How often delivery logs past `storage.retention` are purged.
-const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// A running engine.
 pub struct Engine {
@@ -84,6 +82,7 @@ pub struct Engine {
     server_tasks: Vec<JoinHandle<()>>,
     pipeline_tasks: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
+    retention: Option<retention::Retention>,
     state: Option<Arc<AppState>>,
     committer: Option<Committer>,
     store: Arc<Store>,
@@ -208,10 +207,7 @@ impl Engine {
                 shutdown_rx.clone(),
             )),
         ];
-        let background = vec![
-            metrics::spawn_upkeep(prometheus),
-            spawn_retention(store.clone(), config.storage.retention),
-        ];
+        let background = vec![metrics::spawn_upkeep(prometheus)];
         tracing::info!(api = %api_addr, metrics = %metrics_addr, tls = config.server.tls_cert.is_some(), "kyberhook is serving");
         Ok(Engine {
             api_addr,
@@ -220,6 +216,10 @@ impl Engine {
             server_tasks,
             pipeline_tasks,
             background,
+            retention: Some(retention::Retention::start(
+                store.clone(),
+                config.storage.retention,
+            )),
             state: Some(state),
             committer: Some(committer),
             store,
@@ -263,32 +263,15 @@ impl Engine {
         for t in self.background.drain(..) {
             t.abort();
         }
+        if let Some(r) = self.retention.take() {
+            let _ = tokio::task::spawn_blocking(move || r.stop()).await;
+        }
         let store = self.store.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.make_durable()).await {
             tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!("kyberhook stopped");
     }
-}
-
-fn spawn_retention(store: Arc<Store>, retention: Duration) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RETENTION_EVERY);
-        loop {
-            tick.tick().await;
-            let cutoff = model::now_ms().saturating_sub(retention.as_millis() as u64);
-            let store = store.clone();
-            let purged =
-                tokio::task::spawn_blocking(move || store.purge_before(cutoff, 10_000)).await;
-            match purged {
-                Ok(Ok(n)) if n > 0 => {
-                    tracing::info!(deliveries = n, "purged delivery logs past retention")
-                }
-                Ok(Err(e)) => tracing::warn!(error = %e, "retention purge failed"),
-                _ => {}
-            }
-        }
-    })
 }
 
 /// Sets up logging as `log.format` and `log.level` (or `RUST_LOG`) say. Call once.

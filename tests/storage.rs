@@ -252,3 +252,31 @@ async fn signing_secrets_are_sealed_at_rest_and_need_their_key() {
     );
     drop(p);
 }
+
+#[tokio::test]
+async fn history_past_a_short_retention_is_purged_by_the_engine() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let data = tempfile::tempdir().unwrap();
+    let toml = config_toml(data.path(), &pki.ca_file, "", "")
+        .replace("[storage]\n", "[storage]\nretention = \"2s\"\n");
+    let config = kyberhook::config::Config::from_toml(&toml, "test").unwrap();
+    let te = TestEngine::start_with(config, data).await;
+    te.account("acc_ret", "enterprise").await;
+    let hook = te.webhook("acc_ret", &rx.url, &["*"]).await;
+    for i in 0..20 {
+        te.event("acc_ret", "visitor.checked_in", json!({"i": i}))
+            .await;
+    }
+    rx.wait_for(20, Duration::from_secs(10)).await;
+    let path = format!(
+        "/v1/accounts/acc_ret/webhooks/{}/deliveries?limit=100",
+        hook["id"].as_str().unwrap()
+    );
+    te.poll(&path, Duration::from_secs(10), |v| count(v) == 20)
+        .await;
+    // Retention 2 s: a pass every second purges them about 2 s after they were created.
+    te.poll(&path, Duration::from_secs(15), |v| count(v) == 0)
+        .await;
+    te.stop().await;
+}

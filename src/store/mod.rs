@@ -17,6 +17,7 @@ pub mod format;
 pub mod keys;
 pub mod tracked;
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -362,7 +363,7 @@ impl Store {
         // The log is ordered by time, not account, and minted ids have no `event_ids` entry:
         // the account's events are found by a scan of the log. Deleting an account is rare
         // and must not leave its payloads behind.
-        self.drop_events(None, None, |e| Ok(e.account_id == account.id))?;
+        self.drop_events(None, None, None, |e| Ok(e.account_id == account.id))?;
         for kv in self.event_ids.scan_prefix(&prefix) {
             self.event_ids.remove(kv?.0)?;
         }
@@ -529,24 +530,29 @@ impl Store {
     }
 
     /// Rewrites every chunk holding an event `doomed` picks, without those events (a chunk
-    /// left empty is removed), and removes their idempotency and inbox entries. Stops after
-    /// `budget` chunks when given one; the range covers chunks keyed below `end`.
+    /// left empty is removed), and removes their idempotency and inbox entries, in one sled
+    /// batch per tree. Covers the chunks keyed after `after` (all when `None`) and before
+    /// `end` (all when `None`), at most `budget` of them when given one. Returns how many
+    /// events went and the key of the last chunk looked at (where the next call continues).
     fn drop_events(
         &self,
+        after: Option<IVec>,
         end: Option<[u8; 8]>,
         budget: Option<usize>,
         mut doomed: impl FnMut(&EventRecord) -> Result<bool>,
-    ) -> Result<usize> {
-        let range = match end {
-            Some(end) => self.events.range(..end),
-            None => self.events.range::<&[u8], _>(..),
-        };
+    ) -> Result<(usize, Option<IVec>)> {
+        use std::ops::Bound;
+        let lo = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let hi = end.map_or(Bound::Unbounded, |e| Bound::Excluded(IVec::from(&e[..])));
         let mut dropped = 0;
-        for (seen, kv) in range.enumerate() {
+        let mut last = None;
+        let (mut ev, mut ids, mut inbox) = (Batch::default(), Batch::default(), Batch::default());
+        for (seen, kv) in self.events.range::<IVec, _>((lo, hi)).enumerate() {
             if budget.is_some_and(|b| seen >= b) {
                 break;
             }
             let (key, value) = kv?;
+            last = Some(key.clone());
             let mut kept = Vec::new();
             let mut gone = Vec::new();
             for event in Self::log_events(&value)? {
@@ -561,21 +567,25 @@ impl Store {
             }
             for e in &gone {
                 if !e.id.is_minted_for(e.seq) {
-                    self.event_ids
-                        .remove(keys::event_id(&e.account_id, e.id.as_str()))?;
+                    ids.remove(keys::event_id(&e.account_id, e.id.as_str()));
                 }
-                self.inbox.remove(keys::seq(e.seq))?;
+                inbox.remove(&keys::seq(e.seq));
             }
             dropped += gone.len();
             if kept.is_empty() {
-                self.events.remove(key)?;
+                ev.remove(key);
             } else {
                 // Same key: the chunk's range only shrinks, so chunks still never overlap.
                 let items: Vec<(u64, &EventRecord)> = kept.iter().map(|e| (e.seq, e)).collect();
-                self.events.insert(key, codec::encode_chunk(&items))?;
+                ev.insert(key, codec::encode_chunk(&items));
             }
         }
-        Ok(dropped)
+        // The indexes first: an index entry left by a crash here would name a missing event,
+        // while a chunk left behind is simply dropped again by the next pass.
+        self.event_ids.apply_batch(ids)?;
+        self.inbox.apply_batch(inbox)?;
+        self.events.apply_batch(ev)?;
+        Ok((dropped, last))
     }
 
     /// Events whose fan-out was owed at the last stop.
@@ -802,51 +812,140 @@ impl Store {
         Ok(DeliveryPage { items, next_cursor })
     }
 
-    /// Deletes finished deliveries created before `cutoff_ms`, and events before it that no
-    /// delivery needs any more. At most `budget` deliveries per call; returns how many went.
-    pub fn purge_before(&self, cutoff_ms: u64, budget: usize) -> Result<usize> {
+    /// Deletes every finished delivery created before `cutoff_ms` (with its attempts, index
+    /// and schedule entries), then every event before it that no delivery and no owed fan-out
+    /// needs. Works through the backlog in batches ([`PURGE_BATCH`] deliveries,
+    /// [`PURGE_CHUNKS`] log chunks: one sled batch per tree each), so one call keeps up with
+    /// any rate the engine can write at; `go_on` is asked before each batch (shutdown).
+    /// Blocking: run it on its own thread.
+    pub fn purge_before(&self, cutoff_ms: u64, go_on: &dyn Fn() -> bool) -> Result<Purged> {
         let end = keys::seq(ids::seq_floor(cutoff_ms));
-        let mut purged = 0;
-        let mut doomed = Vec::new();
-        for kv in self.deliveries.range(..end) {
-            let (k, v) = kv?;
-            let record: DeliveryRecord = codec::decode(&v)?;
-            if !record.status.is_open() {
-                if let Some(id) = DeliveryId::from_bytes(&k) {
-                    doomed.push(id);
-                }
+        let mut purged = Purged::default();
+        let mut after: Option<IVec> = None;
+        while go_on() {
+            let (deliveries, attempts, last) = self.purge_deliveries(after.take(), &end)?;
+            purged.deliveries += deliveries;
+            purged.attempts += attempts;
+            match last {
+                Some(last) => after = Some(last),
+                None => break,
             }
-            if doomed.len() >= budget {
-                break;
-            }
-        }
-        for id in doomed {
-            self.delete_delivery(id)?;
-            purged += 1;
         }
         // Chunks keyed below the cutoff hold only events older than it; an event goes once no
         // delivery and no owed fan-out needs it.
-        let chunks = budget.div_ceil(CHUNK_EVENTS).max(1);
-        self.drop_events(Some(end), Some(chunks), |e| {
-            let key = keys::seq(e.seq);
-            if self.inbox.contains_key(key)? {
-                return Ok(false);
+        let mut after: Option<IVec> = None;
+        while go_on() {
+            let (events, last) =
+                self.drop_events(after.take(), Some(end), Some(PURGE_CHUNKS), |e| {
+                    if self.inbox.contains_key(keys::seq(e.seq))? {
+                        return Ok(false);
+                    }
+                    let lo = DeliveryId {
+                        seq: e.seq,
+                        webhook: WebhookId(0),
+                    }
+                    .to_bytes();
+                    let hi = DeliveryId {
+                        seq: e.seq,
+                        webhook: WebhookId(u64::MAX),
+                    }
+                    .to_bytes();
+                    Ok(self.deliveries.range(lo..=hi).next().is_none())
+                })?;
+            purged.events += events;
+            match last {
+                Some(last) => after = Some(last),
+                None => break,
             }
-            let lo = DeliveryId {
-                seq: e.seq,
-                webhook: WebhookId(0),
-            }
-            .to_bytes();
-            let hi = DeliveryId {
-                seq: e.seq,
-                webhook: WebhookId(u64::MAX),
-            }
-            .to_bytes();
-            Ok(self.deliveries.range(lo..=hi).next().is_none())
-        })?;
+        }
         Ok(purged)
     }
+
+    /// One batch of [`Store::purge_before`]: looks at up to [`PURGE_BATCH`] deliveries keyed
+    /// after `after` and before `end`, deletes the finished ones, and returns how many
+    /// deliveries and attempts went and the last key looked at (`None`: the range is done).
+    fn purge_deliveries(
+        &self,
+        after: Option<IVec>,
+        end: &[u8; 8],
+    ) -> Result<(usize, usize, Option<IVec>)> {
+        use std::ops::Bound;
+        let lo = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let hi = Bound::Excluded(IVec::from(&end[..]));
+        let (mut dl, mut at, mut bw, mut ba, mut sc) = (
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+        );
+        let (mut deliveries, mut attempts, mut last) = (0, 0, None);
+        let mut doomed: HashSet<DeliveryId> = HashSet::new();
+        let mut first: Option<DeliveryId> = None;
+        for (seen, kv) in self.deliveries.range::<IVec, _>((lo, hi)).enumerate() {
+            if seen >= PURGE_BATCH {
+                break;
+            }
+            let (key, value) = kv?;
+            last = Some(key.clone());
+            let record: DeliveryRecord = codec::decode(&value)?;
+            // Open deliveries stay, however old: they are still owed an attempt.
+            if record.status.is_open() {
+                continue;
+            }
+            let id = record.id;
+            first.get_or_insert(id);
+            doomed.insert(id);
+            if let Some(due) = record.next_attempt_ms {
+                sc.remove(&keys::schedule(due, id));
+            }
+            bw.remove(&keys::by_webhook(id.webhook, id));
+            ba.remove(keys::by_account(&record.account_id, id));
+            dl.remove(key);
+            deliveries += 1;
+        }
+        // Attempts are keyed by delivery id first: one scan over the batch's range finds them
+        // all (a seek per delivery cost more than the rest of the purge together).
+        if let (Some(first), Some(last_id)) =
+            (first, last.as_deref().and_then(DeliveryId::from_bytes))
+        {
+            let from = keys::attempt(first, 0);
+            let to = keys::attempt(last_id, u32::MAX);
+            for k in self.attempts.range(from..=to).keys() {
+                let k = k?;
+                if k.get(..16)
+                    .and_then(DeliveryId::from_bytes)
+                    .is_some_and(|id| doomed.contains(&id))
+                {
+                    at.remove(k);
+                    attempts += 1;
+                }
+            }
+        }
+        // The record last: a crash in between leaves it to be found (and its remains deleted)
+        // by the next pass, never an index entry or attempt nobody can find again.
+        self.attempts.apply_batch(at)?;
+        self.schedule.apply_batch(sc)?;
+        self.by_webhook.apply_batch(bw)?;
+        self.by_account.apply_batch(ba)?;
+        self.deliveries.apply_batch(dl)?;
+        Ok((deliveries, attempts, last))
+    }
 }
+
+/// What one retention pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub deliveries: usize,
+    pub attempts: usize,
+    pub events: usize,
+}
+
+/// Deliveries one purge batch looks at: one sled batch per tree, big enough to amortise the
+/// batch, small enough that the retention thread yields to shutdown often.
+pub const PURGE_BATCH: usize = 4096;
+/// Event-log chunks one purge batch looks at (up to 64 events each).
+pub const PURGE_CHUNKS: usize = 256;
 
 /// Where the key named by `source` comes from, for messages.
 fn key_origin(path: &Path, source: &KeySource) -> String {
@@ -1073,7 +1172,7 @@ mod tests {
         };
         let record = DeliveryRecord::new(id, &events[99], 0, false);
         store.create_fresh_deliveries(vec![record]).unwrap();
-        store.purge_before(1, 10_000).unwrap();
+        store.purge_before(1, &|| true).unwrap();
         assert_eq!(store.get_event(100).unwrap().as_ref(), Some(&events[99]));
         for seq in [1, 99, 101, 150, 300] {
             assert!(store.get_event(seq).unwrap().is_none(), "event {seq} kept");
@@ -1248,6 +1347,99 @@ mod tests {
     }
 
     #[test]
+    fn one_purge_pass_removes_a_backlog_far_above_the_old_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let account = AccountId::parse("acc_ret").unwrap();
+        // 12 000 events with 3 deliveries each (36 000, the old purge took 10 000 a minute),
+        // every delivery finished with an attempt; plus one still open and one owed fan-out.
+        const EVENTS: u64 = 12_000;
+        let events: Vec<EventRecord> = (1..=EVENTS)
+            .map(|seq| EventRecord {
+                seq,
+                id: if seq % 2 == 0 {
+                    EventId::from_seq(seq)
+                } else {
+                    EventId::parse(&format!("producer-{seq}")).unwrap()
+                },
+                account_id: account.clone(),
+                event: "visitor.checked_in".into(),
+                body: vec![b'x'; 200],
+            })
+            .collect();
+        let owed: Vec<bool> = (1..=EVENTS).map(|seq| seq == 777).collect();
+        store.append_events_owing(&events, &owed).unwrap();
+        let open_seq = 5_000;
+        for chunk in events.chunks(2_000) {
+            let mut records = Vec::new();
+            for e in chunk {
+                if e.seq == 777 {
+                    continue;
+                }
+                for wh in 1..=3u64 {
+                    let id = DeliveryId {
+                        seq: e.seq,
+                        webhook: WebhookId(wh),
+                    };
+                    records.push(DeliveryRecord::new(id, e, 0, false));
+                }
+            }
+            store.create_fresh_deliveries(records.clone()).unwrap();
+            for mut r in records {
+                let open = r.id.seq == open_seq && r.id.webhook == WebhookId(2);
+                let old_due = r.next_attempt_ms;
+                if !open {
+                    r.status = DeliveryStatus::Delivered;
+                    r.next_attempt_ms = None;
+                }
+                let attempt = AttemptRecord {
+                    number: 1,
+                    at_ms: 0,
+                    response_code: Some(200),
+                    response_time_ms: 1,
+                    response_headers: vec![],
+                    response_body: String::new(),
+                    error: None,
+                    timestamp: 0,
+                    signature: String::new(),
+                };
+                store.record_attempt(&r, old_due, &attempt).unwrap();
+            }
+        }
+        assert_eq!(store.deliveries.len(), (EVENTS as usize - 1) * 3);
+        let started = std::time::Instant::now();
+        let purged = store.purge_before(1, &|| true).unwrap();
+        eprintln!("purged {purged:?} in {:?}", started.elapsed());
+        assert_eq!(purged.deliveries, (EVENTS as usize - 1) * 3 - 1);
+        assert_eq!(purged.attempts, purged.deliveries);
+        assert_eq!(purged.events, EVENTS as usize - 2);
+        // What is left: the open delivery with its attempt, indexes and schedule entry, its
+        // event, and the event whose fan-out is owed.
+        let open = DeliveryId {
+            seq: open_seq,
+            webhook: WebhookId(2),
+        };
+        assert_eq!(store.deliveries.len(), 1);
+        assert!(store.get_delivery(open).unwrap().is_some());
+        assert_eq!(store.attempts.len(), 1);
+        assert_eq!(store.by_webhook.len(), 1);
+        assert_eq!(store.by_account.len(), 1);
+        assert_eq!(store.schedule.len(), 1);
+        assert!(store.get_event(open_seq).unwrap().is_some());
+        assert!(store.get_event(777).unwrap().is_some());
+        assert!(store.get_event(778).unwrap().is_none());
+        // Producer ids of purged events are forgotten; those of kept events are not.
+        assert_eq!(store.event_ids.len(), 1);
+        assert_eq!(
+            store.event_seq(&account, "producer-777").unwrap(),
+            Some(777)
+        );
+        assert_eq!(store.event_seq(&account, "producer-779").unwrap(), None);
+        // A stop request ends a pass before its next batch.
+        assert_eq!(store.purge_before(1, &|| false).unwrap(), Purged::default());
+    }
+
+    #[test]
     fn a_log_written_before_chunking_still_reads_and_purges() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), false).unwrap();
@@ -1282,7 +1474,7 @@ mod tests {
                 .unwrap(),
             Some(9)
         );
-        store.purge_before(1, 1_000).unwrap();
+        store.purge_before(1, &|| true).unwrap();
         assert_eq!(store.events.len(), 0);
     }
 }

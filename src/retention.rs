@@ -1,0 +1,120 @@
+//! Retention: the thread that removes delivery logs and events older than `storage.retention`.
+//!
+//! One OS thread (`kyberhook-retention`), so the async workers never wait for it: every
+//! [`pass_interval`] it computes the cutoff and calls [`Store::purge_before`], which deletes
+//! everything past it in batches — a pass ends when the backlog is gone, not at a fixed
+//! budget, so the purge keeps up with any delivery rate the engine sustains and the data dir
+//! levels off at about `retention + interval` worth of history. Nothing enters it but the
+//! clock; what leaves is deletions in the store and the `kyberhook_retention_*` metrics.
+//! [`Retention::stop`] ends it between two batches.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, RecvTimeoutError, Sender};
+
+use crate::store::Store;
+
+/// How often a pass runs for a given retention: a twentieth of it (so the history kept
+/// exceeds the retention by at most 5 %), at least every minute and at most every second.
+pub fn pass_interval(retention: Duration) -> Duration {
+    (retention / 20).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// The running retention thread.
+pub struct Retention {
+    stopping: Arc<AtomicBool>,
+    /// Dropped to wake the thread from its wait.
+    wake: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Retention {
+    pub fn start(store: Arc<Store>, retention: Duration) -> Retention {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (wake, woken) = channel::bounded::<()>(1);
+        let interval = pass_interval(retention);
+        let flag = stopping.clone();
+        let thread = std::thread::Builder::new()
+            .name("kyberhook-retention".into())
+            .spawn(move || loop {
+                match woken.recv_timeout(interval) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                pass(&store, retention, &flag);
+            })
+            .expect("spawning the retention thread");
+        Retention {
+            stopping,
+            wake: Some(wake),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the thread (a pass in progress ends after its current batch) and waits for it.
+    /// Blocking.
+    pub fn stop(mut self) {
+        self.stopping.store(true, Ordering::Release);
+        drop(self.wake.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Retention {
+    /// An engine dropped without [`crate::Engine::shutdown`] does not leave the thread running.
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        drop(self.wake.take());
+    }
+}
+
+fn pass(store: &Store, retention: Duration, stopping: &AtomicBool) {
+    let started = Instant::now();
+    let cutoff = crate::model::now_ms().saturating_sub(retention.as_millis() as u64);
+    match store.purge_before(cutoff, &|| !stopping.load(Ordering::Acquire)) {
+        Ok(purged) => {
+            let secs = started.elapsed().as_secs_f64();
+            metrics::histogram!("kyberhook_retention_pass_seconds").record(secs);
+            metrics::counter!("kyberhook_retention_deliveries_purged_total")
+                .increment(purged.deliveries as u64);
+            metrics::counter!("kyberhook_retention_events_purged_total")
+                .increment(purged.events as u64);
+            if purged.deliveries > 0 || purged.events > 0 {
+                tracing::debug!(
+                    deliveries = purged.deliveries,
+                    attempts = purged.attempts,
+                    events = purged.events,
+                    seconds = secs,
+                    "purged history past retention"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "retention purge failed; retried at the next pass"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_run_often_enough_for_the_retention() {
+        assert_eq!(
+            pass_interval(Duration::from_secs(30 * 86_400)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            pass_interval(Duration::from_secs(600)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            pass_interval(Duration::from_secs(5)),
+            Duration::from_secs(1)
+        );
+    }
+}

@@ -159,6 +159,10 @@ pub struct DeliveryConfig {
     /// Deliveries that may wait for a future attempt before ingest answers 503.
     #[serde(default = "d_max_scheduled")]
     pub max_scheduled: usize,
+    /// Deliveries of one account that may wait for an attempt before that account's ingest
+    /// answers 429 (see `backlog`).
+    #[serde(default = "d_max_scheduled_per_account")]
+    pub max_scheduled_per_account: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -294,6 +298,11 @@ fn d_max_response_body() -> usize {
 }
 fn d_max_scheduled() -> usize {
     5_000_000
+}
+fn d_max_scheduled_per_account() -> u64 {
+    // A fifth of the engine-wide default: five accounts must be stuck at once before ingest
+    // answers 503 for everybody.
+    1_000_000
 }
 fn d_catalog() -> Vec<String> {
     DEFAULT_EVENT_CATALOG
@@ -602,6 +611,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.delivery.max_scheduled_per_account == 0 {
+            return Err(bad(
+                "delivery.max_scheduled_per_account",
+                "must be at least 1",
+            ));
+        }
         if self.delivery.auto_disable_after == 0 {
             return Err(bad("delivery.auto_disable_after", "must be at least 1"));
         }
@@ -769,6 +784,10 @@ mod tests {
                 "CIDR",
             ),
             ("[delivery]\nmax_in_flight = 0\n", "delivery.max_in_flight"),
+            (
+                "[delivery]\nmax_scheduled_per_account = 0\n",
+                "delivery.max_scheduled_per_account",
+            ),
             ("[plans.gold]\nmax_webhooks = 5\n", "events_per_second"),
             ("[auth]\nadmin_token = \"x\"\n", "auth.admin_token"),
             ("[events]\ncatalog = []\n", "events.catalog"),

@@ -17,13 +17,16 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod backlog;
 pub mod canonical;
 pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod dispatch;
+pub mod history;
 pub mod ids;
 pub mod ingest;
+pub mod manual_retry;
 pub mod metrics;
 pub mod model;
 pub mod ratelimit;
@@ -149,6 +152,9 @@ impl Engine {
 
         let registry = Arc::new(Registry::new(config.events.catalog.clone()));
         registry.load(store.all_accounts()?, store.all_webhooks()?);
+        registry
+            .backlog()
+            .set_quota(config.delivery.max_scheduled_per_account);
         let seq = Arc::new(ids::Sequencer::new(store.last_seq()?));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -166,6 +172,17 @@ impl Engine {
             .await
             .map_err(|e| StartError::Other(e.to_string()))??
         };
+        // After the owed fan-out above (which wrote its schedule entries), before any request.
+        {
+            let (store, registry) = (store.clone(), registry.clone());
+            tokio::task::spawn_blocking(move || {
+                registry.backlog().rebuild(store.scheduled(), |hook| {
+                    registry.hook(hook).map(|h| h.hook.account_id.clone())
+                })
+            })
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))??;
+        }
         let deliverer = Arc::new(Deliverer {
             store: store.clone(),
             registry: registry.clone(),
@@ -185,6 +202,7 @@ impl Engine {
             ingest,
             deliverer,
             scheduler: scheduler.clone(),
+            manual_retries: manual_retry::ManualRetryLimits::new(),
         });
         let server_tasks = vec![
             tokio::spawn(server::serve(

@@ -5,12 +5,18 @@
 //! writes the store first and then updates this view through `upsert_*`/`remove_*`, under
 //! [`Registry::write_lock`] so that read-modify-write of a record never interleaves. Readers
 //! take a short read lock and get `Arc` snapshots; nothing here is held across an await.
+//!
+//! A webhook change updates only that webhook's entries of the index (ordered sets, so
+//! O(log n) each): an account with thousands of webhooks creates them in linear total time,
+//! not by rebuilding its index on every write. The registry also carries the per-account
+//! [`Backlog`] counters, since every stage that changes a delivery already holds the registry.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use ipnet::IpNet;
 
+use crate::backlog::Backlog;
 use crate::ids::{AccountId, WebhookId};
 use crate::model::{event_family, Account, Subscription, Webhook, WebhookStatus};
 
@@ -26,16 +32,42 @@ pub struct HookEntry {
 /// never a scan of the account's webhooks.
 #[derive(Debug, Default)]
 struct SubIndex {
-    exact: HashMap<String, Vec<WebhookId>>,
-    family: HashMap<String, Vec<WebhookId>>,
-    all: Vec<WebhookId>,
+    exact: HashMap<String, BTreeSet<WebhookId>>,
+    family: HashMap<String, BTreeSet<WebhookId>>,
+    all: BTreeSet<WebhookId>,
+}
+
+impl SubIndex {
+    /// Adds (`add`) or removes one webhook's subscriptions.
+    fn apply(&mut self, id: WebhookId, events: &[String], catalog: &[String], add: bool) {
+        for e in events {
+            let set = match Subscription::parse(e, catalog) {
+                Some(Subscription::All) => &mut self.all,
+                Some(Subscription::Family(f)) => self.family.entry(f).or_default(),
+                Some(Subscription::Exact(x)) => self.exact.entry(x).or_default(),
+                None => continue,
+            };
+            if add {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        }
+        if !add {
+            self.exact.retain(|_, s| !s.is_empty());
+            self.family.retain(|_, s| !s.is_empty());
+        }
+    }
 }
 
 #[derive(Debug)]
 struct AccountEntry {
     account: Account,
-    hooks: Vec<WebhookId>,
+    hooks: BTreeSet<WebhookId>,
     index: SubIndex,
+    /// The latest `created_ms` of any webhook the account had, so a new one can be given a
+    /// later one without reading them all.
+    newest_created_ms: u64,
 }
 
 #[derive(Default)]
@@ -52,6 +84,8 @@ pub struct Registry {
     /// Serialises read-modify-write of account and webhook records (store, then this view).
     /// A std mutex: it is never held across an await.
     writes: Mutex<()>,
+    /// Deliveries waiting per account (`delivery.max_scheduled_per_account`).
+    backlog: Backlog,
 }
 
 impl Registry {
@@ -61,7 +95,13 @@ impl Registry {
             catalog,
             inner: RwLock::new(Inner::default()),
             writes: Mutex::new(()),
+            backlog: Backlog::new(u64::MAX),
         }
+    }
+
+    /// The per-account backlog counters.
+    pub fn backlog(&self) -> &Backlog {
+        &self.backlog
     }
 
     pub fn catalog(&self) -> &[String] {
@@ -105,6 +145,14 @@ impl Registry {
         self.read().accounts.get(id).map_or(0, |a| a.hooks.len())
     }
 
+    /// The latest `created_ms` among the account's webhooks (0 when it has had none).
+    pub fn newest_hook_created_ms(&self, id: &AccountId) -> u64 {
+        self.read()
+            .accounts
+            .get(id)
+            .map_or(0, |a| a.newest_created_ms)
+    }
+
     pub fn hook(&self, id: WebhookId) -> Option<Arc<HookEntry>> {
         self.read().hooks.get(&id).cloned()
     }
@@ -122,8 +170,9 @@ impl Registry {
                 account.id.clone(),
                 AccountEntry {
                     account,
-                    hooks: Vec::new(),
+                    hooks: BTreeSet::new(),
                     index: SubIndex::default(),
+                    newest_created_ms: 0,
                 },
             );
         }
@@ -131,6 +180,7 @@ impl Registry {
 
     pub fn remove_account(&self, id: &AccountId) {
         let mut inner = self.write();
+        self.backlog.forget(id);
         if let Some(entry) = inner.accounts.remove(id) {
             inner.keys.remove(&entry.account.api_key_hash);
             for hook in entry.hooks {
@@ -154,14 +204,13 @@ impl Registry {
     }
 
     pub fn upsert_hook(&self, hook: Webhook) {
-        let account = hook.account_id.clone();
         let mut inner = self.write();
-        Self::put_hook(&mut inner, hook);
-        self.reindex(&mut inner, &account);
+        self.put_hook(&mut inner, hook);
     }
 
-    /// Stores a webhook without re-indexing its account.
-    fn put_hook(inner: &mut Inner, hook: Webhook) {
+    /// Stores a webhook and moves its index entries from its old subscriptions to its new
+    /// ones: O(subscriptions × log n), whatever the number of webhooks of the account.
+    fn put_hook(&self, inner: &mut Inner, hook: Webhook) {
         let ip_allowlist = hook
             .ip_allowlist
             .iter()
@@ -169,45 +218,27 @@ impl Registry {
             .collect();
         let account = hook.account_id.clone();
         let id = hook.id;
-        let is_new = inner
-            .hooks
-            .insert(id, Arc::new(HookEntry { hook, ip_allowlist }))
-            .is_none();
-        if let (true, Some(entry)) = (is_new, inner.accounts.get_mut(&account)) {
-            entry.hooks.push(id);
+        let created_ms = hook.created_ms;
+        let entry = Arc::new(HookEntry { hook, ip_allowlist });
+        let old = inner.hooks.insert(id, entry.clone());
+        if let Some(acc) = inner.accounts.get_mut(&account) {
+            if let Some(old) = &old {
+                acc.index.apply(id, &old.hook.events, &self.catalog, false);
+            }
+            acc.index.apply(id, &entry.hook.events, &self.catalog, true);
+            acc.hooks.insert(id);
+            acc.newest_created_ms = acc.newest_created_ms.max(created_ms);
         }
     }
 
     pub fn remove_hook(&self, account: &AccountId, id: WebhookId) {
         let mut inner = self.write();
-        inner.hooks.remove(&id);
-        if let Some(entry) = inner.accounts.get_mut(account) {
-            entry.hooks.retain(|h| *h != id);
-        }
-        self.reindex(&mut inner, account);
-    }
-
-    /// Rebuilds one account's index from its webhooks (a handful; done on API writes only).
-    fn reindex(&self, inner: &mut Inner, account: &AccountId) {
-        let Some(entry) = inner.accounts.get(account) else {
-            return;
-        };
-        let mut index = SubIndex::default();
-        for id in &entry.hooks {
-            let Some(h) = inner.hooks.get(id) else {
-                continue;
-            };
-            for e in &h.hook.events {
-                match Subscription::parse(e, &self.catalog) {
-                    Some(Subscription::All) => index.all.push(*id),
-                    Some(Subscription::Family(f)) => index.family.entry(f).or_default().push(*id),
-                    Some(Subscription::Exact(x)) => index.exact.entry(x).or_default().push(*id),
-                    None => {}
-                }
+        let old = inner.hooks.remove(&id);
+        if let Some(acc) = inner.accounts.get_mut(account) {
+            acc.hooks.remove(&id);
+            if let Some(old) = old {
+                acc.index.apply(id, &old.hook.events, &self.catalog, false);
             }
-        }
-        if let Some(entry) = inner.accounts.get_mut(account) {
-            entry.index = index;
         }
     }
 
@@ -239,14 +270,15 @@ impl Registry {
             return Vec::new();
         };
         let idx = &entry.index;
-        let mut ids: Vec<WebhookId> = Vec::new();
-        if let Some(v) = idx.exact.get(event) {
-            ids.extend_from_slice(v);
-        }
-        if let Some(v) = idx.family.get(event_family(event)) {
-            ids.extend_from_slice(v);
-        }
-        ids.extend_from_slice(&idx.all);
+        let mut ids: Vec<WebhookId> = idx
+            .exact
+            .get(event)
+            .into_iter()
+            .flatten()
+            .chain(idx.family.get(event_family(event)).into_iter().flatten())
+            .chain(idx.all.iter())
+            .copied()
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         ids.iter()
@@ -263,12 +295,7 @@ impl Registry {
         }
         let mut inner = self.write();
         for h in hooks {
-            Self::put_hook(&mut inner, h);
-        }
-        // Each account indexed once, not once per webhook.
-        let ids: Vec<AccountId> = inner.accounts.keys().cloned().collect();
-        for id in ids {
-            self.reindex(&mut inner, &id);
+            self.put_hook(&mut inner, h);
         }
     }
 }

@@ -91,6 +91,7 @@ pub fn get(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiRes
     let mut out = summary(&detail.record);
     out["request"] = json!({ "headers": headers, "body": detail.body });
     out["attempts"] = Value::Array(detail.attempts.iter().map(attempt_view).collect());
+    out["attempts_omitted"] = json!(detail.attempts_omitted);
     Ok(json_response(StatusCode::OK, &out))
 }
 

@@ -49,6 +49,8 @@ pub struct AppState {
     pub ingest: Ingest,
     pub deliverer: Arc<Deliverer>,
     pub scheduler: SchedulerHandle,
+    /// Rate limits of `POST …/deliveries/{id}/retry`.
+    pub manual_retries: crate::manual_retry::ManualRetryLimits,
 }
 
 pub type ApiResult = Result<Response<Full<Bytes>>, ApiError>;

@@ -335,16 +335,12 @@ impl Outbound {
                 .await
                 .map_err(|e| Failure::from_client(&e))?;
             let status = response.status().as_u16();
-            let headers = response
-                .headers()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect();
+            let headers = crate::history::cap_headers(response.headers().iter().map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            }));
             let mut body = response.into_body();
             let mut kept: Vec<u8> = Vec::new();
             while kept.len() < self.max_body {

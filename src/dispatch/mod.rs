@@ -139,6 +139,9 @@ impl Deliverer {
             }
         }
         self.store.record_attempt(&record, old_due, attempt)?;
+        self.registry
+            .backlog()
+            .track(&record.account_id, old_due, record.next_attempt_ms);
         if record.next_attempt_ms != old_due {
             if let Some(next) = record.next_attempt_ms {
                 self.scheduler.schedule(record.id, next, next);
@@ -193,7 +196,11 @@ impl Deliverer {
             "not attempted: the webhook was {} when the attempt came due; retry it by hand once the webhook is active",
             status.as_str()
         ));
-        self.store.update_delivery(&record, old_due)
+        self.store.update_delivery(&record, old_due)?;
+        self.registry
+            .backlog()
+            .track(&record.account_id, old_due, None);
+        Ok(())
     }
 }
 

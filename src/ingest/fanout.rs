@@ -18,6 +18,10 @@ use crate::registry::Registry;
 use crate::scheduler::SchedulerHandle;
 use crate::store::{Store, StoreError};
 
+/// Deliveries fan-out builds and writes at a time: bounds its memory and the size of one store
+/// batch when an event goes to thousands of webhooks.
+const FANOUT_CHUNK: usize = 4096;
+
 /// The fan-out thread: creates the deliveries of committed events, off the committer's path,
 /// and reports which events are done.
 pub(super) fn fanout_loop(
@@ -60,6 +64,9 @@ pub(super) struct Fanout {
 }
 
 impl Fanout {
+    /// Writes the deliveries of `events` in chunks of [`FANOUT_CHUNK`], so memory stays
+    /// bounded however many webhooks an event goes to. Delivery ids are derived from (event,
+    /// webhook), so a fan-out cut short by an error is completed by re-running it.
     pub(super) fn run(&self, events: &[EventRecord], recovery: Recovery) -> Result<(), StoreError> {
         let now = clock::now_ms();
         let mut records = Vec::new();
@@ -70,8 +77,16 @@ impl Fanout {
                     webhook: hook.hook.id,
                 };
                 records.push(DeliveryRecord::new(id, e, now, false));
+                if records.len() >= FANOUT_CHUNK {
+                    self.write(std::mem::take(&mut records), recovery)?;
+                }
             }
         }
+        self.write(records, recovery)
+    }
+
+    /// Writes one chunk of deliveries and schedules their first attempts.
+    fn write(&self, records: Vec<DeliveryRecord>, recovery: Recovery) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -79,6 +94,15 @@ impl Fanout {
             Recovery::Yes => self.store.create_deliveries(records)?,
             Recovery::No => self.store.create_fresh_deliveries(records)?,
         };
+        // Fresh deliveries start waiting now; those recovery finds are counted by the
+        // backlog's start-up recount of the schedule, which runs after it.
+        if recovery == Recovery::No {
+            for run in owed.chunk_by(|a, b| a.account_id == b.account_id) {
+                self.registry
+                    .backlog()
+                    .add(&run[0].account_id, run.len() as u64);
+            }
+        }
         for r in owed {
             if let Some(due) = r.next_attempt_ms {
                 self.scheduler.schedule_blocking(r.id, due, due);

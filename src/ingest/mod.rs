@@ -120,6 +120,11 @@ pub struct PendingEvent {
 }
 
 impl PendingEvent {
+    /// The account the event belongs to.
+    pub fn account_id(&self) -> &AccountId {
+        &self.record.account_id
+    }
+
     /// Gives the event its sequence number and, when minted, writes its id into the record
     /// and, in place, into the body (the placeholder has the same length).
     fn commit_as(mut self, seq: u64) -> EventRecord {

@@ -409,20 +409,22 @@ impl Store {
         Ok(self.sealer.open_webhook(Webhook::decode(value)?)?)
     }
 
-    /// Deletes a webhook and all its delivery history.
-    pub fn delete_webhook(&self, hook: &Webhook) -> Result<()> {
+    /// Deletes a webhook and all its delivery history. Returns how many of the deleted
+    /// deliveries were still waiting for an attempt (had a schedule entry).
+    pub fn delete_webhook(&self, hook: &Webhook) -> Result<u64> {
+        let mut waiting = 0;
         for kv in self
             .by_webhook
             .scan_prefix(keys::by_webhook_prefix(hook.id))
         {
             let (k, _) = kv?;
             if let Some(id) = keys::trailing_delivery(&k) {
-                self.delete_delivery(id)?;
+                waiting += u64::from(self.delete_delivery(id)?);
             }
         }
         self.webhooks
             .remove(keys::webhook(&hook.account_id, hook.id))?;
-        Ok(())
+        Ok(waiting)
     }
 
     // ---- events (the write-ahead log) ----
@@ -693,7 +695,9 @@ impl Store {
         Ok(())
     }
 
-    /// Records one attempt and the delivery's new state in one step.
+    /// Records one attempt and the delivery's new state in one step. Only the first attempt
+    /// and the latest [`crate::history::ATTEMPTS_KEPT_LATEST`] are kept: the one this attempt
+    /// pushes out of that window is removed (the record's `attempt_count` keeps the total).
     pub fn record_attempt(
         &self,
         record: &DeliveryRecord,
@@ -704,6 +708,15 @@ impl Store {
             keys::attempt(record.id, attempt.number),
             codec::encode(attempt),
         )?;
+        if let Some(dropped) = crate::history::dropped_by(attempt.number) {
+            let range =
+                keys::attempt(record.id, dropped.start)..keys::attempt(record.id, dropped.end);
+            let mut batch = Batch::default();
+            for k in self.attempts.range(range).keys() {
+                batch.remove(k?);
+            }
+            self.attempts.apply_batch(batch)?;
+        }
         self.update_delivery(record, old_due)
     }
 
@@ -714,10 +727,14 @@ impl Store {
             .collect()
     }
 
-    fn delete_delivery(&self, id: DeliveryId) -> Result<()> {
+    /// Deletes a delivery with its attempts and index entries; whether it was still waiting
+    /// for an attempt.
+    fn delete_delivery(&self, id: DeliveryId) -> Result<bool> {
+        let mut waiting = false;
         if let Some(record) = self.get_delivery(id)? {
             if let Some(due) = record.next_attempt_ms {
                 self.schedule.remove(keys::schedule(due, id))?;
+                waiting = true;
             }
             self.by_account
                 .remove(keys::by_account(&record.account_id, id))?;
@@ -729,7 +746,7 @@ impl Store {
         self.attempts.apply_batch(batch)?;
         self.by_webhook.remove(keys::by_webhook(id.webhook, id))?;
         self.deliveries.remove(keys::delivery(id))?;
-        Ok(())
+        Ok(waiting)
     }
 
     /// Every scheduled attempt, in due order: read back into the wheel at start-up.

@@ -106,6 +106,8 @@ pub enum Reply {
     Slow(Duration, u16),
     /// A 302 to elsewhere.
     Redirect,
+    /// The status with this many response headers of 4 KiB each.
+    BigHeaders(u16, usize),
 }
 
 /// One request a receiver got.
@@ -208,6 +210,13 @@ impl Receiver {
                                         .status(code)
                                         .body(Full::new(Bytes::from("slow")))
                                         .unwrap()
+                                }
+                                Reply::BigHeaders(code, n) => {
+                                    let mut b = Response::builder().status(code);
+                                    for i in 0..n {
+                                        b = b.header(format!("x-big-{i:03}"), "h".repeat(4096));
+                                    }
+                                    b.body(Full::new(Bytes::from("big"))).unwrap()
                                 }
                                 Reply::Redirect => Response::builder()
                                     .status(302)

@@ -21,7 +21,10 @@ pub struct DeliveryDetail {
     pub request_headers: Vec<(String, String)>,
     /// The payload, byte for byte (lossy only if it is not UTF-8).
     pub body: Option<String>,
+    /// The first attempt and the latest ones (see `history`).
     pub attempts: Vec<AttemptRecord>,
+    /// Attempts made but no longer stored: `attempt_count` minus those kept.
+    pub attempts_omitted: u32,
 }
 
 /// Builds the query of a delivery list from its parameters (`limit`, `cursor`, `status`,
@@ -145,6 +148,7 @@ pub fn get_delivery(
         last.map(|a| (a.timestamp, a.signature.as_str())),
     );
     Ok(DeliveryDetail {
+        attempts_omitted: crate::history::attempts_omitted(record.attempt_count, attempts.len()),
         record,
         request_headers,
         body,
@@ -175,6 +179,10 @@ pub async fn retry_delivery(
             ),
         ));
     }
+    state
+        .manual_retries
+        .check(account, record.id)
+        .map_err(|l| ApiError::too_many("retry_rate_limited", l.to_string(), l.retry_after_secs))?;
     let now = clock::now_ms();
     let old_due = record.next_attempt_ms;
     // A token no earlier entry can hold, so exactly this retry fires.
@@ -186,6 +194,10 @@ pub async fn retry_delivery(
     record.note = None;
     record.updated_ms = now;
     state.store.update_delivery(&record, old_due)?;
+    state
+        .registry
+        .backlog()
+        .track(&record.account_id, old_due, record.next_attempt_ms);
     state.ingest.sync().await?;
     state.scheduler.schedule(record.id, token, now);
     Ok(record)

@@ -1,10 +1,12 @@
-//! Ingest rules: the engine-wide backlog refusal, validating and building each event, and the
+//! Ingest rules: the engine-wide backlog refusal (503), the per-account backlog quota (429), validating and building each event, and the
 //! batch's per-item outcome. Events enter as [`EventInput`] (already parsed JSON); they leave
 //! as the accepted event ids once the commit that holds them is durable.
 
 use http::StatusCode;
 
 use crate::api::{ApiError, AppState};
+use crate::backlog::BacklogFull;
+use crate::ids::AccountId;
 use crate::ingest::{Accepted, EventInput, PendingEvent, Rejection};
 
 /// Most events one batch request may carry.
@@ -30,6 +32,37 @@ pub fn check_capacity(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Refuses a request if any of its events' accounts has `delivery.max_scheduled_per_account`
+/// deliveries or more waiting (429): the whole request, so nothing is half-accepted.
+pub fn check_backlog(state: &AppState, events: &[PendingEvent]) -> Result<(), ApiError> {
+    let mut checked: Option<&AccountId> = None;
+    for e in events {
+        let account = e.account_id();
+        if checked == Some(account) {
+            continue;
+        }
+        if let Err(full) = state.registry.backlog().check(account) {
+            return Err(backlog_full(state, &full));
+        }
+        checked = Some(account);
+    }
+    Ok(())
+}
+
+fn backlog_full(state: &AppState, full: &BacklogFull) -> ApiError {
+    // An estimate of when room comes back: the excess at the account's plan rate, within a
+    // minute (an endpoint that is down drains nothing, but asking again costs little).
+    let per_second = state
+        .registry
+        .plan_of(&full.account)
+        .and_then(|p| state.config.plans.get(&p).map(|p| p.events_per_second))
+        .filter(|r| *r > 0)
+        .unwrap_or(u32::MAX);
+    let excess = full.waiting.saturating_sub(full.quota) + 1;
+    let secs = excess.div_ceil(u64::from(per_second)).clamp(1, 60) as u32;
+    ApiError::too_many("account_backlog_full", full.to_string(), secs)
+}
+
 /// Validates and builds one event (on the calling worker, before the committer sees it).
 pub fn prepare(state: &AppState, input: &EventInput) -> Result<PendingEvent, ApiError> {
     state.ingest.prepare(input).map_err(|r| rejection_error(&r))
@@ -38,6 +71,7 @@ pub fn prepare(state: &AppState, input: &EventInput) -> Result<PendingEvent, Api
 /// Stores one event durably; returns its id.
 pub async fn ingest_one(state: &AppState, input: &EventInput<'_>) -> Result<String, ApiError> {
     let record = prepare(state, input)?;
+    check_backlog(state, std::slice::from_ref(&record))?;
     let accepted = state.ingest.submit(vec![record]).await?;
     accepted
         .first()
@@ -66,6 +100,7 @@ pub async fn ingest_batch(
             records.len() - 1
         }));
     }
+    check_backlog(state, &records)?;
     let accepted: Vec<Accepted> = state.ingest.submit(records).await?;
     Ok(slots
         .into_iter()

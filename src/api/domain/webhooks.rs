@@ -231,12 +231,7 @@ pub async fn create_webhook(
         // Lists are newest first by (created_ms, id), and ids are random: keep created_ms
         // strictly increasing within the account so that webhooks created in the same
         // millisecond still list in creation order.
-        let now = state
-            .store
-            .webhooks_of(account)?
-            .iter()
-            .map(|h| h.created_ms + 1)
-            .fold(now_ms(), u64::max);
+        let now = now_ms().max(state.registry.newest_hook_created_ms(account) + 1);
         let mut id = WebhookId::generate();
         while state.registry.hook(id).is_some() {
             id = WebhookId::generate();
@@ -430,7 +425,8 @@ pub async fn delete_webhook(
         state.registry.remove_hook(account, hook.id);
     }
     let store = state.store.clone();
-    tokio::task::spawn_blocking(move || store.delete_webhook(&hook)).await??;
+    let waiting = tokio::task::spawn_blocking(move || store.delete_webhook(&hook)).await??;
+    state.registry.backlog().remove(account, waiting);
     state.ingest.sync().await?;
     Ok(())
 }

@@ -679,6 +679,7 @@ mod tests {
         assert_eq!(c.metrics.listen.port(), 9464);
         assert_eq!(c.storage.path, PathBuf::from("data"));
         assert_eq!(c.storage.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.delivery.max_scheduled_per_account, 1_000_000);
         assert_eq!(c.delivery.timeout, Duration::from_secs(30));
         assert_eq!(
             c.delivery.retry_schedule,

@@ -123,6 +123,10 @@ fn describe() {
         "How far behind schedule the earliest owed attempt is (0 when none is overdue)."
     );
     describe_gauge!(
+        "kyberhook_accounts_over_backlog_quota",
+        "Accounts with delivery.max_scheduled_per_account deliveries or more waiting (their ingest gets 429)."
+    );
+    describe_gauge!(
         "kyberhook_webhooks",
         "Webhooks by status (active, paused, disabled)."
     );

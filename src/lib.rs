@@ -19,6 +19,7 @@
 pub mod api;
 pub mod backlog;
 pub mod canonical;
+pub mod catalog;
 pub mod clock;
 pub mod codec;
 pub mod config;

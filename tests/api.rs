@@ -165,11 +165,13 @@ async fn healthz_needs_no_auth_and_event_types_lists_the_catalog() {
     let (s, v) = e.api.admin(Method::GET, "/v1/event-types", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(keys(&v), set(&["data"]));
+    // Objects since issue 14 (name, family, description, example); tests/semantics.rs checks
+    // their content.
     let types: Vec<&str> = v["data"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| t.as_str().unwrap())
+        .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(types.len(), 21, "{v}");
     for t in [

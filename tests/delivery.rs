@@ -512,7 +512,9 @@ async fn test_tool_and_manual_retry() {
         got.header("x-kyberaccess-delivery"),
         v["delivery_id"].as_str().unwrap()
     );
-    assert_eq!(got.json()["data"]["test"], true);
+    // The catalog's example of the type (GET /v1/event-types), under a test event id.
+    assert!(got.json()["id"].as_str().unwrap().starts_with("evt_test_"));
+    assert_eq!(got.json()["data"]["emergency"]["type"], "lockdown");
     assert_eq!(
         got.header("x-kyberaccess-signature"),
         expected_signature(

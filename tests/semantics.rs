@@ -573,3 +573,107 @@ async fn rotation_with_a_grace_signs_with_both_secrets_then_only_the_new_one() {
     assert_eq!(got.header("x-kyberaccess-signature-next"), "");
     e.stop().await;
 }
+
+#[tokio::test]
+async fn the_event_catalog_describes_every_type_and_the_test_tool_sends_its_example() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    // The guide's catalog plus one configured type the built-in table does not know.
+    let mut catalog: Vec<String> = kyberhook::config::DEFAULT_EVENT_CATALOG
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect();
+    catalog.push("\"parking.space_reserved\"".into());
+    let e = TestEngine::start(
+        &pki,
+        "",
+        &format!("[events]\ncatalog = [{}]\n", catalog.join(", ")),
+    )
+    .await;
+    let (acc, key) = e.account("acc_catalog", "enterprise").await;
+
+    // Read with an account's own key, as a customer would.
+    let (s, raw_headers, v) = e
+        .api
+        .raw(Method::GET, "/v1/event-types", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(raw_headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let types = v["data"].as_array().unwrap();
+    assert_eq!(types.len(), 22, "{v}");
+    for t in types {
+        let name = t["name"].as_str().unwrap();
+        assert_eq!(t["family"], name.split('.').next().unwrap(), "{t}");
+        assert!(!t["description"].as_str().unwrap().is_empty(), "{t}");
+        assert!(
+            t["example"].is_object() && !t["example"].as_object().unwrap().is_empty(),
+            "{t}"
+        );
+    }
+    let by_name = |n: &str| types.iter().find(|t| t["name"] == n).unwrap().clone();
+    // The guide's description, and the guide's own body as the example.
+    let checked_in = by_name("visitor.checked_in");
+    assert_eq!(checked_in["description"], "A visitor has checked in");
+    assert_eq!(
+        checked_in["example"],
+        json!({
+            "visitor": {"id": "vis_abc123", "first_name": "Jane", "last_name": "Smith",
+                        "email": "jane@example.com", "company": "Acme Corp", "purpose": "Meeting"},
+            "host": {"id": "usr_xyz789", "name": "John Doe", "department": "Engineering"},
+            "location": {"id": "loc_001", "name": "Main Office"},
+            "check_in_time": "2025-01-15T09:30:00Z", "badge_number": "V-0042",
+            "id_scanned": true, "nda_signed": true, "screening_status": "cleared"
+        })
+    );
+    assert_eq!(
+        by_name("screening.bolo_alert")["description"],
+        "A BOLO alert was triggered"
+    );
+    assert_eq!(by_name("settings.updated")["family"], "settings");
+    let parking = by_name("parking.space_reserved");
+    assert_eq!(parking["family"], "parking");
+    assert!(
+        parking["description"].as_str().unwrap().contains("parking"),
+        "{parking}"
+    );
+
+    // The admin token reads the same catalog.
+    let (_, _, body) = e
+        .api
+        .raw(Method::GET, "/v1/event-types", Some(ADMIN), None)
+        .await;
+    assert_eq!(body, v);
+
+    // The test tool sends the chosen type's example, exactly.
+    let hook = e.webhook(&acc, &rx.url, &["*"]).await;
+    let id = hook["id"].as_str().unwrap();
+    for name in [
+        "visitor.checked_in",
+        "delivery.picked_up",
+        "parking.space_reserved",
+    ] {
+        let (s, r) = e
+            .api
+            .call(
+                Method::POST,
+                &format!("/v1/accounts/{acc}/webhooks/{id}/test"),
+                Some(&key),
+                Some(json!({"event": name})),
+            )
+            .await;
+        assert_eq!(
+            (s, r["status"].as_str()),
+            (StatusCode::OK, Some("delivered")),
+            "{r}"
+        );
+        let got = rx.next(WAIT).await;
+        let body = String::from_utf8(got.body.to_vec()).unwrap();
+        assert_eq!(got.json()["event"], name);
+        assert_eq!(got.json()["data"], by_name(name)["example"], "{body}");
+        assert_eq!(data_of(&body), kyberhook::catalog::example_data(name));
+    }
+    e.stop().await;
+}

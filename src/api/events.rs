@@ -12,10 +12,18 @@ use super::domain::events as domain;
 use super::{json_response, parse_json, ApiError, ApiResult, AppState, Call};
 use crate::ingest::EventInput;
 
+/// The configured catalog with each type's family, description and example `data` (whose
+/// key order is kept: serialised straight from the catalog, not through a `Value`).
 pub fn event_types(state: &AppState) -> ApiResult {
+    #[derive(serde::Serialize)]
+    struct Catalog<'a> {
+        data: Vec<crate::catalog::EventType<'a>>,
+    }
     Ok(json_response(
         StatusCode::OK,
-        &json!({ "data": state.registry.catalog() }),
+        &Catalog {
+            data: crate::catalog::describe_all(state.registry.catalog()),
+        },
     ))
 }
 

@@ -179,8 +179,11 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, A
     })
 }
 
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(value).expect("serialising a JSON value cannot fail");
+pub fn json_response<T: serde::Serialize + ?Sized>(
+    status: StatusCode,
+    value: &T,
+) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).expect("serialising a JSON view cannot fail");
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")

@@ -6,7 +6,6 @@
 
 use http::StatusCode;
 use serde::Deserialize;
-use serde_json::json;
 
 use super::accounts::plan_usage;
 use super::check_name;
@@ -431,40 +430,7 @@ pub async fn delete_webhook(
     Ok(())
 }
 
-/// A plausible `data` object for a test send of `event`.
-pub fn sample_data(event: &str) -> String {
-    let now = rfc3339(now_ms());
-    let visitor = json!({
-        "id": "vis_test123", "first_name": "Jane", "last_name": "Smith",
-        "email": "jane@example.com", "company": "Acme Corp", "purpose": "Meeting"
-    });
-    let location = json!({ "id": "loc_001", "name": "Main Office" });
-    let data = match crate::model::event_family(event) {
-        "visitor" => json!({
-            "visitor": visitor,
-            "host": { "id": "usr_xyz789", "name": "John Doe", "department": "Engineering" },
-            "location": location,
-            "check_in_time": now, "badge_number": "V-0042", "id_scanned": true,
-            "nda_signed": true, "screening_status": "cleared", "test": true
-        }),
-        "screening" => {
-            json!({ "visitor": visitor, "location": location, "list": "internal", "matched_at": now, "test": true })
-        }
-        "emergency" => {
-            json!({ "location": location, "triggered_by": { "id": "usr_xyz789", "name": "John Doe" }, "at": now, "test": true })
-        }
-        "document" => {
-            json!({ "visitor": visitor, "document": { "id": "doc_001", "type": "nda" }, "at": now, "test": true })
-        }
-        "delivery" => {
-            json!({ "package": { "id": "pkg_001", "carrier": "UPS" }, "recipient": { "id": "usr_xyz789", "name": "John Doe" }, "location": location, "at": now, "test": true })
-        }
-        _ => json!({ "user": { "id": "usr_xyz789", "name": "John Doe" }, "at": now, "test": true }),
-    };
-    data.to_string()
-}
-
-/// The test tool: one real, signed attempt of a sample `event` to the webhook, now, whatever
+/// The test tool: one real, signed attempt of `event`'s catalog example to the webhook, now, whatever
 /// its status; recorded as a test delivery and never retried.
 pub async fn test_webhook(
     state: &AppState,
@@ -491,7 +457,7 @@ pub async fn test_webhook(
             account.clone(),
             event,
             &rfc3339(now_ms()),
-            &sample_data(event),
+            crate::catalog::example_data(event),
         )
         .await?
         .map_err(|r| ApiError::bad_request("invalid_request", r.to_string()))?;

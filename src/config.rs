@@ -131,6 +131,11 @@ pub struct StorageConfig {
 pub struct AuthConfig {
     #[serde(default = "d_admin_token")]
     pub admin_token: String,
+    /// A file holding the admin token (surrounding whitespace ignored), read at start; it
+    /// replaces `admin_token`, so the token stays out of a world-readable config (the Debian
+    /// package generates `/etc/kyberhook/admin-token`). `KYBERHOOK_ADMIN_TOKEN` wins over both.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -563,7 +568,31 @@ impl Config {
             events: raw.events,
             log: raw.log,
         };
-        Ok(config)
+        // The token file is read here, so the environment override and validation see it.
+        config.with_admin_token_file(origin)
+    }
+
+    /// Reads `auth.admin_token_file`, if set, into `auth.admin_token`.
+    fn with_admin_token_file(mut self, origin: &str) -> Result<Config, ConfigError> {
+        let Some(path) = &self.auth.admin_token_file else {
+            return Ok(self);
+        };
+        let bad = |message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            key: "auth.admin_token_file".to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        let token = text.trim();
+        if token.is_empty() || token.contains(char::is_whitespace) {
+            return Err(bad(format!(
+                "{} must hold one token (no spaces inside)",
+                path.display()
+            )));
+        }
+        self.auth.admin_token = token.to_string();
+        Ok(self)
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
@@ -698,6 +727,34 @@ mod tests {
         assert_eq!(c.plans["professional"].events_per_second, 50);
         assert_eq!(c.plans["enterprise"].max_webhooks, None);
         assert_eq!(c.events.catalog.len(), 21);
+    }
+
+    #[test]
+    fn the_admin_token_file_replaces_the_token_and_bad_files_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin-token");
+        std::fs::write(&file, "  a-secret-from-the-file\n").unwrap();
+        let toml = format!(
+            "[auth]\nadmin_token = \"in-the-config\"\nadmin_token_file = {:?}\n",
+            file.display().to_string()
+        );
+        assert_eq!(
+            parse(&toml).unwrap().auth.admin_token,
+            "a-secret-from-the-file"
+        );
+
+        std::fs::write(&file, "two tokens\n").unwrap();
+        let err = parse(&toml).unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token_file"), "{err}");
+        std::fs::write(&file, "short").unwrap();
+        let err = parse(&toml).unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token"), "{err}");
+        std::fs::remove_file(&file).unwrap();
+        let err = parse(&toml).unwrap_err().to_string();
+        assert!(
+            err.contains("auth.admin_token_file") && err.contains("cannot read"),
+            "{err}"
+        );
     }
 
     #[test]

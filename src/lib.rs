@@ -318,6 +318,10 @@ pub fn init_logging(config: &Config) {
 }
 
 /// Runs the engine until SIGINT or SIGTERM, then shuts down gracefully.
+///
+/// Under systemd (`Type=notify`, `NOTIFY_SOCKET` set) it reports `READY=1` once start-up
+/// recovery is done — so `systemctl start` returns when `/readyz` would answer 200 — and
+/// `STOPPING=1` when the shutdown begins. Without `NOTIFY_SOCKET` both are no-ops.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let default_token = config.uses_default_admin_token();
     let engine = Engine::start(config).await?;
@@ -329,10 +333,24 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             engine.api_addr()
         );
     }
+    let recovered = engine.scheduler.clone();
+    let readiness = tokio::spawn(async move {
+        recovered.wait_ready().await;
+        notify_service(sd_notify::NotifyState::Ready);
+    });
     wait_for_signal().await;
+    readiness.abort();
     tracing::info!("shutting down");
+    notify_service(sd_notify::NotifyState::Stopping);
     engine.shutdown().await;
     Ok(())
+}
+
+/// Tells the service manager about a state change, if one is listening.
+fn notify_service(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "could not notify the service manager");
+    }
 }
 
 async fn wait_for_signal() {

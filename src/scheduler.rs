@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::clock;
 use crate::ids::DeliveryId;
@@ -48,6 +48,8 @@ pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Entry>,
     scheduled: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
+    /// Wakes [`SchedulerHandle::wait_ready`] when `ready` is set.
+    ready_notify: Arc<Notify>,
 }
 
 impl SchedulerHandle {
@@ -89,6 +91,18 @@ impl SchedulerHandle {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+
+    /// Returns once start-up recovery has loaded the stored schedule (systemd's readiness).
+    pub async fn wait_ready(&self) {
+        loop {
+            // Registered before the check, so a wake-up between the two is not lost.
+            let notified = self.ready_notify.notified();
+            if self.is_ready() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 pub struct Scheduler {
@@ -96,6 +110,7 @@ pub struct Scheduler {
     out: mpsc::Sender<Due>,
     scheduled: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
+    ready_notify: Arc<Notify>,
 }
 
 impl Scheduler {
@@ -104,10 +119,12 @@ impl Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let scheduled = Arc::new(AtomicUsize::new(0));
         let ready = Arc::new(AtomicBool::new(false));
+        let ready_notify = Arc::new(Notify::new());
         let handle = SchedulerHandle {
             tx,
             scheduled: scheduled.clone(),
             ready: ready.clone(),
+            ready_notify: ready_notify.clone(),
         };
         (
             Scheduler {
@@ -115,6 +132,7 @@ impl Scheduler {
                 out,
                 scheduled,
                 ready,
+                ready_notify,
             },
             handle,
         )
@@ -154,6 +172,7 @@ impl Scheduler {
             }
         }
         self.ready.store(true, Ordering::Release);
+        self.ready_notify.notify_waiters();
 
         let mut ready: VecDeque<Due> = VecDeque::new();
         let mut fired: Vec<(u64, Due)> = Vec::with_capacity(CHUNK);

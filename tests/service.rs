@@ -52,7 +52,7 @@ fn the_service_manager_hears_ready_after_recovery_and_stopping_on_sigterm() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
+    let child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
         .args(["serve", "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", &sock_path)

@@ -27,6 +27,7 @@ pub mod dispatch;
 pub mod history;
 pub mod ids;
 pub mod ingest;
+pub mod maintenance;
 pub mod manual_retry;
 pub mod metrics;
 pub mod model;
@@ -136,6 +137,9 @@ impl Engine {
             .map_err(|e| StartError::Config(e.to_string()))?,
         };
         let store = tokio::task::spawn_blocking(move || {
+            // A compaction a crash interrupted is finished (or undone) before the store opens
+            // (and before an empty data dir could be made where the new store belongs).
+            store::compact::recover(&path).map_err(|e| StartError::Config(e.to_string()))?;
             Store::open_with(&path, &options).map_err(|e| match e {
                 store::StoreError::Sled(sled::Error::Io(io)) => {
                     StartError::Config(format!("storage.path = {:?}: {io}", path.display()))

@@ -37,6 +37,47 @@ enum Command {
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Download a consistent snapshot of a running engine's store (POST /v1/admin/backup).
+    Backup {
+        /// The engine's API URL, e.g. http://127.0.0.1:8080
+        #[arg(long)]
+        url: String,
+        /// Where to write the backup (written as FILE.partial, then renamed once checked)
+        #[arg(long)]
+        out: PathBuf,
+        /// The admin token [default: KYBERHOOK_ADMIN_TOKEN]
+        #[arg(long)]
+        token: Option<String>,
+        /// A PEM CA bundle to trust besides the system roots (an https:// URL)
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+    /// Write a backup into the config's storage.path, which must be empty or missing.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Rewrite a stopped engine's store into a fresh one (sled keeps 2-3x the live data).
+    Compact {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Prints a maintenance command's outcome and turns it into the exit code.
+fn finish(outcome: Result<String, kyberhook::maintenance::Failure>) -> ExitCode {
+    match outcome {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("kyberhook: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
 }
 
 fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
@@ -61,6 +102,40 @@ fn main() -> ExitCode {
                 println!("config ok");
                 ExitCode::SUCCESS
             }
+            Err(code) => code,
+        },
+        Command::Backup {
+            url,
+            out,
+            token,
+            ca_file,
+        } => {
+            let token = token
+                .or_else(|| std::env::var("KYBERHOOK_ADMIN_TOKEN").ok())
+                .unwrap_or_default();
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("kyberhook: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            finish(runtime.block_on(kyberhook::maintenance::backup(
+                &url,
+                &out,
+                &token,
+                ca_file.as_deref(),
+            )))
+        }
+        Command::Restore { from, config } => match load(Some(config)) {
+            Ok(c) => finish(kyberhook::maintenance::restore(&from, &c.storage.path)),
+            Err(code) => code,
+        },
+        Command::Compact { config } => match load(Some(config)) {
+            Ok(c) => finish(kyberhook::maintenance::compact(&c.storage.path)),
             Err(code) => code,
         },
         Command::Serve { config } => {

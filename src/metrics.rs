@@ -195,6 +195,8 @@ pub fn lateness_seconds(earliest_due_ms: Option<u64>, now_ms: u64) -> f64 {
 }
 
 impl Handler for MetricsHandler {
+    type Body = Full<Bytes>;
+
     async fn call(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET || req.uri().path() != "/metrics" {
             return crate::server::not_found();

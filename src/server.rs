@@ -68,18 +68,25 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupErro
 
 /// Something that answers requests: the API, or the metrics page.
 pub trait Handler: Clone + Send + Sync + 'static {
+    /// The response body: one buffer for most answers, a stream for a backup.
+    type Body: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static;
+
     fn call(
         &self,
         req: Request<Incoming>,
-    ) -> impl std::future::Future<Output = Response<Full<Bytes>>> + Send;
+    ) -> impl std::future::Future<Output = Response<Self::Body>> + Send;
 }
 
 #[derive(Clone)]
 pub struct ApiHandler(pub Arc<AppState>);
 
 impl Handler for ApiHandler {
-    async fn call(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        api::handle(self.0.clone(), req).await
+    type Body = api::ApiBody;
+
+    async fn call(&self, req: Request<Incoming>) -> Response<api::ApiBody> {
+        api::handle_streaming(self.0.clone(), req).await
     }
 }
 

@@ -9,6 +9,7 @@
 //! what is served; `docs/openapi.json` (served at `GET /v1/openapi.json`) documents each entry.
 
 mod accounts;
+pub mod admin;
 mod deliveries;
 pub mod domain;
 pub mod error;
@@ -54,6 +55,9 @@ pub struct AppState {
 }
 
 pub type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
+
+/// The API's response body: one buffer, or a stream (a backup, [`admin::backup`]).
+pub type ApiBody = http_body_util::Either<Full<Bytes>, admin::Streamed>;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +212,17 @@ pub fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     builder
         .body(Full::new(Bytes::from(e.body())))
         .expect("static response parts are valid")
+}
+
+/// Serves one request of the API listener: the streamed backup route, or [`handle`].
+pub async fn handle_streaming(
+    state: Arc<AppState>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<ApiBody> {
+    if admin::is_backup_route(req.uri().path()) {
+        return admin::backup(state, req).await;
+    }
+    handle(state, req).await.map(http_body_util::Either::Left)
 }
 
 /// Serves one request. Never fails: every error is rendered as the contract's JSON error.

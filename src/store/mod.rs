@@ -13,6 +13,7 @@
 //! data dir holds a plaintext one. The data dir is kept private: mode 0700, its files 0600.
 
 pub mod backup;
+pub mod compact;
 pub mod format;
 pub mod keys;
 pub mod tracked;

@@ -131,11 +131,11 @@ fn main() -> ExitCode {
             )))
         }
         Command::Restore { from, config } => match load(Some(config)) {
-            Ok(c) => finish(kyberhook::maintenance::restore(&from, &c.storage.path)),
+            Ok(c) => finish(kyberhook::maintenance::restore(&from, &c)),
             Err(code) => code,
         },
         Command::Compact { config } => match load(Some(config)) {
-            Ok(c) => finish(kyberhook::maintenance::compact(&c.storage.path)),
+            Ok(c) => finish(kyberhook::maintenance::compact(&c)),
             Err(code) => code,
         },
         Command::Serve { config } => {

@@ -22,8 +22,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::api::admin::BACKUP_PATH;
+use crate::config::Config;
+use crate::secrets::{KeySource, DATA_DIR_KEY_FILE};
 use crate::store::backup::{self, RestoreError};
 use crate::store::compact::{self, CompactError};
+use crate::store::StoreOptions;
 
 /// Why a command failed, and the exit code that says so.
 #[derive(Debug)]
@@ -191,9 +194,10 @@ pub async fn backup(
     ))
 }
 
-/// `kyberhook restore`: writes the backup `from` into the data dir `data`, which must be empty
-/// or missing.
-pub fn restore(from: &Path, data: &Path) -> Result<String, Failure> {
+/// `kyberhook restore`: writes the backup `from` into the data dir (`storage.path` of
+/// `config`), which must be empty or missing.
+pub fn restore(from: &Path, config: &Config) -> Result<String, Failure> {
+    let data = &config.storage.path;
     if let Ok(mut entries) = fs::read_dir(data) {
         if entries.next().is_some() {
             return Err(usage(format!(
@@ -252,17 +256,37 @@ pub fn restore(from: &Path, data: &Path) -> Result<String, Failure> {
         .filter(|p| !p.as_os_str().is_empty())
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let _ = fs::File::open(parent).and_then(|d| d.sync_all());
+    // The key is not in a backup: say where the engine will look for it.
+    let key_given = std::env::var_os(crate::secrets::KEY_ENV).is_some()
+        || config.storage.secrets_key_file.is_some();
+    let key_note = if key_given {
+        "the engine will open its webhook secrets with the key the config (or \
+         KYBERHOOK_SECRETS_KEY) names: it must be the key of the engine the backup came from"
+            .to_string()
+    } else {
+        format!(
+            "before starting the engine, copy {DATA_DIR_KEY_FILE} from the data dir the backup \
+             came from into {} (or name that key in storage.secrets_key_file)",
+            data.display()
+        )
+    };
     Ok(format!(
-        "restored {records} records (store format {}) into {}; start the engine with the same \
-         secrets key as the one the backup came from",
+        "restored {records} records (store format {}) into {}; {key_note}",
         header.format_version,
         data.display()
     ))
 }
 
-/// `kyberhook compact`: rewrites the stopped engine's store at `data`.
-pub fn compact(data: &Path) -> Result<String, Failure> {
-    match compact::compact(data) {
+/// `kyberhook compact`: rewrites the stopped engine's store (`storage.path` of `config`).
+pub fn compact(config: &Config) -> Result<String, Failure> {
+    let data = &config.storage.path;
+    let options = StoreOptions {
+        fsync: false,
+        cache_bytes: config.storage.cache_size,
+        secrets: KeySource::from_env_or_file(config.storage.secrets_key_file.as_deref())
+            .map_err(|e| usage(format!("compact: {e}")))?,
+    };
+    match compact::compact(data, &options) {
         Ok(c) => Ok(format!(
             "compacted {}: {} -> {} ({} records)",
             data.display(),
@@ -274,6 +298,7 @@ pub fn compact(data: &Path) -> Result<String, Failure> {
             let code = match e {
                 CompactError::InUse(_) | CompactError::NoStore(_) => 2,
                 CompactError::Store(crate::store::StoreError::Format(_)) => 2,
+                CompactError::Store(ref e) if e.is_operator_error() => 2,
                 _ => 1,
             };
             Err(Failure {

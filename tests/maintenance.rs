@@ -233,10 +233,28 @@ async fn a_backup_under_ingest_load_restores_every_pending_delivery_account_webh
         admin_get(&a.api, &format!("/v1/accounts/{busy}/webhooks")).await,
         admin_get(&a.api, &format!("/v1/accounts/{quiet}/webhooks")).await,
     ];
+    // The key that seals the secrets: generated into the first engine's data dir, and kept
+    // apart from the backup.
+    let key_file = a.config.storage.path.join("secrets.key");
+    let key_text = std::fs::read_to_string(&key_file).unwrap();
     a.stop().await;
+    let backup_bytes = std::fs::read(&file).unwrap();
+    let contains = |needle: &[u8]| backup_bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !contains(key_text.trim().as_bytes()),
+        "the secrets key is in the backup"
+    );
+    assert!(
+        !contains(&hex::decode(key_text.trim()).unwrap()),
+        "the secrets key is in the backup"
+    );
     // What the first engine delivered before it stopped; the rest was pending in the backup.
     let from_a = rx.count();
     let secret = secret["secret"].as_str().unwrap().to_string();
+    assert!(
+        !contains(secret.as_bytes()),
+        "a signing secret is in the backup in plaintext"
+    );
     let delivered_by_a = delivered_events(&rx, 0, &secret);
     let owed: HashSet<String> = pending
         .into_iter()
@@ -264,6 +282,7 @@ async fn a_backup_under_ingest_load_restores_every_pending_delivery_account_webh
     };
     let (code, out, err) = cli_async(args(&file), vec![]).await;
     assert_eq!(code, 0, "restore failed: {out}{err}");
+    assert!(out.contains("secrets.key"), "{out}");
     let (code, _, err) = cli_async(args(&file), vec![]).await;
     assert_eq!(
         code, 2,
@@ -271,6 +290,20 @@ async fn a_backup_under_ingest_load_restores_every_pending_delivery_account_webh
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("not empty"), "{err}");
+    // Without the key the restored engine refuses to start (exit 2, one line); with the key
+    // copied beside the store, as the restore command says, it starts.
+    let (code, _, err) = cli_async(
+        vec![
+            "serve".into(),
+            "--config".into(),
+            config_path.display().to_string(),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    std::fs::write(data_b.join("secrets.key"), &key_text).unwrap();
 
     let b = TestEngine::start_with(config_b, tempfile::tempdir().unwrap()).await;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -23,7 +23,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::backup::sync_dir;
-use super::{Store, StoreError};
+use super::{Store, StoreError, StoreOptions};
 
 /// Written into the new store once it is complete and synced.
 const MARKER: &str = ".compact-complete";
@@ -142,14 +142,16 @@ fn check_not_in_use(path: &Path) -> Result<(), CompactError> {
 }
 
 /// Rewrites the store at `path` into a fresh one and swaps it in. The engine must be stopped.
-pub fn compact(path: &Path) -> Result<Compacted, CompactError> {
+/// `options` name the secrets key as the engine's config does: the store is opened (and so
+/// checked, and migrated if old) before it is copied.
+pub fn compact(path: &Path, options: &StoreOptions) -> Result<Compacted, CompactError> {
     recover(path)?;
     check_not_in_use(path)?;
     let tmp = sibling(path, ".compact-tmp");
     let old = sibling(path, ".compact-old");
     let bytes_before = dir_size(path).map_err(io_err(path))?;
     let records = {
-        let store = Store::open(path, false)?;
+        let store = Store::open_with(path, options)?;
         let result = copy_into(&store, path, &tmp);
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);

@@ -651,3 +651,115 @@ async fn compaction_shrinks_a_stopped_store_that_then_delivers_everything_pendin
     }
     b.stop().await;
 }
+
+/// Not a check but the README's figures: fills a data dir as the load bench's ingest and
+/// fan-out phases do (batches of 100 events, half of them delivered to a real receiver), then
+/// measures ingest with and without a backup running, and the data dir's size before and after
+/// compaction. `KH_FILL_EVENTS` (default 200 000) sets the size.
+/// `cargo test --test maintenance figures -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn figures_backup_slowdown_and_compaction() {
+    let total: usize = std::env::var("KH_FILL_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (config_path, config) = write_config(
+        dir.path(),
+        &data,
+        &pki,
+        "[plans.bulk]\nevents_per_second = 0\n",
+    );
+    let a = TestEngine::start_with(config, tempfile::tempdir().unwrap()).await;
+    let (acc, _) = a.account("acc_fill", "bulk").await;
+    a.webhook(&acc, &rx.url, &["visitor.checked_in"]).await;
+    let mut batch = events(&acc, "visitor.checked_out", 50);
+    for e in events(&acc, "visitor.checked_in", 50)["events"]
+        .as_array()
+        .unwrap()
+    {
+        batch["events"].as_array_mut().unwrap().push(e.clone());
+    }
+    let started = Instant::now();
+    let producers: Vec<_> = (0..4)
+        .map(|_| {
+            let (api, batch) = (a.api.clone(), batch.clone());
+            tokio::spawn(async move {
+                for _ in 0..total / 400 {
+                    post_batch(&api, &batch, "").await;
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    rx.wait_for(total / 2, Duration::from_secs(1800)).await;
+    eprintln!(
+        "filled: {total} events, {} deliveries in {:?}",
+        total / 2,
+        started.elapsed()
+    );
+
+    // Ingest for a while without, then with, a backup running.
+    let work = tempfile::tempdir().unwrap();
+    for with_backup in [false, true, false, true] {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let bulk = events(&acc, "visitor.checked_out", 100);
+        let producers: Vec<_> = (0..4)
+            .map(|_| {
+                let (api, stop, count, bulk) =
+                    (a.api.clone(), stop.clone(), count.clone(), bulk.clone());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        post_batch(&api, &bulk, "").await;
+                        count.fetch_add(100, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let c0 = count.load(std::sync::atomic::Ordering::Relaxed);
+        let t0 = Instant::now();
+        let what = if with_backup {
+            let file = work.path().join("b");
+            let (code, out, err) = cli_async(
+                vec![
+                    "backup".into(),
+                    "--url".into(),
+                    a.api.base.clone(),
+                    "--out".into(),
+                    file.display().to_string(),
+                    "--token".into(),
+                    ADMIN.into(),
+                ],
+                vec![],
+            )
+            .await;
+            assert_eq!(code, 0, "{err}");
+            out.trim().to_string()
+        } else {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            "no backup".to_string()
+        };
+        let elapsed = t0.elapsed();
+        let n = count.load(std::sync::atomic::Ordering::Relaxed) - c0;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for p in producers {
+            p.await.unwrap();
+        }
+        eprintln!(
+            "ingest {:.0} events/s over {elapsed:?} ({what})",
+            n as f64 / elapsed.as_secs_f64()
+        );
+    }
+    a.stop().await;
+    let (code, out, err) = cli(&["compact", "--config", config_path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    eprintln!("{}", out.trim());
+}

@@ -57,7 +57,7 @@ pub fn is_backup_route(path: &str) -> bool {
 /// `POST /v1/admin/backup`.
 pub async fn backup(state: Arc<AppState>, req: Request<Incoming>) -> Response<ApiBody> {
     let started = Instant::now();
-    let response = match start_backup(&state, &req) {
+    let response = match start_backup(&state, &req).await {
         Ok(body) => Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, BACKUP_CONTENT_TYPE)
@@ -77,7 +77,10 @@ pub async fn backup(state: Arc<AppState>, req: Request<Incoming>) -> Response<Ap
     response
 }
 
-fn start_backup(state: &Arc<AppState>, req: &Request<Incoming>) -> Result<Streamed, ApiError> {
+async fn start_backup(
+    state: &Arc<AppState>,
+    req: &Request<Incoming>,
+) -> Result<Streamed, ApiError> {
     if req.method() != Method::POST {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -86,7 +89,12 @@ fn start_backup(state: &Arc<AppState>, req: &Request<Incoming>) -> Result<Stream
         ));
     }
     authenticate(state, req)?.require_admin()?;
-    let snapshot = state.store.begin_backup().map_err(|e| match e {
+    // Closing the write gate waits for writes in progress: not on an async worker.
+    let store = state.store.clone();
+    let begun = tokio::task::spawn_blocking(move || store.begin_backup())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let snapshot = begun.map_err(|e| match e {
         BackupError::InProgress => ApiError::new(
             StatusCode::CONFLICT,
             "backup_in_progress",

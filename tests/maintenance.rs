@@ -386,6 +386,11 @@ async fn the_backup_route_is_admin_only_and_restore_refuses_a_damaged_file() {
         (s, v["error"]["code"].as_str()),
         (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
     );
+    let (s, v) = a.api.admin(Method::POST, path, Some(json!({}))).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
     // Without a token the command refuses before connecting.
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("b");

@@ -89,6 +89,18 @@ async fn start_backup(
         ));
     }
     authenticate(state, req)?.require_admin()?;
+    // The route takes no options: a body is input it would silently ignore.
+    let has_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    if has_body {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("POST {BACKUP_PATH} takes no request body"),
+        ));
+    }
     // Closing the write gate waits for writes in progress: not on an async worker.
     let store = state.store.clone();
     let begun = tokio::task::spawn_blocking(move || store.begin_backup())

@@ -402,6 +402,8 @@ pub const ROUTES: &[(&str, &str)] = &[
         "POST",
         "/v1/accounts/{account_id}/deliveries/{delivery_id}/retry",
     ),
+    // Streamed: matched by `handle_streaming` before the JSON router.
+    ("POST", "/v1/admin/backup"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
 ];

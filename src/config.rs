@@ -96,6 +96,10 @@ pub struct ServerConfig {
     /// How long a client may take to send its request head (slowloris bound).
     #[serde(default = "d_header_timeout", deserialize_with = "de_duration")]
     pub header_read_timeout: Duration,
+    /// How long a client may take to send a whole request body (after its head); past it the
+    /// request is answered 408 and the connection closed.
+    #[serde(default = "d_body_timeout", deserialize_with = "de_duration")]
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -264,6 +268,9 @@ fn d_ingest_queue() -> usize {
 }
 fn d_header_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn d_body_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn d_storage_path() -> PathBuf {
     PathBuf::from("data")
@@ -625,6 +632,15 @@ impl Config {
                 "server.tls_cert and server.tls_key must be set together",
             ));
         }
+        if self.server.header_read_timeout.is_zero() {
+            return Err(bad(
+                "server.header_read_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.server.body_read_timeout.is_zero() {
+            return Err(bad("server.body_read_timeout", "must be greater than zero"));
+        }
         if self.server.ingest_queue == 0 {
             return Err(bad("server.ingest_queue", "must be at least 1"));
         }
@@ -710,6 +726,7 @@ mod tests {
         assert_eq!(c.storage.retention, Duration::from_secs(30 * 86_400));
         assert_eq!(c.delivery.max_scheduled_per_account, 1_000_000);
         assert_eq!(c.delivery.timeout, Duration::from_secs(30));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
         assert_eq!(
             c.delivery.retry_schedule,
             vec![
@@ -845,6 +862,14 @@ mod tests {
             (
                 "[delivery]\nmax_scheduled_per_account = 0\n",
                 "delivery.max_scheduled_per_account",
+            ),
+            (
+                "[server]\nbody_read_timeout = \"0s\"\n",
+                "server.body_read_timeout",
+            ),
+            (
+                "[server]\nbody_read_timeout = \"soon\"\n",
+                "server.body_read_timeout",
             ),
             ("[plans.gold]\nmax_webhooks = 5\n", "events_per_second"),
             ("[auth]\nadmin_token = \"x\"\n", "auth.admin_token"),

@@ -214,7 +214,7 @@ impl Engine {
                 api_listener,
                 tls,
                 server::ApiHandler(state.clone()),
-                config.server.header_read_timeout,
+                server::Timeouts::from_config(&config.server),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(server::serve(
@@ -226,7 +226,7 @@ impl Engine {
                     store: store.clone(),
                     registry: state.registry.clone(),
                 },
-                config.server.header_read_timeout,
+                server::Timeouts::from_config(&config.server),
                 shutdown_rx.clone(),
             )),
         ];

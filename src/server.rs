@@ -3,9 +3,14 @@
 //!
 //! A connection permit is taken before each accept (at most `MAX_CONNECTIONS` open at once),
 //! every connection is served by hyper's HTTP/1.1 server with a bound on the request head size
-//! and on the time to read it (slowloris), and every request goes to `api::handle`. On
-//! shutdown the accept loop stops, open connections finish the request they are serving, and
-//! the call returns once they are closed or the drain deadline passes.
+//! and on the time to read it (slowloris), and every request goes to `api::handle` (which
+//! bounds the time to read a body, `server.body_read_timeout`). A connection closes with a
+//! lingering close ([`linger`]), so that an answer given before the request's body was read
+//! reaches a client that sends its whole body before reading. On shutdown the accept loop
+//! stops, open connections finish the request they are serving, and the call returns once
+//! they are closed or the drain deadline passes.
+
+pub mod linger;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -27,6 +32,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::{self, AppState};
+use crate::config::ServerConfig;
+use linger::Lingering;
 
 const MAX_CONNECTIONS: usize = 16_384;
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -90,12 +97,44 @@ impl Handler for ApiHandler {
     }
 }
 
+/// How long a connection may take over the parts of a request, and linger when it closes.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// `server.header_read_timeout`: the request head, and the idle time between requests.
+    pub header_read: Duration,
+    /// How long a closing connection reads and discards what the client still sends.
+    pub linger: Duration,
+}
+
+impl Timeouts {
+    pub fn from_config(server: &ServerConfig) -> Timeouts {
+        Timeouts {
+            header_read: server.header_read_timeout,
+            // No longer than the engine would have waited for a whole body.
+            linger: server.body_read_timeout.min(linger::MAX_TIME),
+        }
+    }
+}
+
+/// A 408 or 413 leaves the request's body unread, so the connection cannot carry another
+/// request; saying so lets the client stop sending and not reuse it.
+fn close_after_unread_body(response: &mut Response<Full<Bytes>>) {
+    if matches!(
+        response.status(),
+        StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE
+    ) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
 /// Serves `listener` until `shutdown` turns true, then drains.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: H,
-    header_read_timeout: Duration,
+    timeouts: Timeouts,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -118,11 +157,12 @@ pub async fn serve<H: Handler>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let stream = Lingering::new(stream, timeouts.linger, shutdown.clone());
         let handler = handler.clone();
         let builder = {
             let mut b = http1::Builder::new();
             b.timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
+                .header_read_timeout(timeouts.header_read)
                 .max_buf_size(MAX_HEAD_BYTES)
                 // One write per response (head and body copied into one buffer) instead of a
                 // vectored write of queued pieces: responses are small, and the load bench
@@ -133,7 +173,11 @@ pub async fn serve<H: Handler>(
         };
         let service = service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, std::convert::Infallible>(handler.call(req).await) }
+            async move {
+                let mut response = handler.call(req).await;
+                close_after_unread_body(&mut response);
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
         match &tls {
             None => {

@@ -228,3 +228,171 @@ async fn a_refused_destination_is_detailed_in_the_operators_log_only() {
         "{logged}"
     );
 }
+
+/// A test engine whose `[server]` section also holds `server_extra`.
+async fn engine_with_server(server_extra: &str) -> TestEngine {
+    let pki = pki();
+    let data = tempfile::tempdir().unwrap();
+    let toml = config_toml(data.path(), &pki.ca_file, "", "").replace(
+        "[server]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n"),
+    );
+    let config = kyberhook::config::Config::from_toml(&toml, "t").unwrap();
+    TestEngine::start_with(config, data).await
+}
+
+fn api_addr(e: &TestEngine) -> std::net::SocketAddr {
+    e.engine.as_ref().unwrap().api_addr()
+}
+
+fn ingest_head(content_length: Option<usize>, token: &str) -> String {
+    let framing = match content_length {
+        Some(n) => format!("content-length: {n}"),
+        None => "transfer-encoding: chunked".to_string(),
+    };
+    format!(
+        "POST /v1/events HTTP/1.1\r\nhost: kyberhook\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
+    )
+}
+
+/// The status line and the JSON error code of a whole response read up to EOF.
+fn status_and_code(response: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(response);
+    let status = text.lines().next().unwrap_or_default().to_string();
+    let code = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str::<Value>(body).ok())
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (status, code)
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_answered_408_and_the_connection_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = engine_with_server("body_read_timeout = \"300ms\"").await;
+    // One client stops after part of its body; another trickles it a byte every 50 ms, which
+    // an idle timeout would never end: the deadline is for the whole body.
+    let stalled = async {
+        let mut sock = tokio::net::TcpStream::connect(api_addr(&e)).await.unwrap();
+        sock.write_all(format!("{}{{\"account_id\":", ingest_head(Some(1000), ADMIN)).as_bytes())
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut response = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut response)).await;
+        assert!(read.is_ok(), "the connection was still open after 5 s");
+        (started.elapsed(), response)
+    };
+    let trickled = async {
+        let mut sock = tokio::net::TcpStream::connect(api_addr(&e)).await.unwrap();
+        sock.write_all(ingest_head(Some(1000), ADMIN).as_bytes())
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut response = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if sock.write_all(b" ").await.is_err() {
+                        break;
+                    }
+                }
+                n = sock.read(&mut byte) => match n {
+                    Ok(1) => response.push(byte[0]),
+                    _ => break,
+                },
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "still open after 5 s"
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut response)).await;
+        (started.elapsed(), response)
+    };
+    let ((stalled_after, stalled), (trickled_after, trickled)) = tokio::join!(stalled, trickled);
+    for (after, response) in [(stalled_after, stalled), (trickled_after, trickled)] {
+        let (status, code) = status_and_code(&response);
+        assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+        assert_eq!(code, "request_timeout");
+        assert!(after < Duration::from_secs(3), "closed after {after:?}");
+    }
+    // Nothing of either body was taken as an event, and the engine serves on.
+    let (s, _) = e.api.admin(Method::GET, "/healthz", None).await;
+    assert_eq!(s, StatusCode::OK);
+    e.stop().await;
+}
+
+/// Writes `head` and then `body` in full before reading anything, as Python's `requests` and
+/// Java's `HttpURLConnection` do; returns the response, or the write or read error.
+fn send_whole_then_read(
+    addr: std::net::SocketAddr,
+    head: String,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    sock.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    sock.write_all(head.as_bytes())
+        .and_then(|()| sock.write_all(&body))
+        .map_err(|e| format!("writing the body failed: {e}"))?;
+    let mut response = Vec::new();
+    sock.read_to_end(&mut response)
+        .map_err(|e| format!("reading the response failed: {e}"))?;
+    Ok(response)
+}
+
+#[tokio::test]
+async fn a_client_that_sends_a_refused_body_whole_before_reading_gets_the_answer() {
+    let e = engine_with_server("").await;
+    let addr = api_addr(&e);
+    // 8 MiB against server.max_body_bytes = 64 KiB: more than the socket buffers hold, so a
+    // server that stops reading makes the client's write fail.
+    const SIZE: usize = 8 << 20;
+    let declared = tokio::task::spawn_blocking(move || {
+        send_whole_then_read(addr, ingest_head(Some(SIZE), ADMIN), vec![b' '; SIZE])
+    });
+    let chunked = tokio::task::spawn_blocking(move || {
+        let mut body = Vec::with_capacity(SIZE + 4096);
+        for _ in 0..SIZE / 65_536 {
+            body.extend_from_slice(b"10000\r\n");
+            body.extend_from_slice(&[b' '; 65_536]);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        send_whole_then_read(addr, ingest_head(None, ADMIN), body)
+    });
+    // Refused before the body is looked at (no such token): the same holds.
+    let unauthorized = tokio::task::spawn_blocking(move || {
+        send_whole_then_read(
+            addr,
+            ingest_head(Some(SIZE), "wrong-token"),
+            vec![b' '; SIZE],
+        )
+    });
+    for (name, task, want_status, want_code) in [
+        (
+            "content-length",
+            declared,
+            "HTTP/1.1 413",
+            "payload_too_large",
+        ),
+        ("chunked", chunked, "HTTP/1.1 413", "payload_too_large"),
+        ("unauthorized", unauthorized, "HTTP/1.1 401", "unauthorized"),
+    ] {
+        let response = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (status, code) = status_and_code(&response);
+        assert!(status.starts_with(want_status), "{name}: {status}");
+        assert_eq!(code, want_code, "{name}");
+    }
+    e.stop().await;
+}

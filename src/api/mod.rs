@@ -142,7 +142,22 @@ impl Call {
                 return Err(too_large());
             }
         }
-        match Limited::new(self.req.into_body(), limit).collect().await {
+        // One deadline for the whole body, not per read: a client trickling a byte now and
+        // then would otherwise hold its connection and buffer indefinitely. Dropping the read
+        // frees what was buffered; the connection then closes (see `server`).
+        let deadline = state.config.server.body_read_timeout;
+        let read = Limited::new(self.req.into_body(), limit).collect();
+        let Ok(read) = tokio::time::timeout(deadline, read).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms (server.body_read_timeout)",
+                    deadline.as_millis()
+                ),
+            ));
+        };
+        match read {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -43,6 +43,7 @@ pub mod wheel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -64,17 +65,29 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error("{0}")]
     Other(String),
+    /// The store failed while serving (disk full, I/O error, failed fsync): the process must
+    /// end so that a supervisor starts it again (see [`run`]).
+    #[error("{0}")]
+    StorageFailed(String),
 }
+
+/// The exit code after a storage failure: EX_TEMPFAIL, "try again later" — a restart once the
+/// disk is writable again recovers everything acknowledged.
+pub const EXIT_STORAGE_FAILED: i32 = 75;
 
 impl StartError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
             StartError::Config(_) => 2,
+            StartError::StorageFailed(_) => EXIT_STORAGE_FAILED,
             _ => 1,
         }
     }
 }
+
+/// How often the engine checks whether its store still writes.
+const STORE_HEALTH_EVERY: Duration = Duration::from_millis(100);
 
 /// Due attempts waiting for the dispatcher; small, since the wheel is the real buffer.
 const DUE_QUEUE: usize = 4096;
@@ -258,9 +271,23 @@ impl Engine {
         self.metrics_addr
     }
 
-    /// Whether start-up recovery has finished (what `/readyz` reports).
+    /// Whether start-up recovery has finished and the store still writes (what `/readyz`
+    /// reports).
     pub fn is_ready(&self) -> bool {
-        self.scheduler.is_ready()
+        self.scheduler.is_ready() && self.store.health().is_ok()
+    }
+
+    /// Resolves with the failure once the store can no longer write (never, while it can).
+    /// sled's errors are sticky and a failed fsync may have lost pages already acknowledged
+    /// to the kernel, so a failed store is not retried: [`run`] ends the process instead.
+    pub async fn storage_failure(&self) -> String {
+        let mut tick = tokio::time::interval(STORE_HEALTH_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(failure) = self.store.health() {
+                return failure;
+            }
+        }
     }
 
     /// Deliveries waiting for an attempt.
@@ -321,7 +348,11 @@ pub fn init_logging(config: &Config) {
     };
 }
 
-/// Runs the engine until SIGINT or SIGTERM, then shuts down gracefully.
+/// Runs the engine until SIGINT or SIGTERM, then shuts down gracefully — or until its store
+/// fails, which is logged in one line and returned as [`StartError::StorageFailed`] at once,
+/// without a graceful shutdown: nothing more can be made durable, nothing unacknowledged is
+/// owed, and everything acknowledged is on disk for the restart (call `std::process::exit`
+/// with its exit code rather than dropping the runtime, which would wait for blocked work).
 ///
 /// Under systemd (`Type=notify`, `NOTIFY_SOCKET` set) it reports `READY=1` once start-up
 /// recovery is done — so `systemctl start` returns when `/readyz` would answer 200 — and
@@ -342,7 +373,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         recovered.wait_ready().await;
         notify_service(sd_notify::NotifyState::Ready);
     });
-    wait_for_signal().await;
+    tokio::select! {
+        () = wait_for_signal() => {}
+        failure = engine.storage_failure() => {
+            tracing::error!(
+                error = %failure,
+                exit_code = EXIT_STORAGE_FAILED,
+                "storage cannot write (disk full or I/O error); exiting so that a supervisor restarts kyberhook once the disk is writable: every acknowledged event is on disk and is delivered after the restart"
+            );
+            return Err(StartError::StorageFailed(failure));
+        }
+    }
     readiness.abort();
     tracing::info!("shutting down");
     notify_service(sd_notify::NotifyState::Stopping);

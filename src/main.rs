@@ -156,6 +156,11 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(kyberhook::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
+                // Logged by `run` in one line; exit now rather than drop the runtime, whose
+                // blocked storage work would never finish.
+                Err(e @ kyberhook::StartError::StorageFailed(_)) => {
+                    std::process::exit(e.exit_code())
+                }
                 Err(e) => {
                     eprintln!("kyberhook: {e}");
                     ExitCode::from(e.exit_code() as u8)

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -279,4 +280,209 @@ async fn history_past_a_short_retention_is_purged_by_the_engine() {
     te.poll(&path, Duration::from_secs(15), |v| count(v) == 0)
         .await;
     te.stop().await;
+}
+
+/// A tmpfs mounted for one test, unmounted (lazily) when dropped.
+struct Tmpfs {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (with the reason) where mounting is impossible, e.g. without root.
+    fn mount(size: &str) -> Result<Tmpfs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs { path, _dir: dir })
+    }
+
+    fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// One HTTP/1.1 request on its own connection: the status and body, or `None` when the
+/// engine is not there (connection refused or closed: it exited).
+async fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(40), stream.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((status, body))
+}
+
+#[tokio::test]
+async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_loses_nothing_acknowledged() {
+    let fs = match Tmpfs::mount("6m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED a_full_disk_…: cannot mount a tmpfs here: {why}");
+            return;
+        }
+    };
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fs.path.join("data"), &pki, "");
+    let mut p = spawn(&config, &[]);
+    setup(&p.api, "acc_full", &rx.url).await;
+    let addr: SocketAddr = p.api.base.trim_start_matches("http://").parse().unwrap();
+
+    // Fill the disk while ingesting 16 KiB events from 8 clients, until ingest is refused.
+    let pad = "x".repeat(16 * 1024);
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refusals: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let (acked, refusals, stop, pad) =
+            (acked.clone(), refusals.clone(), stop.clone(), pad.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..2_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > deadline {
+                    return;
+                }
+                let body = json!({"account_id": "acc_full", "event": "visitor.checked_in",
+                    "data": {"c": c, "i": i, "pad": pad}})
+                .to_string();
+                match try_request(addr, "POST", "/v1/events", &body).await {
+                    Some((202, b)) => {
+                        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+                        acked
+                            .lock()
+                            .unwrap()
+                            .push(v["id"].as_str().unwrap().to_string());
+                    }
+                    other => {
+                        refusals.lock().unwrap().push(format!("{other:?}"));
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let refusals = refusals.lock().unwrap().clone();
+    assert!(
+        !refusals.is_empty(),
+        "the disk never filled ({} acknowledged)",
+        acked.len()
+    );
+    assert!(
+        acked.len() >= 10,
+        "too few events fitted to prove anything: {refusals:?}"
+    );
+    // A refusal is a retryable 503 or the engine already gone — never a 202, never a 500.
+    for r in &refusals {
+        assert!(r == "None" || r.starts_with("Some((503, "), "refusal {r}");
+        assert!(!r.contains("internal_error"), "{r}");
+    }
+    // Not ready while the store cannot write; then it exits, with one line saying why.
+    if let Some((status, body)) = try_request(addr, "GET", "/readyz", "").await {
+        assert_eq!(
+            status,
+            503,
+            "readyz answered {status} {body} with a failed store; refusals {refusals:?}; log {:#?}",
+            p.log.lock().unwrap()
+        );
+    }
+    // (At once; a flush that hangs instead of failing is caught after FLUSH_STUCK_MS.)
+    let exit_by = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < exit_by,
+            "the engine kept running with a failed store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(75), "{:?}", p.log.lock().unwrap());
+    let lines = p.log.lock().unwrap().clone();
+    let why: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("exiting so that a supervisor"))
+        .collect();
+    assert_eq!(why.len(), 1, "{lines:#?}");
+    drop(p);
+
+    // Space is back: restarted, it delivers every event it acknowledged.
+    fs.resize("256m");
+    let p = spawn(&config, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: HashSet<String> = rx
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.json()["id"].as_str().unwrap().to_string())
+            .collect();
+        let missing: Vec<&String> = acked.iter().filter(|id| !got.contains(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} acknowledged events never arrived, e.g. {:?}",
+            missing.len(),
+            acked.len(),
+            &missing[..missing.len().min(3)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, _) = post_event(&p.api, "acc_full", json!({"after": true})).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    eprintln!(
+        "full disk: {} acknowledged before the disk filled, all delivered after the restart; {} refusals, first {}",
+        acked.len(),
+        refusals.len(),
+        refusals[0]
+    );
+    drop(p);
 }

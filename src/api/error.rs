@@ -53,6 +53,17 @@ impl ApiError {
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
     }
+    /// 503 `storage_unavailable`: the store cannot write (disk full, I/O error).
+    pub fn storage_unavailable(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                message,
+            )
+        }
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }
@@ -68,7 +79,15 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "storage error while serving a request");
-        ApiError::internal("a storage error occurred; see the engine's log")
+        match e {
+            // The disk refuses writes: the engine is about to restart; the caller may retry.
+            StoreError::Failed(_)
+            | StoreError::Sync { .. }
+            | StoreError::Sled(sled::Error::Io(_)) => ApiError::storage_unavailable(
+                "storage cannot write right now; nothing was changed, retry later",
+            ),
+            _ => ApiError::internal("a storage error occurred; see the engine's log"),
+        }
     }
 }
 
@@ -86,8 +105,9 @@ impl From<IngestError> for ApiError {
             },
             IngestError::Commit(msg) => {
                 tracing::error!(error = %msg, "commit failed");
-                ApiError::internal(
-                    "the write-ahead log could not be written; nothing was acknowledged",
+                // A commit fails only when the store does: retryable once it is back.
+                ApiError::storage_unavailable(
+                    "the write-ahead log could not be written; nothing was acknowledged, retry later",
                 )
             }
         }

@@ -285,8 +285,10 @@ async fn route(
             )
         }
         (&M::GET, ["readyz"]) => {
-            let ready = state.scheduler.is_ready();
-            let (status, text) = if ready {
+            // A store that cannot write is not ready, whatever else is (it is about to exit).
+            let (status, text) = if state.store.health().is_err() {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_failed")
+            } else if state.scheduler.is_ready() {
                 (StatusCode::OK, "ready")
             } else {
                 (StatusCode::SERVICE_UNAVAILABLE, "recovering")

@@ -53,6 +53,10 @@ pub enum StoreError {
     /// The data dir holds sealed secrets but no key was given and its own key file is gone.
     #[error("the webhook secrets in {path:?} are sealed but no key was found: set storage.secrets_key_file or KYBERHOOK_SECRETS_KEY to the key they were sealed with")]
     MissingSecretsKey { path: PathBuf },
+    /// An earlier write or sync failed: nothing is made durable any more (see
+    /// [`Store::health`]).
+    #[error("storage failed earlier and cannot write: {0}")]
+    Failed(String),
     #[error("storage: cannot make {path:?} private: {source}")]
     Permissions {
         path: PathBuf,
@@ -113,6 +117,10 @@ pub struct DeliveryQuery {
     pub limit: usize,
 }
 
+/// How long one flush + fsync may take before the store counts as failed. Far above any
+/// healthy commit (milliseconds), below a client's patience.
+pub const FLUSH_STUCK_MS: u64 = 15_000;
+
 /// The default of `storage.cache_size`: sled's page cache, sized for an appliance.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 
@@ -140,6 +148,15 @@ impl StoreOptions {
 
 pub struct Store {
     db: sled::Db,
+    /// sled's configuration, which shares the error slot sled's background writer fills
+    /// when a write fails (sled then refuses every write: the error is sticky).
+    sled_config: sled::Config,
+    /// The first failure of a write or sync; once set, the store is failed for good.
+    failure: std::sync::OnceLock<String>,
+    /// When the flush in progress started (unix ms; 0: none): a flush that never returns
+    /// (sled can wait forever for a log buffer its failed writer never releases) fails the
+    /// store after [`FLUSH_STUCK_MS`].
+    flush_started_ms: std::sync::atomic::AtomicU64,
     sealer: Sealer,
     db_file: Option<(PathBuf, File)>,
     /// sled writes values too large for a log segment as separate files under `blobs/`,
@@ -174,11 +191,11 @@ impl Store {
     /// secrets were encrypted).
     pub fn open_with(path: &Path, options: &StoreOptions) -> Result<Store> {
         make_private(path)?;
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(path)
             .cache_capacity(options.cache_bytes)
-            .flush_every_ms(Some(200))
-            .open()?;
+            .flush_every_ms(Some(200));
+        let db = sled_config.open()?;
         // sled created its files before the walk above could see them.
         make_private(path)?;
         // Every tree is opened through the tracker, so an online backup covers it.
@@ -216,6 +233,9 @@ impl Store {
             synced_blobs: Default::default(),
             tracker,
             sealer,
+            sled_config,
+            failure: std::sync::OnceLock::new(),
+            flush_started_ms: Default::default(),
             db,
         };
         store.seal_plaintext_secrets(path, &options.secrets)?;
@@ -261,12 +281,63 @@ impl Store {
     /// A failure here is counted in `kyberhook_store_write_errors_total`: sled writes in the
     /// background, so a disk that refuses writes (full, read-only, failing) shows up at the
     /// flush that every acknowledged write goes through.
+    ///
+    /// A failed flush or sync fails the store for good (see [`Store::health`]): after a failed
+    /// `fdatasync` the kernel may have dropped the dirty pages and cleared the error, so a
+    /// later sync that succeeds proves nothing about the earlier writes (PostgreSQL's
+    /// "fsyncgate"), and sled's own write errors are sticky anyway. From then on this returns
+    /// [`StoreError::Failed`] without trying, so nothing more is acknowledged.
     pub fn make_durable(&self) -> Result<()> {
+        if let Err(failure) = self.health() {
+            return Err(StoreError::Failed(failure));
+        }
+        use std::sync::atomic::Ordering;
+        self.flush_started_ms
+            .store(crate::clock::now_ms().max(1), Ordering::Release);
         let result = self.flush_and_sync();
-        if result.is_err() {
+        self.flush_started_ms.store(0, Ordering::Release);
+        if let Err(e) = &result {
             ::metrics::counter!("kyberhook_store_write_errors_total").increment(1);
+            self.fail(e.to_string());
         }
         result
+    }
+
+    /// Whether the store can still write: `Err` with the first failure once a write or sync
+    /// failed (here or in sled's background writer). Cheap (two atomic loads), so callers on
+    /// the async runtime may poll it. A failed store does not recover: the engine exits and
+    /// its supervisor starts it again once the disk is writable (see `lib.rs`).
+    pub fn health(&self) -> std::result::Result<(), String> {
+        if let Some(failure) = self.failure.get() {
+            return Err(failure.clone());
+        }
+        if let Some(failure) = self.tracker.write_failure() {
+            self.fail(failure.clone());
+            return Err(failure.clone());
+        }
+        let started = self
+            .flush_started_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        if started != 0 && crate::clock::now_ms().saturating_sub(started) > FLUSH_STUCK_MS {
+            self.fail(format!(
+                "storage: a flush has not finished in {} s",
+                FLUSH_STUCK_MS / 1000
+            ));
+            return Err(self.failure.get().cloned().unwrap_or_default());
+        }
+        // `global_error` is hidden from sled's docs but public: the error its background
+        // flusher hit, which every later write returns too.
+        if let Err(e) = self.sled_config.global_error() {
+            self.fail(format!("storage: {e}"));
+            return Err(self.failure.get().cloned().unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    fn fail(&self, failure: String) {
+        if self.failure.set(failure.clone()).is_ok() {
+            tracing::debug!(error = %failure, "the store failed; nothing more is acknowledged");
+        }
     }
 
     fn flush_and_sync(&self) -> Result<()> {

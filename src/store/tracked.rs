@@ -28,6 +28,9 @@ pub struct Tracker {
     dirty: Mutex<Vec<DirtyKey>>,
     /// Every tree opened through [`Tree::open`], numbered by position.
     trees: Mutex<Vec<(String, sled::Tree)>>,
+    /// The first write a tree refused with an I/O error (disk full, failing disk): sled's
+    /// errors are sticky, so the store is failed from then on (`Store::health`).
+    write_failure: std::sync::OnceLock<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -35,6 +38,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Tracker {
+    /// Notes a mutation's I/O error (or sled's report of a corrupt store) as the store's
+    /// failure, and passes the result on.
+    fn checked<T>(&self, result: sled::Result<T>) -> sled::Result<T> {
+        if let Err(
+            e @ (sled::Error::Io(_)
+            | sled::Error::Corruption { .. }
+            | sled::Error::ReportableBug(_)),
+        ) = &result
+        {
+            let _ = self.write_failure.set(format!("storage: {e}"));
+        }
+        result
+    }
+
+    /// The first write failure, if any.
+    pub(crate) fn write_failure(&self) -> Option<&String> {
+        self.write_failure.get()
+    }
+
     fn touched(&self, tree: u8, keys: impl IntoIterator<Item = IVec>) {
         // Checked after the mutation: a key written before tracking began is seen by the
         // backup's full scan (which starts after tracking began), one written after is listed.
@@ -120,7 +142,7 @@ impl Tree {
     {
         let _open = self.pass_gate();
         let key = key.as_ref();
-        let old = self.tree.insert(key, value)?;
+        let old = self.tracker.checked(self.tree.insert(key, value))?;
         self.tracker.touched(self.number, [IVec::from(key)]);
         Ok(old)
     }
@@ -128,7 +150,7 @@ impl Tree {
     pub fn remove<K: AsRef<[u8]>>(&self, key: K) -> sled::Result<Option<IVec>> {
         let _open = self.pass_gate();
         let key = key.as_ref();
-        let old = self.tree.remove(key)?;
+        let old = self.tracker.checked(self.tree.remove(key))?;
         self.tracker.touched(self.number, [IVec::from(key)]);
         Ok(old)
     }
@@ -136,7 +158,7 @@ impl Tree {
     /// Applies a batch atomically (sled's batch), as one step for the gate.
     pub fn apply_batch(&self, batch: Batch) -> sled::Result<()> {
         let _open = self.pass_gate();
-        self.tree.apply_batch(batch.inner)?;
+        self.tracker.checked(self.tree.apply_batch(batch.inner))?;
         self.tracker.touched(self.number, batch.keys);
         Ok(())
     }

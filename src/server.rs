@@ -118,7 +118,7 @@ impl Timeouts {
 
 /// A 408 or 413 leaves the request's body unread, so the connection cannot carry another
 /// request; saying so lets the client stop sending and not reuse it.
-fn close_after_unread_body(response: &mut Response<Full<Bytes>>) {
+fn close_after_unread_body<B>(response: &mut Response<B>) {
     if matches!(
         response.status(),
         StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE

@@ -396,3 +396,61 @@ async fn a_client_that_sends_a_refused_body_whole_before_reading_gets_the_answer
     }
     e.stop().await;
 }
+
+#[tokio::test]
+async fn over_tls_too_the_refused_body_is_drained_and_the_answer_arrives() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = pki();
+    let e = engine_with_server(&format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        pki.cert_file.display(),
+        pki.key_file.display()
+    ))
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_file_iter(&pki.ca_file).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(api_addr(&e)).await.unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    const SIZE: usize = 8 << 20;
+    let exchange = async {
+        stream
+            .write_all(ingest_head(Some(SIZE), ADMIN).as_bytes())
+            .await
+            .map_err(|e| format!("writing the head failed: {e}"))?;
+        stream
+            .write_all(&vec![b' '; SIZE])
+            .await
+            .map_err(|e| format!("writing the body failed: {e}"))?;
+        stream.flush().await.map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("reading the response failed: {e}"))?;
+        Ok::<_, String>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .expect("answered within 20 s")
+        .unwrap();
+    let (status, code) = status_and_code(&response);
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    assert_eq!(code, "payload_too_large");
+    e.stop().await;
+}

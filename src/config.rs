@@ -172,6 +172,10 @@ pub struct DeliveryConfig {
     /// answers 429 (see `backlog`).
     #[serde(default = "d_max_scheduled_per_account")]
     pub max_scheduled_per_account: u64,
+    /// Test sends one account may run at once (more get 429), so that its tests cannot take
+    /// the engine's in-flight slots from other accounts' deliveries.
+    #[serde(default = "d_max_test_sends_per_account")]
+    pub max_test_sends_per_account: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -315,6 +319,9 @@ fn d_max_scheduled_per_account() -> u64 {
     // A fifth of the engine-wide default: five accounts must be stuck at once before ingest
     // answers 503 for everybody.
     1_000_000
+}
+fn d_max_test_sends_per_account() -> usize {
+    2
 }
 fn d_catalog() -> Vec<String> {
     DEFAULT_EVENT_CATALOG
@@ -659,6 +666,12 @@ impl Config {
         if self.delivery.max_scheduled_per_account == 0 {
             return Err(bad(
                 "delivery.max_scheduled_per_account",
+                "must be at least 1",
+            ));
+        }
+        if self.delivery.max_test_sends_per_account == 0 {
+            return Err(bad(
+                "delivery.max_test_sends_per_account",
                 "must be at least 1",
             ));
         }

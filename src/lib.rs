@@ -23,6 +23,7 @@ pub mod catalog;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod delivery;
 pub mod dispatch;
 pub mod history;
 pub mod ids;
@@ -45,11 +46,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::AppState;
 use crate::config::Config;
+use crate::delivery::{Deliveries, Writer};
 use crate::dispatch::{Deliverer, Dispatcher, Outbound};
 use crate::ingest::{Committer, Ingest};
 use crate::registry::Registry;
@@ -74,6 +76,12 @@ pub enum StartError {
 /// The exit code after a storage failure: EX_TEMPFAIL, "try again later" — a restart once the
 /// disk is writable again recovers everything acknowledged.
 pub const EXIT_STORAGE_FAILED: i32 = 75;
+
+impl From<delivery::DeliveryError> for StartError {
+    fn from(e: delivery::DeliveryError) -> Self {
+        StartError::Other(e.to_string())
+    }
+}
 
 impl StartError {
     /// The process exit code for this error.
@@ -103,6 +111,7 @@ pub struct Engine {
     retention: Option<retention::Retention>,
     state: Option<Arc<AppState>>,
     committer: Option<Committer>,
+    writer: Option<Writer>,
     store: Arc<Store>,
     scheduler: SchedulerHandle,
 }
@@ -178,14 +187,20 @@ impl Engine {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (due_tx, due_rx) = mpsc::channel(DUE_QUEUE);
         let (scheduler_task, scheduler) = Scheduler::new(due_tx);
+        let (deliveries, writer) = Deliveries::start(
+            store.clone(),
+            registry.clone(),
+            config.clone(),
+            scheduler.clone(),
+        );
         let (ingest, committer) = {
             let store = store.clone();
             let registry = registry.clone();
-            let scheduler = scheduler.clone();
+            let deliveries = deliveries.clone();
             let queue = config.server.ingest_queue;
             let rt = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
-                Ingest::start(store, registry, scheduler, seq, queue, rt)
+                Ingest::start(store, registry, deliveries, seq, queue, rt)
             })
             .await
             .map_err(|e| StartError::Other(e.to_string()))??
@@ -201,14 +216,14 @@ impl Engine {
             .await
             .map_err(|e| StartError::Other(e.to_string()))??;
         }
-        let deliverer = Arc::new(Deliverer {
-            store: store.clone(),
-            registry: registry.clone(),
-            config: config.clone(),
+        let deliverer = Arc::new(Deliverer::new(
+            store.clone(),
+            registry.clone(),
+            config.clone(),
             outbound,
-            scheduler: scheduler.clone(),
-            global: Arc::new(Semaphore::new(config.delivery.max_in_flight)),
-        });
+            scheduler.clone(),
+            deliveries,
+        ));
         let pipeline_tasks = vec![
             tokio::spawn(scheduler_task.run(Some(store.clone()), shutdown_rx.clone())),
             tokio::spawn(Dispatcher::new(deliverer.clone()).run(due_rx, shutdown_rx.clone())),
@@ -258,6 +273,7 @@ impl Engine {
             )),
             state: Some(state),
             committer: Some(committer),
+            writer: Some(writer),
             store,
             scheduler,
         })
@@ -309,6 +325,11 @@ impl Engine {
         }
         for t in self.pipeline_tasks.drain(..) {
             let _ = t.await;
+        }
+        // Every attempt has ended and the committer's fan-out is done: the last handles of the
+        // delivery writer are gone, and it finishes what they sent.
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
         }
         for t in self.background.drain(..) {
             t.abort();

@@ -3,6 +3,8 @@
 
 use http::StatusCode;
 
+use crate::delivery::DeliveryError;
+use crate::dispatch::TestSendError;
 use crate::ingest::IngestError;
 use crate::store::StoreError;
 
@@ -110,6 +112,43 @@ impl From<IngestError> for ApiError {
                     "the write-ahead log could not be written; nothing was acknowledged, retry later",
                 )
             }
+        }
+    }
+}
+
+impl From<DeliveryError> for ApiError {
+    fn from(e: DeliveryError) -> Self {
+        match e {
+            DeliveryError::Closed => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the engine is shutting down",
+                )
+            },
+            DeliveryError::Store(msg) => {
+                tracing::error!(error = %msg, "writing a delivery change failed");
+                ApiError::internal("a storage error occurred; see the engine's log")
+            }
+        }
+    }
+}
+
+impl From<TestSendError> for ApiError {
+    fn from(e: TestSendError) -> Self {
+        match e {
+            TestSendError::TooMany(_) => ApiError {
+                // A test send lasts at most `delivery.timeout`; a second is a fair first wait.
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_test_sends",
+                    e.to_string(),
+                )
+            },
+            TestSendError::Gone => ApiError::not_found("webhook_not_found", e.to_string()),
+            TestSendError::Delivery(d) => d.into(),
         }
     }
 }

@@ -1,32 +1,38 @@
-//! Dispatch: turns due attempts into signed HTTPS requests and records what happened.
+//! Dispatch: turns due attempts into signed HTTPS requests.
 //!
 //! Due entries arrive from the scheduler over a bounded channel. The [`Dispatcher`] task (the
-//! single owner of rate-limit state, per-webhook queues and the in-flight set) checks each
-//! against the stored delivery (stale entries are dropped), the webhook's status, and the
-//! account's plan rate (a delivery that may not go yet is parked back in the wheel at its own
-//! slot). It then takes a per-webhook slot (`delivery.max_in_flight_per_webhook`; a webhook
-//! whose slots are all busy queues its deliveries, so one slow endpoint never holds the
-//! engine's slots) and a global slot (`delivery.max_in_flight`, a semaphore), and spawns the
-//! attempt. [`Deliverer::attempt`] signs and sends the request, and writes the attempt, the
-//! delivery's new state and its next schedule entry to the store in one step, then hands any
-//! retry back to the scheduler. Failures count towards the webhook's auto-disable.
+//! single owner of rate-limit state) drops entries that are stale or whose webhook stopped
+//! (see [`delivery::admit`]), applies the account's plan rate (a delivery that may not go yet is
+//! parked back in the wheel at its own slot), and hands the rest to the webhook's slots: a
+//! per-webhook semaphore (`delivery.max_in_flight_per_webhook`) with a queue of waiting jobs,
+//! so one slow endpoint never holds the engine's slots, and a global semaphore
+//! (`delivery.max_in_flight`). Test sends use the same slots (at the front of the queue), and
+//! an account may run only `delivery.max_test_sends_per_account` of them at once.
+//!
+//! A job is checked again when its attempt actually starts — a pause, delete, URL change or
+//! secret rotation made while it waited applies to it. [`Deliverer::send`] signs and sends
+//! the request; the outcome goes to the delivery writer ([`crate::delivery`]), which records
+//! the attempt, the delivery's new state and its next schedule entry. A due entry that comes
+//! in while its delivery is in flight (a manual retry) is parked and re-scheduled when the
+//! attempt ends, so it is never lost.
 
 pub mod client;
 pub mod netguard;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::clock;
 use crate::config::Config;
-use crate::ids::{DeliveryId, WebhookId};
-use crate::model::{AttemptRecord, DeliveryRecord, DeliveryStatus, WebhookStatus};
+use crate::delivery::{self, Admission, Deliveries, DeliveryError, InFlight, Settled};
+use crate::ids::{AccountId, DeliveryId, WebhookId};
+use crate::model::{AttemptRecord, DeliveryRecord};
 use crate::ratelimit::{Admit, RateLimits};
-use crate::registry::{HookEntry, Registry};
+use crate::registry::Registry;
 use crate::scheduler::{Due, SchedulerHandle};
 use crate::signing;
 use crate::store::{Store, StoreError};
@@ -42,19 +48,76 @@ pub struct Deliverer {
     pub scheduler: SchedulerHandle,
     /// `delivery.max_in_flight`: every attempt, from any path, holds one of these.
     pub global: Arc<Semaphore>,
+    /// The delivery writer: every delivery state change goes through it.
+    pub deliveries: Deliveries,
+    /// Per-webhook slots and queues, shared by scheduled deliveries and test sends. A std
+    /// mutex: held only to look up or insert an entry.
+    slots: Mutex<HashMap<WebhookId, Arc<HookSlots>>>,
+    /// Deliveries from dispatch to the end of their attempt, each with the due entry that
+    /// came in meanwhile (a manual retry), re-scheduled when the attempt ends.
+    in_flight: Mutex<HashMap<DeliveryId, Option<Due>>>,
+    /// Test sends running per account.
+    test_sends: Arc<Mutex<HashMap<AccountId, usize>>>,
+}
+
+/// Why a test send did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum TestSendError {
+    #[error("this account already runs {0} test sends at once; try again when one has finished")]
+    TooMany(usize),
+    #[error("the webhook no longer exists")]
+    Gone,
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+}
+
+/// One of an account's concurrent test sends; given back on drop.
+pub struct TestPermit {
+    account: AccountId,
+    counts: Arc<Mutex<HashMap<AccountId, usize>>>,
+}
+
+impl Drop for TestPermit {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.account) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.account);
+            }
+        }
+    }
 }
 
 impl Deliverer {
-    /// Makes attempt number `record.attempt_count + 1` of `record` to `hook` now, records it,
-    /// and schedules the next one if it failed and the schedule allows. Returns the attempt.
-    pub async fn attempt(
-        &self,
-        hook: &HookEntry,
-        record: DeliveryRecord,
-        body: Bytes,
-    ) -> Result<AttemptRecord, StoreError> {
-        let number = record.attempt_count + 1;
-        let is_test = record.is_test;
+    pub fn new(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        config: Arc<Config>,
+        outbound: Outbound,
+        scheduler: SchedulerHandle,
+        deliveries: Deliveries,
+    ) -> Deliverer {
+        Deliverer {
+            global: Arc::new(Semaphore::new(config.delivery.max_in_flight)),
+            store,
+            registry,
+            config,
+            outbound,
+            scheduler,
+            deliveries,
+            slots: Mutex::default(),
+            in_flight: Mutex::default(),
+            test_sends: Arc::default(),
+        }
+    }
+
+    /// Signs and sends the attempt `flight` starts, to the webhook as it was when it started.
+    /// Returns the attempt (not yet recorded) and whether it succeeded.
+    pub async fn send(&self, flight: &InFlight, body: Bytes) -> (AttemptRecord, bool) {
+        let hook = &flight.hook;
+        let record = &flight.record;
+        let number = flight.number();
         let at_ms = clock::now_ms();
         let signed = signing::sign_request(
             &hook.hook,
@@ -97,110 +160,173 @@ impl Deliverer {
             timestamp,
             signature,
         };
-        self.finish(record, &attempt, success)?;
-        if !is_test {
-            self.count_outcome(hook.hook.id, success)?;
-        }
-        Ok(attempt)
+        (attempt, success)
     }
 
-    fn finish(
-        &self,
-        job: DeliveryRecord,
-        attempt: &AttemptRecord,
-        success: bool,
-    ) -> Result<(), StoreError> {
-        // Apply the outcome to the stored record, which a manual retry may have changed while
-        // the attempt was in flight; a deleted delivery is not brought back.
-        let Some(mut record) = self.store.get_delivery(job.id)? else {
-            return Ok(());
-        };
-        let old_due = record.next_attempt_ms;
-        let superseded = old_due != job.next_attempt_ms;
-        let now = clock::now_ms();
-        record.attempt_count = record.attempt_count.max(attempt.number);
-        record.response_code = attempt.response_code;
-        record.response_time_ms = Some(attempt.response_time_ms);
-        record.updated_ms = now;
-        if !superseded || success {
-            record.note = None;
-            if success {
-                record.status = DeliveryStatus::Delivered;
-                record.next_attempt_ms = None;
-            } else if let Some(delay) = (!record.is_test)
-                .then(|| self.config.retry_delay(attempt.number))
-                .flatten()
-            {
-                record.status = DeliveryStatus::Retrying;
-                record.next_attempt_ms = Some(now + delay.as_millis() as u64);
-            } else {
-                record.status = DeliveryStatus::Failed;
-                record.next_attempt_ms = None;
-            }
+    /// Takes one of `account`'s concurrent test sends, or refuses when all are in use.
+    pub fn test_permit(&self, account: &AccountId) -> Result<TestPermit, TestSendError> {
+        let limit = self.config.delivery.max_test_sends_per_account;
+        let mut counts = self.test_sends.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(account.clone()).or_insert(0);
+        if *n >= limit {
+            return Err(TestSendError::TooMany(limit));
         }
-        self.store.record_attempt(&record, old_due, attempt)?;
-        self.registry
-            .backlog()
-            .track(&record.account_id, old_due, record.next_attempt_ms);
-        if record.next_attempt_ms != old_due {
-            if let Some(next) = record.next_attempt_ms {
-                self.scheduler.schedule(record.id, next, next);
-            }
-        }
-        Ok(())
+        *n += 1;
+        Ok(TestPermit {
+            account: account.clone(),
+            counts: self.test_sends.clone(),
+        })
     }
 
-    /// Consecutive failures per webhook, across deliveries; enough of them disable it.
-    fn count_outcome(&self, id: WebhookId, success: bool) -> Result<(), StoreError> {
-        let Some(current) = self.registry.hook(id) else {
-            return Ok(());
-        };
-        if success && current.hook.consecutive_failures == 0 {
-            return Ok(());
-        }
-        let _writes = self.registry.write_lock();
-        let Some(mut hook) = self.store.get_webhook(&current.hook.account_id, id)? else {
-            return Ok(());
-        };
-        if success {
-            hook.consecutive_failures = 0;
-        } else {
-            hook.consecutive_failures = hook.consecutive_failures.saturating_add(1);
-            let limit = self.config.delivery.auto_disable_after;
-            if hook.consecutive_failures >= limit && hook.status == WebhookStatus::Active {
-                hook.status = WebhookStatus::Disabled;
-                hook.disabled_reason = Some(format!(
-                    "disabled automatically after {limit} consecutive failed attempts"
-                ));
-                hook.updated_ms = crate::model::now_ms();
-                metrics::counter!("kyberhook_webhooks_auto_disabled_total").increment(1);
-                tracing::warn!(webhook = %id, "webhook disabled after {limit} consecutive failures");
-            }
-        }
-        self.store.put_webhook(&hook)?;
-        self.registry.upsert_hook(hook);
-        Ok(())
-    }
-
-    /// Ends a delivery whose webhook stopped taking deliveries before its attempt came due.
-    fn end_stopped(
-        &self,
+    /// Makes a test send's one attempt through its webhook's slots (ahead of the deliveries
+    /// waiting there) and returns it with what became of the delivery. `record` is the test
+    /// delivery, not yet stored; `body` its event's body.
+    pub async fn test_send(
+        self: &Arc<Self>,
+        _permit: &TestPermit,
         mut record: DeliveryRecord,
-        status: WebhookStatus,
-    ) -> Result<(), StoreError> {
-        let old_due = record.next_attempt_ms;
-        record.status = DeliveryStatus::Failed;
+        body: Bytes,
+    ) -> Result<(AttemptRecord, Settled), TestSendError> {
         record.next_attempt_ms = None;
-        record.updated_ms = clock::now_ms();
-        record.note = Some(format!(
-            "not attempted: the webhook was {} when the attempt came due; retry it by hand once the webhook is active",
-            status.as_str()
-        ));
-        self.store.update_delivery(&record, old_due)?;
-        self.registry
-            .backlog()
-            .track(&record.account_id, old_due, None);
-        Ok(())
+        let webhook = record.id.webhook;
+        if self.deliveries.create(vec![record.clone()]).await? == 0
+            && self.registry.hook(webhook).is_none()
+        {
+            return Err(TestSendError::Gone);
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Test(TestJob {
+            record,
+            body,
+            reply,
+        });
+        self.start_or_queue(webhook, job, true).await;
+        answer.await.map_err(|_| DeliveryError::Closed)?
+    }
+
+    fn slots_of(&self, webhook: WebhookId) -> Arc<HookSlots> {
+        let per_hook = self.config.delivery.max_in_flight_per_webhook;
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(webhook)
+            .or_insert_with(|| {
+                Arc::new(HookSlots {
+                    permits: Arc::new(Semaphore::new(per_hook)),
+                    waiting: Mutex::new(VecDeque::new()),
+                })
+            })
+            .clone()
+    }
+
+    /// Starts `job` on a free slot of its webhook, or queues it behind the busy ones (at the
+    /// front for test sends, which someone is waiting for).
+    async fn start_or_queue(
+        self: &Arc<Self>,
+        webhook: WebhookId,
+        job: Job,
+        front: bool,
+    ) -> Dispatched {
+        let slots = self.slots_of(webhook);
+        let hook_permit = {
+            let mut waiting = slots.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            match slots.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    if front {
+                        waiting.push_front(job);
+                    } else {
+                        waiting.push_back(job);
+                    }
+                    return Dispatched::Queued;
+                }
+            }
+        };
+        let global = self
+            .global
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the global semaphore is never closed");
+        tokio::spawn(run_jobs(self.clone(), job, slots, hook_permit, global));
+        Dispatched::Done
+    }
+
+    /// Marks a delivery in flight; if it already is, parks `due` until its attempt ends.
+    fn claim(&self, due: Due) -> bool {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        match in_flight.get_mut(&due.id) {
+            Some(parked) => {
+                *parked = Some(due);
+                false
+            }
+            None => {
+                in_flight.insert(due.id, None);
+                true
+            }
+        }
+    }
+
+    /// The delivery's attempt ended: a due entry parked meanwhile is scheduled again.
+    fn release(&self, id: DeliveryId) {
+        let parked = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+            .flatten();
+        if let Some(due) = parked {
+            self.scheduler.schedule(due.id, due.token, clock::now_ms());
+        }
+    }
+
+    /// Runs a scheduled delivery's attempt, if it may still start.
+    async fn run_due(&self, due: Due) {
+        let admission = match delivery::admit(&self.store, &self.registry, due.id, due.token) {
+            Ok(a) => a,
+            Err(err) => {
+                tracing::error!(delivery = %due.id, error = %err, "reading a delivery failed; it is retried from the store at the next start");
+                return;
+            }
+        };
+        let flight = match admission {
+            Admission::Stale => return,
+            Admission::Stopped(stopped) => {
+                if let Err(err) = self.deliveries.stop(stopped).await {
+                    tracing::error!(delivery = %due.id, error = %err, "ending a stopped webhook's delivery failed");
+                }
+                return;
+            }
+            Admission::Start(flight) => flight,
+        };
+        let body = match self.store.get_event(due.id.seq) {
+            Ok(Some(event)) => event.body,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::error!(delivery = %due.id, error = %err, "reading an event failed");
+                return;
+            }
+        };
+        let (attempt, success) = self.send(&flight, Bytes::from(body)).await;
+        if let Err(err) = self.deliveries.outcome(&flight, attempt, success).await {
+            tracing::error!(delivery = %due.id, error = %err, "recording an attempt failed");
+        }
+    }
+
+    async fn run_test(&self, job: TestJob) {
+        let Some(hook) = self.registry.hook(job.record.id.webhook) else {
+            let _ = job.reply.send(Err(TestSendError::Gone));
+            return;
+        };
+        let flight = InFlight::test(job.record, hook);
+        let (attempt, success) = self.send(&flight, job.body).await;
+        let result = self
+            .deliveries
+            .outcome(&flight, attempt.clone(), success)
+            .await
+            .map(|settled| (attempt, settled))
+            .map_err(TestSendError::from);
+        let _ = job.reply.send(result);
     }
 }
 
@@ -211,12 +337,21 @@ enum Dispatched {
     Queued,
 }
 
-struct Job {
+/// A test send waiting for its webhook's slot; someone waits for its answer.
+struct TestJob {
     record: DeliveryRecord,
-    hook: Arc<HookEntry>,
+    body: Bytes,
+    reply: oneshot::Sender<Result<(AttemptRecord, Settled), TestSendError>>,
 }
 
-/// A webhook's slots: its semaphore and the deliveries waiting for one of them.
+/// Work for one of a webhook's slots.
+enum Job {
+    /// A scheduled attempt; checked again when it starts.
+    Due(Due),
+    Test(TestJob),
+}
+
+/// A webhook's slots: its semaphore and the jobs waiting for one of them.
 struct HookSlots {
     permits: Arc<Semaphore>,
     waiting: Mutex<VecDeque<Job>>,
@@ -225,8 +360,6 @@ struct HookSlots {
 pub struct Dispatcher {
     deliverer: Arc<Deliverer>,
     limits: RateLimits,
-    slots: HashMap<WebhookId, Arc<HookSlots>>,
-    in_flight: Arc<Mutex<HashSet<DeliveryId>>>,
 }
 
 impl Dispatcher {
@@ -234,8 +367,6 @@ impl Dispatcher {
         Dispatcher {
             deliverer,
             limits: RateLimits::new(),
-            slots: HashMap::new(),
-            in_flight: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -265,20 +396,22 @@ impl Dispatcher {
 
     async fn dispatch(&mut self, due: Due) -> Result<Dispatched, StoreError> {
         let d = &self.deliverer;
-        let Some(record) = d.store.get_delivery(due.id)? else {
-            return Ok(Dispatched::Done);
+        // Checked here so that entries which cannot run take no rate slot, and again when the
+        // attempt starts (the job may wait behind its webhook's busy slots).
+        let record = match delivery::admit(&d.store, &d.registry, due.id, due.token)? {
+            Admission::Stale => return Ok(Dispatched::Done),
+            Admission::Stopped(stopped) => {
+                let d = d.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = d.deliveries.stop(stopped).await {
+                        tracing::error!(error = %err, "ending a stopped webhook's delivery failed");
+                    }
+                });
+                return Ok(Dispatched::Done);
+            }
+            Admission::Start(flight) => flight.record,
         };
-        if record.next_attempt_ms != Some(due.token) || !record.status.is_open() {
-            return Ok(Dispatched::Done);
-        }
-        if self.in_flight_contains(due.id) {
-            return Ok(Dispatched::Done);
-        }
-        let Some(hook) = d.registry.hook(due.id.webhook) else {
-            return Ok(Dispatched::Done);
-        };
-        if hook.hook.status != WebhookStatus::Active {
-            d.end_stopped(record, hook.hook.status)?;
+        if !d.claim(due) {
             return Ok(Dispatched::Done);
         }
         let per_second = d
@@ -288,103 +421,41 @@ impl Dispatcher {
             .unwrap_or(0);
         if let Admit::At(when) = self.limits.admit(&record.account_id, per_second) {
             metrics::counter!("kyberhook_rate_limit_deferrals_total").increment(1);
+            d.release(due.id);
             d.scheduler.schedule(due.id, due.token, when);
             return Ok(Dispatched::Done);
         }
-        let per_hook = d.config.delivery.max_in_flight_per_webhook;
-        let slots = self
-            .slots
-            .entry(due.id.webhook)
-            .or_insert_with(|| {
-                Arc::new(HookSlots {
-                    permits: Arc::new(Semaphore::new(per_hook)),
-                    waiting: Mutex::new(VecDeque::new()),
-                })
-            })
-            .clone();
-        self.in_flight_insert(due.id);
-        let job = Job { record, hook };
-        let hook_permit = {
-            let mut waiting = slots.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            match slots.permits.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    waiting.push_back(job);
-                    return Ok(Dispatched::Queued);
-                }
-            }
-        };
-        let global = d
-            .global
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the global semaphore is never closed");
-        tokio::spawn(run_attempts(
-            self.deliverer.clone(),
-            job,
-            slots,
-            hook_permit,
-            global,
-            self.in_flight.clone(),
-        ));
-        Ok(Dispatched::Done)
-    }
-
-    fn in_flight_contains(&self, id: DeliveryId) -> bool {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&id)
-    }
-
-    fn in_flight_insert(&self, id: DeliveryId) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
+        Ok(d.start_or_queue(due.id.webhook, Job::Due(due), false).await)
     }
 }
 
 /// Runs a job, then whatever queued for the same webhook meanwhile, keeping both slots.
-async fn run_attempts(
+async fn run_jobs(
     deliverer: Arc<Deliverer>,
     mut job: Job,
     slots: Arc<HookSlots>,
     hook_permit: OwnedSemaphorePermit,
     _global: OwnedSemaphorePermit,
-    in_flight: Arc<Mutex<HashSet<DeliveryId>>>,
 ) {
     loop {
-        let id = job.record.id;
-        let result = match deliverer.store.get_event(id.seq) {
-            Ok(Some(event)) => {
-                // Secrets may have rotated and URLs changed since the job was queued.
-                let hook = deliverer.registry.hook(id.webhook).unwrap_or(job.hook);
-                deliverer
-                    .attempt(&hook, job.record, Bytes::from(event.body))
-                    .await
-                    .map(|_| ())
+        match job {
+            Job::Due(due) => {
+                deliverer.run_due(due).await;
+                deliverer.release(due.id);
             }
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(err) = result {
-            tracing::error!(delivery = %id, error = %err, "recording an attempt failed");
+            Job::Test(test) => deliverer.run_test(test).await,
         }
-        in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
         let mut waiting = slots.waiting.lock().unwrap_or_else(|p| p.into_inner());
         match waiting.pop_front() {
             Some(next) => {
-                deliverer.scheduler.taken();
+                if matches!(next, Job::Due(_)) {
+                    deliverer.scheduler.taken();
+                }
                 job = next;
             }
             None => {
-                // Released under the queue lock, so the dispatcher never queues a job behind
-                // a slot that is being given back.
+                // Released under the queue lock, so no job is queued behind a slot that is
+                // being given back.
                 drop(hook_permit);
                 return;
             }

@@ -2,7 +2,8 @@
 //!
 //! Committed events that some webhook subscribes to enter from the group committer
 //! ([`super::commit`]) over a bounded channel; for each matching webhook in the registry a
-//! delivery record is written and its first attempt handed to the scheduler. The sequence
+//! delivery record is written and its first attempt handed to the scheduler. The records are
+//! written by the delivery writer ([`crate::delivery`]). The sequence
 //! numbers of events whose deliveries are written leave through `fanned`, for the committer to
 //! clear their inbox marks after its next flush. Start-up recovery runs the same [`Fanout`].
 
@@ -12,11 +13,10 @@ use crossbeam::channel::Receiver;
 
 use super::MAX_BATCH;
 use crate::clock;
+use crate::delivery::{Deliveries, DeliveryError};
 use crate::ids::DeliveryId;
 use crate::model::{DeliveryRecord, EventRecord};
 use crate::registry::Registry;
-use crate::scheduler::SchedulerHandle;
-use crate::store::{Store, StoreError};
 
 /// Deliveries fan-out builds and writes at a time: bounds its memory and the size of one store
 /// batch when an event goes to thousands of webhooks.
@@ -58,16 +58,20 @@ pub(super) enum Recovery {
 
 /// Creates the deliveries of acknowledged events and schedules their first attempts.
 pub(super) struct Fanout {
-    pub(super) store: Arc<Store>,
     pub(super) registry: Arc<Registry>,
-    pub(super) scheduler: SchedulerHandle,
+    /// The delivery writer, which writes the records with their schedule entries.
+    pub(super) deliveries: Deliveries,
 }
 
 impl Fanout {
     /// Writes the deliveries of `events` in chunks of [`FANOUT_CHUNK`], so memory stays
     /// bounded however many webhooks an event goes to. Delivery ids are derived from (event,
     /// webhook), so a fan-out cut short by an error is completed by re-running it.
-    pub(super) fn run(&self, events: &[EventRecord], recovery: Recovery) -> Result<(), StoreError> {
+    pub(super) fn run(
+        &self,
+        events: &[EventRecord],
+        recovery: Recovery,
+    ) -> Result<(), DeliveryError> {
         let now = clock::now_ms();
         let mut records = Vec::new();
         for e in events {
@@ -85,29 +89,14 @@ impl Fanout {
         self.write(records, recovery)
     }
 
-    /// Writes one chunk of deliveries and schedules their first attempts.
-    fn write(&self, records: Vec<DeliveryRecord>, recovery: Recovery) -> Result<(), StoreError> {
+    /// Writes one chunk of deliveries (through the delivery writer, which also schedules
+    /// their first attempts and counts them in the account's backlog).
+    fn write(&self, records: Vec<DeliveryRecord>, recovery: Recovery) -> Result<(), DeliveryError> {
         if records.is_empty() {
             return Ok(());
         }
-        let owed = match recovery {
-            Recovery::Yes => self.store.create_deliveries(records)?,
-            Recovery::No => self.store.create_fresh_deliveries(records)?,
-        };
-        // Fresh deliveries start waiting now; those recovery finds are counted by the
-        // backlog's start-up recount of the schedule, which runs after it.
-        if recovery == Recovery::No {
-            for run in owed.chunk_by(|a, b| a.account_id == b.account_id) {
-                self.registry
-                    .backlog()
-                    .add(&run[0].account_id, run.len() as u64);
-            }
-        }
-        for r in owed {
-            if let Some(due) = r.next_attempt_ms {
-                self.scheduler.schedule_blocking(r.id, due, due);
-            }
-        }
+        self.deliveries
+            .create_blocking(records, recovery == Recovery::Yes)?;
         Ok(())
     }
 }

@@ -35,11 +35,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
+use crate::delivery::{Deliveries, DeliveryError};
 use crate::ids::{AccountId, EventId, Sequencer};
 use crate::model::{rfc3339, EventRecord};
 use crate::registry::Registry;
-use crate::scheduler::SchedulerHandle;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 use body::BODY_ID_AT;
 use commit::{commit_loop, take_fanned};
@@ -188,15 +188,14 @@ impl Ingest {
     pub fn start(
         store: Arc<Store>,
         registry: Arc<Registry>,
-        scheduler: SchedulerHandle,
+        deliveries: Deliveries,
         seq: Arc<Sequencer>,
         queue: usize,
         runtime: tokio::runtime::Handle,
-    ) -> Result<(Ingest, Committer), StoreError> {
+    ) -> Result<(Ingest, Committer), DeliveryError> {
         let fanout = Fanout {
-            store: store.clone(),
             registry: registry.clone(),
-            scheduler,
+            deliveries,
         };
         let owed = store.inbox()?;
         if !owed.is_empty() {

@@ -1119,6 +1119,80 @@ fn make_private(path: &Path) -> Result<()> {
     Ok(())
 }
 
+// ---- the delivery writer's batches (used only by `crate::delivery`) ----
+
+/// Everything one drain of the delivery writer changes, applied by
+/// [`Store::apply_delivery_writes`] one sled batch per tree, in the order that keeps the
+/// recovery invariant ("every owed attempt is in `schedule`") true at every crash point.
+#[derive(Debug, Default)]
+pub struct DeliveryWrites {
+    /// Schedule entries that must exist (written first).
+    pub schedule_insert: Vec<(u64, DeliveryId)>,
+    /// Attempts to store.
+    pub attempts: Vec<(DeliveryId, AttemptRecord)>,
+    /// Delivery records to store (new or changed).
+    pub deliveries: Vec<DeliveryRecord>,
+    /// New deliveries whose log index entries (`by_webhook`, `by_account`) are written.
+    pub indexed: Vec<(AccountId, DeliveryId)>,
+    /// Schedule entries no record points to any more (removed last).
+    pub schedule_remove: Vec<(u64, DeliveryId)>,
+}
+
+impl DeliveryWrites {
+    pub fn is_empty(&self) -> bool {
+        self.schedule_insert.is_empty()
+            && self.attempts.is_empty()
+            && self.deliveries.is_empty()
+            && self.indexed.is_empty()
+            && self.schedule_remove.is_empty()
+    }
+}
+
+impl Store {
+    /// Applies one drain of the delivery writer. New schedule entries go first and superseded
+    /// ones last, so that after a crash at any point every record's `next_attempt_ms` has its
+    /// entry (an entry without a matching record is dropped when it fires); records go before
+    /// their index entries, which a re-run fan-out writes again.
+    pub fn apply_delivery_writes(&self, w: &DeliveryWrites) -> Result<()> {
+        let mut sc = Batch::default();
+        for (due, id) in &w.schedule_insert {
+            sc.insert(&keys::schedule(*due, *id), &[]);
+        }
+        self.schedule.apply_batch(sc)?;
+        let mut at = Batch::default();
+        for (id, a) in &w.attempts {
+            at.insert(&keys::attempt(*id, a.number), codec::encode(a));
+            // Only the first and the latest attempts are kept (see `record_attempt`).
+            if let Some(dropped) = crate::history::dropped_by(a.number) {
+                let range = keys::attempt(*id, dropped.start)..keys::attempt(*id, dropped.end);
+                for k in self.attempts.range(range).keys() {
+                    at.remove(k?);
+                }
+            }
+        }
+        self.attempts.apply_batch(at)?;
+        let mut dl = Batch::default();
+        for r in &w.deliveries {
+            dl.insert(&keys::delivery(r.id), codec::encode(r));
+        }
+        self.deliveries.apply_batch(dl)?;
+        let mut bw = Batch::default();
+        let mut ba = Batch::default();
+        for (account, id) in &w.indexed {
+            bw.insert(&keys::by_webhook(id.webhook, *id), &[]);
+            ba.insert(keys::by_account(account, *id), &[]);
+        }
+        self.by_webhook.apply_batch(bw)?;
+        self.by_account.apply_batch(ba)?;
+        let mut sc = Batch::default();
+        for (due, id) in &w.schedule_remove {
+            sc.remove(&keys::schedule(*due, *id));
+        }
+        self.schedule.apply_batch(sc)?;
+        Ok(())
+    }
+}
+
 fn decode_opt<T: serde::de::DeserializeOwned>(value: Option<IVec>) -> Result<Option<T>> {
     value
         .map(|v| codec::decode(&v))

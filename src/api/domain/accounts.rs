@@ -153,8 +153,7 @@ pub async fn delete_account(state: &AppState, id: &AccountId) -> Result<(), ApiE
     let account = state.store.get_account(id)?.ok_or_else(|| not_found(id))?;
     // Stop new work for the account first, then remove its history off the async workers.
     state.registry.remove_account(id);
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || store.delete_account(&account)).await??;
+    state.deliverer.deliveries.forget_account(account).await?;
     state.ingest.sync().await?;
     Ok(())
 }

@@ -7,7 +7,6 @@
 use http::StatusCode;
 
 use crate::api::{paging, ApiError, AppState};
-use crate::clock;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{parse_rfc3339, AttemptRecord, DeliveryRecord, DeliveryStatus, WebhookStatus};
 use crate::store::{DeliveryPage, DeliveryQuery};
@@ -162,7 +161,7 @@ pub async fn retry_delivery(
     account: &AccountId,
     id: DeliveryId,
 ) -> Result<DeliveryRecord, ApiError> {
-    let mut record = get_record(state, account, id)?;
+    let record = get_record(state, account, id)?;
     let hook = state.registry.hook(record.id.webhook).ok_or_else(|| {
         ApiError::not_found(
             "webhook_not_found",
@@ -183,22 +182,19 @@ pub async fn retry_delivery(
         .manual_retries
         .check(account, record.id)
         .map_err(|l| ApiError::too_many("retry_rate_limited", l.to_string(), l.retry_after_secs))?;
-    let now = clock::now_ms();
-    let old_due = record.next_attempt_ms;
-    // A token no earlier entry can hold, so exactly this retry fires.
-    let token = now.max(old_due.map_or(0, |d| d + 1));
-    record.next_attempt_ms = Some(token);
-    if record.status != DeliveryStatus::Pending {
-        record.status = DeliveryStatus::Retrying;
-    }
-    record.note = None;
-    record.updated_ms = now;
-    state.store.update_delivery(&record, old_due)?;
-    state
-        .registry
-        .backlog()
-        .track(&record.account_id, old_due, record.next_attempt_ms);
+    // The delivery writer applies it, so an attempt's outcome cannot overwrite it; during an
+    // attempt it runs once the attempt has ended.
+    let record = state
+        .deliverer
+        .deliveries
+        .retry(record.id, account.clone())
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "delivery_not_found",
+                format!("no delivery {:?}", id.to_string()),
+            )
+        })?;
     state.ingest.sync().await?;
-    state.scheduler.schedule(record.id, token, now);
     Ok(record)
 }

@@ -12,6 +12,7 @@ use super::check_name;
 use crate::api::{ApiError, AppState, Paging};
 use crate::clock;
 use crate::config::parse_cidr;
+use crate::delivery::Settled;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{
     now_ms, rfc3339, AttemptRecord, DeliveryRecord, SignatureScheme, Subscription, Webhook,
@@ -423,9 +424,7 @@ pub async fn delete_webhook(
         let _writes = state.registry.write_lock();
         state.registry.remove_hook(account, hook.id);
     }
-    let store = state.store.clone();
-    let waiting = tokio::task::spawn_blocking(move || store.delete_webhook(&hook)).await??;
-    state.registry.backlog().remove(account, waiting);
+    state.deliverer.deliveries.forget_webhook(hook).await?;
     state.ingest.sync().await?;
     Ok(())
 }
@@ -444,11 +443,13 @@ pub async fn test_webhook(
             format!("event type {event:?} is not in the catalog (GET /v1/event-types)"),
         ));
     }
-    let hook = state
+    state
         .registry
         .hook(id)
         .filter(|h| h.hook.account_id == *account)
         .ok_or_else(|| not_found(&id.to_string()))?;
+    // Refused before anything is stored: one account's test sends cannot fill the engine.
+    let permit = state.deliverer.test_permit(account)?;
     // Stored through the group committer like any event (it gives the sequence number the
     // delivery id is made of), but never fanned out.
     let stored = state
@@ -465,24 +466,16 @@ pub async fn test_webhook(
         seq: stored.seq,
         webhook: id,
     };
-    let mut record = DeliveryRecord::new(delivery_id, &stored, clock::now_ms(), true);
-    record.next_attempt_ms = None;
-    state.store.create_deliveries(vec![record.clone()])?;
-    let _slot = state
+    let record = DeliveryRecord::new(delivery_id, &stored, clock::now_ms(), true);
+    // Through the webhook's slots, like its deliveries (ahead of those waiting).
+    let (attempt, settled) = state
         .deliverer
-        .global
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::internal("the engine is shutting down"))?;
-    let attempt = state
-        .deliverer
-        .attempt(&hook, record, bytes::Bytes::from(stored.body))
+        .test_send(&permit, record, bytes::Bytes::from(stored.body))
         .await?;
-    let status = state
-        .store
-        .get_delivery(delivery_id)?
-        .map_or("failed", |d| d.status.as_str());
+    let status = match settled {
+        Settled::Delivered => "delivered",
+        _ => "failed",
+    };
     Ok(TestOutcome {
         delivery_id,
         status,

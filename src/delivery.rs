@@ -1,0 +1,857 @@
+//! Delivery: every state transition of a delivery, and the one thread that writes them.
+//!
+//! A delivery moves through typed stages. It is created (fan-out, a test send) with a schedule
+//! entry whose *token* is its `next_attempt_ms`; when the entry comes due, [`admit`] checks it
+//! against the stored record and the webhook's current state *at the moment the attempt would
+//! start* and answers [`Admission::Start`] with an [`InFlight`], [`Admission::Stopped`] (the
+//! webhook was paused or disabled) or [`Admission::Stale`] (superseded, deleted). The outcome of
+//! the attempt is [`settle`]d into a [`Settled`] stage — delivered, retrying at a time, failed,
+//! or waiting for a manual retry that came in meanwhile. The token rules — which time an entry
+//! carries, when an entry is superseded — are all in this file ([`retry_token`], [`settle`]).
+//!
+//! Reads happen anywhere; **writes happen on one thread**, the delivery writer. Every change —
+//! create, outcome, manual retry, stop, forgetting a webhook's or account's deliveries — is a
+//! [`Command`] sent over a bounded crossbeam channel. The writer blocks for one command, drains
+//! what else is queued, applies them in order against an in-memory overlay (so a retry and an
+//! outcome of one delivery in the same drain see each other), writes the whole drain with one
+//! sled batch per tree ([`Store::apply_delivery_writes`], crash-safe order), and only then
+//! answers each caller over its oneshot channel and hands new schedule entries to the
+//! scheduler. Because one thread applies every read-modify-write of a delivery record, a manual
+//! retry and an attempt's outcome never overwrite each other, and nothing on the async runtime
+//! waits for a delivery write. Webhook failure counts (auto-disable) are updated here too,
+//! after the drain's write.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use crate::clock;
+use crate::config::Config;
+use crate::ids::{AccountId, DeliveryId, WebhookId};
+use crate::model::{
+    Account, AttemptRecord, DeliveryRecord, DeliveryStatus, Webhook, WebhookStatus,
+};
+use crate::registry::{HookEntry, Registry};
+use crate::scheduler::SchedulerHandle;
+use crate::store::{DeliveryWrites, Store, StoreError};
+
+/// Commands waiting for the writer; a full queue makes async callers wait off the runtime.
+const QUEUE: usize = 8192;
+/// Most commands one drain applies (bounds the latency one drain adds).
+const MAX_DRAIN: usize = 4096;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("{0}")]
+    Store(String),
+    #[error("the delivery writer has stopped")]
+    Closed,
+}
+
+impl From<StoreError> for DeliveryError {
+    fn from(e: StoreError) -> Self {
+        DeliveryError::Store(e.to_string())
+    }
+}
+
+// ---- stages ----
+
+/// What a due schedule entry turned out to be when its attempt was about to start.
+pub enum Admission {
+    /// The record still carries the entry's token and the webhook is active: attempt it.
+    Start(InFlight),
+    /// The webhook stopped taking deliveries (paused, disabled): end the delivery.
+    Stopped(Stopped),
+    /// Superseded (attempted, retried by hand, ended) or deleted: nothing to do.
+    Stale,
+}
+
+/// A delivery whose attempt is starting: the record as stored and the webhook as current at
+/// that moment — a URL change or secret rotation made before it applies, none made after.
+pub struct InFlight {
+    pub record: DeliveryRecord,
+    pub hook: Arc<HookEntry>,
+    /// The schedule entry's token (`None` for a test send, which has no entry).
+    token: Option<u64>,
+}
+
+impl InFlight {
+    /// The attempt a test send makes: it has no schedule entry.
+    pub fn test(record: DeliveryRecord, hook: Arc<HookEntry>) -> InFlight {
+        InFlight {
+            record,
+            hook,
+            token: None,
+        }
+    }
+
+    /// The number of the attempt being made.
+    pub fn number(&self) -> u32 {
+        self.record.attempt_count + 1
+    }
+}
+
+/// A due delivery whose webhook is no longer active.
+pub struct Stopped {
+    id: DeliveryId,
+    token: u64,
+    status: WebhookStatus,
+}
+
+/// What an attempt's outcome made of the delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Delivered,
+    /// Another attempt is scheduled at this unix ms.
+    Retrying {
+        next_ms: u64,
+    },
+    /// No further attempt (schedule exhausted, or a test send).
+    Failed,
+    /// A manual retry was asked for while the attempt ran: it runs next, at this token.
+    RetryQueued {
+        next_ms: u64,
+    },
+    /// The delivery or its webhook was deleted while the attempt ran: nothing was written.
+    Gone,
+}
+
+/// Checks a due entry against the stored record and the registry. Called when the attempt is
+/// about to start (not when the entry was queued), so that a pause, delete, URL change or
+/// rotation made while it waited applies to it.
+pub fn admit(
+    store: &Store,
+    registry: &Registry,
+    id: DeliveryId,
+    token: u64,
+) -> Result<Admission, StoreError> {
+    let Some(record) = store.get_delivery(id)? else {
+        return Ok(Admission::Stale);
+    };
+    if record.next_attempt_ms != Some(token) || !record.status.is_open() {
+        return Ok(Admission::Stale);
+    }
+    let Some(hook) = registry.hook(id.webhook) else {
+        return Ok(Admission::Stale);
+    };
+    if hook.hook.status != WebhookStatus::Active {
+        return Ok(Admission::Stopped(Stopped {
+            id,
+            token,
+            status: hook.hook.status,
+        }));
+    }
+    Ok(Admission::Start(InFlight {
+        record,
+        hook,
+        token: Some(token),
+    }))
+}
+
+/// A manual retry's token: due now, and later than any token the delivery had, so that no
+/// earlier entry can pass for it.
+pub fn retry_token(now: u64, old: Option<u64>) -> u64 {
+    now.max(old.map_or(0, |d| d + 1))
+}
+
+/// Applies an attempt's outcome to `record` (as currently stored) and decides the next step:
+/// this is where the time of the next attempt is decided.
+///
+/// `token` is what the record carried when the attempt started; if it changed meanwhile, a
+/// manual retry came in, and it stands: the retry's attempt runs next whatever this one did.
+pub fn settle(
+    record: &mut DeliveryRecord,
+    token: Option<u64>,
+    attempt: &AttemptRecord,
+    success: bool,
+    config: &Config,
+    now: u64,
+) -> Settled {
+    record.attempt_count = record.attempt_count.max(attempt.number);
+    record.response_code = attempt.response_code;
+    record.response_time_ms = Some(attempt.response_time_ms);
+    record.updated_ms = now;
+    if record.next_attempt_ms != token {
+        if let (true, Some(next_ms)) = (record.status.is_open(), record.next_attempt_ms) {
+            return Settled::RetryQueued { next_ms };
+        }
+    }
+    record.note = None;
+    if success {
+        record.status = DeliveryStatus::Delivered;
+        record.next_attempt_ms = None;
+        return Settled::Delivered;
+    }
+    match (!record.is_test)
+        .then(|| config.retry_delay(attempt.number))
+        .flatten()
+    {
+        Some(delay) => {
+            let next_ms = now + delay.as_millis() as u64;
+            record.status = DeliveryStatus::Retrying;
+            record.next_attempt_ms = Some(next_ms);
+            Settled::Retrying { next_ms }
+        }
+        None => {
+            record.status = DeliveryStatus::Failed;
+            record.next_attempt_ms = None;
+            Settled::Failed
+        }
+    }
+}
+
+// ---- the writer ----
+
+/// Where a command's answer goes: an async caller's oneshot, or a plain thread's channel.
+enum Reply<T> {
+    Async(oneshot::Sender<Result<T, DeliveryError>>),
+    Blocking(Sender<Result<T, DeliveryError>>),
+}
+
+impl<T> Reply<T> {
+    fn send(self, value: Result<T, DeliveryError>) {
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(value);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(value);
+            }
+        }
+    }
+}
+
+/// Deleting a webhook's or an account's deliveries (with the rest of their records).
+enum Forget {
+    Webhook(Webhook),
+    Account(Account),
+}
+
+/// One transition for the writer to apply.
+enum Command {
+    /// New deliveries (fan-out, test sends). With `recovery`, deliveries that exist already
+    /// are kept and their index and schedule entries written again.
+    Create {
+        records: Vec<DeliveryRecord>,
+        recovery: bool,
+        reply: Reply<usize>,
+    },
+    Outcome {
+        id: DeliveryId,
+        token: Option<u64>,
+        is_test: bool,
+        attempt: AttemptRecord,
+        success: bool,
+        reply: Reply<Settled>,
+    },
+    Retry {
+        id: DeliveryId,
+        account: AccountId,
+        reply: Reply<Option<DeliveryRecord>>,
+    },
+    Stop {
+        stopped: Stopped,
+        reply: Reply<()>,
+    },
+    Forget {
+        what: Forget,
+        reply: Reply<()>,
+    },
+}
+
+/// The handle every stage uses to change deliveries. Cheap to clone.
+#[derive(Clone)]
+pub struct Deliveries {
+    tx: Sender<Command>,
+}
+
+/// The writer thread; ends once every [`Deliveries`] handle is gone.
+pub struct Writer {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Waits until the writer has applied everything sent before the last handle was dropped.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Deliveries {
+    /// Starts the writer thread.
+    pub fn start(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        config: Arc<Config>,
+        scheduler: SchedulerHandle,
+    ) -> (Deliveries, Writer) {
+        let (tx, rx) = channel::bounded(QUEUE);
+        let ctx = WriterContext {
+            store,
+            registry,
+            config,
+            scheduler,
+        };
+        let thread = std::thread::Builder::new()
+            .name("kyberhook-delivery-writer".into())
+            .spawn(move || ctx.run(rx))
+            .expect("spawning the delivery writer thread");
+        (
+            Deliveries { tx },
+            Writer {
+                thread: Some(thread),
+            },
+        )
+    }
+
+    /// Creates deliveries from a plain thread (fan-out) and waits until they are written and
+    /// their first attempts scheduled. Returns how many are owed an attempt.
+    pub fn create_blocking(
+        &self,
+        records: Vec<DeliveryRecord>,
+        recovery: bool,
+    ) -> Result<usize, DeliveryError> {
+        let (tx, rx) = channel::bounded(1);
+        self.tx
+            .send(Command::Create {
+                records,
+                recovery,
+                reply: Reply::Blocking(tx),
+            })
+            .map_err(|_| DeliveryError::Closed)?;
+        rx.recv().map_err(|_| DeliveryError::Closed)?
+    }
+
+    /// Creates deliveries (a test send's) and waits until they are written.
+    pub async fn create(&self, records: Vec<DeliveryRecord>) -> Result<usize, DeliveryError> {
+        self.call(|reply| Command::Create {
+            records,
+            recovery: false,
+            reply,
+        })
+        .await
+    }
+
+    /// Records an attempt and applies its outcome; answers what became of the delivery.
+    pub async fn outcome(
+        &self,
+        flight: &InFlight,
+        attempt: AttemptRecord,
+        success: bool,
+    ) -> Result<Settled, DeliveryError> {
+        let (id, token, is_test) = (flight.record.id, flight.token, flight.record.is_test);
+        self.call(|reply| Command::Outcome {
+            id,
+            token,
+            is_test,
+            attempt,
+            success,
+            reply,
+        })
+        .await
+    }
+
+    /// Schedules a manual retry of one of `account`'s deliveries, due now. `None`: no such
+    /// delivery (any more).
+    pub async fn retry(
+        &self,
+        id: DeliveryId,
+        account: AccountId,
+    ) -> Result<Option<DeliveryRecord>, DeliveryError> {
+        self.call(|reply| Command::Retry { id, account, reply })
+            .await
+    }
+
+    /// Ends a delivery whose webhook stopped taking deliveries before its attempt started.
+    pub async fn stop(&self, stopped: Stopped) -> Result<(), DeliveryError> {
+        self.call(|reply| Command::Stop { stopped, reply }).await
+    }
+
+    /// Deletes a webhook with its deliveries. Remove it from the registry first: the writer
+    /// then writes nothing more for it (an outcome arriving later finds it gone).
+    pub async fn forget_webhook(&self, hook: Webhook) -> Result<(), DeliveryError> {
+        self.call(|reply| Command::Forget {
+            what: Forget::Webhook(hook),
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes an account with its webhooks, deliveries and events (registry first, as above).
+    pub async fn forget_account(&self, account: Account) -> Result<(), DeliveryError> {
+        self.call(|reply| Command::Forget {
+            what: Forget::Account(account),
+            reply,
+        })
+        .await
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, DeliveryError> {
+        let (tx, rx) = oneshot::channel();
+        match self.tx.try_send(make(Reply::Async(tx))) {
+            Ok(()) => {}
+            Err(TrySendError::Disconnected(_)) => return Err(DeliveryError::Closed),
+            // A full queue must not block an async worker: wait for room on a blocking thread.
+            Err(TrySendError::Full(cmd)) => {
+                let send = self.tx.clone();
+                tokio::task::spawn_blocking(move || send.send(cmd).is_ok())
+                    .await
+                    .map_err(|_| DeliveryError::Closed)?
+                    .then_some(())
+                    .ok_or(DeliveryError::Closed)?;
+            }
+        }
+        rx.await.map_err(|_| DeliveryError::Closed)?
+    }
+}
+
+struct WriterContext {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    config: Arc<Config>,
+    scheduler: SchedulerHandle,
+}
+
+/// An answer to send once the drain's writes are on the store (or failed).
+type Answer = Box<dyn FnOnce(Option<&DeliveryError>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, value: T) -> Answer {
+    Box::new(move |failed| {
+        reply.send(match failed {
+            Some(err) => Err(err.clone()),
+            None => Ok(value),
+        })
+    })
+}
+
+/// The changes of one drain, applied against an overlay of the records it touched.
+#[derive(Default)]
+struct Drain {
+    /// Records changed in this drain (reads see them before the store).
+    records: HashMap<DeliveryId, DeliveryRecord>,
+    /// Whether each schedule entry touched should exist at the end of the drain.
+    schedule: HashMap<(u64, DeliveryId), bool>,
+    attempts: Vec<(DeliveryId, AttemptRecord)>,
+    indexed: Vec<(AccountId, DeliveryId)>,
+    /// Wheel entries to hand to the scheduler once written: (id, token, when).
+    wheel: Vec<(DeliveryId, u64, u64)>,
+    /// Webhook outcomes for the failure count, in order.
+    outcomes: Vec<(WebhookId, bool)>,
+    /// Changes of whether a delivery waits for an attempt, for the account's backlog count:
+    /// (account, old due, new due).
+    backlog: Vec<(AccountId, Option<u64>, Option<u64>)>,
+    answers: Vec<Answer>,
+}
+
+impl Drain {
+    fn is_empty(&self) -> bool {
+        self.answers.is_empty() && self.records.is_empty()
+    }
+
+    fn get(&self, store: &Store, id: DeliveryId) -> Result<Option<DeliveryRecord>, StoreError> {
+        match self.records.get(&id) {
+            Some(r) => Ok(Some(r.clone())),
+            None => store.get_delivery(id),
+        }
+    }
+
+    /// Stores `record`, moving its schedule entry from `old_due` to its `next_attempt_ms`, and
+    /// its account's backlog count with it.
+    fn put(&mut self, record: DeliveryRecord, old_due: Option<u64>) {
+        self.backlog
+            .push((record.account_id.clone(), old_due, record.next_attempt_ms));
+        self.put_uncounted(record, old_due);
+    }
+
+    /// [`Drain::put`] without the backlog count (recovery: the start-up recount covers it).
+    fn put_uncounted(&mut self, record: DeliveryRecord, old_due: Option<u64>) {
+        if old_due != record.next_attempt_ms {
+            if let Some(due) = old_due {
+                self.schedule.insert((due, record.id), false);
+            }
+        }
+        if let Some(due) = record.next_attempt_ms {
+            self.schedule.insert((due, record.id), true);
+        }
+        self.records.insert(record.id, record);
+    }
+}
+
+impl WriterContext {
+    fn run(self, rx: Receiver<Command>) {
+        while let Ok(first) = rx.recv() {
+            let mut drain = Drain::default();
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(cmd) = next.take() {
+                taken += 1;
+                match cmd {
+                    Command::Forget { what, reply } => {
+                        // Everything before it is written first, so it deletes what they wrote.
+                        self.commit(std::mem::take(&mut drain));
+                        let result = match &what {
+                            Forget::Webhook(hook) => {
+                                self.store.delete_webhook(hook).map(|waiting| {
+                                    self.registry.backlog().remove(&hook.account_id, waiting)
+                                })
+                            }
+                            Forget::Account(account) => {
+                                self.store.delete_account(account).map(|()| {
+                                    // Outcomes applied before this may have counted again.
+                                    self.registry.backlog().forget(&account.id)
+                                })
+                            }
+                        };
+                        reply.send(result.map_err(Into::into));
+                    }
+                    other => self.apply(&mut drain, other),
+                }
+                if taken < MAX_DRAIN {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(drain);
+        }
+    }
+
+    fn apply(&self, d: &mut Drain, cmd: Command) {
+        let now = clock::now_ms();
+        match cmd {
+            Command::Create {
+                records,
+                recovery,
+                reply,
+            } => match self.create(d, records, recovery) {
+                Ok(n) => d.answers.push(answer(reply, n)),
+                Err(e) => reply.send(Err(e.into())),
+            },
+            Command::Outcome {
+                id,
+                token,
+                is_test,
+                attempt,
+                success,
+                reply,
+            } => {
+                let record = match d.get(&self.store, id) {
+                    Ok(r) => r,
+                    Err(e) => return reply.send(Err(e.into())),
+                };
+                // A deleted webhook's deliveries are deleted (or about to be, by a Forget
+                // queued behind this): write nothing for them.
+                let Some(mut record) = record.filter(|_| self.registry.hook(id.webhook).is_some())
+                else {
+                    return d.answers.push(answer(reply, Settled::Gone));
+                };
+                let old_due = record.next_attempt_ms;
+                let settled = settle(&mut record, token, &attempt, success, &self.config, now);
+                if let Settled::Retrying { next_ms } = settled {
+                    d.wheel.push((id, next_ms, next_ms));
+                }
+                d.attempts.push((id, attempt));
+                d.put(record, old_due);
+                if !is_test {
+                    d.outcomes.push((id.webhook, success));
+                }
+                d.answers.push(answer(reply, settled));
+            }
+            Command::Retry { id, account, reply } => {
+                let record = match d.get(&self.store, id) {
+                    Ok(r) => r,
+                    Err(e) => return reply.send(Err(e.into())),
+                };
+                let Some(mut record) = record.filter(|r| {
+                    r.account_id == account && self.registry.hook(id.webhook).is_some()
+                }) else {
+                    return d.answers.push(answer(reply, None));
+                };
+                let old_due = record.next_attempt_ms;
+                let token = retry_token(now, old_due);
+                record.next_attempt_ms = Some(token);
+                if record.status != DeliveryStatus::Pending {
+                    record.status = DeliveryStatus::Retrying;
+                }
+                record.note = None;
+                record.updated_ms = now;
+                d.wheel.push((id, token, now));
+                d.put(record.clone(), old_due);
+                d.answers.push(answer(reply, Some(record)));
+            }
+            Command::Stop { stopped, reply } => {
+                let record = match d.get(&self.store, stopped.id) {
+                    Ok(r) => r,
+                    Err(e) => return reply.send(Err(e.into())),
+                };
+                if let Some(mut record) = record
+                    .filter(|r| r.next_attempt_ms == Some(stopped.token) && r.status.is_open())
+                {
+                    let old_due = record.next_attempt_ms;
+                    record.status = DeliveryStatus::Failed;
+                    record.next_attempt_ms = None;
+                    record.updated_ms = now;
+                    record.note = Some(format!(
+                        "not attempted: the webhook was {} when the attempt came due; retry it by hand once the webhook is active",
+                        stopped.status.as_str()
+                    ));
+                    d.put(record, old_due);
+                }
+                d.answers.push(answer(reply, ()));
+            }
+            Command::Forget { reply, .. } => {
+                // Handled in `run`; never reaches here.
+                reply.send(Err(DeliveryError::Closed));
+            }
+        }
+    }
+
+    fn create(
+        &self,
+        d: &mut Drain,
+        records: Vec<DeliveryRecord>,
+        recovery: bool,
+    ) -> Result<usize, StoreError> {
+        let mut owed = 0;
+        for r in records {
+            // Fan-out may race a webhook's deletion: a delivery for a webhook no longer in the
+            // registry would outlive the Forget that deletes its siblings.
+            if self.registry.hook(r.id.webhook).is_none() {
+                continue;
+            }
+            let existing = if recovery {
+                d.get(&self.store, r.id)?
+            } else {
+                None
+            };
+            match existing {
+                Some(existing) => {
+                    // Its index and schedule entries may not have reached the disk.
+                    d.indexed.push((existing.account_id.clone(), existing.id));
+                    if let (true, Some(due)) = (existing.status.is_open(), existing.next_attempt_ms)
+                    {
+                        d.schedule.insert((due, existing.id), true);
+                        d.wheel.push((existing.id, due, due));
+                        owed += 1;
+                    }
+                }
+                None => {
+                    d.indexed.push((r.account_id.clone(), r.id));
+                    if let Some(due) = r.next_attempt_ms {
+                        d.wheel.push((r.id, due, due));
+                        owed += 1;
+                    }
+                    if recovery {
+                        // Counted by the backlog's recount of the schedule after start-up.
+                        d.put_uncounted(r, None);
+                    } else {
+                        d.put(r, None);
+                    }
+                }
+            }
+        }
+        Ok(owed)
+    }
+
+    /// Writes a drain, then answers its callers and schedules its wheel entries.
+    fn commit(&self, d: Drain) {
+        if d.is_empty() {
+            return;
+        }
+        let mut writes = DeliveryWrites {
+            attempts: d.attempts,
+            deliveries: d.records.into_values().collect(),
+            indexed: d.indexed,
+            ..Default::default()
+        };
+        for ((due, id), keep) in d.schedule {
+            if keep {
+                writes.schedule_insert.push((due, id));
+            } else {
+                writes.schedule_remove.push((due, id));
+            }
+        }
+        let failed = match self.store.apply_delivery_writes(&writes) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "writing delivery changes failed; owed attempts are retried from the store at the next start");
+                Some(DeliveryError::from(e))
+            }
+        };
+        if failed.is_none() {
+            let backlog = self.registry.backlog();
+            for (account, old_due, new_due) in &d.backlog {
+                backlog.track(account, *old_due, *new_due);
+            }
+            for (id, token, when) in d.wheel {
+                self.scheduler.schedule(id, token, when);
+            }
+        }
+        for a in d.answers {
+            a(failed.as_ref());
+        }
+        if failed.is_none() {
+            if let Err(err) = self.count_outcomes(&d.outcomes) {
+                tracing::warn!(error = %err, "updating webhook failure counts failed");
+            }
+        }
+    }
+
+    /// Consecutive failures per webhook, across deliveries; enough of them disable it. One
+    /// webhook write per webhook per drain.
+    fn count_outcomes(&self, outcomes: &[(WebhookId, bool)]) -> Result<(), StoreError> {
+        let mut by_hook: Vec<(WebhookId, Vec<bool>)> = Vec::new();
+        for (id, success) in outcomes {
+            match by_hook.iter_mut().find(|(h, _)| h == id) {
+                Some((_, list)) => list.push(*success),
+                None => by_hook.push((*id, vec![*success])),
+            }
+        }
+        for (id, results) in by_hook {
+            let Some(current) = self.registry.hook(id) else {
+                continue;
+            };
+            if current.hook.consecutive_failures == 0 && results.iter().all(|s| *s) {
+                continue;
+            }
+            let _writes = self.registry.write_lock();
+            let Some(mut hook) = self.store.get_webhook(&current.hook.account_id, id)? else {
+                continue;
+            };
+            let limit = self.config.delivery.auto_disable_after;
+            for success in results {
+                if success {
+                    hook.consecutive_failures = 0;
+                    continue;
+                }
+                hook.consecutive_failures = hook.consecutive_failures.saturating_add(1);
+                if hook.consecutive_failures >= limit && hook.status == WebhookStatus::Active {
+                    hook.status = WebhookStatus::Disabled;
+                    hook.disabled_reason = Some(format!(
+                        "disabled automatically after {limit} consecutive failed attempts"
+                    ));
+                    hook.updated_ms = crate::model::now_ms();
+                    metrics::counter!("kyberhook_webhooks_auto_disabled_total").increment(1);
+                    tracing::warn!(webhook = %id, "webhook disabled after {limit} consecutive failures");
+                }
+            }
+            self.store.put_webhook(&hook)?;
+            self.registry.upsert_hook(hook);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{EventId, WebhookId};
+
+    fn config() -> Config {
+        Config::from_toml(
+            "[delivery]\nretry_schedule = [\"1s\", \"2s\"]\n[auth]\nadmin_token = \"x\"\n",
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn record(next: Option<u64>, status: DeliveryStatus) -> DeliveryRecord {
+        DeliveryRecord {
+            id: DeliveryId {
+                seq: 1,
+                webhook: WebhookId(1),
+            },
+            account_id: AccountId::parse("acc_1").unwrap(),
+            event_id: EventId::from_seq(1),
+            event: "user.login".into(),
+            status,
+            attempt_count: 0,
+            response_code: None,
+            response_time_ms: None,
+            updated_ms: 0,
+            next_attempt_ms: next,
+            note: None,
+            is_test: false,
+        }
+    }
+
+    fn attempt(number: u32) -> AttemptRecord {
+        AttemptRecord {
+            number,
+            at_ms: 0,
+            response_code: Some(500),
+            response_time_ms: 3,
+            response_headers: vec![],
+            response_body: String::new(),
+            error: None,
+            timestamp: 0,
+            signature: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_failure_follows_the_schedule_then_fails() {
+        let c = config();
+        let mut r = record(Some(10), DeliveryStatus::Pending);
+        assert_eq!(
+            settle(&mut r, Some(10), &attempt(1), false, &c, 100),
+            Settled::Retrying { next_ms: 1_100 }
+        );
+        assert_eq!(r.next_attempt_ms, Some(1_100));
+        assert_eq!(r.status, DeliveryStatus::Retrying);
+        settle(&mut r, Some(1_100), &attempt(2), false, &c, 2_000);
+        assert_eq!(r.next_attempt_ms, Some(4_000));
+        assert_eq!(
+            settle(&mut r, Some(4_000), &attempt(3), false, &c, 5_000),
+            Settled::Failed
+        );
+        assert_eq!(
+            (r.status, r.next_attempt_ms),
+            (DeliveryStatus::Failed, None)
+        );
+        assert_eq!(r.attempt_count, 3);
+    }
+
+    #[test]
+    fn a_manual_retry_during_the_attempt_stands_whatever_the_outcome() {
+        let c = config();
+        for success in [false, true] {
+            let mut r = record(Some(10), DeliveryStatus::Pending);
+            // The retry came in while attempt 1 (token 10) was in flight.
+            let token = retry_token(50, r.next_attempt_ms);
+            r.next_attempt_ms = Some(token);
+            assert_eq!(
+                settle(&mut r, Some(10), &attempt(1), success, &c, 100),
+                Settled::RetryQueued { next_ms: 50 }
+            );
+            assert_eq!(r.next_attempt_ms, Some(50));
+            assert!(r.status.is_open());
+            assert_eq!(r.attempt_count, 1);
+        }
+    }
+
+    #[test]
+    fn retry_tokens_are_never_earlier_than_an_old_one() {
+        assert_eq!(retry_token(100, None), 100);
+        assert_eq!(retry_token(100, Some(40)), 100);
+        assert_eq!(retry_token(100, Some(100)), 101);
+        assert_eq!(retry_token(100, Some(5_000)), 5_001);
+    }
+
+    #[test]
+    fn a_test_send_is_never_retried() {
+        let c = config();
+        let mut r = record(None, DeliveryStatus::Pending);
+        r.is_test = true;
+        assert_eq!(
+            settle(&mut r, None, &attempt(1), false, &c, 100),
+            Settled::Failed
+        );
+    }
+}

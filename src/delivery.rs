@@ -755,7 +755,7 @@ mod tests {
 
     fn config() -> Config {
         Config::from_toml(
-            "[delivery]\nretry_schedule = [\"1s\", \"2s\"]\n[auth]\nadmin_token = \"x\"\n",
+            "[delivery]\nretry_schedule = [\"1s\", \"2s\"]\n[auth]\nadmin_token = \"unit-test-token\"\n",
             "t",
         )
         .unwrap()

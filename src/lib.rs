@@ -9,8 +9,8 @@
 //!   fans it out through the [`registry`]'s subscription index into delivery records.
 //! - [`scheduler`] owns the [`wheel`] (a hierarchical timing wheel) holding every future
 //!   attempt; due attempts go to [`dispatch`], which applies [`ratelimit`] and in-flight
-//!   limits, signs ([`signing`]) and sends the request, records the attempt and schedules
-//!   the retry.
+//!   limits, signs ([`signing`]) and sends the request; [`delivery`] owns every delivery
+//!   state transition and the one thread that writes them (records, attempts, schedule).
 //! - [`metrics`] serves Prometheus; [`config`] is read once at start; [`ids`], [`model`] and
 //!   [`codec`] define what flows between the stages.
 

@@ -1,7 +1,8 @@
 //! The scheduler: the one task that owns the timing wheel holding every future attempt.
 //!
-//! Entries come in over [`SchedulerHandle::schedule`] — first attempts from fan-out, retries
-//! and rate-limit deferrals from the dispatcher, manual retries from the API — and, at
+//! Entries come in over [`SchedulerHandle::schedule`] — first attempts, retries and manual
+//! retries from the delivery writer once they are written, rate-limit deferrals and parked
+//! retries from the dispatcher — and, at
 //! start-up, from the store's `schedule` tree (so nothing scheduled is lost by a restart).
 //! The task sleeps until the wheel's next deadline (one timer, re-armed whenever an earlier
 //! entry arrives), then hands due entries to the dispatcher over a bounded channel.

@@ -161,7 +161,12 @@ impl Engine {
         let store = tokio::task::spawn_blocking(move || {
             // A compaction a crash interrupted is finished (or undone) before the store opens
             // (and before an empty data dir could be made where the new store belongs).
-            store::compact::recover(&path).map_err(|e| StartError::Config(e.to_string()))?;
+            store::compact::recover_at_start(&path).map_err(|e| {
+                StartError::Config(format!(
+                    "storage.path: an interrupted compaction could not be finished ({e}): run \
+                     `kyberhook compact --config …` as the data dir's owner or root"
+                ))
+            })?;
             Store::open_with(&path, &options).map_err(|e| match e {
                 store::StoreError::Sled(sled::Error::Io(io)) => {
                     StartError::Config(format!("storage.path = {:?}: {io}", path.display()))

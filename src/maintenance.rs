@@ -247,6 +247,9 @@ pub fn restore(from: &Path, config: &Config) -> Result<String, Failure> {
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).map_err(tmp_err)?;
     }
     if data.exists() {
+        // An empty data dir made for the service user (the package's /var/lib/kyberhook):
+        // restored as root, the store is that user's.
+        compact::own_like(&tmp, data).map_err(tmp_err)?;
         // An empty directory: rename cannot replace it on every platform.
         fs::remove_dir(data).map_err(|e| failed(format!("restore: {}: {e}", data.display())))?;
     }

@@ -453,6 +453,27 @@ async fn the_backup_route_is_admin_only_and_restore_refuses_a_damaged_file() {
             "{name}: a half-restored data dir was left"
         );
     }
+    // Restored by root into the empty data dir a package made for its service user, the
+    // store belongs to that user (the engine runs as it).
+    std::fs::create_dir(&data_b).unwrap();
+    std::os::unix::fs::chown(&data_b, Some(65534), Some(65534)).unwrap_or_else(|e| {
+        eprintln!("not root ({e}): the ownership part is skipped");
+    });
+    let owner = |p: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(p).unwrap());
+    let want = owner(&data_b);
+    let (code, out, err) = cli(
+        &[
+            "restore",
+            "--from",
+            file.to_str().unwrap(),
+            "--config",
+            config_path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(owner(&data_b), want);
+    assert_eq!(owner(&data_b.join("db")), want);
 }
 
 /// A data dir as the first sessions wrote it (no format version, an `api_keys` tree, one
@@ -597,6 +618,13 @@ async fn compaction_shrinks_a_stopped_store_that_then_delivers_everything_pendin
     a.stop().await;
     let from_a = rx.count();
     let delivered_by_a = delivered_events(&rx, 0, &secret);
+    // A service user's data dir, compacted by root, stays the service user's.
+    let owned = std::os::unix::fs::chown(&data, Some(65534), Some(65534)).is_ok();
+    if owned {
+        kyberhook::store::compact::own_like(&data, &data).unwrap();
+    } else {
+        eprintln!("not root: the ownership part is skipped");
+    }
 
     let (code, out, err) = cli_async(
         vec!["compact".into(), "--config".into(), config_arg],
@@ -615,6 +643,12 @@ async fn compaction_shrinks_a_stopped_store_that_then_delivers_everything_pendin
     eprintln!("{}", out.trim());
     assert!(!dir.path().join("data.compact-tmp").exists());
     assert!(!dir.path().join("data.compact-old").exists());
+    if owned {
+        let owner = |p: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(p).unwrap());
+        assert_eq!(owner(&data), 65534);
+        assert_eq!(owner(&data.join("db")), 65534);
+        assert_eq!(owner(&data.join("secrets.key")), 65534);
+    }
 
     let toml = config_toml(
         &data,

@@ -87,6 +87,36 @@ pub fn dir_size(dir: &Path) -> io::Result<u64> {
     Ok(total)
 }
 
+/// Gives everything under `dir` (and `dir`) the owner of `like`, so that a store an operator
+/// rewrote as root stays the service user's. Only root may change owners: for anyone else the
+/// files are theirs already, and this is a no-op.
+pub fn own_like(dir: &Path, like: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let want = fs::metadata(like)?;
+        let (uid, gid) = (want.uid(), want.gid());
+        fn walk(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
+            let meta = fs::symlink_metadata(p)?;
+            if meta.uid() != uid || meta.gid() != gid {
+                std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+            }
+            if meta.is_dir() {
+                for entry in fs::read_dir(p)? {
+                    walk(&entry?.path(), uid, gid)?;
+                }
+            }
+            Ok(())
+        }
+        walk(dir, uid, gid)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (dir, like);
+        Ok(())
+    }
+}
+
 fn sync_parent(path: &Path) -> io::Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -98,8 +128,29 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 /// Finishes or undoes a compaction swap a crash interrupted (see the module's table). Cheap
 /// when there is nothing to do.
 pub fn recover(path: &Path) -> Result<(), CompactError> {
+    recover_with(path, true)
+}
+
+/// [`recover`] for the engine's start: a leftover copy it may not remove (the service user
+/// cannot write the data dir's parent) is reported and left, since the store itself is whole;
+/// only a store that is not at `PATH` yet stops the start.
+pub fn recover_at_start(path: &Path) -> Result<(), CompactError> {
+    recover_with(path, false)
+}
+
+fn recover_with(path: &Path, leftovers_fatal: bool) -> Result<(), CompactError> {
     let tmp = sibling(path, ".compact-tmp");
     let old = sibling(path, ".compact-old");
+    let leftover = |dir: &Path| -> Result<(), CompactError> {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if !leftovers_fatal => {
+                tracing::warn!(path = %dir.display(), error = %e, "a compaction left this copy behind; remove it (or run `kyberhook compact` again)");
+                Ok(())
+            }
+            Err(e) => Err(io_err(dir)(e)),
+        }
+    };
     if tmp.exists() {
         if tmp.join(MARKER).exists() && !path.join("db").exists() {
             if path.exists() {
@@ -110,15 +161,17 @@ pub fn recover(path: &Path) -> Result<(), CompactError> {
             sync_parent(path).map_err(io_err(path))?;
             tracing::warn!(path = %path.display(), "finished a compaction a crash interrupted");
         } else {
-            fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+            leftover(&tmp)?;
         }
     }
     if path.join(MARKER).exists() {
         if old.exists() {
-            fs::remove_dir_all(&old).map_err(io_err(&old))?;
+            leftover(&old)?;
         }
         fs::remove_file(path.join(MARKER)).map_err(io_err(path))?;
-        sync_parent(path).map_err(io_err(path))?;
+        fs::File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(path))?;
     }
     Ok(())
 }
@@ -159,6 +212,8 @@ pub fn compact(path: &Path, options: &StoreOptions) -> Result<Compacted, Compact
         result?
     };
     fs::write(tmp.join(MARKER), b"").map_err(io_err(&tmp))?;
+    // Run as root on a service user's data dir, the copy stays the service user's.
+    own_like(&tmp, path).map_err(io_err(&tmp))?;
     sync_dir(&tmp).map_err(io_err(&tmp))?;
     // The swap; a crash anywhere in it is finished by `recover`.
     if old.exists() {

@@ -77,6 +77,30 @@ pub struct Config {
     pub plans: BTreeMap<String, Plan>,
     pub events: EventsConfig,
     pub log: LogConfig,
+    /// Not read from the file: the dashboard's session and sign-in limits are product rules;
+    /// tests shorten them.
+    pub ui: UiLimits,
+}
+
+/// The dashboard's session lifetimes and failed-sign-in limit.
+#[derive(Debug, Clone)]
+pub struct UiLimits {
+    /// A session unused this long ends.
+    pub session_idle: Duration,
+    /// A session ends this long after sign-in, however busy.
+    pub session_absolute: Duration,
+    /// Sign-in attempts one client address may make per minute.
+    pub login_attempts_per_minute: u32,
+}
+
+impl Default for UiLimits {
+    fn default() -> Self {
+        UiLimits {
+            session_idle: Duration::from_secs(30 * 60),
+            session_absolute: Duration::from_secs(12 * 3600),
+            login_attempts_per_minute: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -581,6 +605,7 @@ impl Config {
             plans,
             events: raw.events,
             log: raw.log,
+            ui: UiLimits::default(),
         };
         // The token file is read here, so the environment override and validation see it.
         config.with_admin_token_file(origin)

@@ -40,6 +40,7 @@ pub mod secrets;
 pub mod server;
 pub mod signing;
 pub mod store;
+pub mod ui;
 pub mod wheel;
 
 use std::net::SocketAddr;
@@ -241,6 +242,7 @@ impl Engine {
             deliverer,
             scheduler: scheduler.clone(),
             manual_retries: manual_retry::ManualRetryLimits::new(),
+            ui: ui::UiState::new(&config),
         });
         let server_tasks = vec![
             tokio::spawn(server::serve(

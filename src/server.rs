@@ -73,6 +73,10 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupErro
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The peer address of the connection a request came on (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 /// Something that answers requests: the API, or the metrics page.
 pub trait Handler: Clone + Send + Sync + 'static {
     /// The response body: one buffer for most answers, a stream for a backup.
@@ -171,8 +175,10 @@ pub async fn serve<H: Handler>(
                 .keep_alive(true);
             b
         };
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: Request<Incoming>| {
             let handler = handler.clone();
+            // The dashboard limits failed sign-ins per client address.
+            req.extensions_mut().insert(ClientAddr(peer));
             async move {
                 let mut response = handler.call(req).await;
                 close_after_unread_body(&mut response);

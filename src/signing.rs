@@ -35,6 +35,13 @@ pub fn new_secret() -> String {
     format!("{SECRET_PREFIX}{}", crate::ids::random_hex(32))
 }
 
+/// Whether `s` has the shape [`new_secret`] gives (the prefix and 64 lowercase hex digits).
+pub fn is_minted_secret(s: &str) -> bool {
+    s.strip_prefix(SECRET_PREFIX).is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// A fresh account API key (shown once; only its hash is kept).
 pub fn new_api_key() -> String {
     format!("khk_{}", crate::ids::random_hex(32))

@@ -52,6 +52,8 @@ pub struct AppState {
     pub scheduler: SchedulerHandle,
     /// Rate limits of `POST …/deliveries/{id}/retry`.
     pub manual_retries: crate::manual_retry::ManualRetryLimits,
+    /// The dashboard's sessions and sign-in limiter.
+    pub ui: crate::ui::UiState,
 }
 
 pub type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
@@ -272,6 +274,14 @@ async fn route(
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     use Method as M;
+
+    // The dashboard: its own sign-in, sessions and HTML answers; `/v1` never sees its cookie.
+    if path == "/ui" || path.starts_with("/ui/") {
+        return ("/ui", Ok(crate::ui::handle(state, req).await));
+    }
+    if path == "/" && method == M::GET {
+        return ("/", Ok(crate::ui::redirect("/ui/")));
+    }
 
     // Unauthenticated probes.
     match (&method, segs.as_slice()) {

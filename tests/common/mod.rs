@@ -108,6 +108,8 @@ pub enum Reply {
     Redirect,
     /// The status with this many response headers of 4 KiB each.
     BigHeaders(u16, usize),
+    /// The status with this body as `text/html` (escaping tests).
+    Html(u16, &'static str),
 }
 
 /// One request a receiver got.
@@ -218,6 +220,11 @@ impl Receiver {
                                     }
                                     b.body(Full::new(Bytes::from("big"))).unwrap()
                                 }
+                                Reply::Html(code, body) => Response::builder()
+                                    .status(code)
+                                    .header("content-type", "text/html")
+                                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                                    .unwrap(),
                                 Reply::Redirect => Response::builder()
                                     .status(302)
                                     .header("location", "https://example.com/")

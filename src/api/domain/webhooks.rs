@@ -37,6 +37,10 @@ pub struct CreateWebhook {
     /// `"kyberaccess"` (default) or `"standard-webhooks"`.
     #[serde(default)]
     pub signature_scheme: Option<String>,
+    /// A secret minted earlier by [`signing::new_secret`]: the dashboard shows it before
+    /// "Create Webhook". Never read from a JSON body (the API always mints it here).
+    #[serde(skip)]
+    pub secret: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -218,6 +222,16 @@ pub async fn create_webhook(
         .map(check_signature_scheme)
         .transpose()?
         .unwrap_or_default();
+    let secret = match body.secret {
+        Some(s) if signing::is_minted_secret(&s) => s,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_secret",
+                "the signing secret is not one this engine generated",
+            ))
+        }
+        None => signing::new_secret(),
+    };
     let hook = {
         let _writes = state.registry.write_lock();
         let usage = plan_usage(state, account);
@@ -247,7 +261,7 @@ pub async fn create_webhook(
             status: WebhookStatus::Active,
             disabled_reason: None,
             consecutive_failures: 0,
-            secret: signing::new_secret(),
+            secret,
             created_ms: now,
             updated_ms: now,
             signature_scheme,

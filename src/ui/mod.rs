@@ -1,0 +1,391 @@
+//! The dashboard: the guide's Settings → Webhooks screens, served under `/ui/` on the API
+//! listener as server-rendered HTML.
+//!
+//! A request enters from `api::handle` when its path starts with `/ui`. This module owns the
+//! web plumbing — routing, sign-in and its per-address limit, the session cookie, CSRF (a
+//! per-session token in every form plus refusing cross-site `Origin` / `Sec-Fetch-Site`), form
+//! bodies, and the security headers every answer carries — and hands each screen to
+//! [`screens`], which calls the same domain functions as `/v1` (`api::domain`) and renders
+//! the askama templates of [`pages`] (compiled into the binary, escaping everything). Static
+//! CSS/JS of our own are compiled in too ([`assets`]). Nothing changes state on a GET.
+
+mod assets;
+mod pages;
+mod screens;
+pub mod session;
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+use bytes::Bytes;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::api::{ApiError, AppState, Call, Caller};
+use crate::config::Config;
+use crate::server::ClientAddr;
+use crate::signing;
+pub use session::Sessions;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "kh_session";
+
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The dashboard's state: sessions and the sign-in limiter.
+pub struct UiState {
+    pub sessions: Sessions,
+    /// Sign-in attempts per client address (every attempt counts, so a guesser is slowed
+    /// whether or not it is told which attempts failed).
+    login_limiter: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl UiState {
+    pub fn new(config: &Config) -> Self {
+        let per_minute =
+            NonZeroU32::new(config.ui.login_attempts_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
+        UiState {
+            sessions: Sessions::new(&config.ui),
+            login_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+        }
+    }
+}
+
+pub type Page = Response<Full<Bytes>>;
+
+/// Adds the headers every dashboard answer carries.
+fn secured(mut r: Page, no_store: bool) -> Page {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if no_store {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    r
+}
+
+/// An HTML page. Pages are never cached: any of them may show a secret or tenant data.
+pub fn html(status: StatusCode, body: String) -> Page {
+    let r = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid");
+    secured(r, true)
+}
+
+/// `303 See Other`: the answer to every successful form POST (and to a GET needing sign-in).
+pub fn redirect(location: &str) -> Page {
+    let r = Response::builder()
+        .status(StatusCode::SEE_OTHER)
+        .header(header::LOCATION, location)
+        .body(Full::new(Bytes::new()))
+        .expect("static response parts are valid");
+    secured(r, true)
+}
+
+fn error_page(status: StatusCode, message: &str) -> Page {
+    html(status, pages::error(status, message))
+}
+
+/// A refused or failed request as a page (the HTML counterpart of the API's JSON errors).
+pub fn api_error_page(e: &ApiError) -> Page {
+    if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
+        tracing::error!(code = e.code, message = %e.message, "dashboard request failed");
+    }
+    error_page(e.status, &e.message)
+}
+
+/// A request that passed sign-in (and, for a POST, the CSRF checks).
+pub struct Req {
+    pub method: Method,
+    /// The path's segments after `/ui`.
+    pub segs: Vec<String>,
+    pub query: Vec<(String, String)>,
+    /// The form fields of a POST (`application/x-www-form-urlencoded`).
+    pub form: Vec<(String, String)>,
+    pub session: session::Session,
+    pub session_id: String,
+}
+
+impl Req {
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn fields(&self, name: &str) -> Vec<String> {
+        self.form
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn session_cookie<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Refuses a request a browser marks as coming from another site: `Sec-Fetch-Site` other
+/// than same-origin/none, or an `Origin` that is not this server. (A client sending neither,
+/// such as curl, still needs the form's CSRF token.)
+fn cross_site<B>(config: &Config, req: &Request<B>) -> bool {
+    let headers = req.headers();
+    if let Some(site) = headers.get("sec-fetch-site") {
+        if !matches!(site.to_str(), Ok("same-origin" | "none")) {
+            return true;
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let scheme = if config.server.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let expected = host.map(|h| format!("{scheme}://{h}"));
+        return origin.to_str().ok() != expected.as_deref();
+    }
+    false
+}
+
+fn forbidden_cross_site() -> Page {
+    error_page(
+        StatusCode::FORBIDDEN,
+        "This form was sent from another site, so it was refused and nothing changed.",
+    )
+}
+
+async fn read_form(state: &AppState, call: Call) -> Result<Vec<(String, String)>, ApiError> {
+    let bytes = call.bytes(state).await?;
+    Ok(form_urlencoded::parse(&bytes).into_owned().collect())
+}
+
+/// Serves one `/ui` request. Never fails: every problem becomes a page with a 4xx/5xx.
+pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    if path == "/ui" {
+        return redirect("/ui/");
+    }
+    let segs: Vec<String> = path
+        .trim_start_matches("/ui/")
+        .trim_end_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
+    let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
+
+    // No session needed: assets and the sign-in screen.
+    match (&method, seg_refs.as_slice()) {
+        (&Method::GET, ["static", version, file]) => return assets::serve(version, file),
+        (&Method::GET, ["login"]) => {
+            if let Some(id) = session_cookie(&req) {
+                if state.ui.sessions.lookup(&id, &state.registry).is_some() {
+                    return redirect("/ui/");
+                }
+            }
+            return html(StatusCode::OK, pages::login(None));
+        }
+        (&Method::POST, ["login"]) => return login(state, req).await,
+        (_, ["static", ..] | ["login"]) => {
+            return error_page(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "That method is not allowed here.",
+            )
+        }
+        _ => {}
+    }
+
+    let session_id = session_cookie(&req);
+    let session = session_id
+        .as_deref()
+        .and_then(|id| state.ui.sessions.lookup(id, &state.registry));
+    let (Some(session), Some(session_id)) = (session, session_id) else {
+        // A POST without a live session changes nothing; the browser is sent to sign in.
+        return redirect("/ui/login");
+    };
+    let query: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let form = match method {
+        Method::GET => Vec::new(),
+        Method::POST => {
+            if cross_site(&state.config, &req) {
+                return forbidden_cross_site();
+            }
+            let call = Call {
+                req,
+                caller: session.caller.clone(),
+            };
+            let form = match read_form(state, call).await {
+                Ok(f) => f,
+                Err(e) => return api_error_page(&e),
+            };
+            let token = form
+                .iter()
+                .find(|(k, _)| k == "_csrf")
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("");
+            if !signing::constant_time_eq(token, &session.csrf) {
+                return error_page(
+                    StatusCode::FORBIDDEN,
+                    "This form has expired or did not come from this dashboard; nothing changed. \
+                     Reload the page and try again.",
+                );
+            }
+            form
+        }
+        _ => {
+            return error_page(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "That method is not allowed here.",
+            )
+        }
+    };
+    let r = Req {
+        method,
+        segs,
+        query,
+        form,
+        session,
+        session_id,
+    };
+    screens::route(state, r).await
+}
+
+fn percent_decode(s: &str) -> String {
+    // Path segments use the same escapes as query strings, minus '+'.
+    let plus_safe = s.replace('+', "%2B");
+    form_urlencoded::parse(format!("x={plus_safe}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+fn client_ip<B>(req: &Request<B>) -> IpAddr {
+    req.extensions()
+        .get::<ClientAddr>()
+        .map_or(IpAddr::from([127, 0, 0, 1]), |a| a.0.ip())
+}
+
+async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
+    if cross_site(&state.config, &req) {
+        return forbidden_cross_site();
+    }
+    if let Err(not_until) = state.ui.login_limiter.check_key(&client_ip(&req)) {
+        let wait = not_until
+            .wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ))
+            .as_secs()
+            + 1;
+        let mut r = html(
+            StatusCode::TOO_MANY_REQUESTS,
+            pages::login(Some(&format!(
+                "Too many sign-in attempts from this address. Try again in {wait} seconds."
+            ))),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+        return r;
+    }
+    if state.ui.login_limiter.len() > 10_000 {
+        state.ui.login_limiter.retain_recent();
+    }
+    let call = Call {
+        req,
+        caller: Caller::Admin,
+    };
+    let form = match read_form(state, call).await {
+        Ok(f) => f,
+        Err(e) => return api_error_page(&e),
+    };
+    let token = form
+        .iter()
+        .find(|(k, _)| k == "key")
+        .map(|(_, v)| v.trim())
+        .unwrap_or("");
+    let caller = if token.is_empty() {
+        None
+    } else if signing::constant_time_eq(token, &state.config.auth.admin_token) {
+        Some(Caller::Admin)
+    } else {
+        state
+            .registry
+            .account_by_key(&signing::hash_api_key(token))
+            .map(Caller::Account)
+    };
+    let Some(caller) = caller else {
+        return html(
+            StatusCode::UNAUTHORIZED,
+            pages::login(Some(
+                "That key was not accepted. Use your account's API key, or the admin token.",
+            )),
+        );
+    };
+    let id = state.ui.sessions.create(caller, &state.registry);
+    let secure = if state.config.server.tls_cert.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let mut r = redirect("/ui/");
+    let cookie = format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/ui{secure}");
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).expect("hex and fixed text are a valid header"),
+    );
+    r
+}
+
+/// Ends the session and clears the cookie.
+pub fn logout(state: &AppState, session_id: &str) -> Page {
+    state.ui.sessions.remove(session_id);
+    let secure = if state.config.server.tls_cert.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let mut r = redirect("/ui/login");
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&format!(
+            "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/ui; Max-Age=0{secure}"
+        ))
+        .expect("fixed text is a valid header"),
+    );
+    r
+}

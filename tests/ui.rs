@@ -1,0 +1,675 @@
+//! The dashboard without a browser: security headers, the session cookie, CSRF refusal, session
+//! expiry and logout, the sign-in limit, escaping of tenant- and endpoint-written text, scoping,
+//! and the Add Webhook steps as plain form posts against the real server and a real HTTPS
+//! receiver.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kyberhook::config::Config;
+use serde_json::json;
+
+/// A cookie-keeping form client that does not follow redirects.
+struct Browser {
+    base: String,
+    host: String,
+    cookie: Option<String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn location(&self) -> &str {
+        self.headers
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    /// The session's CSRF token, from the first form that carries it.
+    fn csrf(&self) -> String {
+        let marker = "name=\"_csrf\" value=\"";
+        let start = self.body.find(marker).expect("a form with a CSRF token") + marker.len();
+        self.body[start..].split('"').next().unwrap().to_string()
+    }
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+impl Browser {
+    fn new(api: &Api) -> Browser {
+        Browser {
+            host: api.base.trim_start_matches("http://").to_string(),
+            base: api.base.clone(),
+            cookie: None,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    async fn send(&mut self, req: http::request::Builder, body: Vec<u8>) -> Answer {
+        let mut req = req;
+        if let Some(c) = &self.cookie {
+            req = req.header("cookie", format!("kh_session={c}"));
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(Bytes::from(body))).unwrap())
+            .await
+            .expect("the server answered");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        if let Some(set) = headers.get("set-cookie").and_then(|v| v.to_str().ok()) {
+            let value = set
+                .split(';')
+                .next()
+                .and_then(|kv| kv.split_once('='))
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default();
+            self.cookie = (!value.is_empty()).then_some(value);
+        }
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Answer {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{}{path}", self.base));
+        self.send(req, Vec::new()).await
+    }
+
+    /// A same-origin form POST, as a browser sends it.
+    async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Answer {
+        let origin = format!("http://{}", self.host);
+        self.post_with(
+            path,
+            fields,
+            &[("origin", &origin), ("sec-fetch-site", "same-origin")],
+        )
+        .await
+    }
+
+    async fn post_with(
+        &mut self,
+        path: &str,
+        fields: &[(&str, &str)],
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req, body.into_bytes()).await
+    }
+
+    async fn sign_in(&mut self, key: &str) -> Answer {
+        let a = self.post("/ui/login", &[("key", key)]).await;
+        assert_eq!(a.status, StatusCode::SEE_OTHER, "sign-in: {}", a.body);
+        a
+    }
+}
+
+async fn engine_with(pki: &Pki, tweak: impl FnOnce(&mut Config)) -> TestEngine {
+    let data = tempfile::tempdir().unwrap();
+    let toml = config_toml(
+        data.path(),
+        &pki.ca_file,
+        "retry_schedule = [\"500ms\", \"1s\"]",
+        "",
+    );
+    let mut config = Config::from_toml(&toml, "test").unwrap();
+    tweak(&mut config);
+    TestEngine::start_with(config, data).await
+}
+
+fn assert_secure_headers(a: &Answer) {
+    let csp = a.header("content-security-policy");
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(csp.contains("style-src 'self'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(a.header("x-content-type-options"), "nosniff");
+    assert_eq!(a.header("referrer-policy"), "no-referrer");
+}
+
+#[tokio::test]
+async fn headers_cookie_flags_and_bearer_only_v1() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let mut b = Browser::new(&eng.api);
+
+    let root = b.get("/").await;
+    assert!(root.status.is_redirection());
+    assert_eq!(root.location(), "/ui/");
+    let home = b.get("/ui/").await;
+    assert_eq!(home.status, StatusCode::SEE_OTHER);
+    assert_eq!(home.location(), "/ui/login");
+    assert_secure_headers(&home);
+
+    let login = b.get("/ui/login").await;
+    assert_eq!(login.status, StatusCode::OK);
+    assert_secure_headers(&login);
+    assert!(login.header("content-type").starts_with("text/html"));
+    assert!(login.body.contains("type=\"password\""));
+    assert!(!login.body.contains("<script>"), "no inline script");
+    assert!(!login.body.contains("style="), "no inline style");
+
+    // The stylesheet: versioned path, cached for good; a wrong version is not served.
+    let css_path = login
+        .body
+        .split("href=\"")
+        .find_map(|s| s.split('"').next().filter(|p| p.ends_with("app.css")))
+        .unwrap()
+        .to_string();
+    let css = b.get(&css_path).await;
+    assert_eq!(css.status, StatusCode::OK);
+    assert!(css.header("cache-control").contains("immutable"));
+    assert!(css.header("content-type").starts_with("text/css"));
+    assert_eq!(
+        b.get("/ui/static/000000000000/app.css").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let signed = b.sign_in(&key).await;
+    let set_cookie = signed.header("set-cookie").to_string();
+    assert!(set_cookie.starts_with("kh_session="), "{set_cookie}");
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        assert!(set_cookie.contains(flag), "{set_cookie} lacks {flag}");
+    }
+    assert!(!set_cookie.contains("Secure"), "no TLS: no Secure flag");
+    let home = b.get("/ui/").await;
+    assert_eq!(home.location(), "/ui/a/acme/webhooks");
+    let page = b.get("/ui/a/acme/webhooks").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert_secure_headers(&page);
+    assert_eq!(page.header("cache-control"), "no-store");
+    assert!(page.body.contains("Add Webhook"));
+    assert!(page.body.contains("starter"));
+
+    // /v1 never accepts the cookie.
+    let cookie = b.cookie.clone().unwrap();
+    let req = Request::get(format!("{}/v1/accounts/acme", eng.api.base))
+        .header("cookie", format!("kh_session={cookie}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn cookie_is_secure_when_the_api_serves_tls() {
+    let pki = pki();
+    let eng = engine_with(&pki, |c| {
+        c.server.tls_cert = Some(pki.cert_file.clone());
+        c.server.tls_key = Some(pki.key_file.clone());
+    })
+    .await;
+    // The dashboard over HTTPS, with a client trusting the test CA.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(&pki.ca_file) {
+        roots.add(cert).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let port = eng.api.base.rsplit(':').next().unwrap().to_string();
+    let req = Request::post(format!("https://localhost:{port}/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(format!("key={ADMIN}"))))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let set_cookie = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(set_cookie.contains("; Secure"), "{set_cookie}");
+    assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
+}
+
+fn rustls_pemfile_certs(path: &std::path::Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test]
+async fn forged_cross_site_posts_are_refused_and_change_nothing() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    let hook = eng.webhook("acme", &rx.url, &["visitor.checked_in"]).await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let csrf = b.get("/ui/a/acme/webhooks").await.csrf();
+    let pause = format!("/ui/a/acme/webhooks/{id}/status");
+    let delete = format!("/ui/a/acme/webhooks/{id}/delete");
+
+    // No token, a wrong token, a cross-site Origin, a cross-site Sec-Fetch-Site: all 403.
+    let refused = [
+        b.post(&pause, &[("status", "paused")]).await,
+        b.post(&pause, &[("status", "paused"), ("_csrf", "0000")])
+            .await,
+        b.post_with(
+            &pause,
+            &[("status", "paused"), ("_csrf", &csrf)],
+            &[("origin", "https://evil.example")],
+        )
+        .await,
+        b.post_with(
+            &delete,
+            &[("_csrf", &csrf)],
+            &[("sec-fetch-site", "cross-site")],
+        )
+        .await,
+        b.post_with(&delete, &[("_csrf", &csrf)], &[("origin", "null")])
+            .await,
+    ];
+    for a in &refused {
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+        assert_secure_headers(a);
+    }
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["status"], "active", "nothing changed");
+
+    // A GET never changes state: the delete "link" only asks for confirmation.
+    let confirm = b.get(&delete).await;
+    assert_eq!(confirm.status, StatusCode::OK);
+    assert!(confirm
+        .body
+        .contains("All delivery history for this webhook is also deleted"));
+    let (s, _) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    // The same forms, same-origin with the token, work.
+    let ok = b
+        .post(&pause, &[("status", "paused"), ("_csrf", &csrf)])
+        .await;
+    assert_eq!(ok.status, StatusCode::SEE_OTHER, "{}", ok.body);
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["status"], "paused");
+    let home = b.get("/ui/a/acme/webhooks").await;
+    assert!(home.body.contains("aria-pressed=\"true\""), "{}", home.body);
+    assert!(home.body.contains("Resume"));
+    assert!(home.body.contains("Paused"));
+    let ok = b.post(&delete, &[("_csrf", &csrf)]).await;
+    assert_eq!(ok.status, StatusCode::SEE_OTHER);
+    let (s, _) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn sessions_expire_when_idle_and_end_at_logout() {
+    let pki = pki();
+    let eng = engine_with(&pki, |c| {
+        c.ui.session_idle = Duration::from_millis(400);
+    })
+    .await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    assert_eq!(b.get("/ui/a/acme/webhooks").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let expired = b.get("/ui/a/acme/webhooks").await;
+    assert_eq!(expired.status, StatusCode::SEE_OTHER);
+    assert_eq!(expired.location(), "/ui/login");
+
+    // Logout is a POST that ends the session server-side and clears the cookie.
+    b.sign_in(&key).await;
+    let page = b.get("/ui/a/acme/webhooks").await;
+    let old = b.cookie.clone().unwrap();
+    let out = b.post("/ui/logout", &[("_csrf", &page.csrf())]).await;
+    assert_eq!(out.status, StatusCode::SEE_OTHER);
+    assert!(out.header("set-cookie").contains("Max-Age=0"));
+    b.cookie = Some(old);
+    assert_eq!(
+        b.get("/ui/a/acme/webhooks").await.location(),
+        "/ui/login",
+        "the old cookie no longer works"
+    );
+    assert_eq!(
+        b.get("/ui/logout").await.status,
+        StatusCode::SEE_OTHER,
+        "GET logout changes nothing: it needs a session, which is gone"
+    );
+
+    // A rotated API key ends the account's sessions.
+    b.cookie = None;
+    b.sign_in(&key).await;
+    assert_eq!(b.get("/ui/a/acme/webhooks").await.status, StatusCode::OK);
+    let (s, _) = eng
+        .api
+        .admin(Method::POST, "/v1/accounts/acme/api-key", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b.get("/ui/a/acme/webhooks").await.location(), "/ui/login");
+}
+
+#[tokio::test]
+async fn failed_sign_ins_are_rate_limited() {
+    let pki = pki();
+    let eng = engine_with(&pki, |c| {
+        c.ui.login_attempts_per_minute = 3;
+    })
+    .await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let mut b = Browser::new(&eng.api);
+    for _ in 0..3 {
+        let a = b.post("/ui/login", &[("key", "khk_wrong")]).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        assert!(a.body.contains("not accepted"));
+        assert!(b.cookie.is_none());
+    }
+    let limited = b.post("/ui/login", &[("key", "khk_wrong")]).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.header("retry-after").parse::<u64>().unwrap() >= 1);
+    assert_secure_headers(&limited);
+    // While limited, even the right key is not tried.
+    let right = b.post("/ui/login", &[("key", &key)]).await;
+    assert_eq!(right.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(b.cookie.is_none());
+}
+
+#[tokio::test]
+async fn tenant_and_endpoint_text_is_escaped() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    rx.set_default(Reply::Html(200, "<img src=x onerror=alert(2)><b>hello</b>"));
+    let (s, hook) = eng
+        .api
+        .admin(
+            Method::POST,
+            "/v1/accounts/acme/webhooks",
+            Some(json!({
+                "name": "<script>alert(1)</script>",
+                "url": rx.url,
+                "description": "\"><svg onload=alert(3)>",
+                "events": ["visitor.checked_in"],
+            })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let id = hook["id"].as_str().unwrap().to_string();
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let home = b.get("/ui/a/acme/webhooks").await;
+    assert!(!home.body.contains("<script>alert(1)"), "{}", home.body);
+    assert!(home.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+
+    // A test send: the endpoint's HTML answer is shown as text.
+    let page = b.get(&format!("/ui/a/acme/webhooks/{id}")).await;
+    assert!(!page.body.contains("<svg onload"), "description escaped");
+    let sent = b
+        .post(
+            &format!("/ui/a/acme/webhooks/{id}/test"),
+            &[("_csrf", &page.csrf()), ("event", "visitor.checked_in")],
+        )
+        .await;
+    assert_eq!(sent.status, StatusCode::SEE_OTHER, "{}", sent.body);
+    let result = b.get(sent.location()).await;
+    assert_eq!(result.status, StatusCode::OK);
+    assert!(
+        result.body.contains("id=\"test-code\">200<"),
+        "{}",
+        result.body
+    );
+    assert!(!result.body.contains("<img src=x"), "{}", result.body);
+    assert!(result
+        .body
+        .contains("&lt;img src=x onerror=alert(2)&gt;&lt;b&gt;hello&lt;/b&gt;"));
+    let delivery = result
+        .body
+        .split("href=\"")
+        .find_map(|s| {
+            s.split('"')
+                .next()
+                .filter(|p| p.contains("/deliveries/dlv_"))
+        })
+        .unwrap()
+        .to_string();
+    let detail = b.get(&delivery).await;
+    assert_eq!(detail.status, StatusCode::OK);
+    assert!(!detail.body.contains("<img src=x"));
+    assert!(detail.body.contains("&lt;b&gt;hello&lt;/b&gt;"));
+}
+
+#[tokio::test]
+async fn add_webhook_steps_keep_values_and_create_with_the_shown_secret() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let step1 = b.get("/ui/a/acme/webhooks/new").await;
+    assert_eq!(step1.status, StatusCode::OK);
+    for label in ["Name", "Endpoint URL", "Description", "Next", "HTTPS"] {
+        assert!(step1.body.contains(label), "step 1 lacks {label}");
+    }
+    let csrf = step1.csrf();
+
+    // An http:// URL is refused next to its field, and the values stay.
+    let bad = b
+        .post(
+            "/ui/a/acme/webhooks/new",
+            &[
+                ("_csrf", &csrf),
+                ("name", "CRM Visitor Sync"),
+                ("url", "http://example.com/hook"),
+                ("description", "visits"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(bad.body.contains("id=\"url-error\""), "{}", bad.body);
+    assert!(bad.body.contains("must use https://"));
+    assert!(bad.body.contains("value=\"CRM Visitor Sync\""));
+    assert!(bad.body.contains("value=\"http://example.com/hook\""));
+
+    let fields = [
+        ("_csrf", csrf.as_str()),
+        ("name", "CRM Visitor Sync"),
+        ("url", rx.url.as_str()),
+        ("description", "visits"),
+    ];
+    let step2 = b.post("/ui/a/acme/webhooks/new", &fields).await;
+    assert_eq!(step2.status, StatusCode::OK, "{}", step2.body);
+    for legend in [
+        "Visitor Events",
+        "Security Events",
+        "Emergency Events",
+        "Document Events",
+        "Delivery Events",
+        "System Events",
+    ] {
+        assert!(
+            step2.body.contains(&format!("<legend>{legend}</legend>")),
+            "{legend}"
+        );
+    }
+    assert!(step2.body.contains("value=\"emergency.*\""));
+    let none = b.post("/ui/a/acme/webhooks/new/events", &fields).await;
+    assert_eq!(none.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(none.body.contains("Choose at least one event"));
+
+    let mut with_events = fields.to_vec();
+    with_events.push(("events", "visitor.checked_in"));
+    with_events.push(("events", "emergency.*"));
+    let step3 = b.post("/ui/a/acme/webhooks/new/events", &with_events).await;
+    assert_eq!(step3.status, StatusCode::OK, "{}", step3.body);
+    assert_eq!(step3.header("cache-control"), "no-store");
+    assert!(step3.body.contains("Signing Secret"));
+    assert!(step3.body.contains("IP Allowlist (optional)"));
+    let marker = "id=\"signing-secret\" value=\"";
+    let start = step3.body.find(marker).unwrap() + marker.len();
+    let secret = step3.body[start..].split('"').next().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+
+    // A secret the engine did not mint is refused.
+    let mut forged = with_events.clone();
+    forged.push(("secret", "whsec_chosen-by-someone"));
+    forged.push(("ip_allowlist", ""));
+    let refused = b.post("/ui/a/acme/webhooks/new/security", &forged).await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let mut create = with_events.clone();
+    create.push(("secret", &secret));
+    create.push(("ip_allowlist", "127.0.0.0/8"));
+    let created = b.post("/ui/a/acme/webhooks/new/security", &create).await;
+    assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.body);
+    let id = created.location().rsplit('/').next().unwrap().to_string();
+    let (_, api_secret) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}/secret"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        api_secret["secret"],
+        secret.as_str(),
+        "the secret shown is the one used"
+    );
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["events"], json!(["visitor.checked_in", "emergency.*"]));
+    assert_eq!(v["ip_allowlist"], json!(["127.0.0.0/8"]));
+    let page = b.get(created.location()).await;
+    assert!(page.body.contains("was created"), "a one-shot notice");
+    assert!(!b.get(created.location()).await.body.contains("was created"));
+}
+
+#[tokio::test]
+async fn accounts_see_only_themselves_and_the_operator_sees_all() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    eng.account("globex", "starter").await;
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    assert_eq!(
+        b.get("/ui/a/globex/webhooks").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(b.get("/ui/accounts").await.status, StatusCode::NOT_FOUND);
+
+    let mut op = Browser::new(&eng.api);
+    op.sign_in(ADMIN).await;
+    assert_eq!(op.get("/ui/").await.location(), "/ui/accounts");
+    let list = op.get("/ui/accounts").await;
+    assert!(list.body.contains("globex") && list.body.contains("acme"));
+    let created = op
+        .post(
+            "/ui/accounts",
+            &[
+                ("_csrf", &list.csrf()),
+                ("name", "Initech"),
+                ("id", "initech"),
+                ("plan", "professional"),
+            ],
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.header("cache-control"), "no-store");
+    let marker = "id=\"api-key\" value=\"";
+    let start = created.body.find(marker).unwrap() + marker.len();
+    let new_key = created.body[start..].split('"').next().unwrap().to_string();
+    let (s, _) = eng
+        .api
+        .call(Method::GET, "/v1/accounts/initech", Some(&new_key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "the key shown works");
+    assert_eq!(
+        op.get("/ui/a/initech/webhooks").await.status,
+        StatusCode::OK
+    );
+    let confirm = op.get("/ui/accounts/initech/delete").await;
+    assert!(confirm.body.contains("delivery history"));
+    let deleted = op
+        .post("/ui/accounts/initech/delete", &[("_csrf", &list.csrf())])
+        .await;
+    assert_eq!(deleted.status, StatusCode::SEE_OTHER);
+    let (s, _) = eng
+        .api
+        .admin(Method::GET, "/v1/accounts/initech", None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

@@ -673,3 +673,52 @@ async fn accounts_see_only_themselves_and_the_operator_sees_all() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn regenerate_secret_is_a_confirmed_post_that_shows_the_new_secret_once() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    let hook = eng.webhook("acme", &rx.url, &["visitor.checked_in"]).await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let old = hook["secret"].as_str().unwrap().to_string();
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let path = format!("/ui/a/acme/webhooks/{id}/secret/regenerate");
+    let confirm = b.get(&path).await;
+    assert_eq!(confirm.status, StatusCode::OK);
+    assert!(confirm.body.contains("Regenerate Secret"));
+    let secret_now = |v: serde_json::Value| v["secret"].as_str().unwrap().to_string();
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}/secret"),
+            None,
+        )
+        .await;
+    assert_eq!(secret_now(v), old, "the confirmation page changed nothing");
+
+    // The grace period goes through the API's rule (0 to 7 days).
+    let refused = b
+        .post(&path, &[("_csrf", &confirm.csrf()), ("grace_period", "8d")])
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    let shown = b
+        .post(&path, &[("_csrf", &confirm.csrf()), ("grace_period", "0s")])
+        .await;
+    assert_eq!(shown.status, StatusCode::OK, "{}", shown.body);
+    assert_eq!(shown.header("cache-control"), "no-store");
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}/secret"),
+            None,
+        )
+        .await;
+    let new = secret_now(v);
+    assert_ne!(new, old);
+    assert!(shown.body.contains(&format!("value=\"{new}\"")));
+}

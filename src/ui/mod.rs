@@ -156,14 +156,14 @@ fn session_cookie<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// Refuses a request a browser marks as coming from another site: `Sec-Fetch-Site` other
-/// than same-origin/none, or an `Origin` that is not this server. (A client sending neither,
-/// such as curl, still needs the form's CSRF token.)
+/// than same-origin/none or, from a browser that does not send it, an `Origin` that is not
+/// this server. `Sec-Fetch-Site` decides when present because our `Referrer-Policy:
+/// no-referrer` makes browsers send `Origin: null` even on same-origin form posts. (A client
+/// sending neither, such as curl, still needs the form's CSRF token.)
 fn cross_site<B>(config: &Config, req: &Request<B>) -> bool {
     let headers = req.headers();
     if let Some(site) = headers.get("sec-fetch-site") {
-        if !matches!(site.to_str(), Ok("same-origin" | "none")) {
-            return true;
-        }
+        return !matches!(site.to_str(), Ok("same-origin" | "none"));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let scheme = if config.server.tls_cert.is_some() {

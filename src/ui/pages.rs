@@ -359,5 +359,7 @@ pub struct DeliveryPage {
     pub headers: Vec<(String, String)>,
     pub body: String,
     pub attempts: Vec<AttemptView>,
+    /// Attempts made but no longer stored (only the first and the latest are kept).
+    pub attempts_omitted: u32,
     pub retry_action: String,
 }

@@ -1207,6 +1207,7 @@ fn delivery(ctx: &Ctx, account: &AccountId, base: &str, raw: &str) -> Result<Pag
         headers: d.request_headers,
         body: d.body.unwrap_or_default(),
         attempts,
+        attempts_omitted: d.attempts_omitted,
         retry_action: format!("{base}/deliveries/{}/retry", d.record.id),
     };
     Ok(html(StatusCode::OK, pages::render(&page)))
@@ -1221,7 +1222,8 @@ async fn retry(
     let id = delivery_id(raw)?;
     match dlv::retry_delivery(ctx.state, account, id).await {
         Ok(_) => ctx.notice("A new attempt was scheduled now."),
-        Err(e) if e.status == StatusCode::CONFLICT => {
+        // Refusals the customer can act on (webhook not active, retry rate limits).
+        Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
             ctx.notice(format!("Not retried: {}.", e.message))
         }
         Err(e) => return Err(e),

@@ -55,34 +55,6 @@ const GROUP_ORDER: [&str; 6] = [
     "System Events",
 ];
 
-/// The guide's one-line description of each event, where it has one.
-fn event_hint(event: &str) -> &'static str {
-    match event {
-        "visitor.checked_in" => "A visitor has checked in",
-        "visitor.checked_out" => "A visitor has checked out",
-        "visitor.denied" => "A visitor was denied entry",
-        "visitor.pre_registered" => "A new pre-registration was created",
-        "visitor.pre_registration_cancelled" => "A pre-registration was cancelled",
-        "visitor.updated" => "A visitor record was modified",
-        "visitor.deleted" => "A visitor record was deleted",
-        "screening.watchlist_hit" => "A visitor matched a watchlist entry",
-        "screening.bolo_alert" => "A BOLO alert was triggered",
-        "screening.cleared" => "A visitor passed all screening checks",
-        "emergency.lockdown_activated" => "A lockdown was triggered",
-        "emergency.lockdown_deactivated" => "A lockdown was lifted",
-        "emergency.evacuation_activated" => "Evacuation mode was activated",
-        "document.nda_signed" => "A visitor signed an NDA/waiver",
-        "document.nda_declined" => "A visitor declined to sign",
-        "delivery.received" => "A package was logged",
-        "delivery.picked_up" => "A package was picked up",
-        "delivery.notified" => "A recipient was notified about a delivery",
-        "user.login" => "A team member logged in",
-        "user.login_failed" => "A failed login attempt",
-        "settings.updated" => "System settings were changed",
-        _ => "",
-    }
-}
-
 fn dom_id(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -119,7 +91,7 @@ fn event_groups(catalog: &[String], selected: &[String]) -> Vec<EventGroup> {
         group.events.push(EventBox {
             value: event.clone(),
             label: event.clone(),
-            hint: event_hint(event).to_string(),
+            hint: crate::catalog::describe(event).description,
             checked: selected.contains(event),
             dom_id: format!("ev-{}", dom_id(event)),
         });

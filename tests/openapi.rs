@@ -118,6 +118,42 @@ async fn every_route_in_the_table_is_served_and_nothing_else() {
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     assert_eq!(v["error"]["code"], "not_found");
 
+    // Every field an answer carries is documented, and every required field is there.
+    let doc = document();
+    let (s, account) = e
+        .api
+        .admin(
+            Method::POST,
+            "/v1/accounts",
+            Some(json!({"name": "docs", "plan": "starter", "id": "acc_docs"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{account}");
+    conforms(&doc, "Account", &account, &["api_key"]);
+    let (s, hook) = e
+        .api
+        .admin(
+            Method::POST,
+            "/v1/accounts/acc_docs/webhooks",
+            Some(json!({"name": "docs", "url": "https://docs.invalid/hook", "events": ["*"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{hook}");
+    conforms(&doc, "Webhook", &hook, &["secret"]);
+    e.event("acc_docs", "visitor.checked_in", json!({"n": 1}))
+        .await;
+    let list = e
+        .poll(
+            "/v1/accounts/acc_docs/deliveries",
+            std::time::Duration::from_secs(10),
+            |v| count(v) == 1,
+        )
+        .await;
+    conforms(&doc, "Delivery", &list["data"][0], &[]);
+    let (s, types) = e.api.admin(Method::GET, "/v1/event-types", None).await;
+    assert_eq!(s, StatusCode::OK);
+    conforms(&doc, "EventType", &types["data"][0], &[]);
+
     // The document is served as it is in the repository, to any valid token only.
     let (s, served) = e.api.admin(Method::GET, "/v1/openapi.json", None).await;
     assert_eq!(s, StatusCode::OK);
@@ -128,6 +164,27 @@ async fn every_route_in_the_table_is_served_and_nothing_else() {
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     e.stop().await;
+}
+
+/// `value`'s fields are all properties of the document's schema `name` (or `extra`), and the
+/// schema's required fields are all in `value`.
+fn conforms(doc: &Value, name: &str, value: &Value, extra: &[&str]) {
+    let schema = &doc["components"]["schemas"][name];
+    let props = schema["properties"].as_object().expect("schema properties");
+    let object = value.as_object().expect("a JSON object");
+    for key in object.keys() {
+        assert!(
+            props.contains_key(key) || extra.contains(&key.as_str()),
+            "{name}: the API returns {key:?}, docs/openapi.json does not document it"
+        );
+    }
+    for key in schema["required"].as_array().into_iter().flatten() {
+        let key = key.as_str().unwrap();
+        assert!(
+            object.contains_key(key),
+            "{name}: docs/openapi.json requires {key:?}, the API does not return it: {value}"
+        );
+    }
 }
 
 #[test]

@@ -713,7 +713,7 @@ async fn figures_backup_slowdown_and_compaction() {
         &pki,
         "[plans.bulk]\nevents_per_second = 0\n",
     );
-    let a = TestEngine::start_with(config, tempfile::tempdir().unwrap()).await;
+    let a = TestEngine::start_with(config.clone(), tempfile::tempdir().unwrap()).await;
     let (acc, _) = a.account("acc_fill", "bulk").await;
     a.webhook(&acc, &rx.url, &["visitor.checked_in"]).await;
     let mut batch = events(&acc, "visitor.checked_out", 50);
@@ -800,5 +800,22 @@ async fn figures_backup_slowdown_and_compaction() {
     a.stop().await;
     let (code, out, err) = cli(&["compact", "--config", config_path.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{err}");
-    eprintln!("{}", out.trim());
+    eprintln!("just filled: {}", out.trim());
+
+    // As it looks once retention has purged the delivered history: restart with a short
+    // retention, wait for the purge, stop, compact again.
+    let mut short = config;
+    short.storage.retention = Duration::from_secs(1);
+    let b = TestEngine::start_with(short, tempfile::tempdir().unwrap()).await;
+    b.poll(
+        &format!("/v1/accounts/{acc}/deliveries"),
+        Duration::from_secs(900),
+        |v| count(v) == 0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    b.stop().await;
+    let (code, out, err) = cli(&["compact", "--config", config_path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    eprintln!("after retention purged it: {}", out.trim());
 }

@@ -257,6 +257,7 @@ async fn one_accounts_test_sends_do_not_delay_another_accounts_deliveries() {
         lags.push(quiet.log.lock().unwrap()[i].at - sent);
     }
     let worst = lags.iter().max().unwrap();
+    eprintln!("calm account's create->arrival while the noisy one ran test sends: {lags:?}");
     assert!(
         *worst < Duration::from_millis(750),
         "the calm account's deliveries took {lags:?} while the noisy one ran test sends"

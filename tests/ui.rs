@@ -305,6 +305,12 @@ async fn forged_cross_site_posts_are_refused_and_change_nothing() {
         .await,
         b.post_with(&delete, &[("_csrf", &csrf)], &[("origin", "null")])
             .await,
+        b.post_with(
+            &delete,
+            &[("_csrf", &csrf)],
+            &[("sec-fetch-site", "same-site"), ("origin", "null")],
+        )
+        .await,
     ];
     for a in &refused {
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
@@ -721,4 +727,82 @@ async fn regenerate_secret_is_a_confirmed_post_that_shows_the_new_secret_once() 
     let new = secret_now(v);
     assert_ne!(new, old);
     assert!(shown.body.contains(&format!("value=\"{new}\"")));
+}
+
+#[tokio::test]
+async fn deliveries_tab_filters_and_pages_with_cursors() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "enterprise").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    let hook = eng
+        .webhook(
+            "acme",
+            &rx.url,
+            &["visitor.checked_in", "visitor.checked_out"],
+        )
+        .await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    for i in 0..26 {
+        eng.event("acme", "visitor.checked_in", json!({ "n": i }))
+            .await;
+    }
+    eng.event("acme", "visitor.checked_out", json!({})).await;
+    rx.wait_for(27, Duration::from_secs(20)).await;
+    eng.poll(
+        &format!("/v1/accounts/acme/webhooks/{id}/deliveries?status=delivered&limit=100"),
+        Duration::from_secs(10),
+        |v| count(v) == 27,
+    )
+    .await;
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let tab = format!("/ui/a/acme/webhooks/{id}/deliveries");
+    let rows = |a: &Answer| a.body.matches("/ui/a/acme/deliveries/dlv_").count();
+    let first = b.get(&tab).await;
+    assert_eq!(first.status, StatusCode::OK);
+    for col in [
+        "Event Type",
+        "Timestamp",
+        "Response Code",
+        "Response Time",
+        "Status",
+    ] {
+        assert!(first.body.contains(&format!(">{col}</th>")), "{col}");
+    }
+    assert_eq!(rows(&first), 25);
+    assert!(first.body.contains("visitor.checked_out"), "newest first");
+    let next = first
+        .body
+        .split("href=\"")
+        .find_map(|s| s.split('"').next().filter(|p| p.contains("cursor=")))
+        .expect("a Next page link")
+        .replace("&amp;", "&");
+    let second = b.get(&next).await;
+    assert_eq!(rows(&second), 2);
+    assert!(second.body.contains("First page"));
+    assert!(
+        !second.body.contains("cursor=dlv"),
+        "no next page after the last"
+    );
+
+    // Filters: the form's empty fields are ignored, datetime-local times are UTC.
+    let by_event = b
+        .get(&format!(
+            "{tab}?status=&event=visitor.checked_out&since=&until="
+        ))
+        .await;
+    assert_eq!(rows(&by_event), 1);
+    let failed = b.get(&format!("{tab}?status=failed")).await;
+    assert_eq!(rows(&failed), 0);
+    assert!(failed.body.contains("No deliveries match"));
+    let future = b.get(&format!("{tab}?since=2999-01-01T00:00")).await;
+    assert_eq!(rows(&future), 0);
+    let past = b.get(&format!("{tab}?until=2000-01-01T00:00:00")).await;
+    assert_eq!(rows(&past), 0);
+    let all = b.get(&format!("{tab}?since=2000-01-01T00:00")).await;
+    assert_eq!(rows(&all), 25);
+    let bad = b.get(&format!("{tab}?since=yesterday")).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.body.contains("RFC 3339"));
 }

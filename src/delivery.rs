@@ -185,12 +185,33 @@ pub fn settle(
         record.next_attempt_ms = None;
         return Settled::Delivered;
     }
+    if endpoint_gone(attempt, record.is_test) {
+        record.status = DeliveryStatus::Failed;
+        record.next_attempt_ms = None;
+        record.note = Some(GONE_NOTE.to_string());
+        return Settled::Failed;
+    }
     match (!record.is_test)
         .then(|| config.retry_delay(attempt.number))
         .flatten()
     {
         Some(delay) => {
-            let next_ms = now + delay.as_millis() as u64;
+            let scheduled = delay.as_millis() as u64;
+            let mut wait = scheduled;
+            if let Some(asked) = retry_after_ms(attempt, now) {
+                // Never earlier than the schedule (a receiver cannot make us hammer it), never
+                // later than a day (a typo cannot park a delivery past retention).
+                wait = scheduled.max(asked.min(MAX_RETRY_AFTER_MS));
+                if wait > scheduled {
+                    record.note = Some(format!(
+                        "the endpoint answered {} with Retry-After: next attempt in {} s instead of {} s",
+                        attempt.response_code.unwrap_or_default(),
+                        wait.div_ceil(1000),
+                        scheduled.div_ceil(1000),
+                    ));
+                }
+            }
+            let next_ms = now + wait;
             record.status = DeliveryStatus::Retrying;
             record.next_attempt_ms = Some(next_ms);
             Settled::Retrying { next_ms }
@@ -201,6 +222,47 @@ pub fn settle(
             Settled::Failed
         }
     }
+}
+
+/// The longest wait a `Retry-After` can ask for.
+pub const MAX_RETRY_AFTER_MS: u64 = 24 * 3600 * 1000;
+
+/// The note on a delivery that a `410 Gone` ended.
+const GONE_NOTE: &str = "the endpoint answered 410 Gone: the webhook was disabled";
+
+/// The note on the open deliveries a `410 Gone` to another delivery ended.
+const GONE_OPEN_NOTE: &str =
+    "not attempted: the endpoint answered 410 Gone to another delivery and the webhook was disabled; retry it by hand once the webhook is enabled again";
+
+/// Whether an attempt's answer says the endpoint is gone for good (`410 Gone`). A test send's
+/// 410 is shown to whoever ran it and changes nothing.
+fn endpoint_gone(attempt: &AttemptRecord, is_test: bool) -> bool {
+    !is_test && attempt.response_code == Some(410)
+}
+
+/// How long a `429` or `503` answer asks us to wait (RFC 9110 `Retry-After`: delay-seconds or
+/// an HTTP date, relative to `now`). `None` for other answers or an unreadable value.
+pub fn retry_after_ms(attempt: &AttemptRecord, now: u64) -> Option<u64> {
+    if !matches!(attempt.response_code, Some(429 | 503)) {
+        return None;
+    }
+    let value = attempt
+        .response_headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+        .map(|(_, v)| v.trim())?;
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Absurdly long digit strings saturate (and are clamped to a day by the caller).
+        return Some(
+            value
+                .parse::<u64>()
+                .unwrap_or(u64::MAX)
+                .saturating_mul(1000),
+        );
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let at_ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64;
+    Some(at_ms.saturating_sub(now))
 }
 
 // ---- the writer ----
@@ -445,6 +507,8 @@ struct Drain {
     wheel: Vec<(DeliveryId, u64, u64)>,
     /// Webhook outcomes for the failure count, in order.
     outcomes: Vec<(WebhookId, bool)>,
+    /// Webhooks whose endpoint answered `410 Gone`, with the delivery that got it.
+    gone: Vec<(WebhookId, DeliveryId)>,
     /// Changes of whether a delivery waits for an attempt, for the account's backlog count:
     /// (account, old due, new due).
     backlog: Vec<(AccountId, Option<u64>, Option<u64>)>,
@@ -552,6 +616,10 @@ impl WriterContext {
                     return d.answers.push(answer(reply, Settled::Gone));
                 };
                 let old_due = record.next_attempt_ms;
+                if endpoint_gone(&attempt, is_test) && !d.gone.iter().any(|(h, _)| *h == id.webhook)
+                {
+                    d.gone.push((id.webhook, id));
+                }
                 let settled = settle(&mut record, token, &attempt, success, &self.config, now);
                 if let Settled::Retrying { next_ms } = settled {
                     d.wheel.push((id, next_ms, next_ms));
@@ -700,7 +768,47 @@ impl WriterContext {
             if let Err(err) = self.count_outcomes(&d.outcomes) {
                 tracing::warn!(error = %err, "updating webhook failure counts failed");
             }
+            for (hook, by) in d.gone {
+                if let Err(err) = self.disable_gone(hook, by) {
+                    tracing::warn!(webhook = %hook, error = %err, "disabling a webhook whose endpoint answered 410 failed");
+                }
+            }
         }
+    }
+
+    /// The endpoint answered `410 Gone`: disables the webhook at once and ends its open
+    /// deliveries `failed` (an attempt still in flight settles on its own when it ends).
+    fn disable_gone(&self, id: WebhookId, by: DeliveryId) -> Result<(), StoreError> {
+        {
+            let Some(current) = self.registry.hook(id) else {
+                return Ok(());
+            };
+            let _writes = self.registry.write_lock();
+            let Some(mut hook) = self.store.get_webhook(&current.hook.account_id, id)? else {
+                return Ok(());
+            };
+            hook.status = WebhookStatus::Disabled;
+            hook.disabled_reason = Some(format!(
+                "disabled automatically: the endpoint answered 410 Gone to delivery {by}"
+            ));
+            hook.updated_ms = crate::model::now_ms();
+            self.store.put_webhook(&hook)?;
+            self.registry.upsert_hook(hook);
+        }
+        metrics::counter!("kyberhook_webhooks_auto_disabled_total").increment(1);
+        tracing::warn!(webhook = %id, delivery = %by, "webhook disabled: its endpoint answered 410 Gone");
+        let now = clock::now_ms();
+        let mut drain = Drain::default();
+        for mut record in self.store.webhook_deliveries(id, |r| r.status.is_open())? {
+            let old_due = record.next_attempt_ms;
+            record.status = DeliveryStatus::Failed;
+            record.next_attempt_ms = None;
+            record.updated_ms = now;
+            record.note = Some(GONE_OPEN_NOTE.to_string());
+            drain.put(record, old_due);
+        }
+        self.commit(drain);
+        Ok(())
     }
 
     /// Consecutive failures per webhook, across deliveries; enough of them disable it. One
@@ -842,6 +950,57 @@ mod tests {
         assert_eq!(retry_token(100, Some(40)), 100);
         assert_eq!(retry_token(100, Some(100)), 101);
         assert_eq!(retry_token(100, Some(5_000)), 5_001);
+    }
+
+    fn answered(code: u16, retry_after: &str) -> AttemptRecord {
+        let mut a = attempt(1);
+        a.response_code = Some(code);
+        a.response_headers = vec![("Retry-After".into(), retry_after.into())];
+        a
+    }
+
+    #[test]
+    fn retry_after_is_clamped_between_the_schedule_and_a_day() {
+        let c = config();
+        let next = |a: &AttemptRecord| {
+            let mut r = record(Some(10), DeliveryStatus::Pending);
+            match settle(&mut r, Some(10), a, false, &c, 1_000_000) {
+                Settled::Retrying { next_ms } => next_ms - 1_000_000,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(next(&answered(503, "120")), 120_000);
+        assert_eq!(
+            next(&answered(429, "0")),
+            1_000,
+            "the schedule is the floor"
+        );
+        assert_eq!(
+            next(&answered(429, "9999999999999999999999")),
+            MAX_RETRY_AFTER_MS
+        );
+        assert_eq!(next(&answered(500, "120")), 1_000, "only 429 and 503 ask");
+        assert_eq!(next(&answered(503, "soon")), 1_000, "unreadable: ignored");
+        // An HTTP date, relative to the engine's now.
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000 + 90);
+        assert_eq!(next(&answered(503, &httpdate::fmt_http_date(at))), 90_000);
+        // A date in the past asks for nothing.
+        let past = std::time::UNIX_EPOCH + std::time::Duration::from_secs(10);
+        assert_eq!(next(&answered(503, &httpdate::fmt_http_date(past))), 1_000);
+    }
+
+    #[test]
+    fn a_410_ends_the_delivery_at_once_and_a_test_send_s_410_changes_nothing() {
+        let c = config();
+        let mut r = record(Some(10), DeliveryStatus::Pending);
+        assert_eq!(
+            settle(&mut r, Some(10), &answered(410, ""), false, &c, 100),
+            Settled::Failed
+        );
+        assert!(r.note.as_deref().unwrap().contains("410 Gone"));
+        assert!(endpoint_gone(&answered(410, ""), false));
+        assert!(!endpoint_gone(&answered(410, ""), true));
+        assert!(!endpoint_gone(&answered(404, ""), false));
     }
 
     #[test]

@@ -499,6 +499,31 @@ impl Store {
         Ok(waiting)
     }
 
+    /// The deliveries of one webhook that `keep` selects, oldest first (by the `by_webhook`
+    /// index). For rare whole-webhook transitions (a 410, a recover), not for hot paths.
+    pub fn webhook_deliveries(
+        &self,
+        webhook: WebhookId,
+        keep: impl Fn(&DeliveryRecord) -> bool,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let mut out = Vec::new();
+        for kv in self
+            .by_webhook
+            .scan_prefix(keys::by_webhook_prefix(webhook))
+        {
+            let (k, _) = kv?;
+            let Some(id) = keys::trailing_delivery(&k) else {
+                continue;
+            };
+            if let Some(record) = self.get_delivery(id)? {
+                if keep(&record) {
+                    out.push(record);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     // ---- events (the write-ahead log) ----
 
     /// The sequence number of an event id the account already used.

@@ -110,6 +110,8 @@ pub enum Reply {
     BigHeaders(u16, usize),
     /// The status with this body as `text/html` (escaping tests).
     Html(u16, &'static str),
+    /// The status with a `Retry-After` header of this value.
+    RetryAfter(u16, String),
 }
 
 /// One request a receiver got.
@@ -224,6 +226,11 @@ impl Receiver {
                                     .status(code)
                                     .header("content-type", "text/html")
                                     .body(Full::new(Bytes::from_static(body.as_bytes())))
+                                    .unwrap(),
+                                Reply::RetryAfter(code, value) => Response::builder()
+                                    .status(code)
+                                    .header("retry-after", value)
+                                    .body(Full::new(Bytes::from("later")))
                                     .unwrap(),
                                 Reply::Redirect => Response::builder()
                                     .status(302)

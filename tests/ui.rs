@@ -806,3 +806,51 @@ async fn deliveries_tab_filters_and_pages_with_cursors() {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert!(bad.body.contains("RFC 3339"));
 }
+
+#[tokio::test]
+async fn at_the_plans_maximum_add_webhook_is_replaced_by_a_note() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    for _ in 0..2 {
+        eng.webhook("acme", &rx.url, &["visitor.checked_in"]).await;
+    }
+    let home = b.get("/ui/a/acme/webhooks").await;
+    assert!(home.body.contains("href=\"/ui/a/acme/webhooks/new\""));
+    assert!(home
+        .body
+        .contains("<strong>2</strong> of <strong>3</strong>"));
+    assert!(home.body.contains("Events per second: <strong>10</strong>"));
+    // The last step of a flow started below the limit meets the limit: the domain rule refuses.
+    let csrf = home.csrf();
+    eng.webhook("acme", &rx.url, &["visitor.checked_in"]).await;
+    let refused = b
+        .post(
+            "/ui/a/acme/webhooks/new/security",
+            &[
+                ("_csrf", csrf.as_str()),
+                ("name", "Fourth"),
+                ("url", rx.url.as_str()),
+                ("description", ""),
+                ("events", "visitor.checked_in"),
+                ("secret", &format!("whsec_{}", "ab".repeat(32))),
+                ("ip_allowlist", ""),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(refused
+        .body
+        .contains("the starter plan allows at most 3 webhooks"));
+    let full = b.get("/ui/a/acme/webhooks").await;
+    assert!(
+        !full.body.contains("href=\"/ui/a/acme/webhooks/new\""),
+        "no Add Webhook"
+    );
+    assert!(full
+        .body
+        .contains("The starter plan allows 3 webhooks, and all are in use."));
+}

@@ -4,7 +4,8 @@
 //! - `canonical`: `canonical::write_canonical` (the `JSON.stringify` form of `data`, built once
 //!   per event at ingest) over the guide's `visitor.checked_in` data as a producer pretty-prints
 //!   it, over 16 KiB of such objects, and over 16 KiB of awkward data (escapes, floats,
-//!   exponents, big integers, non-ASCII);
+//!   exponents, big integers, non-ASCII); each next to serde_json's RawValue parse of the same
+//!   text (what ingest already pays), so the ratio survives a loaded machine;
 //! - `codec`: `codec::encode`/`decode` of a `DeliveryRecord` and of an `EventRecord`;
 //! - `wal_append`: `Store::append_events` + `Store::make_durable` (durable group commit, fsync
 //!   on) at batch sizes 1, 64 and 1024, reported per event; plus the same append at 64 without
@@ -128,6 +129,18 @@ fn bench_canonical(c: &mut Criterion) {
                 black_box(out.len())
             })
         });
+        // Baseline on the same machine at the same moment: the validation serde_json already
+        // does on every event's `data` (the API parses it as a RawValue).
+        g.bench_function(
+            format!("{name} serde_json RawValue parse (baseline)"),
+            |b| {
+                b.iter(|| {
+                    let raw: &serde_json::value::RawValue =
+                        serde_json::from_str(black_box(&text)).unwrap();
+                    black_box(raw.get().len())
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -200,6 +200,10 @@ pub struct DeliveryConfig {
     /// the engine's in-flight slots from other accounts' deliveries.
     #[serde(default = "d_max_test_sends_per_account")]
     pub max_test_sends_per_account: usize,
+    /// Event types whose deliveries go ahead of the account's other queued deliveries: exact
+    /// names, `family.*` or `*` (see [`Config::is_priority`]).
+    #[serde(default = "d_priority_events")]
+    pub priority_events: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -346,6 +350,9 @@ fn d_max_scheduled_per_account() -> u64 {
 }
 fn d_max_test_sends_per_account() -> usize {
     2
+}
+fn d_priority_events() -> Vec<String> {
+    vec!["emergency.*".into(), "screening.*".into()]
 }
 fn d_catalog() -> Vec<String> {
     DEFAULT_EVENT_CATALOG
@@ -700,6 +707,19 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        for p in &self.delivery.priority_events {
+            // Not checked against the catalog: the default names families an operator's
+            // catalog may leave out, and a pattern matching nothing is harmless.
+            let name = p.strip_suffix(".*").unwrap_or(p);
+            if p != "*"
+                && (name.is_empty() || name.contains('*') || name.contains(char::is_whitespace))
+            {
+                return Err(bad(
+                    "delivery.priority_events",
+                    &format!("{p:?} is not an event type, a family wildcard like \"emergency.*\", or \"*\""),
+                ));
+            }
+        }
         if self.delivery.auto_disable_after == 0 {
             return Err(bad("delivery.auto_disable_after", "must be at least 1"));
         }
@@ -736,6 +756,16 @@ impl Config {
             return Err(bad("log.level", "is not a valid filter (e.g. \"info\")"));
         }
         Ok(())
+    }
+
+    /// Whether deliveries of `event` jump the account's queue (`delivery.priority_events`).
+    pub fn is_priority(&self, event: &str) -> bool {
+        self.delivery.priority_events.iter().any(|p| {
+            p == "*"
+                || p == event
+                || p.strip_suffix(".*")
+                    .is_some_and(|family| crate::model::event_family(event) == family)
+        })
     }
 
     /// The retry delay after failed attempt number `attempt` (1-based), or `None` when the
@@ -885,6 +915,22 @@ mod tests {
     }
 
     #[test]
+    fn priority_events_match_names_families_and_everything() {
+        let c = Config::default_config();
+        assert!(c.is_priority("emergency.lockdown_activated"));
+        assert!(c.is_priority("screening.watchlist_hit"));
+        assert!(!c.is_priority("visitor.checked_in"));
+        assert!(!c.is_priority("emergencyx.a"));
+        let c = Config::from_toml(
+            "[delivery]\npriority_events = [\"visitor.checked_in\"]\n[auth]\nadmin_token = \"unit-test-token\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(c.is_priority("visitor.checked_in"));
+        assert!(!c.is_priority("emergency.lockdown_activated"));
+    }
+
+    #[test]
     fn wrong_types_and_bad_values_are_refused() {
         let cases = [
             ("[server]\nlisten = 8080\n", "test.toml:2"),
@@ -897,6 +943,15 @@ mod tests {
                 "CIDR",
             ),
             ("[delivery]\nmax_in_flight = 0\n", "delivery.max_in_flight"),
+            (
+                "[delivery]\npriority_events = [\"emergency*\"]\n",
+                "delivery.priority_events",
+            ),
+            (
+                "[delivery]\npriority_events = [\".*\"]\n",
+                "delivery.priority_events",
+            ),
+            ("[delivery]\npriority_events = \"x.*\"\n", "test.toml:2"),
             (
                 "[delivery]\nmax_scheduled_per_account = 0\n",
                 "delivery.max_scheduled_per_account",

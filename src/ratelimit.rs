@@ -43,6 +43,10 @@ struct Pace {
     limiter: Limiter,
     /// The next free future slot (unix µs) for a deferred delivery.
     next_slot_us: u64,
+    /// A priority delivery was promised the limiter's next free instant: ordinary deliveries
+    /// that come due before this (unix µs) step behind it. Time-bounded, so a promise whose
+    /// delivery never comes back (deleted meanwhile) holds nobody up for long.
+    reserved_until_us: u64,
 }
 
 /// Whether an attempt may go now.
@@ -64,7 +68,12 @@ impl RateLimits {
     }
 
     /// Asks for one delivery of `account`, whose plan allows `per_second` (0: unlimited).
-    pub fn admit(&mut self, account: &AccountId, per_second: u32) -> Admit {
+    ///
+    /// A `priority` delivery (`delivery.priority_events`) takes the account's next rate slot:
+    /// deferred, it is given the limiter's earliest instant instead of a place at the back of
+    /// the line, and ordinary deliveries coming due until then are sent to the back instead.
+    /// The plan's rate holds either way.
+    pub fn admit(&mut self, account: &AccountId, per_second: u32, priority: bool) -> Admit {
         let Some(rate) = NonZeroU32::new(per_second) else {
             self.accounts.remove(account);
             return Admit::Now;
@@ -82,17 +91,35 @@ impl RateLimits {
                         per_second,
                         limiter: RateLimiter::direct_with_clock(quota, EngineClock),
                         next_slot_us: now_us,
+                        reserved_until_us: 0,
                     },
                 );
                 self.accounts.get_mut(account).expect("just inserted")
             }
         };
-        match pace.limiter.check() {
-            Ok(()) => Admit::Now,
-            Err(not_until) => {
+        let interval = 1_000_000 / u64::from(rate.get());
+        let check = if !priority && now_us < pace.reserved_until_us {
+            None
+        } else {
+            Some(pace.limiter.check())
+        };
+        match check {
+            Some(Ok(())) => Admit::Now,
+            Some(Err(not_until)) if priority => {
+                let slot = (not_until.earliest_possible().as_micros() as u64).max(now_us);
+                // Until one interval past the slot, so the wheel's lateness does not let an
+                // ordinary delivery take it first.
+                pace.reserved_until_us = pace.reserved_until_us.max(slot + interval);
+                Admit::At(slot.div_ceil(1000))
+            }
+            Some(Err(not_until)) => {
                 let earliest = not_until.earliest_possible().as_micros() as u64;
-                let interval = 1_000_000 / u64::from(rate.get());
                 let slot = pace.next_slot_us.max(earliest).max(now_us);
+                pace.next_slot_us = slot + interval;
+                Admit::At(slot.div_ceil(1000))
+            }
+            None => {
+                let slot = pace.next_slot_us.max(pace.reserved_until_us);
                 pace.next_slot_us = slot + interval;
                 Admit::At(slot.div_ceil(1000))
             }
@@ -118,7 +145,7 @@ mod tests {
         let mut now = 0;
         let mut later = Vec::new();
         for _ in 0..40 {
-            match limits.admit(&a, 10) {
+            match limits.admit(&a, 10, false) {
                 Admit::Now => now += 1,
                 Admit::At(ms) => later.push(ms - t0),
             }
@@ -131,24 +158,53 @@ mod tests {
         }
         assert!(*later.last().unwrap() >= 3_400);
         // Another account is untouched by a's backlog.
-        assert_eq!(limits.admit(&b, 10), Admit::Now);
+        assert_eq!(limits.admit(&b, 10, false), Admit::Now);
         // Unlimited plans always go.
         for _ in 0..1000 {
-            assert_eq!(limits.admit(&b, 0), Admit::Now);
+            assert_eq!(limits.admit(&b, 0, false), Admit::Now);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_priority_delivery_takes_the_next_slot_ahead_of_a_backlog() {
+        let mut limits = RateLimits::new();
+        let a = AccountId::parse("acc_a").unwrap();
+        let t0 = clock::now_ms();
+        let mut last = 0;
+        for _ in 0..500 {
+            if let Admit::At(ms) = limits.admit(&a, 10, false) {
+                last = ms - t0;
+            }
+        }
+        assert!(last >= 49_000, "the backlog spreads over ~50 s: {last}");
+        let Admit::At(slot) = limits.admit(&a, 10, true) else {
+            panic!("the burst is spent: a priority delivery waits for the next slot too")
+        };
+        assert!(
+            slot - t0 <= 101,
+            "the next slot, not the back of the line: {}",
+            slot - t0
+        );
+        // An ordinary delivery due at that instant steps behind it ...
+        tokio::time::sleep_until(clock::instant_at(slot)).await;
+        assert!(matches!(limits.admit(&a, 10, false), Admit::At(ms) if ms - t0 > 49_000));
+        // ... and the priority one goes.
+        assert_eq!(limits.admit(&a, 10, true), Admit::Now);
+        // The rate holds: no second token at the same instant.
+        assert!(matches!(limits.admit(&a, 10, true), Admit::At(_)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_deferred_delivery_is_admitted_at_its_slot_and_a_plan_change_applies_at_once() {
         let mut limits = RateLimits::new();
         let a = AccountId::parse("acc_a").unwrap();
-        while limits.admit(&a, 2) == Admit::Now {}
-        let Admit::At(slot) = limits.admit(&a, 2) else {
+        while limits.admit(&a, 2, false) == Admit::Now {}
+        let Admit::At(slot) = limits.admit(&a, 2, false) else {
             panic!("expected a deferral")
         };
         tokio::time::sleep_until(clock::instant_at(slot)).await;
-        assert_eq!(limits.admit(&a, 2), Admit::Now);
+        assert_eq!(limits.admit(&a, 2, false), Admit::Now);
         // A faster plan: a new limiter with a fresh burst.
-        assert_eq!(limits.admit(&a, 200), Admit::Now);
+        assert_eq!(limits.admit(&a, 200, false), Admit::Now);
     }
 }

@@ -6,7 +6,9 @@
 //! parked back in the wheel at its own slot), and hands the rest to the webhook's slots: a
 //! per-webhook semaphore (`delivery.max_in_flight_per_webhook`) with a queue of waiting jobs,
 //! so one slow endpoint never holds the engine's slots, and a global semaphore
-//! (`delivery.max_in_flight`). Test sends use the same slots (at the front of the queue), and
+//! (`delivery.max_in_flight`). Deliveries of `delivery.priority_events` take the account's next
+//! rate slot and join the front of the webhook's queue. Test sends use the same slots (at the
+//! front of the queue), and
 //! an account may run only `delivery.max_test_sends_per_account` of them at once.
 //!
 //! A job is checked again when its attempt actually starts — a pause, delete, URL change or
@@ -419,13 +421,16 @@ impl Dispatcher {
             .plan_of(&record.account_id)
             .and_then(|p| d.config.plans.get(&p).map(|p| p.events_per_second))
             .unwrap_or(0);
-        if let Admit::At(when) = self.limits.admit(&record.account_id, per_second) {
+        let priority = d.config.is_priority(&record.event);
+        if let Admit::At(when) = self.limits.admit(&record.account_id, per_second, priority) {
             metrics::counter!("kyberhook_rate_limit_deferrals_total").increment(1);
             d.release(due.id);
             d.scheduler.schedule(due.id, due.token, when);
             return Ok(Dispatched::Done);
         }
-        Ok(d.start_or_queue(due.id.webhook, Job::Due(due), false).await)
+        // A priority delivery takes the webhook's next free slot: the front of its queue.
+        Ok(d.start_or_queue(due.id.webhook, Job::Due(due), priority)
+            .await)
     }
 }
 

@@ -10,7 +10,7 @@
 //! carries, when an entry is superseded — are all in this file ([`retry_token`], [`settle`]).
 //!
 //! Reads happen anywhere; **writes happen on one thread**, the delivery writer. Every change —
-//! create, outcome, manual retry, stop, forgetting a webhook's or account's deliveries — is a
+//! create, outcome, manual retry, recover, stop, forgetting a webhook's or account's deliveries — is a
 //! [`Command`] sent over a bounded crossbeam channel. The writer blocks for one command, drains
 //! what else is queued, applies them in order against an in-memory overlay (so a retry and an
 //! outcome of one delivery in the same drain see each other), writes the whole drain with one
@@ -318,6 +318,13 @@ enum Command {
         stopped: Stopped,
         reply: Reply<()>,
     },
+    /// Re-sends a webhook's deliveries that ended `failed` in a window (`recover`).
+    Recover {
+        webhook: WebhookId,
+        since_ms: u64,
+        until_ms: u64,
+        reply: Reply<usize>,
+    },
     Forget {
         what: Forget,
         reply: Reply<()>,
@@ -427,6 +434,24 @@ impl Deliveries {
     ) -> Result<Option<DeliveryRecord>, DeliveryError> {
         self.call(|reply| Command::Retry { id, account, reply })
             .await
+    }
+
+    /// Re-sends every delivery of `webhook` that ended `failed` (its last change) in
+    /// `[since_ms, until_ms)`: same ids, a new attempt each, all due now — the dispatcher's
+    /// plan rate paces them. Answers how many.
+    pub async fn recover(
+        &self,
+        webhook: WebhookId,
+        since_ms: u64,
+        until_ms: u64,
+    ) -> Result<usize, DeliveryError> {
+        self.call(|reply| Command::Recover {
+            webhook,
+            since_ms,
+            until_ms,
+            reply,
+        })
+        .await
     }
 
     /// Ends a delivery whose webhook stopped taking deliveries before its attempt started.
@@ -672,6 +697,45 @@ impl WriterContext {
                     d.put(record, old_due);
                 }
                 d.answers.push(answer(reply, ()));
+            }
+            Command::Recover {
+                webhook,
+                since_ms,
+                until_ms,
+                reply,
+            } => {
+                if self.registry.hook(webhook).is_none() {
+                    return d.answers.push(answer(reply, 0));
+                }
+                let ended = |r: &DeliveryRecord| {
+                    r.status == DeliveryStatus::Failed
+                        && !r.is_test
+                        && (since_ms..until_ms).contains(&r.updated_ms)
+                };
+                let found = match self.store.webhook_deliveries(webhook, ended) {
+                    Ok(found) => found,
+                    Err(e) => return reply.send(Err(e.into())),
+                };
+                let mut n = 0;
+                for stored in found {
+                    // This drain may have changed it already.
+                    let Ok(Some(mut record)) = d.get(&self.store, stored.id) else {
+                        continue;
+                    };
+                    if !ended(&record) {
+                        continue;
+                    }
+                    let old_due = record.next_attempt_ms;
+                    let token = retry_token(now, old_due);
+                    record.next_attempt_ms = Some(token);
+                    record.status = DeliveryStatus::Retrying;
+                    record.note = Some("re-sent by a recover".into());
+                    record.updated_ms = now;
+                    d.wheel.push((record.id, token, now));
+                    d.put(record, old_due);
+                    n += 1;
+                }
+                d.answers.push(answer(reply, n));
             }
             Command::Forget { reply, .. } => {
                 // Handled in `run`; never reaches here.

@@ -368,6 +368,9 @@ async fn route(
         (&M::POST, ["v1", "accounts", a, "webhooks", w, "secret", "rotate"]) => {
             webhooks::rotate_secret(s, call, a, w).await
         }
+        (&M::POST, ["v1", "accounts", a, "webhooks", w, "recover"]) => {
+            webhooks::recover(s, call, a, w).await
+        }
         (&M::POST, ["v1", "accounts", a, "webhooks", w, "test"]) => {
             webhooks::test(s, call, a, w).await
         }
@@ -418,6 +421,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     (
         "POST",
         "/v1/accounts/{account_id}/webhooks/{webhook_id}/test",
+    ),
+    (
+        "POST",
+        "/v1/accounts/{account_id}/webhooks/{webhook_id}/recover",
     ),
     (
         "GET",

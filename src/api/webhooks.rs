@@ -6,7 +6,9 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::domain::webhooks as domain;
-pub use super::domain::webhooks::{CreateWebhook, RotateSecret, TestRequest, UpdateWebhook};
+pub use super::domain::webhooks::{
+    CreateWebhook, RecoverRequest, RotateSecret, TestRequest, UpdateWebhook,
+};
 use super::{
     empty_response, json_response, list_response, paging, ApiError, ApiResult, AppState, Call,
 };
@@ -99,6 +101,18 @@ pub async fn rotate_secret(
     Ok(json_response(
         StatusCode::OK,
         &json!({ "secret": hook.secret, "secret_rotation_ends_at": rotation_ends_at(&hook) }),
+    ))
+}
+
+pub async fn recover(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+    let (account, id) = ids(state, &call, account_raw, raw)?;
+    // An unknown webhook is a 404 before the body is looked at.
+    domain::get_webhook(state, &account, id)?;
+    let body: RecoverRequest = call.json(state).await?;
+    let n = domain::recover_webhook(state, &account, id, &body).await?;
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &json!({ "recovered": n }),
     ))
 }
 

@@ -71,6 +71,74 @@ pub struct RotateSecret {
     pub grace_period: Option<String>,
 }
 
+/// The body of a recover: the window in which the deliveries to re-send ended `failed`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// RFC 3339, inclusive.
+    pub since: String,
+    /// RFC 3339, exclusive; default now.
+    #[serde(default)]
+    pub until: Option<String>,
+}
+
+/// Re-sends every delivery of the webhook that ended `failed` in the window (same delivery
+/// ids, a new attempt each, paced by the plan's rate like any delivery) and answers how many.
+/// A window longer than `storage.retention` is refused: what ended before it is purged.
+pub async fn recover_webhook(
+    state: &AppState,
+    account: &AccountId,
+    id: WebhookId,
+    body: &RecoverRequest,
+) -> Result<usize, ApiError> {
+    let hook = get_webhook(state, account, id)?;
+    let stamp = |field: &str, text: &str| {
+        crate::model::parse_rfc3339(text).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_timestamp",
+                format!(
+                    "{field} must be an RFC 3339 time like \"2026-01-31T09:00:00Z\", not {text:?}"
+                ),
+            )
+        })
+    };
+    let now = now_ms();
+    let since = stamp("since", &body.since)?;
+    let until = match &body.until {
+        Some(t) => stamp("until", t)?,
+        None => now,
+    };
+    if since >= until {
+        return Err(ApiError::bad_request(
+            "invalid_recover_window",
+            "since must be earlier than until",
+        ));
+    }
+    let retention = state.config.storage.retention;
+    if u128::from(until - since) > retention.as_millis() {
+        return Err(ApiError::bad_request(
+            "recover_window_too_long",
+            format!(
+                "the window is longer than the retention ({}); deliveries older than that are purged",
+                humantime::format_duration(retention)
+            ),
+        ));
+    }
+    if hook.status != WebhookStatus::Active {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "webhook_not_active",
+            format!(
+                "the webhook is {}; set it active before recovering",
+                hook.status.as_str()
+            ),
+        ));
+    }
+    let n = state.deliverer.deliveries.recover(id, since, until).await?;
+    state.ingest.sync().await?;
+    Ok(n)
+}
+
 /// The grace period of a rotation when none is asked for.
 pub const DEFAULT_ROTATION_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// The longest grace period a rotation may ask for.

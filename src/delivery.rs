@@ -791,7 +791,8 @@ impl WriterContext {
         Ok(owed)
     }
 
-    /// Writes a drain, then answers its callers and schedules its wheel entries.
+    /// Writes a drain, schedules its wheel entries, applies its webhook side effects, then
+    /// answers its callers.
     fn commit(&self, d: Drain) {
         if d.is_empty() {
             return;
@@ -825,9 +826,9 @@ impl WriterContext {
                 self.scheduler.schedule(id, token, when);
             }
         }
-        for a in d.answers {
-            a(failed.as_ref());
-        }
+        // Webhook side effects (failure counts, auto-disable, a 410's disable) are applied
+        // before the callers hear the outcome, so that whoever reads the webhook after a
+        // delivery settled sees the count that delivery left.
         if failed.is_none() {
             if let Err(err) = self.count_outcomes(&d.outcomes) {
                 tracing::warn!(error = %err, "updating webhook failure counts failed");
@@ -837,6 +838,9 @@ impl WriterContext {
                     tracing::warn!(webhook = %hook, error = %err, "disabling a webhook whose endpoint answered 410 failed");
                 }
             }
+        }
+        for a in d.answers {
+            a(failed.as_ref());
         }
     }
 

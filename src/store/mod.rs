@@ -179,6 +179,29 @@ pub struct Store {
     schedule: Tree,
 }
 
+/// How long [`open_sled`] waits for a file lock that a closing instance still holds.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens sled, waiting briefly for its file lock. A `sled::Db` that was just dropped releases
+/// the lock only when its background flusher thread has exited, so reopening a data dir in the
+/// same process (an engine restarted in place, the tests' reopen-and-check) can meet its own
+/// previous instance still closing. sled reports that only as an I/O error with this text; any
+/// other error, or a lock still held after [`LOCK_WAIT`] (another process), is returned as is.
+fn open_sled(config: &sled::Config) -> std::result::Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store at `path` with [`StoreOptions::new`]: the default cache,
     /// and the data dir's own secrets key (generated when there is none).
@@ -195,7 +218,7 @@ impl Store {
             .path(path)
             .cache_capacity(options.cache_bytes)
             .flush_every_ms(Some(200));
-        let db = sled_config.open()?;
+        let db = open_sled(&sled_config)?;
         // sled created its files before the walk above could see them.
         make_private(path)?;
         // Every tree is opened through the tracker, so an online backup covers it.

@@ -71,9 +71,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const ADMIN: &str = "bench-admin-token-0123456789";
 /// Receiver counters are kept per phase, by the first path segment `/p{N}/…`.
-const PHASES: usize = 9;
+const PHASES: usize = 16;
 const LATENCY_PHASE: usize = 7;
 const RETENTION_PHASE: usize = 8;
+/// The lag phases (issue 12's table) use receiver paths `/p9/…` onwards.
+const LAG_FIRST: usize = 9;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A closed-loop connection idle (throttled) for longer than this is replaced before use.
 const IDLE_RECONNECT: Duration = Duration::from_secs(5);
@@ -112,6 +114,12 @@ struct Opts {
     retention: u64,
     /// How long the retention phase ingests, seconds.
     retention_run: u64,
+    /// Lag phases: (webhooks, connections) of each closed-loop, uncapped single-event run.
+    lag: Vec<(usize, usize)>,
+    /// `delivery.max_scheduled_per_account` of the engine (`--quota`): the push-back.
+    quota: Option<u64>,
+    /// Events/s of the paced phase (one webhook, open loop).
+    paced_rate: u64,
 }
 
 impl Opts {
@@ -127,6 +135,8 @@ const ALL_PHASES: &[&str] = &[
     "fanout",
     "latency",
     "retention",
+    "lag",
+    "paced",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -178,6 +188,9 @@ fn parse_opts() -> Opts {
         phases: ALL_PHASES.iter().map(|p| p.to_string()).collect(),
         retention: 10,
         retention_run: if quick { 40 } else { 90 },
+        lag: vec![(1, 32), (10, 32), (10, 64), (10, 256)],
+        quota: None,
+        paced_rate: 250,
     };
     let mut it = args.into_iter().peekable();
     while let Some(arg) = it.next() {
@@ -221,6 +234,26 @@ fn parse_opts() -> Opts {
             "--retention" => o.retention = num("--retention", value("--retention")).max(1),
             "--retention-run" => {
                 o.retention_run = num("--retention-run", value("--retention-run")).max(10)
+            }
+            "--quota" => o.quota = Some(num("--quota", value("--quota")).max(1)),
+            "--paced-rate" => o.paced_rate = num("--paced-rate", value("--paced-rate")).max(1),
+            "--lag" => {
+                let v = value("--lag");
+                o.lag =
+                    v.split(',')
+                        .map(|s| {
+                            let (f, c) = s.trim().split_once('x').unwrap_or_else(|| {
+                                usage("--lag takes WEBHOOKSxCONNS[,…], e.g. 10x64")
+                            });
+                            (
+                                num("--lag", f.to_string()).clamp(1, 100) as usize,
+                                num("--lag", c.to_string()).clamp(1, 4096) as usize,
+                            )
+                        })
+                        .collect();
+                if o.lag.is_empty() || o.lag.len() > PHASES - LAG_FIRST {
+                    usage("--lag takes 1 to 7 runs");
+                }
             }
             "--phases" => {
                 let v = value("--phases");
@@ -312,7 +345,12 @@ struct RecvStats {
     seen: Mutex<HashSet<u128>>,
     /// Latency phase: event id → first arrival.
     first_seen: Mutex<HashMap<String, Instant>>,
+    /// Lag phases: (event id, arrival) of every delivery.
+    arrivals: Mutex<Vec<Arrival>>,
 }
+
+/// An event id and when it was acknowledged or arrived.
+type Arrival = (Box<str>, Instant);
 
 struct Receivers {
     urls: Vec<String>,
@@ -402,6 +440,16 @@ async fn receive(stats: &RecvStats, req: Request<Incoming>) -> Response<Full<Byt
             stats.per_phase[p].fetch_add(1, Ordering::Relaxed);
             if !stats.seen.lock().unwrap().insert(d) {
                 stats.dups[p].fetch_add(1, Ordering::Relaxed);
+            }
+            if p >= LAG_FIRST {
+                // The engine writes `{"id":"evt_…",` first (src/ingest/body.rs).
+                if let Some(id) = body
+                    .strip_prefix(b"{\"id\":\"")
+                    .and_then(|r| r.iter().position(|&c| c == b'"').map(|n| &r[..n]))
+                {
+                    let id: Box<str> = String::from_utf8_lossy(id).into();
+                    stats.arrivals.lock().unwrap().push((id, at));
+                }
             }
             if p == LATENCY_PHASE {
                 #[derive(serde::Deserialize)]
@@ -983,16 +1031,20 @@ struct LatencyResult {
     fail_reasons: String,
     missing: usize,
     duplicates: u64,
+    /// CPU of the whole process / of the engine's threads per measured event, from the first
+    /// measured send until every measured event arrived (or the wait ran out).
+    cpu_ms_per_event_process: f64,
+    cpu_ms_per_event_engine: f64,
+    cpu_threads: String,
+    rss_mib: f64,
 }
 
 /// (intended send, actual send, acknowledged, event id) of one measured event.
 type Sample = (Instant, Instant, Instant, String);
 
-async fn latency_phase(ctx: &Ctx) -> LatencyResult {
-    let account = "acc_latency";
+async fn latency_phase(ctx: &Ctx, rate: u64, account: &str, webhooks: usize) -> LatencyResult {
     create_account(ctx, account).await;
-    create_webhooks(ctx, account, LATENCY_PHASE, ctx.opts.latency_webhooks).await;
-    let rate = ctx.opts.rate;
+    create_webhooks(ctx, account, LATENCY_PHASE, webhooks).await;
     let warm_n = rate * ctx.opts.warmup;
     let total = warm_n + rate * ctx.opts.secs;
     let conns = ctx.opts.latency_conns;
@@ -1015,9 +1067,13 @@ async fn latency_phase(ctx: &Ctx) -> LatencyResult {
     let start = Instant::now() + Duration::from_millis(20);
     let step_ns = 1_000_000_000f64 / rate as f64;
     let mut handles = Vec::with_capacity(total as usize);
+    let mut cpu0 = None;
     for i in 0..total {
         let intended = start + Duration::from_nanos((i as f64 * step_ns) as u64);
         tokio::time::sleep_until(intended.into()).await;
+        if i == warm_n {
+            cpu0 = Some((Instant::now(), Cpu::now()));
+        }
         let (pool, sem, body, failed, samples, reasons) = (
             pool.clone(),
             sem.clone(),
@@ -1083,7 +1139,7 @@ async fn latency_phase(ctx: &Ctx) -> LatencyResult {
     let achieved_rate = total as f64 / (sent_all - start).as_secs_f64().max(1e-9);
     let samples = std::mem::take(&mut *samples.lock().unwrap());
     // Wait (bounded) for every measured event's first attempt.
-    let wait = if ctx.opts.latency_webhooks == 0 {
+    let wait = if webhooks == 0 {
         0
     } else {
         ctx.opts.drain_secs
@@ -1099,6 +1155,9 @@ async fn latency_phase(ctx: &Ctx) -> LatencyResult {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let (t0, c0) = cpu0.unwrap_or_else(|| (Instant::now(), Cpu::now()));
+    let cpu = Cpu::now().since(&c0);
+    let cpu_secs = t0.elapsed().as_secs_f64();
     let seen = std::mem::take(&mut *ctx.recv.stats.first_seen.lock().unwrap());
     let mut e2e = Vec::with_capacity(samples.len());
     let mut missing = 0;
@@ -1125,6 +1184,10 @@ async fn latency_phase(ctx: &Ctx) -> LatencyResult {
         },
         missing,
         duplicates: ctx.recv.stats.dups[LATENCY_PHASE].load(Ordering::Relaxed),
+        cpu_ms_per_event_process: cpu.process_s * 1e3 / samples.len().max(1) as f64,
+        cpu_ms_per_event_engine: cpu.engine_s() * 1e3 / samples.len().max(1) as f64,
+        cpu_threads: cpu.top(cpu_secs, 8),
+        rss_mib: proc_status_kb("VmRSS:") as f64 / 1024.0,
     }
 }
 
@@ -1358,6 +1421,343 @@ fn du(path: &Path) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Threads' CPU (/proc/self/task/*/stat)
+
+/// CPU seconds per thread group (thread name with trailing digits dropped) and the process's.
+#[derive(Debug, Clone, Default)]
+struct Cpu {
+    by_thread: HashMap<String, f64>,
+    process_s: f64,
+}
+
+/// utime + stime (fields 14 and 15) of a `stat` line, in seconds (USER_HZ is 100 on Linux).
+fn stat_cpu_s(stat: &str) -> Option<(String, f64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let name = stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+    let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // rest[0] is field 3 (state): utime is field 14 → rest[11], stime rest[12].
+    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    Some((name.to_string(), ticks as f64 / 100.0))
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let mut by_thread: HashMap<String, f64> = HashMap::new();
+        let me = std::process::id().to_string();
+        if let Ok(rd) = std::fs::read_dir("/proc/self/task") {
+            for e in rd.flatten() {
+                let tid = e.file_name().to_string_lossy().to_string();
+                let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                    continue;
+                };
+                if let Some((name, s)) = stat_cpu_s(&stat) {
+                    // The main thread only waits; name it so it is not mistaken for the engine.
+                    let name = if tid == me { "main".to_string() } else { name };
+                    *by_thread.entry(name).or_default() += s;
+                }
+            }
+        }
+        let process_s = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| stat_cpu_s(&s))
+            .map_or(0.0, |(_, s)| s);
+        Cpu {
+            by_thread,
+            process_s,
+        }
+    }
+
+    fn since(&self, before: &Cpu) -> Cpu {
+        let by_thread = self
+            .by_thread
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v - before.by_thread.get(k).copied().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        Cpu {
+            by_thread,
+            process_s: self.process_s - before.process_s,
+        }
+    }
+
+    /// Everything but the load generator's and receiver's runtime ("loadgen") and main.
+    fn engine_s(&self) -> f64 {
+        self.by_thread
+            .iter()
+            .filter(|(k, _)| k.as_str() != "loadgen" && k.as_str() != "main")
+            .map(|(_, v)| v.max(0.0))
+            .sum()
+    }
+
+    /// The busiest thread groups in cores (CPU seconds per wall second).
+    fn top(&self, wall_s: f64, n: usize) -> String {
+        let mut v: Vec<_> = self.by_thread.iter().filter(|(_, s)| **s > 0.0).collect();
+        v.sort_by(|a, b| b.1.total_cmp(a.1));
+        let mut out: Vec<String> = v
+            .iter()
+            .take(n)
+            .map(|(k, s)| format!("{k} {:.2}", *s / wall_s.max(1e-9)))
+            .collect();
+        out.push(format!(
+            "(process {:.2})",
+            self.process_s / wall_s.max(1e-9)
+        ));
+        out.join(", ")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lag phases: issue 12's table
+
+#[derive(Debug, Clone, Default)]
+struct LagResult {
+    webhooks: usize,
+    conns: usize,
+    window_s: f64,
+    accepted_per_s: f64,
+    refused: u64,
+    refused_statuses: String,
+    io_errors: u64,
+    delivered_per_s: f64,
+    /// Mean over the drain's full seconds that ended with deliveries still outstanding.
+    after_per_s: Option<f64>,
+    /// Deliveries received per second: the window, then the drain.
+    series_during: Vec<u64>,
+    series_after: Vec<u64>,
+    backlog_end: u64,
+    drain_s: f64,
+    drained: bool,
+    /// Lag of every delivery of the events acknowledged in the window: 202 → arrival.
+    lag: Pcts,
+    lag_samples: usize,
+    lag_missing: u64,
+    duplicates: u64,
+    cpu_during: String,
+    cpu_after: String,
+    rss_end_mib: f64,
+    rss_drained_mib: f64,
+}
+
+impl LagResult {
+    fn ratio(&self) -> Option<f64> {
+        self.after_per_s
+            .filter(|a| *a > 0.0)
+            .map(|a| self.delivered_per_s / a)
+    }
+}
+
+/// Closed-loop single-event ingest on `conns` connections to an account with `fanout`
+/// webhooks, uncapped (only the engine's own push-back, `--quota`, holds it back; a 429/503
+/// is honoured for its `Retry-After`), then ingest stops and the backlog drains.
+async fn lag_phase(ctx: &Ctx, phase: usize, fanout: usize, conns: usize) -> LagResult {
+    let account = format!("acc_lag{fanout}x{conns}_{phase}");
+    create_account(ctx, &account).await;
+    create_webhooks(ctx, &account, phase, fanout).await;
+    let stats = ctx.recv.stats.clone();
+    stats.arrivals.lock().unwrap().clear();
+    let acked = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let io_errors = Arc::new(AtomicU64::new(0));
+    let statuses: Arc<Mutex<HashMap<u16, u64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Events acknowledged in the window: id → the 202's arrival.
+    let acks: Arc<Mutex<Vec<Arrival>>> = Arc::default();
+    let window_open = Arc::new(AtomicBool::new(false));
+    let body = Bytes::from(event_json(&account).to_string());
+    let api = ctx.api;
+    let warmup = Duration::from_secs(ctx.opts.warmup);
+    let window = Duration::from_secs(ctx.opts.secs);
+    let hard = Instant::now() + warmup + window + Duration::from_secs(30);
+    let mut handles = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let (acked, refused, io_errors, statuses, stop, acks, window_open, body) = (
+            acked.clone(),
+            refused.clone(),
+            io_errors.clone(),
+            statuses.clone(),
+            stop.clone(),
+            acks.clone(),
+            window_open.clone(),
+            body.clone(),
+        );
+        handles.push(tokio::spawn(async move {
+            let Ok(mut sender) = connect(api).await else {
+                io_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed)
+                && Instant::now() < hard
+                && sent < MAX_REQUESTS_PER_CONN
+            {
+                sent += 1;
+                let req = request(api, Method::POST, "/v1/events", Some(body.clone()));
+                let fut = async {
+                    sender.ready().await.map_err(|e| e.to_string())?;
+                    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                    let status = resp.status();
+                    let retry_after = resp
+                        .headers()
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    let b = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((status, retry_after, b.to_bytes()))
+                };
+                match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+                    Ok(Ok((StatusCode::ACCEPTED, _, b))) => {
+                        let at = Instant::now();
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        if window_open.load(Ordering::Relaxed) {
+                            if let Some(id) = b
+                                .strip_prefix(b"{\"id\":\"")
+                                .and_then(|r| r.iter().position(|&c| c == b'"').map(|n| &r[..n]))
+                            {
+                                let id: Box<str> = String::from_utf8_lossy(id).into();
+                                acks.lock().unwrap().push((id, at));
+                            }
+                        }
+                    }
+                    Ok(Ok((status, retry_after, _))) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        *statuses.lock().unwrap().entry(status.as_u16()).or_default() += 1;
+                        // A well-behaved producer waits as long as it is asked to.
+                        let wait = retry_after.unwrap_or(1).clamp(1, 5);
+                        tokio::time::sleep(Duration::from_secs(wait)).await;
+                    }
+                    _ => {
+                        io_errors.fetch_add(1, Ordering::Relaxed);
+                        match connect(api).await {
+                            Ok(s) => sender = s,
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let outstanding = {
+        let (a, s) = (acked.clone(), stats.clone());
+        move || {
+            (a.load(Ordering::Relaxed) * fanout as u64)
+                .saturating_sub(s.per_phase[phase].load(Ordering::Relaxed))
+        }
+    };
+    tokio::time::sleep(warmup).await;
+    let mut r = LagResult {
+        webhooks: fanout,
+        conns,
+        ..Default::default()
+    };
+    window_open.store(true, Ordering::Relaxed);
+    let (t0, cpu0) = (Instant::now(), Cpu::now());
+    let (recv0, acked0, refused0) = (
+        stats.per_phase[phase].load(Ordering::Relaxed),
+        acked.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    );
+    let mut last = recv0;
+    let end = t0 + window;
+    let mut tick = t0;
+    while tick < end {
+        tick += Duration::from_secs(1);
+        tokio::time::sleep_until(tick.min(end).into()).await;
+        let now = stats.per_phase[phase].load(Ordering::Relaxed);
+        r.series_during.push(now - last);
+        last = now;
+    }
+    window_open.store(false, Ordering::Relaxed);
+    let t1 = Instant::now();
+    let (recv1, acked1, refused1) = (
+        stats.per_phase[phase].load(Ordering::Relaxed),
+        acked.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    );
+    let cpu1 = Cpu::now();
+    r.rss_end_mib = proc_status_kb("VmRSS:") as f64 / 1024.0;
+    stop.store(true, Ordering::Relaxed);
+    join_all(handles, Duration::from_secs(35)).await;
+    let secs = (t1 - t0).as_secs_f64();
+    r.window_s = secs;
+    r.delivered_per_s = (recv1 - recv0) as f64 / secs;
+    r.accepted_per_s = (acked1 - acked0) as f64 / secs;
+    r.refused = refused1 - refused0;
+    r.io_errors = io_errors.load(Ordering::Relaxed);
+    r.refused_statuses = {
+        let s = statuses.lock().unwrap();
+        let mut v: Vec<_> = s.iter().map(|(k, n)| format!("{k}x{n}")).collect();
+        v.sort();
+        v.join(" ")
+    };
+    r.cpu_during = cpu1.since(&cpu0).top(secs, 7);
+    r.backlog_end = outstanding();
+
+    // Drain: per-second deliveries until nothing is outstanding (bounded).
+    let t2 = Instant::now();
+    let deadline = t2 + Duration::from_secs(ctx.opts.drain_secs);
+    let mut last = stats.per_phase[phase].load(Ordering::Relaxed);
+    let mut full_secs = Vec::new();
+    let mut tick = t2;
+    let mut cpu_drain = None;
+    while outstanding() > 0 && Instant::now() < deadline {
+        tick += Duration::from_secs(1);
+        while Instant::now() < tick && outstanding() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let now = stats.per_phase[phase].load(Ordering::Relaxed);
+        r.series_after.push(now - last);
+        if outstanding() > 0 {
+            full_secs.push(now - last);
+            cpu_drain = Some((Instant::now(), Cpu::now()));
+        }
+        last = now;
+    }
+    r.drain_s = t2.elapsed().as_secs_f64();
+    r.drained = outstanding() == 0;
+    if !full_secs.is_empty() {
+        r.after_per_s = Some(full_secs.iter().sum::<u64>() as f64 / full_secs.len() as f64);
+    }
+    if let Some((at, c)) = cpu_drain {
+        let wall = (at - t2).as_secs_f64();
+        if wall > 0.5 {
+            r.cpu_after = c.since(&cpu1).top(wall, 7);
+        }
+    }
+    r.rss_drained_mib = proc_status_kb("VmRSS:") as f64 / 1024.0;
+
+    let acks = std::mem::take(&mut *acks.lock().unwrap());
+    let arrivals = std::mem::take(&mut *stats.arrivals.lock().unwrap());
+    let acked_at: HashMap<&str, Instant> = acks.iter().map(|(id, at)| (&**id, *at)).collect();
+    let mut lags = Vec::with_capacity(acks.len() * fanout);
+    for (id, at) in &arrivals {
+        if let Some(ack) = acked_at.get(&**id) {
+            lags.push(at.saturating_duration_since(*ack));
+        }
+    }
+    r.lag_samples = lags.len();
+    r.lag_missing = (acks.len() * fanout).saturating_sub(lags.len()) as u64;
+    r.lag = pcts(lags);
+    r.duplicates = stats.dups[phase].load(Ordering::Relaxed);
+    stats.seen.lock().unwrap().clear();
+    r
+}
+
+fn series(v: &[u64]) -> String {
+    v.iter()
+        .map(|n| format!("{:.1}", *n as f64 / 1000.0))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------------------------------------
 // Output
 
 struct Table {
@@ -1451,11 +1851,16 @@ extra_ca_files = ["{ca}"]
 private_network_allowlist = ["127.0.0.0/8"]
 max_in_flight = 1024
 max_in_flight_per_webhook = 256
+{quota}
 [plans.bench]
 events_per_second = 0
 [log]
 level = "{log}"
 "#,
+        quota = opts
+            .quota
+            .map(|q| format!("max_scheduled_per_account = {q}"))
+            .unwrap_or_default(),
         data = data.path().display(),
         ca = pki.ca_file.display(),
         fsync = opts.fsync,
@@ -1481,78 +1886,115 @@ level = "{log}"
         opts.conns, opts.rps_secs, opts.secs, opts.warmup
     );
 
-    let (healthz, ingest, batch, events_only, fanouts, latency) = bench_rt.block_on(async {
-        let skipped = RpsResult {
-            skipped: true,
-            ..Default::default()
-        };
-        let api = ctx.api;
-        let healthz = if !ctx.opts.runs("healthz") {
-            skipped.clone()
-        } else {
-            eprintln!("phase: GET /healthz");
-            closed_loop(
-                &ctx,
-                Workload {
-                    make: Arc::new(move || request(api, Method::GET, "/healthz", None)),
-                    expect: StatusCode::OK,
-                    items_per_ok: 1,
-                    gate: None,
-                },
-            )
-            .await
-        };
-
-        create_account(&ctx, "acc_ingest").await;
-        let ingest = if !ctx.opts.runs("ingest") {
-            skipped.clone()
-        } else {
-            eprintln!("phase: POST /v1/events (no webhook)");
-            closed_loop(&ctx, ingest_workload(api, "acc_ingest", None)).await
-        };
-        let batch = if !ctx.opts.runs("batch") {
-            skipped.clone()
-        } else {
-            eprintln!("phase: POST /v1/events/batch x{BATCH_SIZE} (no webhook)");
-            closed_loop(&ctx, batch_workload(api, "acc_ingest", None)).await
-        };
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let m = Scrape::get(ctx.metrics).await;
-        let events_only = (
-            m.sum("kyberhook_events_ingested_total", None),
-            du(data.path()),
-            ingest.ok_total + batch.items_total,
-            proc_status_kb("VmRSS:"),
-        );
-
-        let mut fanouts = Vec::new();
-        let mut phase = 0;
-        let fanout_list = if ctx.opts.runs("fanout") {
-            ctx.opts.fanouts.clone()
-        } else {
-            Vec::new()
-        };
-        for &f in &fanout_list {
-            for &mode in &ctx.opts.fanout_ingest {
-                phase += 1;
-                eprintln!(
-                    "phase: deliveries with {f} webhook(s), {} ingest",
-                    mode.name()
-                );
-                fanouts.push(fanout_phase(&ctx, phase, f, mode).await);
-            }
-        }
-        let latency = if ctx.opts.runs("latency") {
-            eprintln!("phase: latency at {} events/s (open loop)", ctx.opts.rate);
-            latency_phase(&ctx).await
-        } else {
-            LatencyResult {
+    let (healthz, ingest, batch, events_only, fanouts, latency, paced, lags) =
+        bench_rt.block_on(async {
+            let skipped = RpsResult {
                 skipped: true,
                 ..Default::default()
+            };
+            let api = ctx.api;
+            let healthz = if !ctx.opts.runs("healthz") {
+                skipped.clone()
+            } else {
+                eprintln!("phase: GET /healthz");
+                closed_loop(
+                    &ctx,
+                    Workload {
+                        make: Arc::new(move || request(api, Method::GET, "/healthz", None)),
+                        expect: StatusCode::OK,
+                        items_per_ok: 1,
+                        gate: None,
+                    },
+                )
+                .await
+            };
+
+            create_account(&ctx, "acc_ingest").await;
+            let ingest = if !ctx.opts.runs("ingest") {
+                skipped.clone()
+            } else {
+                eprintln!("phase: POST /v1/events (no webhook)");
+                closed_loop(&ctx, ingest_workload(api, "acc_ingest", None)).await
+            };
+            let batch = if !ctx.opts.runs("batch") {
+                skipped.clone()
+            } else {
+                eprintln!("phase: POST /v1/events/batch x{BATCH_SIZE} (no webhook)");
+                closed_loop(&ctx, batch_workload(api, "acc_ingest", None)).await
+            };
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let m = Scrape::get(ctx.metrics).await;
+            let events_only = (
+                m.sum("kyberhook_events_ingested_total", None),
+                du(data.path()),
+                ingest.ok_total + batch.items_total,
+                proc_status_kb("VmRSS:"),
+            );
+
+            let mut fanouts = Vec::new();
+            let mut phase = 0;
+            let fanout_list = if ctx.opts.runs("fanout") {
+                ctx.opts.fanouts.clone()
+            } else {
+                Vec::new()
+            };
+            for &f in &fanout_list {
+                for &mode in &ctx.opts.fanout_ingest {
+                    phase += 1;
+                    eprintln!(
+                        "phase: deliveries with {f} webhook(s), {} ingest",
+                        mode.name()
+                    );
+                    fanouts.push(fanout_phase(&ctx, phase, f, mode).await);
+                }
             }
-        };
-        (healthz, ingest, batch, events_only, fanouts, latency)
-    });
+            let latency = if ctx.opts.runs("latency") {
+                eprintln!("phase: latency at {} events/s (open loop)", ctx.opts.rate);
+                latency_phase(
+                    &ctx,
+                    ctx.opts.rate,
+                    "acc_latency",
+                    ctx.opts.latency_webhooks,
+                )
+                .await
+            } else {
+                LatencyResult {
+                    skipped: true,
+                    ..Default::default()
+                }
+            };
+            let paced = if ctx.opts.runs("paced") {
+                eprintln!(
+                    "phase: paced at {} events/s to 1 webhook (open loop)",
+                    ctx.opts.paced_rate
+                );
+                latency_phase(&ctx, ctx.opts.paced_rate, "acc_paced", 1).await
+            } else {
+                LatencyResult {
+                    skipped: true,
+                    ..Default::default()
+                }
+            };
+            let mut lags = Vec::new();
+            if ctx.opts.runs("lag") {
+                for (i, &(f, c)) in ctx.opts.lag.iter().enumerate() {
+                    eprintln!(
+                        "phase: lag, {f} webhook(s), {c} connections, uncapped single-event ingest"
+                    );
+                    lags.push(lag_phase(&ctx, LAG_FIRST + i, f, c).await);
+                }
+            }
+            (
+                healthz,
+                ingest,
+                batch,
+                events_only,
+                fanouts,
+                latency,
+                paced,
+                lags,
+            )
+        });
     let retention = if ctx.opts.runs("retention") {
         eprintln!(
             "phase: retention {} s under fan-out to 10 webhooks ({} s)",
@@ -1758,6 +2200,116 @@ level = "{log}"
         format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.p999),
         format!("intended send -> request at receiver; max {:.1} ms", p.max),
     );
+    if !paced.skipped {
+        t.section(&format!(
+            "paced: open loop at {} events/s, 1 webhook, {} connections",
+            paced.rate, opts.latency_conns
+        ));
+        t.row(
+            "CPU per event (engine threads)",
+            format!("{:.3} ms", paced.cpu_ms_per_event_engine),
+            format!(
+                "whole process {:.3} ms (with receiver and load generator); {} events measured; cores: {}",
+                paced.cpu_ms_per_event_process,
+                n0(paced.measured as f64),
+                paced.cpu_threads
+            ),
+        );
+        let p = &paced.ingest;
+        t.row(
+            "ingest p50 / p99 / p99.9",
+            format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.p999),
+            format!(
+                "intended send -> 202; failed {}; VmRSS {:.0} MiB",
+                paced.failed, paced.rss_mib
+            ),
+        );
+        let p = &paced.e2e;
+        t.row(
+            "ingest -> first attempt p50 / p99 / p99.9",
+            format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.p999),
+            format!("missing {}", paced.missing),
+        );
+    }
+    for l in &lags {
+        t.section(&format!(
+            "lag: {} webhook(s), {} connections, closed-loop single-event ingest, uncapped{}",
+            l.webhooks,
+            l.conns,
+            opts.quota
+                .map(|q| format!(
+                    " (engine push-back: max_scheduled_per_account = {})",
+                    n0(q as f64)
+                ))
+                .unwrap_or_default()
+        ));
+        t.row(
+            "created (accepted) / s",
+            n0(l.accepted_per_s),
+            format!(
+                "202s per second over {:.1} s; refused {}{}{}",
+                l.window_s,
+                l.refused,
+                if l.refused_statuses.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", l.refused_statuses)
+                },
+                if l.io_errors > 0 {
+                    format!("; io errors {}", l.io_errors)
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        t.row(
+            "delivered/s during load",
+            n0(l.delivered_per_s),
+            format!(
+                "offered {} /s; per second (k): {}",
+                n0(l.accepted_per_s * l.webhooks as f64),
+                series(&l.series_during)
+            ),
+        );
+        t.row(
+            "delivered/s once ingest stops",
+            l.after_per_s.map_or("—".to_string(), n0),
+            format!(
+                "backlog at stop {}, drained {} in {:.1} s; per second (k): {}",
+                n0(l.backlog_end as f64),
+                if l.drained { "all" } else { "NOT all" },
+                l.drain_s,
+                series(&l.series_after)
+            ),
+        );
+        t.row(
+            "during / after",
+            l.ratio().map_or("—".to_string(), |r| format!("{r:.2}")),
+            "issue 12 item 1: >= 0.8 with 10 webhooks and 64 connections",
+        );
+        t.row(
+            "lag 202 -> arrival p50 / p99 / max",
+            format!("{:.0} / {:.0} / {:.0} ms", l.lag.p50, l.lag.p99, l.lag.max),
+            format!(
+                "every delivery of the window's events ({}; missing {}, duplicates {})",
+                n0(l.lag_samples as f64),
+                l.lag_missing,
+                l.duplicates
+            ),
+        );
+        t.row("threads' CPU during load (cores)", "", l.cpu_during.clone());
+        if !l.cpu_after.is_empty() {
+            t.row("threads' CPU once ingest stops", "", l.cpu_after.clone());
+        }
+        t.row(
+            "VmRSS",
+            format!("{:.0} MiB", l.rss_end_mib),
+            format!(
+                "at the window's end; {:.0} MiB after the drain",
+                l.rss_drained_mib
+            ),
+        );
+    }
     t.section(&format!(
         "retention {} s, 10 webhooks, closed-loop batch ingest{}",
         retention.retention_s,
@@ -1927,6 +2479,34 @@ level = "{log}"
                 "ingest_service_ms": pcts_json(&latency.ingest_service),
                 "ingest_to_first_attempt_ms": pcts_json(&latency.e2e),
             },
+            "paced": {
+                "rate": paced.rate,
+                "measured": paced.measured,
+                "cpu_ms_per_event_engine": paced.cpu_ms_per_event_engine,
+                "cpu_ms_per_event_process": paced.cpu_ms_per_event_process,
+                "ingest_ms": pcts_json(&paced.ingest),
+                "ingest_to_first_attempt_ms": pcts_json(&paced.e2e),
+                "rss_bytes": (paced.rss_mib * 1048576.0) as u64,
+            },
+            "lag": lags.iter().map(|l| json!({
+                "webhooks": l.webhooks,
+                "conns": l.conns,
+                "quota": opts.quota,
+                "accepted_per_s": l.accepted_per_s,
+                "refused": l.refused,
+                "delivered_per_s_during": l.delivered_per_s,
+                "delivered_per_s_after": l.after_per_s,
+                "during_to_after": l.ratio(),
+                "series_during": l.series_during,
+                "series_after": l.series_after,
+                "lag_ms": pcts_json(&l.lag),
+                "lag_missing": l.lag_missing,
+                "duplicates": l.duplicates,
+                "cpu_during": l.cpu_during,
+                "cpu_after": l.cpu_after,
+                "rss_end_bytes": (l.rss_end_mib * 1048576.0) as u64,
+                "rss_drained_bytes": (l.rss_drained_mib * 1048576.0) as u64,
+            })).collect::<Vec<_>>(),
             "peak_rss_bytes": peak_rss_kb * 1024,
             "peak_rss_note": "VmHWM of the whole process: engine + receiver + load generator",
             "data_dir_bytes_ingest_only": ev_only_bytes,

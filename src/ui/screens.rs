@@ -257,11 +257,7 @@ fn accounts_page(
             selected: p == plan,
         })
         .collect();
-    let status = if error.is_some() {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::OK
-    };
+    let status = form_status(error.is_some());
     let page = AccountsPage {
         c: ctx.chrome("Accounts", Vec::new()),
         rows,
@@ -465,11 +461,7 @@ fn step1_page(
     errors: FieldErrors,
 ) -> Result<Page, ApiError> {
     let acct = acc::get_account(ctx.state, account)?;
-    let status = if errors.any() {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::OK
-    };
+    let status = form_status(errors.any());
     let page = Step1Page {
         c: ctx.chrome("Add Webhook", ctx.account_crumbs(account, &acct.name)),
         base: base.to_string(),
@@ -516,11 +508,7 @@ fn step2_page(
     error: Option<String>,
 ) -> Result<Page, ApiError> {
     let acct = acc::get_account(ctx.state, account)?;
-    let status = if error.is_some() {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::OK
-    };
+    let status = form_status(error.is_some());
     let page = Step2Page {
         c: ctx.chrome("Add Webhook", ctx.account_crumbs(account, &acct.name)),
         base: base.to_string(),
@@ -575,11 +563,7 @@ fn step3_page(
     error: Option<String>,
 ) -> Result<Page, ApiError> {
     let acct = acc::get_account(ctx.state, account)?;
-    let status = if error.is_some() {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::OK
-    };
+    let status = form_status(error.is_some());
     let page = Step3Page {
         c: ctx.chrome("Add Webhook", ctx.account_crumbs(account, &acct.name)),
         base: base.to_string(),
@@ -752,11 +736,7 @@ fn render_edit(
     error: Option<String>,
 ) -> Result<Page, ApiError> {
     let acct = acc::get_account(ctx.state, account)?;
-    let status = if errors.any() || error.is_some() {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::OK
-    };
+    let status = form_status(errors.any() || error.is_some());
     let hook_href = format!("{base}/webhooks/{}", hook.id);
     let mut crumbs = ctx.account_crumbs(account, &acct.name);
     crumbs.push((hook_href.clone(), hook.name.clone()));
@@ -1201,4 +1181,14 @@ async fn retry(
         Err(e) => return Err(e),
     }
     Ok(redirect(&format!("{base}/deliveries/{id}")))
+}
+
+/// A form page shown again with its errors is a 422, so that scripts and tests can tell a
+/// refused submission from a fresh form.
+fn form_status(refused: bool) -> StatusCode {
+    if refused {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    }
 }

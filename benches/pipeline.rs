@@ -270,6 +270,7 @@ fn webhook(n: u64, account: &AccountId, events: Vec<String>) -> Webhook {
         signature_scheme: Default::default(),
         previous_secret: None,
         rotation_ends_ms: None,
+        ordering: Default::default(),
         created_ms: 0,
         updated_ms: 0,
     }

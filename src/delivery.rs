@@ -818,6 +818,9 @@ impl WriterContext {
             }
         };
         if failed.is_none() {
+            // Before the wheel entries below: a fifo webhook's new delivery must be in its
+            // order before its first entry can come due.
+            self.registry.fifo().written(&writes.deliveries);
             let backlog = self.registry.backlog();
             for (account, old_due, new_due) in &d.backlog {
                 backlog.track(account, *old_due, *new_due);

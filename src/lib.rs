@@ -9,8 +9,9 @@
 //!   fans it out through the [`registry`]'s subscription index into delivery records.
 //! - [`scheduler`] owns the [`wheel`] (a hierarchical timing wheel) holding every future
 //!   attempt; due attempts go to [`dispatch`], which applies [`ratelimit`] and in-flight
-//!   limits, signs ([`signing`]) and sends the request; [`delivery`] owns every delivery
-//!   state transition and the one thread that writes them (records, attempts, schedule).
+//!   limits and the order of fifo webhooks ([`fifo`]), signs ([`signing`]) and sends the
+//!   request; [`delivery`] owns every delivery state transition and the one thread that
+//!   writes them (records, attempts, schedule).
 //! - [`metrics`] serves Prometheus; [`config`] is read once at start; [`ids`], [`model`] and
 //!   [`codec`] define what flows between the stages.
 
@@ -25,6 +26,7 @@ pub mod codec;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
+pub mod fifo;
 pub mod history;
 pub mod ids;
 pub mod ingest;
@@ -217,11 +219,13 @@ impl Engine {
             tokio::task::spawn_blocking(move || {
                 registry.backlog().rebuild(store.scheduled(), |hook| {
                     registry.hook(hook).map(|h| h.hook.account_id.clone())
-                })
+                })?;
+                registry.fifo().rebuild(store.scheduled())
             })
             .await
             .map_err(|e| StartError::Other(e.to_string()))??;
         }
+        registry.fifo().wire(scheduler.clone(), store.clone());
         let deliverer = Arc::new(Deliverer::new(
             store.clone(),
             registry.clone(),

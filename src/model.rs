@@ -143,6 +143,8 @@ pub struct Webhook {
     pub previous_secret: Option<String>,
     /// When the grace of the last rotation ends (unix ms); after it `previous_secret` is unused.
     pub rotation_ends_ms: Option<u64>,
+    /// Whether deliveries go one at a time in event order (see `fifo`).
+    pub ordering: DeliveryOrder,
 }
 
 impl Webhook {
@@ -160,14 +162,44 @@ impl Webhook {
     }
 
     /// Decodes a stored webhook, also one written before `signature_scheme` and rotation
-    /// grace existed (bincode is not self-describing, so a shorter record cannot simply take
-    /// field defaults: the older layout is tried when the current one runs out of bytes).
+    /// grace existed (V1) or before `ordering` existed (V2). bincode is not self-describing,
+    /// so a shorter record cannot simply take field defaults: each older layout is tried in
+    /// turn when the newer one runs out of bytes. The record is rewritten in the current
+    /// layout at its next change.
     pub fn decode(bytes: &[u8]) -> Result<Webhook, crate::codec::CodecError> {
         crate::codec::decode::<Webhook>(bytes).or_else(|err| {
-            crate::codec::decode::<WebhookV1>(bytes)
+            crate::codec::decode::<WebhookV2>(bytes)
                 .map(Webhook::from)
+                .or_else(|_| crate::codec::decode::<WebhookV1>(bytes).map(Webhook::from))
                 .map_err(|_| err)
         })
+    }
+}
+
+/// Whether a webhook's deliveries may overtake each other.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DeliveryOrder {
+    /// Deliveries go as they come due, up to `delivery.max_in_flight_per_webhook` at once.
+    #[default]
+    Unordered,
+    /// One attempt at a time, and each delivery only after every earlier one (by event
+    /// sequence) is delivered or failed.
+    Fifo,
+}
+
+impl DeliveryOrder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryOrder::Unordered => "none",
+            DeliveryOrder::Fifo => "fifo",
+        }
+    }
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "none" => Some(DeliveryOrder::Unordered),
+            "fifo" => Some(DeliveryOrder::Fifo),
+            _ => None,
+        }
     }
 }
 
@@ -194,6 +226,51 @@ impl SignatureScheme {
             "kyberaccess" => Some(SignatureScheme::KyberAccess),
             "standard-webhooks" => Some(SignatureScheme::StandardWebhooks),
             _ => None,
+        }
+    }
+}
+
+/// The stored layout of a webhook before `ordering` was appended (same fields, same order).
+#[derive(Deserialize)]
+struct WebhookV2 {
+    id: WebhookId,
+    account_id: AccountId,
+    name: String,
+    url: String,
+    description: Option<String>,
+    events: Vec<String>,
+    ip_allowlist: Vec<String>,
+    status: WebhookStatus,
+    disabled_reason: Option<String>,
+    consecutive_failures: u32,
+    secret: String,
+    created_ms: u64,
+    updated_ms: u64,
+    signature_scheme: SignatureScheme,
+    previous_secret: Option<String>,
+    rotation_ends_ms: Option<u64>,
+}
+
+impl From<WebhookV2> for Webhook {
+    fn from(v: WebhookV2) -> Webhook {
+        Webhook {
+            id: v.id,
+            account_id: v.account_id,
+            name: v.name,
+            url: v.url,
+            description: v.description,
+            events: v.events,
+            ip_allowlist: v.ip_allowlist,
+            status: v.status,
+            disabled_reason: v.disabled_reason,
+            consecutive_failures: v.consecutive_failures,
+            secret: v.secret,
+            created_ms: v.created_ms,
+            updated_ms: v.updated_ms,
+            signature_scheme: v.signature_scheme,
+            previous_secret: v.previous_secret,
+            rotation_ends_ms: v.rotation_ends_ms,
+            ordering: DeliveryOrder::Unordered,
         }
     }
 }
@@ -236,6 +313,7 @@ impl From<WebhookV1> for Webhook {
             signature_scheme: SignatureScheme::KyberAccess,
             previous_secret: None,
             rotation_ends_ms: None,
+            ordering: DeliveryOrder::Unordered,
         }
     }
 }
@@ -440,6 +518,7 @@ mod tests {
         );
         assert_eq!(hook.signature_scheme, SignatureScheme::KyberAccess);
         assert_eq!((hook.previous_secret, hook.rotation_ends_ms), (None, None));
+        assert_eq!(hook.ordering, DeliveryOrder::Unordered);
         // And the current layout round-trips through the same function.
         let mut now = Webhook::decode(&old).unwrap();
         now.signature_scheme = SignatureScheme::StandardWebhooks;
@@ -449,6 +528,75 @@ mod tests {
         assert_eq!(now.previous_secret_at(9), Some("whsec_prev"));
         assert_eq!(now.previous_secret_at(10), None);
         assert_eq!(now.rotation_grace_ends(9), Some(10));
+    }
+
+    #[test]
+    fn webhooks_written_before_ordering_still_decode_as_unordered() {
+        // The layout of the signature-scheme release: every field up to the rotation grace.
+        #[derive(Serialize)]
+        struct V2<'a> {
+            id: WebhookId,
+            account_id: AccountId,
+            name: &'a str,
+            url: &'a str,
+            description: Option<&'a str>,
+            events: Vec<&'a str>,
+            ip_allowlist: Vec<&'a str>,
+            status: WebhookStatus,
+            disabled_reason: Option<&'a str>,
+            consecutive_failures: u32,
+            secret: &'a str,
+            created_ms: u64,
+            updated_ms: u64,
+            signature_scheme: SignatureScheme,
+            previous_secret: Option<&'a str>,
+            rotation_ends_ms: Option<u64>,
+        }
+        let old = crate::codec::encode(&V2 {
+            id: WebhookId(9),
+            account_id: AccountId::parse("acc_2").unwrap(),
+            name: "n",
+            url: "https://example.com/h",
+            description: Some("d"),
+            events: vec!["visitor.*"],
+            ip_allowlist: vec!["10.0.0.0/8"],
+            status: WebhookStatus::Active,
+            disabled_reason: None,
+            consecutive_failures: 1,
+            secret: "whsec_new",
+            created_ms: 3,
+            updated_ms: 4,
+            signature_scheme: SignatureScheme::StandardWebhooks,
+            previous_secret: Some("whsec_prev"),
+            rotation_ends_ms: Some(99),
+        });
+        assert!(crate::codec::decode::<Webhook>(&old).is_err());
+        let hook = Webhook::decode(&old).unwrap();
+        assert_eq!(hook.ordering, DeliveryOrder::Unordered);
+        // Every field the old layout had survives, in place.
+        assert_eq!(hook.signature_scheme, SignatureScheme::StandardWebhooks);
+        assert_eq!(
+            (hook.previous_secret.as_deref(), hook.rotation_ends_ms),
+            (Some("whsec_prev"), Some(99))
+        );
+        assert_eq!(
+            (hook.description.as_deref(), hook.ip_allowlist.as_slice()),
+            (Some("d"), ["10.0.0.0/8".to_string()].as_slice())
+        );
+        assert_eq!((hook.created_ms, hook.updated_ms), (3, 4));
+        // A fifo webhook round-trips in the current layout.
+        let mut now = hook;
+        now.ordering = DeliveryOrder::Fifo;
+        assert_eq!(Webhook::decode(&crate::codec::encode(&now)).unwrap(), now);
+    }
+
+    #[test]
+    fn orderings_parse_and_print() {
+        for o in [DeliveryOrder::Unordered, DeliveryOrder::Fifo] {
+            assert_eq!(DeliveryOrder::parse(o.as_str()), Some(o));
+        }
+        assert_eq!(DeliveryOrder::default().as_str(), "none");
+        assert_eq!(DeliveryOrder::parse("FIFO"), None);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! A webhook change updates only that webhook's entries of the index (ordered sets, so
 //! O(log n) each): an account with thousands of webhooks creates them in linear total time,
 //! not by rebuilding its index on every write. The registry also carries the per-account
-//! [`Backlog`] counters, since every stage that changes a delivery already holds the registry.
+//! [`Backlog`] counters and the [`FifoGate`] of ordered webhooks, since every stage that
+//! changes a delivery already holds the registry; it tells the gate of every webhook change.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use ipnet::IpNet;
 
 use crate::backlog::Backlog;
+use crate::fifo::FifoGate;
 use crate::ids::{AccountId, WebhookId};
 use crate::model::{event_family, Account, Subscription, Webhook, WebhookStatus};
 
@@ -86,6 +88,8 @@ pub struct Registry {
     writes: Mutex<()>,
     /// Deliveries waiting per account (`delivery.max_scheduled_per_account`).
     backlog: Backlog,
+    /// The order of fifo webhooks' deliveries.
+    fifo: Arc<FifoGate>,
 }
 
 impl Registry {
@@ -96,7 +100,13 @@ impl Registry {
             inner: RwLock::new(Inner::default()),
             writes: Mutex::new(()),
             backlog: Backlog::new(u64::MAX),
+            fifo: Arc::new(FifoGate::new()),
         }
+    }
+
+    /// The gate of webhooks with `ordering: "fifo"`.
+    pub fn fifo(&self) -> &Arc<FifoGate> {
+        &self.fifo
     }
 
     /// The per-account backlog counters.
@@ -185,6 +195,7 @@ impl Registry {
             inner.keys.remove(&entry.account.api_key_hash);
             for hook in entry.hooks {
                 inner.hooks.remove(&hook);
+                self.fifo.remove_webhook(hook);
             }
         }
     }
@@ -220,6 +231,7 @@ impl Registry {
         let id = hook.id;
         let created_ms = hook.created_ms;
         let entry = Arc::new(HookEntry { hook, ip_allowlist });
+        self.fifo.configure(&entry.hook);
         let old = inner.hooks.insert(id, entry.clone());
         if let Some(acc) = inner.accounts.get_mut(&account) {
             if let Some(old) = &old {
@@ -234,6 +246,7 @@ impl Registry {
     pub fn remove_hook(&self, account: &AccountId, id: WebhookId) {
         let mut inner = self.write();
         let old = inner.hooks.remove(&id);
+        self.fifo.remove_webhook(id);
         if let Some(acc) = inner.accounts.get_mut(account) {
             acc.hooks.remove(&id);
             if let Some(old) = old {
@@ -320,6 +333,7 @@ mod tests {
             signature_scheme: Default::default(),
             previous_secret: None,
             rotation_ends_ms: None,
+            ordering: Default::default(),
             created_ms: 0,
             updated_ms: 0,
         }

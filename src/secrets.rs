@@ -312,6 +312,7 @@ mod tests {
             signature_scheme: Default::default(),
             previous_secret: None,
             rotation_ends_ms: None,
+            ordering: Default::default(),
         }
     }
 

@@ -270,6 +270,7 @@ mod tests {
             signature_scheme: scheme,
             previous_secret: None,
             rotation_ends_ms: None,
+            ordering: Default::default(),
         }))
         .unwrap()
     }

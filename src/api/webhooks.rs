@@ -28,6 +28,7 @@ pub fn view(h: &Webhook) -> Value {
         "disabled_reason": h.disabled_reason,
         "consecutive_failures": h.consecutive_failures,
         "signature_scheme": h.signature_scheme.as_str(),
+        "ordering": h.ordering.as_str(),
         "secret_rotation_ends_at": rotation_ends_at(h),
         "created_at": rfc3339(h.created_ms),
         "updated_at": rfc3339(h.updated_ms),

@@ -9,7 +9,10 @@
 //! (`delivery.max_in_flight`). Deliveries of `delivery.priority_events` take the account's next
 //! rate slot and join the front of the webhook's queue. Test sends use the same slots (at the
 //! front of the queue), and
-//! an account may run only `delivery.max_test_sends_per_account` of them at once.
+//! an account may run only `delivery.max_test_sends_per_account` of them at once. A webhook
+//! with `ordering: "fifo"` passes its due entries through the [`crate::fifo`] gate first:
+//! only its first open delivery starts, one attempt at a time; the others are parked there and
+//! handed back when their turn comes (test sends are not part of the order).
 //!
 //! A job is checked again when its attempt actually starts — a pause, delete, URL change or
 //! secret rotation made while it waited applies to it. [`Deliverer::send`] signs and sends
@@ -31,6 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use crate::clock;
 use crate::config::Config;
 use crate::delivery::{self, Admission, Deliveries, DeliveryError, InFlight, Settled};
+use crate::fifo::Gate;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{AttemptRecord, DeliveryRecord};
 use crate::ratelimit::{Admit, RateLimits};
@@ -282,6 +286,19 @@ impl Deliverer {
         }
     }
 
+    /// A fifo webhook's head holds others back while nothing runs: if it is not open any
+    /// more (the set learned of it in a race, or from a stale schedule entry), it leaves the
+    /// order and the next one goes.
+    fn confirm_head(&self, head: DeliveryId) {
+        match self.store.get_delivery(head) {
+            Ok(Some(r)) if r.status.is_open() && !r.is_test => {}
+            Ok(_) => self.registry.fifo().forget(head),
+            Err(err) => {
+                tracing::warn!(delivery = %head, error = %err, "reading a fifo webhook's first open delivery failed");
+            }
+        }
+    }
+
     /// Runs a scheduled delivery's attempt, if it may still start.
     async fn run_due(&self, due: Due) {
         let admission = match delivery::admit(&self.store, &self.registry, due.id, due.token) {
@@ -413,6 +430,15 @@ impl Dispatcher {
             }
             Admission::Start(flight) => flight.record,
         };
+        // A fifo webhook's delivery waits (parked, still counted as scheduled) until it is
+        // the first open one and nothing else of the webhook runs; before the plan's rate, so
+        // a waiting delivery takes no rate slot, and before priority, since order wins.
+        if let Gate::Parked { check } = d.registry.fifo().try_start(due) {
+            if let Some(head) = check {
+                d.confirm_head(head);
+            }
+            return Ok(Dispatched::Queued);
+        }
         if !d.claim(due) {
             return Ok(Dispatched::Done);
         }
@@ -425,6 +451,7 @@ impl Dispatcher {
         if let Admit::At(when) = self.limits.admit(&record.account_id, per_second, priority) {
             metrics::counter!("kyberhook_rate_limit_deferrals_total").increment(1);
             d.release(due.id);
+            d.registry.fifo().finished(due.id);
             d.scheduler.schedule(due.id, due.token, when);
             return Ok(Dispatched::Done);
         }
@@ -447,6 +474,7 @@ async fn run_jobs(
             Job::Due(due) => {
                 deliverer.run_due(due).await;
                 deliverer.release(due.id);
+                deliverer.registry.fifo().finished(due.id);
             }
             Job::Test(test) => deliverer.run_test(test).await,
         }

@@ -1107,7 +1107,7 @@ fn settle_key(path: &Path, source: &KeySource, webhooks: &Tree) -> Result<Secret
                 return Ok(SecretsKey::read(&file, &key_origin(path, source))?);
             }
             for kv in webhooks.iter() {
-                let mut stored: Webhook = codec::decode(&kv?.1)?;
+                let mut stored = Webhook::decode(&kv?.1)?;
                 let sealed = secrets::webhook_secret_fields(&mut stored)
                     .into_iter()
                     .any(|(_, v)| Sealer::is_sealed(v));
@@ -1409,6 +1409,7 @@ mod tests {
             signature_scheme: Default::default(),
             previous_secret: None,
             rotation_ends_ms: None,
+            ordering: Default::default(),
         }
     }
 

@@ -603,6 +603,7 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
         events: events.clone(),
         ip_allowlist: split_list(&allowlist_text),
         signature_scheme: None,
+        ordering: None,
         secret: Some(secret.clone()),
     };
     match wh::create_webhook(ctx.state, account, body).await {

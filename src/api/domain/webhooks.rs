@@ -1,7 +1,7 @@
 //! Webhook rules: field validation (the HTTPS rule, events against the catalog, CIDR
 //! allowlists), the plan's webhook limit, pause/resume semantics, deletion with its history,
 //! signing-secret rotation (with a grace period during which both secrets sign), the signature
-//! scheme, and the test send (one real attempt with a sample payload).
+//! scheme, the delivery ordering (`none` or `fifo`), and the test send (one real attempt with a sample payload).
 //! Bodies enter as [`CreateWebhook`] / [`UpdateWebhook`]; webhooks leave as [`Webhook`].
 
 use http::StatusCode;
@@ -15,7 +15,7 @@ use crate::config::parse_cidr;
 use crate::delivery::Settled;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{
-    now_ms, rfc3339, AttemptRecord, DeliveryRecord, SignatureScheme, Subscription, Webhook,
+    now_ms, rfc3339, AttemptRecord, DeliveryOrder, DeliveryRecord, SignatureScheme, Subscription, Webhook,
     WebhookStatus,
 };
 use crate::signing;
@@ -37,6 +37,9 @@ pub struct CreateWebhook {
     /// `"kyberaccess"` (default) or `"standard-webhooks"`.
     #[serde(default)]
     pub signature_scheme: Option<String>,
+    /// `"none"` (default) or `"fifo"`: one attempt at a time, in event order.
+    #[serde(default)]
+    pub ordering: Option<String>,
     /// A secret minted earlier by [`signing::new_secret`]: the dashboard shows it before
     /// "Create Webhook". Never read from a JSON body (the API always mints it here).
     #[serde(skip)]
@@ -60,6 +63,9 @@ pub struct UpdateWebhook {
     pub status: Option<String>,
     #[serde(default)]
     pub signature_scheme: Option<String>,
+    /// Applies to attempts not yet started.
+    #[serde(default)]
+    pub ordering: Option<String>,
 }
 
 /// The optional body of a secret rotation.
@@ -149,6 +155,15 @@ pub fn check_signature_scheme(text: &str) -> Result<SignatureScheme, ApiError> {
         ApiError::bad_request(
             "invalid_signature_scheme",
             format!("signature_scheme {text:?} is not \"kyberaccess\" or \"standard-webhooks\""),
+        )
+    })
+}
+
+pub fn check_ordering(text: &str) -> Result<DeliveryOrder, ApiError> {
+    DeliveryOrder::parse(text).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_ordering",
+            format!("ordering {text:?} is not \"none\" or \"fifo\""),
         )
     })
 }
@@ -290,6 +305,12 @@ pub async fn create_webhook(
         .map(check_signature_scheme)
         .transpose()?
         .unwrap_or_default();
+    let ordering = body
+        .ordering
+        .as_deref()
+        .map(check_ordering)
+        .transpose()?
+        .unwrap_or_default();
     let secret = match body.secret {
         Some(s) if signing::is_minted_secret(&s) => s,
         Some(_) => {
@@ -335,6 +356,7 @@ pub async fn create_webhook(
             signature_scheme,
             previous_secret: None,
             rotation_ends_ms: None,
+            ordering,
         };
         state.store.put_webhook(&hook)?;
         state.registry.upsert_hook(hook.clone());
@@ -451,6 +473,7 @@ pub async fn update_webhook(
         .as_deref()
         .map(check_signature_scheme)
         .transpose()?;
+    let ordering = body.ordering.as_deref().map(check_ordering).transpose()?;
     let status = match body.status.as_deref() {
         None => None,
         Some("active") => Some(WebhookStatus::Active),
@@ -480,6 +503,9 @@ pub async fn update_webhook(
         }
         if let Some(v) = signature_scheme {
             h.signature_scheme = v;
+        }
+        if let Some(v) = ordering {
+            h.ordering = v;
         }
         match status {
             Some(WebhookStatus::Active) => {

@@ -100,7 +100,7 @@ impl Queue {
         // Admission found it open: whatever the set missed (a race with the start-up read),
         // it belongs in the order.
         self.open.insert(id);
-        let free = self.running.is_none_or(|r| r == id);
+        let free = self.running.map_or(true, |r| r == id);
         if self.loading.is_none() && free && self.open.first() == Some(&id) {
             self.running = Some(id);
             return Gate::Go;
@@ -178,7 +178,13 @@ impl Queues {
     }
 
     /// The store read of a webhook that became fifo is done.
-    fn loaded(&mut self, hook: WebhookId, generation: u64, open: Vec<DeliveryId>, fx: &mut Effects) {
+    fn loaded(
+        &mut self,
+        hook: WebhookId,
+        generation: u64,
+        open: Vec<DeliveryId>,
+        fx: &mut Effects,
+    ) {
         let Some(q) = self.by_hook.get_mut(&hook) else {
             return;
         };
@@ -433,10 +439,7 @@ mod tests {
     }
 
     fn due(seq: u64, token: u64) -> Due {
-        Due {
-            id: id(seq),
-            token,
-        }
+        Due { id: id(seq), token }
     }
 
     fn hook(ordering: DeliveryOrder, status: WebhookStatus) -> Webhook {
@@ -483,7 +486,11 @@ mod tests {
         let mut q = Queues::default();
         let mut fx = Effects::default();
         assert_eq!(
-            q.configure(&hook(DeliveryOrder::Fifo, WebhookStatus::Active), false, &mut fx),
+            q.configure(
+                &hook(DeliveryOrder::Fifo, WebhookStatus::Active),
+                false,
+                &mut fx
+            ),
             None
         );
         for seq in 1..=n {
@@ -508,9 +515,7 @@ mod tests {
         // Due out of order: 3 and 2 wait for 1, which nothing runs ahead of.
         assert_eq!(
             start(&mut q, due(3, 3), &mut fx),
-            Gate::Parked {
-                check: Some(id(1))
-            }
+            Gate::Parked { check: Some(id(1)) }
         );
         assert_eq!(start(&mut q, due(1, 1), &mut fx), Gate::Go);
         assert_eq!(
@@ -581,12 +586,7 @@ mod tests {
         let mut q = queues(1);
         let mut fx = Effects::default();
         let gate = start(&mut q, due(2, 2), &mut fx);
-        assert_eq!(
-            gate,
-            Gate::Parked {
-                check: Some(id(1))
-            }
-        );
+        assert_eq!(gate, Gate::Parked { check: Some(id(1)) });
         let queue = q.by_hook.get_mut(&HOOK).unwrap();
         queue.close(id(1), &mut fx);
         queue.wake(&mut fx);

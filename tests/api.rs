@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 /// Any valid https URL: these tests never send events, so nothing is ever called.
 const URL: &str = "https://hooks.example.com/kyber";
 
-const WEBHOOK_FIELDS: [&str; 14] = [
+const WEBHOOK_FIELDS: [&str; 15] = [
     "id",
     "account_id",
     "name",
@@ -25,6 +25,7 @@ const WEBHOOK_FIELDS: [&str; 14] = [
     "disabled_reason",
     "consecutive_failures",
     "signature_scheme",
+    "ordering",
     "secret_rotation_ends_at",
     "created_at",
     "updated_at",

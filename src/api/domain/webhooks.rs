@@ -1,7 +1,8 @@
 //! Webhook rules: field validation (the HTTPS rule, events against the catalog, CIDR
 //! allowlists), the plan's webhook limit, pause/resume semantics, deletion with its history,
 //! signing-secret rotation (with a grace period during which both secrets sign), the signature
-//! scheme, the delivery ordering (`none` or `fifo`), and the test send (one real attempt with a sample payload).
+//! scheme, the delivery ordering (`none` or `fifo`), and the test send (one real attempt with a
+//! sample payload).
 //! Bodies enter as [`CreateWebhook`] / [`UpdateWebhook`]; webhooks leave as [`Webhook`].
 
 use http::StatusCode;
@@ -15,8 +16,8 @@ use crate::config::parse_cidr;
 use crate::delivery::Settled;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{
-    now_ms, rfc3339, AttemptRecord, DeliveryOrder, DeliveryRecord, SignatureScheme, Subscription, Webhook,
-    WebhookStatus,
+    now_ms, rfc3339, AttemptRecord, DeliveryOrder, DeliveryRecord, SignatureScheme, Subscription,
+    Webhook, WebhookStatus,
 };
 use crate::signing;
 

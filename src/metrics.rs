@@ -130,6 +130,10 @@ fn describe() {
         "kyberhook_webhooks",
         "Webhooks by status (active, paused, disabled)."
     );
+    describe_gauge!(
+        "kyberhook_fifo_deliveries_waiting",
+        "Due deliveries of fifo webhooks held until the earlier ones are delivered or failed."
+    );
     describe_counter!(
         "kyberhook_api_requests_total",
         "API requests by matched route and status."
@@ -164,6 +168,8 @@ impl MetricsHandler {
     /// Sets the state gauges from their owners, just before rendering.
     async fn refresh(&self) {
         metrics::gauge!("kyberhook_deliveries_scheduled").set(self.scheduler.scheduled() as f64);
+        metrics::gauge!("kyberhook_fifo_deliveries_waiting")
+            .set(self.registry.fifo().parked() as f64);
         let counts = self.registry.hook_status_counts();
         for (status, n) in ["active", "paused", "disabled"].into_iter().zip(counts) {
             metrics::gauge!("kyberhook_webhooks", "status" => status).set(n as f64);

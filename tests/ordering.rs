@@ -280,6 +280,14 @@ async fn switching_a_fifo_webhook_to_none_releases_the_deliveries_held_behind_it
     }
     assert!(rx.hits().iter().all(|h| h.n == 1), "{:?}", rx.hits());
     assert!(rx.delivered().is_empty());
+    // The operator sees the four held behind event 1.
+    let metrics = engine.api.text(&engine.metrics_url()).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "kyberhook_fifo_deliveries_waiting 4"),
+        "{metrics}"
+    );
 
     let (s, v) = engine
         .api

@@ -854,3 +854,73 @@ async fn at_the_plans_maximum_add_webhook_is_replaced_by_a_note() {
         .body
         .contains("The starter plan allows 3 webhooks, and all are in use."));
 }
+
+#[tokio::test]
+async fn the_webhook_page_shows_its_delivery_order_and_the_edit_form_changes_it() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let hook = eng
+        .webhook("acme", "https://127.0.0.1:9/hook", &["visitor.checked_in"])
+        .await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let page = b.get(&format!("/ui/a/acme/webhooks/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("Delivery Order"), "{}", page.body);
+    assert!(page.body.contains("As they come due (none)"));
+
+    let edit_path = format!("/ui/a/acme/webhooks/{id}/edit");
+    let form = b.get(&edit_path).await;
+    assert!(
+        form.body.contains(r#"<option value="none" selected>"#),
+        "{}",
+        form.body
+    );
+    let csrf = form.csrf();
+    let fields = |ordering: &'static str| {
+        vec![
+            ("_csrf", csrf.clone()),
+            ("name", "hook".to_string()),
+            ("url", "https://127.0.0.1:9/hook".to_string()),
+            ("description", String::new()),
+            ("events", "visitor.checked_in".to_string()),
+            ("ordering", ordering.to_string()),
+        ]
+    };
+    // A value the select does not offer is refused with the API's rule, and shown again.
+    let bad = fields("sometimes");
+    let bad: Vec<(&str, &str)> = bad.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let refused = b.post(&edit_path, &bad).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused
+            .body
+            .contains("is not &quot;none&quot; or &quot;fifo&quot;"),
+        "{}",
+        refused.body
+    );
+    let good = fields("fifo");
+    let good: Vec<(&str, &str)> = good.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let saved = b.post(&edit_path, &good).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["ordering"], "fifo");
+    let page = b.get(&format!("/ui/a/acme/webhooks/{id}")).await;
+    assert!(page.body.contains("One at a time, in event order (fifo)"));
+    let form = b.get(&edit_path).await;
+    assert!(form.body.contains(r#"<option value="fifo" selected>"#));
+}

@@ -258,6 +258,8 @@ pub struct HookView {
     pub status_text: String,
     pub status_class: &'static str,
     pub failures: u32,
+    /// How deliveries are ordered, in words.
+    pub ordering: &'static str,
     pub created: String,
     pub updated: String,
     pub href: String,
@@ -297,6 +299,8 @@ pub struct EditPage {
     pub everything: bool,
     pub groups: Vec<EventGroup>,
     pub ip_allowlist: String,
+    /// Whether the ordering select shows "fifo".
+    pub fifo: bool,
     pub errors: FieldErrors,
     pub error: Option<String>,
 }

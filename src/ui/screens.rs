@@ -14,7 +14,7 @@ use super::{api_error_page, assets, html, redirect, Page, Req};
 use crate::api::domain::{self, accounts as acc, deliveries as dlv, webhooks as wh};
 use crate::api::{ApiError, AppState, Caller};
 use crate::ids::{AccountId, DeliveryId, WebhookId};
-use crate::model::{event_family, rfc3339, DeliveryStatus, Webhook, WebhookStatus};
+use crate::model::{event_family, rfc3339, DeliveryOrder, DeliveryStatus, Webhook, WebhookStatus};
 use crate::signing;
 
 /// Rows of the Deliveries tab per page.
@@ -644,6 +644,10 @@ fn hook_view(base: &str, h: &Webhook) -> HookView {
         status_text,
         status_class,
         failures: h.consecutive_failures,
+        ordering: match h.ordering {
+            DeliveryOrder::Unordered => "As they come due (none)",
+            DeliveryOrder::Fifo => "One at a time, in event order (fifo)",
+        },
         created: when(h.created_ms),
         updated: when(h.updated_ms),
         href: format!("{base}/webhooks/{}", h.id),
@@ -750,6 +754,11 @@ fn render_edit(
         everything: events.iter().any(|e| e == "*"),
         groups: event_groups(ctx.state.registry.catalog(), events),
         ip_allowlist,
+        // What was submitted when the form is shown again, else the stored value.
+        fifo: ctx
+            .req
+            .field("ordering")
+            .map_or(hook.ordering == DeliveryOrder::Fifo, |o| o == "fifo"),
         errors,
         error,
     };
@@ -785,6 +794,7 @@ async fn edit_submit(
         description: Some(v.description.clone()),
         events: Some(events.clone()),
         ip_allowlist: Some(split_list(&allowlist_text)),
+        ordering: ctx.req.field("ordering").map(str::to_string),
         ..Default::default()
     };
     match wh::update_webhook(ctx.state, account, id, body).await {

@@ -10,7 +10,8 @@
 //! carries, when an entry is superseded — are all in this file ([`retry_token`], [`settle`]).
 //!
 //! Reads happen anywhere; **writes happen on one thread**, the delivery writer. Every change —
-//! create, outcome, manual retry, recover, stop, forgetting a webhook's or account's deliveries — is a
+//! create, outcome, manual retry, recover, stop, forgetting a webhook's or account's deliveries,
+//! purging those past retention — is a
 //! [`Command`] sent over a bounded crossbeam channel. The writer blocks for one command, drains
 //! what else is queued, applies them in order against an in-memory overlay (so a retry and an
 //! outcome of one delivery in the same drain see each other), writes the whole drain with one
@@ -36,7 +37,7 @@ use crate::model::{
 };
 use crate::registry::{HookEntry, Registry};
 use crate::scheduler::SchedulerHandle;
-use crate::store::{DeliveryWrites, Store, StoreError};
+use crate::store::{DeliveryWrites, PurgePlan, PurgedBatch, Store, StoreError};
 
 /// Commands waiting for the writer; a full queue makes async callers wait off the runtime.
 const QUEUE: usize = 8192;
@@ -329,6 +330,12 @@ enum Command {
         what: Forget,
         reply: Reply<()>,
     },
+    /// Deletes the finished deliveries a retention batch planned, each only if it is still
+    /// stored as planned (a retry may have reopened it meanwhile): `Store::apply_purge`.
+    Purge {
+        plan: PurgePlan,
+        reply: Reply<PurgedBatch>,
+    },
 }
 
 /// The handle every stage uses to change deliveries. Cheap to clone.
@@ -478,6 +485,19 @@ impl Deliveries {
         .await
     }
 
+    /// Has the writer delete one retention batch (see [`Command::Purge`]) and waits for it,
+    /// from a plain thread (the retention thread).
+    pub fn purge_blocking(&self, plan: PurgePlan) -> Result<PurgedBatch, DeliveryError> {
+        let (tx, rx) = channel::bounded(1);
+        self.tx
+            .send(Command::Purge {
+                plan,
+                reply: Reply::Blocking(tx),
+            })
+            .map_err(|_| DeliveryError::Closed)?;
+        rx.recv().map_err(|_| DeliveryError::Closed)?
+    }
+
     async fn call<T: Send + 'static>(
         &self,
         make: impl FnOnce(Reply<T>) -> Command,
@@ -578,6 +598,7 @@ impl WriterContext {
     fn run(self, rx: Receiver<Command>) {
         while let Ok(first) = rx.recv() {
             let mut drain = Drain::default();
+            let mut purges = Vec::new();
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(cmd) = next.take() {
@@ -601,6 +622,9 @@ impl WriterContext {
                         };
                         reply.send(result.map_err(Into::into));
                     }
+                    // Applied after this drain is written, so that its re-check sees every
+                    // change the drain made (a retry in it keeps its delivery).
+                    Command::Purge { plan, reply } => purges.push((plan, reply)),
                     other => self.apply(&mut drain, other),
                 }
                 if taken < MAX_DRAIN {
@@ -608,6 +632,13 @@ impl WriterContext {
                 }
             }
             self.commit(drain);
+            for (plan, reply) in purges {
+                let started = std::time::Instant::now();
+                let result = self.store.apply_purge(&plan);
+                metrics::histogram!("kyberhook_retention_writer_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                reply.send(result.map_err(Into::into));
+            }
         }
     }
 
@@ -738,6 +769,10 @@ impl WriterContext {
                 d.answers.push(answer(reply, n));
             }
             Command::Forget { reply, .. } => {
+                // Handled in `run`; never reaches here.
+                reply.send(Err(DeliveryError::Closed));
+            }
+            Command::Purge { reply, .. } => {
                 // Handled in `run`; never reaches here.
                 reply.send(Err(DeliveryError::Closed));
             }

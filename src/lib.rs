@@ -170,7 +170,9 @@ impl Engine {
                      `kyberhook compact --config …` as the data dir's owner or root"
                 ))
             })?;
-            Store::open_with(&path, &options).map_err(|e| match e {
+            let store = Store::open_with(&path, &options).map_err(|e| match e {
+                // A full or failing disk is the supervisor's to retry, not the operator's.
+                e if e.is_storage_failure() => StartError::StorageFailed(e.to_string()),
                 store::StoreError::Sled(sled::Error::Io(io)) => {
                     StartError::Config(format!("storage.path = {:?}: {io}", path.display()))
                 }
@@ -179,7 +181,13 @@ impl Engine {
                 store::StoreError::Format(e) => StartError::Config(format!("storage.path: {e}")),
                 e if e.is_operator_error() => StartError::Config(e.to_string()),
                 other => StartError::Store(other),
-            })
+            })?;
+            // A restart on a disk that is still full must fail here, before it serves, not at
+            // the first write it would have to acknowledge.
+            store
+                .probe_write()
+                .map_err(|e| StartError::StorageFailed(e.to_string()))?;
+            Ok::<Store, StartError>(store)
         })
         .await
         .map_err(|e| StartError::Other(e.to_string()))??;
@@ -226,6 +234,7 @@ impl Engine {
             .map_err(|e| StartError::Other(e.to_string()))??;
         }
         registry.fifo().wire(scheduler.clone(), store.clone());
+        let deliveries_for_retention = deliveries.clone();
         let deliverer = Arc::new(Deliverer::new(
             store.clone(),
             registry.clone(),
@@ -279,7 +288,7 @@ impl Engine {
             pipeline_tasks,
             background,
             retention: Some(retention::Retention::start(
-                store.clone(),
+                retention::Purger::new(store.clone(), deliveries_for_retention),
                 config.storage.retention,
             )),
             state: Some(state),
@@ -322,10 +331,21 @@ impl Engine {
         self.scheduler.scheduled()
     }
 
+    /// A handle that runs retention passes on demand (through the delivery writer, like the
+    /// retention thread), with a cutoff of the caller's choosing. Drop it before
+    /// [`Engine::shutdown`]: it holds the delivery writer open.
+    pub fn purger(&self) -> Option<retention::Purger> {
+        self.retention.as_ref().map(|r| r.purger())
+    }
+
     /// Stops accepting, lets open requests finish, commits what was acknowledged, waits for
     /// attempts in flight, and flushes the store.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        // Retention first: its handle keeps the delivery writer, joined below, open.
+        if let Some(r) = self.retention.take() {
+            let _ = tokio::task::spawn_blocking(move || r.stop()).await;
+        }
         for t in self.server_tasks.drain(..) {
             let _ = t.await;
         }
@@ -344,9 +364,6 @@ impl Engine {
         }
         for t in self.background.drain(..) {
             t.abort();
-        }
-        if let Some(r) = self.retention.take() {
-            let _ = tokio::task::spawn_blocking(move || r.stop()).await;
         }
         let store = self.store.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.make_durable()).await {
@@ -391,7 +408,14 @@ pub fn init_logging(config: &Config) {
 /// `STOPPING=1` when the shutdown begins. Without `NOTIFY_SOCKET` both are no-ops.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let default_token = config.uses_default_admin_token();
-    let engine = Engine::start(config).await?;
+    let engine = match Engine::start(config).await {
+        Ok(engine) => engine,
+        Err(StartError::StorageFailed(failure)) => {
+            log_storage_failure(&failure);
+            return Err(StartError::StorageFailed(failure));
+        }
+        Err(e) => return Err(e),
+    };
     if default_token {
         // Validation refused it on any other address; on loopback it is still a password
         // everyone knows. Logged once started, so that a failed start stays one line.
@@ -408,11 +432,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tokio::select! {
         () = wait_for_signal() => {}
         failure = engine.storage_failure() => {
-            tracing::error!(
-                error = %failure,
-                exit_code = EXIT_STORAGE_FAILED,
-                "storage cannot write (disk full or I/O error); exiting so that a supervisor restarts kyberhook once the disk is writable: every acknowledged event is on disk and is delivered after the restart"
-            );
+            log_storage_failure(&failure);
             return Err(StartError::StorageFailed(failure));
         }
     }
@@ -421,6 +441,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     notify_service(sd_notify::NotifyState::Stopping);
     engine.shutdown().await;
     Ok(())
+}
+
+/// The one line a storage failure ends the process with, at start-up (the write probe) or
+/// while serving.
+fn log_storage_failure(failure: &str) {
+    tracing::error!(
+        error = %failure,
+        exit_code = EXIT_STORAGE_FAILED,
+        "storage cannot write (disk full or I/O error); exiting so that a supervisor restarts kyberhook once the disk is writable: every acknowledged event is on disk and is delivered after the restart"
+    );
 }
 
 /// Tells the service manager about a state change, if one is listening.

@@ -1,12 +1,17 @@
 //! Retention: the thread that removes delivery logs and events older than `storage.retention`.
 //!
 //! One OS thread (`kyberhook-retention`), so the async workers never wait for it: every
-//! [`pass_interval`] it computes the cutoff and calls [`Store::purge_before`], which deletes
-//! everything past it in batches — a pass ends when the backlog is gone, not at a fixed
-//! budget, so the purge keeps up with any delivery rate the engine sustains and the data dir
-//! levels off at about `retention + interval` worth of history. Nothing enters it but the
-//! clock; what leaves is deletions in the store and the `kyberhook_retention_*` metrics.
-//! [`Retention::stop`] ends it between two batches.
+//! [`pass_interval`] it computes the cutoff and runs a pass ([`Purger::pass`]) — a pass ends
+//! when the backlog is gone, not at a fixed budget, so the purge keeps up with any delivery
+//! rate the engine sustains and the data dir levels off at about `retention + interval` worth
+//! of history. Deliveries are deleted through the delivery writer, which alone writes them:
+//! this thread only *plans* each batch (a read-only scan, [`Store::plan_purge`]) and sends the
+//! plan as a command; the writer re-checks every planned record and deletes only those still
+//! stored as planned ([`Store::apply_purge`]), so a manual retry that the writer answered 202
+//! while the plan was being made is never deleted afterwards. The events no delivery needs any
+//! more are dropped on this thread (under the store's chunk lock). Nothing enters but the
+//! clock; what leaves is plans for the writer, event deletions and the
+//! `kyberhook_retention_*` metrics. [`Retention::stop`] ends it between two batches.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,12 +20,47 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, RecvTimeoutError, Sender};
 
-use crate::store::Store;
+use crate::delivery::{Deliveries, DeliveryError};
+use crate::store::{Purged, Store};
 
 /// How often a pass runs for a given retention: a twentieth of it (so the history kept
 /// exceeds the retention by at most 5 %), at least every minute and at most every second.
 pub fn pass_interval(retention: Duration) -> Duration {
     (retention / 20).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Runs retention passes: plans on the calling thread, deletes through the delivery writer.
+/// Holds a writer handle, so the writer runs as long as a `Purger` exists.
+#[derive(Clone)]
+pub struct Purger {
+    store: Arc<Store>,
+    deliveries: Deliveries,
+}
+
+impl Purger {
+    pub fn new(store: Arc<Store>, deliveries: Deliveries) -> Purger {
+        Purger { store, deliveries }
+    }
+
+    /// Purges what was created and last changed before `cutoff_ms` (unix ms); `go_on` is asked
+    /// before each batch. Blocking: waits for the writer to apply each batch.
+    pub fn pass(&self, cutoff_ms: u64, go_on: &dyn Fn() -> bool) -> Result<Purged, DeliveryError> {
+        self.pass_with(cutoff_ms, go_on, &mut || {})
+    }
+
+    /// [`Purger::pass`], calling `between` after each batch is planned and before the writer
+    /// applies it — the window in which a retry can come in, which tests hold open.
+    pub fn pass_with(
+        &self,
+        cutoff_ms: u64,
+        go_on: &dyn Fn() -> bool,
+        between: &mut dyn FnMut(),
+    ) -> Result<Purged, DeliveryError> {
+        self.store.purge_before_with(cutoff_ms, go_on, |plan| {
+            between();
+            self.deliveries.purge_blocking(plan)
+        })
+    }
 }
 
 /// The running retention thread.
@@ -29,14 +69,16 @@ pub struct Retention {
     /// Dropped to wake the thread from its wait.
     wake: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    purger: Purger,
 }
 
 impl Retention {
-    pub fn start(store: Arc<Store>, retention: Duration) -> Retention {
+    pub fn start(purger: Purger, retention: Duration) -> Retention {
         let stopping = Arc::new(AtomicBool::new(false));
         let (wake, woken) = channel::bounded::<()>(1);
         let interval = pass_interval(retention);
         let flag = stopping.clone();
+        let worker = purger.clone();
         let thread = std::thread::Builder::new()
             .name("kyberhook-retention".into())
             .spawn(move || loop {
@@ -44,14 +86,20 @@ impl Retention {
                     Err(RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
-                pass(&store, retention, &flag);
+                pass(&worker, retention, &flag);
             })
             .expect("spawning the retention thread");
         Retention {
             stopping,
             wake: Some(wake),
             thread: Some(thread),
+            purger,
         }
+    }
+
+    /// Another handle on what the thread runs (see [`crate::Engine::purger`]).
+    pub fn purger(&self) -> Purger {
+        self.purger.clone()
     }
 
     /// Stops the thread (a pass in progress ends after its current batch) and waits for it.
@@ -73,10 +121,10 @@ impl Drop for Retention {
     }
 }
 
-fn pass(store: &Store, retention: Duration, stopping: &AtomicBool) {
+fn pass(purger: &Purger, retention: Duration, stopping: &AtomicBool) {
     let started = Instant::now();
     let cutoff = crate::model::now_ms().saturating_sub(retention.as_millis() as u64);
-    match store.purge_before(cutoff, &|| !stopping.load(Ordering::Acquire)) {
+    match purger.pass(cutoff, &|| !stopping.load(Ordering::Acquire)) {
         Ok(purged) => {
             let secs = started.elapsed().as_secs_f64();
             metrics::histogram!("kyberhook_retention_pass_seconds").record(secs);
@@ -94,6 +142,8 @@ fn pass(store: &Store, retention: Duration, stopping: &AtomicBool) {
                 );
             }
         }
+        // Shutting down: the writer has stopped taking commands.
+        Err(DeliveryError::Closed) => {}
         Err(e) => tracing::warn!(error = %e, "retention purge failed; retried at the next pass"),
     }
 }

@@ -84,6 +84,33 @@ fn refused(config: &Path, env: &[(&str, &str)]) -> (ExitStatus, Vec<String>) {
     (out.status, lines)
 }
 
+/// Runs the binary until it exits or `within` passes (then kills it): its exit status (`None`:
+/// it was still running) and its stderr lines.
+fn run_until_exit(config: &Path, within: Duration) -> (Option<ExitStatus>, Vec<String>) {
+    let mut child = command(config, &[]).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<String>>()
+    });
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap())
+}
+
 fn write_config(dir: &Path, data: &Path, pki: &Pki, storage: &str) -> PathBuf {
     let toml = config_toml(
         data,
@@ -279,6 +306,110 @@ async fn history_past_a_short_retention_is_purged_by_the_engine() {
     // Retention 2 s: a pass every second purges them about 2 s after they were created.
     te.poll(&path, Duration::from_secs(15), |v| count(v) == 0)
         .await;
+    te.stop().await;
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The race retention had with a manual retry: a pass plans to purge a finished delivery past
+/// retention, a retry of it is answered 202 before the purge is applied. The pass is run by the
+/// test (the engine's own, at the default 30 days, purges nothing here) and held between its
+/// plan and the writer's application while the retry is made, so the interleaving is certain.
+/// The writer re-checks each planned record and keeps the reopened one: it is attempted and
+/// delivered, and stays in the log.
+#[tokio::test]
+async fn a_retry_answered_while_retention_plans_its_purge_is_attempted_and_kept() {
+    const WAIT: Duration = Duration::from_secs(10);
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    rx.script([Reply::Status(500)]);
+    // No retries: the first failure ends the delivery.
+    let te = TestEngine::start(&pki, "retry_schedule = []", "").await;
+    let (acc, _) = te.account("acc_race", "enterprise").await;
+    te.webhook(&acc, &rx.url, &["*"]).await;
+    te.event(&acc, "visitor.checked_in", json!({"n": 1})).await;
+    let dlv = rx.next(WAIT).await.header("x-kyberaccess-delivery");
+    te.wait_delivery(&acc, &dlv, WAIT, |d| d["status"] == "failed")
+        .await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Everything so far is past the retention this pass applies.
+    let cutoff = unix_ms();
+    let purger = te.engine.as_ref().unwrap().purger().unwrap();
+
+    let (planned, was_planned) = tokio::sync::oneshot::channel::<()>();
+    let (resume, resumed) = std::sync::mpsc::channel::<()>();
+    let pass = {
+        let purger = purger.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut planned = Some(planned);
+            purger.pass_with(cutoff, &|| true, &mut || {
+                if let Some(planned) = planned.take() {
+                    planned.send(()).unwrap();
+                    resumed.recv().unwrap();
+                }
+            })
+        })
+    };
+    was_planned.await.unwrap();
+    let (s, v) = te
+        .api
+        .admin(
+            Method::POST,
+            &format!("/v1/accounts/{acc}/deliveries/{dlv}/retry"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    resume.send(()).unwrap();
+    let purged = pass.await.unwrap().unwrap();
+    assert_eq!(
+        purged.deliveries, 0,
+        "the pass deleted a delivery whose retry was acknowledged"
+    );
+    assert_eq!(purged.events, 0, "its event went");
+
+    // The acknowledged retry is attempted and delivered, and the delivery stays.
+    let again = rx.next(WAIT).await;
+    assert_eq!(again.header("x-kyberaccess-delivery"), dlv);
+    let d = te
+        .wait_delivery(&acc, &dlv, WAIT, |d| d["status"] == "delivered")
+        .await;
+    assert_eq!(d["attempt_count"], 2, "{d}");
+    assert_eq!(d["attempts"].as_array().map(Vec::len), Some(2), "{d}");
+    // Changed since the cutoff: a later pass at the same cutoff keeps its fresh history; one
+    // past its retry purges it like any other.
+    let later = purger.clone();
+    let purged = tokio::task::spawn_blocking(move || later.pass(cutoff, &|| true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(purged.deliveries, 0);
+    te.wait_delivery(&acc, &dlv, WAIT, |d| d["status"] == "delivered")
+        .await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let now = unix_ms();
+    let purged = tokio::task::spawn_blocking(move || purger.pass(now, &|| true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (purged.deliveries, purged.attempts, purged.events),
+        (1, 2, 1)
+    );
+    let (s, _) = te
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/{acc}/deliveries/{dlv}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
     te.stop().await;
 }
 
@@ -484,5 +615,95 @@ async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_loses_nothing_ack
         refusals.len(),
         refusals[0]
     );
+
+    // A restart while the disk is full. Stopped cleanly first, so that the restart itself frees
+    // nothing (a crash leaves blobs past the stable log, which sled's open removes); then
+    // every byte left is taken.
+    stop_gracefully(p);
+    let filler = fill(&fs);
+    let started = Instant::now();
+    let (status, lines) = run_until_exit(&config, Duration::from_secs(30));
+    let took = started.elapsed();
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(75)),
+        "restarted on a full disk, it did not exit 75 (None: still running after 30 s): {lines:#?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "it took {took:?} to give up"
+    );
+    let errors: Vec<&String> = lines.iter().filter(|l| l.contains("\"ERROR\"")).collect();
+    assert_eq!(errors.len(), 1, "{lines:#?}");
+    assert!(
+        errors[0].contains("exiting so that a supervisor"),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("kyberhook is serving")),
+        "it served on a disk it cannot write to: {lines:#?}"
+    );
+    eprintln!(
+        "restarted on the full disk: exit 75 after {took:?}: {}",
+        errors[0]
+    );
+
+    // Space is back again: the failed start damaged nothing (sled leaves an unfinished
+    // snapshot behind, which it would take for a corrupt store), and it serves and delivers.
+    std::fs::remove_file(filler).unwrap();
+    fs.resize("256m");
+    let p = spawn(&config, &[]);
+    let (s, id) = post_event(&p.api, "acc_full", json!({"after_full_restart": true})).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rx
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.json()["id"] == id.as_str())
+    {
+        assert!(Instant::now() < deadline, "{id} never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(p);
+}
+
+/// SIGTERM, then waits for the graceful shutdown to end (exit 0).
+fn stop_gracefully(mut p: Proc) {
+    let out = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0), "{:#?}", p.log.lock().unwrap());
+            return;
+        }
+        assert!(Instant::now() < deadline, "no graceful shutdown in 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Takes every byte left on the tmpfs: shrinks it to what is used plus 1 MiB, then fills
+/// that with one file, page by page until the file system refuses. Returns the file's path.
+fn fill(fs: &Tmpfs) -> PathBuf {
+    use std::io::Write;
+    let st = rustix::fs::statvfs(&fs.path).unwrap();
+    let used_kib = (st.f_blocks - st.f_bfree) * st.f_frsize / 1024;
+    fs.resize(&format!("{}k", used_kib + 1024));
+    let path = fs.path.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let page = [0u8; 4096];
+    loop {
+        match file.write(&page) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+    path
 }

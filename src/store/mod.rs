@@ -18,7 +18,6 @@ pub mod format;
 pub mod keys;
 pub mod tracked;
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,6 +80,25 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether this is the disk refusing to write (full, over quota, failing) rather than a
+    /// problem with the data dir itself: the engine exits with `EXIT_STORAGE_FAILED` for its
+    /// supervisor to retry, as it does when the store fails while serving.
+    pub fn is_storage_failure(&self) -> bool {
+        let io_failure = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) || e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error())
+        };
+        match self {
+            StoreError::Failed(_) | StoreError::Sync { .. } => true,
+            StoreError::Sled(sled::Error::Io(e)) => io_failure(e),
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Most events one chunk of the event log holds.
@@ -96,6 +114,32 @@ const CHUNK_RECORD_OVERHEAD: usize = 96;
 /// A chunk's key in `events`: the sequence number of its last event.
 fn chunk_key(chunk: &[(u64, &EventRecord)]) -> [u8; 8] {
     keys::seq(chunk.last().map_or(0, |(seq, _)| *seq))
+}
+
+/// The lock that serialises rewrites of event-log chunks. The committer only appends chunks
+/// under new keys, so it never needs it; every rewrite of a stored chunk (retention's event
+/// purge, account deletion) reads, filters and writes back the whole chunk while holding it.
+#[derive(Default)]
+struct ChunkLock {
+    lock: std::sync::Mutex<()>,
+    /// Callers waiting for the lock right now: lets a unit test see a rewrite blocked.
+    #[cfg(test)]
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl ChunkLock {
+    fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        #[cfg(test)]
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Nothing the guard protects can be left half-done by a panic (sled batches are
+        // atomic), so a poisoned lock is still good.
+        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        #[cfg(test)]
+        self.waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        guard
+    }
 }
 
 /// A page of deliveries and the cursor of the next page.
@@ -116,6 +160,9 @@ pub struct DeliveryQuery {
     pub cursor: Option<DeliveryId>,
     pub limit: usize,
 }
+
+/// The `meta` key [`Store::probe_write`] writes (the time of the last start, unix ms).
+const WRITE_PROBE_KEY: &[u8] = b"write_probe";
 
 /// How long one flush + fsync may take before the store counts as failed. Far above any
 /// healthy commit (milliseconds), below a client's patience.
@@ -165,6 +212,8 @@ pub struct Store {
     synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     /// The write gate and change tracking of every tree (online backups, `backup`).
     tracker: Arc<Tracker>,
+    /// Held around every read-modify-write of event-log chunks (see [`ChunkLock`]).
+    chunk_rewrites: ChunkLock,
     /// `format_version` (see `format`).
     meta: Tree,
     accounts: Tree,
@@ -187,10 +236,24 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// same process (an engine restarted in place, the tests' reopen-and-check) can meet its own
 /// previous instance still closing. sled reports that only as an I/O error with this text; any
 /// other error, or a lock still held after [`LOCK_WAIT`] (another process), is returned as is.
+///
+/// A snapshot sled could not finish writing (the disk filled while it wrote one, at start-up or
+/// in the background) is left as `snap.*.generating`, which sled 0.34 then takes for the newest
+/// snapshot and refuses as corrupt at every later open: the store would never start again,
+/// although the complete earlier snapshot and the log are intact. A finished snapshot is
+/// always renamed, and sled holds the data dir's lock by the time it reads snapshots, so on
+/// that refusal the unfinished files are removed and the open is tried once more.
 fn open_sled(config: &sled::Config) -> std::result::Result<sled::Db, sled::Error> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut cleared = false;
     loop {
         match config.open() {
+            Err(sled::Error::Corruption { .. }) if !cleared => {
+                cleared = true;
+                if remove_unfinished_snapshots(&config.path)? == 0 {
+                    return config.open();
+                }
+            }
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
@@ -200,6 +263,22 @@ fn open_sled(config: &sled::Config) -> std::result::Result<sled::Db, sled::Error
             other => return other,
         }
     }
+}
+
+/// Removes the snapshots sled did not finish writing (see [`open_sled`]); how many.
+fn remove_unfinished_snapshots(path: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path())?;
+            tracing::warn!(file = %name, "removed a snapshot sled did not finish writing (the disk was full or failed while it wrote it)");
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 impl Store {
@@ -255,6 +334,7 @@ impl Store {
             blobs_dir: path.join("blobs"),
             synced_blobs: Default::default(),
             tracker,
+            chunk_rewrites: ChunkLock::default(),
             sealer,
             sled_config,
             failure: std::sync::OnceLock::new(),
@@ -355,6 +435,22 @@ impl Store {
             return Err(self.failure.get().cloned().unwrap_or_default());
         }
         Ok(())
+    }
+
+    /// Writes one small `meta` key and makes it durable (flush, `fdatasync`): whether the store
+    /// can write at all, asked at start-up so that an engine restarted on a disk that is still
+    /// full fails now, before it reports ready, rather than at the first write it would have
+    /// to acknowledge. A failure fails the store like any other (see [`Store::health`]).
+    /// Blocking.
+    pub fn probe_write(&self) -> Result<()> {
+        self.meta
+            .insert(WRITE_PROBE_KEY, &crate::clock::now_ms().to_be_bytes())
+            .map_err(|e| {
+                // An I/O error is already noted by the tracked tree; anything else is too.
+                self.fail(format!("storage: {e}"));
+                StoreError::from(e)
+            })?;
+        self.make_durable()
     }
 
     fn fail(&self, failure: String) {
@@ -656,6 +752,11 @@ impl Store {
     /// batch per tree. Covers the chunks keyed after `after` (all when `None`) and before
     /// `end` (all when `None`), at most `budget` of them when given one. Returns how many
     /// events went and the key of the last chunk looked at (where the next call continues).
+    ///
+    /// Holds [`Store::chunk_rewrites`] from the first read to the last write: retention (its
+    /// own thread) and account deletion (the delivery writer) both rewrite chunks, and many
+    /// events share one chunk, so two unserialised rewrites of one chunk would each write back
+    /// what it read, bringing back events the other removed.
     fn drop_events(
         &self,
         after: Option<IVec>,
@@ -666,6 +767,7 @@ impl Store {
         use std::ops::Bound;
         let lo = after.map_or(Bound::Unbounded, Bound::Excluded);
         let hi = end.map_or(Bound::Unbounded, |e| Bound::Excluded(IVec::from(&e[..])));
+        let _rewriting = self.chunk_rewrites.hold();
         let mut dropped = 0;
         let mut last = None;
         let (mut ev, mut ids, mut inbox) = (Batch::default(), Batch::default(), Batch::default());
@@ -949,27 +1051,47 @@ impl Store {
         Ok(DeliveryPage { items, next_cursor })
     }
 
-    /// Deletes every finished delivery created before `cutoff_ms` (with its attempts, index
-    /// and schedule entries), then every event before it that no delivery and no owed fan-out
-    /// needs. Works through the backlog in batches ([`PURGE_BATCH`] deliveries,
-    /// [`PURGE_CHUNKS`] log chunks: one sled batch per tree each), so one call keeps up with
-    /// any rate the engine can write at; `go_on` is asked before each batch (shutdown).
-    /// Blocking: run it on its own thread.
+    /// Deletes every finished delivery created and last changed before `cutoff_ms` (with its
+    /// attempts, index and schedule entries), then every event before it that no delivery and
+    /// no owed fan-out needs, applying each batch's plan itself. Only where no delivery writer
+    /// runs (unit tests, offline tools): the engine's retention sends each plan to the writer
+    /// instead ([`Store::purge_before_with`]), so that a concurrent retry cannot be undone.
     pub fn purge_before(&self, cutoff_ms: u64, go_on: &dyn Fn() -> bool) -> Result<Purged> {
+        self.purge_before_with(cutoff_ms, go_on, |plan| self.apply_purge(&plan))
+    }
+
+    /// One retention pass. Plans the deletion of finished deliveries in batches of
+    /// [`PURGE_BATCH`] (a read-only scan, on the caller's thread) and hands each plan to
+    /// `apply`, which the engine routes through the delivery writer ([`Store::apply_purge`]
+    /// re-checks every record there); then drops the log's events before the cutoff that
+    /// nothing needs any more, [`PURGE_CHUNKS`] chunks per batch. There is no per-pass budget,
+    /// so one pass keeps up with any rate the engine can write at; `go_on` is asked before each
+    /// batch (shutdown). Blocking: run it on its own thread.
+    pub fn purge_before_with<E: From<StoreError>>(
+        &self,
+        cutoff_ms: u64,
+        go_on: &dyn Fn() -> bool,
+        mut apply: impl FnMut(PurgePlan) -> std::result::Result<PurgedBatch, E>,
+    ) -> std::result::Result<Purged, E> {
         let end = keys::seq(ids::seq_floor(cutoff_ms));
         let mut purged = Purged::default();
         let mut after: Option<IVec> = None;
         while go_on() {
-            let (deliveries, attempts, last) = self.purge_deliveries(after.take(), &end)?;
-            purged.deliveries += deliveries;
-            purged.attempts += attempts;
+            let plan = self.plan_purge(after.take(), &end, cutoff_ms)?;
+            let last = plan.last.clone();
+            if !plan.candidates.is_empty() {
+                let batch = apply(plan)?;
+                purged.deliveries += batch.deliveries;
+                purged.attempts += batch.attempts;
+            }
             match last {
                 Some(last) => after = Some(last),
                 None => break,
             }
         }
         // Chunks keyed below the cutoff hold only events older than it; an event goes once no
-        // delivery and no owed fan-out needs it.
+        // delivery and no owed fan-out needs it. (No delivery of such an event is created any
+        // more, except by the fan-out an inbox mark owes, checked first.)
         let mut after: Option<IVec> = None;
         while go_on() {
             let (events, last) =
@@ -998,17 +1120,73 @@ impl Store {
         Ok(purged)
     }
 
-    /// One batch of [`Store::purge_before`]: looks at up to [`PURGE_BATCH`] deliveries keyed
-    /// after `after` and before `end`, deletes the finished ones, and returns how many
-    /// deliveries and attempts went and the last key looked at (`None`: the range is done).
-    fn purge_deliveries(
+    /// Plans one batch of a purge: looks at up to [`PURGE_BATCH`] deliveries keyed after
+    /// `after` and before `end`, and lists those finished and last changed before `cutoff_ms`
+    /// with everything that goes with them (their attempts found by one range scan of the
+    /// batch's key range — a seek per delivery cost more than the rest of the purge together).
+    /// Reads only: nothing changes until [`Store::apply_purge`].
+    pub fn plan_purge(
         &self,
         after: Option<IVec>,
         end: &[u8; 8],
-    ) -> Result<(usize, usize, Option<IVec>)> {
+        cutoff_ms: u64,
+    ) -> Result<PurgePlan> {
         use std::ops::Bound;
         let lo = after.map_or(Bound::Unbounded, Bound::Excluded);
         let hi = Bound::Excluded(IVec::from(&end[..]));
+        let mut plan = PurgePlan::default();
+        let mut index: std::collections::HashMap<DeliveryId, usize> = Default::default();
+        for (seen, kv) in self.deliveries.range::<IVec, _>((lo, hi)).enumerate() {
+            if seen >= PURGE_BATCH {
+                break;
+            }
+            let (key, value) = kv?;
+            plan.last = Some(key.clone());
+            let record: DeliveryRecord = codec::decode(&value)?;
+            // Open deliveries stay, however old: they are still owed an attempt. A finished one
+            // changed since the cutoff (retried by hand, recovered) keeps its fresh history.
+            if record.status.is_open() || record.updated_ms >= cutoff_ms {
+                continue;
+            }
+            index.insert(record.id, plan.candidates.len());
+            plan.candidates.push(PurgeCandidate {
+                id: record.id,
+                account: record.account_id,
+                due: record.next_attempt_ms,
+                value,
+                attempts: Vec::new(),
+            });
+        }
+        if let (Some(first), Some(last_id)) = (
+            plan.candidates.first().map(|c| c.id),
+            plan.last.as_deref().and_then(DeliveryId::from_bytes),
+        ) {
+            let from = keys::attempt(first, 0);
+            let to = keys::attempt(last_id, u32::MAX);
+            for k in self.attempts.range(from..=to).keys() {
+                let k = k?;
+                if let Some(&i) = k
+                    .get(..16)
+                    .and_then(DeliveryId::from_bytes)
+                    .and_then(|id| index.get(&id))
+                {
+                    plan.candidates[i].attempts.push(k);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Deletes what `plan` lists, re-checking each delivery first: only one still stored
+    /// byte for byte as planned goes. Every change of a delivery rewrites its record (a retry
+    /// or recover reopens it and stamps `updated_ms`, an outcome adds to `attempt_count`), so
+    /// an unchanged record also means unchanged attempts and entries, and one changed since
+    /// the plan (a manual retry that came in meanwhile) is kept with everything it has.
+    ///
+    /// Call it only on the delivery writer (`crate::delivery`), which alone writes delivery
+    /// records: there nothing can change a record between this check and the delete, and a
+    /// retry answered before it is already on the store when it runs.
+    pub fn apply_purge(&self, plan: &PurgePlan) -> Result<PurgedBatch> {
         let (mut dl, mut at, mut bw, mut ba, mut sc) = (
             Batch::default(),
             Batch::default(),
@@ -1016,48 +1194,24 @@ impl Store {
             Batch::default(),
             Batch::default(),
         );
-        let (mut deliveries, mut attempts, mut last) = (0, 0, None);
-        let mut doomed: HashSet<DeliveryId> = HashSet::new();
-        let mut first: Option<DeliveryId> = None;
-        for (seen, kv) in self.deliveries.range::<IVec, _>((lo, hi)).enumerate() {
-            if seen >= PURGE_BATCH {
-                break;
-            }
-            let (key, value) = kv?;
-            last = Some(key.clone());
-            let record: DeliveryRecord = codec::decode(&value)?;
-            // Open deliveries stay, however old: they are still owed an attempt.
-            if record.status.is_open() {
+        let mut done = PurgedBatch::default();
+        for c in &plan.candidates {
+            let key = keys::delivery(c.id);
+            if self.deliveries.get(key)?.as_ref() != Some(&c.value) {
+                done.kept += 1;
                 continue;
             }
-            let id = record.id;
-            first.get_or_insert(id);
-            doomed.insert(id);
-            if let Some(due) = record.next_attempt_ms {
-                sc.remove(&keys::schedule(due, id));
+            if let Some(due) = c.due {
+                sc.remove(&keys::schedule(due, c.id));
             }
-            bw.remove(&keys::by_webhook(id.webhook, id));
-            ba.remove(keys::by_account(&record.account_id, id));
-            dl.remove(key);
-            deliveries += 1;
-        }
-        // Attempts are keyed by delivery id first: one scan over the batch's range finds them
-        // all (a seek per delivery cost more than the rest of the purge together).
-        if let (Some(first), Some(last_id)) =
-            (first, last.as_deref().and_then(DeliveryId::from_bytes))
-        {
-            let from = keys::attempt(first, 0);
-            let to = keys::attempt(last_id, u32::MAX);
-            for k in self.attempts.range(from..=to).keys() {
-                let k = k?;
-                if k.get(..16)
-                    .and_then(DeliveryId::from_bytes)
-                    .is_some_and(|id| doomed.contains(&id))
-                {
-                    at.remove(k);
-                    attempts += 1;
-                }
+            bw.remove(&keys::by_webhook(c.id.webhook, c.id));
+            ba.remove(keys::by_account(&c.account, c.id));
+            for k in &c.attempts {
+                at.remove(k.clone());
             }
+            dl.remove(&key);
+            done.deliveries += 1;
+            done.attempts += c.attempts.len();
         }
         // The record last: a crash in between leaves it to be found (and its remains deleted)
         // by the next pass, never an index entry or attempt nobody can find again.
@@ -1066,7 +1220,7 @@ impl Store {
         self.by_webhook.apply_batch(bw)?;
         self.by_account.apply_batch(ba)?;
         self.deliveries.apply_batch(dl)?;
-        Ok((deliveries, attempts, last))
+        Ok(done)
     }
 }
 
@@ -1078,9 +1232,49 @@ pub struct Purged {
     pub events: usize,
 }
 
+/// What [`Store::apply_purge`] did with one plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgedBatch {
+    pub deliveries: usize,
+    pub attempts: usize,
+    /// Planned deliveries that had changed since (reopened by a retry, deleted) and were kept.
+    pub kept: usize,
+}
+
+/// One batch of deliveries a retention pass means to delete, read on the retention thread and
+/// applied (after a re-check) by the delivery writer: see [`Store::apply_purge`].
+#[derive(Debug, Default)]
+pub struct PurgePlan {
+    candidates: Vec<PurgeCandidate>,
+    /// The last delivery key looked at: where the next batch starts (`None`: the range is done).
+    last: Option<IVec>,
+}
+
+impl PurgePlan {
+    /// How many deliveries the plan would delete.
+    pub fn len(&self) -> usize {
+        self.candidates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.candidates.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct PurgeCandidate {
+    id: DeliveryId,
+    account: AccountId,
+    due: Option<u64>,
+    /// The record as the plan read it: deleted only if still stored exactly so.
+    value: IVec,
+    attempts: Vec<IVec>,
+}
+
 /// Deliveries one purge batch looks at: one sled batch per tree, big enough to amortise the
-/// batch, small enough that the retention thread yields to shutdown often.
-pub const PURGE_BATCH: usize = 4096;
+/// batch, small enough that applying it holds the delivery writer only briefly (and that the
+/// retention thread yields to shutdown often).
+pub const PURGE_BATCH: usize = 2048;
 /// Event-log chunks one purge batch looks at (up to 64 events each).
 pub const PURGE_CHUNKS: usize = 256;
 
@@ -1688,5 +1882,199 @@ mod tests {
         );
         store.purge_before(1, &|| true).unwrap();
         assert_eq!(store.events.len(), 0);
+    }
+
+    fn finished_attempt(number: u32) -> AttemptRecord {
+        AttemptRecord {
+            number,
+            at_ms: 0,
+            response_code: Some(500),
+            response_time_ms: 1,
+            response_headers: vec![],
+            response_body: String::new(),
+            error: None,
+            timestamp: 0,
+            signature: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_purge_plan_keeps_a_delivery_that_changed_after_it_was_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let account = AccountId::parse("acc_plan").unwrap();
+        let events: Vec<EventRecord> = (1..=3u64)
+            .map(|seq| EventRecord {
+                seq,
+                id: EventId::from_seq(seq),
+                account_id: account.clone(),
+                event: "visitor.checked_in".into(),
+                body: b"{}".to_vec(),
+            })
+            .collect();
+        store.append_events_owing(&events, &[false; 3]).unwrap();
+        // Three deliveries that failed long ago (updated at 10).
+        let mut records = Vec::new();
+        for e in &events {
+            let id = DeliveryId {
+                seq: e.seq,
+                webhook: WebhookId(1),
+            };
+            records.push(DeliveryRecord::new(id, e, 10, false));
+        }
+        store.create_fresh_deliveries(records.clone()).unwrap();
+        for r in &mut records {
+            let old_due = r.next_attempt_ms;
+            r.status = DeliveryStatus::Failed;
+            r.next_attempt_ms = None;
+            r.attempt_count = 1;
+            store
+                .record_attempt(r, old_due, &finished_attempt(1))
+                .unwrap();
+        }
+        let cutoff = 1_000;
+        let end = keys::seq(ids::seq_floor(cutoff));
+        let plan = store.plan_purge(None, &end, cutoff).unwrap();
+        assert_eq!(plan.len(), 3);
+        // Between the plan and its application, the writer answers a manual retry of the
+        // second delivery: reopened, due now.
+        let mut retried = records[1].clone();
+        retried.status = DeliveryStatus::Retrying;
+        retried.next_attempt_ms = Some(cutoff + 5);
+        retried.updated_ms = cutoff + 5;
+        store
+            .apply_delivery_writes(&DeliveryWrites {
+                schedule_insert: vec![(cutoff + 5, retried.id)],
+                deliveries: vec![retried.clone()],
+                ..Default::default()
+            })
+            .unwrap();
+        let done = store.apply_purge(&plan).unwrap();
+        assert_eq!(
+            done,
+            PurgedBatch {
+                deliveries: 2,
+                attempts: 2,
+                kept: 1
+            }
+        );
+        // The retried delivery is whole: record, attempt, index and schedule entries.
+        assert_eq!(
+            store.get_delivery(retried.id).unwrap(),
+            Some(retried.clone())
+        );
+        assert_eq!(store.attempts(retried.id).unwrap().len(), 1);
+        assert_eq!(store.by_webhook.len(), 1);
+        assert_eq!(store.by_account.len(), 1);
+        assert_eq!(
+            store.scheduled().collect::<Result<Vec<_>>>().unwrap(),
+            vec![(cutoff + 5, retried.id)]
+        );
+        assert!(store.get_delivery(records[0].id).unwrap().is_none());
+        assert!(store.attempts(records[0].id).unwrap().is_empty());
+        // Its retry fails again: finished, but changed after the cutoff, so a pass with the
+        // same cutoff keeps its fresh history (and its event); a later one purges it.
+        let mut failed = retried.clone();
+        failed.status = DeliveryStatus::Failed;
+        failed.next_attempt_ms = None;
+        failed.attempt_count = 2;
+        failed.updated_ms = cutoff + 9;
+        store
+            .record_attempt(&failed, retried.next_attempt_ms, &finished_attempt(2))
+            .unwrap();
+        let purged = store.purge_before(cutoff, &|| true).unwrap();
+        assert_eq!(purged.deliveries, 0);
+        assert_eq!(purged.events, 2);
+        assert!(store.get_event(2).unwrap().is_some());
+        let purged = store.purge_before(cutoff + 10, &|| true).unwrap();
+        assert_eq!(
+            (purged.deliveries, purged.attempts, purged.events),
+            (1, 2, 1)
+        );
+        assert_eq!(store.deliveries.len(), 0);
+        assert_eq!(store.attempts.len(), 0);
+        assert_eq!(store.schedule.len(), 0);
+    }
+
+    /// Retention's event purge and an account's deletion rewrite the same chunk at once: the
+    /// purge is held between reading the chunk and writing it back while the deletion runs.
+    /// Without the chunk lock the deletion finishes in that gap and the purge then writes back
+    /// the account's events it read; with it, the deletion waits and rewrites what the purge
+    /// left. Deterministic: the purge resumes only once the deletion has finished (no lock) or
+    /// is seen waiting for the lock.
+    #[test]
+    fn chunk_rewrites_are_serialised() {
+        use std::sync::mpsc;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), false).unwrap());
+        let a = AccountId::parse("acc_gone").unwrap();
+        let b = AccountId::parse("acc_kept").unwrap();
+        // One chunk, the two accounts' events interleaved: a has the odd ones.
+        let events: Vec<EventRecord> = (1..=40u64)
+            .map(|seq| EventRecord {
+                seq,
+                id: EventId::from_seq(seq),
+                account_id: if seq % 2 == 1 { a.clone() } else { b.clone() },
+                event: "visitor.checked_in".into(),
+                body: b"{}".to_vec(),
+            })
+            .collect();
+        store.append_events_owing(&events, &[false; 40]).unwrap();
+        assert_eq!(store.events.len(), 1);
+
+        let (reading, read) = mpsc::channel();
+        let (resume, resumed) = mpsc::channel::<()>();
+        let purge = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut first = true;
+                // Retention-like: every fourth event has nothing left that needs it.
+                store
+                    .drop_events(None, None, None, |e| {
+                        if first {
+                            first = false;
+                            reading.send(()).unwrap();
+                            resumed.recv().unwrap();
+                        }
+                        Ok(e.seq % 4 == 0)
+                    })
+                    .unwrap()
+            })
+        };
+        read.recv().unwrap();
+        let deletion = {
+            let store = store.clone();
+            let account = Account {
+                id: a.clone(),
+                name: "A".into(),
+                plan: "starter".into(),
+                created_ms: 0,
+                api_key_hash: [0; 32],
+            };
+            std::thread::spawn(move || store.delete_account(&account).unwrap())
+        };
+        while !deletion.is_finished()
+            && store
+                .chunk_rewrites
+                .waiting
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        resume.send(()).unwrap();
+        let (dropped, _) = purge.join().unwrap();
+        assert_eq!(dropped, 10);
+        deletion.join().unwrap();
+        for seq in 1..=40u64 {
+            let kept = store.get_event(seq).unwrap().is_some();
+            let expected = seq % 2 == 0 && seq % 4 != 0;
+            assert_eq!(
+                kept,
+                expected,
+                "event {seq} (account {}) kept: {kept}",
+                if seq % 2 == 1 { "deleted" } else { "kept" }
+            );
+        }
     }
 }

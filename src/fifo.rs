@@ -20,8 +20,11 @@
 //! sets from the stored schedule (every open delivery has an entry there) before dispatch
 //! starts; a webhook that becomes fifo at run time reads its open deliveries from the store
 //! on a blocking thread and lets nothing start until that is done. A set entry whose delivery
-//! turns out not to be open any more (a race with that read, or a stale schedule entry after a
-//! crash) is removed when the dispatcher finds it at the head ([`FifoGate::forget`]).
+//! is not open any more (a race with that read or with admission, a stale schedule entry after
+//! a crash) would hold the others for ever: whenever entries wait behind a head that nothing
+//! runs, moves or loads, the head's record is read, and it leaves the order if it is not open
+//! ([`Queue::stalled`]). That read happens where the call came from — the writer thread, the
+//! loader's blocking thread, or the dispatcher's tasks, where admission reads records too.
 //!
 //! Webhooks with `ordering: "none"` cost one atomic load per call: no lock is taken while no
 //! webhook is fifo, and a hash lookup under a std mutex (never held across an await or a
@@ -37,15 +40,17 @@ use crate::model::{DeliveryOrder, DeliveryRecord, Webhook, WebhookStatus};
 use crate::scheduler::{Due, SchedulerHandle};
 use crate::store::{Store, StoreError};
 
+/// Most heads one call confirms against the store.
+const CONFIRM_ROUNDS: usize = 64;
+
 /// What the dispatcher does with a due entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
     /// Start it (the webhook is not fifo, or this delivery is its head and nothing else runs).
     /// Report the end of the attempt (or that it did not start) with [`FifoGate::finished`].
     Go,
-    /// Parked until its turn; still counted as scheduled. `check`: the head that holds it
-    /// while nothing runs — the caller confirms it is still open, or [`FifoGate::forget`]s it.
-    Parked { check: Option<DeliveryId> },
+    /// Parked until its turn; still counted as scheduled.
+    Parked,
 }
 
 /// One fifo webhook's state.
@@ -63,11 +68,12 @@ struct Queue {
 }
 
 /// What a change asks of the scheduler: entries to hand back, and entries dropped (counted
-/// as scheduled until now).
+/// as scheduled until now); and heads to confirm against the store (see [`Queue::stalled`]).
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Effects {
     release: Vec<Due>,
     dropped: usize,
+    confirm: Vec<DeliveryId>,
 }
 
 impl Queue {
@@ -88,6 +94,23 @@ impl Queue {
         self.open.remove(&id);
         if let Some(due) = self.parked.remove(&id) {
             fx.release.push(due);
+        }
+    }
+
+    /// Whether entries wait behind a head that nothing will move: nothing runs, nothing is
+    /// loading, and the head has no entry here. That is normal for a head waiting for its own
+    /// retry in the wheel — and a sign of a set entry whose delivery is not open any more (a
+    /// race with the read of a webhook that became fifo, or a stale schedule entry after a
+    /// crash), which would hold the others for ever. The head is then confirmed against the
+    /// store ([`FifoGate::confirm`]).
+    fn stalled(&self, fx: &mut Effects) {
+        if self.running.is_some() || self.loading.is_some() || self.parked.is_empty() {
+            return;
+        }
+        if let Some(head) = self.open.first() {
+            if !self.parked.contains_key(head) {
+                fx.confirm.push(*head);
+            }
         }
     }
 
@@ -116,11 +139,8 @@ impl Queue {
                 self.parked.insert(id, due);
             }
         }
-        let check = match (self.running, self.loading, self.open.first()) {
-            (None, None, Some(head)) if *head != id => Some(*head),
-            _ => None,
-        };
-        Gate::Parked { check }
+        self.stalled(fx);
+        Gate::Parked
     }
 
     fn finished(&mut self, id: DeliveryId, fx: &mut Effects) {
@@ -128,6 +148,7 @@ impl Queue {
             self.running = None;
         }
         self.wake(fx);
+        self.stalled(fx);
     }
 }
 
@@ -194,6 +215,7 @@ impl Queues {
         q.open.extend(open);
         q.loading = None;
         q.wake(fx);
+        q.stalled(fx);
     }
 
     fn written(&mut self, record: &DeliveryRecord, fx: &mut Effects) {
@@ -257,11 +279,37 @@ impl FifoGate {
         });
     }
 
-    /// Hands entries back to the scheduler (each was counted as scheduled while parked).
+    /// Hands entries back to the scheduler (each was counted as scheduled while parked), then
+    /// confirms the heads that hold others while nothing moves them.
     fn apply(&self, fx: Effects) {
         let Some(w) = self.wiring.get() else {
             return;
         };
+        let mut confirm = self.reschedule(w, fx);
+        // Bounded: each round removes one delivery from a set, and a burst of stale entries
+        // (a crash) is worked off by the next calls.
+        for _ in 0..CONFIRM_ROUNDS {
+            let Some(head) = confirm.pop() else { return };
+            match w.store.get_delivery(head) {
+                Ok(Some(r)) if r.status.is_open() && !r.is_test => continue,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(delivery = %head, error = %err, "reading a fifo webhook's first open delivery failed");
+                    continue;
+                }
+            }
+            let mut fx = Effects::default();
+            if let Some(queue) = self.lock().by_hook.get_mut(&head.webhook) {
+                queue.close(head, &mut fx);
+                queue.wake(&mut fx);
+                queue.stalled(&mut fx);
+            }
+            confirm.extend(self.reschedule(w, fx));
+        }
+    }
+
+    /// The scheduler's part of `fx`; answers the heads to confirm.
+    fn reschedule(&self, w: &Wiring, fx: Effects) -> Vec<DeliveryId> {
         for _ in 0..fx.dropped {
             w.scheduler.taken();
         }
@@ -270,6 +318,7 @@ impl FifoGate {
             w.scheduler.taken();
             w.scheduler.schedule(due.id, due.token, due.token.max(now));
         }
+        fx.confirm
     }
 
     /// The registry stored `hook` (created, changed, loaded at start-up).
@@ -361,14 +410,15 @@ impl FifoGate {
             for r in records {
                 if q.by_hook.contains_key(&r.id.webhook) {
                     q.written(r, &mut fx);
-                    if !touched.contains(&r.id.webhook) {
-                        touched.push(r.id.webhook);
-                    }
+                    touched.push(r.id.webhook);
                 }
             }
+            touched.sort_unstable();
+            touched.dedup();
             for hook in touched {
                 if let Some(queue) = q.by_hook.get_mut(&hook) {
                     queue.wake(&mut fx);
+                    queue.stalled(&mut fx);
                 }
             }
         }
@@ -400,19 +450,6 @@ impl FifoGate {
         let mut fx = Effects::default();
         if let Some(queue) = self.lock().by_hook.get_mut(&id.webhook) {
             queue.finished(id, &mut fx);
-        }
-        self.apply(fx);
-    }
-
-    /// A delivery the set holds is not open (found so at the head): it leaves the order.
-    pub fn forget(&self, id: DeliveryId) {
-        if self.idle() {
-            return;
-        }
-        let mut fx = Effects::default();
-        if let Some(queue) = self.lock().by_hook.get_mut(&id.webhook) {
-            queue.close(id, &mut fx);
-            queue.wake(&mut fx);
         }
         self.apply(fx);
     }
@@ -512,22 +549,20 @@ mod tests {
     fn only_the_first_open_delivery_goes_and_the_next_is_handed_back_when_it_ends() {
         let mut q = queues(3);
         let mut fx = Effects::default();
-        // Due out of order: 3 and 2 wait for 1, which nothing runs ahead of.
-        assert_eq!(
-            start(&mut q, due(3, 3), &mut fx),
-            Gate::Parked { check: Some(id(1)) }
-        );
+        // Due out of order: 3 waits for 1 — which nothing runs or holds yet, so 1 is to be
+        // confirmed open.
+        assert_eq!(start(&mut q, due(3, 3), &mut fx), Gate::Parked);
+        assert_eq!(fx.confirm, vec![id(1)]);
+        let mut fx = Effects::default();
         assert_eq!(start(&mut q, due(1, 1), &mut fx), Gate::Go);
-        assert_eq!(
-            start(&mut q, due(2, 2), &mut fx),
-            Gate::Parked { check: None },
-            "1 runs"
-        );
+        assert_eq!(start(&mut q, due(2, 2), &mut fx), Gate::Parked, "1 runs");
         assert_eq!(fx, Effects::default());
-        // 1 fails and retries: still first, nothing behind it moves.
+        // 1 fails and retries: still first, nothing behind it moves (and 1, waiting for its
+        // retry in the wheel, is confirmed open).
         q.written(&record(1, DeliveryStatus::Retrying), &mut fx);
         finish(&mut q, 1, &mut fx);
-        assert_eq!(fx, Effects::default());
+        assert_eq!((fx.release, fx.confirm), (vec![], vec![id(1)]));
+        let mut fx = Effects::default();
         assert_eq!(start(&mut q, due(1, 50), &mut fx), Gate::Go, "its retry");
         // 1 is delivered: the writer's report comes before the attempt's end, and 2 is handed
         // back only once the attempt has ended.
@@ -551,14 +586,9 @@ mod tests {
         assert_eq!(start(&mut q, due(2, 2), &mut fx), Gate::Go);
         // A manual retry reopens 1 while 2 runs: 1 waits for 2's attempt, 3 waits for both.
         q.written(&record(1, DeliveryStatus::Retrying), &mut fx);
-        assert_eq!(
-            start(&mut q, due(1, 90), &mut fx),
-            Gate::Parked { check: None }
-        );
-        assert_eq!(
-            start(&mut q, due(3, 3), &mut fx),
-            Gate::Parked { check: None }
-        );
+        assert_eq!(start(&mut q, due(1, 90), &mut fx), Gate::Parked);
+        assert_eq!(start(&mut q, due(3, 3), &mut fx), Gate::Parked);
+        assert!(fx.confirm.is_empty(), "2 runs");
         q.written(&record(2, DeliveryStatus::Delivered), &mut fx);
         finish(&mut q, 2, &mut fx);
         assert_eq!(fx.release, vec![due(1, 90)]);
@@ -581,16 +611,62 @@ mod tests {
     }
 
     #[test]
-    fn a_head_that_is_not_open_is_named_for_a_check_and_forgetting_it_moves_on() {
+    fn a_head_that_holds_others_while_nothing_moves_it_is_named_for_confirmation() {
         // The set has 1 (say, from a stale schedule entry), but 1 never comes due.
         let mut q = queues(1);
         let mut fx = Effects::default();
-        let gate = start(&mut q, due(2, 2), &mut fx);
-        assert_eq!(gate, Gate::Parked { check: Some(id(1)) });
+        assert_eq!(start(&mut q, due(2, 2), &mut fx), Gate::Parked);
+        assert_eq!(fx.confirm, vec![id(1)]);
         let queue = q.by_hook.get_mut(&HOOK).unwrap();
         queue.close(id(1), &mut fx);
         queue.wake(&mut fx);
         assert_eq!(fx.release, vec![due(2, 2)]);
+        // An attempt's end with others parked behind a head that has no entry: the same.
+        let mut q = queues(3);
+        let mut fx = Effects::default();
+        assert_eq!(start(&mut q, due(2, 2), &mut fx), Gate::Parked);
+        let mut fx = Effects::default();
+        let queue = q.by_hook.get_mut(&HOOK).unwrap();
+        queue.running = Some(id(3)); // an attempt let go before 1 and 2 were known
+        queue.finished(id(3), &mut fx);
+        assert_eq!(fx.confirm, vec![id(1)]);
+    }
+
+    /// The whole loop with a real store and scheduler: a set entry whose delivery does not
+    /// exist holds delivery 2 only until the gate has read it.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_head_is_read_from_the_store_and_the_next_delivery_is_handed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), false).unwrap());
+        store
+            .apply_delivery_writes(&crate::store::DeliveryWrites {
+                deliveries: vec![record(2, DeliveryStatus::Pending)],
+                ..Default::default()
+            })
+            .unwrap();
+        let (out, mut due_rx) = tokio::sync::mpsc::channel(8);
+        let (scheduler, handle) = crate::scheduler::Scheduler::new(out);
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(scheduler.run(None, stop_rx));
+        let gate = Arc::new(FifoGate::new());
+        gate.configure(&hook(DeliveryOrder::Fifo, WebhookStatus::Active));
+        gate.rebuild([Ok((1, id(1))), Ok((2, id(2)))]).unwrap();
+        gate.wire(handle.clone(), store);
+        // Delivery 2 comes due (counted as scheduled, as the scheduler had handed it out).
+        handle.schedule(id(2), 2, 0);
+        let first = due_rx.recv().await.unwrap();
+        assert_eq!(gate.try_start(first), Gate::Parked);
+        // 1 is not in the store: it left the order, and 2 was handed back at once.
+        let again = due_rx.recv().await.unwrap();
+        assert_eq!(again, due(2, 2));
+        assert_eq!(gate.try_start(again), Gate::Go);
+        assert_eq!(gate.parked(), 0);
+        assert_eq!(
+            handle.scheduled(),
+            1,
+            "counted once, until its attempt starts"
+        );
+        task.abort();
     }
 
     #[test]
@@ -626,16 +702,15 @@ mod tests {
         let h = hook(DeliveryOrder::Fifo, WebhookStatus::Active);
         let generation = q.configure(&h, true, &mut fx).expect("a read to start");
         // Entries come due meanwhile: parked, whatever their place.
-        assert_eq!(
-            start(&mut q, due(5, 5), &mut fx),
-            Gate::Parked { check: None }
-        );
+        assert_eq!(start(&mut q, due(5, 5), &mut fx), Gate::Parked);
         // A read of an earlier switch is ignored.
         q.loaded(HOOK, generation + 1, vec![id(9)], &mut fx);
         assert_eq!(fx, Effects::default());
-        // The read finds 2 open: it goes first, 5 stays parked.
+        // The read finds 2 open: it goes first, 5 stays parked (and 2, whose entry is not
+        // here yet, is to be confirmed open).
         q.loaded(HOOK, generation, vec![id(2), id(5)], &mut fx);
-        assert_eq!(fx, Effects::default());
+        assert_eq!((fx.release, fx.confirm), (vec![], vec![id(2)]));
+        let mut fx = Effects::default();
         assert_eq!(start(&mut q, due(2, 2), &mut fx), Gate::Go);
         q.written(&record(2, DeliveryStatus::Delivered), &mut fx);
         finish(&mut q, 2, &mut fx);

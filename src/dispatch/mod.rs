@@ -286,19 +286,6 @@ impl Deliverer {
         }
     }
 
-    /// A fifo webhook's head holds others back while nothing runs: if it is not open any
-    /// more (the set learned of it in a race, or from a stale schedule entry), it leaves the
-    /// order and the next one goes.
-    fn confirm_head(&self, head: DeliveryId) {
-        match self.store.get_delivery(head) {
-            Ok(Some(r)) if r.status.is_open() && !r.is_test => {}
-            Ok(_) => self.registry.fifo().forget(head),
-            Err(err) => {
-                tracing::warn!(delivery = %head, error = %err, "reading a fifo webhook's first open delivery failed");
-            }
-        }
-    }
-
     /// Runs a scheduled delivery's attempt, if it may still start.
     async fn run_due(&self, due: Due) {
         let admission = match delivery::admit(&self.store, &self.registry, due.id, due.token) {
@@ -433,10 +420,7 @@ impl Dispatcher {
         // A fifo webhook's delivery waits (parked, still counted as scheduled) until it is
         // the first open one and nothing else of the webhook runs; before the plan's rate, so
         // a waiting delivery takes no rate slot, and before priority, since order wins.
-        if let Gate::Parked { check } = d.registry.fifo().try_start(due) {
-            if let Some(head) = check {
-                d.confirm_head(head);
-            }
+        if d.registry.fifo().try_start(due) == Gate::Parked {
             return Ok(Dispatched::Queued);
         }
         if !d.claim(due) {

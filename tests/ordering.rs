@@ -309,6 +309,154 @@ async fn switching_a_fifo_webhook_to_none_releases_the_deliveries_held_behind_it
     engine.stop().await;
 }
 
+async fn post(api: &Api, account: &str, kind: &str, n: u64) {
+    let (s, v) = api
+        .admin(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"account_id": account, "event": kind, "data": {"n": n}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+}
+
+/// Waits until the receiver has seen `n` requests.
+async fn wait_hits(rx: &OrderReceiver, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx.hits().len() < n {
+        assert!(Instant::now() < deadline, "{:?}", rx.hits());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_priority_event_does_not_jump_the_queue_of_a_fifo_webhook() {
+    let pki = pki();
+    // Event 1's first two attempts fail; it is delivered on its third.
+    let rx = OrderReceiver::start(
+        &pki,
+        Duration::from_millis(1),
+        Box::new(|n, attempt| if n == 1 && attempt <= 2 { 500 } else { 200 }),
+    )
+    .await;
+    let engine = TestEngine::start(&pki, "retry_schedule = [\"200ms\", \"200ms\"]", "").await;
+    let (account, _) = engine.account("acc_prio", "starter").await;
+    create_hook(&engine.api, &account, &rx.url, "fifo").await;
+    post(&engine.api, &account, "visitor.checked_in", 1).await;
+    post(&engine.api, &account, "visitor.checked_in", 2).await;
+    wait_hits(&rx, 1).await;
+    // A safety event (delivery.priority_events) while event 1 is being retried.
+    post(&engine.api, &account, "emergency.lockdown_activated", 3).await;
+    rx.wait_delivered(3, Duration::from_secs(10)).await;
+    assert_eq!(rx.delivered(), vec![1, 2, 3], "order wins: {:?}", rx.hits());
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn pausing_a_fifo_webhook_ends_the_deliveries_waiting_behind_its_head() {
+    let pki = pki();
+    let rx = OrderReceiver::start(&pki, Duration::from_millis(1), Box::new(|_, _| 500)).await;
+    let engine = TestEngine::start(&pki, "retry_schedule = [\"20s\"]", "").await;
+    let (account, _) = engine.account("acc_pause", "enterprise").await;
+    let hook = create_hook(&engine.api, &account, &rx.url, "fifo").await;
+    let hook_id = hook["id"].as_str().unwrap();
+    for n in 1..=4 {
+        post(&engine.api, &account, "visitor.checked_in", n).await;
+    }
+    // Event 1 failed and waits 20 s for its retry; 2..4 wait behind it.
+    wait_hits(&rx, 1).await;
+    let list = format!("/v1/accounts/{account}/webhooks/{hook_id}/deliveries");
+    engine
+        .poll(&list, Duration::from_secs(5), |v| {
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["status"] == "retrying")
+        })
+        .await;
+    let (s, _) = engine
+        .api
+        .admin(
+            Method::PATCH,
+            &format!("/v1/accounts/{account}/webhooks/{hook_id}"),
+            Some(json!({"status": "paused"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // The three waiting ones end `failed` with the usual note, long before 1's retry is due;
+    // 1 keeps its retry (it ends when that comes due, as for any webhook).
+    let v = engine
+        .poll(&list, Duration::from_secs(5), |v| {
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["status"] == "failed")
+                .count()
+                == 3
+        })
+        .await;
+    for d in v["data"].as_array().unwrap() {
+        if d["status"] == "failed" {
+            let (_, detail) = engine
+                .api
+                .admin(
+                    Method::GET,
+                    &format!(
+                        "/v1/accounts/{account}/deliveries/{}",
+                        d["id"].as_str().unwrap()
+                    ),
+                    None,
+                )
+                .await;
+            assert!(
+                detail["note"].as_str().unwrap_or("").contains("paused"),
+                "{detail}"
+            );
+        } else {
+            assert_eq!(d["status"], "retrying", "{d}");
+        }
+    }
+    assert_eq!(rx.hits().len(), 1, "nothing else reached the endpoint");
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_webhook_switched_to_fifo_holds_new_events_behind_its_retrying_delivery() {
+    let pki = pki();
+    let rx = OrderReceiver::start(
+        &pki,
+        Duration::from_millis(1),
+        Box::new(|n, attempt| if n == 1 && attempt == 1 { 500 } else { 200 }),
+    )
+    .await;
+    let engine = TestEngine::start(&pki, "retry_schedule = [\"1500ms\"]", "").await;
+    let (account, _) = engine.account("acc_switch_on", "enterprise").await;
+    let hook = create_hook(&engine.api, &account, &rx.url, "none").await;
+    post(&engine.api, &account, "visitor.checked_in", 1).await;
+    wait_hits(&rx, 1).await;
+    // Event 1 failed and is retried in 1.5 s. Now the webhook becomes fifo: the engine reads
+    // its open deliveries (event 1) and holds everything after it.
+    let (s, v) = engine
+        .api
+        .admin(
+            Method::PATCH,
+            &format!(
+                "/v1/accounts/{account}/webhooks/{}",
+                hook["id"].as_str().unwrap()
+            ),
+            Some(json!({"ordering": "fifo"})),
+        )
+        .await;
+    assert_eq!((s, &v["ordering"]), (StatusCode::OK, &json!("fifo")), "{v}");
+    post(&engine.api, &account, "visitor.checked_in", 2).await;
+    post(&engine.api, &account, "visitor.checked_in", 3).await;
+    rx.wait_delivered(3, Duration::from_secs(10)).await;
+    assert_eq!(rx.delivered(), vec![1, 2, 3], "{:?}", rx.hits());
+    engine.stop().await;
+}
+
 #[tokio::test]
 async fn ordering_is_set_on_create_and_patch_shown_everywhere_and_checked() {
     let pki = pki();

@@ -103,11 +103,11 @@ fn migrate_1_to_2(db: &sled::Db, events: &Tree) -> Result<(), super::StoreError>
         batch.insert(key, codec::encode_chunk(&[(event.seq, &event)]));
         pending += 1;
         if pending == 1024 {
-            events.apply_batch(std::mem::take(&mut batch))?;
+            events.write_in_order(std::mem::take(&mut batch))?;
             pending = 0;
         }
     }
-    events.apply_batch(batch)?;
+    events.write_in_order(batch)?;
     Ok(())
 }
 

@@ -712,9 +712,13 @@ impl Store {
         if !chunk.is_empty() {
             ev.insert(&chunk_key(&chunk), codec::encode_chunk(&chunk));
         }
-        self.events.apply_batch(ev)?;
-        self.event_ids.apply_batch(ids)?;
-        self.inbox.apply_batch(inbox)?;
+        // Inbox marks first, idempotency entries last: a crash part-way leaves (before the
+        // flush that precedes any 202) marks that name no event — start-up fan-out skips them —
+        // or events no id names — a producer's retry stores the event again — but never an id
+        // that answers a retry "already accepted" for an event whose fan-out is not owed.
+        self.inbox.write_in_order(inbox)?;
+        self.events.write_in_order(ev)?;
+        self.event_ids.write_in_order(ids)?;
         Ok(())
     }
 
@@ -806,9 +810,9 @@ impl Store {
         }
         // The indexes first: an index entry left by a crash here would name a missing event,
         // while a chunk left behind is simply dropped again by the next pass.
-        self.event_ids.apply_batch(ids)?;
-        self.inbox.apply_batch(inbox)?;
-        self.events.apply_batch(ev)?;
+        self.event_ids.write_in_order(ids)?;
+        self.inbox.write_in_order(inbox)?;
+        self.events.write_in_order(ev)?;
         Ok((dropped, last))
     }
 
@@ -827,7 +831,7 @@ impl Store {
         for s in seqs {
             batch.remove(&keys::seq(*s));
         }
-        self.inbox.apply_batch(batch)?;
+        self.inbox.write_in_order(batch)?;
         Ok(())
     }
 
@@ -890,10 +894,10 @@ impl Store {
         // Schedule entries first: after a crash, an entry without its delivery is dropped when
         // it fires (and fan-out, still owed, creates both), while a delivery without its entry
         // would never be attempted.
-        self.schedule.apply_batch(sc)?;
-        self.deliveries.apply_batch(dl)?;
-        self.by_webhook.apply_batch(bw)?;
-        self.by_account.apply_batch(ba)?;
+        self.schedule.write_in_order(sc)?;
+        self.deliveries.write_in_order(dl)?;
+        self.by_webhook.write_in_order(bw)?;
+        self.by_account.write_in_order(ba)?;
         Ok(owed)
     }
 
@@ -937,7 +941,7 @@ impl Store {
             for k in self.attempts.range(range).keys() {
                 batch.remove(k?);
             }
-            self.attempts.apply_batch(batch)?;
+            self.attempts.write_in_order(batch)?;
         }
         self.update_delivery(record, old_due)
     }
@@ -965,7 +969,7 @@ impl Store {
         for k in self.attempts.scan_prefix(keys::delivery(id)).keys() {
             batch.remove(k?);
         }
-        self.attempts.apply_batch(batch)?;
+        self.attempts.write_in_order(batch)?;
         self.by_webhook.remove(keys::by_webhook(id.webhook, id))?;
         self.deliveries.remove(keys::delivery(id))?;
         Ok(waiting)
@@ -1215,11 +1219,11 @@ impl Store {
         }
         // The record last: a crash in between leaves it to be found (and its remains deleted)
         // by the next pass, never an index entry or attempt nobody can find again.
-        self.attempts.apply_batch(at)?;
-        self.schedule.apply_batch(sc)?;
-        self.by_webhook.apply_batch(bw)?;
-        self.by_account.apply_batch(ba)?;
-        self.deliveries.apply_batch(dl)?;
+        self.attempts.write_in_order(at)?;
+        self.schedule.write_in_order(sc)?;
+        self.by_webhook.write_in_order(bw)?;
+        self.by_account.write_in_order(ba)?;
+        self.deliveries.write_in_order(dl)?;
         Ok(done)
     }
 }
@@ -1400,7 +1404,7 @@ impl Store {
         for (due, id) in &w.schedule_insert {
             sc.insert(&keys::schedule(*due, *id), &[]);
         }
-        self.schedule.apply_batch(sc)?;
+        self.schedule.write_in_order(sc)?;
         let mut at = Batch::default();
         for (id, a) in &w.attempts {
             at.insert(&keys::attempt(*id, a.number), codec::encode(a));
@@ -1412,25 +1416,25 @@ impl Store {
                 }
             }
         }
-        self.attempts.apply_batch(at)?;
+        self.attempts.write_in_order(at)?;
         let mut dl = Batch::default();
         for r in &w.deliveries {
             dl.insert(&keys::delivery(r.id), codec::encode(r));
         }
-        self.deliveries.apply_batch(dl)?;
+        self.deliveries.write_in_order(dl)?;
         let mut bw = Batch::default();
         let mut ba = Batch::default();
         for (account, id) in &w.indexed {
             bw.insert(&keys::by_webhook(id.webhook, *id), &[]);
             ba.insert(keys::by_account(account, *id), &[]);
         }
-        self.by_webhook.apply_batch(bw)?;
-        self.by_account.apply_batch(ba)?;
+        self.by_webhook.write_in_order(bw)?;
+        self.by_account.write_in_order(ba)?;
         let mut sc = Batch::default();
         for (due, id) in &w.schedule_remove {
             sc.remove(&keys::schedule(*due, *id));
         }
-        self.schedule.apply_batch(sc)?;
+        self.schedule.write_in_order(sc)?;
         Ok(())
     }
 }

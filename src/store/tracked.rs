@@ -155,11 +155,25 @@ impl Tree {
         Ok(old)
     }
 
-    /// Applies a batch atomically (sled's batch), as one step for the gate.
-    pub fn apply_batch(&self, batch: Batch) -> sled::Result<()> {
+    /// Applies a batch's writes in order, each as its own sled operation, as one step for the
+    /// gate. **Not atomic**, on purpose: sled's atomic `apply_batch` takes a process-wide
+    /// exclusive lock (`concurrency_control::write`), and once any batch has run in a process,
+    /// every later read and write of every tree takes that lock's shared side — so each batch
+    /// stopped the committer, the delivery writer and every reader for as long as it ran, and
+    /// under fan-out that was the bottleneck (ARCHITECTURE.md, *Deliveries under ingest*).
+    /// Without it sled runs lock-free. Writes of one thread reach sled's log in order and
+    /// recovery replays a prefix of the log, so callers order their writes such that any prefix
+    /// is a state recovery handles (the store's write functions say how each does).
+    pub fn write_in_order(&self, batch: Batch) -> sled::Result<()> {
         let _open = self.pass_gate();
-        self.tracker.checked(self.tree.apply_batch(batch.inner))?;
-        self.tracker.touched(self.number, batch.keys);
+        for (key, value) in batch.writes {
+            let result = match value {
+                Some(value) => self.tree.insert(&key, value),
+                None => self.tree.remove(&key),
+            };
+            self.tracker.checked(result)?;
+            self.tracker.touched(self.number, [key]);
+        }
         Ok(())
     }
 
@@ -207,21 +221,25 @@ impl Tree {
 /// sled's batch, remembering its keys so that a tracking backup can list them.
 #[derive(Default)]
 pub struct Batch {
-    inner: sled::Batch,
-    keys: Vec<IVec>,
+    /// (key, new value or `None` for a removal), in the order they are to be applied.
+    writes: Vec<(IVec, Option<IVec>)>,
 }
 
 impl Batch {
     pub fn insert<K: Into<IVec>, V: Into<IVec>>(&mut self, key: K, value: V) {
-        let key = key.into();
-        self.keys.push(key.clone());
-        self.inner.insert(key, value);
+        self.writes.push((key.into(), Some(value.into())));
     }
 
     pub fn remove<K: Into<IVec>>(&mut self, key: K) {
-        let key = key.into();
-        self.keys.push(key.clone());
-        self.inner.remove(key);
+        self.writes.push((key.into(), None));
+    }
+
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
     }
 }
 
@@ -248,7 +266,7 @@ mod tests {
         let mut batch = Batch::default();
         batch.insert(b"k2".as_ref(), b"2".as_ref());
         batch.remove(b"k1".as_ref());
-        a.apply_batch(batch).unwrap();
+        a.write_in_order(batch).unwrap();
         assert_eq!(
             tracker.take_dirty(),
             vec![

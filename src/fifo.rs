@@ -23,7 +23,7 @@
 //! is not open any more (a race with that read or with admission, a stale schedule entry after
 //! a crash) would hold the others for ever: whenever entries wait behind a head that nothing
 //! runs, moves or loads, the head's record is read, and it leaves the order if it is not open
-//! ([`Queue::stalled`]). That read happens where the call came from — the writer thread, the
+//! (`Queue::stalled`). That read happens where the call came from — the writer thread, the
 //! loader's blocking thread, or the dispatcher's tasks, where admission reads records too.
 //!
 //! Webhooks with `ordering: "none"` cost one atomic load per call: no lock is taken while no
@@ -68,7 +68,7 @@ struct Queue {
 }
 
 /// What a change asks of the scheduler: entries to hand back, and entries dropped (counted
-/// as scheduled until now); and heads to confirm against the store (see [`Queue::stalled`]).
+/// as scheduled until now); and heads to confirm against the store (see `Queue::stalled`).
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Effects {
     release: Vec<Due>,
@@ -102,7 +102,7 @@ impl Queue {
     /// retry in the wheel — and a sign of a set entry whose delivery is not open any more (a
     /// race with the read of a webhook that became fifo, or a stale schedule entry after a
     /// crash), which would hold the others for ever. The head is then confirmed against the
-    /// store ([`FifoGate::confirm`]).
+    /// store (in `FifoGate::apply`).
     fn stalled(&self, fx: &mut Effects) {
         if self.running.is_some() || self.loading.is_some() || self.parked.is_empty() {
             return;

@@ -344,6 +344,16 @@ pub struct Deliveries {
     tx: Sender<Command>,
 }
 
+/// A retention batch handed to the writer: [`PurgeSent::wait`] for what it deleted.
+pub struct PurgeSent(Receiver<Result<PurgedBatch, DeliveryError>>);
+
+impl PurgeSent {
+    /// Blocks until the writer has applied the batch.
+    pub fn wait(self) -> Result<PurgedBatch, DeliveryError> {
+        self.0.recv().map_err(|_| DeliveryError::Closed)?
+    }
+}
+
 /// The writer thread; ends once every [`Deliveries`] handle is gone.
 pub struct Writer {
     thread: Option<JoinHandle<()>>,
@@ -485,9 +495,9 @@ impl Deliveries {
         .await
     }
 
-    /// Has the writer delete one retention batch (see [`Command::Purge`]) and waits for it,
-    /// from a plain thread (the retention thread).
-    pub fn purge_blocking(&self, plan: PurgePlan) -> Result<PurgedBatch, DeliveryError> {
+    /// Has the writer delete one retention batch (see [`Command::Purge`]), from a plain
+    /// thread (the retention thread); [`PurgeSent::wait`] blocks for the outcome.
+    pub fn send_purge(&self, plan: PurgePlan) -> Result<PurgeSent, DeliveryError> {
         let (tx, rx) = channel::bounded(1);
         self.tx
             .send(Command::Purge {
@@ -495,7 +505,7 @@ impl Deliveries {
                 reply: Reply::Blocking(tx),
             })
             .map_err(|_| DeliveryError::Closed)?;
-        rx.recv().map_err(|_| DeliveryError::Closed)?
+        Ok(PurgeSent(rx))
     }
 
     async fn call<T: Send + 'static>(

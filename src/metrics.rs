@@ -100,6 +100,11 @@ fn describe() {
         "Time of one group commit (write + flush + fdatasync)."
     );
     describe_histogram!("kyberhook_wal_batch_events", "Events per group commit.");
+    describe_histogram!(
+        "kyberhook_retention_writer_seconds",
+        Unit::Seconds,
+        "Time the delivery writer spends deleting one retention batch (it writes nothing else meanwhile)."
+    );
     describe_counter!(
         "kyberhook_rate_limit_deferrals_total",
         "Attempts deferred by an account's plan rate."

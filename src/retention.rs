@@ -56,10 +56,15 @@ impl Purger {
         go_on: &dyn Fn() -> bool,
         between: &mut dyn FnMut(),
     ) -> Result<Purged, DeliveryError> {
-        self.store.purge_before_with(cutoff_ms, go_on, |plan| {
-            between();
-            self.deliveries.purge_blocking(plan)
-        })
+        self.store.purge_before_with(
+            cutoff_ms,
+            go_on,
+            |plan| {
+                between();
+                self.deliveries.send_purge(plan)
+            },
+            |sent| sent.wait(),
+        )
     }
 }
 

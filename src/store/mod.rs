@@ -1061,37 +1061,55 @@ impl Store {
     /// runs (unit tests, offline tools): the engine's retention sends each plan to the writer
     /// instead ([`Store::purge_before_with`]), so that a concurrent retry cannot be undone.
     pub fn purge_before(&self, cutoff_ms: u64, go_on: &dyn Fn() -> bool) -> Result<Purged> {
-        self.purge_before_with(cutoff_ms, go_on, |plan| self.apply_purge(&plan))
+        self.purge_before_with(
+            cutoff_ms,
+            go_on,
+            |plan| Ok(self.apply_purge(&plan)),
+            |done| done,
+        )
     }
 
     /// One retention pass. Plans the deletion of finished deliveries in batches of
     /// [`PURGE_BATCH`] (a read-only scan, on the caller's thread) and hands each plan to
-    /// `apply`, which the engine routes through the delivery writer ([`Store::apply_purge`]
-    /// re-checks every record there); then drops the log's events before the cutoff that
-    /// nothing needs any more, [`PURGE_CHUNKS`] chunks per batch. There is no per-pass budget,
-    /// so one pass keeps up with any rate the engine can write at; `go_on` is asked before each
-    /// batch (shutdown). Blocking: run it on its own thread.
-    pub fn purge_before_with<E: From<StoreError>>(
+    /// `send`, which the engine routes to the delivery writer ([`Store::apply_purge`]
+    /// re-checks every record there), and what `send` returned to `wait` for the outcome. The
+    /// next batch is planned while the last one is applied, and sent only once it is done, so
+    /// the writer never has more than one batch of a pass to apply at a time. Then drops the
+    /// log's events before the cutoff that nothing needs any more, [`PURGE_CHUNKS`] chunks per
+    /// batch. There is no per-pass budget, so one pass keeps up with any rate the engine can
+    /// write at; `go_on` is asked before each batch (shutdown). Blocking: run it on its own
+    /// thread.
+    pub fn purge_before_with<E: From<StoreError>, P>(
         &self,
         cutoff_ms: u64,
         go_on: &dyn Fn() -> bool,
-        mut apply: impl FnMut(PurgePlan) -> std::result::Result<PurgedBatch, E>,
+        mut send: impl FnMut(PurgePlan) -> std::result::Result<P, E>,
+        mut wait: impl FnMut(P) -> std::result::Result<PurgedBatch, E>,
     ) -> std::result::Result<Purged, E> {
         let end = keys::seq(ids::seq_floor(cutoff_ms));
         let mut purged = Purged::default();
+        let mut add = |batch: PurgedBatch| {
+            purged.deliveries += batch.deliveries;
+            purged.attempts += batch.attempts;
+        };
         let mut after: Option<IVec> = None;
+        let mut pending: Option<P> = None;
         while go_on() {
             let plan = self.plan_purge(after.take(), &end, cutoff_ms)?;
             let last = plan.last.clone();
+            if let Some(p) = pending.take() {
+                add(wait(p)?);
+            }
             if !plan.candidates.is_empty() {
-                let batch = apply(plan)?;
-                purged.deliveries += batch.deliveries;
-                purged.attempts += batch.attempts;
+                pending = Some(send(plan)?);
             }
             match last {
                 Some(last) => after = Some(last),
                 None => break,
             }
+        }
+        if let Some(p) = pending.take() {
+            add(wait(p)?);
         }
         // Chunks keyed below the cutoff hold only events older than it; an event goes once no
         // delivery and no owed fan-out needs it. (No delivery of such an event is created any
@@ -1278,7 +1296,7 @@ struct PurgeCandidate {
 /// Deliveries one purge batch looks at: one sled batch per tree, big enough to amortise the
 /// batch, small enough that applying it holds the delivery writer only briefly (and that the
 /// retention thread yields to shutdown often).
-pub const PURGE_BATCH: usize = 2048;
+pub const PURGE_BATCH: usize = 1024;
 /// Event-log chunks one purge batch looks at (up to 64 events each).
 pub const PURGE_CHUNKS: usize = 256;
 

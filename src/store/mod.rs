@@ -132,8 +132,9 @@ impl ChunkLock {
         #[cfg(test)]
         self.waiting
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        // Nothing the guard protects can be left half-done by a panic (sled batches are
-        // atomic), so a poisoned lock is still good.
+        // A rewrite a panic cut short left whole chunks (each is one key) and index entries
+        // removed before their events, a state the next rewrite handles: a poisoned lock is
+        // still good.
         let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         #[cfg(test)]
         self.waiting

@@ -923,4 +923,43 @@ async fn the_webhook_page_shows_its_delivery_order_and_the_edit_form_changes_it(
     assert!(page.body.contains("One at a time, in event order (fifo)"));
     let form = b.get(&edit_path).await;
     assert!(form.body.contains(r#"<option value="fifo" selected>"#));
+
+    // The Add Webhook steps offer it too (last step, next to the IP allowlist).
+    let step1 = b.get("/ui/a/acme/webhooks/new").await;
+    let csrf = step1.csrf();
+    let mut fields = vec![
+        ("_csrf", csrf.as_str()),
+        ("name", "Ordered"),
+        ("url", "https://127.0.0.1:9/other"),
+        ("description", ""),
+        ("events", "visitor.checked_in"),
+    ];
+    let step3 = b.post("/ui/a/acme/webhooks/new/events", &fields).await;
+    assert_eq!(step3.status, StatusCode::OK, "{}", step3.body);
+    assert!(step3.body.contains(r#"<option value="none" selected>"#));
+    let marker = "id=\"signing-secret\" value=\"";
+    let start = step3.body.find(marker).unwrap() + marker.len();
+    let secret = step3.body[start..].split('"').next().unwrap().to_string();
+    fields.extend([
+        ("secret", secret.as_str()),
+        ("ip_allowlist", "not-a-cidr"),
+        ("ordering", "fifo"),
+    ]);
+    // Shown again with an error: the choice is kept.
+    let again = b.post("/ui/a/acme/webhooks/new/security", &fields).await;
+    assert_eq!(again.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(again.body.contains(r#"<option value="fifo" selected>"#));
+    fields.retain(|(k, _)| *k != "ip_allowlist");
+    let created = b.post("/ui/a/acme/webhooks/new/security", &fields).await;
+    assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.body);
+    let new_id = created.location().rsplit('/').next().unwrap().to_string();
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{new_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["ordering"], "fifo");
 }

@@ -245,6 +245,8 @@ pub struct Step3Page {
     pub events: Vec<String>,
     pub secret: String,
     pub ip_allowlist: String,
+    /// Whether the ordering select shows "fifo".
+    pub fifo: bool,
     pub error: Option<String>,
 }
 

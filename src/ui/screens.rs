@@ -573,6 +573,8 @@ fn step3_page(
         events,
         secret,
         ip_allowlist,
+        // Kept when the page is shown again with an error.
+        fifo: ctx.req.field("ordering") == Some("fifo"),
         error,
     };
     Ok(html(status, pages::render(&page)))
@@ -603,7 +605,7 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
         events: events.clone(),
         ip_allowlist: split_list(&allowlist_text),
         signature_scheme: None,
-        ordering: None,
+        ordering: ctx.req.field("ordering").map(str::to_string),
         secret: Some(secret.clone()),
     };
     match wh::create_webhook(ctx.state, account, body).await {

@@ -287,15 +287,25 @@ async fn history_past_a_short_retention_is_purged_by_the_engine() {
     let rx = Receiver::start(pki.server.clone()).await;
     let data = tempfile::tempdir().unwrap();
     let toml = config_toml(data.path(), &pki.ca_file, "", "")
-        .replace("[storage]\n", "[storage]\nretention = \"2s\"\n");
+        .replace("[storage]\n", "[storage]\nretention = \"3s\"\n");
     let config = kyberhook::config::Config::from_toml(&toml, "test").unwrap();
     let te = TestEngine::start_with(config, data).await;
     te.account("acc_ret", "enterprise").await;
     let hook = te.webhook("acc_ret", &rx.url, &["*"]).await;
-    for i in 0..20 {
-        te.event("acc_ret", "visitor.checked_in", json!({"i": i}))
-            .await;
-    }
+    // One batch, so that all 20 are created (and delivered) together: posted one by one on a
+    // loaded machine, the first were past the retention before the last arrived.
+    let events: Vec<serde_json::Value> = (0..20)
+        .map(|i| json!({"account_id": "acc_ret", "event": "visitor.checked_in", "data": {"i": i}}))
+        .collect();
+    let (s, v) = te
+        .api
+        .admin(
+            Method::POST,
+            "/v1/events/batch",
+            Some(json!({ "events": events })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     rx.wait_for(20, Duration::from_secs(10)).await;
     let path = format!(
         "/v1/accounts/acc_ret/webhooks/{}/deliveries?limit=100",
@@ -303,7 +313,7 @@ async fn history_past_a_short_retention_is_purged_by_the_engine() {
     );
     te.poll(&path, Duration::from_secs(10), |v| count(v) == 20)
         .await;
-    // Retention 2 s: a pass every second purges them about 2 s after they were created.
+    // Retention 3 s: a pass every second purges them about 3 s after they were delivered.
     te.poll(&path, Duration::from_secs(15), |v| count(v) == 0)
         .await;
     te.stop().await;

@@ -3,8 +3,8 @@
 //!
 //! `Store` never holds a bare `sled::Tree`: each tree is opened through [`Tree::open`], which
 //! registers it with the store's [`Tracker`], and every mutation (`insert`, `remove`,
-//! `apply_batch` of a [`Batch`]) goes through this wrapper. A mutation holds the gate's shared
-//! side for just that one sled call (never across calls, so a writer can never wait on itself),
+//! `write_in_order` of a [`Batch`]) goes through this wrapper. A mutation holds the gate's shared
+//! side for just that one call (never across calls, so a writer can never wait on itself),
 //! and afterwards, while a backup is tracking, adds the keys it wrote to the tracker's dirty
 //! list. Reads go straight to sled. `store::backup` uses the registry, the dirty list and the
 //! gate's exclusive side to take a consistent snapshot without stopping the engine for more

@@ -67,7 +67,14 @@ fn main() {
             seq: i,
             webhook: WebhookId(7),
         };
-        wheel.insert(now + x % span, Due { id, token: i });
+        wheel.insert(
+            now + x % span,
+            Due {
+                id,
+                token: i,
+                when: now + x % span,
+            },
+        );
     }
     let wheel_bytes = rss_bytes().saturating_sub(before);
     let per_entry = wheel_bytes as f64 / n as f64;

@@ -204,6 +204,13 @@ pub struct DeliveryConfig {
     /// names, `family.*` or `*` (see [`Config::is_priority`]).
     #[serde(default = "d_priority_events")]
     pub priority_events: Vec<String>,
+    /// Push-back ([`crate::pushback`]): while deliveries lag further than this behind ingest,
+    /// new events (other than `priority_events`) are held before they are committed. 0: off.
+    #[serde(default = "d_max_lag", deserialize_with = "de_duration")]
+    pub max_lag: Duration,
+    /// The longest an event is held for `max_lag`; then it is refused with 503.
+    #[serde(default = "d_max_lag_hold", deserialize_with = "de_duration")]
+    pub max_lag_hold: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -339,6 +346,12 @@ fn d_max_in_flight_per_webhook() -> usize {
 }
 fn d_max_response_body() -> usize {
     64 * 1024
+}
+fn d_max_lag() -> Duration {
+    Duration::from_millis(500)
+}
+fn d_max_lag_hold() -> Duration {
+    Duration::from_secs(5)
 }
 fn d_max_scheduled() -> usize {
     5_000_000
@@ -675,6 +688,14 @@ impl Config {
             return Err(bad(
                 "server.header_read_timeout",
                 "must be greater than zero",
+            ));
+        }
+        if self.delivery.max_lag_hold.is_zero()
+            || self.delivery.max_lag_hold > Duration::from_secs(60)
+        {
+            return Err(bad(
+                "delivery.max_lag_hold",
+                "must be between 1ms and 60s (a held request still waits for its answer)",
             ));
         }
         if self.server.body_read_timeout.is_zero() {

@@ -476,7 +476,11 @@ mod tests {
     }
 
     fn due(seq: u64, token: u64) -> Due {
-        Due { id: id(seq), token }
+        Due {
+            id: id(seq),
+            token,
+            when: token,
+        }
     }
 
     fn hook(ordering: DeliveryOrder, status: WebhookStatus) -> Webhook {
@@ -658,7 +662,7 @@ mod tests {
         assert_eq!(gate.try_start(first), Gate::Parked);
         // 1 is not in the store: it left the order, and 2 was handed back at once.
         let again = due_rx.recv().await.unwrap();
-        assert_eq!(again, due(2, 2));
+        assert_eq!((again.id, again.token), (id(2), 2));
         assert_eq!(gate.try_start(again), Gate::Go);
         assert_eq!(gate.parked(), 0);
         assert_eq!(
@@ -735,7 +739,8 @@ mod tests {
                     seq: 1,
                     webhook: WebhookId(8)
                 },
-                token: 1
+                token: 1,
+                when: 1,
             }),
             Gate::Go
         );

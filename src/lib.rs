@@ -34,6 +34,7 @@ pub mod maintenance;
 pub mod manual_retry;
 pub mod metrics;
 pub mod model;
+pub mod pushback;
 pub mod ratelimit;
 pub mod registry;
 pub mod retention;
@@ -215,8 +216,9 @@ impl Engine {
             let deliveries = deliveries.clone();
             let queue = config.server.ingest_queue;
             let rt = tokio::runtime::Handle::current();
+            let lag = scheduler.lag().clone();
             tokio::task::spawn_blocking(move || {
-                Ingest::start(store, registry, deliveries, seq, queue, rt)
+                Ingest::start(store, registry, deliveries, seq, queue, rt, lag)
             })
             .await
             .map_err(|e| StartError::Other(e.to_string()))??

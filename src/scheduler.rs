@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::clock;
 use crate::ids::DeliveryId;
+use crate::pushback::Lag;
 use crate::store::Store;
 use crate::wheel::Wheel;
 
@@ -36,6 +37,9 @@ const CHUNK: usize = 1024;
 pub struct Due {
     pub id: DeliveryId,
     pub token: u64,
+    /// When it was due (unix ms): its token, or later for a rate-limit deferral. How late the
+    /// dispatcher takes it is the engine's own delay ([`crate::pushback`]).
+    pub when: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +55,8 @@ pub struct SchedulerHandle {
     ready: Arc<AtomicBool>,
     /// Wakes [`SchedulerHandle::wait_ready`] when `ready` is set.
     ready_notify: Arc<Notify>,
+    /// The engine's delivery lag ([`crate::pushback`]); the scheduler publishes its part.
+    lag: Arc<Lag>,
 }
 
 impl SchedulerHandle {
@@ -62,7 +68,7 @@ impl SchedulerHandle {
             .tx
             .send(Entry {
                 when,
-                due: Due { id, token },
+                due: Due { id, token, when },
             })
             .is_err()
         {
@@ -86,6 +92,11 @@ impl SchedulerHandle {
     /// queued behind a busy webhook.
     pub fn scheduled(&self) -> usize {
         self.scheduled.load(Ordering::Relaxed)
+    }
+
+    /// The engine's delivery lag, which ingest reads for its push-back.
+    pub fn lag(&self) -> &Arc<Lag> {
+        &self.lag
     }
 
     /// Whether start-up recovery has loaded the stored schedule.
@@ -112,6 +123,7 @@ pub struct Scheduler {
     scheduled: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
     ready_notify: Arc<Notify>,
+    lag: Arc<Lag>,
 }
 
 impl Scheduler {
@@ -121,11 +133,13 @@ impl Scheduler {
         let scheduled = Arc::new(AtomicUsize::new(0));
         let ready = Arc::new(AtomicBool::new(false));
         let ready_notify = Arc::new(Notify::new());
+        let lag = Arc::new(Lag::default());
         let handle = SchedulerHandle {
             tx,
             scheduled: scheduled.clone(),
             ready: ready.clone(),
             ready_notify: ready_notify.clone(),
+            lag: lag.clone(),
         };
         (
             Scheduler {
@@ -134,6 +148,7 @@ impl Scheduler {
                 scheduled,
                 ready,
                 ready_notify,
+                lag,
             },
             handle,
         )
@@ -153,11 +168,15 @@ impl Scheduler {
                     let now = clock::now_ms();
                     wheel = Wheel::with_capacity(now, entries.len());
                     for (due, id) in &entries {
+                        // Overdue entries count as due now: time spent stopped is not the
+                        // running engine's lag.
+                        let when = (*due).max(now);
                         wheel.insert(
-                            (*due).max(now),
+                            when,
                             Due {
                                 id: *id,
                                 token: *due,
+                                when,
                             },
                         );
                     }
@@ -188,6 +207,7 @@ impl Scheduler {
             } else {
                 None
             };
+            self.lag.dispatch_waiting(ready.front().map(|d| d.when));
             metrics::gauge!("kyberhook_deliveries_scheduled")
                 .set(self.scheduled.load(Ordering::Relaxed) as f64);
             tokio::select! {
@@ -270,7 +290,8 @@ mod tests {
             fourth,
             Due {
                 id: id(3),
-                token: 3
+                token: 3,
+                when: t0 + 3_600_000,
             }
         );
         assert!((3_600_000..=3_600_001).contains(&(clock::now_ms() - t0)));

@@ -48,6 +48,17 @@ impl ApiError {
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
         }
     }
+    /// 503 `deliveries_lagging`: held for `delivery.max_lag_hold` while deliveries lagged.
+    pub fn lagging(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "deliveries_lagging",
+                message,
+            )
+        }
+    }
     /// 429: the caller should come back after `retry_after` seconds.
     pub fn too_many(code: &'static str, message: impl Into<String>, retry_after: u32) -> Self {
         ApiError {

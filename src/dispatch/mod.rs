@@ -377,15 +377,26 @@ impl Dispatcher {
     }
 
     pub async fn run(mut self, mut due: mpsc::Receiver<Due>, mut shutdown: watch::Receiver<bool>) {
+        let lag = self.deliverer.scheduler.lag().clone();
         loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() { break } else { continue }
+            let next = match due.try_recv() {
+                Ok(next) => Some(next),
+                Err(_) => {
+                    // Nothing queued for the dispatcher: it owes nothing.
+                    lag.dispatching(None);
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => {
+                            if *shutdown.borrow() { break } else { continue }
+                        }
+                        next = due.recv() => next,
+                    }
                 }
-                next = due.recv() => next,
             };
             let Some(next) = next else { break };
+            // While a queue stands, the entry taken last is the oldest owed work (the
+            // scheduler hands entries over in due order): its age is the engine's delay.
+            lag.dispatching(Some(next.when));
             match self.dispatch(next).await {
                 Ok(Dispatched::Queued) => {}
                 Ok(Dispatched::Done) => self.deliverer.scheduler.taken(),

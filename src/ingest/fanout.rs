@@ -36,7 +36,15 @@ pub(super) fn fanout_loop(
                 Err(_) => break,
             }
         }
-        match fanout.run(&events, Recovery::No) {
+        // Published while the batch is written: a writer that falls behind shows here first.
+        if let Some(first) = events.first() {
+            fanout
+                .lag
+                .fanout_started(crate::ids::seq_time_ms(first.seq));
+        }
+        let result = fanout.run(&events, Recovery::No);
+        fanout.lag.fanout_done();
+        match result {
             Ok(()) => fanned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -61,6 +69,8 @@ pub(super) struct Fanout {
     pub(super) registry: Arc<Registry>,
     /// The delivery writer, which writes the records with their schedule entries.
     pub(super) deliveries: Deliveries,
+    /// Where fan-out publishes how old the events it is writing are ([`crate::pushback`]).
+    pub(super) lag: Arc<crate::pushback::Lag>,
 }
 
 impl Fanout {

@@ -125,6 +125,11 @@ impl PendingEvent {
         &self.record.account_id
     }
 
+    /// The event's type (`visitor.checked_in`).
+    pub fn event_type(&self) -> &str {
+        &self.record.event
+    }
+
     /// Gives the event its sequence number and, when minted, writes its id into the record
     /// and, in place, into the body (the placeholder has the same length).
     fn commit_as(mut self, seq: u64) -> EventRecord {
@@ -192,10 +197,12 @@ impl Ingest {
         seq: Arc<Sequencer>,
         queue: usize,
         runtime: tokio::runtime::Handle,
+        lag: Arc<crate::pushback::Lag>,
     ) -> Result<(Ingest, Committer), DeliveryError> {
         let fanout = Fanout {
             registry: registry.clone(),
             deliveries,
+            lag,
         };
         let owed = store.inbox()?;
         if !owed.is_empty() {

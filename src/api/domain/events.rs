@@ -1,4 +1,4 @@
-//! Ingest rules: the engine-wide backlog refusal (503), the per-account backlog quota (429), validating and building each event, and the
+//! Ingest rules: the engine-wide backlog refusal (503), the push-back while deliveries lag (hold, then 503), the per-account backlog quota (429), validating and building each event, and the
 //! batch's per-item outcome. Events enter as [`EventInput`] (already parsed JSON); they leave
 //! as the accepted event ids once the commit that holds them is durable.
 
@@ -30,6 +30,27 @@ pub fn check_capacity(state: &AppState) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// Push-back ([`crate::pushback`]): while deliveries lag more than `delivery.max_lag` behind
+/// ingest, holds a request (before anything is committed) until they catch up, for at most
+/// `delivery.max_lag_hold`, then refuses it with 503 `deliveries_lagging`. A request whose
+/// events are all `delivery.priority_events` is never held.
+pub async fn hold_while_lagging(state: &AppState, events: &[PendingEvent]) -> Result<(), ApiError> {
+    let d = &state.config.delivery;
+    if !events.is_empty()
+        && events
+            .iter()
+            .all(|e| state.config.is_priority(e.event_type()))
+    {
+        return Ok(());
+    }
+    state
+        .scheduler
+        .lag()
+        .hold(d.max_lag, d.max_lag_hold)
+        .await
+        .map_err(|lagging| ApiError::lagging(lagging.to_string()))
 }
 
 /// Refuses a request if any of its events' accounts has `delivery.max_scheduled_per_account`
@@ -71,6 +92,7 @@ pub fn prepare(state: &AppState, input: &EventInput) -> Result<PendingEvent, Api
 /// Stores one event durably; returns its id.
 pub async fn ingest_one(state: &AppState, input: &EventInput<'_>) -> Result<String, ApiError> {
     let record = prepare(state, input)?;
+    hold_while_lagging(state, std::slice::from_ref(&record)).await?;
     check_backlog(state, std::slice::from_ref(&record))?;
     let accepted = state.ingest.submit(vec![record]).await?;
     accepted
@@ -100,6 +122,7 @@ pub async fn ingest_batch(
             records.len() - 1
         }));
     }
+    hold_while_lagging(state, &records).await?;
     check_backlog(state, &records)?;
     let accepted: Vec<Accepted> = state.ingest.submit(records).await?;
     Ok(slots

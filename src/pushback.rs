@@ -1,0 +1,164 @@
+//! Push-back: how far deliveries lag behind ingest, and holding new events while they lag.
+//!
+//! When producers offer more fan-out than the engine can deliver, accepting everything only
+//! turns into lag: every event waits behind the backlog, the lockdown alert with the rest. So
+//! the engine measures its *delivery lag* and, past `delivery.max_lag`, holds new events
+//! before they are committed (the producer's request simply takes longer — closed-loop
+//! producers slow down to the rate the engine delivers) for up to `delivery.max_lag_hold`,
+//! then refuses them with `503 deliveries_lagging` and `Retry-After`. Events of
+//! `delivery.priority_events` are never held.
+//!
+//! The lag is the age of the oldest work the engine itself still owes, taken from two
+//! places, each published here by its single owner:
+//! - the fan-out thread, while it writes the deliveries of a batch of committed events: the
+//!   commit time of the batch's first event ([`Lag::fanout_started`]);
+//! - the scheduler, while due entries wait for room in the dispatcher's queue: the due time of
+//!   the oldest ([`Lag::dispatch_waiting`]);
+//! - the dispatcher, while its queue is not empty: the due time of the entry it took last
+//!   ([`Lag::dispatching`]) — it waits there for the engine's in-flight slots.
+//!
+//! A delivery deferred by its account's plan rate is due at its rate slot, and one queued
+//! behind its own webhook's busy slots has left the dispatcher, so neither a slow plan nor a
+//! slow endpoint holds anybody's ingest — only the engine's own delay does.
+//!
+//! Both are instantaneous (a stalled stage shows its age growing, not its last sample), read
+//! with two atomic loads per request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::clock;
+
+/// The engine's delivery lag, published by the fan-out thread and the scheduler.
+#[derive(Debug, Default)]
+pub struct Lag {
+    /// Commit time (unix ms) of the first event of the batch being fanned out; 0 when idle.
+    fanout_since: AtomicU64,
+    /// Due time (unix ms) of the oldest entry waiting in the scheduler for room in the
+    /// dispatcher's queue; 0 when none waits.
+    dispatch_since: AtomicU64,
+    /// Due time (unix ms) of the entry the dispatcher took last, while its queue is not
+    /// empty; 0 when it is idle.
+    dispatching_since: AtomicU64,
+}
+
+/// Ingest was held for `delivery.max_lag_hold` and the lag did not come down.
+#[derive(Debug, thiserror::Error)]
+#[error("deliveries lag {lag_ms} ms behind ingest (delivery.max_lag = {max_ms} ms); retry shortly")]
+pub struct Lagging {
+    pub lag_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Lag {
+    pub fn fanout_started(&self, commit_ms: u64) {
+        self.fanout_since.store(commit_ms.max(1), Ordering::Relaxed);
+    }
+
+    pub fn fanout_done(&self) {
+        self.fanout_since.store(0, Ordering::Relaxed);
+    }
+
+    /// The oldest due entry waiting for the dispatcher (`None`: none waits).
+    pub fn dispatch_waiting(&self, since_ms: Option<u64>) {
+        let v = since_ms.map_or(0, |s| s.max(1));
+        // Skips the store when nothing changed: the scheduler calls this on every step.
+        if self.dispatch_since.load(Ordering::Relaxed) != v {
+            self.dispatch_since.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The dispatcher took an entry due at `since_ms` (`None`: its queue is empty).
+    pub fn dispatching(&self, since_ms: Option<u64>) {
+        self.dispatching_since
+            .store(since_ms.map_or(0, |s| s.max(1)), Ordering::Relaxed);
+    }
+
+    /// How many ms the oldest owed work has waited, at `now_ms`.
+    pub fn current(&self, now_ms: u64) -> u64 {
+        let age = |since: u64| {
+            if since == 0 {
+                0
+            } else {
+                now_ms.saturating_sub(since)
+            }
+        };
+        age(self.fanout_since.load(Ordering::Relaxed))
+            .max(age(self.dispatch_since.load(Ordering::Relaxed)))
+            .max(age(self.dispatching_since.load(Ordering::Relaxed)))
+    }
+
+    /// Waits while the lag is over `max` (checking every few ms), for at most `hold`.
+    /// `max` of zero turns push-back off.
+    pub async fn hold(&self, max: Duration, hold: Duration) -> Result<(), Lagging> {
+        let max_ms = max.as_millis() as u64;
+        if max_ms == 0 || self.current(clock::now_ms()) <= max_ms {
+            return Ok(());
+        }
+        metrics::counter!("kyberhook_ingest_held_total").increment(1);
+        let deadline = tokio::time::Instant::now() + hold;
+        loop {
+            tokio::time::sleep(CHECK_EVERY).await;
+            let lag_ms = self.current(clock::now_ms());
+            if lag_ms <= max_ms {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                metrics::counter!("kyberhook_ingest_lag_refusals_total").increment(1);
+                return Err(Lagging { lag_ms, max_ms });
+            }
+        }
+    }
+}
+
+/// How often a held request looks at the lag again.
+const CHECK_EVERY: Duration = Duration::from_millis(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lag_is_the_age_of_the_oldest_owed_work() {
+        let lag = Lag::default();
+        assert_eq!(lag.current(10_000), 0);
+        lag.fanout_started(9_000);
+        assert_eq!(lag.current(10_000), 1_000);
+        lag.dispatch_waiting(Some(7_500));
+        assert_eq!(lag.current(10_000), 2_500);
+        lag.dispatch_waiting(None);
+        lag.fanout_done();
+        lag.dispatching(Some(9_900));
+        assert_eq!(lag.current(10_000), 100);
+        lag.dispatching(None);
+        assert_eq!(lag.current(10_000), 0);
+        // A due time in the future (clock skew between stages) is no lag.
+        lag.dispatch_waiting(Some(20_000));
+        assert_eq!(lag.current(10_000), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ingest_is_held_while_deliveries_lag_then_refused() {
+        let lag = std::sync::Arc::new(Lag::default());
+        let max = Duration::from_millis(500);
+        let hold = Duration::from_secs(2);
+        // No lag: no hold.
+        lag.hold(max, hold).await.unwrap();
+        // Lagging since "now - 1 s": held until the lag is cleared.
+        lag.fanout_started(clock::now_ms() - 1_000);
+        let held = tokio::spawn({
+            let lag = lag.clone();
+            async move { lag.hold(max, hold).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!held.is_finished(), "released while still lagging");
+        lag.fanout_done();
+        held.await.unwrap().unwrap();
+        // Lagging for longer than the hold: refused, naming the lag.
+        lag.dispatch_waiting(Some(clock::now_ms() - 1_000));
+        let err = lag.hold(max, hold).await.unwrap_err();
+        assert!(err.lag_ms >= 2_000, "{err}");
+        // Turned off: never held.
+        lag.hold(Duration::ZERO, hold).await.unwrap();
+    }
+}

@@ -128,6 +128,19 @@ fn describe() {
         "How far behind schedule the earliest owed attempt is (0 when none is overdue)."
     );
     describe_gauge!(
+        "kyberhook_delivery_lag_seconds",
+        Unit::Seconds,
+        "The engine's own delivery lag: age of the oldest work it owes (fan-out, due attempts waiting for a slot); over delivery.max_lag, ingest is held."
+    );
+    describe_counter!(
+        "kyberhook_ingest_held_total",
+        "Ingest requests held because deliveries lagged more than delivery.max_lag."
+    );
+    describe_counter!(
+        "kyberhook_ingest_lag_refusals_total",
+        "Ingest requests refused (503 deliveries_lagging) after delivery.max_lag_hold."
+    );
+    describe_gauge!(
         "kyberhook_accounts_over_backlog_quota",
         "Accounts with delivery.max_scheduled_per_account deliveries or more waiting (their ingest gets 429)."
     );
@@ -173,6 +186,8 @@ impl MetricsHandler {
     /// Sets the state gauges from their owners, just before rendering.
     async fn refresh(&self) {
         metrics::gauge!("kyberhook_deliveries_scheduled").set(self.scheduler.scheduled() as f64);
+        metrics::gauge!("kyberhook_delivery_lag_seconds")
+            .set(self.scheduler.lag().current(crate::clock::now_ms()) as f64 / 1000.0);
         metrics::gauge!("kyberhook_fifo_deliveries_waiting")
             .set(self.registry.fifo().parked() as f64);
         let counts = self.registry.hook_status_counts();

@@ -12,6 +12,8 @@
 //!        --latency-webhooks N (1; 0 measures ingest latency alone)  --latency-conns N (32)
 //!        --phases healthz,ingest,batch,fanout,latency,retention (all; e.g. to profile one phase)
 //!        --retention S (10: storage.retention of the retention phase)  --retention-run S (90; quick 40)
+//!        --lag WxC,... (lag phases: webhooks x connections)  --quota N (max_scheduled_per_account)
+//!        --max-lag D (delivery.max_lag, default 500ms; 0s: no lag push-back)  --paced-rate N (250)
 //! ```
 //!
 //! In one process: the engine (its own 2-worker tokio runtime, durable store with
@@ -118,6 +120,8 @@ struct Opts {
     lag: Vec<(usize, usize)>,
     /// `delivery.max_scheduled_per_account` of the engine (`--quota`): the push-back.
     quota: Option<u64>,
+    /// `delivery.max_lag` of the engine (`--max-lag 0s` turns the lag push-back off).
+    max_lag: Option<String>,
     /// Events/s of the paced phase (one webhook, open loop).
     paced_rate: u64,
 }
@@ -161,7 +165,8 @@ fn usage(msg: &str) -> ! {
         "usage: cargo bench --bench load -- [--quick] [--json] [--no-fsync] [--conns N] [--secs S] [--rps-secs S] \
          [--warmup S] [--rate EV/S] [--fanouts 1,10] [--fanout-ingest single|batch|both] [--receivers K] \
          [--max-backlog N] [--drain-secs S] [--latency-webhooks N] [--latency-conns N] \
-         [--phases healthz,ingest,batch,fanout,latency,retention] [--retention S] [--retention-run S]"
+         [--phases healthz,ingest,batch,fanout,latency,retention,lag,paced] [--retention S] [--retention-run S] \
+         [--lag WxC,...] [--quota N] [--max-lag D] [--paced-rate N]"
     );
     std::process::exit(2)
 }
@@ -190,6 +195,7 @@ fn parse_opts() -> Opts {
         retention_run: if quick { 40 } else { 90 },
         lag: vec![(1, 32), (10, 32), (10, 64), (10, 256)],
         quota: None,
+        max_lag: None,
         paced_rate: 250,
     };
     let mut it = args.into_iter().peekable();
@@ -236,6 +242,13 @@ fn parse_opts() -> Opts {
                 o.retention_run = num("--retention-run", value("--retention-run")).max(10)
             }
             "--quota" => o.quota = Some(num("--quota", value("--quota")).max(1)),
+            "--max-lag" => {
+                let v = value("--max-lag");
+                if kyberhook::config::parse_duration(&v).is_err() {
+                    usage("--max-lag takes a duration, e.g. 500ms or 0s");
+                }
+                o.max_lag = Some(v)
+            }
             "--paced-rate" => o.paced_rate = num("--paced-rate", value("--paced-rate")).max(1),
             "--lag" => {
                 let v = value("--lag");
@@ -1527,6 +1540,9 @@ struct LagResult {
     after_per_s: Option<f64>,
     /// Deliveries received per second: the window, then the drain.
     series_during: Vec<u64>,
+    /// The engine's own delivery lag (`kyberhook_delivery_lag_seconds`), the largest of ten
+    /// samples per second of the window.
+    engine_lag_max: Vec<f64>,
     series_after: Vec<u64>,
     backlog_end: u64,
     drain_s: f64,
@@ -1669,7 +1685,15 @@ async fn lag_phase(ctx: &Ctx, phase: usize, fanout: usize, conns: usize) -> LagR
     let mut tick = t0;
     while tick < end {
         tick += Duration::from_secs(1);
-        tokio::time::sleep_until(tick.min(end).into()).await;
+        let mut lag_max: f64 = 0.0;
+        let mut sample = Instant::now();
+        while sample < tick.min(end) {
+            sample = (sample + Duration::from_millis(100)).min(tick.min(end));
+            tokio::time::sleep_until(sample.into()).await;
+            let m = Scrape::get(ctx.metrics).await;
+            lag_max = lag_max.max(m.sum("kyberhook_delivery_lag_seconds", None));
+        }
+        r.engine_lag_max.push(lag_max);
         let now = stats.per_phase[phase].load(Ordering::Relaxed);
         r.series_during.push(now - last);
         last = now;
@@ -1852,6 +1876,7 @@ private_network_allowlist = ["127.0.0.0/8"]
 max_in_flight = 1024
 max_in_flight_per_webhook = 256
 {quota}
+{max_lag}
 [plans.bench]
 events_per_second = 0
 [log]
@@ -1860,6 +1885,11 @@ level = "{log}"
         quota = opts
             .quota
             .map(|q| format!("max_scheduled_per_account = {q}"))
+            .unwrap_or_default(),
+        max_lag = opts
+            .max_lag
+            .as_ref()
+            .map(|l| format!("max_lag = \"{l}\""))
             .unwrap_or_default(),
         data = data.path().display(),
         ca = pki.ca_file.display(),
@@ -2272,6 +2302,22 @@ level = "{log}"
             ),
         );
         t.row(
+            "engine's delivery lag (push-back)",
+            format!(
+                "{:.2} s",
+                l.engine_lag_max.iter().cloned().fold(0.0, f64::max)
+            ),
+            format!(
+                "largest of 10 samples a second of kyberhook_delivery_lag_seconds (delivery.max_lag = {}); per second: {}",
+                ctx.opts.max_lag.as_deref().unwrap_or("500ms"),
+                l.engine_lag_max
+                    .iter()
+                    .map(|v| format!("{v:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        );
+        t.row(
             "delivered/s once ingest stops",
             l.after_per_s.map_or("—".to_string(), n0),
             format!(
@@ -2498,6 +2544,7 @@ level = "{log}"
                 "delivered_per_s_after": l.after_per_s,
                 "during_to_after": l.ratio(),
                 "series_during": l.series_during,
+                "engine_lag_max_s": l.engine_lag_max,
                 "series_after": l.series_after,
                 "lag_ms": pcts_json(&l.lag),
                 "lag_missing": l.lag_missing,

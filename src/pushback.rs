@@ -10,8 +10,10 @@
 //!
 //! The lag is the age of the oldest work the engine itself still owes, taken from two
 //! places, each published here by its single owner:
-//! - the fan-out thread, while it writes the deliveries of a batch of committed events: the
-//!   commit time of the batch's first event ([`Lag::fanout_started`]);
+//! - the fan-out queue: the commit time of the oldest committed event whose deliveries are
+//!   not written yet — the committer notes each batch it queues for the fan-out thread
+//!   ([`Lag::fanout_queued`]), the fan-out thread each one it has written
+//!   ([`Lag::fanout_written`]);
 //! - the scheduler, while due entries wait for room in the dispatcher's queue: the due time of
 //!   the oldest ([`Lag::dispatch_waiting`]);
 //! - the dispatcher, while its queue is not empty: the due time of the entry it took last
@@ -24,7 +26,9 @@
 //! Both are instantaneous (a stalled stage shows its age growing, not its last sample), read
 //! with two atomic loads per request.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::clock;
@@ -32,8 +36,9 @@ use crate::clock;
 /// The engine's delivery lag, published by the fan-out thread and the scheduler.
 #[derive(Debug, Default)]
 pub struct Lag {
-    /// Commit time (unix ms) of the first event of the batch being fanned out; 0 when idle.
-    fanout_since: AtomicU64,
+    /// Commit time (unix ms) of the first event of each batch queued for fan-out and not yet
+    /// written, oldest first. One push and one pop per group commit.
+    fanout_queue: Mutex<VecDeque<u64>>,
     /// Due time (unix ms) of the oldest entry waiting in the scheduler for room in the
     /// dispatcher's queue; 0 when none waits.
     dispatch_since: AtomicU64,
@@ -51,12 +56,20 @@ pub struct Lagging {
 }
 
 impl Lag {
-    pub fn fanout_started(&self, commit_ms: u64) {
-        self.fanout_since.store(commit_ms.max(1), Ordering::Relaxed);
+    /// The committer queued a batch of events, the first committed at `commit_ms`.
+    pub fn fanout_queued(&self, commit_ms: u64) {
+        self.queue().push_back(commit_ms);
     }
 
-    pub fn fanout_done(&self) {
-        self.fanout_since.store(0, Ordering::Relaxed);
+    /// The fan-out thread wrote the deliveries of the `batches` oldest queued batches.
+    pub fn fanout_written(&self, batches: usize) {
+        let mut q = self.queue();
+        let n = batches.min(q.len());
+        q.drain(..n);
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
+        self.fanout_queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The oldest due entry waiting for the dispatcher (`None`: none waits).
@@ -83,7 +96,8 @@ impl Lag {
                 now_ms.saturating_sub(since)
             }
         };
-        age(self.fanout_since.load(Ordering::Relaxed))
+        let fanout = self.queue().front().copied().unwrap_or(0);
+        age(fanout)
             .max(age(self.dispatch_since.load(Ordering::Relaxed)))
             .max(age(self.dispatching_since.load(Ordering::Relaxed)))
     }
@@ -122,12 +136,15 @@ mod tests {
     fn the_lag_is_the_age_of_the_oldest_owed_work() {
         let lag = Lag::default();
         assert_eq!(lag.current(10_000), 0);
-        lag.fanout_started(9_000);
+        lag.fanout_queued(9_000);
+        lag.fanout_queued(9_500);
         assert_eq!(lag.current(10_000), 1_000);
+        lag.fanout_written(1);
+        assert_eq!(lag.current(10_000), 500);
         lag.dispatch_waiting(Some(7_500));
         assert_eq!(lag.current(10_000), 2_500);
         lag.dispatch_waiting(None);
-        lag.fanout_done();
+        lag.fanout_written(5);
         lag.dispatching(Some(9_900));
         assert_eq!(lag.current(10_000), 100);
         lag.dispatching(None);
@@ -145,14 +162,14 @@ mod tests {
         // No lag: no hold.
         lag.hold(max, hold).await.unwrap();
         // Lagging since "now - 1 s": held until the lag is cleared.
-        lag.fanout_started(clock::now_ms() - 1_000);
+        lag.fanout_queued(clock::now_ms() - 1_000);
         let held = tokio::spawn({
             let lag = lag.clone();
             async move { lag.hold(max, hold).await }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!held.is_finished(), "released while still lagging");
-        lag.fanout_done();
+        lag.fanout_written(1);
         held.await.unwrap().unwrap();
         // Lagging for longer than the hold: refused, naming the lag.
         lag.dispatch_waiting(Some(clock::now_ms() - 1_000));

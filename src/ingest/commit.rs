@@ -17,6 +17,7 @@ use super::{Accepted, Commit, IDLE_FLUSH, MAX_BATCH};
 use crate::clock;
 use crate::ids::{AccountId, EventId, Sequencer};
 use crate::model::EventRecord;
+use crate::pushback::Lag;
 use crate::registry::Registry;
 use crate::store::Store;
 
@@ -53,6 +54,7 @@ pub(super) fn commit_loop(
     seq: &Sequencer,
     fanout: Sender<Vec<EventRecord>>,
     fanned: &Mutex<Vec<u64>>,
+    lag: &Lag,
 ) {
     loop {
         let first = match rx.recv_timeout(IDLE_FLUSH) {
@@ -147,7 +149,7 @@ pub(super) fn commit_loop(
                 .collect(),
             failed,
         };
-        finish(appended, store, &fanout, fanned);
+        finish(appended, store, &fanout, fanned, lag);
     }
 }
 
@@ -155,7 +157,13 @@ pub(super) fn commit_loop(
 /// events to the fan-out thread. Inbox marks of events whose deliveries the fan-out thread had
 /// written before the flush started are cleared after it: a crash at any point leaves either
 /// the deliveries or the mark.
-fn finish(a: Appended, store: &Store, fanout: &Sender<Vec<EventRecord>>, fanned: &Mutex<Vec<u64>>) {
+fn finish(
+    a: Appended,
+    store: &Store,
+    fanout: &Sender<Vec<EventRecord>>,
+    fanned: &Mutex<Vec<u64>>,
+    lag: &Lag,
+) {
     let started = std::time::Instant::now();
     // Taken before the flush, so the flush covers their deliveries.
     let ready = take_fanned(fanned);
@@ -188,6 +196,9 @@ fn finish(a: Appended, store: &Store, fanout: &Sender<Vec<EventRecord>>, fanned:
     metrics::counter!("kyberhook_events_ingested_total").increment(a.events as u64);
     // A full fan-out queue holds the committer here, which fills the ingest queue, which
     // answers 503: backpressure instead of unbounded memory.
+    if let Some(first) = a.fan_out.first() {
+        lag.fanout_queued(crate::ids::seq_time_ms(first.seq));
+    }
     if !a.fan_out.is_empty() && fanout.send(a.fan_out).is_err() {
         tracing::error!("the fan-out thread is gone; fan-out will be re-run at start-up");
     }

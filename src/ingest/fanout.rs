@@ -30,20 +30,19 @@ pub(super) fn fanout_loop(
     fanned: Arc<Mutex<Vec<u64>>>,
 ) {
     while let Ok(mut events) = rx.recv() {
+        let mut batches = 1;
         while events.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(more) => events.extend(more),
+                Ok(more) => {
+                    events.extend(more);
+                    batches += 1;
+                }
                 Err(_) => break,
             }
         }
-        // Published while the batch is written: a writer that falls behind shows here first.
-        if let Some(first) = events.first() {
-            fanout
-                .lag
-                .fanout_started(crate::ids::seq_time_ms(first.seq));
-        }
         let result = fanout.run(&events, Recovery::No);
-        fanout.lag.fanout_done();
+        // Written (or owed at the next start): no longer this engine's lag.
+        fanout.lag.fanout_written(batches);
         match result {
             Ok(()) => fanned
                 .lock()
@@ -90,7 +89,13 @@ impl Fanout {
                     seq: e.seq,
                     webhook: hook.hook.id,
                 };
-                records.push(DeliveryRecord::new(id, e, now, false));
+                let mut record = DeliveryRecord::new(id, e, now, false);
+                if recovery == Recovery::No {
+                    // Owed since its event was committed: the dispatcher's lag (and the
+                    // push-back, `crate::pushback`) then counts from the 202, not from here.
+                    record.next_attempt_ms = Some(crate::ids::seq_time_ms(e.seq).min(now));
+                }
+                records.push(record);
                 if records.len() >= FANOUT_CHUNK {
                     self.write(std::mem::take(&mut records), recovery)?;
                 }

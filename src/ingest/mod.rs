@@ -222,6 +222,7 @@ impl Ingest {
         let (tx, rx) = channel::bounded(queue);
         let (fan_tx, fan_rx) = channel::bounded::<Vec<EventRecord>>(FANOUT_QUEUE);
         let fanned: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let committer_lag = fanout.lag.clone();
         let fanout_thread = {
             let fanned = fanned.clone();
             let runtime = runtime.clone();
@@ -234,11 +235,12 @@ impl Ingest {
                 .expect("spawning the fan-out thread")
         };
         let committer_registry = registry.clone();
+        let lag = committer_lag;
         let thread = std::thread::Builder::new()
             .name("kyberhook-committer".into())
             .spawn(move || {
                 let _guard = runtime.enter();
-                commit_loop(rx, &store, &committer_registry, &seq, fan_tx, &fanned);
+                commit_loop(rx, &store, &committer_registry, &seq, fan_tx, &fanned, &lag);
                 // The fan-out thread ends once the committer's sender is gone; then whatever
                 // it fanned out last is flushed and its inbox entries cleared.
                 let _ = fanout_thread.join();

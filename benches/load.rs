@@ -1543,6 +1543,8 @@ struct LagResult {
     /// The engine's own delivery lag (`kyberhook_delivery_lag_seconds`), the largest of ten
     /// samples per second of the window.
     engine_lag_max: Vec<f64>,
+    /// The same per stage (fanout, scheduler, dispatcher): which one lagged.
+    engine_lag_stages: Vec<[f64; 3]>,
     series_after: Vec<u64>,
     backlog_end: u64,
     drain_s: f64,
@@ -1686,14 +1688,25 @@ async fn lag_phase(ctx: &Ctx, phase: usize, fanout: usize, conns: usize) -> LagR
     while tick < end {
         tick += Duration::from_secs(1);
         let mut lag_max: f64 = 0.0;
+        let mut stages = [0.0f64; 3];
         let mut sample = Instant::now();
         while sample < tick.min(end) {
             sample = (sample + Duration::from_millis(100)).min(tick.min(end));
             tokio::time::sleep_until(sample.into()).await;
             let m = Scrape::get(ctx.metrics).await;
-            lag_max = lag_max.max(m.sum("kyberhook_delivery_lag_seconds", None));
+            let mut largest: f64 = 0.0;
+            for (i, stage) in ["\"fanout\"", "\"scheduler\"", "\"dispatcher\""]
+                .iter()
+                .enumerate()
+            {
+                let v = m.sum("kyberhook_delivery_lag_seconds", Some(stage));
+                stages[i] = stages[i].max(v);
+                largest = largest.max(v);
+            }
+            lag_max = lag_max.max(largest);
         }
         r.engine_lag_max.push(lag_max);
+        r.engine_lag_stages.push(stages);
         let now = stats.per_phase[phase].load(Ordering::Relaxed);
         r.series_during.push(now - last);
         last = now;
@@ -2308,11 +2321,11 @@ level = "{log}"
                 l.engine_lag_max.iter().cloned().fold(0.0, f64::max)
             ),
             format!(
-                "largest of 10 samples a second of kyberhook_delivery_lag_seconds (delivery.max_lag = {}); per second: {}",
+                "largest of 10 samples a second of kyberhook_delivery_lag_seconds (delivery.max_lag = {}); per second, fanout/scheduler/dispatcher: {}",
                 ctx.opts.max_lag.as_deref().unwrap_or("500ms"),
-                l.engine_lag_max
+                l.engine_lag_stages
                     .iter()
-                    .map(|v| format!("{v:.2}"))
+                    .map(|s| format!("{:.1}/{:.1}/{:.1}", s[0], s[1], s[2]))
                     .collect::<Vec<_>>()
                     .join(" ")
             ),

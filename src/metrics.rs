@@ -130,7 +130,7 @@ fn describe() {
     describe_gauge!(
         "kyberhook_delivery_lag_seconds",
         Unit::Seconds,
-        "The engine's own delivery lag: age of the oldest work it owes (fan-out, due attempts waiting for a slot); over delivery.max_lag, ingest is held."
+        "The engine's own delivery lag by stage (fanout, scheduler, dispatcher): age of the oldest work it owes there; when the largest is over delivery.max_lag, ingest is held."
     );
     describe_counter!(
         "kyberhook_ingest_held_total",
@@ -186,8 +186,10 @@ impl MetricsHandler {
     /// Sets the state gauges from their owners, just before rendering.
     async fn refresh(&self) {
         metrics::gauge!("kyberhook_deliveries_scheduled").set(self.scheduler.scheduled() as f64);
-        metrics::gauge!("kyberhook_delivery_lag_seconds")
-            .set(self.scheduler.lag().current(crate::clock::now_ms()) as f64 / 1000.0);
+        for (stage, ms) in self.scheduler.lag().stages(crate::clock::now_ms()) {
+            metrics::gauge!("kyberhook_delivery_lag_seconds", "stage" => stage)
+                .set(ms as f64 / 1000.0);
+        }
         metrics::gauge!("kyberhook_fifo_deliveries_waiting")
             .set(self.registry.fifo().parked() as f64);
         let counts = self.registry.hook_status_counts();

@@ -89,6 +89,17 @@ impl Lag {
 
     /// How many ms the oldest owed work has waited, at `now_ms`.
     pub fn current(&self, now_ms: u64) -> u64 {
+        self.stages(now_ms)
+            .into_iter()
+            .map(|(_, ms)| ms)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The lag of each stage at `now_ms`, in ms: fan-out (committed events whose deliveries
+    /// are not written), scheduler (due entries waiting for room in the dispatcher's queue)
+    /// and dispatcher (waiting for an in-flight slot).
+    pub fn stages(&self, now_ms: u64) -> [(&'static str, u64); 3] {
         let age = |since: u64| {
             if since == 0 {
                 0
@@ -97,9 +108,17 @@ impl Lag {
             }
         };
         let fanout = self.queue().front().copied().unwrap_or(0);
-        age(fanout)
-            .max(age(self.dispatch_since.load(Ordering::Relaxed)))
-            .max(age(self.dispatching_since.load(Ordering::Relaxed)))
+        [
+            ("fanout", age(fanout)),
+            (
+                "scheduler",
+                age(self.dispatch_since.load(Ordering::Relaxed)),
+            ),
+            (
+                "dispatcher",
+                age(self.dispatching_since.load(Ordering::Relaxed)),
+            ),
+        ]
     }
 
     /// Waits while the lag is over `max` (checking every few ms), for at most `hold`.

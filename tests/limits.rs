@@ -155,7 +155,7 @@ async fn a_slow_endpoint_does_not_slow_a_fast_one() {
 async fn overload_answers_503_with_retry_after_and_every_acknowledged_event_is_delivered() {
     let pki = pki();
     let rx = Receiver::start(pki.server.clone()).await;
-    rx.set_default(Reply::Slow(Duration::from_millis(20), 200));
+    rx.set_default(Reply::Slow(Duration::from_millis(100), 200));
     let e = TestEngine::start(
         &pki,
         "max_scheduled = 30\nmax_in_flight_per_webhook = 2",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kyberhook::ids::{AccountId, DeliveryId, EventId, WebhookId};
 use kyberhook::model::{DeliveryRecord, EventRecord};
 use kyberhook::scheduler::Due;
-use kyberhook::store::Store;
+use kyberhook::store::{DeliveryWrites, Store};
 use kyberhook::wheel::Wheel;
 
 /// The `kyberhook` binary's allocator, so the figures are the ones production gets.
@@ -107,10 +107,14 @@ fn main() {
             r.next_attempt_ms = Some(now + 60_000 + x % span);
             batch.push(r);
             if batch.len() == 10_000 {
-                store.create_deliveries(std::mem::take(&mut batch)).unwrap();
+                store
+                    .apply_delivery_writes(&DeliveryWrites::created(std::mem::take(&mut batch)))
+                    .unwrap();
             }
         }
-        store.create_deliveries(batch).unwrap();
+        store
+            .apply_delivery_writes(&DeliveryWrites::created(batch))
+            .unwrap();
         store.make_durable().unwrap();
     }
     let fill_secs = fill.elapsed().as_secs_f64();

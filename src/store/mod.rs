@@ -1,7 +1,7 @@
 //! The embedded store: the only module that touches sled.
 //!
-//! Records enter through typed methods (`put_account`, `append_events`, `create_deliveries`,
-//! `record_attempt`, …), are encoded by `codec`, and are written to the trees listed in
+//! Records enter through typed methods (`put_account`, `append_events`,
+//! `apply_delivery_writes` — the delivery writer's, see `crate::delivery` — …), are encoded by `codec`, and are written to the trees listed in
 //! [`keys`]. Reads come back as typed records. Durability is explicit: writes are made
 //! power-safe only by [`Store::make_durable`] (sled flush, then `fdatasync` of sled's `db`
 //! file, because sled's flush is `sync_file_range`), which the group committer in `ingest`
@@ -838,113 +838,8 @@ impl Store {
 
     // ---- deliveries ----
 
-    /// Writes new deliveries with their index and schedule entries, and returns every delivery
-    /// that now needs its attempt scheduled. A delivery that already exists (fan-out re-run
-    /// after a crash) is left as it is, but its index entries are written again and, if it is
-    /// still owed an attempt, so is its schedule entry (and it is returned too): a crash
-    /// between these writes cannot strand it or hide it from the log.
-    pub fn create_deliveries(&self, records: Vec<DeliveryRecord>) -> Result<Vec<DeliveryRecord>> {
-        self.write_new_deliveries(records, true)
-    }
-
-    /// [`Store::create_deliveries`] for deliveries of events committed just now, which cannot
-    /// exist yet: skips the existence check (a read per delivery on the hot path).
-    pub fn create_fresh_deliveries(
-        &self,
-        records: Vec<DeliveryRecord>,
-    ) -> Result<Vec<DeliveryRecord>> {
-        self.write_new_deliveries(records, false)
-    }
-
-    fn write_new_deliveries(
-        &self,
-        records: Vec<DeliveryRecord>,
-        may_exist: bool,
-    ) -> Result<Vec<DeliveryRecord>> {
-        let mut owed = Vec::with_capacity(records.len());
-        let mut dl = Batch::default();
-        let mut bw = Batch::default();
-        let mut ba = Batch::default();
-        let mut sc = Batch::default();
-        for r in records {
-            let key = keys::delivery(r.id);
-            let existing = if may_exist {
-                self.deliveries.get(key)?
-            } else {
-                None
-            };
-            if let Some(existing) = existing {
-                let existing: DeliveryRecord = codec::decode(&existing)?;
-                // Its index entries may not have reached the disk before the crash.
-                bw.insert(&keys::by_webhook(existing.id.webhook, existing.id), &[]);
-                ba.insert(keys::by_account(&existing.account_id, existing.id), &[]);
-                if let (true, Some(due)) = (existing.status.is_open(), existing.next_attempt_ms) {
-                    sc.insert(&keys::schedule(due, existing.id), &[]);
-                    owed.push(existing);
-                }
-                continue;
-            }
-            dl.insert(&key, codec::encode(&r));
-            bw.insert(&keys::by_webhook(r.id.webhook, r.id), &[]);
-            ba.insert(keys::by_account(&r.account_id, r.id), &[]);
-            if let Some(due) = r.next_attempt_ms {
-                sc.insert(&keys::schedule(due, r.id), &[]);
-            }
-            owed.push(r);
-        }
-        // Schedule entries first: after a crash, an entry without its delivery is dropped when
-        // it fires (and fan-out, still owed, creates both), while a delivery without its entry
-        // would never be attempted.
-        self.schedule.write_in_order(sc)?;
-        self.deliveries.write_in_order(dl)?;
-        self.by_webhook.write_in_order(bw)?;
-        self.by_account.write_in_order(ba)?;
-        Ok(owed)
-    }
-
     pub fn get_delivery(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>> {
         decode_opt(self.deliveries.get(keys::delivery(id))?)
-    }
-
-    /// Replaces a delivery record and moves its schedule entry from `old_due` to the record's
-    /// `next_attempt_ms`.
-    pub fn update_delivery(&self, record: &DeliveryRecord, old_due: Option<u64>) -> Result<()> {
-        self.deliveries
-            .insert(keys::delivery(record.id), codec::encode(record))?;
-        if old_due != record.next_attempt_ms {
-            if let Some(due) = record.next_attempt_ms {
-                self.schedule.insert(keys::schedule(due, record.id), &[])?;
-            }
-            if let Some(due) = old_due {
-                self.schedule.remove(keys::schedule(due, record.id))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Records one attempt and the delivery's new state in one step. Only the first attempt
-    /// and the latest [`crate::history::ATTEMPTS_KEPT_LATEST`] are kept: the one this attempt
-    /// pushes out of that window is removed (the record's `attempt_count` keeps the total).
-    pub fn record_attempt(
-        &self,
-        record: &DeliveryRecord,
-        old_due: Option<u64>,
-        attempt: &AttemptRecord,
-    ) -> Result<()> {
-        self.attempts.insert(
-            keys::attempt(record.id, attempt.number),
-            codec::encode(attempt),
-        )?;
-        if let Some(dropped) = crate::history::dropped_by(attempt.number) {
-            let range =
-                keys::attempt(record.id, dropped.start)..keys::attempt(record.id, dropped.end);
-            let mut batch = Batch::default();
-            for k in self.attempts.range(range).keys() {
-                batch.remove(k?);
-            }
-            self.attempts.write_in_order(batch)?;
-        }
-        self.update_delivery(record, old_due)
     }
 
     pub fn attempts(&self, id: DeliveryId) -> Result<Vec<AttemptRecord>> {
@@ -1404,6 +1299,45 @@ pub struct DeliveryWrites {
 }
 
 impl DeliveryWrites {
+    /// New deliveries with their log index and schedule entries, as the delivery writer
+    /// writes a create (for tests, benches and tools that fill a store directly).
+    pub fn created(records: Vec<DeliveryRecord>) -> Self {
+        DeliveryWrites {
+            schedule_insert: records
+                .iter()
+                .filter_map(|r| Some((r.next_attempt_ms?, r.id)))
+                .collect(),
+            indexed: records
+                .iter()
+                .map(|r| (r.account_id.clone(), r.id))
+                .collect(),
+            deliveries: records,
+            ..Default::default()
+        }
+    }
+
+    /// One attempt and the delivery's new state, its schedule entry moved from `old_due`
+    /// to the record's `next_attempt_ms`, as the delivery writer writes an outcome.
+    pub fn settled(record: DeliveryRecord, old_due: Option<u64>, attempt: AttemptRecord) -> Self {
+        let moved = old_due != record.next_attempt_ms;
+        DeliveryWrites {
+            schedule_insert: record
+                .next_attempt_ms
+                .filter(|_| moved)
+                .map(|due| (due, record.id))
+                .into_iter()
+                .collect(),
+            schedule_remove: old_due
+                .filter(|_| moved)
+                .map(|due| (due, record.id))
+                .into_iter()
+                .collect(),
+            attempts: vec![(record.id, attempt)],
+            deliveries: vec![record],
+            ..Default::default()
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.schedule_insert.is_empty()
             && self.attempts.is_empty()
@@ -1427,7 +1361,7 @@ impl Store {
         let mut at = Batch::default();
         for (id, a) in &w.attempts {
             at.insert(&keys::attempt(*id, a.number), codec::encode(a));
-            // Only the first and the latest attempts are kept (see `record_attempt`).
+            // Only the first and the latest attempts are kept (`crate::history`).
             if let Some(dropped) = crate::history::dropped_by(a.number) {
                 let range = keys::attempt(*id, dropped.start)..keys::attempt(*id, dropped.end);
                 for k in self.attempts.range(range).keys() {
@@ -1599,7 +1533,9 @@ mod tests {
             webhook: WebhookId(7),
         };
         let record = DeliveryRecord::new(id, &events[99], 0, false);
-        store.create_fresh_deliveries(vec![record]).unwrap();
+        store
+            .apply_delivery_writes(&DeliveryWrites::created(vec![record]))
+            .unwrap();
         store.purge_before(1, &|| true).unwrap();
         assert_eq!(store.get_event(100).unwrap().as_ref(), Some(&events[99]));
         for seq in [1, 99, 101, 150, 300] {
@@ -1813,7 +1749,9 @@ mod tests {
                     records.push(DeliveryRecord::new(id, e, 0, false));
                 }
             }
-            store.create_fresh_deliveries(records.clone()).unwrap();
+            store
+                .apply_delivery_writes(&DeliveryWrites::created(records.clone()))
+                .unwrap();
             for mut r in records {
                 let open = r.id.seq == open_seq && r.id.webhook == WebhookId(2);
                 let old_due = r.next_attempt_ms;
@@ -1832,7 +1770,9 @@ mod tests {
                     timestamp: 0,
                     signature: String::new(),
                 };
-                store.record_attempt(&r, old_due, &attempt).unwrap();
+                store
+                    .apply_delivery_writes(&DeliveryWrites::settled(r.clone(), old_due, attempt))
+                    .unwrap();
             }
         }
         assert_eq!(store.deliveries.len(), (EVENTS as usize - 1) * 3);
@@ -1945,14 +1885,20 @@ mod tests {
             };
             records.push(DeliveryRecord::new(id, e, 10, false));
         }
-        store.create_fresh_deliveries(records.clone()).unwrap();
+        store
+            .apply_delivery_writes(&DeliveryWrites::created(records.clone()))
+            .unwrap();
         for r in &mut records {
             let old_due = r.next_attempt_ms;
             r.status = DeliveryStatus::Failed;
             r.next_attempt_ms = None;
             r.attempt_count = 1;
             store
-                .record_attempt(r, old_due, &finished_attempt(1))
+                .apply_delivery_writes(&DeliveryWrites::settled(
+                    r.clone(),
+                    old_due,
+                    finished_attempt(1),
+                ))
                 .unwrap();
         }
         let cutoff = 1_000;
@@ -2003,7 +1949,11 @@ mod tests {
         failed.attempt_count = 2;
         failed.updated_ms = cutoff + 9;
         store
-            .record_attempt(&failed, retried.next_attempt_ms, &finished_attempt(2))
+            .apply_delivery_writes(&DeliveryWrites::settled(
+                failed.clone(),
+                retried.next_attempt_ms,
+                finished_attempt(2),
+            ))
             .unwrap();
         let purged = store.purge_before(cutoff, &|| true).unwrap();
         assert_eq!(purged.deliveries, 0);

@@ -13,7 +13,7 @@
 //!        --phases healthz,ingest,batch,fanout,latency,retention (all; e.g. to profile one phase)
 //!        --retention S (10: storage.retention of the retention phase)  --retention-run S (90; quick 40)
 //!        --lag WxC,... (lag phases: webhooks x connections)  --quota N (max_scheduled_per_account)
-//!        --max-lag D (delivery.max_lag, default 100ms; 0s: no lag push-back)  --paced-rate N (250)
+//!        --max-lag D (delivery.max_lag, default 50ms; 0s: no lag push-back)  --paced-rate N (250)
 //! ```
 //!
 //! In one process: the engine (its own 2-worker tokio runtime, durable store with
@@ -2322,7 +2322,7 @@ level = "{log}"
             ),
             format!(
                 "largest of 10 samples a second of kyberhook_delivery_lag_seconds (delivery.max_lag = {}); per second, fanout/scheduler/dispatcher: {}",
-                ctx.opts.max_lag.as_deref().unwrap_or("100ms"),
+                ctx.opts.max_lag.as_deref().unwrap_or("50ms"),
                 l.engine_lag_stages
                     .iter()
                     .map(|s| format!("{:.1}/{:.1}/{:.1}", s[0], s[1], s[2]))

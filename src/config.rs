@@ -348,7 +348,7 @@ fn d_max_response_body() -> usize {
     64 * 1024
 }
 fn d_max_lag() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(50)
 }
 fn d_max_lag_hold() -> Duration {
     Duration::from_secs(5)

@@ -14,8 +14,8 @@
 //! purging those past retention — is a
 //! [`Command`] sent over a bounded crossbeam channel. The writer blocks for one command, drains
 //! what else is queued, applies them in order against an in-memory overlay (so a retry and an
-//! outcome of one delivery in the same drain see each other), writes the whole drain with one
-//! sled batch per tree ([`Store::apply_delivery_writes`], crash-safe order), and only then
+//! outcome of one delivery in the same drain see each other), writes the whole drain tree by
+//! tree in crash-safe order ([`Store::apply_delivery_writes`]), and only then
 //! answers each caller over its oneshot channel and hands new schedule entries to the
 //! scheduler. Because one thread applies every read-modify-write of a delivery record, a manual
 //! retry and an attempt's outcome never overwrite each other, and nothing on the async runtime

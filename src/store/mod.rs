@@ -1189,8 +1189,8 @@ struct PurgeCandidate {
     attempts: Vec<IVec>,
 }
 
-/// Deliveries one purge batch looks at: one sled batch per tree, big enough to amortise the
-/// batch, small enough that applying it holds the delivery writer only briefly (and that the
+/// Deliveries one purge batch looks at: big enough to amortise a pass over the trees, small
+/// enough that applying it holds the delivery writer only briefly (and that the
 /// retention thread yields to shutdown often).
 pub const PURGE_BATCH: usize = 1024;
 /// Event-log chunks one purge batch looks at (up to 64 events each).
@@ -1282,7 +1282,7 @@ fn make_private(path: &Path) -> Result<()> {
 // ---- the delivery writer's batches (used only by `crate::delivery`) ----
 
 /// Everything one drain of the delivery writer changes, applied by
-/// [`Store::apply_delivery_writes`] one sled batch per tree, in the order that keeps the
+/// [`Store::apply_delivery_writes`] tree by tree, write by write, in the order that keeps the
 /// recovery invariant ("every owed attempt is in `schedule`") true at every crash point.
 #[derive(Debug, Default)]
 pub struct DeliveryWrites {

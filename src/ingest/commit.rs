@@ -194,12 +194,14 @@ fn finish(
         return;
     }
     metrics::counter!("kyberhook_events_ingested_total").increment(a.events as u64);
+    let Some(first) = a.fan_out.first() else {
+        return;
+    };
+    // Owed from here, the wait for room in the fan-out queue included (`crate::pushback`).
+    lag.fanout_queued(crate::ids::seq_time_ms(first.seq));
     // A full fan-out queue holds the committer here, which fills the ingest queue, which
     // answers 503: backpressure instead of unbounded memory.
-    if let Some(first) = a.fan_out.first() {
-        lag.fanout_queued(crate::ids::seq_time_ms(first.seq));
-    }
-    if !a.fan_out.is_empty() && fanout.send(a.fan_out).is_err() {
+    if fanout.send(a.fan_out).is_err() {
         // Nobody will write (or pop) it: it is owed at the next start, not this engine's lag.
         lag.fanout_written(1);
         tracing::error!("the fan-out thread is gone; fan-out will be re-run at start-up");

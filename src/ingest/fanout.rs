@@ -68,7 +68,8 @@ pub(super) struct Fanout {
     pub(super) registry: Arc<Registry>,
     /// The delivery writer, which writes the records with their schedule entries.
     pub(super) deliveries: Deliveries,
-    /// Where fan-out publishes how old the events it is writing are ([`crate::pushback`]).
+    /// The delivery lag's fan-out queue ([`crate::pushback`]): the committer adds each batch
+    /// it queues, this thread takes off each one it has written.
     pub(super) lag: Arc<crate::pushback::Lag>,
 }
 

@@ -222,7 +222,7 @@ impl Ingest {
         let (tx, rx) = channel::bounded(queue);
         let (fan_tx, fan_rx) = channel::bounded::<Vec<EventRecord>>(FANOUT_QUEUE);
         let fanned: Arc<Mutex<Vec<u64>>> = Arc::default();
-        let committer_lag = fanout.lag.clone();
+        let lag = fanout.lag.clone();
         let fanout_thread = {
             let fanned = fanned.clone();
             let runtime = runtime.clone();
@@ -235,7 +235,6 @@ impl Ingest {
                 .expect("spawning the fan-out thread")
         };
         let committer_registry = registry.clone();
-        let lag = committer_lag;
         let thread = std::thread::Builder::new()
             .name("kyberhook-committer".into())
             .spawn(move || {

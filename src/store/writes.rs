@@ -1,0 +1,121 @@
+//! The delivery writer's batches: every change one drain of the writer ([`crate::delivery`])
+//! makes to the delivery trees, and the crash-safe order it is written in. Built only by the
+//! writer (and by tests, benches and tools that fill a store directly); applied by
+//! [`Store::apply_delivery_writes`].
+
+use super::tracked::Batch;
+use super::{keys, Result, Store};
+use crate::codec;
+use crate::ids::{AccountId, DeliveryId};
+use crate::model::{AttemptRecord, DeliveryRecord};
+
+/// Everything one drain of the delivery writer changes, applied by
+/// [`Store::apply_delivery_writes`] tree by tree, write by write, in the order that keeps the
+/// recovery invariant ("every owed attempt is in `schedule`") true at every crash point.
+#[derive(Debug, Default)]
+pub struct DeliveryWrites {
+    /// Schedule entries that must exist (written first).
+    pub schedule_insert: Vec<(u64, DeliveryId)>,
+    /// Attempts to store.
+    pub attempts: Vec<(DeliveryId, AttemptRecord)>,
+    /// Delivery records to store (new or changed).
+    pub deliveries: Vec<DeliveryRecord>,
+    /// New deliveries whose log index entries (`by_webhook`, `by_account`) are written.
+    pub indexed: Vec<(AccountId, DeliveryId)>,
+    /// Schedule entries no record points to any more (removed last).
+    pub schedule_remove: Vec<(u64, DeliveryId)>,
+}
+
+impl DeliveryWrites {
+    /// New deliveries with their log index and schedule entries, as the delivery writer
+    /// writes a create (for tests, benches and tools that fill a store directly).
+    pub fn created(records: Vec<DeliveryRecord>) -> Self {
+        DeliveryWrites {
+            schedule_insert: records
+                .iter()
+                .filter_map(|r| Some((r.next_attempt_ms?, r.id)))
+                .collect(),
+            indexed: records
+                .iter()
+                .map(|r| (r.account_id.clone(), r.id))
+                .collect(),
+            deliveries: records,
+            ..Default::default()
+        }
+    }
+
+    /// One attempt and the delivery's new state, its schedule entry moved from `old_due`
+    /// to the record's `next_attempt_ms`, as the delivery writer writes an outcome.
+    pub fn settled(record: DeliveryRecord, old_due: Option<u64>, attempt: AttemptRecord) -> Self {
+        let moved = old_due != record.next_attempt_ms;
+        DeliveryWrites {
+            schedule_insert: record
+                .next_attempt_ms
+                .filter(|_| moved)
+                .map(|due| (due, record.id))
+                .into_iter()
+                .collect(),
+            schedule_remove: old_due
+                .filter(|_| moved)
+                .map(|due| (due, record.id))
+                .into_iter()
+                .collect(),
+            attempts: vec![(record.id, attempt)],
+            deliveries: vec![record],
+            ..Default::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.schedule_insert.is_empty()
+            && self.attempts.is_empty()
+            && self.deliveries.is_empty()
+            && self.indexed.is_empty()
+            && self.schedule_remove.is_empty()
+    }
+}
+
+impl Store {
+    /// Applies one drain of the delivery writer. New schedule entries go first and superseded
+    /// ones last, so that after a crash at any point every record's `next_attempt_ms` has its
+    /// entry (an entry without a matching record is dropped when it fires); records go before
+    /// their index entries, which a re-run fan-out writes again.
+    pub fn apply_delivery_writes(&self, w: &DeliveryWrites) -> Result<()> {
+        let mut sc = Batch::default();
+        for (due, id) in &w.schedule_insert {
+            sc.insert(&keys::schedule(*due, *id), &[]);
+        }
+        self.schedule.write_in_order(sc)?;
+        let mut at = Batch::default();
+        for (id, a) in &w.attempts {
+            at.insert(&keys::attempt(*id, a.number), codec::encode(a));
+            // Only the first and the latest attempts are kept (`crate::history`).
+            if let Some(dropped) = crate::history::dropped_by(a.number) {
+                let range = keys::attempt(*id, dropped.start)..keys::attempt(*id, dropped.end);
+                for k in self.attempts.range(range).keys() {
+                    at.remove(k?);
+                }
+            }
+        }
+        self.attempts.write_in_order(at)?;
+        let mut dl = Batch::default();
+        for r in &w.deliveries {
+            dl.insert(&keys::delivery(r.id), codec::encode(r));
+        }
+        self.deliveries.write_in_order(dl)?;
+        let mut bw = Batch::default();
+        let mut ba = Batch::default();
+        for (account, id) in &w.indexed {
+            bw.insert(&keys::by_webhook(id.webhook, *id), &[]);
+            ba.insert(keys::by_account(account, *id), &[]);
+        }
+        self.by_webhook.write_in_order(bw)?;
+        self.by_account.write_in_order(ba)?;
+        let mut sc = Batch::default();
+        for (due, id) in &w.schedule_remove {
+            sc.remove(&keys::schedule(*due, *id));
+        }
+        self.schedule.write_in_order(sc)?;
+        Ok(())
+    }
+}

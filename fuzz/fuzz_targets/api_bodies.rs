@@ -1,12 +1,14 @@
 //! Every request body the API parses, fed arbitrary bytes: parsing may refuse, never panic.
-//! When an event parses, the body built from it (`ingest::build_body`, whose minifier drops
-//! whitespace from the producer's `data`) must be JSON whose fields mean what was sent.
+//! When an event parses, the body built from it (`ingest::build_body`, which writes the
+//! producer's `data` in the form JavaScript's `JSON.stringify` gives it) must be JSON whose
+//! fields mean what was sent, as JavaScript reads it.
 #![no_main]
 
 use kyberhook::api::bodies::{
     Batch, CreateAccount, CreateWebhook, TestRequest, UpdateAccount, UpdateWebhook,
 };
-use kyberhook::ingest::{build_body, minify_into, EventInput, Rejection, MAX_DATA_DEPTH};
+use kyberhook::canonical::canonical;
+use kyberhook::ingest::{build_body, EventInput, Rejection, MAX_DATA_DEPTH};
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -76,17 +78,13 @@ fn check_event(input: &EventInput<'_>) {
     }
 
     // Compact: no insignificant whitespace survives (raw control characters cannot appear
-    // inside JSON strings, and spaces outside strings are dropped), and minifying again is a
-    // no-op.
+    // inside JSON strings, and spaces outside strings are dropped).
     assert!(
         !body.iter().any(|b| matches!(b, b'\n' | b'\r' | b'\t')),
         "build_body left whitespace: {:?}",
         String::from_utf8_lossy(&body)
     );
-    let text = std::str::from_utf8(&body).expect("build_body output is UTF-8");
-    let mut again = Vec::with_capacity(body.len());
-    minify_into(&mut again, text);
-    assert_eq!(again, body, "minifying is not idempotent");
+    std::str::from_utf8(&body).expect("build_body output is UTF-8");
 
     let built: Built = serde_json::from_slice(&body).unwrap_or_else(|e| {
         panic!(
@@ -98,15 +96,38 @@ fn check_event(input: &EventInput<'_>) {
     assert_eq!(built.event, input.event);
     assert_eq!(built.timestamp, timestamp);
     assert_eq!(built.account_id, input.account_id);
-    // `data` means the same after minifying. (A number beyond f64 range passes RawValue's
-    // syntax check but not Value's; then there is no Value to compare, on either side.)
-    match expected {
-        Some(expected) => {
-            let got: Value = serde_json::from_str(built.data.get())
-                .expect("minified data parses when the original does");
-            assert_eq!(got, expected, "the minifier changed the meaning of data");
+    // The canonical form is a fixed point: `JSON.stringify(JSON.parse(data)) === data`.
+    let data = built.data.get();
+    assert_eq!(
+        canonical(data, MAX_DATA_DEPTH).expect("canonical data is JSON"),
+        data,
+        "the canonical form of data is not canonical"
+    );
+    // `data` means what was sent, as JavaScript reads it: numbers as the f64 nearest to what
+    // the producer wrote. (A number beyond f64 range passes RawValue's syntax check but not
+    // Value's; then there is no Value to compare.)
+    if let Some(expected) = expected {
+        let got: Value =
+            serde_json::from_str(data).expect("canonical data parses when the original does");
+        assert!(
+            same(&got, &expected),
+            "the canonical form changed the meaning of data: {data} for {expected}"
+        );
+    }
+}
+
+/// Equal as JavaScript sees them: numbers compared as f64 (`1.0`, `1E0` and `1` are one
+/// number), everything else exactly, object members by name.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
         }
-        None => assert!(serde_json::from_str::<Value>(built.data.get()).is_err()),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
     }
 }
 

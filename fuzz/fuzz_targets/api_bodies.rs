@@ -120,6 +120,7 @@ fn check_event(input: &EventInput<'_>) {
 /// number), everything else exactly, object members by name.
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
+        // Read with `float_roundtrip` (fuzz/Cargo.toml): correctly rounded, as JavaScript does.
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))

@@ -4,60 +4,12 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::json;
-
-struct Proc {
-    child: Child,
-    api: Api,
-}
-
-impl Drop for Proc {
-    /// A failing test must not leave an engine running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `kyberhook serve` and waits for the line that names its API address.
-fn spawn(config: &Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(api) = v["fields"]["api"].as_str() {
-                    let _ = tx.send(api.parse::<SocketAddr>().unwrap());
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the engine reported its address");
-    Proc {
-        child,
-        api: Api::new(addr),
-    }
-}
 
 fn write_config(dir: &Path, pki: &Pki, delivery: &str) -> std::path::PathBuf {
     let toml = config_toml(

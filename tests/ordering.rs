@@ -5,10 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -553,50 +549,6 @@ async fn ordering_is_set_on_create_and_patch_shown_everywhere_and_checked() {
 }
 
 // ---- across a SIGKILL of the real binary ----
-
-struct Proc {
-    child: Child,
-    api: Api,
-}
-
-impl Drop for Proc {
-    /// A failing test must not leave an engine running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `kyberhook serve` and waits for the line that names its API address.
-fn spawn(config: &Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if let Some(api) = v["fields"]["api"].as_str() {
-                    let _ = tx.send(api.parse::<SocketAddr>().unwrap());
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the engine reported its address");
-    Proc {
-        child,
-        api: Api::new(addr),
-    }
-}
 
 #[tokio::test]
 async fn a_fifo_backlog_held_by_a_failing_endpoint_survives_sigkill_and_arrives_in_order() {

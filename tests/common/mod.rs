@@ -605,3 +605,51 @@ pub fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String 
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
+
+/// The real `kyberhook` binary, serving; killed (SIGKILL) when dropped, so that a failing test
+/// never leaves an engine running.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub api: Api,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `kyberhook serve --config CONFIG` (its log must be JSON, `[log] format = "json"`)
+/// and waits for the line that names its API address.
+pub fn spawn(config: &Path) -> Proc {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if let Some(api) = v["fields"]["api"].as_str() {
+                    let _ = tx.send(api.parse::<SocketAddr>().unwrap());
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the engine reported its address");
+    Proc {
+        child,
+        api: Api::new(addr),
+    }
+}

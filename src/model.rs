@@ -170,7 +170,10 @@ impl Webhook {
         crate::codec::decode::<Webhook>(bytes).or_else(|err| {
             crate::codec::decode::<WebhookV2>(bytes)
                 .map(Webhook::from)
-                .or_else(|_| crate::codec::decode::<WebhookV1>(bytes).map(Webhook::from))
+                .or_else(|_| {
+                    crate::codec::decode::<WebhookV1>(bytes)
+                        .map(|v1| Webhook::from(WebhookV2::from(v1)))
+                })
                 .map_err(|_| err)
         })
     }
@@ -294,9 +297,10 @@ struct WebhookV1 {
     updated_ms: u64,
 }
 
-impl From<WebhookV1> for Webhook {
-    fn from(v: WebhookV1) -> Webhook {
-        Webhook {
+/// Each old layout becomes the next one, with the defaults of the fields appended since.
+impl From<WebhookV1> for WebhookV2 {
+    fn from(v: WebhookV1) -> WebhookV2 {
+        WebhookV2 {
             id: v.id,
             account_id: v.account_id,
             name: v.name,
@@ -313,7 +317,6 @@ impl From<WebhookV1> for Webhook {
             signature_scheme: SignatureScheme::KyberAccess,
             previous_secret: None,
             rotation_ends_ms: None,
-            ordering: DeliveryOrder::Unordered,
         }
     }
 }

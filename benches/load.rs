@@ -874,7 +874,8 @@ async fn create_webhooks(ctx: &Ctx, account: &str, phase: usize, count: usize) {
             Some(json!({
                 "name": format!("bench {phase}/{i}"),
                 "url": format!("{base}/p{phase}/h{i}"),
-                "events": ["visitor.checked_in"],
+                // The priority type is for the lag phases' ceiling probe (`ceiling_probe`).
+                "events": ["visitor.checked_in", PROBE_EVENT],
             })),
             StatusCode::CREATED,
         )
@@ -1558,6 +1559,26 @@ struct LagResult {
     cpu_after: String,
     rss_end_mib: f64,
     rss_drained_mib: f64,
+    /// How `after_per_s` was measured when the push-back left no backlog at the stop.
+    probe: Option<Probe>,
+}
+
+/// The ceiling probe of a lag phase (see [`ceiling_probe`]).
+#[derive(Debug, Clone, Default)]
+struct Probe {
+    events: u64,
+    backlog: u64,
+    drain_s: f64,
+    drained: bool,
+    series: Vec<u64>,
+    /// Leading seconds of `series` that ended with deliveries still owed.
+    full: usize,
+    /// Leading seconds of `series` before the engine had written every delivery of the
+    /// burst (fan-out and creation, not yet a drain).
+    creating: usize,
+    /// Deliveries per second from the stop over the full seconds, creation included.
+    from_stop_per_s: Option<f64>,
+    cpu: String,
 }
 
 impl LagResult {
@@ -1772,6 +1793,16 @@ async fn lag_phase(ctx: &Ctx, phase: usize, fanout: usize, conns: usize) -> LagR
 
     let acks = std::mem::take(&mut *acks.lock().unwrap());
     let arrivals = std::mem::take(&mut *stats.arrivals.lock().unwrap());
+    // With the push-back on, ingest stops with (almost) nothing owed, so the rate the engine
+    // reaches once ingest stops is not seen above: it is measured in the same run by a probe.
+    if r.after_per_s.is_none() && r.drained {
+        let want = ((r.delivered_per_s * 6.0) as u64).max(60_000);
+        let probe = ceiling_probe(ctx, phase, &account, fanout, want).await;
+        if let Some(full) = probe.full_secs() {
+            r.after_per_s = Some(full);
+        }
+        r.probe = Some(probe);
+    }
     let acked_at: HashMap<&str, Instant> = acks.iter().map(|(id, at)| (&**id, *at)).collect();
     let mut lags = Vec::with_capacity(acks.len() * fanout);
     for (id, at) in &arrivals {
@@ -1785,6 +1816,132 @@ async fn lag_phase(ctx: &Ctx, phase: usize, fanout: usize, conns: usize) -> LagR
     r.duplicates = stats.dups[phase].load(Ordering::Relaxed);
     stats.seen.lock().unwrap().clear();
     r
+}
+
+/// The event type of the ceiling probe: a priority type (`delivery.priority_events` defaults
+/// to `emergency.*`), which the push-back never holds.
+const PROBE_EVENT: &str = "emergency.lockdown_activated";
+
+impl Probe {
+    /// Mean deliveries per second over the drain's full seconds that ended with deliveries
+    /// still owed (as `after_per_s` of a drain), from the second after the engine had
+    /// written every delivery of the burst: the rate of a backlog's drain, as when ingest
+    /// stops after a phase without push-back (whose deliveries were created during it).
+    fn full_secs(&self) -> Option<f64> {
+        let full: Vec<u64> = self
+            .series
+            .iter()
+            .copied()
+            .take(self.full)
+            .skip(self.creating)
+            .collect();
+        (!full.is_empty()).then(|| full.iter().sum::<u64>() as f64 / full.len() as f64)
+    }
+}
+
+/// Measures what the engine delivers once ingest stops, in the same run as a lag phase whose
+/// push-back left nothing to drain: batches of priority events (never held) for the phase's
+/// webhooks are sent as fast as they are accepted until `want` deliveries are owed, then
+/// sending stops and the backlog's drain is counted per second, as after a phase without
+/// push-back.
+async fn ceiling_probe(ctx: &Ctx, phase: usize, account: &str, fanout: usize, want: u64) -> Probe {
+    let stats = ctx.recv.stats.clone();
+    let base = stats.per_phase[phase].load(Ordering::Relaxed);
+    // Every delivery fan-out creates is first written once (`kyberhook_held_deliveries_
+    // written_total`, settled or pending): the burst is all created once it has grown by
+    // the number owed.
+    let written = |m: &Scrape| m.sum("kyberhook_held_deliveries_written_total", None) as u64;
+    let written0 = written(&Scrape::get(ctx.metrics).await);
+    let acked = Arc::new(AtomicU64::new(0));
+    let per_batch = BATCH_SIZE as u64;
+    let events_wanted = want.div_ceil(fanout as u64);
+    let body = {
+        let mut one = event_json(account);
+        one["event"] = json!(PROBE_EVENT);
+        Bytes::from(json!({"events": vec![one; BATCH_SIZE]}).to_string())
+    };
+    let api = ctx.api;
+    let mut senders = Vec::new();
+    for _ in 0..8 {
+        let (acked, body) = (acked.clone(), body.clone());
+        senders.push(tokio::spawn(async move {
+            let Ok(mut sender) = connect(api).await else {
+                return;
+            };
+            let hard = Instant::now() + Duration::from_secs(60);
+            while acked.load(Ordering::Relaxed) < events_wanted && Instant::now() < hard {
+                let req = request(api, Method::POST, "/v1/events/batch", Some(body.clone()));
+                let fut = async {
+                    sender.ready().await.map_err(|e| e.to_string())?;
+                    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                    let status = resp.status();
+                    resp.into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(status)
+                };
+                match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+                    Ok(Ok(StatusCode::ACCEPTED)) => {
+                        acked.fetch_add(per_batch, Ordering::Relaxed);
+                    }
+                    Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    _ => return,
+                }
+            }
+        }));
+    }
+    join_all(senders, Duration::from_secs(65)).await;
+    let events = acked.load(Ordering::Relaxed);
+    let owed = events * fanout as u64;
+    let outstanding = || owed.saturating_sub(stats.per_phase[phase].load(Ordering::Relaxed) - base);
+    let mut p = Probe {
+        events,
+        backlog: outstanding(),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(ctx.opts.drain_secs);
+    let mut last = stats.per_phase[phase].load(Ordering::Relaxed);
+    let mut tick = t0;
+    let mut cpu_created = None;
+    let mut cpu_full = None;
+    let mut created = false;
+    while outstanding() > 0 && Instant::now() < deadline {
+        tick += Duration::from_secs(1);
+        while Instant::now() < tick && outstanding() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let now = stats.per_phase[phase].load(Ordering::Relaxed);
+        p.series.push(now - last);
+        if !created {
+            created = written(&Scrape::get(ctx.metrics).await).saturating_sub(written0) >= owed;
+            if created {
+                cpu_created = Some((Instant::now(), Cpu::now()));
+            }
+            p.creating += 1;
+        }
+        if outstanding() > 0 {
+            p.full += 1;
+            cpu_full = Some((Instant::now(), Cpu::now()));
+        }
+        last = now;
+    }
+    p.drain_s = t0.elapsed().as_secs_f64();
+    p.drained = outstanding() == 0;
+    let full: Vec<u64> = p.series.iter().copied().take(p.full).collect();
+    if !full.is_empty() {
+        p.from_stop_per_s = Some(full.iter().sum::<u64>() as f64 / full.len() as f64);
+    }
+    if let (Some((from, c0)), Some((at, c))) = (cpu_created, cpu_full) {
+        let wall = at.saturating_duration_since(from).as_secs_f64();
+        if wall > 0.5 {
+            p.cpu = c.since(&c0).top(wall, 7);
+        }
+    }
+
+    stats.seen.lock().unwrap().clear();
+    p
 }
 
 fn series(v: &[u64]) -> String {
@@ -2333,13 +2490,26 @@ level = "{log}"
         t.row(
             "delivered/s once ingest stops",
             l.after_per_s.map_or("—".to_string(), n0),
-            format!(
-                "backlog at stop {}, drained {} in {:.1} s; per second (k): {}",
-                n0(l.backlog_end as f64),
-                if l.drained { "all" } else { "NOT all" },
-                l.drain_s,
-                series(&l.series_after)
-            ),
+            match &l.probe {
+                None => format!(
+                    "backlog at stop {}, drained {} in {:.1} s; per second (k): {}",
+                    n0(l.backlog_end as f64),
+                    if l.drained { "all" } else { "NOT all" },
+                    l.drain_s,
+                    series(&l.series_after)
+                ),
+                Some(p) => format!(
+                    "ceiling probe (backlog at stop was {}): a burst of {} priority events left {} deliveries owed, all written by second {}, drained {} in {:.1} s; mean over the full seconds after that (from the stop: {}); per second (k): {}",
+                    n0(l.backlog_end as f64),
+                    n0(p.events as f64),
+                    n0(p.backlog as f64),
+                    p.creating,
+                    if p.drained { "all" } else { "NOT all" },
+                    p.drain_s,
+                    p.from_stop_per_s.map_or("—".to_string(), n0),
+                    series(&p.series)
+                ),
+            },
         );
         t.row(
             "during / after",
@@ -2359,6 +2529,9 @@ level = "{log}"
         t.row("threads' CPU during load (cores)", "", l.cpu_during.clone());
         if !l.cpu_after.is_empty() {
             t.row("threads' CPU once ingest stops", "", l.cpu_after.clone());
+        }
+        if let Some(p) = l.probe.as_ref().filter(|p| !p.cpu.is_empty()) {
+            t.row("threads' CPU draining the probe", "", p.cpu.clone());
         }
         t.row(
             "VmRSS",
@@ -2559,6 +2732,16 @@ level = "{log}"
                 "series_during": l.series_during,
                 "engine_lag_max_s": l.engine_lag_max,
                 "series_after": l.series_after,
+                "ceiling_probe": l.probe.as_ref().map(|p| json!({
+                    "events": p.events,
+                    "backlog": p.backlog,
+                    "drain_s": p.drain_s,
+                    "drained": p.drained,
+                    "series": p.series,
+                    "creating_s": p.creating,
+                    "from_stop_per_s": p.from_stop_per_s,
+                    "cpu": p.cpu,
+                })),
                 "lag_ms": pcts_json(&l.lag),
                 "lag_missing": l.lag_missing,
                 "duplicates": l.duplicates,

@@ -133,6 +133,10 @@ fn describe() {
         "The engine's own delivery lag by stage (fanout, scheduler, dispatcher): age of the oldest work it owes there; when the largest is over delivery.max_lag, ingest is held."
     );
     describe_counter!(
+        "kyberhook_held_deliveries_written_total",
+        "Deliveries fan-out created, by the state they were first written in: settled (the first attempt settled while held, one write) or pending (the held window ended first)."
+    );
+    describe_counter!(
         "kyberhook_ingest_held_total",
         "Ingest requests held because deliveries lagged more than delivery.max_lag."
     );

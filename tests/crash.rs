@@ -200,3 +200,57 @@ async fn wait_all_delivered_after(rx: &Receiver, ids: &[String], skip: usize, wa
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Deliveries that fan-out creates are held unwritten while their first attempt runs (up to
+/// `delivery::HELD_WINDOW`, a second): a delivery that settles in time is written once,
+/// settled. A SIGKILL in that second finds them only in their events' inbox marks; the restart
+/// re-runs fan-out and every acknowledged event still arrives. Meanwhile the delivery log lists
+/// them, from the writer's overlay.
+#[tokio::test]
+async fn sigkill_while_new_deliveries_are_held_unwritten_loses_nothing() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    // No attempt settles before the kill (the engine's timeout is 2 s).
+    rx.set_default(Reply::Slow(Duration::from_secs(10), 200));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pki, "");
+    let mut p = spawn(&config);
+    setup(&p, "acc_held", &rx.url).await;
+    let acked = burst(&p.api, "acc_held", 20, 4).await;
+    assert_eq!(acked.len(), 20);
+    let page = p.api.text(&format!("http://{}/metrics", p.metrics)).await;
+    let first_written: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("kyberhook_held_deliveries_written_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let (s, listed) = p
+        .api
+        .admin(
+            Method::GET,
+            "/v1/accounts/acc_held/deliveries?limit=100",
+            None,
+        )
+        .await;
+    p.child.kill().unwrap(); // SIGKILL
+    p.child.wait().unwrap();
+    assert_eq!(
+        first_written, 0.0,
+        "deliveries were written before the kill: the test proves nothing\n{page}"
+    );
+    assert_eq!(s, StatusCode::OK, "{listed}");
+    let statuses: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, vec!["pending"; 20], "held deliveries are listed");
+    rx.log.lock().unwrap().clear();
+
+    rx.set_default(Reply::Status(200));
+    let mut p = spawn(&config);
+    wait_all_delivered(&rx, &acked, Duration::from_secs(30)).await;
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}

@@ -199,10 +199,12 @@ impl Ingest {
         runtime: tokio::runtime::Handle,
         lag: Arc<crate::pushback::Lag>,
     ) -> Result<(Ingest, Committer), DeliveryError> {
+        let fanned: Arc<Mutex<Vec<u64>>> = Arc::default();
         let fanout = Fanout {
             registry: registry.clone(),
             deliveries,
             lag,
+            fanned: fanned.clone(),
         };
         let owed = store.inbox()?;
         if !owed.is_empty() {
@@ -221,16 +223,14 @@ impl Ingest {
         }
         let (tx, rx) = channel::bounded(queue);
         let (fan_tx, fan_rx) = channel::bounded::<Vec<EventRecord>>(FANOUT_QUEUE);
-        let fanned: Arc<Mutex<Vec<u64>>> = Arc::default();
         let lag = fanout.lag.clone();
         let fanout_thread = {
-            let fanned = fanned.clone();
             let runtime = runtime.clone();
             std::thread::Builder::new()
                 .name("kyberhook-fanout".into())
                 .spawn(move || {
                     let _guard = runtime.enter();
-                    fanout_loop(fan_rx, fanout, fanned)
+                    fanout_loop(fan_rx, fanout)
                 })
                 .expect("spawning the fan-out thread")
         };

@@ -18,6 +18,7 @@ pub mod format;
 pub mod keys;
 mod purge;
 pub mod tracked;
+mod unwritten;
 mod writes;
 
 pub use purge::{PurgePlan, Purged, PurgedBatch, PURGE_BATCH, PURGE_CHUNKS};
@@ -232,6 +233,9 @@ pub struct Store {
     by_webhook: Tree,
     by_account: Tree,
     schedule: Tree,
+    /// Deliveries created but not written yet (see `unwritten`): [`Store::get_delivery`]
+    /// reads them first.
+    unwritten: unwritten::Unwritten,
 }
 
 /// How long [`open_sled`] waits for a file lock that a closing instance still holds.
@@ -336,6 +340,7 @@ impl Store {
             by_webhook: tree("by_webhook")?,
             by_account: tree("by_account")?,
             schedule: tree("schedule")?,
+            unwritten: Default::default(),
             db_file,
             blobs_dir: path.join("blobs"),
             synced_blobs: Default::default(),
@@ -631,7 +636,12 @@ impl Store {
         webhook: WebhookId,
         keep: impl Fn(&DeliveryRecord) -> bool,
     ) -> Result<Vec<DeliveryRecord>> {
-        let mut out = Vec::new();
+        // Held deliveries (not written yet) have no index entry: they are taken from the
+        // delivery writer's overlay, and any written meanwhile are counted once.
+        let mut out = self
+            .unwritten
+            .matching(|r| r.id.webhook == webhook && keep(r));
+        let held: std::collections::HashSet<DeliveryId> = out.iter().map(|r| r.id).collect();
         for kv in self
             .by_webhook
             .scan_prefix(keys::by_webhook_prefix(webhook))
@@ -640,12 +650,16 @@ impl Store {
             let Some(id) = keys::trailing_delivery(&k) else {
                 continue;
             };
+            if held.contains(&id) {
+                continue;
+            }
             if let Some(record) = self.get_delivery(id)? {
                 if keep(&record) {
                     out.push(record);
                 }
             }
         }
+        out.sort_by_key(|r| r.id.to_bytes());
         Ok(out)
     }
 
@@ -843,8 +857,29 @@ impl Store {
 
     // ---- deliveries ----
 
+    /// A delivery's record: held by the delivery writer and not written yet, or stored.
     pub fn get_delivery(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>> {
+        if let Some(held) = self.unwritten.get(id) {
+            return Ok(Some(held));
+        }
         decode_opt(self.deliveries.get(keys::delivery(id))?)
+    }
+
+    /// Whether `id` is held by the delivery writer, not written yet (see `unwritten`).
+    pub(crate) fn is_unwritten(&self, id: DeliveryId) -> bool {
+        self.unwritten.contains(id)
+    }
+
+    /// Holds a delivery's record (new, or a new state of a held one) without writing it.
+    /// For the delivery writer only.
+    pub(crate) fn hold_unwritten(&self, record: DeliveryRecord) {
+        self.unwritten.put(record);
+    }
+
+    /// Stops holding `id`: its record was written, or it is dropped. For the delivery
+    /// writer only.
+    pub(crate) fn release_unwritten(&self, id: DeliveryId) -> Option<DeliveryRecord> {
+        self.unwritten.take(id)
     }
 
     pub fn attempts(&self, id: DeliveryId) -> Result<Vec<AttemptRecord>> {
@@ -934,12 +969,53 @@ impl Store {
         if lo >= hi {
             return Ok(DeliveryPage { items, next_cursor });
         }
-        for k in tree.range(lo..hi).keys().rev() {
-            let Some(id) = keys::trailing_delivery(&k?) else {
-                continue;
+        // Deliveries the writer holds unwritten have no index entry yet: the page merges them
+        // in from its overlay, newest first like the index, each id once.
+        let in_range = |id: DeliveryId| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(&id.to_bytes());
+            lo <= k && k < hi
+        };
+        let mut held = self
+            .unwritten
+            .matching(|r| {
+                r.account_id == *account
+                    && q.webhook.map_or(true, |wh| r.id.webhook == wh)
+                    && in_range(r.id)
+            })
+            .into_iter()
+            .rev()
+            .peekable();
+        let indexed = tree
+            .range(lo.clone()..hi.clone())
+            .keys()
+            .rev()
+            .filter_map(|k| {
+                k.map(|k| keys::trailing_delivery(&k))
+                    .map_err(StoreError::from)
+                    .transpose()
+            });
+        let mut indexed = indexed.peekable();
+        loop {
+            let from_index = match (held.peek(), indexed.peek()) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(h), Some(Ok(i))) => i.to_bytes() >= h.id.to_bytes(),
+                (Some(_), Some(Err(_))) => true,
             };
-            let Some(record) = self.get_delivery(id)? else {
-                continue;
+            let record = if from_index {
+                let id = indexed.next().expect("peeked")?;
+                if held.peek().is_some_and(|h| h.id == id) {
+                    // Written while this page was read: the held copy is the same delivery.
+                    held.next();
+                }
+                let Some(record) = self.get_delivery(id)? else {
+                    continue;
+                };
+                record
+            } else {
+                held.next().expect("peeked")
             };
             if record.account_id != *account
                 || q.status.is_some_and(|s| s != record.status)

@@ -611,6 +611,8 @@ pub fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String 
 pub struct Proc {
     pub child: std::process::Child,
     pub api: Api,
+    /// Where it serves `/metrics`.
+    pub metrics: SocketAddr,
 }
 
 impl Drop for Proc {
@@ -639,17 +641,23 @@ pub fn spawn(config: &Path) -> Proc {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if let Some(api) = v["fields"]["api"].as_str() {
-                    let _ = tx.send(api.parse::<SocketAddr>().unwrap());
+                if let (Some(api), Some(metrics)) =
+                    (v["fields"]["api"].as_str(), v["fields"]["metrics"].as_str())
+                {
+                    let _ = tx.send((
+                        api.parse::<SocketAddr>().unwrap(),
+                        metrics.parse::<SocketAddr>().unwrap(),
+                    ));
                 }
             }
         }
     });
-    let addr = rx
+    let (addr, metrics) = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the engine reported its address");
     Proc {
         child,
         api: Api::new(addr),
+        metrics,
     }
 }

@@ -816,32 +816,40 @@ impl WriterContext {
     /// are not written again; a batch is answered once its last held delivery is written.
     fn write_held(&self, held: &mut Held, now: Option<Instant>) {
         held.trim();
-        let mut d = Drain::default();
-        let mut written = 0;
+        let mut due_ids = Vec::new();
         let mut due_batches = 0;
         for batch in &held.batches {
             let due = match now {
                 None => true,
                 Some(now) => {
-                    written < MAX_DRAIN
-                        && (batch.until <= now || held.of.len() - written > HELD_MAX)
+                    due_ids.len() < MAX_DRAIN
+                        && (batch.until <= now || held.of.len() - due_ids.len() > HELD_MAX)
                 }
             };
             if !due {
                 break;
             }
             due_batches += 1;
-            for id in &batch.ids {
-                if !held.of.contains_key(id) {
-                    continue;
-                }
-                if let Some(record) = self.store.get_delivery(*id).ok().flatten() {
+            due_ids.extend(batch.ids.iter().filter(|id| held.of.contains_key(id)));
+        }
+        let mut d = Drain::default();
+        for id in due_ids {
+            let record = self
+                .store
+                .is_unwritten(id)
+                .then(|| self.store.get_delivery(id).ok().flatten())
+                .flatten();
+            match record {
+                Some(record) => {
                     if let (true, Some(due)) = (record.status.is_open(), record.next_attempt_ms) {
-                        d.schedule.insert((due, *id), true);
+                        d.schedule.insert((due, id), true);
                     }
-                    d.records.insert(*id, record);
-                    written += 1;
+                    d.records.insert(id, record);
                 }
+                // Not held any more (never expected: a held delivery leaves the overlay only
+                // by being written, which also takes it off its batch): nothing to write, and
+                // its batch must not wait for it, or the loop would come back for it forever.
+                None => d.answers.extend(held.written(id)),
             }
         }
         // Their batches are answered by `commit` as their last held delivery is written.

@@ -218,34 +218,45 @@ async fn sigkill_while_new_deliveries_are_held_unwritten_loses_nothing() {
     setup(&p, "acc_held", &rx.url).await;
     let acked = burst(&p.api, "acc_held", 20, 4).await;
     assert_eq!(acked.len(), 20);
+    // Fan-out runs after the 202s: wait (briefly) until every delivery is created. The log
+    // lists them, from the writer's overlay, as pending.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let statuses = loop {
+        let (s, listed) = p
+            .api
+            .admin(
+                Method::GET,
+                "/v1/accounts/acc_held/deliveries?limit=100",
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{listed}");
+        let statuses: Vec<String> = listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["status"].as_str().unwrap().to_string())
+            .collect();
+        if statuses.len() == 20 || Instant::now() > deadline {
+            break statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let page = p.api.text(&format!("http://{}/metrics", p.metrics)).await;
+    p.child.kill().unwrap(); // SIGKILL
+    p.child.wait().unwrap();
+    assert_eq!(statuses, vec!["pending"; 20], "held deliveries are listed");
     let first_written: f64 = page
         .lines()
         .filter(|l| l.starts_with("kyberhook_held_deliveries_written_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    let (s, listed) = p
-        .api
-        .admin(
-            Method::GET,
-            "/v1/accounts/acc_held/deliveries?limit=100",
-            None,
-        )
-        .await;
-    p.child.kill().unwrap(); // SIGKILL
-    p.child.wait().unwrap();
-    assert_eq!(
-        first_written, 0.0,
-        "deliveries were written before the kill: the test proves nothing\n{page}"
+    // Normally none is written yet (the window is a second); a slow machine may have passed
+    // it for the first few, but some must still have been held for the test to mean anything.
+    assert!(
+        first_written < 20.0,
+        "every delivery was written before the kill: the test proves nothing\n{page}"
     );
-    assert_eq!(s, StatusCode::OK, "{listed}");
-    let statuses: Vec<&str> = listed["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(statuses, vec!["pending"; 20], "held deliveries are listed");
     rx.log.lock().unwrap().clear();
 
     rx.set_default(Reply::Status(200));

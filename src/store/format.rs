@@ -11,6 +11,7 @@
 //! |---------|---------------------------------------------------------------------------|
 //! | 1       | no `format_version`; may hold an `api_keys` tree and one-record log values |
 //! | 2       | `format_version` recorded; every `events` value is a chunk; no `api_keys`  |
+//! | 3       | `by_account` names events (acc · seq), not deliveries (acc · delivery id)  |
 
 use sled::IVec;
 
@@ -19,7 +20,7 @@ use crate::codec;
 use crate::model::EventRecord;
 
 /// The format this build writes.
-pub const CURRENT: u32 = 2;
+pub const CURRENT: u32 = 3;
 /// The key of the version in the `meta` tree.
 pub const VERSION_KEY: &[u8] = b"format_version";
 /// The tree version 1 kept API key hashes in (they live in the account record since).
@@ -64,6 +65,7 @@ pub(super) fn prepare(
     db: &sled::Db,
     meta: &Tree,
     events: &Tree,
+    by_account: &Tree,
     path: &std::path::Path,
 ) -> Result<(), super::StoreError> {
     let mut version = read_version(meta)?;
@@ -75,8 +77,10 @@ pub(super) fn prepare(
         .into());
     }
     while version < CURRENT {
-        if version == 1 {
-            migrate_1_to_2(db, events)?;
+        match version {
+            1 => migrate_1_to_2(db, events)?,
+            2 => migrate_2_to_3(by_account)?,
+            _ => {}
         }
         version += 1;
         meta.insert(VERSION_KEY, &version.to_be_bytes())?;
@@ -108,6 +112,36 @@ fn migrate_1_to_2(db: &sled::Db, events: &Tree) -> Result<(), super::StoreError>
         }
     }
     events.write_in_order(batch)?;
+    Ok(())
+}
+
+/// Rewrites `by_account`'s per-delivery entries (acc · delivery id) as one per event (acc ·
+/// seq): a delivery id starts with its event's seq. New entries go in before the old ones
+/// go; entries already per event are left, so a re-run after a crash finishes the job.
+fn migrate_2_to_3(by_account: &Tree) -> Result<(), super::StoreError> {
+    let mut batch = Batch::default();
+    let mut pending = 0;
+    let mut last_event: Option<Vec<u8>> = None;
+    for kv in by_account.iter() {
+        let (key, _) = kv?;
+        let Some(&len) = key.first() else { continue };
+        let account_end = 1 + len as usize;
+        if key.len() != account_end + 16 {
+            continue;
+        }
+        let event = key[..account_end + 8].to_vec();
+        if last_event.as_ref() != Some(&event) {
+            batch.insert(event.clone(), &[]);
+            last_event = Some(event);
+        }
+        batch.remove(key);
+        pending += 1;
+        if pending >= 1024 {
+            by_account.write_in_order(std::mem::take(&mut batch))?;
+            pending = 0;
+        }
+    }
+    by_account.write_in_order(batch)?;
     Ok(())
 }
 
@@ -169,5 +203,77 @@ mod tests {
             Err(e) => panic!("wrong error: {e}"),
             Ok(_) => panic!("a newer format was opened"),
         }
+    }
+
+    #[test]
+    fn a_version_2_account_index_is_rewritten_per_event_and_lists_every_delivery() {
+        use crate::ids::{DeliveryId, WebhookId};
+        use crate::model::DeliveryRecord;
+        use crate::store::{keys, DeliveryQuery, DeliveryWrites};
+        let dir = tempfile::tempdir().unwrap();
+        let account = AccountId::parse("acc_old").unwrap();
+        let mut ids = Vec::new();
+        {
+            let store = Store::open(dir.path(), false).unwrap();
+            let mut records = Vec::new();
+            for seq in [5, 9, 12] {
+                for wh in [1, 2] {
+                    let id = DeliveryId {
+                        seq,
+                        webhook: WebhookId(wh),
+                    };
+                    records.push(DeliveryRecord::new(id, &old_event(seq), 0, false));
+                    ids.push(id);
+                }
+            }
+            store
+                .apply_delivery_writes(&DeliveryWrites::created(records))
+                .unwrap();
+            // The account index as format 2 wrote it: one entry per delivery.
+            for kv in store.by_account.iter() {
+                store.by_account.remove(kv.unwrap().0).unwrap();
+            }
+            for id in &ids {
+                let mut key = keys::account_prefix(&account);
+                key.extend_from_slice(&id.to_bytes());
+                store.by_account.insert(key, &[]).unwrap();
+            }
+            store.meta.insert(VERSION_KEY, &2u32.to_be_bytes()).unwrap();
+            store.make_durable().unwrap();
+        }
+        let store = Store::open(dir.path(), false).unwrap();
+        assert_eq!(read_version(&store.meta).unwrap(), CURRENT);
+        let entries: Vec<Vec<u8>> = store
+            .by_account
+            .iter()
+            .map(|kv| kv.unwrap().0.to_vec())
+            .collect();
+        let per_event: Vec<Vec<u8>> = [5, 9, 12]
+            .iter()
+            .map(|seq| keys::by_account(&account, *seq))
+            .collect();
+        assert_eq!(entries, per_event);
+        // Listed newest first across pages, each delivery once.
+        let mut q = DeliveryQuery {
+            webhook: None,
+            status: None,
+            event: None,
+            since_ms: None,
+            until_ms: None,
+            cursor: None,
+            limit: 4,
+        };
+        let first = store.list_deliveries(&account, &q).unwrap();
+        q.cursor = first.next_cursor;
+        let second = store.list_deliveries(&account, &q).unwrap();
+        assert_eq!(second.next_cursor, None);
+        let listed: Vec<DeliveryId> = first
+            .items
+            .iter()
+            .chain(&second.items)
+            .map(|r| r.id)
+            .collect();
+        ids.reverse();
+        assert_eq!(listed, ids);
     }
 }

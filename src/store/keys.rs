@@ -16,11 +16,18 @@
 //! | `deliveries`  | seq u64 · webhook u64 (= delivery id)    | `DeliveryRecord`       |
 //! | `attempts`    | delivery id (16) · attempt number u32    | `AttemptRecord`        |
 //! | `by_webhook`  | webhook u64 · delivery id (16)           | empty                  |
-//! | `by_account`  | acc(len u8, bytes) · delivery id (16)    | empty                  |
+//! | `by_account`  | acc(len u8, bytes) · seq u64             | empty                  |
 //! | `schedule`    | due unix ms u64 · delivery id (16)       | empty                  |
 //!
 //! `seq` is time-ordered (`ids::Sequencer`), so `deliveries`, `by_webhook` and `by_account`
 //! sort by creation time, and retention is a scan from the front of `deliveries`.
+//!
+//! `by_account` names an account's *events* that have deliveries, not each delivery (since
+//! format 3; before, one entry per delivery): a delivery id starts with its event's seq and
+//! every delivery of an event is its account's, so an account's deliveries are the
+//! `deliveries` ranges of those seqs — one index write per event instead of one per delivery
+//! on the delivery writer. An entry can outlive its event's deliveries (a webhook deleted):
+//! readers skip an empty range; it goes with the event (retention, account deletion).
 
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 
@@ -74,10 +81,29 @@ pub fn by_webhook(webhook: WebhookId, id: DeliveryId) -> [u8; 24] {
     key
 }
 
-pub fn by_account(account: &AccountId, id: DeliveryId) -> Vec<u8> {
+pub fn by_account(account: &AccountId, seq: u64) -> Vec<u8> {
     let mut key = account_prefix(account);
-    key.extend_from_slice(&id.to_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The seq at the end of a `by_account` key.
+pub fn by_account_seq(key: &[u8]) -> Option<u64> {
+    let start = key.len().checked_sub(8)?;
+    Some(u64::from_be_bytes(key[start..].try_into().ok()?))
+}
+
+/// The `deliveries` keys of every delivery of event `seq`: `[lo, hi]`.
+pub fn deliveries_of_event(seq: u64) -> ([u8; 16], [u8; 16]) {
+    let lo = DeliveryId {
+        seq,
+        webhook: WebhookId(0),
+    };
+    let hi = DeliveryId {
+        seq,
+        webhook: WebhookId(u64::MAX),
+    };
+    (lo.to_bytes(), hi.to_bytes())
 }
 
 pub fn schedule(due_ms: u64, id: DeliveryId) -> [u8; 24] {
@@ -92,7 +118,7 @@ pub fn schedule_parts(key: &[u8]) -> Option<(u64, DeliveryId)> {
     Some((seq_from(key)?, DeliveryId::from_bytes(key.get(8..24)?)?))
 }
 
-/// The delivery id at the end of an index key (`by_webhook`, `by_account`).
+/// The delivery id at the end of a `by_webhook` key (or a format-2 `by_account` key).
 pub fn trailing_delivery(key: &[u8]) -> Option<DeliveryId> {
     let start = key.len().checked_sub(16)?;
     DeliveryId::from_bytes(&key[start..])
@@ -127,6 +153,10 @@ mod tests {
             Some(id(8))
         );
         let acc = AccountId::parse("acc_x").unwrap();
-        assert_eq!(trailing_delivery(&by_account(&acc, id(8))), Some(id(8)));
+        assert_eq!(by_account_seq(&by_account(&acc, 8)), Some(8));
+        assert!(by_account(&acc, 255) < by_account(&acc, 256));
+        let (lo, hi) = deliveries_of_event(8);
+        assert!(lo <= delivery(id(8)) && delivery(id(8)) <= hi);
+        assert!(hi < delivery(id(9)) && delivery(id(7)) < lo);
     }
 }

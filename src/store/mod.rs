@@ -315,7 +315,8 @@ impl Store {
         let tree = |name: &str| Tree::open(&db, &tracker, name);
         let meta = tree("meta")?;
         let events = tree("events")?;
-        format::prepare(&db, &meta, &events, path)?;
+        let by_account = tree("by_account")?;
+        format::prepare(&db, &meta, &events, &by_account, path)?;
         let webhooks = tree("webhooks")?;
         let sealer = Sealer::new(&settle_key(path, &options.secrets, &webhooks)?);
         let db_file = if options.fsync {
@@ -338,7 +339,7 @@ impl Store {
             deliveries: tree("deliveries")?,
             attempts: tree("attempts")?,
             by_webhook: tree("by_webhook")?,
-            by_account: tree("by_account")?,
+            by_account,
             schedule: tree("schedule")?,
             unwritten: Default::default(),
             db_file,
@@ -553,14 +554,20 @@ impl Store {
         for hook in self.webhooks_of(&account.id)? {
             self.delete_webhook(&hook)?;
         }
-        // Test deliveries of webhooks deleted earlier are already gone; what is left in the
-        // account index is removed with its records.
+        // Test deliveries of webhooks deleted earlier are already gone; whatever the account
+        // index still names (its events' deliveries) is removed with its records.
         let prefix = keys::account_prefix(&account.id);
         for kv in self.by_account.scan_prefix(&prefix) {
             let (k, _) = kv?;
-            if let Some(id) = keys::trailing_delivery(&k) {
-                self.delete_delivery(id)?;
+            if let Some(seq) = keys::by_account_seq(&k) {
+                let (lo, hi) = keys::deliveries_of_event(seq);
+                for kv in self.deliveries.range(lo..=hi) {
+                    if let Some(id) = DeliveryId::from_bytes(&kv?.0) {
+                        self.delete_delivery(id)?;
+                    }
+                }
             }
+            self.by_account.remove(k)?;
         }
         // The log is ordered by time, not account, and minted ids have no `event_ids` entry:
         // the account's events are found by a scan of the log. Deleting an account is rare
@@ -794,7 +801,12 @@ impl Store {
         let _rewriting = self.chunk_rewrites.hold();
         let mut dropped = 0;
         let mut last = None;
-        let (mut ev, mut ids, mut inbox) = (Batch::default(), Batch::default(), Batch::default());
+        let (mut ev, mut ids, mut inbox, mut accounts) = (
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+        );
         for (seen, kv) in self.events.range::<IVec, _>((lo, hi)).enumerate() {
             if budget.is_some_and(|b| seen >= b) {
                 break;
@@ -818,6 +830,7 @@ impl Store {
                     ids.remove(keys::event_id(&e.account_id, e.id.as_str()));
                 }
                 inbox.remove(&keys::seq(e.seq));
+                accounts.remove(keys::by_account(&e.account_id, e.seq));
             }
             dropped += gone.len();
             if kept.is_empty() {
@@ -832,6 +845,7 @@ impl Store {
         // while a chunk left behind is simply dropped again by the next pass.
         self.event_ids.write_in_order(ids)?;
         self.inbox.write_in_order(inbox)?;
+        self.by_account.write_in_order(accounts)?;
         self.events.write_in_order(ev)?;
         Ok((dropped, last))
     }
@@ -898,8 +912,8 @@ impl Store {
                 self.schedule.remove(keys::schedule(due, id))?;
                 waiting = true;
             }
-            self.by_account
-                .remove(keys::by_account(&record.account_id, id))?;
+            // The event's `by_account` entry stays for its other deliveries (readers skip it
+            // once none is left); it goes with the event.
         }
         let mut batch = Batch::default();
         for k in self.attempts.scan_prefix(keys::delivery(id)).keys() {
@@ -959,11 +973,6 @@ impl Store {
             k.extend_from_slice(&cursor.to_bytes());
             hi = hi.min(k);
         }
-        let tree = if q.webhook.is_some() {
-            &self.by_webhook
-        } else {
-            &self.by_account
-        };
         let mut items = Vec::with_capacity(q.limit.min(1024));
         let mut next_cursor = None;
         if lo >= hi {
@@ -971,7 +980,7 @@ impl Store {
         }
         // Deliveries the writer holds unwritten have no index entry yet: the page merges them
         // in from its overlay, newest first like the index, each id once.
-        let in_range = |id: DeliveryId| {
+        let in_range = &|id: DeliveryId| {
             let mut k = prefix.clone();
             k.extend_from_slice(&id.to_bytes());
             lo <= k && k < hi
@@ -986,15 +995,46 @@ impl Store {
             .into_iter()
             .rev()
             .peekable();
-        let indexed = tree
-            .range(lo.clone()..hi.clone())
-            .keys()
-            .rev()
-            .filter_map(|k| {
-                k.map(|k| keys::trailing_delivery(&k))
-                    .map_err(StoreError::from)
-                    .transpose()
-            });
+        // The index, newest first: a webhook's deliveries, or an account's events expanded
+        // into their deliveries (newest webhook id first, within the page's bounds).
+        let indexed: Box<dyn Iterator<Item = Result<DeliveryId>> + '_> = match q.webhook {
+            Some(_) => Box::new(
+                self.by_webhook
+                    .range(lo.clone()..hi.clone())
+                    .keys()
+                    .rev()
+                    .filter_map(|k| {
+                        k.map(|k| keys::trailing_delivery(&k))
+                            .map_err(StoreError::from)
+                            .transpose()
+                    }),
+            ),
+            None => Box::new(
+                self.by_account
+                    .range(lo.clone()..hi.clone())
+                    .keys()
+                    .rev()
+                    .flat_map(move |k| -> Vec<Result<DeliveryId>> {
+                        let seq = match k {
+                            Ok(k) => keys::by_account_seq(&k),
+                            Err(e) => return vec![Err(e.into())],
+                        };
+                        let Some(seq) = seq else { return Vec::new() };
+                        let (first, last) = keys::deliveries_of_event(seq);
+                        self.deliveries
+                            .range(first..=last)
+                            .keys()
+                            .rev()
+                            .filter_map(|k| match k {
+                                Ok(k) => DeliveryId::from_bytes(&k)
+                                    .filter(|id| in_range(*id))
+                                    .map(Ok),
+                                Err(e) => Some(Err(e.into())),
+                            })
+                            .collect()
+                    }),
+            ),
+        };
         let mut indexed = indexed.peekable();
         loop {
             let from_index = match (held.peek(), indexed.peek()) {
@@ -1658,7 +1698,8 @@ mod tests {
         );
         assert_eq!(store.attempts(retried.id).unwrap().len(), 1);
         assert_eq!(store.by_webhook.len(), 1);
-        assert_eq!(store.by_account.len(), 1);
+        // The account index names events: its entries go with them (below), not here.
+        assert_eq!(store.by_account.len(), 3);
         assert_eq!(
             store.scheduled().collect::<Result<Vec<_>>>().unwrap(),
             vec![(cutoff + 5, retried.id)]
@@ -1683,6 +1724,11 @@ mod tests {
         assert_eq!(purged.deliveries, 0);
         assert_eq!(purged.events, 2);
         assert!(store.get_event(2).unwrap().is_some());
+        assert_eq!(
+            store.by_account.len(),
+            1,
+            "the dropped events' index entries went"
+        );
         let purged = store.purge_before(cutoff + 10, &|| true).unwrap();
         assert_eq!(
             (purged.deliveries, purged.attempts, purged.events),
@@ -1691,6 +1737,7 @@ mod tests {
         assert_eq!(store.deliveries.len(), 0);
         assert_eq!(store.attempts.len(), 0);
         assert_eq!(store.schedule.len(), 0);
+        assert_eq!(store.by_account.len(), 0);
     }
 
     /// Retention's event purge and an account's deletion rewrite the same chunk at once: the

@@ -9,7 +9,7 @@ use sled::IVec;
 use super::tracked::Batch;
 use super::{keys, Result, Store, StoreError};
 use crate::codec;
-use crate::ids::{self, AccountId, DeliveryId, WebhookId};
+use crate::ids::{self, DeliveryId, WebhookId};
 use crate::model::DeliveryRecord;
 
 impl Store {
@@ -131,7 +131,6 @@ impl Store {
             index.insert(record.id, plan.candidates.len());
             plan.candidates.push(PurgeCandidate {
                 id: record.id,
-                account: record.account_id,
                 due: record.next_attempt_ms,
                 value,
                 attempts: Vec::new(),
@@ -167,8 +166,8 @@ impl Store {
     /// records: there nothing can change a record between this check and the delete, and a
     /// retry answered before it is already on the store when it runs.
     pub fn apply_purge(&self, plan: &PurgePlan) -> Result<PurgedBatch> {
-        let (mut dl, mut at, mut bw, mut ba, mut sc) = (
-            Batch::default(),
+        // The account index names events, not deliveries: its entry goes with the event.
+        let (mut dl, mut at, mut bw, mut sc) = (
             Batch::default(),
             Batch::default(),
             Batch::default(),
@@ -185,7 +184,6 @@ impl Store {
                 sc.remove(&keys::schedule(due, c.id));
             }
             bw.remove(&keys::by_webhook(c.id.webhook, c.id));
-            ba.remove(keys::by_account(&c.account, c.id));
             for k in &c.attempts {
                 at.remove(k.clone());
             }
@@ -198,7 +196,6 @@ impl Store {
         self.attempts.write_in_order(at)?;
         self.schedule.write_in_order(sc)?;
         self.by_webhook.write_in_order(bw)?;
-        self.by_account.write_in_order(ba)?;
         self.deliveries.write_in_order(dl)?;
         Ok(done)
     }
@@ -244,7 +241,6 @@ impl PurgePlan {
 #[derive(Debug)]
 struct PurgeCandidate {
     id: DeliveryId,
-    account: AccountId,
     due: Option<u64>,
     /// The record as the plan read it: deleted only if still stored exactly so.
     value: IVec,

@@ -20,7 +20,8 @@ pub struct DeliveryWrites {
     pub attempts: Vec<(DeliveryId, AttemptRecord)>,
     /// Delivery records to store (new or changed).
     pub deliveries: Vec<DeliveryRecord>,
-    /// New deliveries whose log index entries (`by_webhook`, `by_account`) are written.
+    /// New deliveries whose log index entries are written (`by_webhook` per delivery,
+    /// `by_account` per event).
     pub indexed: Vec<(AccountId, DeliveryId)>,
     /// Schedule entries no record points to any more (removed last).
     pub schedule_remove: Vec<(u64, DeliveryId)>,
@@ -105,9 +106,16 @@ impl Store {
         self.deliveries.write_in_order(dl)?;
         let mut bw = Batch::default();
         let mut ba = Batch::default();
+        let mut events: Vec<(&AccountId, u64)> = Vec::with_capacity(w.indexed.len());
         for (account, id) in &w.indexed {
             bw.insert(&keys::by_webhook(id.webhook, *id), &[]);
-            ba.insert(keys::by_account(account, *id), &[]);
+            events.push((account, id.seq));
+        }
+        // One entry per event, however many of its deliveries the drain writes.
+        events.sort_unstable();
+        events.dedup();
+        for (account, seq) in events {
+            ba.insert(keys::by_account(account, seq), &[]);
         }
         self.by_webhook.write_in_order(bw)?;
         self.by_account.write_in_order(ba)?;

@@ -853,11 +853,14 @@ impl WriterContext {
             }
         }
         // Their batches are answered by `commit` as their last held delivery is written.
+        // Batches are numbered: `commit` may drop answered ones from the front.
+        let due_end = held.first + due_batches as u64;
         if let Some(err) = self.commit(d, held) {
             // The store refuses writes: stop holding them rather than retry in a loop. Their
             // attempts find nothing to send, and their events' fan-out (still owed, the
             // batches answer the error) re-runs at the next start.
-            for batch in held.batches.iter_mut().take(due_batches) {
+            let still_due = due_end.saturating_sub(held.first) as usize;
+            for batch in held.batches.iter_mut().take(still_due) {
                 for id in &batch.ids {
                     if held.of.remove(id).is_some() {
                         self.store.release_unwritten(*id);

@@ -58,6 +58,7 @@ pub(super) fn fanout_loop(rx: Receiver<Vec<EventRecord>>, fanout: Fanout) {
 /// One fan-out run's chunks in the writer's hands: the last one written reports the run's
 /// events as fanned out, unless a write failed.
 struct Pending {
+    /// Chunks not yet written, plus one for the run itself until it has handed over its last.
     chunks: AtomicUsize,
     failed: AtomicBool,
     seqs: Mutex<Vec<u64>>,
@@ -99,11 +100,12 @@ pub(super) struct Fanout {
 }
 
 impl Fanout {
-    /// Creates the deliveries of `events` in chunks of [`FANOUT_CHUNK`], so memory stays
-    /// bounded however many webhooks an event goes to. Delivery ids are derived from (event,
-    /// webhook), so a fan-out cut short by an error is completed by re-running it.
+    /// Creates the deliveries of `events` in chunks of [`FANOUT_CHUNK`], each handed to the
+    /// writer as soon as it is full, so memory stays bounded however many webhooks an event
+    /// goes to. Delivery ids are derived from (event, webhook), so a fan-out cut short by an
+    /// error is completed by re-running it.
     ///
-    /// At run time the chunks are handed to the writer without waiting, and the events are
+    /// At run time the writer holds the chunks (see `crate::delivery`) and the events are
     /// reported in `fanned` once every chunk is written; in recovery each chunk is written
     /// before the next is built (the caller clears the inbox marks itself).
     pub(super) fn run(
@@ -112,7 +114,14 @@ impl Fanout {
         recovery: Recovery,
     ) -> Result<(), DeliveryError> {
         let now = clock::now_ms();
-        let mut chunks = Vec::new();
+        // This run's own share of the count: the events are reported only after the last
+        // chunk is handed over *and* every chunk is written.
+        let pending = Arc::new(Pending {
+            chunks: AtomicUsize::new(1),
+            failed: AtomicBool::new(false),
+            seqs: Mutex::new(events.iter().map(|e| e.seq).collect()),
+            fanned: self.fanned.clone(),
+        });
         let mut records = Vec::new();
         for e in events {
             for hook in self.registry.matching(&e.account_id, &e.event) {
@@ -128,60 +137,39 @@ impl Fanout {
                 }
                 records.push(record);
                 if records.len() >= FANOUT_CHUNK {
-                    let chunk = std::mem::take(&mut records);
-                    match recovery {
-                        Recovery::Yes => self.write(chunk)?,
-                        Recovery::No => chunks.push(chunk),
-                    }
+                    self.hand_over(std::mem::take(&mut records), recovery, &pending)?;
                 }
             }
         }
-        match recovery {
-            Recovery::Yes => self.write(records),
-            Recovery::No => {
-                if !records.is_empty() {
-                    chunks.push(records);
-                }
-                self.hand_over(chunks, events)
-            }
+        if !records.is_empty() {
+            self.hand_over(records, recovery, &pending)?;
         }
-    }
-
-    /// Writes one chunk of deliveries in recovery (through the delivery writer, which also
-    /// schedules their first attempts), keeping those that exist already.
-    fn write(&self, records: Vec<DeliveryRecord>) -> Result<(), DeliveryError> {
-        if records.is_empty() {
-            return Ok(());
+        if recovery == Recovery::No {
+            pending.chunk_done(true);
         }
-        self.deliveries.create_blocking(records, true)?;
         Ok(())
     }
 
-    /// Hands a run's chunks to the writer; the last one written reports `events` fanned out.
+    /// Hands one chunk of deliveries to the delivery writer, which schedules their first
+    /// attempts and counts them in the account's backlog: at run time held (the chunk's
+    /// `pending` share is given back once it is written), in recovery written at once,
+    /// keeping those that exist already.
     fn hand_over(
         &self,
-        chunks: Vec<Vec<DeliveryRecord>>,
-        events: &[EventRecord],
+        records: Vec<DeliveryRecord>,
+        recovery: Recovery,
+        pending: &Arc<Pending>,
     ) -> Result<(), DeliveryError> {
-        let seqs = events.iter().map(|e| e.seq).collect();
-        if chunks.is_empty() {
-            // No webhook matched (any more): nothing to write, nothing owed.
-            self.fanned
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(seqs);
-            return Ok(());
-        }
-        let pending = Arc::new(Pending {
-            chunks: AtomicUsize::new(chunks.len()),
-            failed: AtomicBool::new(false),
-            seqs: Mutex::new(seqs),
-            fanned: self.fanned.clone(),
-        });
-        for chunk in chunks {
-            let pending = pending.clone();
-            self.deliveries
-                .create_held(chunk, Box::new(move |r| pending.chunk_done(r.is_ok())))?;
+        match recovery {
+            Recovery::Yes => {
+                self.deliveries.create_blocking(records, true)?;
+            }
+            Recovery::No => {
+                pending.chunks.fetch_add(1, Ordering::SeqCst);
+                let pending = pending.clone();
+                self.deliveries
+                    .create_held(records, Box::new(move |r| pending.chunk_done(r.is_ok())))?;
+            }
         }
         Ok(())
     }

@@ -834,12 +834,7 @@ impl WriterContext {
         }
         let mut d = Drain::default();
         for id in due_ids {
-            let record = self
-                .store
-                .is_unwritten(id)
-                .then(|| self.store.get_delivery(id).ok().flatten())
-                .flatten();
-            match record {
+            match self.store.held_delivery(id) {
                 Some(record) => {
                     if let (true, Some(due)) = (record.status.is_open(), record.next_attempt_ms) {
                         d.schedule.insert((due, id), true);

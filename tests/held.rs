@@ -15,11 +15,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 fn first_writes(page: &str, state: &str) -> f64 {
     let series = format!("kyberhook_held_deliveries_written_total{{state=\"{state}\"}}");
-    page.lines()
-        .find(|l| l.starts_with(&series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric_sample(page, &series).unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -10,11 +10,7 @@ use http::Method;
 use serde_json::json;
 
 fn value(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{series} not on the page:\n{page}"))
+    metric_sample(page, series).unwrap_or_else(|| panic!("{series} not on the page:\n{page}"))
 }
 
 #[tokio::test]

@@ -19,15 +19,8 @@ use http::{Method, StatusCode};
 use serde_json::json;
 
 /// The value of one series on a metrics page, if it is there.
-fn sample(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 fn value(page: &str, series: &str) -> f64 {
-    sample(page, series).unwrap_or_else(|| panic!("{series} not on the page:\n{page}"))
+    metric_sample(page, series).unwrap_or_else(|| panic!("{series} not on the page:\n{page}"))
 }
 
 /// The promtool binary, or None when `KYBERHOOK_SKIP_PROMTOOL=1` (then the caller skips).
@@ -131,7 +124,7 @@ async fn operator_gauges_follow_the_engine_and_pass_promtool() {
             .await;
     }
     let page = page_until(&e, "lateness >= 1 s while deliveries queue", |p| {
-        sample(p, "kyberhook_oldest_due_delivery_lateness_seconds").is_some_and(|v| v >= 1.0)
+        metric_sample(p, "kyberhook_oldest_due_delivery_lateness_seconds").is_some_and(|v| v >= 1.0)
     })
     .await;
     assert_eq!(value(&page, "kyberhook_webhooks{status=\"active\"}"), 1.0);
@@ -142,7 +135,7 @@ async fn operator_gauges_follow_the_engine_and_pass_promtool() {
     // Every delivery is done but the broken webhook's, whose retry is an hour away: no
     // owed attempt is overdue any more.
     let page = page_until(&e, "lateness back to 0 once delivered", |p| {
-        sample(p, "kyberhook_oldest_due_delivery_lateness_seconds") == Some(0.0)
+        metric_sample(p, "kyberhook_oldest_due_delivery_lateness_seconds") == Some(0.0)
     })
     .await;
     let size_after = value(&page, "kyberhook_store_size_bytes");

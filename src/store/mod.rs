@@ -884,6 +884,11 @@ impl Store {
         self.unwritten.contains(id)
     }
 
+    /// The record of a delivery held by the delivery writer, if it is held (never the store).
+    pub(crate) fn held_delivery(&self, id: DeliveryId) -> Option<DeliveryRecord> {
+        self.unwritten.get(id)
+    }
+
     /// Holds a delivery's record (new, or a new state of a held one) without writing it.
     /// For the delivery writer only.
     pub(crate) fn hold_unwritten(&self, record: DeliveryRecord) {

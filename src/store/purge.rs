@@ -9,7 +9,7 @@ use sled::IVec;
 use super::tracked::Batch;
 use super::{keys, Result, Store, StoreError};
 use crate::codec;
-use crate::ids::{self, DeliveryId, WebhookId};
+use crate::ids::{self, DeliveryId};
 use crate::model::DeliveryRecord;
 
 impl Store {
@@ -79,16 +79,7 @@ impl Store {
                     if self.inbox.contains_key(keys::seq(e.seq))? {
                         return Ok(false);
                     }
-                    let lo = DeliveryId {
-                        seq: e.seq,
-                        webhook: WebhookId(0),
-                    }
-                    .to_bytes();
-                    let hi = DeliveryId {
-                        seq: e.seq,
-                        webhook: WebhookId(u64::MAX),
-                    }
-                    .to_bytes();
+                    let (lo, hi) = keys::deliveries_of_event(e.seq);
                     Ok(self.deliveries.range(lo..=hi).next().is_none())
                 })?;
             purged.events += events;

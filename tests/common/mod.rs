@@ -606,6 +606,14 @@ pub fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String 
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// The value of one series (`name{labels}` exactly as written) on a Prometheus text page.
+pub fn metric_sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The real `kyberhook` binary, serving; killed (SIGKILL) when dropped, so that a failing test
 /// never leaves an engine running.
 pub struct Proc {

@@ -1,7 +1,7 @@
 //! Crash safety: the real binary is killed with SIGKILL mid-work and restarted on the same data
 //! directory; every event it acknowledged (202) must still reach the endpoint.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! webhook's deliveries that ended `failed` in the window — same ids, new attempts, paced by
 //! the plan's rate — and refuses windows longer than the retention.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

@@ -1,7 +1,7 @@
 //! The Prometheus page: the contract's families, with values that match what happened. One test
 //! per binary, since the metrics recorder is process-wide.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

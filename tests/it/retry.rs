@@ -1,7 +1,7 @@
 //! Retries on the configured schedule, terminal failures, failure kinds, auto-disable, and what
 //! happens to a retry whose webhook was paused meanwhile.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! The test fails when the browser, the driver or axe-core is missing, unless
 //! `KYBERHOOK_SKIP_BROWSER=1` is set.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::TcpListener as StdListener;

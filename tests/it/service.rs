@@ -1,7 +1,7 @@
 //! The binary as a systemd service runs it: `READY=1` on `NOTIFY_SOCKET` once start-up recovery
 //! is done, `STOPPING=1` when SIGTERM starts the graceful shutdown, exit 0; and the admin token
 //! read from `auth.admin_token_file` (a missing file is exit 2 naming the key).
-#![cfg(unix)]
+
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};

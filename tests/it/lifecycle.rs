@@ -5,7 +5,7 @@
 //! Each test holds deliveries queued behind a slow real HTTPS receiver with
 //! `max_in_flight_per_webhook = 1`, so that "in flight" and "waiting" are distinct.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

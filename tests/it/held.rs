@@ -3,7 +3,7 @@
 //! it is written as created when the window ends, and is listed as pending meanwhile and after.
 //! One test per binary, since the metrics recorder is process-wide.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! rest in a private data dir, retention that keeps up, and a full disk that loses nothing
 //! acknowledged.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};

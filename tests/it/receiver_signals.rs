@@ -2,7 +2,7 @@
 //! the next attempt no earlier than asked (never before the schedule, never past a day), and a
 //! `410 Gone` disables the webhook at once and ends its open deliveries `failed`.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

@@ -2,7 +2,7 @@
 //! the operator's log says about refused destinations, request bodies that stall, and refused
 //! bodies that the client sends whole before it reads (raw TCP clients).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! Plan rate limits, tenant isolation under load, slow endpoints, and ingest backpressure.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! and the Add Webhook steps as plain form posts against the real server and a real HTTPS
 //! receiver.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! The validator is installed by `.ci/run`; without it the validation test fails, unless
 //! `KYBERHOOK_SKIP_OPENAPI_VALIDATOR=1` says to skip it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

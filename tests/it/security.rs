@@ -1,6 +1,6 @@
 //! Outbound address guard, TLS serving, config errors at the binary's edge, and hostile input.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::process::Command;

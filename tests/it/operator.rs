@@ -7,7 +7,7 @@
 //! promtool comes from Debian's `prometheus` package (`.ci/run` installs it). Without it these
 //! tests fail, unless `KYBERHOOK_SKIP_PROMTOOL=1` says to skip the promtool steps.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

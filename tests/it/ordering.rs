@@ -2,7 +2,7 @@
 //! the real binary) delivering to a real HTTPS receiver that records the order of arrival and
 //! how many requests it was serving at once, and fails chosen events.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -3,7 +3,7 @@
 //! then get 503 `deliveries_lagging` with `Retry-After`; safety events never wait; once the
 //! deliveries catch up, events are accepted at once again.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! ahead of the account's other queued deliveries — the account's next rate slot, the
 //! webhook's next free in-flight slot.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -5,7 +5,7 @@
 //! Every test delivers to real local HTTPS receivers; the verifiers are the guide's own code
 //! (tests/verifiers/) and the Standard Webhooks reference libraries, run with node and python3.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! The delivery pipeline end to end: durable ingest, fan-out, signed HTTPS requests to real
 //! local receivers, the delivery log, the test tool, manual retry and deletion cascades.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

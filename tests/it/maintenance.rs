@@ -1,7 +1,7 @@
 //! Online backup and restore, format versions, and compaction — black-box: the real server on
 //! 127.0.0.1:0, the real `kyberhook` binary for the commands, real HTTPS receivers.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

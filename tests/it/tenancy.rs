@@ -1,7 +1,7 @@
 //! One tenant cannot hurt another: the per-account backlog quota, bounded delivery history,
 //! rate-limited manual retries, and fan-out to thousands of webhooks.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -1,0 +1,31 @@
+//! The integration tests: one binary (one link of the crate), a module per area. Each starts
+//! the real engine (in process on 127.0.0.1:0, or the real binary) and delivers to real local
+//! HTTPS receivers; `common` holds the shared helpers.
+#![allow(dead_code)]
+
+mod common;
+mod api;
+mod crash;
+mod delivery;
+mod edge;
+mod held;
+mod lifecycle;
+mod limits;
+mod maintenance;
+mod metrics;
+mod openapi;
+mod operator;
+mod ordering;
+mod priority;
+mod pushback;
+mod receiver_signals;
+mod recover;
+mod retry;
+mod security;
+mod semantics;
+#[cfg(unix)]
+mod service;
+mod storage;
+mod tenancy;
+mod ui;
+mod ui_browser;

@@ -183,7 +183,9 @@ pub struct DeliveryConfig {
     pub private_network_allowlist: Vec<IpNet>,
     #[serde(default = "d_max_in_flight")]
     pub max_in_flight: usize,
-    /// Concurrent attempts to one webhook, so that one slow endpoint cannot take every slot.
+    /// The ceiling of each webhook's adaptive concurrency limit (see `dispatch::concurrency`):
+    /// a safety bound, not the operating point — each limit starts at 64 and grows only while
+    /// its endpoint keeps up.
     #[serde(default = "d_max_in_flight_per_webhook")]
     pub max_in_flight_per_webhook: usize,
     /// Bytes of an endpoint's response body kept in the delivery log.
@@ -342,7 +344,7 @@ fn d_max_in_flight() -> usize {
     1024
 }
 fn d_max_in_flight_per_webhook() -> usize {
-    64
+    512
 }
 fn d_max_response_body() -> usize {
     64 * 1024

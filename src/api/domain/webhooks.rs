@@ -313,12 +313,10 @@ pub async fn create_webhook(
         .transpose()?
         .unwrap_or_default();
     let secret = match body.secret {
-        Some(s) if signing::is_minted_secret(&s) => s,
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_secret",
-                "the signing secret is not one this engine generated",
-            ))
+        Some(s) => {
+            crate::secrets::check_supplied_secret(&s)
+                .map_err(|e| ApiError::bad_request("invalid_secret", e.to_string()))?;
+            s
         }
         None => signing::new_secret(),
     };

@@ -99,8 +99,8 @@ pub fn client_ip<B>(req: &Request<B>) -> std::net::IpAddr {
         .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.0.ip())
 }
 
-/// Who the bearer token names. A wrong token counts against the client address
-/// ([`guard`]); an address over its limit gets 429 before its token is even looked at.
+/// Who the bearer token names. A wrong token counts against the client address; an address
+/// over its limit gets 429 for every token it has not used successfully before ([`guard`]).
 fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiError> {
     let token = req
         .headers()
@@ -113,28 +113,26 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiErro
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(ApiError::unauthorized)?;
-    let ip = client_ip(req);
-    state.auth_guard.admit(ip).map_err(|wait| {
-        ApiError::too_many(
+    let found = if is_admin_token(state, token) {
+        Some((Caller::Admin, guard::Credential::Admin))
+    } else {
+        let hash = signing::hash_api_key(token);
+        state
+            .registry
+            .account_by_key(&hash)
+            .map(|account| (Caller::Account(account), guard::Credential::Account(hash)))
+    };
+    let credential = found.as_ref().map(|(_, c)| *c);
+    match (state.auth_guard.verdict(client_ip(req), credential), found) {
+        (guard::Verdict::Serve, Some((caller, _))) => Ok(caller),
+        (guard::Verdict::Limited(wait), _) => Err(ApiError::too_many(
             "too_many_failed_authentications",
             format!(
                 "too many wrong bearer tokens from this address; try again in {wait} seconds"
             ),
             wait,
-        )
-    })?;
-    if is_admin_token(state, token) {
-        return Ok(Caller::Admin);
-    }
-    match state
-        .registry
-        .account_by_key(&signing::hash_api_key(token))
-    {
-        Some(account) => Ok(Caller::Account(account)),
-        None => {
-            state.auth_guard.failed(ip);
-            Err(ApiError::unauthorized())
-        }
+        )),
+        _ => Err(ApiError::unauthorized()),
     }
 }
 

@@ -137,7 +137,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut first = config(dir.path(), "");
         let path = dir.path().join(FILE_NAME);
-        assert_eq!(resolve(&mut first).unwrap(), Resolved::Generated(path.clone()));
+        assert_eq!(
+            resolve(&mut first).unwrap(),
+            Resolved::Generated(path.clone())
+        );
         let token = first.auth.admin_token.clone().unwrap();
         assert!(token.len() >= 64 && check_admin_token(&token).is_ok());
         #[cfg(unix)]
@@ -161,7 +164,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
         std::fs::write(&path, "short\n").unwrap();
-        let err = resolve(&mut config(dir.path(), "")).unwrap_err().to_string();
+        let err = resolve(&mut config(dir.path(), ""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("admin-token") && err.contains("32"), "{err}");
         std::fs::remove_file(&path).unwrap();
         #[cfg(unix)]

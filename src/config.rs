@@ -919,7 +919,10 @@ mod tests {
     #[test]
     fn empty_file_gives_contract_defaults() {
         let c = parse("").unwrap();
-        assert_eq!(c.auth.admin_token, None, "generated into the data dir at start");
+        assert_eq!(
+            c.auth.admin_token, None,
+            "generated into the data dir at start"
+        );
         assert_eq!(c.plans.len(), 3);
         assert_eq!(c.events.catalog.len(), 21);
         assert_eq!(c.retry_delay(1), Some(Duration::from_secs(60)));
@@ -1093,13 +1096,26 @@ mod tests {
 
     #[test]
     fn public_hosts_are_host_names() {
-        let c = parse("[server]\npublic_hosts = [\"Hooks.Example.com.\", \"localhost\"]\n").unwrap();
-        assert_eq!(c.server.public_hosts, vec!["hooks.example.com", "localhost"]);
-        for bad in ["https://hooks.example.com", "hooks.example.com:443", "a b", "", "x/y"] {
+        let c =
+            parse("[server]\npublic_hosts = [\"Hooks.Example.com.\", \"localhost\"]\n").unwrap();
+        assert_eq!(
+            c.server.public_hosts,
+            vec!["hooks.example.com", "localhost"]
+        );
+        for bad in [
+            "https://hooks.example.com",
+            "hooks.example.com:443",
+            "a b",
+            "",
+            "x/y",
+        ] {
             let err = parse(&format!("[server]\npublic_hosts = [\"{bad}\"]\n"))
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("public_hosts") || err.contains("host name"), "{bad}: {err}");
+            assert!(
+                err.contains("public_hosts") || err.contains("host name"),
+                "{bad}: {err}"
+            );
         }
     }
 

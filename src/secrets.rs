@@ -293,7 +293,9 @@ fn context(account: &str, webhook: u64, field: &str) -> Vec<u8> {
 pub enum WeakSecret {
     #[error("the signing secret must be \"whsec_\" and 64 lowercase hex digits")]
     Shape,
-    #[error("the signing secret is too regular to be random ({0}); use the one the engine generated")]
+    #[error(
+        "the signing secret is too regular to be random ({0}); use the one the engine generated"
+    )]
     Patterned(&'static str),
 }
 
@@ -340,7 +342,9 @@ pub fn check_supplied_secret(secret: &str) -> Result<(), WeakSecret> {
     let steps: std::collections::HashSet<u8> =
         bytes.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
     if distinct.len() < 24 || steps.len() < 8 {
-        return Err(WeakSecret::Patterned("a repeated or counting byte sequence"));
+        return Err(WeakSecret::Patterned(
+            "a repeated or counting byte sequence",
+        ));
     }
     Ok(())
 }
@@ -462,7 +466,10 @@ mod tests {
         for hex in weak {
             let secret = format!("whsec_{hex}");
             assert!(
-                matches!(check_supplied_secret(&secret), Err(WeakSecret::Patterned(_))),
+                matches!(
+                    check_supplied_secret(&secret),
+                    Err(WeakSecret::Patterned(_))
+                ),
                 "{secret}"
             );
         }

@@ -126,7 +126,11 @@ impl AuthGuard {
         let blocked = left < 1.0;
         match credential {
             Some(cred) if !blocked || known_at.is_some() => {
-                if known_at.is_none_or(|at| now.saturating_duration_since(at) > REFRESH_EVERY) {
+                let stale = match known_at {
+                    None => true,
+                    Some(at) => now.saturating_duration_since(at) > REFRESH_EVERY,
+                };
+                if stale {
                     self.remember(ip, cred, now);
                 }
                 Verdict::Serve
@@ -221,7 +225,10 @@ mod tests {
         // refused like a wrong token (a guesser must not tell them apart).
         assert_eq!(guard.verdict(a, Some(used)), Verdict::Serve);
         assert!(matches!(guard.verdict(a, Some(fresh)), Verdict::Limited(_)));
-        assert!(matches!(guard.verdict(a, Some(Credential::Admin)), Verdict::Limited(_)));
+        assert!(matches!(
+            guard.verdict(a, Some(Credential::Admin)),
+            Verdict::Limited(_)
+        ));
         assert_eq!(guard.verdict(b, None), Verdict::Unauthorized);
         assert_eq!(guard.verdict(b, Some(fresh)), Verdict::Serve);
     }

@@ -127,9 +127,7 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiErro
         (guard::Verdict::Serve, Some((caller, _))) => Ok(caller),
         (guard::Verdict::Limited(wait), _) => Err(ApiError::too_many(
             "too_many_failed_authentications",
-            format!(
-                "too many wrong bearer tokens from this address; try again in {wait} seconds"
-            ),
+            format!("too many wrong bearer tokens from this address; try again in {wait} seconds"),
             wait,
         )),
         _ => Err(ApiError::unauthorized()),

@@ -74,7 +74,11 @@ impl<S> Lingering<S> {
     }
 
     /// Passes a write's outcome on, timing how long writes stay pending.
-    fn watch_progress<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn watch_progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         match polled {
             Poll::Pending => {
                 let Some(timeout) = self.send_timeout else {
@@ -255,8 +259,16 @@ mod tests {
         };
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         // Five reads 20 s apart kept it going; then 30 s without progress ended it.
-        assert!(started.elapsed() >= Duration::from_secs(130), "{:?}", started.elapsed());
-        assert!(started.elapsed() <= Duration::from_secs(131), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_secs(130),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() <= Duration::from_secs(131),
+            "{:?}",
+            started.elapsed()
+        );
         drop(reader.await.unwrap());
     }
 

@@ -269,7 +269,7 @@ mod tests {
         std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::os::unix::fs::symlink(&outside, data.join("link")).unwrap();
         std::os::unix::fs::symlink(root.path(), data.join("dirlink")).unwrap();
-        rustix::fs::mkfifoat(CWD, &data.join("fifo"), Mode::from_raw_mode(0o644)).unwrap();
+        rustix::fs::mkfifoat(CWD, data.join("fifo"), Mode::from_raw_mode(0o644)).unwrap();
         std::fs::write(data.join("file"), b"mine").unwrap();
         std::fs::set_permissions(data.join("file"), std::fs::Permissions::from_mode(0o644))
             .unwrap();

@@ -91,7 +91,10 @@ pub fn html(status: StatusCode, body: String) -> Page {
 /// A location that is not a local path (see [`local_path`]) is a 400, never a panic.
 pub fn redirect(location: &str) -> Page {
     let Some(value) = local_path(location).and_then(|l| HeaderValue::from_str(l).ok()) else {
-        return error_page(StatusCode::BAD_REQUEST, "That is not a page of this dashboard.");
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "That is not a page of this dashboard.",
+        );
     };
     let r = Response::builder()
         .status(StatusCode::SEE_OTHER)

@@ -614,7 +614,8 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
             Ok(redirect(&format!("{base}/webhooks/{}", hook.id)))
         }
         Err(e) if e.status.is_client_error() => {
-            let secret = if signing::is_minted_secret(&secret) {
+            // A refused secret is not offered again: a weak one would only be refused again.
+            let secret = if crate::secrets::check_supplied_secret(&secret).is_ok() {
                 secret
             } else {
                 signing::new_secret()

@@ -132,7 +132,11 @@ fn change_me_and_short_admin_tokens_are_refused_at_start_on_any_address() {
     }
     // The environment's token replaces the file's before the check: a short one there is
     // refused too, a long one makes a short one in the file irrelevant.
-    let config = write_config(dir.path(), "0.0.0.0:0", "[auth]\nadmin_token = \"change-me\"\n");
+    let config = write_config(
+        dir.path(),
+        "0.0.0.0:0",
+        "[auth]\nadmin_token = \"change-me\"\n",
+    );
     let (code, stderr) = Binary::start(
         &["check-config", "--config", &config],
         &[("KYBERHOOK_ADMIN_TOKEN", "change-me")],
@@ -141,7 +145,10 @@ fn change_me_and_short_admin_tokens_are_refused_at_start_on_any_address() {
     assert_eq!(code, 2, "{stderr}");
     let mut engine = Binary::start(
         &["serve", "--config", &config],
-        &[("KYBERHOOK_ADMIN_TOKEN", "a-secret-from-the-environment-0123456789")],
+        &[(
+            "KYBERHOOK_ADMIN_TOKEN",
+            "a-secret-from-the-environment-0123456789",
+        )],
     );
     assert!(engine.api_addr().ip().is_unspecified());
 }
@@ -174,7 +181,12 @@ async fn without_a_token_one_is_generated_into_the_data_dir_once_and_its_place_l
     let api = Api::new(addr);
     let body = json!({"name": "Acme", "plan": "starter", "id": "acc_gen"});
     let (s, v) = api
-        .call(Method::POST, "/v1/accounts", Some(&token), Some(body.clone()))
+        .call(
+            Method::POST,
+            "/v1/accounts",
+            Some(&token),
+            Some(body.clone()),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let (s, _) = api

@@ -8,6 +8,7 @@ mod api;
 mod crash;
 mod delivery;
 mod edge;
+mod hardening;
 mod held;
 mod lifecycle;
 mod limits;

@@ -278,7 +278,10 @@ async fn the_admin_token_can_come_from_the_environment() {
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
         .args(["serve", "--config", config.to_str().unwrap()])
-        .env("KYBERHOOK_ADMIN_TOKEN", "from-the-environment-0123456789abcdef")
+        .env(
+            "KYBERHOOK_ADMIN_TOKEN",
+            "from-the-environment-0123456789abcdef",
+        )
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -313,7 +316,12 @@ async fn the_admin_token_can_come_from_the_environment() {
         .await;
     assert_eq!(s, StatusCode::OK);
     let (s, v) = api
-        .call(Method::GET, "/v1/event-types", Some("from-the-file-0123456789abcdefghijk"), None)
+        .call(
+            Method::GET,
+            "/v1/event-types",
+            Some("from-the-file-0123456789abcdefghijk"),
+            None,
+        )
         .await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),

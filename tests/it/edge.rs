@@ -280,7 +280,7 @@ fn ingest_head(content_length: Option<usize>, token: &str) -> String {
         None => "transfer-encoding: chunked".to_string(),
     };
     format!(
-        "POST /v1/events HTTP/1.1\r\nhost: kyberhook\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
+        "POST /v1/events HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
     )
 }
 

@@ -323,7 +323,7 @@ async fn wrong_bearer_tokens_are_limited_per_address_and_tokens_in_use_keep_work
 #[tokio::test]
 async fn a_backup_client_that_reads_nothing_is_cut_off_and_the_backup_released() {
     let pki = pki();
-    let e = engine_with(&pki, "send_timeout = \"1s\"", "").await;
+    let e = engine_with(&pki, "send_timeout = \"2s\"", "").await;
     let addr = api_addr(&e);
     let (acc, _) = e.account("acc_bulk", "enterprise").await;
     // ~12 MiB of payloads: more than the socket buffers (tcp_wmem's 4 MiB at most) and the
@@ -369,20 +369,19 @@ async fn a_backup_client_that_reads_nothing_is_cut_off_and_the_backup_released()
         )
         .await
         .unwrap();
-    // It is running: a second backup is refused.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (s, _) = backup_status(&e).await;
-        if s == StatusCode::CONFLICT {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stalled backup never started: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Within the send timeout (1 s) plus scheduling, the stalled client is cut off and a new
+    // It is running once its first bytes arrive (peeked, not read): a second one is refused.
+    let mut first = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(20), stalled.peek(&mut first))
+        .await
+        .expect("the stalled backup started")
+        .unwrap();
+    let (s, _) = backup_status(&e).await;
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "a second backup ran beside the stalled one"
+    );
+    // Within the send timeout (2 s) plus scheduling, the stalled client is cut off and a new
     // backup may run.
     let cut = Instant::now();
     let deadline = cut + Duration::from_secs(20);

@@ -9,6 +9,7 @@ mod crash;
 mod delivery;
 mod edge;
 mod flow;
+mod hardening;
 mod held;
 mod lifecycle;
 mod limits;

@@ -17,6 +17,7 @@ pub mod compact;
 pub mod format;
 pub mod keys;
 mod purge;
+mod stats;
 pub mod tracked;
 mod unwritten;
 mod writes;
@@ -236,6 +237,14 @@ pub struct Store {
     /// Deliveries created but not written yet (see `unwritten`): [`Store::get_delivery`]
     /// reads them first.
     unwritten: unwritten::Unwritten,
+    /// Per-webhook hourly delivery statistics (see `stats`).
+    stats: Tree,
+    /// Dashboard sessions, sealed (see `stats`).
+    sessions: Tree,
+    /// The last cutoff hour retention dropped statistics before.
+    stats_purged_hour: std::sync::atomic::AtomicU64,
+    /// The engine's last hour, per minute (memory only).
+    live: crate::stats::live::Live,
 }
 
 /// How long [`open_sled`] waits for a file lock that a closing instance still holds.
@@ -341,6 +350,10 @@ impl Store {
             by_webhook: tree("by_webhook")?,
             by_account,
             schedule: tree("schedule")?,
+            stats: tree("stats")?,
+            sessions: tree("sessions")?,
+            stats_purged_hour: Default::default(),
+            live: Default::default(),
             unwritten: Default::default(),
             db_file,
             blobs_dir: path.join("blobs"),
@@ -631,6 +644,7 @@ impl Store {
                 waiting += u64::from(self.delete_delivery(id)?);
             }
         }
+        self.delete_webhook_stats(hook.id)?;
         self.webhooks
             .remove(keys::webhook(&hook.account_id, hook.id))?;
         Ok(waiting)
@@ -746,6 +760,8 @@ impl Store {
         self.inbox.write_in_order(inbox)?;
         self.events.write_in_order(ev)?;
         self.event_ids.write_in_order(ids)?;
+        self.live
+            .add_events(crate::clock::now_ms(), events.len() as u64);
         Ok(())
     }
 

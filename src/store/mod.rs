@@ -164,6 +164,8 @@ pub struct DeliveryQuery {
     pub event: Option<String>,
     pub since_ms: Option<u64>,
     pub until_ms: Option<u64>,
+    /// Only the deliveries of the event with this sequence number.
+    pub event_seq: Option<u64>,
     /// Exclusive upper bound: the last id of the previous page.
     pub cursor: Option<DeliveryId>,
     pub limit: usize,
@@ -989,6 +991,11 @@ impl Store {
                 k
             }
         };
+        let mut lo = lo;
+        if let Some(seq) = q.event_seq {
+            lo = lo.max(bound(seq));
+            hi = hi.min(bound(seq.saturating_add(1)));
+        }
         if let Some(cursor) = q.cursor {
             let mut k = prefix.clone();
             k.extend_from_slice(&cursor.to_bytes());

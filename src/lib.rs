@@ -258,7 +258,7 @@ impl Engine {
             deliverer,
             scheduler: scheduler.clone(),
             manual_retries: manual_retry::ManualRetryLimits::new(),
-            ui: ui::UiState::new(&config),
+            ui: ui::UiState::new(&config, store.clone()),
         });
         let server_tasks = vec![
             tokio::spawn(server::serve(

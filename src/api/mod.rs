@@ -378,9 +378,7 @@ async fn route(
         (&M::GET, ["v1", "accounts", a, "webhooks", w, "deliveries"]) => {
             deliveries::list_for_webhook(s, call, a, w)
         }
-        (&M::GET, ["v1", "accounts", a, "webhooks", w, "stats"]) => {
-            stats::webhook(s, call, a, w)
-        }
+        (&M::GET, ["v1", "accounts", a, "webhooks", w, "stats"]) => stats::webhook(s, call, a, w),
         (&M::GET, ["v1", "admin", "stats"]) => stats::admin(s, call).await,
         (&M::GET, ["v1", "accounts", a, "deliveries"]) => deliveries::list(s, call, a),
         (&M::GET, ["v1", "accounts", a, "deliveries", d]) => deliveries::get(s, call, a, d),

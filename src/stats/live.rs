@@ -154,10 +154,19 @@ mod tests {
         assert_eq!((hour[58].minute, hour[58].events), (1_000, 42));
         assert_eq!((hour[59].delivered, hour[59].failed), (40, 2));
         assert_eq!((hour[59].lag_ms, hour[59].waiting), (800, 5));
-        assert_eq!(hour[0], Minute { minute: 942, ..Default::default() });
+        assert_eq!(
+            hour[0],
+            Minute {
+                minute: 942,
+                ..Default::default()
+            }
+        );
         // Old minutes fall out.
         live.add_events(t0 + 200 * MINUTE_MS, 1);
-        assert!(live.last_hour(t0 + 200 * MINUTE_MS).iter().all(|m| m.events == 0));
+        assert!(live
+            .last_hour(t0 + 200 * MINUTE_MS)
+            .iter()
+            .all(|m| m.events == 0));
         assert!(live.minutes.lock().unwrap().len() <= MINUTES);
     }
 }

@@ -308,7 +308,10 @@ mod tests {
             }
             assert_eq!(bucket_of(lo), i);
             assert_eq!(bucket_of(hi), i);
-            assert!((hi - lo) as f64 <= lo as f64 / 16.0, "bucket {i}: {lo}..{hi}");
+            assert!(
+                (hi - lo) as f64 <= lo as f64 / 16.0,
+                "bucket {i}: {lo}..{hi}"
+            );
             last_hi = Some(hi);
         }
         assert_eq!(bucket_of(u64::MAX), bucket_of(u64::MAX - 1));
@@ -391,18 +394,25 @@ mod tests {
             signature: String::new(),
         };
         let of = |success, s: Settled| AttemptStat::of(WebhookId(1), &a, success, &s);
-        assert_eq!(of(true, Settled::Delivered).unwrap().outcome, Outcome::Delivered);
+        assert_eq!(
+            of(true, Settled::Delivered).unwrap().outcome,
+            Outcome::Delivered
+        );
         assert_eq!(
             of(false, Settled::Retrying { next_ms: 9 }).unwrap().outcome,
             Outcome::Retrying
         );
         assert_eq!(of(false, Settled::Failed).unwrap().outcome, Outcome::Failed);
         assert_eq!(
-            of(true, Settled::RetryQueued { next_ms: 9 }).unwrap().outcome,
+            of(true, Settled::RetryQueued { next_ms: 9 })
+                .unwrap()
+                .outcome,
             Outcome::Delivered
         );
         assert_eq!(
-            of(false, Settled::RetryQueued { next_ms: 9 }).unwrap().outcome,
+            of(false, Settled::RetryQueued { next_ms: 9 })
+                .unwrap()
+                .outcome,
             Outcome::Retrying
         );
         assert_eq!(of(false, Settled::Gone), None);

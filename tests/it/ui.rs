@@ -156,7 +156,7 @@ fn assert_secure_headers(a: &Answer) {
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert_eq!(a.header("x-content-type-options"), "nosniff");
-    assert_eq!(a.header("referrer-policy"), "no-referrer");
+    assert_eq!(a.header("referrer-policy"), "same-origin");
 }
 
 #[tokio::test]

@@ -14,9 +14,8 @@ use crate::stats::{self, live::Minute, Bucket, Window};
 pub fn parse_window(raw: Option<&str>) -> Result<Window, ApiError> {
     match raw {
         None | Some("") => Ok(Window::Day),
-        Some(w) => Window::parse(w).ok_or_else(|| {
-            ApiError::bad_request("invalid_query", "window must be 24h or 7d")
-        }),
+        Some(w) => Window::parse(w)
+            .ok_or_else(|| ApiError::bad_request("invalid_query", "window must be 24h or 7d")),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test support: a throw-away PKI (rcgen), real HTTPS receivers, an engine on 127.0.0.1:0 with
 //! its own data directory, and a small JSON client for the API.
 
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

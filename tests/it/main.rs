@@ -3,8 +3,8 @@
 //! HTTPS receivers; `common` holds the shared helpers.
 #![allow(dead_code)]
 
-mod api;
 mod common;
+mod api;
 mod crash;
 mod delivery;
 mod edge;

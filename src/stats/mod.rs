@@ -374,7 +374,10 @@ mod tests {
         assert_eq!(week.len(), 7);
         assert_eq!(week[6].start_ms, 100 * DAY_MS);
         assert_eq!(week.iter().map(Bucket::attempts).sum::<u64>(), 4);
-        assert_eq!(week[5].delivered, 1, "30 h ago is yesterday (UTC)");
+        assert_eq!(
+            week[4].delivered, 1,
+            "05:00 less 30 h is the day before yesterday"
+        );
         assert_eq!(success_rate(&day), Some(100.0 / 3.0));
         assert_eq!(Window::Day.first_hour(now), hour(23));
         assert_eq!(Window::Week.first_hour(now), (94 * DAY_MS) / HOUR_MS);

@@ -1043,7 +1043,7 @@ async fn health_charts_and_the_webhook_list_show_the_api_s_numbers() {
     assert!(page.body.contains("role=\"img\" id=\"chart-outcomes\""));
     assert!(page
         .body
-        .contains("aria-labelledby=\"chart-outcomes-t chart-outcomes-d\""));
+        .contains("aria-labelledby=\"chart-outcomes-t\" aria-describedby=\"chart-outcomes-d\""));
     assert!(page.body.contains("role=\"img\" id=\"chart-latency\""));
     assert!(page
         .body

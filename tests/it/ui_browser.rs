@@ -834,8 +834,12 @@ async fn charts_overview_and_log_search_in_a_real_browser() {
     let mut event_ids = Vec::new();
     for i in 0..4 {
         event_ids.push(
-            eng.event("acme", "visitor.checked_in", json!({ "visitor": { "n": i } }))
-                .await,
+            eng.event(
+                "acme",
+                "visitor.checked_in",
+                json!({ "visitor": { "n": i } }),
+            )
+            .await,
         );
     }
     good.wait_for(4, Duration::from_secs(10)).await;
@@ -861,7 +865,11 @@ async fn charts_overview_and_log_search_in_a_real_browser() {
     b.wait_heading("acme").await;
     // The list: rates, sparklines, the failing webhook marked.
     b.named("th", "Success (24 h)").await;
-    let marks = script(&b, "return Array.from(document.querySelectorAll('.flag')).map(e => e.textContent);").await;
+    let marks = script(
+        &b,
+        "return Array.from(document.querySelectorAll('.flag')).map(e => e.textContent);",
+    )
+    .await;
     assert_eq!(marks, json!(["Failing: the last 4 attempts failed"]));
     b.check("webhooks-health").await;
 
@@ -885,7 +893,8 @@ async fn charts_overview_and_log_search_in_a_real_browser() {
         )
         .await;
     assert_eq!(count(&log) as u64, json_numbers(&day)[23][0]);
-    b.named("svg", "Endpoint response time, last 24 hours").await;
+    b.named("svg", "Endpoint response time, last 24 hours")
+        .await;
     b.check("webhook-health").await;
     b.click_named("Last 7 days").await;
     b.named("svg", "Attempts by outcome, last 7 days").await;
@@ -914,9 +923,13 @@ async fn charts_overview_and_log_search_in_a_real_browser() {
     b.check("deliveries-search").await;
 
     // The failing webhook says since when; the edit form offers the signature scheme.
-    b.goto(&format!("{base}/ui/a/acme/webhooks/{bad_hook}")).await;
+    b.goto(&format!("{base}/ui/a/acme/webhooks/{bad_hook}"))
+        .await;
     b.wait_heading("Slack Notifications").await;
-    assert_eq!(bar_numbers(&b, "chart-outcomes").await, json_numbers(&bad_day));
+    assert_eq!(
+        bar_numbers(&b, "chart-outcomes").await,
+        json_numbers(&bad_day)
+    );
     let verdict = b.find("#health-verdict").await;
     assert!(b.text(&verdict).await.starts_with("Failing since"));
     b.check("webhook-health-failing").await;
@@ -937,10 +950,17 @@ async fn charts_overview_and_log_search_in_a_real_browser() {
     b.wait_heading("Overview").await;
     let (_, stats) = eng.api.admin(Method::GET, "/v1/admin/stats", None).await;
     let active = b.find("#fig-active").await;
-    assert_eq!(b.text(&active).await, stats["webhooks"]["active"].to_string());
+    assert_eq!(
+        b.text(&active).await,
+        stats["webhooks"]["active"].to_string()
+    );
     let waiting = b.find("#fig-backlog").await;
-    assert_eq!(b.text(&waiting).await, stats["backlog"]["total"].to_string());
-    b.named("svg", "Events and deliveries per second, last hour").await;
+    assert_eq!(
+        b.text(&waiting).await,
+        stats["backlog"]["total"].to_string()
+    );
+    b.named("svg", "Events and deliveries per second, last hour")
+        .await;
     b.check("overview").await;
     b.click_named("Accounts").await;
     b.wait_heading("Accounts").await;

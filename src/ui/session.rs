@@ -295,6 +295,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn stored_sessions_come_back_until_they_expire_or_end() {
+        let (_, registry) = setup(60, 3600);
+        let limits = UiLimits {
+            session_idle: Duration::from_secs(60),
+            session_absolute: Duration::from_secs(3600),
+            login_attempts_per_minute: 10,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), false).unwrap());
+        let acme = AccountId::parse("acme").unwrap();
+        let sessions = Sessions::persistent(&limits, store.clone());
+        let kept = sessions.create(Caller::Account(acme.clone()), &registry);
+        let ended = sessions.create(Caller::Admin, &registry);
+        let csrf = sessions.lookup(&kept, &registry).unwrap().csrf;
+        sessions.remove(&ended);
+        // A restart: a new map from the store.
+        let again = Sessions::persistent(&limits, store.clone());
+        let s = again.lookup(&kept, &registry).expect("survives");
+        assert_eq!((s.caller, s.csrf), (Caller::Account(acme), csrf));
+        assert!(again.lookup(&ended, &registry).is_none(), "signed out stays out");
+        // Idle past the limit: not loaded, and removed from the store.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let later = Sessions::persistent(&limits, store.clone());
+        assert!(later.is_empty());
+        assert!(store.sessions().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn idle_timeout_ends_a_session_and_use_extends_it() {
         let (sessions, registry) = setup(30 * 60, 12 * 3600);
         let id = sessions.create(Caller::Admin, &registry);
@@ -324,7 +352,9 @@ mod tests {
             tokio::time::advance(Duration::from_secs(20 * 60)).await;
             assert!(sessions.lookup(&id, &registry).is_some());
         }
-        tokio::time::advance(Duration::from_secs(20 * 60)).await;
+        // A second more: the engine clock's base is process-wide, and a test running
+        // alongside may set it a moment after this runtime's paused clock started.
+        tokio::time::advance(Duration::from_secs(20 * 60 + 1)).await;
         assert!(
             sessions.lookup(&id, &registry).is_none(),
             "12 h after sign-in"

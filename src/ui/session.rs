@@ -314,7 +314,10 @@ mod tests {
         let again = Sessions::persistent(&limits, store.clone());
         let s = again.lookup(&kept, &registry).expect("survives");
         assert_eq!((s.caller, s.csrf), (Caller::Account(acme), csrf));
-        assert!(again.lookup(&ended, &registry).is_none(), "signed out stays out");
+        assert!(
+            again.lookup(&ended, &registry).is_none(),
+            "signed out stays out"
+        );
         // Idle past the limit: not loaded, and removed from the store.
         tokio::time::advance(Duration::from_secs(61)).await;
         let later = Sessions::persistent(&limits, store.clone());

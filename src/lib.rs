@@ -43,6 +43,7 @@ pub mod scheduler;
 pub mod secrets;
 pub mod server;
 pub mod signing;
+pub mod stats;
 pub mod store;
 pub mod ui;
 pub mod wheel;
@@ -270,7 +271,7 @@ impl Engine {
             deliverer,
             scheduler: scheduler.clone(),
             manual_retries: manual_retry::ManualRetryLimits::new(),
-            ui: ui::UiState::new(&config),
+            ui: ui::UiState::new(&config, store.clone()),
             auth_guard: api::guard::AuthGuard::default(),
         });
         let server_tasks = vec![
@@ -294,7 +295,10 @@ impl Engine {
                 shutdown_rx.clone(),
             )),
         ];
-        let background = vec![metrics::spawn_upkeep(prometheus)];
+        let background = vec![
+            metrics::spawn_upkeep(prometheus),
+            stats::live::spawn_sampler(store.clone(), scheduler.clone()),
+        ];
         tracing::info!(api = %api_addr, metrics = %metrics_addr, tls = config.server.tls_cert.is_some(), "kyberhook is serving");
         Ok(Engine {
             api_addr,

@@ -15,6 +15,7 @@ pub mod domain;
 pub mod error;
 mod events;
 pub mod guard;
+pub mod stats;
 mod webhooks;
 
 /// The request bodies the API parses, for tools outside the crate (the fuzz targets).
@@ -441,6 +442,8 @@ async fn route(
         (&M::GET, ["v1", "accounts", a, "webhooks", w, "deliveries"]) => {
             deliveries::list_for_webhook(s, call, a, w)
         }
+        (&M::GET, ["v1", "accounts", a, "webhooks", w, "stats"]) => stats::webhook(s, call, a, w),
+        (&M::GET, ["v1", "admin", "stats"]) => stats::admin(s, call).await,
         (&M::GET, ["v1", "accounts", a, "deliveries"]) => deliveries::list(s, call, a),
         (&M::GET, ["v1", "accounts", a, "deliveries", d]) => deliveries::get(s, call, a, d),
         (&M::POST, ["v1", "accounts", a, "deliveries", d, "retry"]) => {
@@ -494,6 +497,10 @@ pub const ROUTES: &[(&str, &str)] = &[
         "GET",
         "/v1/accounts/{account_id}/webhooks/{webhook_id}/deliveries",
     ),
+    (
+        "GET",
+        "/v1/accounts/{account_id}/webhooks/{webhook_id}/stats",
+    ),
     ("GET", "/v1/accounts/{account_id}/deliveries"),
     ("GET", "/v1/accounts/{account_id}/deliveries/{delivery_id}"),
     (
@@ -502,6 +509,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ),
     // Streamed: matched by `handle_streaming` before the JSON router.
     ("POST", "/v1/admin/backup"),
+    ("GET", "/v1/admin/stats"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
 ];

@@ -18,6 +18,7 @@ pub mod format;
 pub mod fsat;
 pub mod keys;
 mod purge;
+mod stats;
 pub mod tracked;
 mod unwritten;
 mod writes;
@@ -164,6 +165,8 @@ pub struct DeliveryQuery {
     pub event: Option<String>,
     pub since_ms: Option<u64>,
     pub until_ms: Option<u64>,
+    /// Only the deliveries of the event with this sequence number.
+    pub event_seq: Option<u64>,
     /// Exclusive upper bound: the last id of the previous page.
     pub cursor: Option<DeliveryId>,
     pub limit: usize,
@@ -237,6 +240,14 @@ pub struct Store {
     /// Deliveries created but not written yet (see `unwritten`): [`Store::get_delivery`]
     /// reads them first.
     unwritten: unwritten::Unwritten,
+    /// Per-webhook hourly delivery statistics (see `stats`).
+    stats: Tree,
+    /// Dashboard sessions, sealed (see `stats`).
+    sessions: Tree,
+    /// The last cutoff hour retention dropped statistics before.
+    stats_purged_hour: std::sync::atomic::AtomicU64,
+    /// The engine's last hour, per minute (memory only).
+    live: crate::stats::live::Live,
 }
 
 /// How long [`open_sled`] waits for a file lock that a closing instance still holds.
@@ -342,6 +353,10 @@ impl Store {
             by_webhook: tree("by_webhook")?,
             by_account,
             schedule: tree("schedule")?,
+            stats: tree("stats")?,
+            sessions: tree("sessions")?,
+            stats_purged_hour: Default::default(),
+            live: Default::default(),
             unwritten: Default::default(),
             db_file,
             blobs_dir: path.join("blobs"),
@@ -632,6 +647,7 @@ impl Store {
                 waiting += u64::from(self.delete_delivery(id)?);
             }
         }
+        self.delete_webhook_stats(hook.id)?;
         self.webhooks
             .remove(keys::webhook(&hook.account_id, hook.id))?;
         Ok(waiting)
@@ -747,6 +763,8 @@ impl Store {
         self.inbox.write_in_order(inbox)?;
         self.events.write_in_order(ev)?;
         self.event_ids.write_in_order(ids)?;
+        self.live
+            .add_events(crate::clock::now_ms(), events.len() as u64);
         Ok(())
     }
 
@@ -974,6 +992,11 @@ impl Store {
                 k
             }
         };
+        let mut lo = lo;
+        if let Some(seq) = q.event_seq {
+            lo = lo.max(bound(seq));
+            hi = hi.min(bound(seq.saturating_add(1)));
+        }
         if let Some(cursor) = q.cursor {
             let mut k = prefix.clone();
             k.extend_from_slice(&cursor.to_bytes());

@@ -10,6 +10,7 @@
 //! CSS/JS of our own are compiled in too ([`assets`]). Nothing changes state on a GET.
 
 mod assets;
+mod charts;
 mod pages;
 mod screens;
 pub mod session;
@@ -43,11 +44,12 @@ pub struct UiState {
 }
 
 impl UiState {
-    pub fn new(config: &Config) -> Self {
+    /// The dashboard's state; sessions are kept in (and reloaded from) `store`.
+    pub fn new(config: &Config, store: std::sync::Arc<crate::store::Store>) -> Self {
         let per_minute =
             NonZeroU32::new(config.ui.login_attempts_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         UiState {
-            sessions: Sessions::new(&config.ui),
+            sessions: Sessions::persistent(&config.ui, store),
             login_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
         }
     }
@@ -68,7 +70,7 @@ fn secured(mut r: Page, no_store: bool) -> Page {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if no_store {
@@ -176,9 +178,11 @@ fn session_cookie<B>(req: &Request<B>) -> Option<String> {
 
 /// Refuses a request a browser marks as coming from another site: `Sec-Fetch-Site` other
 /// than same-origin/none or, from a browser that does not send it, an `Origin` that is not
-/// this server. `Sec-Fetch-Site` decides when present because our `Referrer-Policy:
-/// no-referrer` makes browsers send `Origin: null` even on same-origin form posts. (A client
-/// sending neither, such as curl, still needs the form's CSRF token.)
+/// this server (`null` included). Our `Referrer-Policy: same-origin` keeps the referrer, and
+/// with it a real `Origin`, on same-origin requests — under `no-referrer` browsers send
+/// `Origin: null` even on same-origin form posts, which refused every POST of a browser
+/// without `Sec-Fetch-Site`. (A client sending neither, such as curl, still needs the form's
+/// CSRF token.)
 fn cross_site<B>(config: &Config, req: &Request<B>) -> bool {
     let headers = req.headers();
     if let Some(site) = headers.get("sec-fetch-site") {

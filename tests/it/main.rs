@@ -27,6 +27,7 @@ mod security;
 mod semantics;
 #[cfg(unix)]
 mod service;
+mod stats;
 mod storage;
 mod tenancy;
 mod ui;

@@ -91,7 +91,7 @@ private_network_allowlist = ["127.0.0.0/8"]
 events_per_second = 0
 [log]
 format = "json"
-level = "warn"
+level = "info"
 "#,
         data = dir.join("data").display(),
         admin = common::ADMIN,

@@ -17,7 +17,7 @@ use crossbeam::channel::Receiver;
 
 use super::MAX_BATCH;
 use crate::clock;
-use crate::delivery::{Deliveries, DeliveryError};
+use crate::delivery::{self, Deliveries, DeliveryError, FirstAttempt};
 use crate::ids::DeliveryId;
 use crate::model::{DeliveryRecord, EventRecord};
 use crate::registry::Registry;
@@ -129,13 +129,13 @@ impl Fanout {
                     seq: e.seq,
                     webhook: hook.hook.id,
                 };
-                let mut record = DeliveryRecord::new(id, e, now, false);
-                if recovery == Recovery::No {
+                let due = match recovery {
                     // Owed since its event was committed: the dispatcher's lag (and the
                     // push-back, `crate::pushback`) then counts from the 202, not from here.
-                    record.next_attempt_ms = Some(crate::ids::seq_time_ms(e.seq).min(now));
-                }
-                records.push(record);
+                    Recovery::No => crate::ids::seq_time_ms(e.seq).min(now),
+                    Recovery::Yes => now,
+                };
+                records.push(delivery::created(id, e, now, FirstAttempt::Due(due)));
                 if records.len() >= FANOUT_CHUNK {
                     self.hand_over(std::mem::take(&mut records), recovery, &pending)?;
                 }

@@ -13,7 +13,9 @@
 //! | manual retry | any | `retrying` (`pending` stays), due now | [`retry_by_hand`] |
 //! | recover | `failed` in a window | `retrying`, due now, noted | [`recover`] |
 //! | 410 Gone | another open delivery of the webhook | `failed`, noted | [`end_gone`] |
-//! | delete | any | removed with its webhook or account | (the writer's `Forget`; an outcome after it settles [`Settled::Gone`]) |
+//! | delete | any | removed with its webhook or account | the writer's `Forget` |
+//!
+//! An attempt whose delivery was deleted while it ran writes nothing: [`Settled::Gone`].
 //!
 //! A delivery's status and next-attempt time are set in one place, [`enter`], and always
 //! together: a record is open (`pending`/`retrying`) exactly when it carries a token, the

@@ -3,7 +3,7 @@
 //! Committed events that some webhook subscribes to enter from the group committer
 //! ([`super::commit`]) over a bounded channel; for each matching webhook in the registry a
 //! delivery record is created and its first attempt handed to the scheduler. The records are
-//! written by the delivery writer ([`crate::delivery`]), which holds them unwritten for a short
+//! written by the delivery writer ([`crate::delivery`]), which holds them for a short
 //! window so that most are written once, settled; this thread waits only until their first
 //! attempts are scheduled (which paces it to the writer), not for the write. The
 //! sequence numbers of events whose deliveries are all written leave through `fanned` (put

@@ -81,7 +81,7 @@ use tokio::sync::{watch, Semaphore};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-const ADMIN: &str = "bench-admin-token-0123456789";
+const ADMIN: &str = "bench-admin-token-0123456789abcdef";
 /// Receiver counters are kept per phase, by the first path segment `/p{N}/…`.
 const PHASES: usize = 16;
 const LATENCY_PHASE: usize = 7;

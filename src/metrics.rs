@@ -174,6 +174,10 @@ fn describe() {
         Unit::Seconds,
         "API request latency by matched route."
     );
+    describe_counter!(
+        "kyberhook_auth_failures_total",
+        "Wrong bearer tokens on /v1 (outcome=unauthorized) and requests refused with 429 because their address sent too many (outcome=limited)."
+    );
 }
 
 /// Runs the exporter's housekeeping (histogram windows) in the background.

@@ -9,7 +9,6 @@ use super::domain::deliveries as domain;
 use super::{json_response, list_response, ApiError, ApiResult, AppState, Call};
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{rfc3339, AttemptRecord, DeliveryRecord};
-use crate::store::DeliveryQuery;
 
 pub fn summary(d: &DeliveryRecord) -> Value {
     json!({
@@ -45,7 +44,7 @@ fn attempt_view(a: &AttemptRecord) -> Value {
     })
 }
 
-fn page_response(state: &AppState, account: &AccountId, q: DeliveryQuery) -> ApiResult {
+fn page_response(state: &AppState, account: &AccountId, q: domain::LogQuery) -> ApiResult {
     let page = domain::list_deliveries(state, account, &q)?;
     Ok(list_response(
         page.items.iter().map(summary).collect(),

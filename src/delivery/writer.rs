@@ -87,6 +87,8 @@ struct Drain {
     wheel: Vec<(DeliveryId, u64, u64)>,
     /// Webhook outcomes for the failure count, in order.
     outcomes: Vec<(WebhookId, bool)>,
+    /// Attempts for their webhooks' statistics (test sends excluded).
+    stats: Vec<crate::stats::AttemptStat>,
     /// Webhooks whose endpoint answered `410 Gone`, with the delivery that got it.
     gone: Vec<(WebhookId, DeliveryId)>,
     /// Changes of whether a delivery waits for an attempt, for the account's backlog count:
@@ -288,6 +290,11 @@ impl WriterContext {
                 }
                 let (settled, step) =
                     state::settle(&mut record, token, &attempt, success, &self.config, now);
+                if !is_test {
+                    d.stats.extend(crate::stats::AttemptStat::of(
+                        id.webhook, &attempt, success, &settled,
+                    ));
+                }
                 d.attempts.push((id, attempt));
                 d.apply(record, step);
                 if !is_test {
@@ -464,6 +471,7 @@ impl WriterContext {
             attempts: d.attempts,
             deliveries: d.records.into_values().collect(),
             indexed: d.indexed,
+            stats: d.stats,
             ..Default::default()
         };
         for ((due, id), keep) in d.schedule {

@@ -260,6 +260,7 @@ mod tests {
             event: None,
             since_ms: None,
             until_ms: None,
+            event_seq: None,
             cursor: None,
             limit: 4,
         };

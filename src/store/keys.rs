@@ -18,6 +18,8 @@
 //! | `by_webhook`  | webhook u64 · delivery id (16)           | empty                  |
 //! | `by_account`  | acc(len u8, bytes) · seq u64             | empty                  |
 //! | `schedule`    | due unix ms u64 · delivery id (16)       | empty                  |
+//! | `stats`       | webhook u64 · unix hour u64              | `stats::Counts`        |
+//! | `sessions`    | SHA-256 of the session cookie (32)       | sealed session (text)  |
 //!
 //! `seq` is time-ordered (`ids::Sequencer`), so `deliveries`, `by_webhook` and `by_account`
 //! sort by creation time, and retention is a scan from the front of `deliveries`.
@@ -116,6 +118,19 @@ pub fn schedule(due_ms: u64, id: DeliveryId) -> [u8; 24] {
 /// Splits a `schedule` key into (due ms, delivery id).
 pub fn schedule_parts(key: &[u8]) -> Option<(u64, DeliveryId)> {
     Some((seq_from(key)?, DeliveryId::from_bytes(key.get(8..24)?)?))
+}
+
+/// A webhook's statistics bucket of one hour (unix ms / 3 600 000).
+pub fn stats(webhook: WebhookId, hour: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&webhook.0.to_be_bytes());
+    key[8..].copy_from_slice(&hour.to_be_bytes());
+    key
+}
+
+/// Splits a `stats` key into (webhook, hour).
+pub fn stats_parts(key: &[u8]) -> Option<(WebhookId, u64)> {
+    Some((WebhookId(seq_from(key)?), seq_from(key.get(8..)?)?))
 }
 
 /// The delivery id at the end of a `by_webhook` key (or a format-2 `by_account` key).

@@ -15,9 +15,11 @@
 pub mod backup;
 pub mod compact;
 pub mod format;
+pub mod fsat;
 mod held;
 pub mod keys;
 mod purge;
+mod stats;
 pub mod tracked;
 mod writes;
 
@@ -163,6 +165,8 @@ pub struct DeliveryQuery {
     pub event: Option<String>,
     pub since_ms: Option<u64>,
     pub until_ms: Option<u64>,
+    /// Only the deliveries of the event with this sequence number.
+    pub event_seq: Option<u64>,
     /// Exclusive upper bound: the last id of the previous page.
     pub cursor: Option<DeliveryId>,
     pub limit: usize,
@@ -236,6 +240,14 @@ pub struct Store {
     /// Deliveries created but not written yet (see `held`): [`Store::get_delivery`]
     /// reads them first.
     held: held::HeldDeliveries,
+    /// Per-webhook hourly delivery statistics (see `stats`).
+    stats: Tree,
+    /// Dashboard sessions, sealed (see `stats`).
+    sessions: Tree,
+    /// The last cutoff hour retention dropped statistics before.
+    stats_purged_hour: std::sync::atomic::AtomicU64,
+    /// The engine's last hour, per minute (memory only).
+    live: crate::stats::live::Live,
 }
 
 /// How long [`open_sled`] waits for a file lock that a closing instance still holds.
@@ -341,6 +353,10 @@ impl Store {
             by_webhook: tree("by_webhook")?,
             by_account,
             schedule: tree("schedule")?,
+            stats: tree("stats")?,
+            sessions: tree("sessions")?,
+            stats_purged_hour: Default::default(),
+            live: Default::default(),
             held: Default::default(),
             db_file,
             blobs_dir: path.join("blobs"),
@@ -631,6 +647,7 @@ impl Store {
                 waiting += u64::from(self.delete_delivery(id)?);
             }
         }
+        self.delete_webhook_stats(hook.id)?;
         self.webhooks
             .remove(keys::webhook(&hook.account_id, hook.id))?;
         Ok(waiting)
@@ -744,6 +761,8 @@ impl Store {
         self.inbox.write_in_order(inbox)?;
         self.events.write_in_order(ev)?;
         self.event_ids.write_in_order(ids)?;
+        self.live
+            .add_events(crate::clock::now_ms(), events.len() as u64);
         Ok(())
     }
 
@@ -971,6 +990,11 @@ impl Store {
                 k
             }
         };
+        let mut lo = lo;
+        if let Some(seq) = q.event_seq {
+            lo = lo.max(bound(seq));
+            hi = hi.min(bound(seq.saturating_add(1)));
+        }
         if let Some(cursor) = q.cursor {
             let mut k = prefix.clone();
             k.extend_from_slice(&cursor.to_bytes());
@@ -1121,42 +1145,17 @@ fn settle_key(path: &Path, source: &KeySource, webhooks: &Tree) -> Result<Secret
 /// files 0600. The engine also sets its umask to 077 (`lib.rs`), so that files sled creates
 /// later (log segments, snapshots, blobs) are born private; this walk covers a data dir
 /// written before, or by another process.
+/// Makes the data dir 0700 and its files 0600. Works on descriptors ([`fsat`]): run as root
+/// on a data dir its owner can change meanwhile, it never follows a symlink or opens a FIFO,
+/// so no file outside the data dir is ever chmodded.
 fn make_private(path: &Path) -> Result<()> {
     let err = |p: &Path| {
         let p = p.to_path_buf();
         move |source| StoreError::Permissions { path: p, source }
     };
     std::fs::create_dir_all(path).map_err(err(path))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mut dirs = vec![path.to_path_buf()];
-        while let Some(dir) = dirs.pop() {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(err(&dir))?;
-            for entry in std::fs::read_dir(&dir).map_err(err(&dir))? {
-                let entry = entry.map_err(err(&dir))?;
-                let kind = entry.file_type().map_err(err(&entry.path()))?;
-                if kind.is_dir() {
-                    dirs.push(entry.path());
-                } else if kind.is_file() {
-                    let mode = entry
-                        .metadata()
-                        .map_err(err(&entry.path()))?
-                        .permissions()
-                        .mode();
-                    if mode & 0o077 != 0 {
-                        std::fs::set_permissions(
-                            entry.path(),
-                            std::fs::Permissions::from_mode(0o600),
-                        )
-                        .map_err(err(&entry.path()))?;
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
+    let dir = fsat::open_dir(path).map_err(err(path))?;
+    fsat::make_private(&dir).map_err(err(path))
 }
 
 fn decode_opt<T: serde::de::DeserializeOwned>(value: Option<IVec>) -> Result<Option<T>> {

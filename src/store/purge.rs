@@ -88,6 +88,10 @@ impl Store {
                 None => break,
             }
         }
+        if go_on() {
+            // Statistics follow the history they summarise.
+            self.purge_stats_before(cutoff_ms)?;
+        }
         Ok(purged)
     }
 

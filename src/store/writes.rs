@@ -8,6 +8,7 @@ use super::{keys, Result, Store};
 use crate::codec;
 use crate::ids::{AccountId, DeliveryId};
 use crate::model::{AttemptRecord, DeliveryRecord};
+use crate::stats::AttemptStat;
 
 /// Everything one drain of the delivery writer changes, applied by
 /// [`Store::apply_delivery_writes`] tree by tree, write by write, in the order that keeps the
@@ -25,6 +26,9 @@ pub struct DeliveryWrites {
     pub indexed: Vec<(AccountId, DeliveryId)>,
     /// Schedule entries no record points to any more (removed last).
     pub schedule_remove: Vec<(u64, DeliveryId)>,
+    /// The drain's attempts for their webhooks' statistics (written after everything else:
+    /// not part of what recovery relies on).
+    pub stats: Vec<AttemptStat>,
 }
 
 impl DeliveryWrites {
@@ -73,6 +77,7 @@ impl DeliveryWrites {
             && self.deliveries.is_empty()
             && self.indexed.is_empty()
             && self.schedule_remove.is_empty()
+            && self.stats.is_empty()
     }
 }
 
@@ -124,6 +129,7 @@ impl Store {
             sc.remove(&keys::schedule(*due, *id));
         }
         self.schedule.write_in_order(sc)?;
+        self.add_stats(&w.stats)?;
         Ok(())
     }
 }

@@ -10,6 +10,7 @@
 //! CSS/JS of our own are compiled in too ([`assets`]). Nothing changes state on a GET.
 
 mod assets;
+mod charts;
 mod pages;
 mod screens;
 pub mod session;
@@ -43,11 +44,12 @@ pub struct UiState {
 }
 
 impl UiState {
-    pub fn new(config: &Config) -> Self {
+    /// The dashboard's state; sessions are kept in (and reloaded from) `store`.
+    pub fn new(config: &Config, store: std::sync::Arc<crate::store::Store>) -> Self {
         let per_minute =
             NonZeroU32::new(config.ui.login_attempts_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         UiState {
-            sessions: Sessions::new(&config.ui),
+            sessions: Sessions::persistent(&config.ui, store),
             login_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
         }
     }
@@ -68,7 +70,7 @@ fn secured(mut r: Page, no_store: bool) -> Page {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if no_store {
@@ -88,13 +90,32 @@ pub fn html(status: StatusCode, body: String) -> Page {
 }
 
 /// `303 See Other`: the answer to every successful form POST (and to a GET needing sign-in).
+/// A location that is not a local path (see [`local_path`]) is a 400, never a panic.
 pub fn redirect(location: &str) -> Page {
+    let Some(value) = local_path(location).and_then(|l| HeaderValue::from_str(l).ok()) else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "That is not a page of this dashboard.",
+        );
+    };
     let r = Response::builder()
         .status(StatusCode::SEE_OTHER)
-        .header(header::LOCATION, location)
+        .header(header::LOCATION, value)
         .body(Full::new(Bytes::new()))
         .expect("static response parts are valid");
     secured(r, true)
+}
+
+/// `path` when it is a path on this server: starts with one `/`, no scheme or host (`//`,
+/// `/\`), and only printable ASCII — CR/LF would split the `Location` header, and anything
+/// else is not what a form of ours sends.
+pub fn local_path(path: &str) -> Option<&str> {
+    let local = path.starts_with('/')
+        && !path.starts_with("//")
+        && !path.starts_with("/\\")
+        && !path.contains('\\')
+        && path.bytes().all(|b| b.is_ascii_graphic());
+    local.then_some(path)
 }
 
 fn error_page(status: StatusCode, message: &str) -> Page {
@@ -157,9 +178,11 @@ fn session_cookie<B>(req: &Request<B>) -> Option<String> {
 
 /// Refuses a request a browser marks as coming from another site: `Sec-Fetch-Site` other
 /// than same-origin/none or, from a browser that does not send it, an `Origin` that is not
-/// this server. `Sec-Fetch-Site` decides when present because our `Referrer-Policy:
-/// no-referrer` makes browsers send `Origin: null` even on same-origin form posts. (A client
-/// sending neither, such as curl, still needs the form's CSRF token.)
+/// this server (`null` included). Our `Referrer-Policy: same-origin` keeps the referrer, and
+/// with it a real `Origin`, on same-origin requests — under `no-referrer` browsers send
+/// `Origin: null` even on same-origin form posts, which refused every POST of a browser
+/// without `Sec-Fetch-Site`. (A client sending neither, such as curl, still needs the form's
+/// CSRF token.)
 fn cross_site<B>(config: &Config, req: &Request<B>) -> bool {
     let headers = req.headers();
     if let Some(site) = headers.get("sec-fetch-site") {
@@ -325,6 +348,7 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
     if state.ui.login_limiter.len() > 10_000 {
         state.ui.login_limiter.retain_recent();
     }
+    let previous_session = session_cookie(&req);
     let call = Call {
         req,
         caller: Caller::Admin,
@@ -340,7 +364,7 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
         .unwrap_or("");
     let caller = if token.is_empty() {
         None
-    } else if signing::constant_time_eq(token, &state.config.auth.admin_token) {
+    } else if crate::api::is_admin_token(state, token) {
         Some(Caller::Admin)
     } else {
         state
@@ -356,6 +380,10 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
             )),
         );
     };
+    // A new sign-in ends this browser's previous session: one browser, one live session.
+    if let Some(previous) = &previous_session {
+        state.ui.sessions.remove(previous);
+    }
     let id = state.ui.sessions.create(caller, &state.registry);
     let secure = if state.config.server.tls_cert.is_some() {
         "; Secure"

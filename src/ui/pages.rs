@@ -6,6 +6,7 @@ use askama::Template;
 use http::StatusCode;
 
 use super::assets;
+use super::charts::{LineChart, Sparkline, StackedChart};
 
 /// What every page's frame shows.
 pub struct Chrome {
@@ -93,6 +94,7 @@ pub struct AccountRow {
     pub created: String,
     pub open_href: String,
     pub delete_href: String,
+    pub manage_href: String,
 }
 
 #[derive(Template)]
@@ -104,6 +106,71 @@ pub struct AccountsPage {
     pub form_name: String,
     pub form_id: String,
     pub error: Option<String>,
+}
+
+/// A figure of the operator overview: label, value, and an element id for tests.
+pub struct Figure {
+    pub id: &'static str,
+    pub label: &'static str,
+    pub value: String,
+}
+
+pub struct MinuteRow {
+    pub start: String,
+    pub events: u64,
+    pub delivered: u64,
+    pub failed: u64,
+    pub lag_ms: u64,
+    pub waiting: u64,
+}
+
+pub struct BacklogRow {
+    pub name: String,
+    pub id: String,
+    pub href: String,
+    pub plan: String,
+    pub waiting: u64,
+    pub over: bool,
+}
+
+#[derive(Template)]
+#[template(path = "overview.html")]
+pub struct OverviewPage {
+    pub c: Chrome,
+    pub figures: Vec<Figure>,
+    pub webhooks: Vec<Figure>,
+    pub rates: LineChart,
+    pub lag: LineChart,
+    pub waiting: LineChart,
+    pub minutes: Vec<MinuteRow>,
+    pub top: Vec<BacklogRow>,
+    pub over: Vec<BacklogRow>,
+    pub quota: u64,
+}
+
+#[derive(Template)]
+#[template(path = "account.html")]
+pub struct AccountPage {
+    pub c: Chrome,
+    pub name: String,
+    pub id: String,
+    pub plan: String,
+    pub created: String,
+    pub webhooks: usize,
+    pub waiting: u64,
+    pub plans: Vec<Opt>,
+    pub plan_action: String,
+    pub rotate_href: String,
+    pub open_href: String,
+}
+
+#[derive(Template)]
+#[template(path = "api_key.html")]
+pub struct ApiKeyPage {
+    pub c: Chrome,
+    pub name: String,
+    pub api_key: String,
+    pub back_href: String,
 }
 
 #[derive(Template)]
@@ -128,6 +195,8 @@ pub struct ConfirmPage {
     pub detail: Option<String>,
     /// Offer the rotation grace period (Regenerate Secret).
     pub grace: bool,
+    /// Hidden form fields the confirmed POST carries.
+    pub hidden: Vec<(String, String)>,
     pub action: String,
     pub button: String,
     pub cancel_href: String,
@@ -160,6 +229,11 @@ pub struct WebhookRow {
     pub toggle_label: &'static str,
     pub toggle_to: &'static str,
     pub can_toggle: bool,
+    /// Attempts that succeeded in the last 24 hours ("—" without attempts).
+    pub rate: String,
+    pub spark: Sparkline,
+    /// A failing or lagging webhook's mark: (class, short text, explanation).
+    pub flag: Option<(&'static str, &'static str, String)>,
 }
 
 pub struct PlanView {
@@ -247,6 +321,8 @@ pub struct Step3Page {
     pub ip_allowlist: String,
     /// Whether the ordering select shows "fifo".
     pub fifo: bool,
+    /// Whether the signature scheme select shows Standard Webhooks.
+    pub standard: bool,
     pub error: Option<String>,
 }
 
@@ -262,6 +338,8 @@ pub struct HookView {
     pub failures: u32,
     /// How deliveries are ordered, in words.
     pub ordering: &'static str,
+    /// How requests are signed, in words.
+    pub scheme: &'static str,
     pub created: String,
     pub updated: String,
     pub href: String,
@@ -277,11 +355,40 @@ pub struct TestView {
     pub delivery_href: String,
 }
 
+/// One bucket of the health table (the chart's numbers, for screen readers and copying).
+pub struct HealthRow {
+    pub start: String,
+    pub delivered: u64,
+    pub retrying: u64,
+    pub failed: u64,
+    pub p50: String,
+    pub p95: String,
+}
+
+/// The webhook's delivery health over a window.
+pub struct HealthView {
+    /// "last 24 hours" or "last 7 days".
+    pub window_label: &'static str,
+    pub is_week: bool,
+    pub day_href: String,
+    pub week_href: String,
+    /// One sentence: healthy, or since when not.
+    pub verdict: String,
+    pub verdict_class: &'static str,
+    pub outcomes: StackedChart,
+    pub latency: LineChart,
+    pub rows: Vec<HealthRow>,
+    pub delivered: u64,
+    pub retrying: u64,
+    pub failed: u64,
+}
+
 #[derive(Template)]
 #[template(path = "webhook.html")]
 pub struct WebhookPage {
     pub c: Chrome,
     pub hook: HookView,
+    pub health: HealthView,
     pub paused: bool,
     pub toggle_label: &'static str,
     pub toggle_to: &'static str,
@@ -303,6 +410,8 @@ pub struct EditPage {
     pub ip_allowlist: String,
     /// Whether the ordering select shows "fifo".
     pub fifo: bool,
+    /// Whether the signature scheme select shows Standard Webhooks.
+    pub standard: bool,
     pub errors: FieldErrors,
     pub error: Option<String>,
 }
@@ -332,6 +441,8 @@ pub struct DeliveriesPage {
     pub events: Vec<Opt>,
     pub since: String,
     pub until: String,
+    pub event_id: String,
+    pub delivery_id: String,
     pub next_href: Option<String>,
     pub first_href: Option<String>,
     pub error: Option<String>,

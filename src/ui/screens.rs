@@ -9,13 +9,17 @@
 
 use http::StatusCode;
 
+use super::charts;
 use super::pages::{self, *};
 use super::{api_error_page, assets, html, redirect, Page, Req};
-use crate::api::domain::{self, accounts as acc, deliveries as dlv, webhooks as wh};
+use crate::api::domain::{self, accounts as acc, deliveries as dlv, stats as st, webhooks as wh};
 use crate::api::{ApiError, AppState, Caller};
 use crate::ids::{AccountId, DeliveryId, WebhookId};
-use crate::model::{event_family, rfc3339, DeliveryOrder, DeliveryStatus, Webhook, WebhookStatus};
+use crate::model::{
+    event_family, rfc3339, DeliveryOrder, DeliveryStatus, SignatureScheme, Webhook, WebhookStatus,
+};
 use crate::signing;
+use crate::stats::{self, Bucket, Window};
 
 /// Rows of the Deliveries tab per page.
 const DELIVERIES_PER_PAGE: usize = 25;
@@ -198,6 +202,21 @@ pub async fn route(state: &AppState, req: Req) -> Page {
             Ok(()) => create_account(&ctx).await,
             Err(e) => Err(e),
         },
+        (true, ["admin", "overview"]) => match admin(&ctx) {
+            Ok(()) => overview_page(&ctx).await,
+            Err(e) => Err(e),
+        },
+        (true, ["accounts", a]) => admin(&ctx).and_then(|_| account_page(&ctx, a)),
+        (true, ["accounts", a, "plan"]) => admin(&ctx).and_then(|_| confirm_plan(&ctx, a)),
+        (false, ["accounts", a, "plan"]) => match admin(&ctx) {
+            Ok(()) => change_plan(&ctx, a).await,
+            Err(e) => Err(e),
+        },
+        (true, ["accounts", a, "api-key"]) => admin(&ctx).and_then(|_| confirm_rotate_key(&ctx, a)),
+        (false, ["accounts", a, "api-key"]) => match admin(&ctx) {
+            Ok(()) => rotate_key(&ctx, a).await,
+            Err(e) => Err(e),
+        },
         (true, ["accounts", a, "delete"]) => {
             admin(&ctx).and_then(|_| confirm_delete_account(&ctx, a))
         }
@@ -240,6 +259,7 @@ fn accounts_page(
         .map(|a| AccountRow {
             open_href: format!("/ui/a/{}/webhooks", urlencode(a.id.as_str())),
             delete_href: format!("/ui/accounts/{}/delete", urlencode(a.id.as_str())),
+            manage_href: format!("/ui/accounts/{}", urlencode(a.id.as_str())),
             name: a.name,
             id: a.id.as_str().to_string(),
             plan: a.plan,
@@ -314,6 +334,7 @@ fn confirm_delete_account(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
             .into(),
         detail: Some(format!("Account ID: {}", id.as_str())),
         grace: false,
+        hidden: Vec::new(),
         action: format!("/ui/accounts/{}/delete", urlencode(id.as_str())),
         button: "Delete Account".into(),
         cancel_href: "/ui/accounts".into(),
@@ -327,6 +348,343 @@ async fn delete_account(ctx: &Ctx<'_>, raw: &str) -> Result<Page, ApiError> {
     acc::delete_account(ctx.state, &id).await?;
     ctx.notice(format!("The account {} was deleted.", account.name));
     Ok(redirect("/ui/accounts"))
+}
+
+/// `1.5 GiB`.
+fn bytes_text(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `3 d 4 h`, `5 h 2 min`, `40 s`.
+fn duration_text(secs: u64) -> String {
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    if d > 0 {
+        format!("{d} d {h} h")
+    } else if h > 0 {
+        format!("{h} h {m} min")
+    } else if m > 0 {
+        format!("{m} min {} s", secs % 60)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+fn backlog_rows(rows: &[st::AccountBacklog], quota: u64) -> Vec<BacklogRow> {
+    rows.iter()
+        .map(|a| BacklogRow {
+            name: a.name.clone(),
+            id: a.id.as_str().to_string(),
+            href: format!("/ui/accounts/{}", urlencode(a.id.as_str())),
+            plan: a.plan.clone(),
+            waiting: a.waiting,
+            over: a.waiting >= quota,
+        })
+        .collect()
+}
+
+async fn overview_page(ctx: &Ctx<'_>) -> Result<Page, ApiError> {
+    let o = st::overview(ctx.state).await?;
+    let labels: Vec<String> = o
+        .minutes
+        .iter()
+        .map(|m| rfc3339(m.minute * 60_000)[11..16].to_string())
+        .collect();
+    let per_second = |f: fn(&stats::live::Minute) -> u64| -> Vec<Option<f64>> {
+        o.minutes
+            .iter()
+            .map(|m| Some((f(m) as f64 / 60.0 * 100.0).round() / 100.0))
+            .collect()
+    };
+    let total_events: u64 = o.minutes.iter().map(|m| m.events).sum();
+    let total_attempts: u64 = o.minutes.iter().map(|m| m.delivered + m.failed).sum();
+    let rates = charts::lines(
+        "chart-rates",
+        "Events and deliveries per second, last hour",
+        format!(
+            "Per minute over the last hour: {total_events} events ingested and {total_attempts} delivery attempts in all; now {:.2} events and {:.2} deliveries per second. The table below lists each minute.",
+            o.events_per_second(),
+            o.deliveries_per_second()
+        ),
+        &labels,
+        10,
+        &[
+            charts::Series {
+                class: "s-events",
+                key: "events",
+                label: "Events per second".into(),
+                values: per_second(|m| m.events),
+            },
+            charts::Series {
+                class: "s-attempts",
+                key: "attempts",
+                label: "Deliveries per second".into(),
+                values: per_second(|m| m.delivered + m.failed),
+            },
+        ],
+    );
+    let max_lag = o.minutes.iter().map(|m| m.lag_ms).max().unwrap_or(0);
+    let lag = charts::lines(
+        "chart-lag",
+        "Delivery lag, last hour",
+        format!(
+            "The largest delivery lag sampled each minute, in milliseconds; the largest in the hour was {max_lag} ms, now {} ms.",
+            o.lag_ms
+        ),
+        &labels,
+        10,
+        &[charts::Series {
+            class: "s-lag",
+            key: "lag_ms",
+            label: "Lag (ms)".into(),
+            values: o.minutes.iter().map(|m| Some(m.lag_ms as f64)).collect(),
+        }],
+    );
+    let max_waiting = o.minutes.iter().map(|m| m.waiting).max().unwrap_or(0);
+    let waiting = charts::lines(
+        "chart-waiting",
+        "Deliveries waiting, last hour",
+        format!(
+            "Deliveries waiting for an attempt at the end of each minute; at most {max_waiting} in the hour, {} now.",
+            o.backlog_total
+        ),
+        &labels,
+        10,
+        &[charts::Series {
+            class: "s-waiting",
+            key: "waiting",
+            label: "Waiting".into(),
+            values: o.minutes.iter().map(|m| Some(m.waiting as f64)).collect(),
+        }],
+    );
+    let figures = vec![
+        Figure {
+            id: "fig-events",
+            label: "Events per second",
+            value: format!("{:.2}", o.events_per_second()),
+        },
+        Figure {
+            id: "fig-deliveries",
+            label: "Deliveries per second",
+            value: format!("{:.2}", o.deliveries_per_second()),
+        },
+        Figure {
+            id: "fig-lag",
+            label: "Delivery lag",
+            value: format!("{} ms", o.lag_ms),
+        },
+        Figure {
+            id: "fig-backlog",
+            label: "Deliveries waiting",
+            value: o.backlog_total.to_string(),
+        },
+        Figure {
+            id: "fig-store",
+            label: "Store size",
+            value: bytes_text(o.store_bytes),
+        },
+        Figure {
+            id: "fig-disk",
+            label: "Free disk",
+            value: match (o.disk_free_bytes, o.disk_total_bytes) {
+                (Some(free), Some(total)) => {
+                    format!("{} of {}", bytes_text(free), bytes_text(total))
+                }
+                _ => "unknown".into(),
+            },
+        },
+        Figure {
+            id: "fig-version",
+            label: "Version",
+            value: o.version.to_string(),
+        },
+        Figure {
+            id: "fig-uptime",
+            label: "Uptime",
+            value: duration_text(o.uptime_secs()),
+        },
+    ];
+    let webhooks = ["Active", "Paused", "Disabled"]
+        .iter()
+        .zip(o.webhooks)
+        .zip(["fig-active", "fig-paused", "fig-disabled"])
+        .map(|((label, n), id)| Figure {
+            id,
+            label,
+            value: n.to_string(),
+        })
+        .collect();
+    let page = OverviewPage {
+        c: ctx.chrome("Overview", Vec::new()),
+        figures,
+        webhooks,
+        rates,
+        lag,
+        waiting,
+        minutes: o
+            .minutes
+            .iter()
+            .rev()
+            .map(|m| MinuteRow {
+                start: rfc3339(m.minute * 60_000)[11..16].to_string(),
+                events: m.events,
+                delivered: m.delivered,
+                failed: m.failed,
+                lag_ms: m.lag_ms,
+                waiting: m.waiting,
+            })
+            .collect(),
+        top: backlog_rows(&o.backlog_top, o.backlog_quota),
+        over: backlog_rows(&o.over_quota, o.backlog_quota),
+        quota: o.backlog_quota,
+    };
+    Ok(html(StatusCode::OK, pages::render(&page)))
+}
+
+fn account_crumb() -> Vec<(String, String)> {
+    vec![("/ui/accounts".into(), "Accounts".into())]
+}
+
+fn account_page(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
+    let id = ctx.req.session.caller.scope(ctx.state, raw)?;
+    let account = acc::get_account(ctx.state, &id)?;
+    let href = format!("/ui/accounts/{}", urlencode(id.as_str()));
+    let usage = acc::plan_usage(ctx.state, &id);
+    let page = AccountPage {
+        c: ctx.chrome(&account.name, account_crumb()),
+        plans: ctx
+            .state
+            .config
+            .plans
+            .keys()
+            .map(|p| Opt {
+                value: p.clone(),
+                label: p.clone(),
+                selected: *p == account.plan,
+            })
+            .collect(),
+        name: account.name,
+        id: id.as_str().to_string(),
+        plan: account.plan,
+        created: when(account.created_ms),
+        webhooks: usage.webhooks,
+        waiting: ctx.state.registry.backlog().waiting(&id),
+        plan_action: format!("{href}/plan"),
+        rotate_href: format!("{href}/api-key"),
+        open_href: format!("/ui/a/{}/webhooks", urlencode(id.as_str())),
+    };
+    Ok(html(StatusCode::OK, pages::render(&page)))
+}
+
+/// What a plan allows, in words.
+fn plan_terms(ctx: &Ctx, plan: &str) -> String {
+    match ctx.state.config.plans.get(plan) {
+        Some(p) => format!(
+            "{}: {} webhooks, {} events per second",
+            plan,
+            p.max_webhooks
+                .map_or_else(|| "unlimited".to_string(), |m| m.to_string()),
+            p.events_per_second
+        ),
+        None => plan.to_string(),
+    }
+}
+
+fn confirm_plan(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
+    let id = ctx.req.session.caller.scope(ctx.state, raw)?;
+    let account = acc::get_account(ctx.state, &id)?;
+    let plan = ctx.req.param("plan").unwrap_or("").to_string();
+    if !ctx.state.config.plans.contains_key(&plan) {
+        return Err(ApiError::bad_request(
+            "invalid_plan",
+            format!("there is no plan {plan:?}"),
+        ));
+    }
+    let href = format!("/ui/accounts/{}", urlencode(id.as_str()));
+    let page = ConfirmPage {
+        c: ctx.chrome("Change plan", account_crumb()),
+        heading: format!(
+            "Change the plan of {} from {} to {plan}?",
+            account.name, account.plan
+        ),
+        message: "The new plan's limits apply at once: its webhook maximum to the next webhook                   created, its events per second to the next deliveries."
+            .into(),
+        detail: Some(format!(
+            "Now {}. After the change {}.",
+            plan_terms(ctx, &account.plan),
+            plan_terms(ctx, &plan)
+        )),
+        grace: false,
+        hidden: vec![("plan".into(), plan.clone())],
+        action: format!("{href}/plan"),
+        button: "Change Plan".into(),
+        cancel_href: href,
+    };
+    Ok(html(StatusCode::OK, pages::render(&page)))
+}
+
+async fn change_plan(ctx: &Ctx<'_>, raw: &str) -> Result<Page, ApiError> {
+    let id = ctx.req.session.caller.scope(ctx.state, raw)?;
+    let plan = ctx.req.field("plan").unwrap_or("").to_string();
+    let account = acc::update_account(
+        ctx.state,
+        &id,
+        acc::UpdateAccount {
+            name: None,
+            plan: Some(plan),
+        },
+    )
+    .await?;
+    ctx.notice(format!(
+        "{} is on the {} plan now.",
+        account.name, account.plan
+    ));
+    Ok(redirect(&format!(
+        "/ui/accounts/{}",
+        urlencode(id.as_str())
+    )))
+}
+
+fn confirm_rotate_key(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
+    let id = ctx.req.session.caller.scope(ctx.state, raw)?;
+    let account = acc::get_account(ctx.state, &id)?;
+    let href = format!("/ui/accounts/{}", urlencode(id.as_str()));
+    let page = ConfirmPage {
+        c: ctx.chrome("Rotate API key", account_crumb()),
+        heading: format!("Rotate the API key of {}?", account.name),
+        message: "The current key stops working at once, for the API and the dashboard (its                   sessions end). The new key is shown once."
+            .into(),
+        detail: Some(format!("Account ID: {}", id.as_str())),
+        grace: false,
+        hidden: Vec::new(),
+        action: format!("{href}/api-key"),
+        button: "Rotate API Key".into(),
+        cancel_href: href,
+    };
+    Ok(html(StatusCode::OK, pages::render(&page)))
+}
+
+async fn rotate_key(ctx: &Ctx<'_>, raw: &str) -> Result<Page, ApiError> {
+    let id = ctx.req.session.caller.scope(ctx.state, raw)?;
+    let account = acc::get_account(ctx.state, &id)?;
+    let api_key = acc::rotate_api_key(ctx.state, &id).await?;
+    let page = ApiKeyPage {
+        c: ctx.chrome("New API key", account_crumb()),
+        name: account.name,
+        api_key,
+        back_href: format!("/ui/accounts/{}", urlencode(id.as_str())),
+    };
+    Ok(html(StatusCode::OK, pages::render(&page)))
 }
 
 // ---- account screens ------------------------------------------------------------------
@@ -367,6 +725,44 @@ async fn account_screen(
     }
 }
 
+/// Marks a webhook whose latest attempts fail ("Failing"), or that is working off retries or
+/// answers slowly ("Lagging": retries in the last two hours while its latest attempt
+/// succeeded, or a p95 response time of a quarter of `delivery.timeout` or more).
+fn health_flag(
+    h: &Webhook,
+    buckets: &[Bucket],
+    timeout_ms: u64,
+) -> Option<(&'static str, &'static str, String)> {
+    if h.status != WebhookStatus::Active {
+        return None;
+    }
+    if h.consecutive_failures > 0 {
+        return Some((
+            "bad",
+            "Failing",
+            format!("the last {} attempts failed", h.consecutive_failures),
+        ));
+    }
+    let recent = &buckets[buckets.len().saturating_sub(2)..];
+    let retrying: u64 = recent.iter().map(|b| b.retrying).sum();
+    if retrying > 0 {
+        return Some((
+            "warn",
+            "Lagging",
+            format!("{retrying} attempts failed and were retried in the last two hours"),
+        ));
+    }
+    let slow = recent.iter().filter_map(|b| b.p95_ms).max();
+    match slow {
+        Some(p95) if p95 >= timeout_ms / 4 => Some((
+            "warn",
+            "Lagging",
+            format!("slow endpoint: p95 response time {p95} ms"),
+        )),
+        _ => None,
+    }
+}
+
 fn toggle_of(h: &Webhook) -> (bool, &'static str, &'static str, bool) {
     match h.status {
         WebhookStatus::Active => (false, "Pause", "paused", true),
@@ -380,13 +776,35 @@ fn webhooks_home(ctx: &Ctx, account: &AccountId, base: &str) -> Result<Page, Api
     let acct = acc::get_account(ctx.state, account)?;
     let mut hooks = ctx.state.store.webhooks_of(account)?;
     hooks.sort_by_key(|h| (h.created_ms, h.id));
-    let rows = hooks
-        .iter()
-        .map(|h| {
+    let timeout_ms = ctx.state.config.delivery.timeout.as_millis() as u64;
+    let mut rows = Vec::with_capacity(hooks.len());
+    for h in &hooks {
+        let buckets = st::webhook_stats(ctx.state, account, h.id, Window::Day)?;
+        rows.push((h, buckets));
+    }
+    let rows = rows
+        .into_iter()
+        .map(|(h, buckets)| {
             let (status_text, status_class) = status_view(h);
             let (paused, toggle_label, toggle_to, can_toggle) = toggle_of(h);
             let href = format!("{base}/webhooks/{}", h.id);
+            let rate = stats::success_rate(&buckets);
+            let flag = health_flag(h, &buckets, timeout_ms);
+            let attempts: Vec<u64> = buckets.iter().map(Bucket::attempts).collect();
+            let bad: Vec<u64> = buckets.iter().map(|b| b.retrying + b.failed).collect();
+            let spark = charts::sparkline(
+                &attempts,
+                &bad,
+                format!(
+                    "Attempts per hour, last 24 hours: {} in all, {} failed or retrying",
+                    attempts.iter().sum::<u64>(),
+                    bad.iter().sum::<u64>()
+                ),
+            );
             WebhookRow {
+                rate: rate.map_or_else(|| "—".to_string(), |r| format!("{r:.1} %")),
+                spark,
+                flag,
                 name: h.name.clone(),
                 url: h.url.clone(),
                 events: h.events.join(", "),
@@ -575,6 +993,7 @@ fn step3_page(
         ip_allowlist,
         // Kept when the page is shown again with an error.
         fifo: ctx.req.field("ordering") == Some("fifo"),
+        standard: ctx.req.field("signature_scheme") == Some("standard-webhooks"),
         error,
     };
     Ok(html(status, pages::render(&page)))
@@ -604,7 +1023,7 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
         description: Some(v.description.clone()),
         events: events.clone(),
         ip_allowlist: split_list(&allowlist_text),
-        signature_scheme: None,
+        signature_scheme: ctx.req.field("signature_scheme").map(str::to_string),
         ordering: ctx.req.field("ordering").map(str::to_string),
         max_concurrency: None,
         secret: Some(secret.clone()),
@@ -615,7 +1034,8 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
             Ok(redirect(&format!("{base}/webhooks/{}", hook.id)))
         }
         Err(e) if e.status.is_client_error() => {
-            let secret = if signing::is_minted_secret(&secret) {
+            // A refused secret is not offered again: a weak one would only be refused again.
+            let secret = if crate::secrets::check_supplied_secret(&secret).is_ok() {
                 secret
             } else {
                 signing::new_secret()
@@ -635,6 +1055,13 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
     }
 }
 
+fn scheme_label(scheme: SignatureScheme) -> &'static str {
+    match scheme {
+        SignatureScheme::KyberAccess => "KyberAccess (X-KyberAccess-Signature, the guide's)",
+        SignatureScheme::StandardWebhooks => "Standard Webhooks (webhook-signature)",
+    }
+}
+
 fn hook_view(base: &str, h: &Webhook) -> HookView {
     let (status_text, status_class) = status_view(h);
     HookView {
@@ -651,9 +1078,189 @@ fn hook_view(base: &str, h: &Webhook) -> HookView {
             DeliveryOrder::Unordered => "As they come due (none)",
             DeliveryOrder::Fifo => "One at a time, in event order (fifo)",
         },
+        scheme: scheme_label(h.signature_scheme),
         created: when(h.created_ms),
         updated: when(h.updated_ms),
         href: format!("{base}/webhooks/{}", h.id),
+    }
+}
+
+/// `2025-01-15 09:00 UTC` (hourly) or `2025-01-15` (daily): a bucket's start in the table.
+fn bucket_when(ms: u64, window: Window) -> String {
+    let t = rfc3339(ms);
+    match window {
+        Window::Day => format!("{} {} UTC", &t[..10], &t[11..16]),
+        Window::Week => t[..10].to_string(),
+    }
+}
+
+/// A bucket's axis label: `09:00` or `01-15`.
+fn bucket_axis(ms: u64, window: Window) -> String {
+    let t = rfc3339(ms);
+    match window {
+        Window::Day => t[11..16].to_string(),
+        Window::Week => t[5..10].to_string(),
+    }
+}
+
+fn ms_text(v: Option<u64>) -> String {
+    v.map_or_else(|| "—".to_string(), |v| format!("{v} ms"))
+}
+
+/// Whether the webhook is healthy over the window and, if not, since which bucket.
+fn verdict(buckets: &[Bucket], window: Window) -> (String, &'static str) {
+    let total: u64 = buckets.iter().map(Bucket::attempts).sum();
+    if total == 0 {
+        return (
+            format!("No attempts in the {}.", window_label(window)),
+            "paused",
+        );
+    }
+    let bad = |b: &Bucket| b.retrying + b.failed > 0;
+    let with_attempts: Vec<&Bucket> = buckets.iter().filter(|b| b.attempts() > 0).collect();
+    let rate = stats::success_rate(buckets).unwrap_or(0.0);
+    match with_attempts.last() {
+        Some(last) if bad(last) => {
+            let since = with_attempts
+                .iter()
+                .rev()
+                .take_while(|b| bad(b))
+                .last()
+                .map_or(last.start_ms, |b| b.start_ms);
+            (
+                format!(
+                    "Failing since {}: {} of {total} attempts in the {} succeeded ({rate:.1} %).",
+                    bucket_when(since, window),
+                    buckets.iter().map(|b| b.delivered).sum::<u64>(),
+                    window_label(window),
+                ),
+                "bad",
+            )
+        }
+        _ => (
+            format!(
+                "Healthy now: {rate:.1} % of {total} attempts in the {} succeeded.",
+                window_label(window)
+            ),
+            if rate >= 99.0 { "ok" } else { "warn" },
+        ),
+    }
+}
+
+fn window_label(window: Window) -> &'static str {
+    match window {
+        Window::Day => "last 24 hours",
+        Window::Week => "last 7 days",
+    }
+}
+
+/// The health section of a webhook's page: both charts and their table.
+fn health_view(href: &str, buckets: &[Bucket], window: Window) -> HealthView {
+    let labels: Vec<String> = buckets
+        .iter()
+        .map(|b| bucket_axis(b.start_ms, window))
+        .collect();
+    let every = if window == Window::Day { 3 } else { 1 };
+    let (delivered, retrying, failed) = buckets.iter().fold((0, 0, 0), |(d, r, f), b| {
+        (d + b.delivered, r + b.retrying, f + b.failed)
+    });
+    let series = |f: fn(&Bucket) -> u64| buckets.iter().map(|b| Some(f(b) as f64)).collect();
+    let outcomes = charts::stacked(
+        "chart-outcomes",
+        &format!("Attempts by outcome, {}", window_label(window)),
+        format!(
+            "{delivered} delivered, {retrying} retrying and {failed} failed in the {}, per {}; the table below lists each {}.",
+            window_label(window),
+            if window == Window::Day { "hour" } else { "day" },
+            if window == Window::Day { "hour" } else { "day" },
+        ),
+        &labels,
+        every,
+        &[
+            charts::Series {
+                class: "s-delivered",
+                key: "delivered",
+                label: "Delivered".into(),
+                values: series(|b| b.delivered),
+            },
+            charts::Series {
+                class: "s-retrying",
+                key: "retrying",
+                label: "Retrying".into(),
+                values: series(|b| b.retrying),
+            },
+            charts::Series {
+                class: "s-failed",
+                key: "failed",
+                label: "Failed".into(),
+                values: series(|b| b.failed),
+            },
+        ],
+        buckets
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}: {} delivered, {} retrying, {} failed",
+                    bucket_when(b.start_ms, window),
+                    b.delivered,
+                    b.retrying,
+                    b.failed
+                )
+            })
+            .collect(),
+    );
+    let p95_max = buckets.iter().filter_map(|b| b.p95_ms).max();
+    let latency = charts::lines(
+        "chart-latency",
+        &format!("Endpoint response time, {}", window_label(window)),
+        match p95_max {
+            Some(max) => format!(
+                "Median (p50) and 95th percentile (p95) response time in milliseconds per {}; the slowest p95 was {max} ms. The table below lists each value.",
+                if window == Window::Day { "hour" } else { "day" }
+            ),
+            None => "No response times: no attempt in this window.".to_string(),
+        },
+        &labels,
+        every,
+        &[
+            charts::Series {
+                class: "s-p50",
+                key: "p50_ms",
+                label: "p50 (ms)".into(),
+                values: buckets.iter().map(|b| b.p50_ms.map(|v| v as f64)).collect(),
+            },
+            charts::Series {
+                class: "s-p95",
+                key: "p95_ms",
+                label: "p95 (ms)".into(),
+                values: buckets.iter().map(|b| b.p95_ms.map(|v| v as f64)).collect(),
+            },
+        ],
+    );
+    let (verdict, verdict_class) = verdict(buckets, window);
+    HealthView {
+        window_label: window_label(window),
+        is_week: window == Window::Week,
+        day_href: format!("{href}?window=24h#health-h"),
+        week_href: format!("{href}?window=7d#health-h"),
+        verdict,
+        verdict_class,
+        outcomes,
+        latency,
+        rows: buckets
+            .iter()
+            .map(|b| HealthRow {
+                start: bucket_when(b.start_ms, window),
+                delivered: b.delivered,
+                retrying: b.retrying,
+                failed: b.failed,
+                p50: ms_text(b.p50_ms),
+                p95: ms_text(b.p95_ms),
+            })
+            .collect(),
+        delivered,
+        retrying,
+        failed,
     }
 }
 
@@ -665,6 +1272,9 @@ fn webhook_page(
 ) -> Result<Page, ApiError> {
     let acct = acc::get_account(ctx.state, account)?;
     let hook = wh::get_webhook(ctx.state, account, id)?;
+    let window = st::parse_window(ctx.req.param("window"))?;
+    let buckets = st::webhook_stats(ctx.state, account, id, window)?;
+    let health = health_view(&format!("{base}/webhooks/{id}"), &buckets, window);
     // The result of a test send: `?test=dlv_…`, a delivery of this webhook.
     let test = ctx
         .req
@@ -702,6 +1312,7 @@ fn webhook_page(
     let page = WebhookPage {
         c: ctx.chrome(&hook.name, ctx.account_crumbs(account, &acct.name)),
         hook: hook_view(base, &hook),
+        health,
         paused,
         toggle_label,
         toggle_to,
@@ -762,6 +1373,10 @@ fn render_edit(
             .req
             .field("ordering")
             .map_or(hook.ordering == DeliveryOrder::Fifo, |o| o == "fifo"),
+        standard: ctx.req.field("signature_scheme").map_or(
+            hook.signature_scheme == SignatureScheme::StandardWebhooks,
+            |o| o == "standard-webhooks",
+        ),
         errors,
         error,
     };
@@ -798,6 +1413,7 @@ async fn edit_submit(
         events: Some(events.clone()),
         ip_allowlist: Some(split_list(&allowlist_text)),
         ordering: ctx.req.field("ordering").map(str::to_string),
+        signature_scheme: ctx.req.field("signature_scheme").map(str::to_string),
         ..Default::default()
     };
     match wh::update_webhook(ctx.state, account, id, body).await {
@@ -827,11 +1443,22 @@ async fn edit_submit(
     }
 }
 
-/// Where a form asked to go back to: only a path inside this account's screens.
-fn back_to(ctx: &Ctx, base: &str, fallback: String) -> String {
+/// Where a form asked to go back to: a local path inside this account's screens. Anything
+/// else (another account's screens, a URL, CR/LF) is refused with 400 before the action runs.
+fn back_to(ctx: &Ctx, base: &str, fallback: String) -> Result<String, ApiError> {
     match ctx.req.field("back") {
-        Some(b) if b.starts_with(&format!("{base}/")) && !b.contains("//") => b.to_string(),
-        _ => fallback,
+        None | Some("") => Ok(fallback),
+        Some(b)
+            if super::local_path(b).is_some()
+                && b.starts_with(&format!("{base}/"))
+                && !b.contains("//") =>
+        {
+            Ok(b.to_string())
+        }
+        Some(_) => Err(ApiError::bad_request(
+            "invalid_back",
+            "The page to go back to is not one of this account's pages; nothing changed.",
+        )),
     }
 }
 
@@ -842,6 +1469,7 @@ async fn toggle(
     id: WebhookId,
 ) -> Result<Page, ApiError> {
     let to = ctx.req.field("status").unwrap_or("").to_string();
+    let back = back_to(ctx, base, format!("{base}/webhooks"))?;
     let body = wh::UpdateWebhook {
         status: Some(to),
         ..Default::default()
@@ -854,7 +1482,7 @@ async fn toggle(
         ),
         _ => format!("{} is active again.", hook.name),
     });
-    Ok(redirect(&back_to(ctx, base, format!("{base}/webhooks"))))
+    Ok(redirect(&back))
 }
 
 fn confirm_delete(
@@ -872,6 +1500,7 @@ fn confirm_delete(
             .into(),
         detail: Some(format!("Endpoint URL: {}", hook.url)),
         grace: false,
+        hidden: Vec::new(),
         action: format!("{base}/webhooks/{}/delete", hook.id),
         button: "Delete Webhook".into(),
         cancel_href: format!("{base}/webhooks"),
@@ -933,6 +1562,7 @@ fn confirm_regenerate(
             .into(),
         detail: None,
         grace: true,
+        hidden: Vec::new(),
         action: format!("{href}/secret/regenerate"),
         button: "Regenerate Secret".into(),
         cancel_href: href,
@@ -996,7 +1626,7 @@ fn delivery_params(query: &[(String, String)]) -> Vec<(String, String)> {
             !v.is_empty()
                 && matches!(
                     k.as_str(),
-                    "status" | "event" | "since" | "until" | "cursor"
+                    "status" | "event" | "since" | "until" | "event_id" | "delivery_id" | "cursor"
                 )
         })
         .map(|(k, v)| {
@@ -1025,11 +1655,13 @@ fn deliveries(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Resu
             .find(|(key, _)| key == k)
             .map_or_else(String::new, |(_, v)| v.clone())
     };
-    let (status_f, event_f, since, until) = (
+    let (status_f, event_f, since, until, event_id, delivery_id) = (
         value("status"),
         value("event"),
         value("since"),
         value("until"),
+        value("event_id").trim().to_string(),
+        value("delivery_id").trim().to_string(),
     );
     let (rows, next, error) =
         match dlv::query_from_params(ctx.state, account, Some(id), &delivery_params(q))
@@ -1066,6 +1698,8 @@ fn deliveries(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Resu
         ("event", &event_f),
         ("since", &since),
         ("until", &until),
+        ("event_id", &event_id),
+        ("delivery_id", &delivery_id),
     ]
     .iter()
     .filter(|(_, v)| !v.is_empty())
@@ -1120,6 +1754,8 @@ fn deliveries(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Resu
         events,
         since,
         until,
+        event_id,
+        delivery_id,
         next_href,
         first_href,
         error,

@@ -7,19 +7,43 @@
 //! `session_absolute` after sign-in (both read from the engine clock, so tests can move time),
 //! at logout, or when the account's API key changes or the account is deleted. The map is
 //! bounded: at [`MAX_SESSIONS`] the least recently used session goes first.
+//!
+//! Sessions survive a restart: a [`Sessions::persistent`] map writes each session through to the
+//! store (tree `sessions`, sealed with the secrets key under the id's SHA-256) when it starts,
+//! ends, or has been used again after [`TOUCH_EVERY_MS`], and loads the live ones at start-up;
+//! the same expiry and API-key checks apply to a loaded session. Notices stay in memory.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::api::Caller;
 use crate::clock;
 use crate::config::UiLimits;
+use crate::ids::AccountId;
 use crate::registry::Registry;
+use crate::store::Store;
 
 /// Sessions held at once.
 pub const MAX_SESSIONS: usize = 10_000;
+
+/// How stale the stored last use of a session may get: a use is written through only this
+/// long after the last one written, so a busy session costs a store write a minute, not one
+/// per request (an idle limit is minutes to hours; this much of it may be lost at a restart).
+pub const TOUCH_EVERY_MS: u64 = 60_000;
+
+/// A session as stored (sealed by the store).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    /// `None`: the operator.
+    account: Option<AccountId>,
+    csrf: String,
+    key_hash: Option<[u8; 32]>,
+    created_ms: u64,
+    last_ms: u64,
+}
 
 /// What a request learns from its session.
 #[derive(Debug, Clone)]
@@ -34,7 +58,25 @@ struct Entry {
     key_hash: Option<[u8; 32]>,
     created_ms: u64,
     last_ms: u64,
+    /// The last use written to the store.
+    saved_ms: u64,
     notice: Option<String>,
+}
+
+impl Entry {
+    fn stored(&self) -> String {
+        let stored = Stored {
+            account: match &self.session.caller {
+                Caller::Admin => None,
+                Caller::Account(a) => Some(a.clone()),
+            },
+            csrf: self.session.csrf.clone(),
+            key_hash: self.key_hash,
+            created_ms: self.created_ms,
+            last_ms: self.last_ms,
+        };
+        serde_json::to_string(&stored).expect("a session serialises")
+    }
 }
 
 pub struct Sessions {
@@ -42,6 +84,8 @@ pub struct Sessions {
     entries: Mutex<HashMap<[u8; 32], Entry>>,
     idle_ms: u64,
     absolute_ms: u64,
+    /// Where sessions are written through (none: memory only, as in unit tests).
+    store: Option<Arc<Store>>,
 }
 
 fn digest(id: &str) -> [u8; 32] {
@@ -54,6 +98,66 @@ impl Sessions {
             entries: Mutex::new(HashMap::new()),
             idle_ms: limits.session_idle.as_millis() as u64,
             absolute_ms: limits.session_absolute.as_millis() as u64,
+            store: None,
+        }
+    }
+
+    /// Sessions written through to `store`, starting with the live ones it holds (expired or
+    /// unreadable ones are removed from it).
+    pub fn persistent(limits: &UiLimits, store: Arc<Store>) -> Self {
+        let mut sessions = Sessions::new(limits);
+        let now = clock::now_ms();
+        let stored = store.sessions().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the stored dashboard sessions failed; everyone signs in again");
+            Vec::new()
+        });
+        let (idle_ms, absolute_ms) = (sessions.idle_ms, sessions.absolute_ms);
+        let map = sessions
+            .entries
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (key, text) in stored {
+            let entry = serde_json::from_str::<Stored>(&text).ok().map(|s| Entry {
+                session: Session {
+                    caller: s.account.map_or(Caller::Admin, Caller::Account),
+                    csrf: s.csrf,
+                },
+                key_hash: s.key_hash,
+                created_ms: s.created_ms,
+                last_ms: s.last_ms,
+                saved_ms: s.last_ms,
+                notice: None,
+            });
+            match entry {
+                Some(e)
+                    if map.len() < MAX_SESSIONS
+                        && now.saturating_sub(e.last_ms) < idle_ms
+                        && now.saturating_sub(e.created_ms) < absolute_ms =>
+                {
+                    map.insert(key, e);
+                }
+                _ => {
+                    let _ = store.remove_session(&key);
+                }
+            }
+        }
+        sessions.store = Some(store);
+        sessions
+    }
+
+    fn save(&self, key: &[u8; 32], entry: &Entry) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.put_session(key, &entry.stored()) {
+                tracing::warn!(error = %e, "storing a dashboard session failed; it ends at the next restart");
+            }
+        }
+    }
+
+    fn forget(&self, key: &[u8; 32]) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.remove_session(key) {
+                tracing::warn!(error = %e, "removing a stored dashboard session failed");
+            }
         }
     }
 
@@ -85,18 +189,30 @@ impl Sessions {
             key_hash,
             created_ms: now,
             last_ms: now,
+            saved_ms: now,
             notice: None,
         };
+        let key = digest(&id);
+        self.save(&key, &entry);
         let mut map = self.lock();
         if map.len() >= MAX_SESSIONS {
-            map.retain(|_, e| self.live(e, now));
+            let expired: Vec<[u8; 32]> = map
+                .iter()
+                .filter(|(_, e)| !self.live(e, now))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in expired {
+                map.remove(&k);
+                self.forget(&k);
+            }
         }
         if map.len() >= MAX_SESSIONS {
             if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.last_ms).map(|(k, _)| *k) {
                 map.remove(&oldest);
+                self.forget(&oldest);
             }
         }
-        map.insert(digest(&id), entry);
+        map.insert(key, entry);
         id
     }
 
@@ -114,9 +230,14 @@ impl Sessions {
         };
         if !still_valid || !self.live(entry, now) {
             map.remove(&key);
+            self.forget(&key);
             return None;
         }
         entry.last_ms = now;
+        if now.saturating_sub(entry.saved_ms) >= TOUCH_EVERY_MS {
+            entry.saved_ms = now;
+            self.save(&key, entry);
+        }
         Some(entry.session.clone())
     }
 
@@ -134,7 +255,9 @@ impl Sessions {
     }
 
     pub fn remove(&self, id: &str) {
-        self.lock().remove(&digest(id));
+        let key = digest(id);
+        self.lock().remove(&key);
+        self.forget(&key);
     }
 
     pub fn len(&self) -> usize {
@@ -172,6 +295,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn stored_sessions_come_back_until_they_expire_or_end() {
+        let (_, registry) = setup(60, 3600);
+        let limits = UiLimits {
+            session_idle: Duration::from_secs(60),
+            session_absolute: Duration::from_secs(3600),
+            login_attempts_per_minute: 10,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), false).unwrap());
+        let acme = AccountId::parse("acme").unwrap();
+        let sessions = Sessions::persistent(&limits, store.clone());
+        let kept = sessions.create(Caller::Account(acme.clone()), &registry);
+        let ended = sessions.create(Caller::Admin, &registry);
+        let csrf = sessions.lookup(&kept, &registry).unwrap().csrf;
+        sessions.remove(&ended);
+        // A restart: a new map from the store.
+        let again = Sessions::persistent(&limits, store.clone());
+        let s = again.lookup(&kept, &registry).expect("survives");
+        assert_eq!((s.caller, s.csrf), (Caller::Account(acme), csrf));
+        assert!(
+            again.lookup(&ended, &registry).is_none(),
+            "signed out stays out"
+        );
+        // Idle past the limit: not loaded, and removed from the store.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let later = Sessions::persistent(&limits, store.clone());
+        assert!(later.is_empty());
+        assert!(store.sessions().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn idle_timeout_ends_a_session_and_use_extends_it() {
         let (sessions, registry) = setup(30 * 60, 12 * 3600);
         let id = sessions.create(Caller::Admin, &registry);
@@ -201,7 +355,9 @@ mod tests {
             tokio::time::advance(Duration::from_secs(20 * 60)).await;
             assert!(sessions.lookup(&id, &registry).is_some());
         }
-        tokio::time::advance(Duration::from_secs(20 * 60)).await;
+        // A second more: the engine clock's base is process-wide, and a test running
+        // alongside may set it a moment after this runtime's paused clock started.
+        tokio::time::advance(Duration::from_secs(20 * 60 + 1)).await;
         assert!(
             sessions.lookup(&id, &registry).is_none(),
             "12 h after sign-in"

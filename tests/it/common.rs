@@ -23,7 +23,7 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-pub const ADMIN: &str = "test-admin-token";
+pub const ADMIN: &str = "test-admin-token-0123456789abcdef";
 
 /// A CA, a server certificate it signed for localhost/127.0.0.1, and the CA as a PEM file.
 pub struct Pki {

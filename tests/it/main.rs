@@ -9,6 +9,7 @@ mod crash;
 mod delivery;
 mod edge;
 mod flow;
+mod hardening;
 mod held;
 mod lifecycle;
 mod limits;
@@ -26,6 +27,7 @@ mod security;
 mod semantics;
 #[cfg(unix)]
 mod service;
+mod stats;
 mod storage;
 mod tenancy;
 mod ui;

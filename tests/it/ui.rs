@@ -156,7 +156,7 @@ fn assert_secure_headers(a: &Answer) {
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert_eq!(a.header("x-content-type-options"), "nosniff");
-    assert_eq!(a.header("referrer-policy"), "no-referrer");
+    assert_eq!(a.header("referrer-policy"), "same-origin");
 }
 
 #[tokio::test]
@@ -836,7 +836,7 @@ async fn at_the_plans_maximum_add_webhook_is_replaced_by_a_note() {
                 ("url", rx.url.as_str()),
                 ("description", ""),
                 ("events", "visitor.checked_in"),
-                ("secret", &format!("whsec_{}", "ab".repeat(32))),
+                ("secret", "whsec_9a6cc444815170422c29c90f0b285d129f3ac3a3885ae6e9d46e241f49c8ddb1"),
                 ("ip_allowlist", ""),
             ],
         )
@@ -962,4 +962,555 @@ async fn the_webhook_page_shows_its_delivery_order_and_the_edit_form_changes_it(
         )
         .await;
     assert_eq!(v["ordering"], "fifo");
+}
+
+/// The numbers of the health table's body rows: (delivered, retrying, failed) per row.
+fn health_rows(body: &str) -> Vec<(u64, u64, u64)> {
+    let table = body
+        .split("id=\"health-table\"")
+        .nth(1)
+        .expect("the health table")
+        .split("<tbody>")
+        .nth(1)
+        .unwrap()
+        .split("</tbody>")
+        .next()
+        .unwrap();
+    table
+        .split("<tr>")
+        .skip(1)
+        .map(|row| {
+            let cells: Vec<u64> = row
+                .split("<td>")
+                .skip(1)
+                .take(3)
+                .map(|c| c.split('<').next().unwrap().parse().unwrap())
+                .collect();
+            (cells[0], cells[1], cells[2])
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn health_charts_and_the_webhook_list_show_the_api_s_numbers() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "retry_schedule = [\"1h\"]", "").await;
+    let (_, key) = eng.account("acme", "enterprise").await;
+    let good = Receiver::start(pki.server.clone()).await;
+    let bad = Receiver::start(pki.server.clone()).await;
+    bad.set_default(Reply::Status(500));
+    let ok_hook = eng.webhook("acme", &good.url, &["*"]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bad_hook = eng.webhook("acme", &bad.url, &["*"]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for i in 0..3 {
+        eng.event("acme", "visitor.checked_in", json!({ "n": i }))
+            .await;
+    }
+    let sum = |v: &serde_json::Value, f: &str| {
+        v["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b[f].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let ok_json = eng
+        .poll(
+            &format!("/v1/accounts/acme/webhooks/{ok_hook}/stats"),
+            Duration::from_secs(10),
+            |v| sum(v, "delivered") == 3,
+        )
+        .await;
+    let bad_json = eng
+        .poll(
+            &format!("/v1/accounts/acme/webhooks/{bad_hook}/stats"),
+            Duration::from_secs(10),
+            |v| sum(v, "retrying") == 3,
+        )
+        .await;
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+
+    let page = b.get(&format!("/ui/a/acme/webhooks/{ok_hook}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_secure_headers(&page);
+    assert!(!page.body.contains("style="), "no inline style (CSP)");
+    assert!(page.body.contains("role=\"img\" id=\"chart-outcomes\""));
+    assert!(page
+        .body
+        .contains("aria-labelledby=\"chart-outcomes-t\" aria-describedby=\"chart-outcomes-d\""));
+    assert!(page.body.contains("role=\"img\" id=\"chart-latency\""));
+    assert!(page
+        .body
+        .contains("3 delivered, 0 retrying and 0 failed in the last 24 hours"));
+    assert!(page.body.contains("Healthy now: 100.0 % of 3 attempts"));
+    let rows = health_rows(&page.body);
+    let from_json: Vec<(u64, u64, u64)> = ok_json["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["delivered"].as_u64().unwrap(),
+                b["retrying"].as_u64().unwrap(),
+                b["failed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, from_json, "the table is the API's buckets");
+    // Each bar carries its numbers too.
+    let last = &ok_json["buckets"][23];
+    assert!(page.body.contains(&format!(
+        "data-delivered=\"{}\" data-retrying=\"0\" data-failed=\"0\"",
+        last["delivered"]
+    )));
+    assert!(page.body.contains(&format!("{} ms</td>", last["p95_ms"])));
+
+    let failing = b
+        .get(&format!("/ui/a/acme/webhooks/{bad_hook}?window=7d"))
+        .await;
+    assert_eq!(failing.status, StatusCode::OK);
+    assert!(
+        failing.body.contains("Failing since"),
+        "the verdict says since when"
+    );
+    assert!(failing
+        .body
+        .contains("<a href=\"/ui/a/acme/webhooks/".to_string().as_str()));
+    assert!(failing.body.contains("aria-current=\"true\">Last 7 days"));
+    let week = health_rows(&failing.body);
+    assert_eq!(week.len(), 7);
+    assert_eq!(week[6], (0, 3, 0));
+    assert_eq!(sum(&bad_json, "retrying"), 3);
+    let bad_window = b
+        .get(&format!("/ui/a/acme/webhooks/{bad_hook}?window=1y"))
+        .await;
+    assert_eq!(bad_window.status, StatusCode::BAD_REQUEST);
+
+    // The list: success rate, a sparkline per webhook, the failing one marked.
+    let list = b.get("/ui/a/acme/webhooks").await;
+    assert!(list.body.contains(">Success (24 h)</th>"));
+    assert!(list.body.contains("100.0 %"));
+    assert!(list.body.contains("0.0 %"));
+    assert_eq!(list.body.matches("class=\"spark\"").count(), 2);
+    assert!(list.body.contains(
+        "aria-label=\"Attempts per hour, last 24 hours: 3 in all, 3 failed or retrying\""
+    ));
+    assert_eq!(list.body.matches(">Failing<").count(), 1);
+    eng.stop().await;
+}
+
+#[tokio::test]
+async fn the_operator_overview_is_the_admin_stats_and_only_the_operator_s() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    eng.webhook("acme", &rx.url, &["*"]).await;
+    for i in 0..2 {
+        eng.event("acme", "visitor.checked_in", json!({ "n": i }))
+            .await;
+    }
+    rx.wait_for(2, Duration::from_secs(10)).await;
+    let stats = eng
+        .poll("/v1/admin/stats", Duration::from_secs(10), |v| {
+            v["last_hour"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["delivered"].as_u64().unwrap())
+                .sum::<u64>()
+                == 2
+        })
+        .await;
+    let mut admin = Browser::new(&eng.api);
+    admin.sign_in(ADMIN).await;
+    let page = admin.get("/ui/admin/overview").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_secure_headers(&page);
+    assert!(page.body.contains("<h1>Overview</h1>"));
+    for chart in ["chart-rates", "chart-lag", "chart-waiting"] {
+        assert!(
+            page.body.contains(&format!("role=\"img\" id=\"{chart}\"")),
+            "{chart}"
+        );
+    }
+    assert!(page.body.contains(&format!(
+        "<dd id=\"fig-version\">{}</dd>",
+        env!("CARGO_PKG_VERSION")
+    )));
+    assert!(page.body.contains(&format!(
+        "<dd id=\"fig-active\">{}</dd>",
+        stats["webhooks"]["active"]
+    )));
+    assert!(
+        page.body.contains("2 delivery attempts in all"),
+        "the chart's text alternative"
+    );
+    assert!(page.body.contains("id=\"fig-disk\""));
+    assert!(
+        page.body.contains("href=\"/ui/admin/overview\""),
+        "in the operator's menu"
+    );
+
+    let mut customer = Browser::new(&eng.api);
+    customer.sign_in(&key).await;
+    let refused = customer.get("/ui/admin/overview").await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    assert!(!customer
+        .get("/ui/a/acme/webhooks")
+        .await
+        .body
+        .contains("/ui/admin/overview"));
+    eng.stop().await;
+}
+
+#[tokio::test]
+async fn the_operator_changes_a_plan_and_rotates_a_key_after_confirming() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, old_key) = eng.account("acme", "starter").await;
+    let mut customer = Browser::new(&eng.api);
+    customer.sign_in(&old_key).await;
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(ADMIN).await;
+    let accounts = b.get("/ui/accounts").await;
+    assert!(accounts.body.contains("href=\"/ui/accounts/acme\""));
+    let page = b.get("/ui/accounts/acme").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("<dd id=\"current-plan\">starter</dd>"));
+
+    // The plan: a GET form asks for confirmation and changes nothing.
+    let confirm = b.get("/ui/accounts/acme/plan?plan=professional").await;
+    assert_eq!(confirm.status, StatusCode::OK);
+    assert!(confirm
+        .body
+        .contains("Change the plan of acme from starter to professional?"));
+    let (_, v) = eng.api.admin(Method::GET, "/v1/accounts/acme", None).await;
+    assert_eq!(v["plan"], "starter");
+    let unknown = b.get("/ui/accounts/acme/plan?plan=platinum").await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+    let csrf = confirm.csrf();
+    let done = b
+        .post(
+            "/ui/accounts/acme/plan",
+            &[("_csrf", &csrf), ("plan", "professional")],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    assert_eq!(done.location(), "/ui/accounts/acme");
+    let (_, v) = eng.api.admin(Method::GET, "/v1/accounts/acme", None).await;
+    assert_eq!(v["plan"], "professional");
+    assert!(b
+        .get("/ui/accounts/acme")
+        .await
+        .body
+        .contains("acme is on the professional plan now."));
+
+    // The key: confirmed, shown once, the old one dead (API and dashboard session).
+    let confirm = b.get("/ui/accounts/acme/api-key").await;
+    assert!(confirm.body.contains("Rotate the API key of acme?"));
+    let shown = b
+        .post("/ui/accounts/acme/api-key", &[("_csrf", &csrf)])
+        .await;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert_eq!(shown.header("cache-control"), "no-store");
+    let marker = "id=\"api-key\" value=\"";
+    let start = shown.body.find(marker).unwrap() + marker.len();
+    let new_key = shown.body[start..].split('"').next().unwrap().to_string();
+    let (s, _) = eng
+        .api
+        .call(
+            Method::GET,
+            "/v1/accounts/acme",
+            Some(new_key.as_str()),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = eng
+        .api
+        .call(
+            Method::GET,
+            "/v1/accounts/acme",
+            Some(old_key.as_str()),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        customer.get("/ui/a/acme/webhooks").await.location(),
+        "/ui/login"
+    );
+    assert!(
+        !b.get("/ui/accounts/acme").await.body.contains(&new_key),
+        "shown once"
+    );
+    // Only the operator.
+    let mut c2 = Browser::new(&eng.api);
+    c2.sign_in(&new_key).await;
+    assert_eq!(
+        c2.get("/ui/accounts/acme").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let csrf2 = c2.get("/ui/a/acme/webhooks").await.csrf();
+    let refused = c2
+        .post(
+            "/ui/accounts/acme/plan",
+            &[("_csrf", &csrf2), ("plan", "enterprise")],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    eng.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_survive_a_restart_and_still_end_at_sign_out_and_key_rotation() {
+    let pki = pki();
+    let mut eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let mut a = Browser::new(&eng.api);
+    a.sign_in(&key).await;
+    let mut c = Browser::new(&eng.api);
+    c.sign_in(&key).await;
+    let mut op = Browser::new(&eng.api);
+    op.sign_in(ADMIN).await;
+    let csrf = a.get("/ui/a/acme/webhooks").await.csrf();
+    let (a_cookie, c_cookie, op_cookie) = (a.cookie.clone(), c.cookie.clone(), op.cookie.clone());
+    // Nothing readable in the data dir: the cookie's value and the CSRF token are not stored.
+    eng.restart().await;
+    let dir = eng.config.storage.path.clone();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(&csrf), "a CSRF token in the data dir");
+        assert!(!text.contains(a_cookie.as_deref().unwrap()));
+    }
+    let mut a = Browser::new(&eng.api);
+    a.cookie = a_cookie;
+    let page = a.get("/ui/a/acme/webhooks").await;
+    assert_eq!(
+        page.status,
+        StatusCode::OK,
+        "still signed in after the restart"
+    );
+    assert_eq!(page.csrf(), csrf, "with the same CSRF token");
+    let mut op = Browser::new(&eng.api);
+    op.cookie = op_cookie;
+    assert_eq!(op.get("/ui/accounts").await.status, StatusCode::OK);
+    // Sign-out ends it, also across the next restart.
+    let out = a.post("/ui/logout", &[("_csrf", &csrf)]).await;
+    assert_eq!(out.location(), "/ui/login");
+    eng.restart().await;
+    let mut a = Browser::new(&eng.api);
+    a.cookie = c_cookie.clone();
+    assert_eq!(a.get("/ui/a/acme/webhooks").await.status, StatusCode::OK);
+    // A rotated key ends the account's stored sessions.
+    let (s, _) = eng
+        .api
+        .admin(Method::POST, "/v1/accounts/acme/api-key", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    eng.restart().await;
+    let mut c = Browser::new(&eng.api);
+    c.cookie = c_cookie;
+    assert_eq!(c.get("/ui/a/acme/webhooks").await.location(), "/ui/login");
+    eng.stop().await;
+}
+
+#[tokio::test]
+async fn a_same_origin_post_without_sec_fetch_site_is_accepted() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    let id = eng.webhook("acme", &rx.url, &["*"]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let page = b.get("/ui/a/acme/webhooks").await;
+    assert_eq!(page.header("referrer-policy"), "same-origin");
+    let csrf = page.csrf();
+    let origin = format!("http://{}", b.host);
+    let path = format!("/ui/a/acme/webhooks/{id}/status");
+    // What a browser without Sec-Fetch-Site sends under `same-origin`: its real Origin.
+    let ok = b
+        .post_with(
+            &path,
+            &[("_csrf", &csrf), ("status", "paused")],
+            &[("origin", &origin)],
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::SEE_OTHER, "{}", ok.body);
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["status"], "paused");
+    for origin in ["https://evil.example", "null", "http://127.0.0.1:1"] {
+        let refused = b
+            .post_with(
+                &path,
+                &[("_csrf", &csrf), ("status", "active")],
+                &[("origin", origin)],
+            )
+            .await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{origin}");
+    }
+    eng.stop().await;
+}
+
+#[tokio::test]
+async fn the_forms_offer_the_signature_scheme_and_the_log_tab_every_filter() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "enterprise").await;
+    let rx = Receiver::start(pki.server.clone()).await;
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let csrf = b.get("/ui/a/acme/webhooks").await.csrf();
+    let step2 = b
+        .post(
+            "/ui/a/acme/webhooks/new/events",
+            &[
+                ("_csrf", &csrf),
+                ("name", "Std"),
+                ("url", &rx.url),
+                ("description", ""),
+                ("events", "*"),
+            ],
+        )
+        .await;
+    assert!(step2
+        .body
+        .contains("<label for=\"signature-scheme\">Signature Scheme</label>"));
+    let secret_marker = "name=\"secret\" value=\"";
+    let start = step2.body.find(secret_marker).unwrap() + secret_marker.len();
+    let secret = step2.body[start..].split('"').next().unwrap().to_string();
+    let created = b
+        .post(
+            "/ui/a/acme/webhooks/new/security",
+            &[
+                ("_csrf", &csrf),
+                ("name", "Std"),
+                ("url", &rx.url),
+                ("description", ""),
+                ("events", "*"),
+                ("secret", &secret),
+                ("ip_allowlist", ""),
+                ("ordering", "none"),
+                ("signature_scheme", "standard-webhooks"),
+            ],
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.body);
+    let id = created.location().rsplit('/').next().unwrap().to_string();
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["signature_scheme"], "standard-webhooks");
+    let edit = b.get(&format!("/ui/a/acme/webhooks/{id}/edit")).await;
+    assert!(edit
+        .body
+        .contains("<option value=\"standard-webhooks\" selected>"));
+    let saved = b
+        .post(
+            &format!("/ui/a/acme/webhooks/{id}/edit"),
+            &[
+                ("_csrf", &csrf),
+                ("name", "Std"),
+                ("url", &rx.url),
+                ("description", ""),
+                ("events", "*"),
+                ("ip_allowlist", ""),
+                ("ordering", "none"),
+                ("signature_scheme", "kyberaccess"),
+            ],
+        )
+        .await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/acme/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(v["signature_scheme"], "kyberaccess");
+    let bad = b
+        .post(
+            &format!("/ui/a/acme/webhooks/{id}/edit"),
+            &[
+                ("_csrf", &csrf),
+                ("name", "Std"),
+                ("url", &rx.url),
+                ("events", "*"),
+                ("signature_scheme", "md5"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+
+    // The Deliveries tab: event id and delivery id besides status, event and time.
+    let e1 = eng
+        .event("acme", "visitor.checked_in", json!({"n": 1}))
+        .await;
+    eng.event("acme", "visitor.checked_in", json!({"n": 2}))
+        .await;
+    let list = eng
+        .poll(
+            &format!("/v1/accounts/acme/webhooks/{id}/deliveries"),
+            Duration::from_secs(10),
+            |v| count(v) == 2,
+        )
+        .await;
+    let tab = format!("/ui/a/acme/webhooks/{id}/deliveries");
+    let rows = |a: &Answer| a.body.matches("/ui/a/acme/deliveries/dlv_").count();
+    let page = b.get(&tab).await;
+    for label in [
+        "Status",
+        "Event",
+        "From (UTC)",
+        "To (UTC)",
+        "Event ID",
+        "Delivery ID",
+    ] {
+        assert!(
+            page.body.contains(&format!("\">{label}</label>")),
+            "{label}"
+        );
+    }
+    assert_eq!(rows(&page), 2);
+    let by_event = b.get(&format!("{tab}?event_id={e1}&delivery_id=")).await;
+    assert_eq!(rows(&by_event), 1);
+    assert!(
+        by_event.body.contains(&format!("value=\"{e1}\"")),
+        "the filter is kept"
+    );
+    let d = list["data"][0]["id"].as_str().unwrap();
+    let by_id = b.get(&format!("{tab}?delivery_id={d}")).await;
+    assert_eq!(rows(&by_id), 1);
+    assert!(by_id.body.contains(&format!("/ui/a/acme/deliveries/{d}")));
+    let nothing = b.get(&format!("{tab}?delivery_id={d}&status=failed")).await;
+    assert_eq!(rows(&nothing), 0);
+    let bad = b.get(&format!("{tab}?delivery_id=nope")).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    eng.stop().await;
 }

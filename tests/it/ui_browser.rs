@@ -716,3 +716,293 @@ async fn the_guide_walk_in_a_real_browser() {
     b.call(Method::DELETE, "", None).await;
     eprintln!("browser walk took {:?}", started.elapsed());
 }
+
+/// Runs a script in the page and returns its value.
+async fn script(b: &Browser, js: &str) -> Value {
+    b.call(
+        Method::POST,
+        "/execute/sync",
+        Some(json!({ "script": js, "args": [] })),
+    )
+    .await
+}
+
+/// The numbers drawn by a stacked chart's bars: [delivered, retrying, failed] per bar.
+async fn bar_numbers(b: &Browser, chart: &str) -> Vec<[u64; 3]> {
+    let v = script(
+        b,
+        &format!(
+            "return Array.from(document.querySelectorAll('#{chart} g.bar')).map(g =>
+               [g.dataset.delivered, g.dataset.retrying, g.dataset.failed].map(Number));"
+        ),
+    )
+    .await;
+    serde_json::from_value(v).unwrap()
+}
+
+/// The numbers of the health table's rows: [delivered, retrying, failed].
+async fn table_numbers(b: &Browser) -> Vec<[u64; 3]> {
+    let v = script(
+        b,
+        "return Array.from(document.querySelectorAll('#health-table tbody tr')).map(r =>
+           Array.from(r.querySelectorAll('td')).slice(0, 3).map(td => Number(td.textContent)));",
+    )
+    .await;
+    serde_json::from_value(v).unwrap()
+}
+
+fn json_numbers(v: &Value) -> Vec<[u64; 3]> {
+    v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            [
+                b["delivered"].as_u64().unwrap(),
+                b["retrying"].as_u64().unwrap(),
+                b["failed"].as_u64().unwrap(),
+            ]
+        })
+        .collect()
+}
+
+/// Gives a webhook a day of history before now (for the screenshots): attempts per hour with
+/// a failure streak a few hours ago. Written into the stopped engine's store.
+fn seed_history(data: &std::path::Path, hook: u64) {
+    use kyberhook::stats::{AttemptStat, Outcome, HOUR_MS};
+    let store = kyberhook::store::Store::open(data, false).unwrap();
+    let now = kyberhook::model::now_ms();
+    let mut stats = Vec::new();
+    for h in 1..24u64 {
+        let at = now - h * HOUR_MS;
+        let n = 30 + (h * 37 % 50);
+        for i in 0..n {
+            let outcome = match (h, i % 10) {
+                (5..=7, 0..=5) => Outcome::Retrying,
+                (6, 6) => Outcome::Failed,
+                _ => Outcome::Delivered,
+            };
+            stats.push(AttemptStat {
+                webhook: kyberhook::ids::WebhookId(hook),
+                at_ms: at,
+                outcome,
+                response_time_ms: 40 + (i * 13 % 90) + if (5..=7).contains(&h) { 400 } else { 0 },
+            });
+        }
+    }
+    store.add_stats(&stats).unwrap();
+    store.make_durable().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charts_overview_and_log_search_in_a_real_browser() {
+    let Some((_driver, b)) = start_browser().await else {
+        return;
+    };
+    let pki = pki();
+    let mut eng = TestEngine::start(&pki, "retry_schedule = [\"1h\"]", "").await;
+    let (_, key) = eng.account("acme", "professional").await;
+    let good = Receiver::start(pki.server.clone()).await;
+    let bad = Receiver::start(pki.server.clone()).await;
+    bad.set_default(Reply::Status(503));
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::POST,
+            "/v1/accounts/acme/webhooks",
+            Some(json!({"name": "CRM Visitor Sync", "url": good.url, "events": ["*"]})),
+        )
+        .await;
+    let hook = v["id"].as_str().unwrap().to_string();
+    let (_, v) = eng
+        .api
+        .admin(
+            Method::POST,
+            "/v1/accounts/acme/webhooks",
+            Some(json!({"name": "Slack Notifications", "url": bad.url, "events": ["visitor.*"]})),
+        )
+        .await;
+    let bad_hook = v["id"].as_str().unwrap().to_string();
+    // A day of history for the good webhook, written while the engine is stopped.
+    eng.engine.take().unwrap().shutdown().await;
+    let raw = u64::from_str_radix(hook.trim_start_matches("wh_"), 16).unwrap();
+    seed_history(&eng.config.storage.path, raw);
+    eng.engine = Some(kyberhook::Engine::start(eng.config.clone()).await.unwrap());
+    eng.api = Api::new(eng.engine.as_ref().unwrap().api_addr());
+    let base = eng.api.base.clone();
+
+    let mut event_ids = Vec::new();
+    for i in 0..4 {
+        event_ids.push(
+            eng.event(
+                "acme",
+                "visitor.checked_in",
+                json!({ "visitor": { "n": i } }),
+            )
+            .await,
+        );
+    }
+    good.wait_for(4, Duration::from_secs(10)).await;
+    bad.wait_for(4, Duration::from_secs(10)).await;
+    let stats_path = format!("/v1/accounts/acme/webhooks/{hook}/stats");
+    let day = eng
+        .poll(&stats_path, Duration::from_secs(10), |v| {
+            v["buckets"][23]["delivered"] == 4
+        })
+        .await;
+    let bad_day = eng
+        .poll(
+            &format!("/v1/accounts/acme/webhooks/{bad_hook}/stats"),
+            Duration::from_secs(10),
+            |v| v["buckets"][23]["retrying"] == 4,
+        )
+        .await;
+
+    b.goto(&format!("{base}/ui/login")).await;
+    b.wait_heading("Sign in").await;
+    b.type_into("API key or admin token", &key).await;
+    b.click_named("Sign in").await;
+    b.wait_heading("acme").await;
+    // The list: rates, sparklines, the failing webhook marked.
+    b.named("th", "Success (24 h)").await;
+    let marks = script(
+        &b,
+        "return Array.from(document.querySelectorAll('.flag')).map(e => e.textContent);",
+    )
+    .await;
+    assert_eq!(marks, json!(["Failing: the last 4 attempts failed"]));
+    b.check("webhooks-health").await;
+
+    // The webhook's charts: the bars, the table and the API say the same; this hour's
+    // deliveries are the delivery log's.
+    b.click_named("CRM Visitor Sync").await;
+    b.wait_heading("CRM Visitor Sync").await;
+    let chart = b.named("svg", "Attempts by outcome, last 24 hours").await;
+    assert_eq!(b.attr(&chart, "role").await, "img");
+    assert_eq!(bar_numbers(&b, "chart-outcomes").await, json_numbers(&day));
+    assert_eq!(table_numbers(&b).await, json_numbers(&day));
+    let (_, log) = eng
+        .api
+        .admin(
+            Method::GET,
+            &format!(
+                "/v1/accounts/acme/webhooks/{hook}/deliveries?status=delivered&since={}",
+                day["buckets"][23]["start"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(count(&log) as u64, json_numbers(&day)[23][0]);
+    b.named("svg", "Endpoint response time, last 24 hours")
+        .await;
+    b.check("webhook-health").await;
+    b.click_named("Last 7 days").await;
+    b.named("svg", "Attempts by outcome, last 7 days").await;
+    let (_, week) = eng
+        .api
+        .admin(Method::GET, &format!("{stats_path}?window=7d"), None)
+        .await;
+    assert_eq!(bar_numbers(&b, "chart-outcomes").await, json_numbers(&week));
+    assert_eq!(table_numbers(&b).await, json_numbers(&week));
+    b.check("webhook-health-7d").await;
+
+    // Search the log by event id from the Deliveries tab.
+    b.click_named("Deliveries").await;
+    b.named("th", "Event Type").await;
+    b.type_into("Event ID", &event_ids[2]).await;
+    b.click_named("Apply filters").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = b.find_all("table.deliveries tbody tr").await.len();
+        if n == 1 && b.url().await.contains("event_id=") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the filtered log shows {n} rows");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.check("deliveries-search").await;
+
+    // The failing webhook says since when; the edit form offers the signature scheme.
+    b.goto(&format!("{base}/ui/a/acme/webhooks/{bad_hook}"))
+        .await;
+    b.wait_heading("Slack Notifications").await;
+    assert_eq!(
+        bar_numbers(&b, "chart-outcomes").await,
+        json_numbers(&bad_day)
+    );
+    let verdict = b.find("#health-verdict").await;
+    assert!(b.text(&verdict).await.starts_with("Failing since"));
+    b.check("webhook-health-failing").await;
+    b.click_named("Edit").await;
+    b.wait_heading("Edit").await;
+    b.field("Signature Scheme").await;
+    b.check("edit-webhook-scheme").await;
+    b.goto(&format!("{base}/ui/a/acme/webhooks")).await;
+    b.wait_heading("acme").await;
+    b.click_named("Sign out").await;
+    b.wait_heading("Sign in").await;
+
+    // The operator: the overview, then a plan change and a key rotation.
+    b.type_into("API key or admin token", ADMIN).await;
+    b.click_named("Sign in").await;
+    b.wait_heading("Accounts").await;
+    b.click_named("Overview").await;
+    b.wait_heading("Overview").await;
+    let (_, stats) = eng.api.admin(Method::GET, "/v1/admin/stats", None).await;
+    let active = b.find("#fig-active").await;
+    assert_eq!(
+        b.text(&active).await,
+        stats["webhooks"]["active"].to_string()
+    );
+    let waiting = b.find("#fig-backlog").await;
+    assert_eq!(
+        b.text(&waiting).await,
+        stats["backlog"]["total"].to_string()
+    );
+    b.named("svg", "Events and deliveries per second, last hour")
+        .await;
+    b.check("overview").await;
+    b.click_named("Accounts").await;
+    b.wait_heading("Accounts").await;
+    b.click_named("Manage acme").await;
+    b.wait_heading("acme").await;
+    let plan = b.field("New plan").await;
+    let enterprise = b
+        .call(
+            Method::POST,
+            &format!("/element/{plan}/element"),
+            Some(json!({ "using": "css selector", "value": "option[value='enterprise']" })),
+        )
+        .await[ELEMENT]
+        .as_str()
+        .unwrap()
+        .to_string();
+    b.click(&enterprise).await;
+    b.check("account").await;
+    b.click_named("Review Plan Change").await;
+    b.wait_heading("Change the plan").await;
+    b.check("confirm-plan").await;
+    b.click_named("Change Plan").await;
+    b.wait_heading("acme").await;
+    let (_, acct) = eng.api.admin(Method::GET, "/v1/accounts/acme", None).await;
+    assert_eq!(acct["plan"], "enterprise");
+    b.click_named("Rotate API Key").await;
+    b.wait_heading("Rotate the API key").await;
+    b.click_named("Rotate API Key").await;
+    b.wait_heading("New API key").await;
+    let field = b.field("API Key").await;
+    let new_key = b.prop(&field, "value").await;
+    let (s, _) = eng
+        .api
+        .call(Method::GET, "/v1/accounts/acme", new_key.as_str(), None)
+        .await;
+    assert!(s.is_success());
+    let (s, _) = eng
+        .api
+        .call(Method::GET, "/v1/accounts/acme", Some(key.as_str()), None)
+        .await;
+    assert_eq!(s, http::StatusCode::UNAUTHORIZED);
+    b.check("api-key").await;
+    b.call(Method::DELETE, "", None).await;
+    eng.stop().await;
+}

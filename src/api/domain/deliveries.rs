@@ -26,21 +26,56 @@ pub struct DeliveryDetail {
     pub attempts_omitted: u32,
 }
 
+/// A delivery-log query: the store's filters, plus the exact delivery id, which is looked up
+/// rather than scanned for.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub store: DeliveryQuery,
+    pub delivery_id: Option<DeliveryId>,
+    /// An `event_id` or `delivery_id` that names nothing of the account: nothing matches.
+    pub matches_nothing: bool,
+}
+
+impl std::ops::Deref for LogQuery {
+    type Target = DeliveryQuery;
+    fn deref(&self) -> &DeliveryQuery {
+        &self.store
+    }
+}
+
 /// Builds the query of a delivery list from its parameters (`limit`, `cursor`, `status`,
-/// `event`, `since`, `until`, and `webhook_id` unless the list is already one webhook's).
-/// Unknown parameters and bad values are 400s; another account's webhook is a 404.
+/// `event`, `since`, `until`, `event_id`, `delivery_id`, and `webhook_id` unless the list is
+/// already one webhook's). Unknown parameters and bad values are 400s; another account's
+/// webhook is a 404. `event_id` and `delivery_id` are exact: an id that names nothing of the
+/// account matches nothing (an empty list, not an error).
 pub fn query_from_params(
     state: &AppState,
     account: &AccountId,
     webhook: Option<WebhookId>,
     params: &[(String, String)],
-) -> Result<DeliveryQuery, ApiError> {
+) -> Result<LogQuery, ApiError> {
     let allowed: &[&str] = if webhook.is_some() {
-        &["status", "event", "since", "until"]
+        &[
+            "status",
+            "event",
+            "since",
+            "until",
+            "event_id",
+            "delivery_id",
+        ]
     } else {
-        &["webhook_id", "status", "event", "since", "until"]
+        &[
+            "webhook_id",
+            "status",
+            "event",
+            "since",
+            "until",
+            "event_id",
+            "delivery_id",
+        ]
     };
     let page = paging(params, allowed)?;
+    let mut out = LogQuery::default();
     let mut q = DeliveryQuery {
         webhook,
         limit: page.limit,
@@ -96,19 +131,77 @@ pub fn query_from_params(
                     q.until_ms = Some(ms);
                 }
             }
+            "event_id" => {
+                let id = v.trim();
+                if id.is_empty() || id.len() > 255 {
+                    return Err(ApiError::bad_request(
+                        "invalid_query",
+                        "event_id must be 1 to 255 characters",
+                    ));
+                }
+                match state.store.event_seq(account, id)? {
+                    Some(seq) => q.event_seq = Some(seq),
+                    None => out.matches_nothing = true,
+                }
+            }
+            "delivery_id" => {
+                match DeliveryId::parse(v.trim()) {
+                    Some(id) => out.delivery_id = Some(id),
+                    // Not an id this API gives: it names nothing.
+                    None if v.trim().starts_with("dlv_") => out.matches_nothing = true,
+                    None => {
+                        return Err(ApiError::bad_request(
+                            "invalid_query",
+                            "delivery_id must be a delivery id like dlv_…",
+                        ))
+                    }
+                }
+            }
             _ => {}
         }
     }
-    Ok(q)
+    out.store = q;
+    Ok(out)
+}
+
+/// Whether a record passes the query's filters (for the exact `delivery_id` lookup, which
+/// does not go through the store's scan).
+fn matches(q: &DeliveryQuery, r: &DeliveryRecord) -> bool {
+    let created = r.id.created_ms();
+    q.webhook.map_or(true, |w| r.id.webhook == w)
+        && q.status.map_or(true, |s| s == r.status)
+        && q.event.as_ref().map_or(true, |e| *e == r.event)
+        && q.since_ms.map_or(true, |s| created >= s)
+        && q.until_ms.map_or(true, |u| created <= u)
+        && q.event_seq.map_or(true, |seq| r.id.seq == seq)
+        && q.cursor.map_or(true, |c| r.id.to_bytes() < c.to_bytes())
 }
 
 /// One page of the account's delivery log, newest first.
 pub fn list_deliveries(
     state: &AppState,
     account: &AccountId,
-    q: &DeliveryQuery,
+    q: &LogQuery,
 ) -> Result<DeliveryPage, ApiError> {
-    Ok(state.store.list_deliveries(account, q)?)
+    if q.matches_nothing {
+        return Ok(DeliveryPage {
+            items: Vec::new(),
+            next_cursor: None,
+        });
+    }
+    if let Some(id) = q.delivery_id {
+        let items = state
+            .store
+            .get_delivery(id)?
+            .filter(|r| r.account_id == *account && matches(&q.store, r))
+            .into_iter()
+            .collect();
+        return Ok(DeliveryPage {
+            items,
+            next_cursor: None,
+        });
+    }
+    Ok(state.store.list_deliveries(account, &q.store)?)
 }
 
 /// The delivery `id` of `account` (another account's delivery is not found).

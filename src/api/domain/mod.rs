@@ -12,6 +12,7 @@
 pub mod accounts;
 pub mod deliveries;
 pub mod events;
+pub mod stats;
 pub mod webhooks;
 
 use super::ApiError;

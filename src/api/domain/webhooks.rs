@@ -349,12 +349,10 @@ pub async fn create_webhook(
         .map(check_max_concurrency)
         .transpose()?;
     let secret = match body.secret {
-        Some(s) if signing::is_minted_secret(&s) => s,
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_secret",
-                "the signing secret is not one this engine generated",
-            ))
+        Some(s) => {
+            crate::secrets::check_supplied_secret(&s)
+                .map_err(|e| ApiError::bad_request("invalid_secret", e.to_string()))?;
+            s
         }
         None => signing::new_secret(),
     };

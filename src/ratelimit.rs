@@ -126,15 +126,39 @@ impl RateLimits {
         }
     }
 
-    /// Forgets an account (deleted).
-    pub fn forget(&mut self, account: &AccountId) {
-        self.accounts.remove(account);
+    /// Forgets every account `keep` says no to (deleted ones): their limiters go.
+    pub fn retain(&mut self, keep: impl Fn(&AccountId) -> bool) {
+        self.accounts.retain(|a, _| keep(a));
+    }
+
+    /// How many accounts have a limiter.
+    pub fn accounts(&self) -> usize {
+        self.accounts.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn deleted_accounts_limiters_are_dropped() {
+        let mut limits = RateLimits::new();
+        let (a, b) = (
+            AccountId::parse("acme").unwrap(),
+            AccountId::parse("gone").unwrap(),
+        );
+        limits.admit(&a, 10, false);
+        limits.admit(&b, 10, false);
+        assert_eq!(limits.accounts(), 2);
+        limits.retain(|acc| *acc == a);
+        assert_eq!(limits.accounts(), 1);
+        // The kept account keeps its pace: its next delivery this instant is deferred.
+        for _ in 0..20 {
+            limits.admit(&a, 10, false);
+        }
+        assert!(matches!(limits.admit(&a, 10, false), Admit::At(_)));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn paces_one_account_and_spreads_its_backlog() {

@@ -200,6 +200,18 @@ impl Registry {
         }
     }
 
+    /// The distinct IP allowlists the webhooks use (the outbound client pools one client per
+    /// allowlist; the others can go).
+    pub fn allowlists_in_use(&self) -> Vec<Vec<ipnet::IpNet>> {
+        let mut lists: Vec<Vec<ipnet::IpNet>> = Vec::new();
+        for entry in self.read().hooks.values() {
+            if !entry.ip_allowlist.is_empty() && !lists.contains(&entry.ip_allowlist) {
+                lists.push(entry.ip_allowlist.clone());
+            }
+        }
+        lists
+    }
+
     /// How many webhooks are active, paused and disabled (in that order): for the metrics
     /// page, at scrape time. One pass over the webhooks under the read lock.
     pub fn hook_status_counts(&self) -> [usize; 3] {

@@ -77,11 +77,6 @@ impl SchedulerHandle {
         }
     }
 
-    /// Same as [`SchedulerHandle::schedule`]; named for callers on plain threads.
-    pub fn schedule_blocking(&self, id: DeliveryId, token: u64, when: u64) {
-        self.schedule(id, token, when)
-    }
-
     /// An entry handed out by the scheduler stopped waiting: its attempt started, or it was
     /// dropped as stale, or re-scheduled (which counts it again).
     pub fn taken(&self) {

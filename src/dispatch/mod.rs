@@ -379,13 +379,19 @@ enum Job {
 pub struct Dispatcher {
     deliverer: Arc<Deliverer>,
     limits: RateLimits,
+    /// When the limiters of deleted accounts and unused client pools were last dropped.
+    last_upkeep: std::time::Instant,
 }
+
+/// How often the dispatcher drops deleted accounts' limiters and client pools no webhook uses.
+const UPKEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl Dispatcher {
     pub fn new(deliverer: Arc<Deliverer>) -> Self {
         Dispatcher {
             deliverer,
             limits: RateLimits::new(),
+            last_upkeep: std::time::Instant::now(),
         }
     }
 
@@ -400,12 +406,14 @@ impl Dispatcher {
             if since_yield >= 256 {
                 since_yield = 0;
                 tokio::task::yield_now().await;
+                self.upkeep();
             }
             let next = match due.try_recv() {
                 Ok(next) => Some(next),
                 Err(_) => {
                     // Nothing queued for the dispatcher: it owes nothing.
                     lag.dispatching(None);
+                    self.upkeep();
                     tokio::select! {
                         biased;
                         _ = shutdown.changed() => {
@@ -428,6 +436,18 @@ impl Dispatcher {
         self.deliverer.slots.close();
         self.deliverer.slots.drained().await;
         sampler.abort();
+    }
+
+    /// Drops what deleted accounts and webhooks left behind: rate limiters and pooled outbound
+    /// clients (the slots forget idle webhooks themselves). Cheap to call; works once a minute.
+    fn upkeep(&mut self) {
+        if self.last_upkeep.elapsed() < UPKEEP_EVERY {
+            return;
+        }
+        self.last_upkeep = std::time::Instant::now();
+        let registry = &self.deliverer.registry;
+        self.limits.retain(|a| registry.account_exists(a));
+        self.deliverer.outbound.prune(&registry.allowlists_in_use());
     }
 
     /// Admits a due entry and queues it on its webhook's slots, or defers, parks or drops it.

@@ -357,11 +357,6 @@ impl Ingest {
             .map_err(|_| IngestError::Closed)?
             .map_err(IngestError::Commit)
     }
-
-    /// How many commits are waiting.
-    pub fn queued(&self) -> usize {
-        self.tx.len()
-    }
 }
 
 /// The prefixes of ids the committer mints: for produced events, and for test sends.

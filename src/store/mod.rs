@@ -966,10 +966,6 @@ impl Store {
             .map(|(due, _)| due))
     }
 
-    pub fn scheduled_count(&self) -> usize {
-        self.schedule.len()
-    }
-
     /// One page of an account's (or one webhook's) deliveries, newest first.
     pub fn list_deliveries(&self, account: &AccountId, q: &DeliveryQuery) -> Result<DeliveryPage> {
         let prefix: Vec<u8> = match q.webhook {

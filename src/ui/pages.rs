@@ -323,6 +323,8 @@ pub struct Step3Page {
     pub fifo: bool,
     /// Whether the signature scheme select shows Standard Webhooks.
     pub standard: bool,
+    /// The "Max Concurrent Requests" field as submitted (empty: no cap).
+    pub max_concurrency: String,
     pub error: Option<String>,
 }
 
@@ -340,6 +342,10 @@ pub struct HookView {
     pub ordering: &'static str,
     /// How requests are signed, in words.
     pub scheme: &'static str,
+    /// The adaptive limit now, and the customer's cap, in words.
+    pub concurrency: String,
+    /// What waits behind the limit, in words (empty: nothing).
+    pub backlog: String,
     pub created: String,
     pub updated: String,
     pub href: String,
@@ -412,6 +418,8 @@ pub struct EditPage {
     pub fifo: bool,
     /// Whether the signature scheme select shows Standard Webhooks.
     pub standard: bool,
+    /// The "Max Concurrent Requests" field (empty: no cap).
+    pub max_concurrency: String,
     pub errors: FieldErrors,
     pub error: Option<String>,
 }

@@ -725,11 +725,15 @@ async fn account_screen(
     }
 }
 
-/// Marks a webhook whose latest attempts fail ("Failing"), or that is working off retries or
-/// answers slowly ("Lagging": retries in the last two hours while its latest attempt
-/// succeeded, or a p95 response time of a quarter of `delivery.timeout` or more).
+/// A webhook whose oldest waiting delivery has waited this long is "Lagging".
+const LAGGING_AFTER_MS: u64 = 2_000;
+
+/// Marks a webhook whose latest attempts fail ("Failing"), or that is behind ("Lagging":
+/// deliveries have waited for its endpoint for 2 s or more, it is working off retries of the
+/// last two hours, or its p95 response time is a quarter of `delivery.timeout` or more).
 fn health_flag(
     h: &Webhook,
+    slots: &crate::dispatch::HookView,
     buckets: &[Bucket],
     timeout_ms: u64,
 ) -> Option<(&'static str, &'static str, String)> {
@@ -741,6 +745,18 @@ fn health_flag(
             "bad",
             "Failing",
             format!("the last {} attempts failed", h.consecutive_failures),
+        ));
+    }
+    // Deliveries due now that wait behind the endpoint's concurrency limit.
+    if let Some(ms) = slots.oldest_waiting_ms.filter(|ms| *ms >= LAGGING_AFTER_MS) {
+        return Some((
+            "warn",
+            "Lagging",
+            format!(
+                "{} deliveries wait for the endpoint, the oldest for {:.1} s",
+                slots.waiting,
+                ms as f64 / 1000.0
+            ),
         ));
     }
     let recent = &buckets[buckets.len().saturating_sub(2)..];
@@ -789,7 +805,7 @@ fn webhooks_home(ctx: &Ctx, account: &AccountId, base: &str) -> Result<Page, Api
             let (paused, toggle_label, toggle_to, can_toggle) = toggle_of(h);
             let href = format!("{base}/webhooks/{}", h.id);
             let rate = stats::success_rate(&buckets);
-            let flag = health_flag(h, &buckets, timeout_ms);
+            let flag = health_flag(h, &ctx.state.deliverer.slots_of(h), &buckets, timeout_ms);
             let attempts: Vec<u64> = buckets.iter().map(Bucket::attempts).collect();
             let bad: Vec<u64> = buckets.iter().map(|b| b.retrying + b.failed).collect();
             let spark = charts::sparkline(
@@ -994,6 +1010,7 @@ fn step3_page(
         // Kept when the page is shown again with an error.
         fifo: ctx.req.field("ordering") == Some("fifo"),
         standard: ctx.req.field("signature_scheme") == Some("standard-webhooks"),
+        max_concurrency: ctx.req.field("max_concurrency").unwrap_or("").to_string(),
         error,
     };
     Ok(html(status, pages::render(&page)))
@@ -1025,7 +1042,7 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
         ip_allowlist: split_list(&allowlist_text),
         signature_scheme: ctx.req.field("signature_scheme").map(str::to_string),
         ordering: ctx.req.field("ordering").map(str::to_string),
-        max_concurrency: None,
+        max_concurrency: concurrency_field(ctx),
         secret: Some(secret.clone()),
     };
     match wh::create_webhook(ctx.state, account, body).await {
@@ -1062,8 +1079,34 @@ fn scheme_label(scheme: SignatureScheme) -> &'static str {
     }
 }
 
-fn hook_view(base: &str, h: &Webhook) -> HookView {
+/// The "Max Concurrent Requests" field: empty is no cap; anything that is not a number is
+/// passed on as 0, which the rule refuses with its own message.
+fn concurrency_field(ctx: &Ctx) -> Option<u64> {
+    let text = ctx.req.field("max_concurrency").unwrap_or("").trim();
+    (!text.is_empty()).then(|| text.parse().unwrap_or(0))
+}
+
+fn hook_view(state: &AppState, base: &str, h: &Webhook) -> HookView {
     let (status_text, status_class) = status_view(h);
+    let slots = state.deliverer.slots_of(h);
+    let concurrency = match h.max_concurrency {
+        Some(cap) => format!(
+            "up to {} requests at once now (adapts to the endpoint; your cap: {cap})",
+            slots.limit
+        ),
+        None => format!(
+            "up to {} requests at once now (adapts to the endpoint; no cap set)",
+            slots.limit
+        ),
+    };
+    let backlog = match slots.oldest_waiting_ms {
+        Some(ms) if slots.waiting > 0 => format!(
+            "{} deliveries wait for a slot; the oldest for {:.1} s",
+            slots.waiting,
+            ms as f64 / 1000.0
+        ),
+        _ => String::new(),
+    };
     HookView {
         id: h.id.to_string(),
         name: h.name.clone(),
@@ -1079,6 +1122,8 @@ fn hook_view(base: &str, h: &Webhook) -> HookView {
             DeliveryOrder::Fifo => "One at a time, in event order (fifo)",
         },
         scheme: scheme_label(h.signature_scheme),
+        concurrency,
+        backlog,
         created: when(h.created_ms),
         updated: when(h.updated_ms),
         href: format!("{base}/webhooks/{}", h.id),
@@ -1311,7 +1356,7 @@ fn webhook_page(
     let (paused, toggle_label, toggle_to, can_toggle) = toggle_of(&hook);
     let page = WebhookPage {
         c: ctx.chrome(&hook.name, ctx.account_crumbs(account, &acct.name)),
-        hook: hook_view(base, &hook),
+        hook: hook_view(ctx.state, base, &hook),
         health,
         paused,
         toggle_label,
@@ -1377,6 +1422,14 @@ fn render_edit(
             hook.signature_scheme == SignatureScheme::StandardWebhooks,
             |o| o == "standard-webhooks",
         ),
+        max_concurrency: ctx.req.field("max_concurrency").map_or_else(
+            || {
+                hook.max_concurrency
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            },
+            str::to_string,
+        ),
         errors,
         error,
     };
@@ -1414,6 +1467,8 @@ async fn edit_submit(
         ip_allowlist: Some(split_list(&allowlist_text)),
         ordering: ctx.req.field("ordering").map(str::to_string),
         signature_scheme: ctx.req.field("signature_scheme").map(str::to_string),
+        // An empty field lifts the cap.
+        max_concurrency: Some(concurrency_field(ctx)),
         ..Default::default()
     };
     match wh::update_webhook(ctx.state, account, id, body).await {

@@ -120,7 +120,7 @@ async fn an_endpoint_that_starts_refusing_gets_half_the_requests_within_two_seco
 async fn a_customer_cap_bounds_the_requests_in_flight_and_is_shown() {
     let pki = pki();
     let r = Receiver::start(pki.server.clone()).await;
-    r.set_default(Reply::Slow(Duration::from_millis(100), 200));
+    r.set_default(Reply::Slow(Duration::from_millis(200), 200));
     let e = TestEngine::start(&pki, "", UNLIMITED).await;
     let (acc, _) = e.account("capped", "unlimited").await;
     let base = format!("/v1/accounts/{acc}/webhooks");
@@ -148,7 +148,9 @@ async fn a_customer_cap_bounds_the_requests_in_flight_and_is_shown() {
     assert_eq!(hook["max_concurrency"], 3);
     assert_eq!(hook["concurrency_limit"], 3);
     let id = hook["id"].as_str().unwrap();
-    assert_eq!(post_batch(&e, &acc, 40).await, StatusCode::ACCEPTED);
+    // 3 at a time, 200 ms each: 200 events keep it busy well past the cap's removal.
+    assert_eq!(post_batch(&e, &acc, 100).await, StatusCode::ACCEPTED);
+    assert_eq!(post_batch(&e, &acc, 100).await, StatusCode::ACCEPTED);
     r.wait_for(3, Duration::from_secs(10)).await;
     let peak = peak_in_flight(&r, Duration::from_millis(600)).await;
     assert!((1..=3).contains(&peak), "cap 3, {peak} at once");

@@ -836,7 +836,10 @@ async fn at_the_plans_maximum_add_webhook_is_replaced_by_a_note() {
                 ("url", rx.url.as_str()),
                 ("description", ""),
                 ("events", "visitor.checked_in"),
-                ("secret", "whsec_9a6cc444815170422c29c90f0b285d129f3ac3a3885ae6e9d46e241f49c8ddb1"),
+                (
+                    "secret",
+                    "whsec_9a6cc444815170422c29c90f0b285d129f3ac3a3885ae6e9d46e241f49c8ddb1",
+                ),
                 ("ip_allowlist", ""),
             ],
         )
@@ -1513,4 +1516,95 @@ async fn the_forms_offer_the_signature_scheme_and_the_log_tab_every_filter() {
     let bad = b.get(&format!("{tab}?delivery_id=nope")).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     eng.stop().await;
+}
+
+#[tokio::test]
+async fn the_forms_set_and_lift_a_concurrency_cap_and_the_page_shows_the_limit() {
+    let pki = pki();
+    let eng = TestEngine::start(&pki, "", "").await;
+    let (_, key) = eng.account("acme", "starter").await;
+    let hook = eng
+        .webhook("acme", "https://127.0.0.1:9/hook", &["visitor.checked_in"])
+        .await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let mut b = Browser::new(&eng.api);
+    b.sign_in(&key).await;
+    let page = b.get(&format!("/ui/a/acme/webhooks/{id}")).await;
+    assert!(
+        page.body.contains("up to 64 requests at once now") && page.body.contains("no cap set"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("Nothing waits"), "{}", page.body);
+
+    let edit_path = format!("/ui/a/acme/webhooks/{id}/edit");
+    let form = b.get(&edit_path).await;
+    assert!(
+        form.body.contains(r#"name="max_concurrency""#),
+        "{}",
+        form.body
+    );
+    let csrf = form.csrf();
+    let post = |cap: &'static str| {
+        vec![
+            ("_csrf", csrf.clone()),
+            ("name", "hook".to_string()),
+            ("url", "https://127.0.0.1:9/hook".to_string()),
+            ("description", String::new()),
+            ("events", "visitor.checked_in".to_string()),
+            ("ordering", "none".to_string()),
+            ("max_concurrency", cap.to_string()),
+        ]
+    };
+    let api_cap = |eng: &TestEngine| {
+        let api = eng.api.clone();
+        let id = id.clone();
+        async move {
+            let (_, v) = api
+                .admin(
+                    Method::GET,
+                    &format!("/v1/accounts/acme/webhooks/{id}"),
+                    None,
+                )
+                .await;
+            (v["max_concurrency"].clone(), v["concurrency_limit"].clone())
+        }
+    };
+    // Not a number, or out of range: refused with the API's rule, the value shown again.
+    for bad in ["many", "0"] {
+        let fields = post(bad);
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let refused = b.post(&edit_path, &fields).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            refused.body
+        );
+        assert!(
+            refused.body.contains("max_concurrency must be from 1"),
+            "{}",
+            refused.body
+        );
+    }
+    let fields = post("5");
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let saved = b.post(&edit_path, &fields).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    assert_eq!(api_cap(&eng).await, (json!(5), json!(5)));
+    let page = b.get(&format!("/ui/a/acme/webhooks/{id}")).await;
+    assert!(
+        page.body.contains("up to 5 requests at once now"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("your cap: 5"));
+    let form = b.get(&edit_path).await;
+    assert!(form.body.contains(r#"value="5""#), "{}", form.body);
+    // An empty field lifts the cap.
+    let fields = post("");
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let saved = b.post(&edit_path, &fields).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    assert_eq!(api_cap(&eng).await, (serde_json::Value::Null, json!(64)));
 }

@@ -92,6 +92,8 @@ impl Ewma {
 #[derive(Debug, Clone)]
 pub struct Controller {
     limit: u32,
+    /// Where the limit started; a lifted cap lets it back up to here at once.
+    initial: u32,
     /// The engine's ceiling (`delivery.max_in_flight_per_webhook`) or the webhook's own
     /// `max_concurrency`, whichever is lower.
     ceiling: u32,
@@ -114,6 +116,7 @@ impl Controller {
         let ceiling = ceiling.max(1);
         Controller {
             limit: initial.clamp(1, ceiling),
+            initial: initial.max(1),
             ceiling,
             in_flight: 0,
             rtt: Ewma::default(),
@@ -146,9 +149,14 @@ impl Controller {
     }
 
     /// A new ceiling (the configuration or the webhook's `max_concurrency` changed); the
-    /// limit follows it down at once.
+    /// limit follows it down at once, and a limit the old ceiling pinned goes back up to the
+    /// initial limit at once when the ceiling rises (from there it adapts as usual).
     pub fn set_ceiling(&mut self, ceiling: u32) {
-        self.ceiling = ceiling.max(1);
+        let ceiling = ceiling.max(1);
+        if ceiling > self.ceiling && self.limit >= self.ceiling {
+            self.limit = self.limit.max(self.initial);
+        }
+        self.ceiling = ceiling;
         self.limit = self.limit.min(self.ceiling);
     }
 
@@ -396,6 +404,9 @@ mod tests {
         // A customer cap that binds holds the limit down (the owner chose it).
         assert!(c.held_down(now, true));
         assert!(!c.held_down(now, false));
+        // Lifted: back to the initial limit at once, not one step per window.
+        c.set_ceiling(1024);
+        assert_eq!(c.limit(), 64);
         c.set_ceiling(0);
         assert_eq!(c.limit(), 1, "the floor is 1 even for a zero ceiling");
     }

@@ -422,6 +422,9 @@ impl DeliveryStatus {
     }
 }
 
+/// A delivery's record. Its stage — `status`, `next_attempt_ms`, `note` — is created and
+/// changed only by the delivery state machine (`delivery/state.rs`, which also holds
+/// `DeliveryRecord::new`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeliveryRecord {
     pub id: DeliveryId,
@@ -440,25 +443,6 @@ pub struct DeliveryRecord {
     pub note: Option<String>,
     /// Sent by the test tool: one attempt, no retries.
     pub is_test: bool,
-}
-
-impl DeliveryRecord {
-    pub fn new(id: DeliveryId, event: &EventRecord, now: u64, is_test: bool) -> Self {
-        DeliveryRecord {
-            id,
-            account_id: event.account_id.clone(),
-            event_id: event.id.clone(),
-            event: event.event.clone(),
-            status: DeliveryStatus::Pending,
-            attempt_count: 0,
-            response_code: None,
-            response_time_ms: None,
-            updated_ms: now,
-            next_attempt_ms: Some(now),
-            note: None,
-            is_test,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -193,14 +193,14 @@ impl Deliverer {
 
     /// Makes a test send's one attempt through its webhook's slots (ahead of the deliveries
     /// waiting there) and returns it with what became of the delivery. `record` is the test
-    /// delivery, not yet stored; `body` its event's body.
+    /// delivery (created as a test send: no schedule entry), not yet stored; `body` its
+    /// event's body.
     pub async fn test_send(
         self: &Arc<Self>,
         _permit: &TestPermit,
-        mut record: DeliveryRecord,
+        record: DeliveryRecord,
         body: Bytes,
     ) -> Result<(AttemptRecord, Settled), TestSendError> {
-        record.next_attempt_ms = None;
         let webhook = record.id.webhook;
         if self.deliveries.create(vec![record.clone()]).await? == 0
             && self.registry.hook(webhook).is_none()

@@ -3,7 +3,7 @@
 //! Committed events that some webhook subscribes to enter from the group committer
 //! ([`super::commit`]) over a bounded channel; for each matching webhook in the registry a
 //! delivery record is created and its first attempt handed to the scheduler. The records are
-//! written by the delivery writer ([`crate::delivery`]), which holds them unwritten for a short
+//! written by the delivery writer ([`crate::delivery`]), which holds them for a short
 //! window so that most are written once, settled; this thread waits only until their first
 //! attempts are scheduled (which paces it to the writer), not for the write. The
 //! sequence numbers of events whose deliveries are all written leave through `fanned` (put
@@ -17,7 +17,7 @@ use crossbeam::channel::Receiver;
 
 use super::MAX_BATCH;
 use crate::clock;
-use crate::delivery::{Deliveries, DeliveryError};
+use crate::delivery::{self, Deliveries, DeliveryError, FirstAttempt};
 use crate::ids::DeliveryId;
 use crate::model::{DeliveryRecord, EventRecord};
 use crate::registry::Registry;
@@ -129,13 +129,13 @@ impl Fanout {
                     seq: e.seq,
                     webhook: hook.hook.id,
                 };
-                let mut record = DeliveryRecord::new(id, e, now, false);
-                if recovery == Recovery::No {
+                let due = match recovery {
                     // Owed since its event was committed: the dispatcher's lag (and the
                     // push-back, `crate::pushback`) then counts from the 202, not from here.
-                    record.next_attempt_ms = Some(crate::ids::seq_time_ms(e.seq).min(now));
-                }
-                records.push(record);
+                    Recovery::No => crate::ids::seq_time_ms(e.seq).min(now),
+                    Recovery::Yes => now,
+                };
+                records.push(delivery::created(id, e, now, FirstAttempt::Due(due)));
                 if records.len() >= FANOUT_CHUNK {
                     self.hand_over(std::mem::take(&mut records), recovery, &pending)?;
                 }

@@ -16,11 +16,11 @@ pub mod backup;
 pub mod compact;
 pub mod format;
 pub mod fsat;
+mod held;
 pub mod keys;
 mod purge;
 mod stats;
 pub mod tracked;
-mod unwritten;
 mod writes;
 
 pub use purge::{PurgePlan, Purged, PurgedBatch, PURGE_BATCH, PURGE_CHUNKS};
@@ -237,9 +237,9 @@ pub struct Store {
     by_webhook: Tree,
     by_account: Tree,
     schedule: Tree,
-    /// Deliveries created but not written yet (see `unwritten`): [`Store::get_delivery`]
+    /// Deliveries created but not written yet (see `held`): [`Store::get_delivery`]
     /// reads them first.
-    unwritten: unwritten::Unwritten,
+    held: held::HeldDeliveries,
     /// Per-webhook hourly delivery statistics (see `stats`).
     stats: Tree,
     /// Dashboard sessions, sealed (see `stats`).
@@ -357,7 +357,7 @@ impl Store {
             sessions: tree("sessions")?,
             stats_purged_hour: Default::default(),
             live: Default::default(),
-            unwritten: Default::default(),
+            held: Default::default(),
             db_file,
             blobs_dir: path.join("blobs"),
             synced_blobs: Default::default(),
@@ -662,9 +662,7 @@ impl Store {
     ) -> Result<Vec<DeliveryRecord>> {
         // Held deliveries (not written yet) have no index entry: they are taken from the
         // delivery writer's overlay, and any written meanwhile are counted once.
-        let mut out = self
-            .unwritten
-            .matching(|r| r.id.webhook == webhook && keep(r));
+        let mut out = self.held.matching(|r| r.id.webhook == webhook && keep(r));
         let held: std::collections::HashSet<DeliveryId> = out.iter().map(|r| r.id).collect();
         for kv in self
             .by_webhook
@@ -892,32 +890,32 @@ impl Store {
 
     /// A delivery's record: held by the delivery writer and not written yet, or stored.
     pub fn get_delivery(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>> {
-        if let Some(held) = self.unwritten.get(id) {
+        if let Some(held) = self.held.get(id) {
             return Ok(Some(held));
         }
         decode_opt(self.deliveries.get(keys::delivery(id))?)
     }
 
-    /// Whether `id` is held by the delivery writer, not written yet (see `unwritten`).
-    pub(crate) fn is_unwritten(&self, id: DeliveryId) -> bool {
-        self.unwritten.contains(id)
+    /// Whether `id` is held by the delivery writer, not written yet (see `held`).
+    pub(crate) fn is_held(&self, id: DeliveryId) -> bool {
+        self.held.contains(id)
     }
 
     /// The record of a delivery held by the delivery writer, if it is held (never the store).
     pub(crate) fn held_delivery(&self, id: DeliveryId) -> Option<DeliveryRecord> {
-        self.unwritten.get(id)
+        self.held.get(id)
     }
 
     /// Holds a delivery's record (new, or a new state of a held one) without writing it.
     /// For the delivery writer only.
-    pub(crate) fn hold_unwritten(&self, record: DeliveryRecord) {
-        self.unwritten.put(record);
+    pub(crate) fn hold_delivery(&self, record: DeliveryRecord) {
+        self.held.put(record);
     }
 
     /// Stops holding `id`: its record was written, or it is dropped. For the delivery
     /// writer only.
-    pub(crate) fn release_unwritten(&self, id: DeliveryId) -> Option<DeliveryRecord> {
-        self.unwritten.take(id)
+    pub(crate) fn release_held(&self, id: DeliveryId) -> Option<DeliveryRecord> {
+        self.held.take(id)
     }
 
     pub fn attempts(&self, id: DeliveryId) -> Result<Vec<AttemptRecord>> {
@@ -1003,7 +1001,7 @@ impl Store {
         if lo >= hi {
             return Ok(DeliveryPage { items, next_cursor });
         }
-        // Deliveries the writer holds unwritten have no index entry yet: the page merges them
+        // Deliveries the writer holds have no index entry yet: the page merges them
         // in from its overlay, newest first like the index, each id once.
         let in_range = &|id: DeliveryId| {
             let mut k = prefix.clone();
@@ -1011,7 +1009,7 @@ impl Store {
             lo <= k && k < hi
         };
         let mut held = self
-            .unwritten
+            .held
             .matching(|r| {
                 r.account_id == *account
                     && q.webhook.map_or(true, |wh| r.id.webhook == wh)

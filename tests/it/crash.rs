@@ -201,13 +201,13 @@ async fn wait_all_delivered_after(rx: &Receiver, ids: &[String], skip: usize, wa
     }
 }
 
-/// Deliveries that fan-out creates are held unwritten while their first attempt runs (up to
+/// Deliveries that fan-out creates are held, not written, while their first attempt runs (up to
 /// `delivery::HELD_WINDOW`, a second): a delivery that settles in time is written once,
 /// settled. A SIGKILL in that second finds them only in their events' inbox marks; the restart
 /// re-runs fan-out and every acknowledged event still arrives. Meanwhile the delivery log lists
 /// them, from the writer's overlay.
 #[tokio::test]
-async fn sigkill_while_new_deliveries_are_held_unwritten_loses_nothing() {
+async fn sigkill_while_new_deliveries_are_held_loses_nothing() {
     let pki = pki();
     let rx = Receiver::start(pki.server.clone()).await;
     // No attempt settles before the kill (the engine's timeout is 2 s).

@@ -1,21 +1,22 @@
-//! Deliveries the delivery writer has created but not written yet ("fresh" deliveries).
+//! Held deliveries: those the delivery writer has created but not written yet.
 //!
 //! Most deliveries are attempted, and answered, within milliseconds of being created. Writing
 //! each one as `pending` with a schedule entry and then again as `delivered` with the entry
 //! removed cost the single delivery writer seven tree writes per delivery, and under fan-out
 //! that writer was the engine's bound. So a delivery fan-out creates is held here, in memory,
-//! for up to a short window ([`crate::delivery`]): if its first attempt settles within it, the
-//! record is written once, in its settled state, with no schedule entry ever written; if not,
-//! it is written as created when the window ends. Nothing is lost by the wait: the event's
-//! inbox mark stands until every one of its deliveries is written, and a crash re-runs its
-//! fan-out at start-up, as it does for an event whose deliveries never reached the writer.
+//! for up to a short window (`delivery::HELD_WINDOW`; the windows themselves are the writer's,
+//! `delivery/held.rs`): if its first attempt settles within it, the record is written once, in
+//! its settled state, with no schedule entry ever written; if not, it is written as created
+//! when the window ends. Nothing is lost by the wait: the event's inbox mark stands until
+//! every one of its deliveries is written, and a crash re-runs its fan-out at start-up, as it
+//! does for an event whose deliveries never reached the writer.
 //!
 //! Only the delivery writer inserts and removes; every reader of a delivery record goes
 //! through [`super::Store::get_delivery`], which looks here first, so a held delivery is
-//! admitted, retried by hand or shown by id like a written one. (The delivery log's listings
-//! read the index trees and show it once it is written.) The writer replaces a held record
-//! with its new state *before* writing that state and removes it only *after*, so a reader
-//! never sees an older state than the one on disk.
+//! admitted, retried by hand or shown by id like a written one, and the delivery log's
+//! listings merge held ones in ([`HeldDeliveries::matching`]). The writer replaces a held
+//! record with its new state *before* writing that state and removes it only *after*, so a
+//! reader never sees an older state than the one on disk.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,19 +28,19 @@ use crate::model::DeliveryRecord;
 const SHARDS: usize = 16;
 
 /// The held records, sharded by delivery id.
-pub(crate) struct Unwritten {
+pub(crate) struct HeldDeliveries {
     shards: Vec<Mutex<HashMap<DeliveryId, DeliveryRecord>>>,
 }
 
-impl Default for Unwritten {
+impl Default for HeldDeliveries {
     fn default() -> Self {
-        Unwritten {
+        HeldDeliveries {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 }
 
-impl Unwritten {
+impl HeldDeliveries {
     fn shard(
         &self,
         id: DeliveryId,
@@ -105,7 +106,7 @@ mod tests {
 
     #[test]
     fn a_held_record_is_read_back_in_its_latest_state_until_taken() {
-        let held = Unwritten::default();
+        let held = HeldDeliveries::default();
         let mut r = record(7, 3);
         assert!(held.get(r.id).is_none());
         held.put(r.clone());

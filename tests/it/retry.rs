@@ -163,7 +163,8 @@ async fn consecutive_failures_disable_a_webhook_and_patch_active_re_enables_it()
         d["status"] == "delivered"
     })
     .await;
-    let (_, v) = e.api.admin(Method::GET, &path, None).await;
+    // The writer updates the webhook's count just after the drain that settled the delivery.
+    let v = e.poll(&path, WAIT, |v| failures(v) == 0).await;
     assert_eq!((failures(&v), v["status"].as_str()), (0, Some("active")));
     // Event B: two failures (the schedule's end); still active.
     e.event(&acc, "user.login", json!({"n": 2})).await;
@@ -172,7 +173,7 @@ async fn consecutive_failures_disable_a_webhook_and_patch_active_re_enables_it()
         d["status"] == "failed"
     })
     .await;
-    let (_, v) = e.api.admin(Method::GET, &path, None).await;
+    let v = e.poll(&path, WAIT, |v| failures(v) == 2).await;
     assert_eq!((failures(&v), v["status"].as_str()), (2, Some("active")));
     // Event C: the third consecutive failure disables the webhook.
     e.event(&acc, "user.login", json!({"n": 3})).await;

@@ -164,7 +164,10 @@ fn main() {
             "receivers",
             Cell::fig("receivers", Val::Int(recv.urls.len() as u64)),
             Cell::text("process(es), one thread each, ")
-                .f("receiver_tls", Val::Flag(opts.receiver_tls, "HTTPS", "plain HTTP"))
+                .f(
+                    "receiver_tls",
+                    Val::Flag(opts.receiver_tls, "HTTPS", "plain HTTP"),
+                )
                 .t(", answering ")
                 .f("receiver_mode", Val::Text(opts.receiver_mode.to_string())),
         );
@@ -214,7 +217,10 @@ fn main() {
             for &f in &opts.fanouts {
                 for &mode in &opts.fanout_ingest {
                     n += 1;
-                    eprintln!("phase: deliveries with {f} webhook(s), {} ingest", mode.name());
+                    eprintln!(
+                        "phase: deliveries with {f} webhook(s), {} ingest",
+                        mode.name()
+                    );
                     fanout::run(&ctx, n, f, mode).await.report(
                         &mut report,
                         recv.urls.len(),
@@ -241,7 +247,9 @@ fn main() {
         }
         if opts.runs("lag") {
             for (i, &(w, c)) in opts.lag.iter().enumerate() {
-                eprintln!("phase: lag, {w} webhook(s), {c} connections, uncapped single-event ingest");
+                eprintln!(
+                    "phase: lag, {w} webhook(s), {c} connections, uncapped single-event ingest"
+                );
                 let account = format!("acc_lag{w}x{c}_{i}");
                 let path = recv.path(true).await;
                 phases::create_account(&ctx, &account).await;
@@ -276,11 +284,15 @@ fn main() {
             let case = |c: &str| opts.cases.iter().any(|x| x == c);
             if case("a") {
                 eprintln!("phase: isolation a, slow account beside a fast one");
-                isolation::case_a(&ctx).await.report(&mut report, opts.slow_ms);
+                isolation::case_a(&ctx)
+                    .await
+                    .report(&mut report, opts.slow_ms);
             }
             if case("b") {
                 eprintln!("phase: isolation b, slow webhook beside fast ones");
-                isolation::case_b(&ctx).await.report(&mut report, opts.slow_ms);
+                isolation::case_b(&ctx)
+                    .await
+                    .report(&mut report, opts.slow_ms);
             }
             if case("c") {
                 eprintln!("phase: isolation c, an endpoint fails and recovers");
@@ -335,11 +347,13 @@ fn main() {
         .row(
             "peak RSS (VmHWM)",
             Cell::fig("peak_rss_bytes", Val::Mib(peak_rss, 0)),
-            Cell::text("bench process: engine + load generator (VmRSS after the no-webhook phases ")
-                .f("rss_after_ingest_bytes", Val::Mib(rss_ingest, 0))
-                .t(", at end ")
-                .f("rss_end_bytes", Val::Mib(rss, 0))
-                .t(")"),
+            Cell::text(
+                "bench process: engine + load generator (VmRSS after the no-webhook phases ",
+            )
+            .f("rss_after_ingest_bytes", Val::Mib(rss_ingest, 0))
+            .t(", at end ")
+            .f("rss_end_bytes", Val::Mib(rss, 0))
+            .t(")"),
         )
         .row(
             "data dir per 1M events (ingest only)",
@@ -363,7 +377,7 @@ fn main() {
                 .f("events_ingested_total", Val::Num(ingested_total))
                 .t(" events, ")
                 .f("delivery_attempts_total", Val::Num(attempts_total))
-                .t(" attempts (main engine)"),
+                .t(" attempts (counted over the whole run: the metrics are process-wide)"),
         )
         .row(
             "machine load average (1/5/15 min)",

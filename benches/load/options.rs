@@ -121,19 +121,18 @@ fn usage(msg: &str) -> ! {
 }
 
 fn runs_of(flag: &str, v: &str) -> Vec<(usize, usize)> {
-    let runs: Vec<(usize, usize)> = v
-        .split(',')
-        .map(|s| {
-            let (f, c) = s
-                .trim()
-                .split_once('x')
-                .unwrap_or_else(|| usage(&format!("{flag} takes WEBHOOKSxCONNS[,…], e.g. 10x64")));
-            (
-                num(flag, f).clamp(1, 100) as usize,
-                num(flag, c).clamp(1, 4096) as usize,
-            )
-        })
-        .collect();
+    let runs: Vec<(usize, usize)> =
+        v.split(',')
+            .map(|s| {
+                let (f, c) = s.trim().split_once('x').unwrap_or_else(|| {
+                    usage(&format!("{flag} takes WEBHOOKSxCONNS[,…], e.g. 10x64"))
+                });
+                (
+                    num(flag, f).clamp(1, 100) as usize,
+                    num(flag, c).clamp(1, 4096) as usize,
+                )
+            })
+            .collect();
     if runs.is_empty() || runs.len() > 8 {
         usage(&format!("{flag} takes 1 to 8 runs"));
     }
@@ -147,14 +146,16 @@ fn num(name: &str, v: &str) -> u64 {
 }
 
 fn mode(name: &str, v: &str) -> Mode {
-    v.parse()
-        .unwrap_or_else(|e| usage(&format!("{name}: {e}")))
+    v.parse().unwrap_or_else(|e| usage(&format!("{name}: {e}")))
 }
 
 fn list(name: &str, v: &str, allowed: &[&str]) -> Vec<String> {
     let items: Vec<String> = v.split(',').map(|p| p.trim().to_string()).collect();
     if let Some(bad) = items.iter().find(|p| !allowed.contains(&p.as_str())) {
-        usage(&format!("{name}: unknown {bad:?} (use {})", allowed.join(",")));
+        usage(&format!(
+            "{name}: unknown {bad:?} (use {})",
+            allowed.join(",")
+        ));
     }
     items
 }
@@ -224,9 +225,7 @@ pub fn parse(args: Vec<String>) -> Opts {
             "--receiver-latency" => o.receiver_mode = mode(&flag, &value()),
             "--max-backlog" => o.max_backlog = num(&flag, &value()).max(1),
             "--drain-secs" => o.drain_secs = num(&flag, &value()).min(3600),
-            "--latency-webhooks" => {
-                o.latency_webhooks = num(&flag, &value()).min(100) as usize
-            }
+            "--latency-webhooks" => o.latency_webhooks = num(&flag, &value()).min(100) as usize,
             "--latency-conns" => o.latency_conns = num(&flag, &value()).max(1) as usize,
             "--retention" => o.retention = num(&flag, &value()).max(1),
             "--retention-run" => o.retention_run = num(&flag, &value()).max(10),
@@ -254,7 +253,9 @@ pub fn parse(args: Vec<String>) -> Opts {
                     "single" => vec![IngestMode::Single],
                     "batch" => vec![IngestMode::Batch],
                     "both" => vec![IngestMode::Single, IngestMode::Batch],
-                    v => usage(&format!("--fanout-ingest: {v:?} is not single, batch or both")),
+                    v => usage(&format!(
+                        "--fanout-ingest: {v:?} is not single, batch or both"
+                    )),
                 }
             }
             "--fanouts" => {

@@ -106,7 +106,12 @@ impl Cpu {
         let by_thread = self
             .by_thread
             .iter()
-            .map(|(k, v)| (k.clone(), v - before.by_thread.get(k).copied().unwrap_or(0.0)))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v - before.by_thread.get(k).copied().unwrap_or(0.0),
+                )
+            })
             .collect();
         Cpu {
             by_thread,

@@ -100,6 +100,7 @@ impl Val {
             Val::Percent(f) => format!("{:.0}%", f * 100.0),
             Val::Flag(b, yes, no) => (if *b { yes } else { no }).to_string(),
             Val::Text(s) => s.clone(),
+            Val::Pcts(p, _, _) if p.n == 0 => "— (no samples)".to_string(),
             Val::Pcts(p, d, Shown::Tail) => format!(
                 "{:.d$} / {:.d$} / {:.d$} ms (max {:.1})",
                 p.p50, p.p99, p.p999, p.max

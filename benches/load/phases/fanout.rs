@@ -188,7 +188,10 @@ impl FanoutResult {
                 .t(" (max ")
                 .f("backlog_max", Val::Int(f.backlog_max))
                 .t("); ingest throttled ")
-                .f("ingest_throttled_fraction", Val::Percent(f.throttled_fraction))
+                .f(
+                    "ingest_throttled_fraction",
+                    Val::Percent(f.throttled_fraction),
+                )
                 .t(" of the time"),
         );
         s.row(
@@ -201,15 +204,18 @@ impl FanoutResult {
         s.row(
             "drain after window",
             Cell::fig("drain_s", Val::Secs(f.drain_s, 1)),
-            Cell::fig("drained", Val::Flag(f.drained, "all delivered", "NOT drained"))
-                .when(
-                    !f.drained,
-                    Cell::text(": ")
-                        .f("left_after_drain", Val::Int(f.left_after_drain))
-                        .t(" outstanding"),
-                )
-                .t("; bench process VmRSS after drain ")
-                .f("rss_after_drain_bytes", Val::Mib(f.rss_after, 0)),
+            Cell::fig(
+                "drained",
+                Val::Flag(f.drained, "all delivered", "NOT drained"),
+            )
+            .when(
+                !f.drained,
+                Cell::text(": ")
+                    .f("left_after_drain", Val::Int(f.left_after_drain))
+                    .t(" outstanding"),
+            )
+            .t("; bench process VmRSS after drain ")
+            .f("rss_after_drain_bytes", Val::Mib(f.rss_after, 0)),
         );
         s.row(
             "attempt duration (mean)",
@@ -229,7 +235,10 @@ impl FanoutResult {
                     Cell::text("; ingest errors io ")
                         .f("ingest_io_errors", Val::Int(f.ingest_io_errors))
                         .t(" status [")
-                        .f("ingest_statuses", Val::Text(f.ingest_other_statuses.clone()))
+                        .f(
+                            "ingest_statuses",
+                            Val::Text(f.ingest_other_statuses.clone()),
+                        )
                         .t("]"),
                 ),
         );

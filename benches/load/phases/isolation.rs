@@ -112,7 +112,12 @@ pub async fn case_a(ctx: &Ctx) -> CaseA {
         create_account(ctx, account).await;
         create_webhooks(ctx, account, path, 0, 1).await;
         let event = body(&event_of_size(account, ctx.opts.event_bytes));
-        producers.push(Producer::start(ctx.api, ctx.opts.isolation_conns, event, hard));
+        producers.push(Producer::start(
+            ctx.api,
+            ctx.opts.isolation_conns,
+            event,
+            hard,
+        ));
     }
     let (pa, pb) = (&producers[0], &producers[1]);
     tokio::time::sleep(warmup).await;
@@ -298,7 +303,10 @@ pub async fn case_c(ctx: &Ctx) -> CaseC {
         to_half_s: to_half.map(|i| secs(i + 1)),
         fell_in_2s: to_half.is_some_and(|i| i < two_s) && during_mean <= half,
         during_mean,
-        recovered_s: after.iter().position(|&v| v as f64 >= half).map(|i| secs(i + 1)),
+        recovered_s: after
+            .iter()
+            .position(|&v| v as f64 >= half)
+            .map(|i| secs(i + 1)),
         after_mean: mean(&after[two_s.min(n)..]),
         samples,
         failed_attempts: m1.sum("kyberhook_delivery_attempts_total", Some("failure"))
@@ -323,7 +331,10 @@ fn side_cells(key: &str, s: &Side) -> (Cell, Cell) {
                     .t("]"),
             )
             .t("; send -> 202 ")
-            .f(format!("{key}.service_ms"), Val::Pcts(s.service, 1, Shown::Max))
+            .f(
+                format!("{key}.service_ms"),
+                Val::Pcts(s.service, 1, Shown::Max),
+            )
             .t("; missing ")
             .f(format!("{key}.missing"), Val::Int(s.missing))
             .when(
@@ -368,12 +379,15 @@ impl CaseB {
             Place::Key("isolation_b".into()),
         );
         let (v, n) = side_cells("fast", &self.fast);
-        s.row("fast webhooks: lag p50 / p99 / max", v, n.t("; issue 20 item 3b: p99 <= 100 ms"));
+        s.row(
+            "fast webhooks: lag p50 / p99 / max",
+            v,
+            n.t("; issue 20 item 3b: p99 <= 100 ms"),
+        );
         s.row(
             "slow webhook: lag p50 / p99 / max",
             Cell::fig("slow.lag_ms", Val::Pcts(self.slow.lag, 0, Shown::Max)),
-            Cell::text("202 -> arrival; missing ")
-                .f("slow.missing", Val::Int(self.slow.missing)),
+            Cell::text("202 -> arrival; missing ").f("slow.missing", Val::Int(self.slow.missing)),
         );
     }
 }
@@ -409,8 +423,10 @@ impl CaseC {
         s.row(
             "back up after recovery",
             Cell::fig("after_mean", Val::Dec(c.after_mean, 1)),
-            Cell::text("mean from 2 s after; back to half after ")
-                .f("recovered_s", Val::opt(c.recovered_s.map(|s| Val::Secs(s, 1)))),
+            Cell::text("mean from 2 s after; back to half after ").f(
+                "recovered_s",
+                Val::opt(c.recovered_s.map(|s| Val::Secs(s, 1))),
+            ),
         );
         s.row(
             "in flight every 100 ms",

@@ -113,7 +113,9 @@ pub async fn run(
     let producer = Producer::start(ctx.api, conns, body, hard);
     let outstanding = {
         let (p, recv) = (producer.clone(), recv.clone());
-        move || (p.acked.load(Ordering::Relaxed) * fanout as u64).saturating_sub(recv.received(path))
+        move || {
+            (p.acked.load(Ordering::Relaxed) * fanout as u64).saturating_sub(recv.received(path))
+        }
     };
     tokio::time::sleep(warmup).await;
     let mut r = LagResult {
@@ -169,7 +171,8 @@ pub async fn run(
         producer.refused.load(Ordering::Relaxed),
     );
     let m1 = Scrape::get(ctx.metrics).await;
-    r.held = m1.sum("kyberhook_ingest_held_total", None) - m0.sum("kyberhook_ingest_held_total", None);
+    r.held =
+        m1.sum("kyberhook_ingest_held_total", None) - m0.sum("kyberhook_ingest_held_total", None);
     let cpu1 = Cpu::now(&recv);
     r.rss_end = status_bytes("VmRSS:");
     producer.stop().await;
@@ -465,7 +468,10 @@ impl LagResult {
         );
         s.row(
             "during / after",
-            Cell::fig("during_to_after", Val::opt(l.ratio().map(|r| Val::Dec(r, 2)))),
+            Cell::fig(
+                "during_to_after",
+                Val::opt(l.ratio().map(|r| Val::Dec(r, 2))),
+            ),
             Cell::text(goal),
         );
         s.row(

@@ -249,12 +249,18 @@ impl LatencyResult {
         );
         s.row(
             "  (service time only)",
-            Cell::fig("ingest_service_ms", Val::Pcts(l.ingest_service, 2, Shown::Tail)),
+            Cell::fig(
+                "ingest_service_ms",
+                Val::Pcts(l.ingest_service, 2, Shown::Tail),
+            ),
             Cell::text("actual send -> 202"),
         );
         s.row(
             "ingest -> first attempt p50 / p99 / p99.9",
-            Cell::fig("ingest_to_first_attempt_ms", Val::Pcts(l.e2e, 2, Shown::Tail)),
+            Cell::fig(
+                "ingest_to_first_attempt_ms",
+                Val::Pcts(l.e2e, 2, Shown::Tail),
+            ),
             Cell::text("intended send -> request at receiver"),
         );
     }
@@ -265,9 +271,15 @@ impl LatencyResult {
         let s = r.section(p.title("paced"), Place::Key("paced".into()));
         s.row(
             "CPU per event (engine threads)",
-            Cell::fig("cpu_ms_per_event_engine", Val::Ms(p.cpu_ms_per_event_engine, 3)),
+            Cell::fig(
+                "cpu_ms_per_event_engine",
+                Val::Ms(p.cpu_ms_per_event_engine, 3),
+            ),
             Cell::text("bench process ")
-                .f("cpu_ms_per_event_process", Val::Ms(p.cpu_ms_per_event_process, 3))
+                .f(
+                    "cpu_ms_per_event_process",
+                    Val::Ms(p.cpu_ms_per_event_process, 3),
+                )
                 .t(" (with the load generator); ")
                 .f("measured", Val::Int(p.measured as u64))
                 .t(" events measured; cores: ")
@@ -283,7 +295,10 @@ impl LatencyResult {
         );
         s.row(
             "ingest -> first attempt p50 / p99 / p99.9",
-            Cell::fig("ingest_to_first_attempt_ms", Val::Pcts(p.e2e, 2, Shown::Tail)),
+            Cell::fig(
+                "ingest_to_first_attempt_ms",
+                Val::Pcts(p.e2e, 2, Shown::Tail),
+            ),
             Cell::text("missing ").f("missing", Val::Int(p.missing as u64)),
         );
     }

@@ -159,8 +159,7 @@ impl RetentionResult {
         s.row(
             "deliveries_per_s",
             Cell::fig("deliveries_per_s", Val::Num(x.deliveries_per_s)),
-            Cell::text("received by the endpoint over ")
-                .f("run_s", Val::Secs(x.run_s, 0)),
+            Cell::text("received by the endpoint over ").f("run_s", Val::Secs(x.run_s, 0)),
         );
         s.row(
             "purge deliveries/s",

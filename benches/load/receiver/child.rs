@@ -144,6 +144,7 @@ async fn serve(default_mode: Mode, tls: Option<(String, String)>) {
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = control.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             };
             let _ = stream.set_nodelay(true);
@@ -198,9 +199,9 @@ async fn serve(default_mode: Mode, tls: Option<(String, String)>) {
 fn tls_acceptor(cert: &str, key: &str) -> tokio_rustls::TlsAcceptor {
     let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| fail(&format!("{p}: {e}")));
     let certs = vec![rustls::pki_types::CertificateDer::from(read(cert))];
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        rustls::pki_types::PrivatePkcs8KeyDer::from(read(key)),
-    );
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        read(key),
+    ));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -313,7 +314,10 @@ async fn control_request(state: &State, req: Request<Incoming>) -> Response<Full
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let body = match http_body_util::Limited::new(req.into_body(), 4096).collect().await {
+    let body = match http_body_util::Limited::new(req.into_body(), 4096)
+        .collect()
+        .await
+    {
         Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
         Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body over 4 KiB"),
     };
@@ -350,7 +354,10 @@ async fn control_request(state: &State, req: Request<Incoming>) -> Response<Full
                 Ok(m) => m,
                 Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
             };
-            let mut inner = state.paths[p].inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = state.paths[p]
+                .inner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if hook.is_none() {
                 inner.modes.clear();
             }
@@ -385,7 +392,10 @@ async fn control_request(state: &State, req: Request<Incoming>) -> Response<Full
                 .unwrap_or(100_000)
                 .clamp(1, 1_000_000);
             let taken: Vec<Arrival> = {
-                let mut inner = state.paths[p].inner.lock().unwrap_or_else(|e| e.into_inner());
+                let mut inner = state.paths[p]
+                    .inner
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let n = inner.arrivals.len().min(limit);
                 inner.arrivals.drain(..n).collect()
             };
@@ -400,7 +410,10 @@ async fn control_request(state: &State, req: Request<Incoming>) -> Response<Full
             let Some(p) = path_no(p) else {
                 return text(StatusCode::BAD_REQUEST, "no such path");
             };
-            let mut inner = state.paths[p].inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = state.paths[p]
+                .inner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             inner.seen = HashSet::new();
             inner.arrivals = Vec::new();
             text(StatusCode::NO_CONTENT, "")

@@ -160,7 +160,11 @@ impl Receivers {
             let _ = std::io::BufReader::new(stdout).read_line(&mut line);
             let ports: Vec<u16> = line
                 .strip_prefix("ready ")
-                .map(|r| r.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+                .map(|r| {
+                    r.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect()
+                })
                 .unwrap_or_default();
             let [data, control] = ports[..] else {
                 panic!("receiver process did not start: {line:?}");
@@ -245,10 +249,14 @@ impl Receivers {
     /// A fresh path for a phase, recording arrivals if `record`.
     pub async fn path(&self, record: bool) -> PathId {
         let n = self.next_path.fetch_add(1, Ordering::Relaxed);
-        assert!(n < MAX_PATHS, "more than {MAX_PATHS} receiver paths in one run");
+        assert!(
+            n < MAX_PATHS,
+            "more than {MAX_PATHS} receiver paths in one run"
+        );
         let p = PathId(n);
         if record {
-            self.control(Method::PUT, &format!("/record/{n}"), "on").await;
+            self.control(Method::PUT, &format!("/record/{n}"), "on")
+                .await;
         }
         p
     }

@@ -87,7 +87,9 @@ impl FromStr for Mode {
             match (name, arg) {
                 ("instant" | "0", "") => {}
                 ("fixed", ms) => {
-                    let ms: u64 = ms.parse().map_err(|_| bad("milliseconds, e.g. fixed:300"))?;
+                    let ms: u64 = ms
+                        .parse()
+                        .map_err(|_| bad("milliseconds, e.g. fixed:300"))?;
                     mode.delay = Delay::Fixed(Duration::from_millis(ms.min(600_000)));
                 }
                 ("load", "") => {

@@ -208,13 +208,9 @@ impl FanoutResult {
                 "drained",
                 Val::Flag(f.drained, "all delivered", "NOT drained"),
             )
-            .when(
-                !f.drained,
-                Cell::text(": ")
-                    .f("left_after_drain", Val::Int(f.left_after_drain))
-                    .t(" outstanding"),
-            )
-            .t("; bench process VmRSS after drain ")
+            .t(" (")
+            .f("left_after_drain", Val::Int(f.left_after_drain))
+            .t(" outstanding); bench process VmRSS after drain ")
             .f("rss_after_drain_bytes", Val::Mib(f.rss_after, 0)),
         );
         s.row(

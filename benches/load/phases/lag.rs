@@ -441,22 +441,25 @@ impl LagResult {
             Some(p) => Cell::text("ceiling probe (backlog at stop was ")
                 .f("backlog_end", Val::Int(l.backlog_end))
                 .t("): a burst of ")
-                .f("probe.events", Val::Int(p.events))
+                .f("ceiling_probe.events", Val::Int(p.events))
                 .t(" priority events left ")
-                .f("probe.backlog", Val::Int(p.backlog))
+                .f("ceiling_probe.backlog", Val::Int(p.backlog))
                 .t(" deliveries owed, all written by second ")
-                .f("probe.creating_s", Val::Int(p.creating as u64))
+                .f("ceiling_probe.creating_s", Val::Int(p.creating as u64))
                 .t(", drained ")
-                .f("probe.drained", Val::Flag(p.drained, "all", "NOT all"))
+                .f(
+                    "ceiling_probe.drained",
+                    Val::Flag(p.drained, "all", "NOT all"),
+                )
                 .t(" in ")
-                .f("probe.drain_s", Val::Secs(p.drain_s, 1))
+                .f("ceiling_probe.drain_s", Val::Secs(p.drain_s, 1))
                 .t("; mean over the full seconds after that (from the stop: ")
                 .f(
-                    "probe.from_stop_per_s",
+                    "ceiling_probe.from_stop_per_s",
                     Val::opt(p.from_stop_per_s.map(Val::Num)),
                 )
                 .t("); per second (k): ")
-                .f("probe.series", Val::Series(p.series.clone())),
+                .f("ceiling_probe.series", Val::Series(p.series.clone())),
         };
         s.row(
             "delivered/s once ingest stops",
@@ -501,7 +504,7 @@ impl LagResult {
             s.row(
                 "threads' CPU draining the probe",
                 Cell::new(),
-                Cell::fig("probe.cpu", Val::Text(p.cpu.clone())),
+                Cell::fig("ceiling_probe.cpu", Val::Text(p.cpu.clone())),
             );
         }
         s.row(

@@ -17,9 +17,13 @@ use serde::{Deserialize, Deserializer};
 /// The repository's `config.toml`, the documented default.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
 
-/// The admin token of the shipped `config.toml`: known to everyone, so only accepted while the
-/// API listens on a loopback address (and warned about even then).
-pub const DEFAULT_ADMIN_TOKEN: &str = "change-me";
+/// The admin token earlier versions shipped in `config.toml`: known to everyone, so refused
+/// wherever it is given (and it is shorter than [`MIN_ADMIN_TOKEN_CHARS`] anyway).
+pub const FORMER_DEFAULT_ADMIN_TOKEN: &str = "change-me";
+
+/// The shortest admin token accepted: 32 characters, so that a token guessed at the API's
+/// refusal rate (see `api::guard`) stays out of reach.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
 /// The 21 event types of the KyberAccess webhook guide: the default `events.catalog`.
 pub const DEFAULT_EVENT_CATALOG: [&str; 21] = [
@@ -124,6 +128,14 @@ pub struct ServerConfig {
     /// request is answered 408 and the connection closed.
     #[serde(default = "d_body_timeout", deserialize_with = "de_duration")]
     pub body_read_timeout: Duration,
+    /// How long a client may leave an answer unread (no byte of it accepted) before the
+    /// connection is cut off: a stalled reader must not pin a backup or a response buffer.
+    #[serde(default = "d_send_timeout", deserialize_with = "de_duration")]
+    pub send_timeout: Duration,
+    /// Host names the API answers to besides the listen address, `localhost` and loopback
+    /// literals; any other `Host` gets 421 (DNS rebinding).
+    #[serde(default, deserialize_with = "de_hosts")]
+    pub public_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,8 +169,11 @@ pub struct StorageConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    #[serde(default = "d_admin_token")]
-    pub admin_token: String,
+    /// `None` until resolved: with no token in the file, the environment or
+    /// `admin_token_file`, the engine generates one into the data dir at start
+    /// ([`crate::admin_token`]).
+    #[serde(default)]
+    pub admin_token: Option<String>,
     /// A file holding the admin token (surrounding whitespace ignored), read at start; it
     /// replaces `admin_token`, so the token stays out of a world-readable config (the Debian
     /// package generates `/etc/kyberhook/admin-token`). `KYBERHOOK_ADMIN_TOKEN` wins over both.
@@ -183,7 +198,9 @@ pub struct DeliveryConfig {
     pub private_network_allowlist: Vec<IpNet>,
     #[serde(default = "d_max_in_flight")]
     pub max_in_flight: usize,
-    /// Concurrent attempts to one webhook, so that one slow endpoint cannot take every slot.
+    /// The ceiling of each webhook's adaptive concurrency limit (see `dispatch::concurrency`):
+    /// a safety bound, not the operating point — each limit starts at 64 and grows only while
+    /// its endpoint keeps up.
     #[serde(default = "d_max_in_flight_per_webhook")]
     pub max_in_flight_per_webhook: usize,
     /// Bytes of an endpoint's response body kept in the delivery log.
@@ -311,6 +328,9 @@ fn d_header_timeout() -> Duration {
 fn d_body_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn d_send_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn d_storage_path() -> PathBuf {
     PathBuf::from("data")
 }
@@ -322,9 +342,6 @@ fn d_cache_size() -> u64 {
 }
 fn d_true() -> bool {
     true
-}
-fn d_admin_token() -> String {
-    DEFAULT_ADMIN_TOKEN.into()
 }
 fn d_timeout() -> Duration {
     Duration::from_secs(30)
@@ -342,7 +359,7 @@ fn d_max_in_flight() -> usize {
     1024
 }
 fn d_max_in_flight_per_webhook() -> usize {
-    64
+    512
 }
 fn d_max_response_body() -> usize {
     64 * 1024
@@ -477,6 +494,29 @@ fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+/// The environment variable that replaces `auth.admin_token`.
+pub const ADMIN_TOKEN_ENV: &str = "KYBERHOOK_ADMIN_TOKEN";
+
+/// Refuses an admin token that is known or short enough to guess: the former default, anything
+/// under [`MIN_ADMIN_TOKEN_CHARS`], and whitespace inside (it could not be sent in a header).
+pub fn check_admin_token(token: &str) -> Result<(), String> {
+    if token == FORMER_DEFAULT_ADMIN_TOKEN {
+        return Err(format!(
+            "{FORMER_DEFAULT_ADMIN_TOKEN:?} is known to everyone and refused; remove the key to have one generated into the data dir, or set a random token of at least {MIN_ADMIN_TOKEN_CHARS} characters (or {ADMIN_TOKEN_ENV})"
+        ));
+    }
+    if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+        return Err(format!(
+            "must be at least {MIN_ADMIN_TOKEN_CHARS} characters (this one has {}); remove the key to have one generated into the data dir (or set {ADMIN_TOKEN_ENV})",
+            token.chars().count()
+        ));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    Ok(())
+}
+
 fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
     let texts = Vec::<String>::deserialize(d)?;
     texts
@@ -513,6 +553,35 @@ pub fn log_filter(
     tracing_subscriber::EnvFilter::builder()
         .with_regex(false)
         .parse(trim_directives(directives))
+}
+
+fn de_hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| parse_host_name(t).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// A DNS name for `server.public_hosts`, lowercased: letters, digits, `-` and `.`, no port.
+pub fn parse_host_name(text: &str) -> Result<String, String> {
+    let name = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!(
+            "{text:?} is not a host name like \"hooks.example.com\" (no scheme, port or path)"
+        ))
+    }
 }
 
 fn de_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
@@ -576,20 +645,15 @@ impl Config {
         Config::from_toml_and_env(DEFAULT_CONFIG_TOML, "config.toml (built-in)")
     }
 
-    /// The override is applied before validation: a file with the default token and a public
-    /// `server.listen` is fine when `KYBERHOOK_ADMIN_TOKEN` replaces the token.
+    /// The override is applied before validation, so a short token in the file is fine when
+    /// `KYBERHOOK_ADMIN_TOKEN` replaces it (and a short one in the environment is refused).
     fn from_toml_and_env(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let mut config = Config::parse(text, origin)?;
-        if let Ok(token) = std::env::var("KYBERHOOK_ADMIN_TOKEN") {
-            config.auth.admin_token = token;
+        if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
+            config.auth.admin_token = Some(token);
         }
         config.validate(origin)?;
         Ok(config)
-    }
-
-    /// Whether the API accepts the publicly known default admin token (`main` warns about it).
-    pub fn uses_default_admin_token(&self) -> bool {
-        self.auth.admin_token == DEFAULT_ADMIN_TOKEN
     }
 
     /// Parses and validates TOML text; `origin` names the file in error messages.
@@ -650,7 +714,7 @@ impl Config {
                 path.display()
             )));
         }
-        self.auth.admin_token = token.to_string();
+        self.auth.admin_token = Some(token.to_string());
         Ok(self)
     }
 
@@ -660,20 +724,11 @@ impl Config {
             key: key.to_string(),
             message: message.to_string(),
         };
-        if self.auth.admin_token.len() < 8 {
-            return Err(bad(
-                "auth.admin_token",
-                "must be at least 8 characters (or set KYBERHOOK_ADMIN_TOKEN)",
-            ));
+        if let Some(token) = &self.auth.admin_token {
+            check_admin_token(token).map_err(|message| bad("auth.admin_token", &message))?;
         }
-        if self.uses_default_admin_token() && !self.server.listen.ip().is_loopback() {
-            return Err(bad(
-                "auth.admin_token",
-                &format!(
-                    "the default {DEFAULT_ADMIN_TOKEN:?} is refused when server.listen ({}) is not a loopback address; set a secret token (or KYBERHOOK_ADMIN_TOKEN)",
-                    self.server.listen
-                ),
-            ));
+        if self.server.send_timeout.is_zero() {
+            return Err(bad("server.send_timeout", "must be greater than zero"));
         }
         if self.server.max_body_bytes < 1024 {
             return Err(bad("server.max_body_bytes", "must be at least 1024"));
@@ -839,14 +894,14 @@ mod tests {
     fn the_admin_token_file_replaces_the_token_and_bad_files_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("admin-token");
-        std::fs::write(&file, "  a-secret-from-the-file\n").unwrap();
+        std::fs::write(&file, "  a-secret-from-the-file-0123456789abcdef\n").unwrap();
         let toml = format!(
             "[auth]\nadmin_token = \"in-the-config\"\nadmin_token_file = {:?}\n",
             file.display().to_string()
         );
         assert_eq!(
-            parse(&toml).unwrap().auth.admin_token,
-            "a-secret-from-the-file"
+            parse(&toml).unwrap().auth.admin_token.as_deref(),
+            Some("a-secret-from-the-file-0123456789abcdef")
         );
 
         std::fs::write(&file, "two tokens\n").unwrap();
@@ -866,7 +921,10 @@ mod tests {
     #[test]
     fn empty_file_gives_contract_defaults() {
         let c = parse("").unwrap();
-        assert_eq!(c.auth.admin_token, "change-me");
+        assert_eq!(
+            c.auth.admin_token, None,
+            "generated into the data dir at start"
+        );
         assert_eq!(c.plans.len(), 3);
         assert_eq!(c.events.catalog.len(), 21);
         assert_eq!(c.retry_delay(1), Some(Duration::from_secs(60)));
@@ -943,7 +1001,7 @@ mod tests {
         assert!(!c.is_priority("visitor.checked_in"));
         assert!(!c.is_priority("emergencyx.a"));
         let c = Config::from_toml(
-            "[delivery]\npriority_events = [\"visitor.checked_in\"]\n[auth]\nadmin_token = \"unit-test-token\"\n",
+            "[delivery]\npriority_events = [\"visitor.checked_in\"]\n[auth]\nadmin_token = \"unit-test-token-0123456789abcdefghij\"\n",
             "t",
         )
         .unwrap();
@@ -1016,22 +1074,50 @@ mod tests {
     }
 
     #[test]
-    fn the_default_admin_token_is_refused_off_loopback() {
-        for listen in ["0.0.0.0:8080", "[::]:8080", "192.0.2.7:8080"] {
-            let err = parse(&format!("[server]\nlisten = \"{listen}\"\n"))
+    fn change_me_and_short_admin_tokens_are_refused_everywhere() {
+        for listen in ["127.0.0.1:8080", "[::1]:8080", "0.0.0.0:8080"] {
+            for token in ["change-me", "eight-ch", &"x".repeat(31)] {
+                let err = parse(&format!(
+                    "[server]\nlisten = \"{listen}\"\n[auth]\nadmin_token = \"{token}\"\n"
+                ))
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("auth.admin_token"), "{listen}: {err}");
-            assert!(!err.contains('\n'), "{err}");
+                assert!(err.contains("auth.admin_token"), "{listen} {token}: {err}");
+                assert!(!err.contains('\n'), "{err}");
+            }
             let c = parse(&format!(
-                "[server]\nlisten = \"{listen}\"\n[auth]\nadmin_token = \"a-long-secret\"\n"
+                "[server]\nlisten = \"{listen}\"\n[auth]\nadmin_token = \"{}\"\n",
+                "x".repeat(32)
             ))
             .unwrap();
-            assert!(!c.uses_default_admin_token());
+            assert_eq!(c.auth.admin_token.map(|t| t.len()), Some(32));
         }
-        for listen in ["127.0.0.1:8080", "127.1.2.3:0", "[::1]:8080"] {
-            let c = parse(&format!("[server]\nlisten = \"{listen}\"\n")).unwrap();
-            assert!(c.uses_default_admin_token(), "{listen}");
+        // The shipped config names no token: one is generated into the data dir at start.
+        assert_eq!(Config::default_config().auth.admin_token, None);
+    }
+
+    #[test]
+    fn public_hosts_are_host_names() {
+        let c =
+            parse("[server]\npublic_hosts = [\"Hooks.Example.com.\", \"localhost\"]\n").unwrap();
+        assert_eq!(
+            c.server.public_hosts,
+            vec!["hooks.example.com", "localhost"]
+        );
+        for bad in [
+            "https://hooks.example.com",
+            "hooks.example.com:443",
+            "a b",
+            "",
+            "x/y",
+        ] {
+            let err = parse(&format!("[server]\npublic_hosts = [\"{bad}\"]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("public_hosts") || err.contains("host name"),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -1292,7 +1292,7 @@ mod tests {
 
     fn config() -> Config {
         Config::from_toml(
-            "[delivery]\nretry_schedule = [\"1s\", \"2s\"]\n[auth]\nadmin_token = \"unit-test-token\"\n",
+            "[delivery]\nretry_schedule = [\"1s\", \"2s\"]\n[auth]\nadmin_token = \"unit-test-token-0123456789abcdefghij\"\n",
             "t",
         )
         .unwrap()

@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_token;
 pub mod api;
 pub mod backlog;
 pub mod canonical;
@@ -122,8 +123,7 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the store, recovers owed work, binds both listeners and starts every stage.
-    pub async fn start(config: Config) -> Result<Engine, StartError> {
-        let config = Arc::new(config);
+    pub async fn start(mut config: Config) -> Result<Engine, StartError> {
         let api_listener = server::bind(config.server.listen, "server.listen").await?;
         let metrics_listener = server::bind(config.metrics.listen, "metrics.listen").await?;
         let api_addr = api_listener
@@ -193,6 +193,19 @@ impl Engine {
         .await
         .map_err(|e| StartError::Other(e.to_string()))??;
         let store = Arc::new(store);
+        // After the store made the data dir (private) and before anything can authenticate.
+        match admin_token::resolve(&mut config).map_err(|e| StartError::Config(e.to_string()))? {
+            admin_token::Resolved::Generated(path) => tracing::warn!(
+                file = %path.display(),
+                "no admin token was configured: generated one into {}; read it from there (or set auth.admin_token_file / KYBERHOOK_ADMIN_TOKEN)",
+                path.display()
+            ),
+            admin_token::Resolved::Read(path) => {
+                tracing::info!(file = %path.display(), "admin token read from the data dir")
+            }
+            admin_token::Resolved::Configured => {}
+        }
+        let config = Arc::new(config);
 
         let registry = Arc::new(Registry::new(config.events.catalog.clone()));
         registry.load(store.all_accounts()?, store.all_webhooks()?);
@@ -258,6 +271,7 @@ impl Engine {
             scheduler: scheduler.clone(),
             manual_retries: manual_retry::ManualRetryLimits::new(),
             ui: ui::UiState::new(&config),
+            auth_guard: api::guard::AuthGuard::default(),
         });
         let server_tasks = vec![
             tokio::spawn(server::serve(
@@ -409,7 +423,6 @@ pub fn init_logging(config: &Config) {
 /// recovery is done — so `systemctl start` returns when `/readyz` would answer 200 — and
 /// `STOPPING=1` when the shutdown begins. Without `NOTIFY_SOCKET` both are no-ops.
 pub async fn run(config: Config) -> Result<(), StartError> {
-    let default_token = config.uses_default_admin_token();
     let engine = match Engine::start(config).await {
         Ok(engine) => engine,
         Err(StartError::StorageFailed(failure)) => {
@@ -418,14 +431,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
         Err(e) => return Err(e),
     };
-    if default_token {
-        // Validation refused it on any other address; on loopback it is still a password
-        // everyone knows. Logged once started, so that a failed start stays one line.
-        tracing::warn!(
-            "auth.admin_token is the default \"change-me\": anyone who can reach {} is admin; set a secret token (or KYBERHOOK_ADMIN_TOKEN)",
-            engine.api_addr()
-        );
-    }
     let recovered = engine.scheduler.clone();
     let readiness = tokio::spawn(async move {
         recovered.wait_ready().await;

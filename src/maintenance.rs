@@ -152,7 +152,7 @@ pub async fn backup(
         out.with_file_name(name)
     };
     let write_err = |e: io::Error| failed(format!("backup: {}: {e}", partial.display()));
-    let mut file = io::BufWriter::new(fs::File::create(&partial).map_err(write_err)?);
+    let mut file = io::BufWriter::new(create_private(&partial).map_err(write_err)?);
     let mut body = resp.into_body();
     let mut bytes = 0u64;
     while let Some(frame) = body.frame().await {
@@ -192,6 +192,28 @@ pub async fn backup(
         mib(bytes),
         header.format_version
     ))
+}
+
+/// Creates (or truncates) `path` readable by its owner only — a backup holds event payloads,
+/// visitor data among them — without following a symlink planted where it goes. A file left
+/// with a wider mode by an earlier run is narrowed through its descriptor.
+fn create_private(path: &Path) -> io::Result<fs::File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+    }
+    let file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
 }
 
 /// `kyberhook restore`: writes the backup `from` into the data dir (`storage.path` of

@@ -288,6 +288,74 @@ fn context(account: &str, webhook: u64, field: &str) -> Vec<u8> {
     out
 }
 
+/// Why a signing secret a customer supplied was refused (see [`check_supplied_secret`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeakSecret {
+    #[error("the signing secret must be \"whsec_\" and 64 lowercase hex digits")]
+    Shape,
+    #[error(
+        "the signing secret is too regular to be random ({0}); use the one the engine generated"
+    )]
+    Patterned(&'static str),
+}
+
+/// Checks a signing secret a customer sent back (step 3 of Add Webhook, or `secret` on create)
+/// for at least 128 bits from a real random source. A secret the engine minted is 32 random
+/// bytes (256 bits); any value of the same shape that a person or a broken generator made —
+/// `whsec_` + 64 zeros, a repeated or counting pattern — fails one of these tests, which a
+/// random value passes except with a probability far below 2^-128:
+///
+/// - the digits' frequency entropy is at least 3 bits each (random: about 3.8);
+/// - at least 48 of the 62 three-digit windows differ (random: 61 or 62);
+/// - as 32 bytes, at least 24 distinct values (random: about 30) and at least 8 distinct
+///   steps from one byte to the next (counting sequences have one).
+pub fn check_supplied_secret(secret: &str) -> Result<(), WeakSecret> {
+    if !crate::signing::is_minted_secret(secret) {
+        return Err(WeakSecret::Shape);
+    }
+    let hex = &secret.as_bytes()[crate::signing::SECRET_PREFIX.len()..];
+    let mut counts = [0u32; 16];
+    for &c in hex {
+        counts[hex_value(c) as usize] += 1;
+    }
+    let n = hex.len() as f64;
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    if entropy < 3.0 {
+        return Err(WeakSecret::Patterned("too few different digits"));
+    }
+    let trigrams: std::collections::HashSet<&[u8]> = hex.windows(3).collect();
+    if trigrams.len() < 48 {
+        return Err(WeakSecret::Patterned("repeated runs of digits"));
+    }
+    let bytes: Vec<u8> = hex
+        .chunks(2)
+        .map(|p| hex_value(p[0]) << 4 | hex_value(p[1]))
+        .collect();
+    let distinct: std::collections::HashSet<u8> = bytes.iter().copied().collect();
+    let steps: std::collections::HashSet<u8> =
+        bytes.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    if distinct.len() < 24 || steps.len() < 8 {
+        return Err(WeakSecret::Patterned(
+            "a repeated or counting byte sequence",
+        ));
+    }
+    Ok(())
+}
+
+fn hex_value(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        _ => c - b'a' + 10,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +381,7 @@ mod tests {
             previous_secret: None,
             rotation_ends_ms: None,
             ordering: Default::default(),
+            max_concurrency: None,
         }
     }
 
@@ -377,5 +446,34 @@ mod tests {
         assert_eq!(SecretsKey::read(&path, "f").unwrap().0, key.0);
         // Never overwritten.
         assert!(SecretsKey::generate().write_new(&path).is_err());
+    }
+
+    #[test]
+    fn supplied_secrets_need_to_look_random() {
+        for _ in 0..2000 {
+            let minted = crate::signing::new_secret();
+            assert_eq!(check_supplied_secret(&minted), Ok(()), "{minted}");
+        }
+        let counting: String = (0u8..32).map(|b| format!("{b:02x}")).collect();
+        let weak = [
+            "0".repeat(64),
+            "f".repeat(64),
+            "0123456789abcdef".repeat(4),
+            "deadbeef".repeat(8),
+            "0a".repeat(32),
+            counting,
+            format!("{}{}", "0".repeat(32), &crate::signing::new_secret()[6..38]),
+        ];
+        for hex in weak {
+            let secret = format!("whsec_{hex}");
+            assert!(
+                matches!(
+                    check_supplied_secret(&secret),
+                    Err(WeakSecret::Patterned(_))
+                ),
+                "{secret}"
+            );
+        }
+        assert_eq!(check_supplied_secret("whsec_xyz"), Err(WeakSecret::Shape));
     }
 }

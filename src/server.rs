@@ -10,6 +10,7 @@
 //! stops, open connections finish the request they are serving, and the call returns once
 //! they are closed or the drain deadline passes.
 
+pub mod hosts;
 pub mod linger;
 
 use std::net::SocketAddr;
@@ -77,6 +78,15 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupErro
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub std::net::SocketAddr);
 
+/// The engine's own address of the connection a request came on (a request extension): on a
+/// wildcard listener, the one address of the machine the client used ([`hosts`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub std::net::SocketAddr);
+
+/// What browsers are told on every answer over TLS: use HTTPS only for this host for a year,
+/// so that a network attacker cannot downgrade a later visit to plain HTTP.
+const HSTS: &str = "max-age=31536000";
+
 /// Something that answers requests: the API, or the metrics page.
 pub trait Handler: Clone + Send + Sync + 'static {
     /// The response body: one buffer for most answers, a stream for a backup.
@@ -108,6 +118,8 @@ pub struct Timeouts {
     pub header_read: Duration,
     /// How long a closing connection reads and discards what the client still sends.
     pub linger: Duration,
+    /// `server.send_timeout`: how long an answer may go unread before the connection is cut.
+    pub send: Duration,
 }
 
 impl Timeouts {
@@ -116,6 +128,7 @@ impl Timeouts {
             header_read: server.header_read_timeout,
             // No longer than the engine would have waited for a whole body.
             linger: server.body_read_timeout.min(linger::MAX_TIME),
+            send: server.send_timeout,
         }
     }
 }
@@ -161,7 +174,10 @@ pub async fn serve<H: Handler>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let stream = Lingering::new(stream, timeouts.linger, shutdown.clone());
+        let local = stream.local_addr().ok();
+        let stream = Lingering::new(stream, timeouts.linger, shutdown.clone())
+            .with_send_timeout(timeouts.send);
+        let tls_on = tls.is_some();
         let handler = handler.clone();
         let builder = {
             let mut b = http1::Builder::new();
@@ -179,9 +195,18 @@ pub async fn serve<H: Handler>(
             let handler = handler.clone();
             // The dashboard limits failed sign-ins per client address.
             req.extensions_mut().insert(ClientAddr(peer));
+            if let Some(local) = local {
+                req.extensions_mut().insert(LocalAddr(local));
+            }
             async move {
                 let mut response = handler.call(req).await;
                 close_after_unread_body(&mut response);
+                if tls_on {
+                    response.headers_mut().insert(
+                        header::STRICT_TRANSPORT_SECURITY,
+                        HeaderValue::from_static(HSTS),
+                    );
+                }
                 Ok::<_, std::convert::Infallible>(response)
             }
         });

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-pub const ADMIN: &str = "bench-admin-token-0123456789";
+pub const ADMIN: &str = "bench-admin-token-0123456789abcdef";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub type Sender = SendRequest<Full<Bytes>>;

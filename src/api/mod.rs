@@ -14,6 +14,7 @@ mod deliveries;
 pub mod domain;
 pub mod error;
 mod events;
+pub mod guard;
 mod webhooks;
 
 /// The request bodies the API parses, for tools outside the crate (the fuzz targets).
@@ -54,6 +55,8 @@ pub struct AppState {
     pub manual_retries: crate::manual_retry::ManualRetryLimits,
     /// The dashboard's sessions and sign-in limiter.
     pub ui: crate::ui::UiState,
+    /// Failed bearer authentications per client address.
+    pub auth_guard: guard::AuthGuard,
 }
 
 pub type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
@@ -89,6 +92,15 @@ impl Caller {
     }
 }
 
+/// The client address of a request (set by `server`; loopback for requests built in tests).
+pub fn client_ip<B>(req: &Request<B>) -> std::net::IpAddr {
+    req.extensions()
+        .get::<crate::server::ClientAddr>()
+        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.0.ip())
+}
+
+/// Who the bearer token names. A wrong token counts against the client address; an address
+/// over its limit gets 429 for every token it has not used successfully before ([`guard`]).
 fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiError> {
     let token = req
         .headers()
@@ -101,14 +113,61 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiErro
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(ApiError::unauthorized)?;
-    if signing::constant_time_eq(token, &state.config.auth.admin_token) {
-        return Ok(Caller::Admin);
+    let found = if is_admin_token(state, token) {
+        Some((Caller::Admin, guard::Credential::Admin))
+    } else {
+        let hash = signing::hash_api_key(token);
+        state
+            .registry
+            .account_by_key(&hash)
+            .map(|account| (Caller::Account(account), guard::Credential::Account(hash)))
+    };
+    let credential = found.as_ref().map(|(_, c)| *c);
+    match (state.auth_guard.verdict(client_ip(req), credential), found) {
+        (guard::Verdict::Serve, Some((caller, _))) => Ok(caller),
+        (guard::Verdict::Limited(wait), _) => Err(ApiError::too_many(
+            "too_many_failed_authentications",
+            format!("too many wrong bearer tokens from this address; try again in {wait} seconds"),
+            wait,
+        )),
+        _ => Err(ApiError::unauthorized()),
     }
+}
+
+/// Whether `token` is the admin token (constant time; never true before one is resolved).
+pub fn is_admin_token(state: &AppState, token: &str) -> bool {
     state
-        .registry
-        .account_by_key(&signing::hash_api_key(token))
-        .map(Caller::Account)
-        .ok_or_else(ApiError::unauthorized)
+        .config
+        .auth
+        .admin_token
+        .as_deref()
+        .is_some_and(|admin| signing::constant_time_eq(token, admin))
+}
+
+/// 421 for a request whose `Host` is not ours (DNS rebinding, see `server::hosts`), before
+/// anything else looks at it: JSON on the API, a page on the dashboard.
+fn misdirected<B>(state: &AppState, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let local = req
+        .extensions()
+        .get::<crate::server::LocalAddr>()
+        .map(|a| a.0.ip());
+    let server = &state.config.server;
+    let hosts = crate::server::hosts::HostAllowlist::new(server.listen, &server.public_hosts);
+    if hosts.admits(req, local) {
+        return None;
+    }
+    let error = ApiError::new(
+        StatusCode::MISDIRECTED_REQUEST,
+        "misdirected_request",
+        "this server does not answer to that Host; use its address, localhost, or a name in \
+         server.public_hosts",
+    );
+    let path = req.uri().path();
+    Some(if path == "/ui" || path.starts_with("/ui/") {
+        crate::ui::api_error_page(&error)
+    } else {
+        error_response(&error)
+    })
 }
 
 /// A request with its body still unread, and what the router learned about it.
@@ -236,6 +295,11 @@ pub async fn handle_streaming(
     state: Arc<AppState>,
     req: Request<hyper::body::Incoming>,
 ) -> Response<ApiBody> {
+    if let Some(refused) = misdirected(&state, &req) {
+        metrics::counter!("kyberhook_api_requests_total", "route" => "misdirected", "status" => "421")
+            .increment(1);
+        return refused.map(http_body_util::Either::Left);
+    }
     if admin::is_backup_route(req.uri().path()) {
         return admin::backup(state, req).await;
     }

@@ -47,6 +47,11 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
     if let Some(v4) = embedded_v4(ip) {
         return v4_reason(v4);
     }
+    if is_local_nat64(ip) {
+        // Not the /96 form: where the IPv4 address sits depends on a prefix length only the
+        // operator's translator knows, so it cannot be checked and is not called.
+        return Some("local-use NAT64 (RFC 8215) with an unknown prefix length");
+    }
     let s = ip.segments();
     Some(match s {
         _ if ip.is_loopback() => "loopback",
@@ -62,18 +67,29 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
     })
 }
 
-/// The IPv4 address inside an IPv4-mapped, IPv4-compatible, NAT64 or 6to4 IPv6 address.
+/// The IPv4 address inside an IPv6 address that reaches one: IPv4-mapped (`::ffff:0:0/96`),
+/// IPv4-translated (`::ffff:0:0:0/96`, SIIT), IPv4-compatible, the well-known NAT64 prefix
+/// (`64:ff9b::/96`), the /96 form of the local-use NAT64 prefix (`64:ff9b:1::/48`, RFC 8215)
+/// and 6to4. A translator on the path turns each into a connection to that IPv4 address, so
+/// that address is what must be public.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let from = |hi: u16, lo: u16| Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
     match s {
         [0, 0, 0, 0, 0, 0xffff, hi, lo] => Some(from(hi, lo)),
+        [0, 0, 0, 0, 0xffff, 0, hi, lo] => Some(from(hi, lo)),
         // IPv4-compatible (deprecated), but not :: and ::1.
         [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 => Some(from(hi, lo)),
         [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(from(hi, lo)),
+        [0x64, 0xff9b, 1, 0, 0, 0, hi, lo] => Some(from(hi, lo)),
         [0x2002, hi, lo, ..] => Some(from(hi, lo)),
         _ => None,
     }
+}
+
+/// Inside `64:ff9b:1::/48`, the local-use NAT64 prefix.
+fn is_local_nat64(ip: Ipv6Addr) -> bool {
+    matches!(ip.segments(), [0x64, 0xff9b, 1, ..])
 }
 
 /// Compares an address in its IPv4 form when it is an IPv4-mapped IPv6 address, so an
@@ -160,6 +176,16 @@ mod tests {
             "2001:db8::1",
             "2001::1",
             "::ffff:169.254.169.254",
+            // IPv4-translated (SIIT) and local-use NAT64 forms of private addresses.
+            "::ffff:0:10.0.0.1",
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:169.254.169.254",
+            "64:ff9b:1::10.0.0.1",
+            "64:ff9b:1::192.168.1.1",
+            "64:ff9b:1::7f00:1",
+            // Local-use NAT64 with a shorter prefix: the embedded address is not known.
+            "64:ff9b:1:a00:1::",
+            "64:ff9b:1:1:2:3:808:808",
         ] {
             assert!(
                 non_public_reason(ip(s)).is_some(),
@@ -178,6 +204,9 @@ mod tests {
             "2606:4700::1111",
             "::ffff:8.8.8.8",
             "2002:808:808::",
+            "64:ff9b::8.8.8.8",
+            "64:ff9b:1::8.8.8.8",
+            "::ffff:0:8.8.8.8",
         ] {
             assert_eq!(non_public_reason(ip(s)), None, "{s}");
         }

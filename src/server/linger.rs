@@ -11,7 +11,10 @@
 //! (the client sees the end of the answer), and reads and discards until the client closes too,
 //! [`MAX_BYTES`] have been discarded, the linger time has passed, or the engine shuts down
 //! (so that a client holding its socket open cannot delay the drain) — the scheme of nginx's
-//! `lingering_close`. Reads and writes before that pass straight through.
+//! `lingering_close`. Reads and writes before that pass straight through, except that a
+//! client which accepts no byte of an answer for the send timeout (`server.send_timeout`) is
+//! cut off with an error: otherwise a reader that stops — say in the middle of a streamed
+//! backup — holds the connection, what was queued for it, and whatever feeds it, forever.
 
 use std::future::Future;
 use std::io;
@@ -47,6 +50,9 @@ pub struct Lingering<S> {
     /// The engine's shutdown signal: lingering ends when it turns true.
     engine_shutdown: watch::Receiver<bool>,
     state: State,
+    send_timeout: Option<Duration>,
+    /// Running while writes make no progress; reset by every byte the client accepts.
+    stalled: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Lingering<S> {
@@ -56,6 +62,43 @@ impl<S> Lingering<S> {
             linger,
             engine_shutdown,
             state: State::Open,
+            send_timeout: None,
+            stalled: None,
+        }
+    }
+
+    /// Cuts the connection off when a write makes no progress for `timeout`.
+    pub fn with_send_timeout(mut self, timeout: Duration) -> Self {
+        self.send_timeout = Some(timeout);
+        self
+    }
+
+    /// Passes a write's outcome on, timing how long writes stay pending.
+    fn watch_progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending => {
+                let Some(timeout) = self.send_timeout else {
+                    return Poll::Pending;
+                };
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if stalled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client read nothing of the answer within server.send_timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => {
+                self.stalled = None;
+                ready
+            }
         }
     }
 }
@@ -76,11 +119,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch_progress(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch_progress(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -88,7 +133,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch_progress(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -186,6 +232,44 @@ mod tests {
         });
         server.shutdown().await.unwrap();
         assert_eq!(started.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_nothing_is_cut_off_and_a_slow_one_is_not() {
+        let (client, server) = tokio::io::duplex(1024);
+        let (_engine, running) = watch::channel(false);
+        let mut server = Lingering::new(server, Duration::from_secs(5), running)
+            .with_send_timeout(Duration::from_secs(30));
+        let (mut client_rx, _client_tx) = tokio::io::split(client);
+        let reader = tokio::spawn(async move {
+            // Reads a little every 20 s for a while, then stops reading.
+            let mut buf = [0u8; 512];
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                client_rx.read_exact(&mut buf).await.unwrap();
+            }
+            client_rx
+        });
+        let started = tokio::time::Instant::now();
+        let chunk = [1u8; 256];
+        let err = loop {
+            if let Err(e) = server.write_all(&chunk).await {
+                break e;
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Five reads 20 s apart kept it going; then 30 s without progress ended it.
+        assert!(
+            started.elapsed() >= Duration::from_secs(130),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() <= Duration::from_secs(131),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(reader.await.unwrap());
     }
 
     #[tokio::test]

@@ -423,17 +423,10 @@ pub fn restore(input: impl Read, dir: &Path) -> Result<(Header, u64), RestoreErr
 }
 
 /// `fsync`s every file under `dir`, then the directories themselves (sled's flush is only
-/// `sync_file_range`).
+/// `sync_file_range`). Through descriptors ([`super::fsat`]): a symlink or FIFO someone put in
+/// `dir` is neither followed nor opened.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            sync_dir(&entry.path())?;
-        } else {
-            std::fs::File::open(entry.path())?.sync_all()?;
-        }
-    }
-    std::fs::File::open(dir)?.sync_all()
+    super::fsat::sync_tree(&super::fsat::open_dir(dir)?)
 }
 
 #[cfg(test)]

@@ -17,13 +17,25 @@
 //! | `PATH` with marker                             | swapped, not cleaned up  | remove `old`, marker|
 //!
 //! So at every instant either the old store or the complete new one is (or becomes) `PATH`.
+//! A leftover `PATH.compact-src` (see below) holds only hard links and is removed.
+//!
+//! Run as root on a data dir another user owns (the package's `/var/lib/kyberhook`), every
+//! file operation goes through descriptors ([`super::fsat`]): nothing in the data dir is
+//! followed if it is a symlink or opened if it is a FIFO or device, whatever its owner swaps in
+//! meanwhile. sled itself opens its files by path, so it is not pointed at the owner's
+//! directory: the data dir's regular files are first hard-linked (each the inode that was
+//! checked) into `PATH.compact-src`, a directory only root can enter, and the store is opened
+//! there. The new store is written into `PATH.compact-tmp`, also root's alone (mode 0700), and
+//! synced; only then are its files, and last the directory itself, given to the data dir's
+//! owner, and nothing in it is opened again before the swap.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::backup::sync_dir;
-use super::{Store, StoreError, StoreOptions};
+use std::os::fd::OwnedFd;
+
+use super::{fsat, Store, StoreError, StoreOptions};
 
 /// Written into the new store once it is complete and synced.
 const MARKER: &str = ".compact-complete";
@@ -72,49 +84,18 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Bytes of every file under `dir`.
+/// Bytes of the regular files under `dir` (symlinks and the like are not followed).
 pub fn dir_size(dir: &Path) -> io::Result<u64> {
-    let mut total = 0;
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        total += if meta.is_dir() {
-            dir_size(&entry.path())?
-        } else {
-            meta.len()
-        };
-    }
-    Ok(total)
+    fsat::tree_size(&fsat::open_dir(dir)?)
 }
 
-/// Gives everything under `dir` (and `dir`) the owner of `like`, so that a store an operator
+/// Gives everything under `dir`, then `dir`, the owner of `like`, so that a store an operator
 /// rewrote as root stays the service user's. Only root may change owners: for anyone else the
-/// files are theirs already, and this is a no-op.
+/// files are theirs already, and this is a no-op. `dir` must be a fresh copy only its current
+/// owner can enter: the contents change hands before the directory does ([`fsat::chown_tree`]).
 pub fn own_like(dir: &Path, like: &Path) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        let want = fs::metadata(like)?;
-        let (uid, gid) = (want.uid(), want.gid());
-        fn walk(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
-            let meta = fs::symlink_metadata(p)?;
-            if meta.uid() != uid || meta.gid() != gid {
-                std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
-            }
-            if meta.is_dir() {
-                for entry in fs::read_dir(p)? {
-                    walk(&entry?.path(), uid, gid)?;
-                }
-            }
-            Ok(())
-        }
-        walk(dir, uid, gid)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (dir, like);
-        Ok(())
-    }
+    let (uid, gid) = fsat::owner(&fsat::open_dir(like)?)?;
+    fsat::chown_tree(&fsat::open_dir(dir)?, uid, gid)
 }
 
 fn sync_parent(path: &Path) -> io::Result<()> {
@@ -138,9 +119,15 @@ pub fn recover_at_start(path: &Path) -> Result<(), CompactError> {
     recover_with(path, false)
 }
 
+/// Whether `path` names anything, a symlink included, without following it.
+fn present(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
 fn recover_with(path: &Path, leftovers_fatal: bool) -> Result<(), CompactError> {
     let tmp = sibling(path, ".compact-tmp");
     let old = sibling(path, ".compact-old");
+    let staged = sibling(path, ".compact-src");
     let leftover = |dir: &Path| -> Result<(), CompactError> {
         match fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
@@ -151,8 +138,12 @@ fn recover_with(path: &Path, leftovers_fatal: bool) -> Result<(), CompactError> 
             Err(e) => Err(io_err(dir)(e)),
         }
     };
-    if tmp.exists() {
-        if tmp.join(MARKER).exists() && !path.join("db").exists() {
+    if present(&staged) {
+        // Hard links into the data dir only: removing them changes no data.
+        leftover(&staged)?;
+    }
+    if present(&tmp) {
+        if present(&tmp.join(MARKER)) && !present(&path.join("db")) {
             if path.exists() {
                 // An empty directory made where the store belongs (only an empty one goes).
                 fs::remove_dir(path).map_err(io_err(path))?;
@@ -164,8 +155,8 @@ fn recover_with(path: &Path, leftovers_fatal: bool) -> Result<(), CompactError> 
             leftover(&tmp)?;
         }
     }
-    if path.join(MARKER).exists() {
-        if old.exists() {
+    if present(&path.join(MARKER)) {
+        if present(&old) {
             leftover(&old)?;
         }
         fs::remove_file(path.join(MARKER)).map_err(io_err(path))?;
@@ -176,17 +167,15 @@ fn recover_with(path: &Path, leftovers_fatal: bool) -> Result<(), CompactError> 
     Ok(())
 }
 
-/// Fails with [`CompactError::InUse`] while a process holds sled's lock on `PATH/db`.
-fn check_not_in_use(path: &Path) -> Result<(), CompactError> {
+/// Fails with [`CompactError::InUse`] while a process holds sled's lock on `PATH/db`
+/// (`source` is `PATH` opened). A `db` that is not a regular file is no store.
+fn check_not_in_use(source: &OwnedFd, path: &Path) -> Result<(), CompactError> {
     use fs2::FileExt;
     let db = path.join("db");
-    let file = match fs::OpenOptions::new().read(true).write(true).open(&db) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(CompactError::NoStore(path.display().to_string()))
-        }
-        Err(e) => return Err(io_err(&db)(e)),
-    };
+    let file = fsat::open_file_at(source, &fsat::c_name("db"), true)
+        .map_err(io_err(&db))?
+        .ok_or_else(|| CompactError::NoStore(path.display().to_string()))?;
+    let file = fs::File::from(file);
     if file.try_lock_exclusive().is_err() {
         return Err(CompactError::InUse(path.display().to_string()));
     }
@@ -194,29 +183,87 @@ fn check_not_in_use(path: &Path) -> Result<(), CompactError> {
     Ok(())
 }
 
+/// A new directory `dir` only the current user (root, when it matters) may enter.
+fn private_dir(dir: &Path) -> Result<OwnedFd, CompactError> {
+    if present(dir) {
+        fs::remove_dir_all(dir).map_err(io_err(dir))?;
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+    }
+    let fd = fsat::open_dir(dir).map_err(io_err(dir))?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o700))
+        .map_err(|e| io_err(dir)(e.into()))?;
+    Ok(fd)
+}
+
 /// Rewrites the store at `path` into a fresh one and swaps it in. The engine must be stopped.
 /// `options` name the secrets key as the engine's config does: the store is opened (and so
 /// checked, and migrated if old) before it is copied.
 pub fn compact(path: &Path, options: &StoreOptions) -> Result<Compacted, CompactError> {
     recover(path)?;
-    check_not_in_use(path)?;
+    let source = match fsat::open_dir(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(CompactError::NoStore(path.display().to_string()))
+        }
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    check_not_in_use(&source, path)?;
     let tmp = sibling(path, ".compact-tmp");
     let old = sibling(path, ".compact-old");
-    let bytes_before = dir_size(path).map_err(io_err(path))?;
-    let records = {
-        let store = Store::open_with(path, options)?;
-        let result = copy_into(&store, path, &tmp);
-        if result.is_err() {
+    let staged = sibling(path, ".compact-src");
+    let bytes_before = fsat::tree_size(&source).map_err(io_err(path))?;
+    let (uid, gid) = fsat::owner(&source).map_err(io_err(path))?;
+    // Someone else's data dir (we are root): sled opens hard links of its files in a directory
+    // of ours, never the owner's directory itself (see the module docs).
+    let foreign = uid != rustix::process::geteuid().as_raw();
+    let copied = (|| {
+        let opened_at = if foreign {
+            let links = private_dir(&staged)?;
+            fsat::link_tree(&source, &links).map_err(io_err(&staged))?;
+            staged.as_path()
+        } else {
+            path
+        };
+        let store = Store::open_with(opened_at, options)?;
+        let opened = fsat::open_dir(opened_at).map_err(io_err(opened_at))?;
+        let out = private_dir(&tmp)?;
+        let records = copy_into(&store, &opened, opened_at, &tmp, &out)?;
+        drop(store);
+        Ok::<_, CompactError>((records, out))
+    })();
+    if foreign {
+        let _ = fs::remove_dir_all(&staged);
+    }
+    let (records, out) = match copied {
+        Ok(v) => v,
+        Err(e) => {
             let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        result?
     };
-    fs::write(tmp.join(MARKER), b"").map_err(io_err(&tmp))?;
-    // Run as root on a service user's data dir, the copy stays the service user's.
-    own_like(&tmp, path).map_err(io_err(&tmp))?;
-    sync_dir(&tmp).map_err(io_err(&tmp))?;
+    let marker = rustix::fs::openat(
+        &out,
+        MARKER,
+        rustix::fs::OFlags::WRONLY
+            | rustix::fs::OFlags::CREATE
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| io_err(&tmp)(e.into()))?;
+    drop(marker);
+    // Synced while the copy is root's alone, then handed over, contents first: nothing in it
+    // is opened again after its owner could reach it.
+    fsat::sync_tree(&out).map_err(io_err(&tmp))?;
+    fsat::chown_tree(&out, uid, gid).map_err(io_err(&tmp))?;
     // The swap; a crash anywhere in it is finished by `recover`.
-    if old.exists() {
+    if present(&old) {
         fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
     fs::rename(path, &old).map_err(io_err(path))?;
@@ -224,7 +271,7 @@ pub fn compact(path: &Path, options: &StoreOptions) -> Result<Compacted, Compact
     fs::rename(&tmp, path).map_err(io_err(path))?;
     sync_parent(path).map_err(io_err(path))?;
     recover(path)?;
-    let bytes_after = dir_size(path).map_err(io_err(path))?;
+    let bytes_after = fsat::tree_size(&out).map_err(io_err(path))?;
     Ok(Compacted {
         bytes_before,
         bytes_after,
@@ -232,22 +279,16 @@ pub fn compact(path: &Path, options: &StoreOptions) -> Result<Compacted, Compact
     })
 }
 
-/// Copies every tracked tree of `store` into a new sled directory `tmp`, and the data dir's
-/// files that are not sled's (the secrets key file) beside them.
-fn copy_into(store: &Store, path: &Path, tmp: &Path) -> Result<u64, CompactError> {
-    if tmp.exists() {
-        fs::remove_dir_all(tmp).map_err(io_err(tmp))?;
-    }
-    fs::create_dir_all(tmp).map_err(io_err(tmp))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(path)
-            .map_err(io_err(path))?
-            .permissions()
-            .mode();
-        fs::set_permissions(tmp, fs::Permissions::from_mode(mode)).map_err(io_err(tmp))?;
-    }
+/// Copies every tracked tree of `store` into a new sled directory `tmp` (`out` open), and the
+/// regular files of the store's directory (`from`, open as `from_fd`) that are not sled's —
+/// the secrets key and the generated admin token — beside them, through descriptors.
+fn copy_into(
+    store: &Store,
+    from_fd: &OwnedFd,
+    from: &Path,
+    tmp: &Path,
+    out: &OwnedFd,
+) -> Result<u64, CompactError> {
     let fresh = sled::Config::new().path(tmp).open()?;
     let mut records = 0u64;
     for (name, tree) in store.tracker.trees() {
@@ -268,13 +309,12 @@ fn copy_into(store: &Store, path: &Path, tmp: &Path) -> Result<u64, CompactError
     }
     fresh.flush()?;
     drop(fresh);
-    for entry in fs::read_dir(path).map_err(io_err(path))? {
-        let entry = entry.map_err(io_err(path))?;
-        let name = entry.file_name();
-        let is_sleds = matches!(name.to_str(), Some("db" | "conf" | "blobs" | MARKER))
-            || name.to_string_lossy().starts_with("snap.");
-        if !is_sleds && entry.file_type().map_err(io_err(path))?.is_file() {
-            fs::copy(entry.path(), tmp.join(&name)).map_err(io_err(&entry.path()))?;
+    for (name, kind) in fsat::entries(from_fd).map_err(io_err(from))? {
+        let text = name.to_string_lossy();
+        let is_sleds =
+            matches!(&*text, "db" | "conf" | "blobs" | MARKER) || text.starts_with("snap.");
+        if !is_sleds && kind == rustix::fs::FileType::RegularFile {
+            fsat::copy_file(from_fd, out, &name).map_err(io_err(&from.join(&*text)))?;
         }
     }
     Ok(records)

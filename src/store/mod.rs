@@ -15,6 +15,7 @@
 pub mod backup;
 pub mod compact;
 pub mod format;
+pub mod fsat;
 pub mod keys;
 mod purge;
 pub mod tracked;
@@ -1123,42 +1124,17 @@ fn settle_key(path: &Path, source: &KeySource, webhooks: &Tree) -> Result<Secret
 /// files 0600. The engine also sets its umask to 077 (`lib.rs`), so that files sled creates
 /// later (log segments, snapshots, blobs) are born private; this walk covers a data dir
 /// written before, or by another process.
+/// Makes the data dir 0700 and its files 0600. Works on descriptors ([`fsat`]): run as root
+/// on a data dir its owner can change meanwhile, it never follows a symlink or opens a FIFO,
+/// so no file outside the data dir is ever chmodded.
 fn make_private(path: &Path) -> Result<()> {
     let err = |p: &Path| {
         let p = p.to_path_buf();
         move |source| StoreError::Permissions { path: p, source }
     };
     std::fs::create_dir_all(path).map_err(err(path))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mut dirs = vec![path.to_path_buf()];
-        while let Some(dir) = dirs.pop() {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(err(&dir))?;
-            for entry in std::fs::read_dir(&dir).map_err(err(&dir))? {
-                let entry = entry.map_err(err(&dir))?;
-                let kind = entry.file_type().map_err(err(&entry.path()))?;
-                if kind.is_dir() {
-                    dirs.push(entry.path());
-                } else if kind.is_file() {
-                    let mode = entry
-                        .metadata()
-                        .map_err(err(&entry.path()))?
-                        .permissions()
-                        .mode();
-                    if mode & 0o077 != 0 {
-                        std::fs::set_permissions(
-                            entry.path(),
-                            std::fs::Permissions::from_mode(0o600),
-                        )
-                        .map_err(err(&entry.path()))?;
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
+    let dir = fsat::open_dir(path).map_err(err(path))?;
+    fsat::make_private(&dir).map_err(err(path))
 }
 
 fn decode_opt<T: serde::de::DeserializeOwned>(value: Option<IVec>) -> Result<Option<T>> {
@@ -1332,6 +1308,7 @@ mod tests {
             previous_secret: None,
             rotation_ends_ms: None,
             ordering: Default::default(),
+            max_concurrency: None,
         }
     }
 

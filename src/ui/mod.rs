@@ -88,13 +88,32 @@ pub fn html(status: StatusCode, body: String) -> Page {
 }
 
 /// `303 See Other`: the answer to every successful form POST (and to a GET needing sign-in).
+/// A location that is not a local path (see [`local_path`]) is a 400, never a panic.
 pub fn redirect(location: &str) -> Page {
+    let Some(value) = local_path(location).and_then(|l| HeaderValue::from_str(l).ok()) else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "That is not a page of this dashboard.",
+        );
+    };
     let r = Response::builder()
         .status(StatusCode::SEE_OTHER)
-        .header(header::LOCATION, location)
+        .header(header::LOCATION, value)
         .body(Full::new(Bytes::new()))
         .expect("static response parts are valid");
     secured(r, true)
+}
+
+/// `path` when it is a path on this server: starts with one `/`, no scheme or host (`//`,
+/// `/\`), and only printable ASCII — CR/LF would split the `Location` header, and anything
+/// else is not what a form of ours sends.
+pub fn local_path(path: &str) -> Option<&str> {
+    let local = path.starts_with('/')
+        && !path.starts_with("//")
+        && !path.starts_with("/\\")
+        && !path.contains('\\')
+        && path.bytes().all(|b| b.is_ascii_graphic());
+    local.then_some(path)
 }
 
 fn error_page(status: StatusCode, message: &str) -> Page {
@@ -325,6 +344,7 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
     if state.ui.login_limiter.len() > 10_000 {
         state.ui.login_limiter.retain_recent();
     }
+    let previous_session = session_cookie(&req);
     let call = Call {
         req,
         caller: Caller::Admin,
@@ -340,7 +360,7 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
         .unwrap_or("");
     let caller = if token.is_empty() {
         None
-    } else if signing::constant_time_eq(token, &state.config.auth.admin_token) {
+    } else if crate::api::is_admin_token(state, token) {
         Some(Caller::Admin)
     } else {
         state
@@ -356,6 +376,10 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
             )),
         );
     };
+    // A new sign-in ends this browser's previous session: one browser, one live session.
+    if let Some(previous) = &previous_session {
+        state.ui.sessions.remove(previous);
+    }
     let id = state.ui.sessions.create(caller, &state.registry);
     let secure = if state.config.server.tls_cert.is_some() {
         "; Secure"

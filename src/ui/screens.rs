@@ -606,6 +606,7 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
         ip_allowlist: split_list(&allowlist_text),
         signature_scheme: None,
         ordering: ctx.req.field("ordering").map(str::to_string),
+        max_concurrency: None,
         secret: Some(secret.clone()),
     };
     match wh::create_webhook(ctx.state, account, body).await {
@@ -614,7 +615,8 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
             Ok(redirect(&format!("{base}/webhooks/{}", hook.id)))
         }
         Err(e) if e.status.is_client_error() => {
-            let secret = if signing::is_minted_secret(&secret) {
+            // A refused secret is not offered again: a weak one would only be refused again.
+            let secret = if crate::secrets::check_supplied_secret(&secret).is_ok() {
                 secret
             } else {
                 signing::new_secret()
@@ -826,11 +828,22 @@ async fn edit_submit(
     }
 }
 
-/// Where a form asked to go back to: only a path inside this account's screens.
-fn back_to(ctx: &Ctx, base: &str, fallback: String) -> String {
+/// Where a form asked to go back to: a local path inside this account's screens. Anything
+/// else (another account's screens, a URL, CR/LF) is refused with 400 before the action runs.
+fn back_to(ctx: &Ctx, base: &str, fallback: String) -> Result<String, ApiError> {
     match ctx.req.field("back") {
-        Some(b) if b.starts_with(&format!("{base}/")) && !b.contains("//") => b.to_string(),
-        _ => fallback,
+        None | Some("") => Ok(fallback),
+        Some(b)
+            if super::local_path(b).is_some()
+                && b.starts_with(&format!("{base}/"))
+                && !b.contains("//") =>
+        {
+            Ok(b.to_string())
+        }
+        Some(_) => Err(ApiError::bad_request(
+            "invalid_back",
+            "The page to go back to is not one of this account's pages; nothing changed.",
+        )),
     }
 }
 
@@ -841,6 +854,7 @@ async fn toggle(
     id: WebhookId,
 ) -> Result<Page, ApiError> {
     let to = ctx.req.field("status").unwrap_or("").to_string();
+    let back = back_to(ctx, base, format!("{base}/webhooks"))?;
     let body = wh::UpdateWebhook {
         status: Some(to),
         ..Default::default()
@@ -853,7 +867,7 @@ async fn toggle(
         ),
         _ => format!("{} is active again.", hook.name),
     });
-    Ok(redirect(&back_to(ctx, base, format!("{base}/webhooks"))))
+    Ok(redirect(&back))
 }
 
 fn confirm_delete(

@@ -1,4 +1,4 @@
-//! The HTTP edge seen from outside: the start-up guard on the admin token (real binary), what
+//! The HTTP edge seen from outside: the start-up rules of the admin token (real binary), what
 //! the operator's log says about refused destinations, request bodies that stall, and refused
 //! bodies that the client sends whole before it reads (raw TCP clients).
 
@@ -111,70 +111,99 @@ fn write_config(dir: &Path, listen: &str, extra: &str) -> String {
 }
 
 #[test]
-fn the_default_admin_token_is_refused_when_the_api_is_not_on_loopback() {
+fn change_me_and_short_admin_tokens_are_refused_at_start_on_any_address() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "0.0.0.0:0", "");
-    for command in ["serve", "check-config"] {
-        let (code, stderr) = Binary::start(&[command, "--config", &config], &[]).exit();
-        assert_eq!(code, 2, "{command}: {stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{command}: {stderr}");
-        assert!(stderr.contains("auth.admin_token"), "{command}: {stderr}");
-        assert!(stderr.contains("loopback"), "{command}: {stderr}");
+    let short = "s".repeat(31);
+    for listen in ["0.0.0.0:0", "127.0.0.1:0"] {
+        for token in ["change-me", short.as_str()] {
+            let config = write_config(
+                dir.path(),
+                listen,
+                &format!("[auth]\nadmin_token = \"{token}\"\n"),
+            );
+            for command in ["serve", "check-config"] {
+                let (code, stderr) = Binary::start(&[command, "--config", &config], &[]).exit();
+                assert_eq!(code, 2, "{listen} {token} {command}: {stderr}");
+                assert_eq!(stderr.trim_end().lines().count(), 1, "{command}: {stderr}");
+                assert!(stderr.contains("auth.admin_token"), "{command}: {stderr}");
+                assert!(stderr.contains("32"), "{command}: {stderr}");
+            }
+        }
     }
-    // The environment's token replaces the default before the check.
-    let mut engine = Binary::start(
-        &["serve", "--config", &config],
-        &[("KYBERHOOK_ADMIN_TOKEN", "a-secret-from-the-environment")],
-    );
-    assert!(engine.api_addr().ip().is_unspecified());
-    // So does a token in the file.
+    // The environment's token replaces the file's before the check: a short one there is
+    // refused too, a long one makes a short one in the file irrelevant.
     let config = write_config(
         dir.path(),
         "0.0.0.0:0",
-        "[auth]\nadmin_token = \"a-secret-in-the-file\"\n",
+        "[auth]\nadmin_token = \"change-me\"\n",
     );
-    let (code, out) = Binary::start(&["check-config", "--config", &config], &[]).exit();
-    assert_eq!(code, 0, "{out}");
+    let (code, stderr) = Binary::start(
+        &["check-config", "--config", &config],
+        &[("KYBERHOOK_ADMIN_TOKEN", "change-me")],
+    )
+    .exit();
+    assert_eq!(code, 2, "{stderr}");
+    let mut engine = Binary::start(
+        &["serve", "--config", &config],
+        &[(
+            "KYBERHOOK_ADMIN_TOKEN",
+            "a-secret-from-the-environment-0123456789",
+        )],
+    );
+    assert!(engine.api_addr().ip().is_unspecified());
 }
 
-#[test]
-fn the_default_admin_token_on_loopback_starts_with_a_warning() {
+#[tokio::test]
+async fn without_a_token_one_is_generated_into_the_data_dir_once_and_its_place_logged() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "127.0.0.1:0", "");
+    let (code, out) = Binary::start(&["check-config", "--config", &config], &[]).exit();
+    assert_eq!(code, 0, "{out}");
+    let file = dir.path().join("data").join("admin-token");
     let mut engine = Binary::start(&["serve", "--config", &config], &[]);
-    let addr = engine.api_addr();
     let warning = engine.wait_line(|v| {
         v["level"] == "WARN"
             && v["fields"]["message"]
                 .as_str()
-                .is_some_and(|m| m.contains("auth.admin_token"))
+                .is_some_and(|m| m.contains("generated"))
     });
     let message = warning["fields"]["message"].as_str().unwrap();
-    assert!(message.contains("change-me"), "{message}");
-    assert!(message.contains(&addr.to_string()), "{message}");
-    drop(engine);
-    // Not with a token of the operator's own.
-    let config = write_config(
-        dir.path(),
-        "127.0.0.1:0",
-        "[auth]\nadmin_token = \"a-secret-in-the-file\"\n",
-    );
-    let mut engine = Binary::start(&["serve", "--config", &config], &[]);
+    assert!(message.contains(&file.display().to_string()), "{message}");
     let addr = engine.api_addr();
-    // Whatever the engine logs until it answers a request came after the warning's place.
-    let api = Api::new(addr);
-    let (s, _) = tokio::runtime::Runtime::new().unwrap().block_on(api.call(
-        Method::GET,
-        "/healthz",
-        None,
-        None,
-    ));
-    assert_eq!(s, StatusCode::OK);
-    while let Ok(line) = engine.lines.recv_timeout(Duration::from_millis(300)) {
-        engine.seen.push(line);
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(token.len() >= 32, "{token}");
+    assert!(!message.contains(&token), "the token itself was logged");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
+    let api = Api::new(addr);
+    let body = json!({"name": "Acme", "plan": "starter", "id": "acc_gen"});
+    let (s, v) = api
+        .call(
+            Method::POST,
+            "/v1/accounts",
+            Some(&token),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, _) = api
+        .call(Method::POST, "/v1/accounts", Some("change-me"), Some(body))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    drop(engine);
+    // The next start reads the same token and generates nothing.
+    let mut engine = Binary::start(&["serve", "--config", &config], &[]);
+    let api = Api::new(engine.api_addr());
+    let (s, _) = api
+        .call(Method::GET, "/v1/accounts/acc_gen", Some(&token), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), token);
     assert!(
-        !engine.seen.iter().any(|l| l.contains("auth.admin_token")),
+        !engine.seen.iter().any(|l| l.contains("generated")),
         "{:#?}",
         engine.seen
     );
@@ -251,7 +280,7 @@ fn ingest_head(content_length: Option<usize>, token: &str) -> String {
         None => "transfer-encoding: chunked".to_string(),
     };
     format!(
-        "POST /v1/events HTTP/1.1\r\nhost: kyberhook\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
+        "POST /v1/events HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
     )
 }
 

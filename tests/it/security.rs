@@ -271,14 +271,17 @@ async fn the_admin_token_can_come_from_the_environment() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[auth]\nadmin_token = \"from-the-file\"\n[log]\nformat = \"json\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[auth]\nadmin_token = \"from-the-file-0123456789abcdefghijk\"\n[log]\nformat = \"json\"\n",
             dir.path().join("data").display()
         ),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
         .args(["serve", "--config", config.to_str().unwrap()])
-        .env("KYBERHOOK_ADMIN_TOKEN", "from-the-environment")
+        .env(
+            "KYBERHOOK_ADMIN_TOKEN",
+            "from-the-environment-0123456789abcdef",
+        )
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -296,7 +299,7 @@ async fn the_admin_token_can_come_from_the_environment() {
                 }
             }
             assert!(
-                !line.contains("from-the-environment"),
+                !line.contains("from-the-environment-0123456789abcdef"),
                 "the admin token was logged"
             );
         }
@@ -307,13 +310,18 @@ async fn the_admin_token_can_come_from_the_environment() {
         .call(
             Method::GET,
             "/v1/event-types",
-            Some("from-the-environment"),
+            Some("from-the-environment-0123456789abcdef"),
             None,
         )
         .await;
     assert_eq!(s, StatusCode::OK);
     let (s, v) = api
-        .call(Method::GET, "/v1/event-types", Some("from-the-file"), None)
+        .call(
+            Method::GET,
+            "/v1/event-types",
+            Some("from-the-file-0123456789abcdefghijk"),
+            None,
+        )
         .await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),

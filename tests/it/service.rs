@@ -2,7 +2,6 @@
 //! is done, `STOPPING=1` when SIGTERM starts the graceful shutdown, exit 0; and the admin token
 //! read from `auth.admin_token_file` (a missing file is exit 2 naming the key).
 
-
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,7 +43,7 @@ fn receive(socket: &UnixDatagram, wait: Duration) -> Vec<String> {
 fn the_service_manager_hears_ready_after_recovery_and_stopping_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("admin-token");
-    std::fs::write(&token, "a-token-from-a-file-0123456789\n").unwrap();
+    std::fs::write(&token, "a-token-from-a-file-0123456789abcdef\n").unwrap();
     let config = config(dir.path(), &token);
     let sock_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&sock_path).unwrap();

@@ -836,7 +836,7 @@ async fn at_the_plans_maximum_add_webhook_is_replaced_by_a_note() {
                 ("url", rx.url.as_str()),
                 ("description", ""),
                 ("events", "visitor.checked_in"),
-                ("secret", &format!("whsec_{}", "ab".repeat(32))),
+                ("secret", "whsec_9a6cc444815170422c29c90f0b285d129f3ac3a3885ae6e9d46e241f49c8ddb1"),
                 ("ip_allowlist", ""),
             ],
         )

@@ -140,6 +140,8 @@ impl Val {
 
 /// `12345.6` → `12,346`.
 fn thousands(x: f64) -> String {
+    // A difference of two equal counters can be -0.0, which reads "-0".
+    let x = if x.abs() < 0.5 { 0.0 } else { x };
     let s = format!("{x:.0}");
     let (neg, digits) = s
         .strip_prefix('-')

@@ -5,9 +5,10 @@
 //! [`Controller::started`] and leave with [`Controller::finished`] and a [`Signal`] read off
 //! their outcome; once per *window* (one smoothed round-trip time) the controller decides:
 //!
-//! - **grow** by one (or by a few while far below a healthy endpoint's need, see
-//!   [`GROWTH`]) when the limit was actually reached in the window, nothing signalled
-//!   back-pressure and the window's mean response time is not above the smoothed mean;
+//! - **grow** by `max(1, limit / 16)` ([`GROWTH`]) — or double while below half of what it
+//!   was when the last refusals began (an endpoint recovering) — when the limit was reached in the
+//!   window, nothing signalled back-pressure and the window's mean response time is not above
+//!   the smoothed mean;
 //! - **shrink** to `limit × 0.9` (at least one less, never below 1) at the first refusal of a
 //!   window (429, 408, 5xx but 501, a timeout, a connection error), or at its end when the
 //!   window's mean response time rose 2.5 standard deviations above the smoothed mean.
@@ -108,6 +109,12 @@ pub struct Controller {
     window_ends_us: u64,
     /// When the endpoint last refused (back-pressure), µs; 0: never.
     refused_us: u64,
+    /// Whether the window before this one had a refusal (refusals that span windows are one
+    /// episode).
+    refused_last_window: bool,
+    /// Below this the limit doubles per window (half the limit when the last episode of
+    /// refusals began; 0: none yet).
+    recover_to: u32,
 }
 
 impl Controller {
@@ -126,6 +133,8 @@ impl Controller {
             back_pressure: false,
             window_ends_us: 0,
             refused_us: 0,
+            refused_last_window: false,
+            recover_to: 0,
         }
     }
 
@@ -180,6 +189,10 @@ impl Controller {
                 // Shrink at the first refusal of a window rather than at its end: an endpoint
                 // that starts failing should see fewer requests at once, not a window later.
                 if !self.back_pressure {
+                    if !self.refused_last_window {
+                        // Refusals begin: once they end, recover quickly up to half of this.
+                        self.recover_to = (self.limit / 2).max(1);
+                    }
                     self.back_pressure = true;
                     self.shrink();
                 }
@@ -233,7 +246,13 @@ impl Controller {
         } else if rose && past.var > 0.0 {
             self.shrink();
         } else if self.reached_limit && not_slower && self.limit < self.ceiling {
-            let step = (self.limit / GROWTH).max(1);
+            // Recovering from refusals, the limit doubles back to half of what it was when they
+            // began (TCP's slow start up to its threshold); past that it probes in small steps.
+            let step = if self.limit < self.recover_to {
+                self.limit.min(self.recover_to - self.limit)
+            } else {
+                (self.limit / GROWTH).max(1)
+            };
             self.limit = (self.limit + step).min(self.ceiling);
         }
         if let Some(c) = current {
@@ -241,6 +260,7 @@ impl Controller {
         }
         self.sum_us = 0.0;
         self.samples = 0;
+        self.refused_last_window = self.back_pressure;
         self.back_pressure = false;
         self.reached_limit = self.in_flight >= self.limit;
         self.window_ends_us = now_us + self.window_us();
@@ -338,6 +358,16 @@ mod tests {
         let seen = drive(&mut c, &mut now, 300, |_| 10, |_| Signal::Success);
         assert!(*seen.last().unwrap() >= before, "{seen:?}");
         assert!(!c.held_down(now, false));
+    }
+
+    #[test]
+    fn after_refusals_end_the_limit_doubles_back_to_half_of_where_they_began() {
+        let mut c = Controller::new(256, 1024);
+        let mut now = 1;
+        drive(&mut c, &mut now, 80, |_| 10, |_| Signal::BackPressure);
+        assert_eq!(c.limit(), 1);
+        let seen = drive(&mut c, &mut now, 9, |_| 10, |_| Signal::Success);
+        assert_eq!(&seen[..8], &[2, 4, 8, 16, 32, 64, 128, 136], "{seen:?}");
     }
 
     #[test]

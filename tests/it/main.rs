@@ -27,5 +27,6 @@ mod semantics;
 mod service;
 mod storage;
 mod tenancy;
+mod tools;
 mod ui;
 mod ui_browser;

@@ -12,7 +12,8 @@
 //! Run: `cargo bench --bench fanout` (optimised), or `cargo test --bench fanout` for a debug
 //! build of the engine; `-- --webhooks N` sets the count.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common.rs"]
+#[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, Instant};

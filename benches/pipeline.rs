@@ -271,6 +271,7 @@ fn webhook(n: u64, account: &AccountId, events: Vec<String>) -> Webhook {
         previous_secret: None,
         rotation_ends_ms: None,
         ordering: Default::default(),
+        max_concurrency: None,
         created_ms: 0,
         updated_ms: 0,
     }

@@ -40,3 +40,8 @@ pub fn now() -> std::time::Duration {
     let now = tokio::time::Instant::now().into_std();
     std::time::Duration::from_millis(unix) + now.saturating_duration_since(start)
 }
+
+/// [`now`] in microseconds (the adaptive limits' clock).
+pub fn now_us() -> u64 {
+    now().as_micros() as u64
+}

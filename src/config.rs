@@ -230,7 +230,9 @@ pub struct DeliveryConfig {
     #[serde(deserialize_with = "de_cidrs")]
     pub private_network_allowlist: Vec<IpNet>,
     pub max_in_flight: usize,
-    /// Concurrent attempts to one webhook, so that one slow endpoint cannot take every slot.
+    /// The ceiling of each webhook's adaptive concurrency limit (see `dispatch::concurrency`):
+    /// a safety bound, not the operating point — each limit starts at 64 and grows only while
+    /// its endpoint keeps up.
     pub max_in_flight_per_webhook: usize,
     /// Bytes of an endpoint's response body kept in the delivery log.
     pub max_response_body_bytes: usize,

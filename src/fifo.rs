@@ -502,6 +502,7 @@ mod tests {
             previous_secret: None,
             rotation_ends_ms: None,
             ordering,
+            max_concurrency: None,
         }
     }
 

@@ -130,7 +130,7 @@ fn describe() {
     describe_gauge!(
         "kyberhook_delivery_lag_seconds",
         Unit::Seconds,
-        "The engine's own delivery lag by stage (fanout, scheduler, dispatcher): age of the oldest work it owes there; when the largest is over delivery.max_lag, ingest is held."
+        "The engine's own delivery lag by stage (fanout, scheduler, dispatcher, slots): age of the oldest work it owes there; over delivery.max_lag, ingest is held (slots: only the waiting account's)."
     );
     describe_counter!(
         "kyberhook_held_deliveries_written_total",
@@ -143,6 +143,15 @@ fn describe() {
     describe_counter!(
         "kyberhook_ingest_lag_refusals_total",
         "Ingest requests refused (503 deliveries_lagging) after delivery.max_lag_hold."
+    );
+    describe_gauge!(
+        "kyberhook_webhook_backlog_oldest_seconds",
+        Unit::Seconds,
+        "How long the oldest delivery waiting behind a webhook's concurrency limit (or for an engine slot) has waited, of all webhooks; 0 when none waits."
+    );
+    describe_gauge!(
+        "kyberhook_attempts_in_flight",
+        "Attempts in flight, engine-wide (at most delivery.max_in_flight)."
     );
     describe_gauge!(
         "kyberhook_accounts_over_backlog_quota",
@@ -194,6 +203,9 @@ impl MetricsHandler {
             metrics::gauge!("kyberhook_delivery_lag_seconds", "stage" => stage)
                 .set(ms as f64 / 1000.0);
         }
+        let (backlog_ms, in_flight) = self.scheduler.lag().slots(crate::clock::now_ms());
+        metrics::gauge!("kyberhook_webhook_backlog_oldest_seconds").set(backlog_ms as f64 / 1000.0);
+        metrics::gauge!("kyberhook_attempts_in_flight").set(in_flight as f64);
         metrics::gauge!("kyberhook_fifo_deliveries_waiting")
             .set(self.registry.fifo().parked() as f64);
         let counts = self.registry.hook_status_counts();

@@ -145,6 +145,9 @@ pub struct Webhook {
     pub rotation_ends_ms: Option<u64>,
     /// Whether deliveries go one at a time in event order (see `fifo`).
     pub ordering: DeliveryOrder,
+    /// The customer's own cap on attempts in flight (`None`: only the adaptive limit and the
+    /// engine's ceiling apply).
+    pub max_concurrency: Option<u32>,
 }
 
 impl Webhook {
@@ -162,17 +165,21 @@ impl Webhook {
     }
 
     /// Decodes a stored webhook, also one written before `signature_scheme` and rotation
-    /// grace existed (V1) or before `ordering` existed (V2). bincode is not self-describing,
-    /// so a shorter record cannot simply take field defaults: each older layout is tried in
-    /// turn when the newer one runs out of bytes. The record is rewritten in the current
-    /// layout at its next change.
+    /// grace existed (V1), before `ordering` existed (V2) or before `max_concurrency` (V3).
+    /// bincode is not self-describing, so a shorter record cannot simply take field
+    /// defaults: each older layout is tried in turn when the newer one runs out of bytes.
+    /// The record is rewritten in the current layout at its next change.
     pub fn decode(bytes: &[u8]) -> Result<Webhook, crate::codec::CodecError> {
-        crate::codec::decode::<Webhook>(bytes).or_else(|err| {
-            crate::codec::decode::<WebhookV2>(bytes)
+        use crate::codec::decode;
+        decode::<Webhook>(bytes).or_else(|err| {
+            decode::<WebhookV3>(bytes)
                 .map(Webhook::from)
                 .or_else(|_| {
-                    crate::codec::decode::<WebhookV1>(bytes)
-                        .map(|v1| Webhook::from(WebhookV2::from(v1)))
+                    decode::<WebhookV2>(bytes).map(|v2| Webhook::from(WebhookV3::from(v2)))
+                })
+                .or_else(|_| {
+                    decode::<WebhookV1>(bytes)
+                        .map(|v1| Webhook::from(WebhookV3::from(WebhookV2::from(v1))))
                 })
                 .map_err(|_| err)
         })
@@ -233,6 +240,54 @@ impl SignatureScheme {
     }
 }
 
+/// The stored layout of a webhook before `max_concurrency` was appended (same fields, same
+/// order).
+#[derive(Deserialize)]
+struct WebhookV3 {
+    id: WebhookId,
+    account_id: AccountId,
+    name: String,
+    url: String,
+    description: Option<String>,
+    events: Vec<String>,
+    ip_allowlist: Vec<String>,
+    status: WebhookStatus,
+    disabled_reason: Option<String>,
+    consecutive_failures: u32,
+    secret: String,
+    created_ms: u64,
+    updated_ms: u64,
+    signature_scheme: SignatureScheme,
+    previous_secret: Option<String>,
+    rotation_ends_ms: Option<u64>,
+    ordering: DeliveryOrder,
+}
+
+impl From<WebhookV3> for Webhook {
+    fn from(v: WebhookV3) -> Webhook {
+        Webhook {
+            id: v.id,
+            account_id: v.account_id,
+            name: v.name,
+            url: v.url,
+            description: v.description,
+            events: v.events,
+            ip_allowlist: v.ip_allowlist,
+            status: v.status,
+            disabled_reason: v.disabled_reason,
+            consecutive_failures: v.consecutive_failures,
+            secret: v.secret,
+            created_ms: v.created_ms,
+            updated_ms: v.updated_ms,
+            signature_scheme: v.signature_scheme,
+            previous_secret: v.previous_secret,
+            rotation_ends_ms: v.rotation_ends_ms,
+            ordering: v.ordering,
+            max_concurrency: None,
+        }
+    }
+}
+
 /// The stored layout of a webhook before `ordering` was appended (same fields, same order).
 #[derive(Deserialize)]
 struct WebhookV2 {
@@ -254,9 +309,9 @@ struct WebhookV2 {
     rotation_ends_ms: Option<u64>,
 }
 
-impl From<WebhookV2> for Webhook {
-    fn from(v: WebhookV2) -> Webhook {
-        Webhook {
+impl From<WebhookV2> for WebhookV3 {
+    fn from(v: WebhookV2) -> WebhookV3 {
+        WebhookV3 {
             id: v.id,
             account_id: v.account_id,
             name: v.name,

@@ -19,19 +19,27 @@
 //! - the dispatcher, while its queue is not empty: the due time of the entry it took last
 //!   ([`Lag::dispatching`]) — it waits there for the engine's in-flight slots.
 //!
-//! A delivery deferred by its account's plan rate is due at its rate slot, and one queued
-//! behind its own webhook's busy slots has left the dispatcher, so neither a slow plan nor a
-//! slow endpoint holds anybody's ingest — only the engine's own delay does.
 //!
-//! Both are instantaneous (a stalled stage shows its age growing, not its last sample), read
-//! with two atomic loads per request.
+//! Those three hold every account's ingest. A fourth part is per account: the due time of its
+//! oldest delivery waiting behind the slots *because of the engine* — for one of the engine's
+//! slots, or behind its webhook's adaptive limit while the endpoint is not what holds that
+//! limit down ([`crate::dispatch::slots`] decides, [`Lag::webhooks_waiting`] publishes every
+//! few ms). It holds only that account's ingest: account B is never held for account A's
+//! endpoint. A delivery waiting behind an endpoint that refuses (429, 5xx, timeouts) or behind
+//! its webhook's own `max_concurrency` is the endpoint's wait: it holds nobody, and the
+//! account's quota (`delivery.max_scheduled_per_account`) bounds it. A delivery deferred by
+//! its account's plan rate is due at its rate slot, so a slow plan holds nobody either.
+//!
+//! The stages are instantaneous (a stalled stage shows its age growing, not its last
+//! sample), read with a few atomic loads and one map lookup per account of the request.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::clock;
+use crate::ids::AccountId;
 
 /// The engine's delivery lag, published by the fan-out thread and the scheduler.
 #[derive(Debug, Default)]
@@ -45,6 +53,15 @@ pub struct Lag {
     /// Due time (unix ms) of the entry the dispatcher took last, while its queue is not
     /// empty; 0 when it is idle.
     dispatching_since: AtomicU64,
+    /// Per account, the due time (unix ms) of its oldest delivery waiting behind the slots
+    /// because of the engine; replaced whole by each sample (readers clone the `Arc`).
+    webhooks: RwLock<Arc<HashMap<AccountId, u64>>>,
+    /// The oldest of `webhooks` (0: none), for the engine-wide gauge.
+    webhooks_oldest: AtomicU64,
+    /// The due time of the oldest delivery waiting behind any webhook's slots, for any reason
+    /// (0: none), and the attempts in flight: what the operator's gauges show.
+    backlog_since: AtomicU64,
+    in_flight: AtomicU64,
 }
 
 /// Ingest was held for `delivery.max_lag_hold` and the lag did not come down.
@@ -87,7 +104,46 @@ impl Lag {
             .store(since_ms.map_or(0, |s| s.max(1)), Ordering::Relaxed);
     }
 
-    /// How many ms the oldest owed work has waited, at `now_ms`.
+    /// Each account's oldest delivery waiting behind the slots because of the engine (see
+    /// the module docs), as sampled by the dispatcher.
+    pub fn webhooks_waiting(&self, waits: HashMap<AccountId, u64>) {
+        let oldest = waits.values().copied().min().unwrap_or(0);
+        self.webhooks_oldest.store(oldest, Ordering::Relaxed);
+        let unchanged = waits.is_empty() && self.accounts().is_empty();
+        if !unchanged {
+            *self.webhooks.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(waits);
+        }
+    }
+
+    /// The dispatcher's sample of its slots: the oldest waiting delivery of any webhook and
+    /// the attempts in flight.
+    pub fn slots_sampled(&self, oldest_ms: Option<u64>, in_flight: u32) {
+        self.backlog_since
+            .store(oldest_ms.map_or(0, |s| s.max(1)), Ordering::Relaxed);
+        self.in_flight.store(in_flight as u64, Ordering::Relaxed);
+    }
+
+    /// How long the oldest delivery waiting behind any webhook's slots has waited at
+    /// `now_ms` (0: none waits), and the attempts in flight.
+    pub fn slots(&self, now_ms: u64) -> (u64, u64) {
+        let since = self.backlog_since.load(Ordering::Relaxed);
+        let age = if since == 0 {
+            0
+        } else {
+            now_ms.saturating_sub(since)
+        };
+        (age, self.in_flight.load(Ordering::Relaxed))
+    }
+
+    fn accounts(&self) -> Arc<HashMap<AccountId, u64>> {
+        self.webhooks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many ms the oldest owed work has waited, at `now_ms`, engine-wide (every
+    /// account's waits behind the slots included).
     pub fn current(&self, now_ms: u64) -> u64 {
         self.stages(now_ms)
             .into_iter()
@@ -96,10 +152,30 @@ impl Lag {
             .unwrap_or(0)
     }
 
+    /// The lag that holds ingest for `accounts`: the engine-wide stages and those accounts'
+    /// own waits behind the slots.
+    pub fn current_for(&self, accounts: &[&AccountId], now_ms: u64) -> u64 {
+        let shared = self.stages(now_ms)[..3]
+            .iter()
+            .map(|(_, ms)| *ms)
+            .max()
+            .unwrap_or(0);
+        let waits = self.accounts();
+        if waits.is_empty() {
+            return shared;
+        }
+        accounts
+            .iter()
+            .filter_map(|a| waits.get(*a))
+            .map(|since| now_ms.saturating_sub(*since))
+            .fold(shared, u64::max)
+    }
+
     /// The lag of each stage at `now_ms`, in ms: fan-out (committed events whose deliveries
-    /// are not written), scheduler (due entries waiting for room in the dispatcher's queue)
-    /// and dispatcher (waiting for an in-flight slot).
-    pub fn stages(&self, now_ms: u64) -> [(&'static str, u64); 3] {
+    /// are not written), scheduler (due entries waiting for room in the dispatcher's queue),
+    /// dispatcher (its queue) and slots (the oldest wait behind the slots that is the
+    /// engine's, of any account).
+    pub fn stages(&self, now_ms: u64) -> [(&'static str, u64); 4] {
         let age = |since: u64| {
             if since == 0 {
                 0
@@ -118,21 +194,27 @@ impl Lag {
                 "dispatcher",
                 age(self.dispatching_since.load(Ordering::Relaxed)),
             ),
+            ("slots", age(self.webhooks_oldest.load(Ordering::Relaxed))),
         ]
     }
 
-    /// Waits while the lag is over `max` (checking every few ms), for at most `hold`.
-    /// `max` of zero turns push-back off.
-    pub async fn hold(&self, max: Duration, hold: Duration) -> Result<(), Lagging> {
+    /// Waits while the lag that holds `accounts` is over `max` (checking every few ms), for
+    /// at most `hold`. `max` of zero turns push-back off.
+    pub async fn hold(
+        &self,
+        accounts: &[&AccountId],
+        max: Duration,
+        hold: Duration,
+    ) -> Result<(), Lagging> {
         let max_ms = max.as_millis() as u64;
-        if max_ms == 0 || self.current(clock::now_ms()) <= max_ms {
+        if max_ms == 0 || self.current_for(accounts, clock::now_ms()) <= max_ms {
             return Ok(());
         }
         metrics::counter!("kyberhook_ingest_held_total").increment(1);
         let deadline = tokio::time::Instant::now() + hold;
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
-            let lag_ms = self.current(clock::now_ms());
+            let lag_ms = self.current_for(accounts, clock::now_ms());
             if lag_ms <= max_ms {
                 return Ok(());
             }
@@ -179,12 +261,12 @@ mod tests {
         let max = Duration::from_millis(500);
         let hold = Duration::from_secs(2);
         // No lag: no hold.
-        lag.hold(max, hold).await.unwrap();
+        lag.hold(&[], max, hold).await.unwrap();
         // Lagging since "now - 1 s": held until the lag is cleared.
         lag.fanout_queued(clock::now_ms() - 1_000);
         let held = tokio::spawn({
             let lag = lag.clone();
-            async move { lag.hold(max, hold).await }
+            async move { lag.hold(&[], max, hold).await }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!held.is_finished(), "released while still lagging");
@@ -192,9 +274,31 @@ mod tests {
         held.await.unwrap().unwrap();
         // Lagging for longer than the hold: refused, naming the lag.
         lag.dispatch_waiting(Some(clock::now_ms() - 1_000));
-        let err = lag.hold(max, hold).await.unwrap_err();
+        let err = lag.hold(&[], max, hold).await.unwrap_err();
         assert!(err.lag_ms >= 2_000, "{err}");
         // Turned off: never held.
-        lag.hold(Duration::ZERO, hold).await.unwrap();
+        lag.dispatch_waiting(None);
+        lag.hold(&[], Duration::ZERO, hold).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_accounts_own_waits_hold_only_that_account() {
+        let lag = Lag::default();
+        let (a, b) = (
+            AccountId::parse("acme").unwrap(),
+            AccountId::parse("globex").unwrap(),
+        );
+        let now = clock::now_ms();
+        lag.webhooks_waiting(HashMap::from([(a.clone(), now - 2_000)]));
+        assert_eq!(lag.current_for(&[&a], now), 2_000);
+        assert_eq!(lag.current_for(&[&b], now), 0);
+        assert_eq!(lag.current_for(&[&b, &a], now), 2_000);
+        assert_eq!(lag.current(now), 2_000, "engine-wide, it counts");
+        let max = Duration::from_millis(50);
+        let hold = Duration::from_millis(200);
+        lag.hold(&[&b], max, hold).await.unwrap();
+        assert!(lag.hold(&[&a], max, hold).await.is_err());
+        lag.webhooks_waiting(HashMap::new());
+        assert_eq!(lag.current_for(&[&a], clock::now_ms()), 0);
     }
 }

@@ -334,6 +334,7 @@ mod tests {
             previous_secret: None,
             rotation_ends_ms: None,
             ordering: Default::default(),
+            max_concurrency: None,
             created_ms: 0,
             updated_ms: 0,
         }

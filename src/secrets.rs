@@ -313,6 +313,7 @@ mod tests {
             previous_secret: None,
             rotation_ends_ms: None,
             ordering: Default::default(),
+            max_concurrency: None,
         }
     }
 

@@ -271,6 +271,7 @@ mod tests {
             previous_secret: None,
             rotation_ends_ms: None,
             ordering: Default::default(),
+            max_concurrency: None,
         }))
         .unwrap()
     }

@@ -15,7 +15,10 @@ use super::{
 use crate::ids::{AccountId, WebhookId};
 use crate::model::{now_ms, rfc3339, Webhook};
 
-pub fn view(h: &Webhook) -> Value {
+/// A webhook as the API shows it, with its delivery slots as they are now: the adaptive
+/// `concurrency_limit` and the `backlog` waiting behind it.
+pub fn view(state: &AppState, h: &Webhook) -> Value {
+    let slots = state.deliverer.slots_of(h);
     json!({
         "id": h.id.to_string(),
         "account_id": h.account_id.as_str(),
@@ -29,6 +32,12 @@ pub fn view(h: &Webhook) -> Value {
         "consecutive_failures": h.consecutive_failures,
         "signature_scheme": h.signature_scheme.as_str(),
         "ordering": h.ordering.as_str(),
+        "max_concurrency": h.max_concurrency,
+        "concurrency_limit": slots.limit,
+        "backlog": {
+            "waiting": slots.waiting,
+            "oldest_waiting_ms": slots.oldest_waiting_ms,
+        },
         "secret_rotation_ends_at": rotation_ends_at(h),
         "created_at": rfc3339(h.created_ms),
         "updated_at": rfc3339(h.updated_ms),
@@ -56,7 +65,7 @@ pub async fn create(state: &AppState, call: Call, account_raw: &str) -> ApiResul
     let account = call.caller.scope(state, account_raw)?;
     let body: CreateWebhook = call.json(state).await?;
     let hook = domain::create_webhook(state, &account, body).await?;
-    let mut out = view(&hook);
+    let mut out = view(state, &hook);
     out["secret"] = json!(hook.secret);
     Ok(json_response(StatusCode::CREATED, &out))
 }
@@ -65,13 +74,16 @@ pub fn list(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
     let page = paging(&call.query(), &[])?;
     let (hooks, next) = domain::list_webhooks(state, &account, &page)?;
-    Ok(list_response(hooks.iter().map(view).collect(), next))
+    Ok(list_response(
+        hooks.iter().map(|h| view(state, h)).collect(),
+        next,
+    ))
 }
 
 pub fn get(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     let hook = domain::get_webhook(state, &account, id)?;
-    Ok(json_response(StatusCode::OK, &view(&hook)))
+    Ok(json_response(StatusCode::OK, &view(state, &hook)))
 }
 
 pub fn secret(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
@@ -121,7 +133,7 @@ pub async fn update(state: &AppState, call: Call, account_raw: &str, raw: &str) 
     let (account, id) = ids(state, &call, account_raw, raw)?;
     let body: UpdateWebhook = call.json(state).await?;
     let hook = domain::update_webhook(state, &account, id, body).await?;
-    Ok(json_response(StatusCode::OK, &view(&hook)))
+    Ok(json_response(StatusCode::OK, &view(state, &hook)))
 }
 
 pub async fn delete(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {

@@ -22,21 +22,24 @@
 //! attempt ends, so it is never lost.
 
 pub mod client;
+pub mod concurrency;
 pub mod netguard;
+pub mod slots;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock;
 use crate::config::Config;
 use crate::delivery::{self, Admission, Deliveries, DeliveryError, InFlight, Settled};
 use crate::fifo::Gate;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
-use crate::model::{AttemptRecord, DeliveryRecord};
+use crate::model::{AttemptRecord, DeliveryRecord, Webhook};
 use crate::ratelimit::{Admit, RateLimits};
 use crate::registry::Registry;
 use crate::scheduler::{Due, SchedulerHandle};
@@ -44,6 +47,9 @@ use crate::signing;
 use crate::store::{Store, StoreError};
 
 pub use client::{AttemptOutcome, Outbound};
+use concurrency::Signal;
+pub use slots::HookView;
+use slots::{Ended, Queued, Slots, Start};
 
 /// Everything an attempt needs; shared by the dispatcher's tasks and the API's test tool.
 pub struct Deliverer {
@@ -52,13 +58,11 @@ pub struct Deliverer {
     pub config: Arc<Config>,
     pub outbound: Outbound,
     pub scheduler: SchedulerHandle,
-    /// `delivery.max_in_flight`: every attempt, from any path, holds one of these.
-    pub global: Arc<Semaphore>,
     /// The delivery writer: every delivery state change goes through it.
     pub deliveries: Deliveries,
-    /// Per-webhook slots and queues, shared by scheduled deliveries and test sends. A std
-    /// mutex: held only to look up or insert an entry.
-    slots: Mutex<HashMap<WebhookId, Arc<HookSlots>>>,
+    /// The engine's slots (`delivery.max_in_flight`) and each webhook's queue and adaptive
+    /// limit, shared by scheduled deliveries and test sends.
+    slots: Slots<Job>,
     /// Deliveries from dispatch to the end of their attempt, each with the due entry that
     /// came in meanwhile (a manual retry), re-scheduled when the attempt ends.
     in_flight: Mutex<HashMap<DeliveryId, Option<Due>>>,
@@ -105,22 +109,25 @@ impl Deliverer {
         deliveries: Deliveries,
     ) -> Deliverer {
         Deliverer {
-            global: Arc::new(Semaphore::new(config.delivery.max_in_flight)),
+            slots: Slots::new(
+                config.delivery.max_in_flight,
+                config.delivery.max_in_flight_per_webhook,
+            ),
             store,
             registry,
             config,
             outbound,
             scheduler,
             deliveries,
-            slots: Mutex::default(),
             in_flight: Mutex::default(),
             test_sends: Arc::default(),
         }
     }
 
     /// Signs and sends the attempt `flight` starts, to the webhook as it was when it started.
-    /// Returns the attempt (not yet recorded) and whether it succeeded.
-    pub async fn send(&self, flight: &InFlight, body: Bytes) -> (AttemptRecord, bool) {
+    /// Returns the attempt (not yet recorded), whether it succeeded, and how long the endpoint
+    /// took (the adaptive limit's sample).
+    pub async fn send(&self, flight: &InFlight, body: Bytes) -> (AttemptRecord, bool, Duration) {
         let hook = &flight.hook;
         let record = &flight.record;
         let number = flight.number();
@@ -166,7 +173,7 @@ impl Deliverer {
             timestamp,
             signature,
         };
-        (attempt, success)
+        (attempt, success, outcome.elapsed)
     }
 
     /// Takes one of `account`'s concurrent test sends, or refuses when all are in use.
@@ -201,61 +208,67 @@ impl Deliverer {
             return Err(TestSendError::Gone);
         }
         let (reply, answer) = oneshot::channel();
+        let account = record.account_id.clone();
+        let cap = self
+            .registry
+            .hook(webhook)
+            .and_then(|h| h.hook.max_concurrency);
         let job = Job::Test(TestJob {
             record,
             body,
             reply,
         });
-        self.start_or_queue(webhook, job, true).await;
+        self.submit(webhook, &account, cap, job, true, clock::now_ms());
         answer.await.map_err(|_| DeliveryError::Closed)?
     }
 
-    fn slots_of(&self, webhook: WebhookId) -> Arc<HookSlots> {
-        let per_hook = self.config.delivery.max_in_flight_per_webhook;
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(webhook)
-            .or_insert_with(|| {
-                Arc::new(HookSlots {
-                    permits: Arc::new(Semaphore::new(per_hook)),
-                    waiting: Mutex::new(VecDeque::new()),
-                })
-            })
-            .clone()
-    }
-
-    /// Starts `job` on a free slot of its webhook, or queues it behind the busy ones (at the
-    /// front for test sends, which someone is waiting for).
-    async fn start_or_queue(
+    /// Queues `job` on its webhook's slots (ahead of its queue if `urgent`) and starts what
+    /// may start now, each on a task of its own that goes on with the webhook's next jobs.
+    fn submit(
         self: &Arc<Self>,
         webhook: WebhookId,
+        account: &AccountId,
+        cap: Option<u32>,
         job: Job,
-        front: bool,
-    ) -> Dispatched {
-        let slots = self.slots_of(webhook);
-        let hook_permit = {
-            let mut waiting = slots.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            match slots.permits.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    if front {
-                        waiting.push_front(job);
-                    } else {
-                        waiting.push_back(job);
-                    }
-                    return Dispatched::Queued;
-                }
-            }
+        urgent: bool,
+        since_ms: u64,
+    ) {
+        let queued = Queued {
+            webhook,
+            account,
+            cap,
+            job,
+            urgent,
+            since_ms,
         };
-        let global = self
-            .global
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the global semaphore is never closed");
-        tokio::spawn(run_jobs(self.clone(), job, slots, hook_permit, global));
-        Dispatched::Done
+        let starts = self.slots.submit(queued, clock::now_ms());
+        for start in starts {
+            self.start(start);
+        }
+    }
+
+    fn start(self: &Arc<Self>, start: Start<Job>) {
+        if matches!(start.job, Job::Due(_)) {
+            // It stops waiting: counted as scheduled until now.
+            self.scheduler.taken();
+        }
+        tokio::spawn(run_jobs(self.clone(), start));
+    }
+
+    /// What a webhook's slots look like now: its adaptive limit and what waits.
+    pub fn slots_of(&self, hook: &Webhook) -> HookView {
+        self.slots
+            .view(hook.id, hook.max_concurrency, clock::now_ms())
+    }
+
+    /// Samples who waits (see [`slots`]) and publishes it to push-back and the metrics page:
+    /// each account's engine-caused wait, the oldest backlog of any webhook, the attempts in
+    /// flight.
+    pub fn sample_slots(&self) {
+        let sample = self.slots.sample(clock::now_ms(), clock::now_us());
+        let lag = self.scheduler.lag();
+        lag.slots_sampled(sample.oldest_ms, self.slots.in_flight());
+        lag.webhooks_waiting(sample.engine_waits);
     }
 
     /// Marks a delivery in flight; if it already is, parks `due` until its attempt ends.
@@ -286,46 +299,58 @@ impl Deliverer {
         }
     }
 
-    /// Runs a scheduled delivery's attempt, if it may still start.
-    async fn run_due(&self, due: Due) {
+    /// Runs a scheduled delivery's attempt, if it may still start; returns what the attempt
+    /// said about the endpoint (nothing when none was made).
+    async fn run_due(&self, due: Due) -> Ended {
         let admission = match delivery::admit(&self.store, &self.registry, due.id, due.token) {
             Ok(a) => a,
             Err(err) => {
                 tracing::error!(delivery = %due.id, error = %err, "reading a delivery failed; it is retried from the store at the next start");
-                return;
+                return Ended::NOTHING;
             }
         };
         let flight = match admission {
-            Admission::Stale => return,
+            Admission::Stale => return Ended::NOTHING,
             Admission::Stopped(stopped) => {
                 if let Err(err) = self.deliveries.stop(stopped).await {
                     tracing::error!(delivery = %due.id, error = %err, "ending a stopped webhook's delivery failed");
                 }
-                return;
+                return Ended::NOTHING;
             }
             Admission::Start(flight) => flight,
         };
         let body = match self.store.get_event(due.id.seq) {
             Ok(Some(event)) => event.body,
-            Ok(None) => return,
+            Ok(None) => return Ended::NOTHING,
             Err(err) => {
                 tracing::error!(delivery = %due.id, error = %err, "reading an event failed");
-                return;
+                return Ended::NOTHING;
             }
         };
-        let (attempt, success) = self.send(&flight, Bytes::from(body)).await;
+        let (attempt, success, rtt) = self.send(&flight, Bytes::from(body)).await;
+        let ended = Ended {
+            signal: Signal::of(attempt.response_code),
+            rtt,
+            cap: Some(flight.hook.hook.max_concurrency),
+        };
         if let Err(err) = self.deliveries.outcome(&flight, attempt, success).await {
             tracing::error!(delivery = %due.id, error = %err, "recording an attempt failed");
         }
+        ended
     }
 
-    async fn run_test(&self, job: TestJob) {
+    async fn run_test(&self, job: TestJob) -> Ended {
         let Some(hook) = self.registry.hook(job.record.id.webhook) else {
             let _ = job.reply.send(Err(TestSendError::Gone));
-            return;
+            return Ended::NOTHING;
         };
         let flight = InFlight::test(job.record, hook);
-        let (attempt, success) = self.send(&flight, job.body).await;
+        let (attempt, success, rtt) = self.send(&flight, job.body).await;
+        let ended = Ended {
+            signal: Signal::of(attempt.response_code),
+            rtt,
+            cap: Some(flight.hook.hook.max_concurrency),
+        };
         let result = self
             .deliveries
             .outcome(&flight, attempt.clone(), success)
@@ -333,14 +358,8 @@ impl Deliverer {
             .map(|settled| (attempt, settled))
             .map_err(TestSendError::from);
         let _ = job.reply.send(result);
+        ended
     }
-}
-
-/// What became of a due entry: finished with (attempt started, or nothing to do), or queued
-/// behind its webhook's busy slots (still waiting, so still counted as scheduled).
-enum Dispatched {
-    Done,
-    Queued,
 }
 
 /// A test send waiting for its webhook's slot; someone waits for its answer.
@@ -355,12 +374,6 @@ enum Job {
     /// A scheduled attempt; checked again when it starts.
     Due(Due),
     Test(TestJob),
-}
-
-/// A webhook's slots: its semaphore and the jobs waiting for one of them.
-struct HookSlots {
-    permits: Arc<Semaphore>,
-    waiting: Mutex<VecDeque<Job>>,
 }
 
 pub struct Dispatcher {
@@ -378,7 +391,16 @@ impl Dispatcher {
 
     pub async fn run(mut self, mut due: mpsc::Receiver<Due>, mut shutdown: watch::Receiver<bool>) {
         let lag = self.deliverer.scheduler.lag().clone();
+        let sampler = tokio::spawn(sample_slots(self.deliverer.clone(), shutdown.clone()));
+        let mut since_yield = 0u32;
         loop {
+            // Entries are only queued here (never awaited on), so a long run of them would
+            // otherwise keep this worker from the attempts it starts.
+            since_yield += 1;
+            if since_yield >= 256 {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
             let next = match due.try_recv() {
                 Ok(next) => Some(next),
                 Err(_) => {
@@ -397,46 +419,57 @@ impl Dispatcher {
             // While a queue stands, the entry taken last is the oldest owed work (the
             // scheduler hands entries over in due order): its age is the engine's delay.
             lag.dispatching(Some(next.when));
-            match self.dispatch(next).await {
-                Ok(Dispatched::Queued) => {}
-                Ok(Dispatched::Done) => self.deliverer.scheduler.taken(),
-                Err(err) => {
-                    self.deliverer.scheduler.taken();
-                    tracing::error!(error = %err, "dispatch failed; the attempt is retried from the store at the next start");
-                }
+            if let Err(err) = self.dispatch(next) {
+                tracing::error!(error = %err, "dispatch failed; the attempt is retried from the store at the next start");
             }
         }
-        // Wait for attempts in flight, so their outcomes are recorded before the store closes.
-        let max = self.deliverer.config.delivery.max_in_flight as u32;
-        let _ = self.deliverer.global.acquire_many(max).await;
+        // Start nothing more; wait for attempts in flight, so their outcomes are recorded
+        // before the store closes.
+        self.deliverer.slots.close();
+        self.deliverer.slots.drained().await;
+        sampler.abort();
     }
 
-    async fn dispatch(&mut self, due: Due) -> Result<Dispatched, StoreError> {
+    /// Admits a due entry and queues it on its webhook's slots, or defers, parks or drops it.
+    /// An entry that does not reach the slots stops waiting here (`taken`); one that does is
+    /// taken when its attempt starts.
+    fn dispatch(&mut self, due: Due) -> Result<(), StoreError> {
         let d = &self.deliverer;
         // Checked here so that entries which cannot run take no rate slot, and again when the
         // attempt starts (the job may wait behind its webhook's busy slots).
-        let record = match delivery::admit(&d.store, &d.registry, due.id, due.token)? {
-            Admission::Stale => return Ok(Dispatched::Done),
-            Admission::Stopped(stopped) => {
+        let admitted = delivery::admit(&d.store, &d.registry, due.id, due.token);
+        let flight = match admitted {
+            Err(err) => {
+                d.scheduler.taken();
+                return Err(err);
+            }
+            Ok(Admission::Stale) => {
+                d.scheduler.taken();
+                return Ok(());
+            }
+            Ok(Admission::Stopped(stopped)) => {
+                d.scheduler.taken();
                 let d = d.clone();
                 tokio::spawn(async move {
                     if let Err(err) = d.deliveries.stop(stopped).await {
                         tracing::error!(error = %err, "ending a stopped webhook's delivery failed");
                     }
                 });
-                return Ok(Dispatched::Done);
+                return Ok(());
             }
-            Admission::Start(flight) => flight.record,
+            Ok(Admission::Start(flight)) => flight,
         };
         // A fifo webhook's delivery waits (parked, still counted as scheduled) until it is
         // the first open one and nothing else of the webhook runs; before the plan's rate, so
         // a waiting delivery takes no rate slot, and before priority, since order wins.
         if d.registry.fifo().try_start(due) == Gate::Parked {
-            return Ok(Dispatched::Queued);
+            return Ok(());
         }
         if !d.claim(due) {
-            return Ok(Dispatched::Done);
+            d.scheduler.taken();
+            return Ok(());
         }
+        let record = &flight.record;
         let per_second = d
             .registry
             .plan_of(&record.account_id)
@@ -447,46 +480,71 @@ impl Dispatcher {
             metrics::counter!("kyberhook_rate_limit_deferrals_total").increment(1);
             d.release(due.id);
             d.registry.fifo().finished(due.id);
+            d.scheduler.taken();
             d.scheduler.schedule(due.id, due.token, when);
-            return Ok(Dispatched::Done);
+            return Ok(());
         }
         // A priority delivery takes the webhook's next free slot: the front of its queue.
-        Ok(d.start_or_queue(due.id.webhook, Job::Due(due), priority)
-            .await)
+        let cap = flight.hook.hook.max_concurrency;
+        d.submit(
+            due.id.webhook,
+            &record.account_id,
+            cap,
+            Job::Due(due),
+            priority,
+            due.when,
+        );
+        Ok(())
     }
 }
 
-/// Runs a job, then whatever queued for the same webhook meanwhile, keeping both slots.
-async fn run_jobs(
-    deliverer: Arc<Deliverer>,
-    mut job: Job,
-    slots: Arc<HookSlots>,
-    hook_permit: OwnedSemaphorePermit,
-    _global: OwnedSemaphorePermit,
-) {
+/// How often push-back learns who waits behind the slots: often enough that a hold ends
+/// within a few ms of the wait clearing (`delivery.max_lag` is 50 ms by default).
+const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+
+async fn sample_slots(deliverer: Arc<Deliverer>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match job {
+        tokio::select! {
+            _ = shutdown.changed() => if *shutdown.borrow() { return },
+            _ = tick.tick() => deliverer.sample_slots(),
+        }
+    }
+}
+
+/// Runs a job, then each job its webhook's freed slot starts, on this task; jobs that other
+/// webhooks' may start get tasks of their own.
+async fn run_jobs(deliverer: Arc<Deliverer>, first: Start<Job>) {
+    let webhook = first.webhook;
+    let mut job = first.job;
+    loop {
+        let ended = match job {
             Job::Due(due) => {
-                deliverer.run_due(due).await;
+                let ended = deliverer.run_due(due).await;
                 deliverer.release(due.id);
                 deliverer.registry.fifo().finished(due.id);
+                ended
             }
             Job::Test(test) => deliverer.run_test(test).await,
+        };
+        let mut next = deliverer
+            .slots
+            .finished(webhook, ended, clock::now_ms(), clock::now_us());
+        // Go on with a job of the same webhook, if one may start (its connection is warm).
+        let own = next.iter().position(|s| s.webhook == webhook);
+        let mine = own.map(|i| next.swap_remove(i));
+        for other in next {
+            deliverer.start(other);
         }
-        let mut waiting = slots.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        match waiting.pop_front() {
-            Some(next) => {
-                if matches!(next, Job::Due(_)) {
+        match mine {
+            Some(start) => {
+                if matches!(start.job, Job::Due(_)) {
                     deliverer.scheduler.taken();
                 }
-                job = next;
+                job = start.job;
             }
-            None => {
-                // Released under the queue lock, so no job is queued behind a slot that is
-                // being given back.
-                drop(hook_permit);
-                return;
-            }
+            None => return,
         }
     }
 }

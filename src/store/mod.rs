@@ -1332,6 +1332,7 @@ mod tests {
             previous_secret: None,
             rotation_ends_ms: None,
             ordering: Default::default(),
+            max_concurrency: None,
         }
     }
 

@@ -606,6 +606,7 @@ async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<
         ip_allowlist: split_list(&allowlist_text),
         signature_scheme: None,
         ordering: ctx.req.field("ordering").map(str::to_string),
+        max_concurrency: None,
         secret: Some(secret.clone()),
     };
     match wh::create_webhook(ctx.state, account, body).await {

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 /// Any valid https URL: these tests never send events, so nothing is ever called.
 const URL: &str = "https://hooks.example.com/kyber";
 
-const WEBHOOK_FIELDS: [&str; 15] = [
+const WEBHOOK_FIELDS: [&str; 18] = [
     "id",
     "account_id",
     "name",
@@ -26,6 +26,9 @@ const WEBHOOK_FIELDS: [&str; 15] = [
     "consecutive_failures",
     "signature_scheme",
     "ordering",
+    "max_concurrency",
+    "concurrency_limit",
+    "backlog",
     "secret_rotation_ends_at",
     "created_at",
     "updated_at",

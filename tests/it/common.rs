@@ -1,7 +1,6 @@
 //! Test support: a throw-away PKI (rcgen), real HTTPS receivers, an engine on 127.0.0.1:0 with
 //! its own data directory, and a small JSON client for the API.
 
-
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -114,6 +113,23 @@ pub enum Reply {
     RetryAfter(u16, String),
 }
 
+/// Counts a request in flight at a receiver until dropped (also when the client goes away
+/// mid-reply).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(n: &Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// One request a receiver got.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -144,6 +160,8 @@ pub struct Receiver {
     script: Arc<Mutex<VecDeque<Reply>>>,
     default: Arc<Mutex<Reply>>,
     pub log: Arc<Mutex<Vec<Received>>>,
+    /// Requests being answered right now (a slow reply counts until it is sent).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -165,22 +183,30 @@ impl Receiver {
         let script: Arc<Mutex<VecDeque<Reply>>> = Arc::default();
         let default = Arc::new(Mutex::new(Reply::Status(200)));
         let log: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let in_flight: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let (s, d, l) = (script.clone(), default.clone(), log.clone());
+        let (s, d, l, f) = (
+            script.clone(),
+            default.clone(),
+            log.clone(),
+            in_flight.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let acceptor = acceptor.clone();
-                let (tx, s, d, l) = (tx.clone(), s.clone(), d.clone(), l.clone());
+                let (tx, s, d, l, f) = (tx.clone(), s.clone(), d.clone(), l.clone(), f.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else {
                         return;
                     };
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (tx, s, d, l) = (tx.clone(), s.clone(), d.clone(), l.clone());
+                        let (tx, s, d, l, f) =
+                            (tx.clone(), s.clone(), d.clone(), l.clone(), f.clone());
                         async move {
+                            let _counted = InFlight::enter(&f);
                             let path = req.uri().path().to_string();
                             let headers = req.headers().clone();
                             let body = req
@@ -254,6 +280,7 @@ impl Receiver {
             script,
             default,
             log,
+            in_flight,
             task,
         }
     }
@@ -668,4 +695,27 @@ pub fn spawn(config: &Path) -> Proc {
         api: Api::new(addr),
         metrics,
     }
+}
+
+/// Runs the calling test again in a process of its own and returns `false` (the caller then
+/// returns); in that process it returns `true` and the test body runs. For tests that read
+/// exact counts off the metrics page: the recorder is global to a process, and the other
+/// tests of this binary count into it at the same time.
+pub fn own_process(test: &str) -> bool {
+    const CHILD: &str = "KYBERHOOK_TEST_OWN_PROCESS";
+    if std::env::var(CHILD).as_deref() == Ok(test) {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, test)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{test} failed in its own process:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
 }

@@ -20,6 +20,10 @@ fn first_writes(page: &str, state: &str) -> f64 {
 
 #[tokio::test]
 async fn a_delivery_is_first_written_settled_or_as_pending_once_the_window_ends() {
+    if !own_process("held::a_delivery_is_first_written_settled_or_as_pending_once_the_window_ends")
+    {
+        return;
+    }
     let pki = pki();
     let fast = Receiver::start(pki.server.clone()).await;
     let slow = Receiver::start(pki.server.clone()).await;

@@ -3,11 +3,12 @@
 //! HTTPS receivers; `common` holds the shared helpers.
 #![allow(dead_code)]
 
-mod common;
 mod api;
+mod common;
 mod crash;
 mod delivery;
 mod edge;
+mod flow;
 mod held;
 mod lifecycle;
 mod limits;

@@ -97,8 +97,16 @@ fn delivered_events(rx: &Receiver, from: usize, secret: &str) -> HashSet<String>
 }
 
 async fn admin_get(api: &Api, path: &str) -> Value {
-    let (s, v) = api.admin(Method::GET, path, None).await;
+    let (s, mut v) = api.admin(Method::GET, path, None).await;
     assert_eq!(s, StatusCode::OK, "GET {path}: {v}");
+    // A webhook's live delivery slots (its adaptive limit, what waits) are not stored state.
+    let listed = v.get_mut("data").and_then(Value::as_array_mut);
+    for hook in listed.into_iter().flatten() {
+        if let Some(h) = hook.as_object_mut() {
+            h.remove("concurrency_limit");
+            h.remove("backlog");
+        }
+    }
     v
 }
 

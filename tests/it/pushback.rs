@@ -19,6 +19,11 @@ const LAGGING: &str =
 
 #[tokio::test]
 async fn ingest_waits_while_deliveries_lag_then_is_refused_and_safety_events_never_wait() {
+    if !own_process(
+        "pushback::ingest_waits_while_deliveries_lag_then_is_refused_and_safety_events_never_wait",
+    ) {
+        return;
+    }
     let pki = pki();
     let rx = Receiver::start(pki.server.clone()).await;
     rx.set_default(Reply::Slow(Duration::from_millis(400), 200));

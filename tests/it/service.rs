@@ -2,7 +2,6 @@
 //! is done, `STOPPING=1` when SIGTERM starts the graceful shutdown, exit 0; and the admin token
 //! read from `auth.admin_token_file` (a missing file is exit 2 naming the key).
 
-
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

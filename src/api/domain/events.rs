@@ -45,10 +45,16 @@ pub async fn hold_while_lagging(state: &AppState, events: &[PendingEvent]) -> Re
     {
         return Ok(());
     }
+    let mut accounts: Vec<&AccountId> = Vec::with_capacity(1);
+    for e in events {
+        if !accounts.contains(&e.account_id()) {
+            accounts.push(e.account_id());
+        }
+    }
     state
         .scheduler
         .lag()
-        .hold(d.max_lag, d.max_lag_hold)
+        .hold(&accounts, d.max_lag, d.max_lag_hold)
         .await
         .map_err(|lagging| ApiError::lagging(lagging.to_string()))
 }

@@ -41,6 +41,9 @@ pub struct CreateWebhook {
     /// `"none"` (default) or `"fifo"`: one attempt at a time, in event order.
     #[serde(default)]
     pub ordering: Option<String>,
+    /// The customer's cap on attempts in flight (null or absent: none).
+    #[serde(default)]
+    pub max_concurrency: Option<u64>,
     /// A secret minted earlier by [`signing::new_secret`]: the dashboard shows it before
     /// "Create Webhook". Never read from a JSON body (the API always mints it here).
     #[serde(skip)]
@@ -67,6 +70,35 @@ pub struct UpdateWebhook {
     /// Applies to attempts not yet started.
     #[serde(default)]
     pub ordering: Option<String>,
+    /// Absent: unchanged; null: no cap; a number: the new cap.
+    #[serde(default, deserialize_with = "present")]
+    pub max_concurrency: Option<Option<u64>>,
+}
+
+/// Tells a field that is present but null (`Some(None)`) from one that is absent (`None`,
+/// through `#[serde(default)]`).
+fn present<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
+}
+
+/// The most a customer may ask for; the engine's own ceiling
+/// (`delivery.max_in_flight_per_webhook`) applies on top.
+pub const MAX_CONCURRENCY: u64 = 10_000;
+
+/// A customer's `max_concurrency`: 1 to [`MAX_CONCURRENCY`].
+pub fn check_max_concurrency(n: u64) -> Result<u32, ApiError> {
+    if (1..=MAX_CONCURRENCY).contains(&n) {
+        Ok(n as u32)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_max_concurrency",
+            format!("max_concurrency must be from 1 to {MAX_CONCURRENCY}, or null for no cap"),
+        ))
+    }
 }
 
 /// The optional body of a secret rotation.
@@ -312,6 +344,10 @@ pub async fn create_webhook(
         .map(check_ordering)
         .transpose()?
         .unwrap_or_default();
+    let max_concurrency = body
+        .max_concurrency
+        .map(check_max_concurrency)
+        .transpose()?;
     let secret = match body.secret {
         Some(s) if signing::is_minted_secret(&s) => s,
         Some(_) => {
@@ -358,6 +394,7 @@ pub async fn create_webhook(
             previous_secret: None,
             rotation_ends_ms: None,
             ordering,
+            max_concurrency,
         };
         state.store.put_webhook(&hook)?;
         state.registry.upsert_hook(hook.clone());
@@ -475,6 +512,11 @@ pub async fn update_webhook(
         .map(check_signature_scheme)
         .transpose()?;
     let ordering = body.ordering.as_deref().map(check_ordering).transpose()?;
+    let max_concurrency = match body.max_concurrency {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(n)) => Some(Some(check_max_concurrency(n)?)),
+    };
     let status = match body.status.as_deref() {
         None => None,
         Some("active") => Some(WebhookStatus::Active),
@@ -507,6 +549,9 @@ pub async fn update_webhook(
         }
         if let Some(v) = ordering {
             h.ordering = v;
+        }
+        if let Some(v) = max_concurrency {
+            h.max_concurrency = v;
         }
         match status {
             Some(WebhookStatus::Active) => {

@@ -612,7 +612,12 @@ impl Config {
 
     fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let located = |span: Option<Range<usize>>, message: &str| {
-            let start = span.map_or(0, |s| s.start.min(text.len()));
+            // Spans come from the file's text (defaults never fail); clamped all the same, so a
+            // stray one cannot slice inside a character.
+            let mut start = span.map_or(0, |s| s.start.min(text.len()));
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
             let line = text[..start].matches('\n').count() + 1;
             let message = message.replace('\n', " ").trim().to_string();
             let message = match key_at(text, start) {

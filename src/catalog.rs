@@ -129,6 +129,18 @@ const BUILT_IN: [Entry; 21] = [
     },
 ];
 
+/// The guide's event type names, in the guide's order: the default `events.catalog`
+/// (`config::DEFAULT_EVENT_CATALOG`), taken from the table above so the names live in one place.
+pub const GUIDE_EVENT_TYPES: [&str; 21] = {
+    let mut names = [""; 21];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = BUILT_IN[i].name;
+        i += 1;
+    }
+    names
+};
+
 /// The example of a configured event type the built-in table does not know.
 const GENERIC_EXAMPLE: &str = r#"{"id":"obj_abc123","location":{"id":"loc_001","name":"Main Office"},"occurred_at":"2025-01-15T09:30:00Z"}"#;
 

@@ -1,21 +1,28 @@
 //! Configuration: the `config.toml` of the contract, parsed once at start-up, validated, and
 //! shared read-only (`Arc<Config>`) by every stage of the pipeline.
 //!
-//! Enters as TOML text (a file, or the default compiled in from the repository's `config.toml`)
-//! plus the `KYBERHOOK_ADMIN_TOKEN` environment override; leaves as a typed [`Config`] with
-//! durations, addresses and CIDRs already parsed. Unknown keys and wrong types are refused with a
-//! one-line [`ConfigError`] that names the file, line and key, which `main` turns into exit code 2.
+//! Enters as TOML text (a file, or nothing) plus the `KYBERHOOK_ADMIN_TOKEN` environment
+//! override. The text is laid over the built-in defaults ([`DEFAULTS_TOML`], compiled in from
+//! `src/config/defaults.toml`, the one place a default is written), key by key, then read into
+//! typed sections; each section validates its own keys, and [`Config`] the rules that span
+//! sections. Leaves as a typed [`Config`] with durations, addresses and CIDRs already parsed.
+//! Unknown keys, wrong types and refused values give a one-line [`ConfigError`] that names the
+//! file, line and key, which `main` turns into exit code 2.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-/// The repository's `config.toml`, the documented default.
-pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
+/// The built-in defaults: every key of every section with its default (keys unset by default
+/// are commented out there). `events.catalog` is the exception: its default is
+/// [`DEFAULT_EVENT_CATALOG`], filled in by [`defaults`].
+pub const DEFAULTS_TOML: &str = include_str!("config/defaults.toml");
 
 /// The admin token earlier versions shipped in `config.toml`: known to everyone, so refused
 /// wherever it is given (and it is shorter than [`MIN_ADMIN_TOKEN_CHARS`] anyway).
@@ -25,30 +32,12 @@ pub const FORMER_DEFAULT_ADMIN_TOKEN: &str = "change-me";
 /// refusal rate (see `api::guard`) stays out of reach.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
-/// The 21 event types of the KyberAccess webhook guide: the default `events.catalog`.
-pub const DEFAULT_EVENT_CATALOG: [&str; 21] = [
-    "visitor.checked_in",
-    "visitor.checked_out",
-    "visitor.denied",
-    "visitor.pre_registered",
-    "visitor.pre_registration_cancelled",
-    "visitor.updated",
-    "visitor.deleted",
-    "screening.watchlist_hit",
-    "screening.bolo_alert",
-    "screening.cleared",
-    "emergency.lockdown_activated",
-    "emergency.lockdown_deactivated",
-    "emergency.evacuation_activated",
-    "document.nda_signed",
-    "document.nda_declined",
-    "delivery.received",
-    "delivery.picked_up",
-    "delivery.notified",
-    "user.login",
-    "user.login_failed",
-    "settings.updated",
-];
+/// The 21 event types of the KyberAccess webhook guide: the default `events.catalog`. The names
+/// live in the event table of [`crate::catalog`].
+pub const DEFAULT_EVENT_CATALOG: [&str; 21] = crate::catalog::GUIDE_EVENT_TYPES;
+
+/// Where error messages say the built-in defaults came from.
+const BUILT_IN: &str = "built-in defaults";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -69,6 +58,21 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+}
+
+/// A value a section refuses: the key inside the section, and why (one line). [`Config`] adds
+/// the section and the file.
+#[derive(Debug)]
+struct Invalid {
+    key: String,
+    message: String,
+}
+
+fn refuse(key: &str, message: impl Into<String>) -> Result<(), Invalid> {
+    Err(Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -107,63 +111,103 @@ impl Default for UiLimits {
     }
 }
 
+// The section structs carry no defaults of their own: every key reaches them from the file or
+// from DEFAULTS_TOML (an `Option` key left out of both is `None`, unset). A key missing from
+// both is a "missing field" error on every start, which the unit tests catch first.
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    #[serde(default = "d_listen")]
     pub listen: SocketAddr,
-    #[serde(default = "d_max_body")]
     pub max_body_bytes: usize,
-    #[serde(default)]
     pub tls_cert: Option<PathBuf>,
-    #[serde(default)]
     pub tls_key: Option<PathBuf>,
     /// Events that may wait in the write-ahead queue; beyond it ingest answers 503.
-    #[serde(default = "d_ingest_queue")]
     pub ingest_queue: usize,
     /// How long a client may take to send its request head (slowloris bound).
-    #[serde(default = "d_header_timeout", deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration")]
     pub header_read_timeout: Duration,
     /// How long a client may take to send a whole request body (after its head); past it the
     /// request is answered 408 and the connection closed.
-    #[serde(default = "d_body_timeout", deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration")]
     pub body_read_timeout: Duration,
     /// How long a client may leave an answer unread (no byte of it accepted) before the
     /// connection is cut off: a stalled reader must not pin a backup or a response buffer.
-    #[serde(default = "d_send_timeout", deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration")]
     pub send_timeout: Duration,
     /// Host names the API answers to besides the listen address, `localhost` and loopback
     /// literals; any other `Host` gets 421 (DNS rebinding).
-    #[serde(default, deserialize_with = "de_hosts")]
+    #[serde(deserialize_with = "de_hosts")]
     pub public_hosts: Vec<String>,
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.max_body_bytes < 1024 {
+            return refuse("max_body_bytes", "must be at least 1024");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return refuse(
+                "tls_cert",
+                "server.tls_cert and server.tls_key must be set together",
+            );
+        }
+        if self.header_read_timeout.is_zero() {
+            return refuse("header_read_timeout", "must be greater than zero");
+        }
+        if self.body_read_timeout.is_zero() {
+            return refuse("body_read_timeout", "must be greater than zero");
+        }
+        if self.send_timeout.is_zero() {
+            return refuse("send_timeout", "must be greater than zero");
+        }
+        if self.ingest_queue == 0 {
+            return refuse("ingest_queue", "must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    #[serde(default = "d_metrics_listen")]
     pub listen: SocketAddr,
+}
+
+impl MetricsConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    #[serde(default = "d_storage_path")]
     pub path: PathBuf,
-    #[serde(default = "d_retention", deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration")]
     pub retention: Duration,
     /// Make every acknowledged write power-safe (fdatasync after sled's flush). Only turn off
     /// for throw-away benchmarks.
-    #[serde(default = "d_true")]
     pub fsync: bool,
     /// sled's page cache in bytes: an integer, or a string with a unit (`"64MiB"`).
-    #[serde(default = "d_cache_size", deserialize_with = "de_bytes")]
+    #[serde(deserialize_with = "de_bytes")]
     pub cache_size: u64,
     /// A file holding the key that seals webhook secrets (64 hex digits or base64 of 32
     /// bytes). `KYBERHOOK_SECRETS_KEY` wins when set; with neither, the key is `secrets.key`
     /// in the data dir, generated on first start.
-    #[serde(default)]
     pub secrets_key_file: Option<PathBuf>,
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.retention.is_zero() {
+            return refuse("retention", "must be greater than zero");
+        }
+        if self.cache_size < 1 << 20 {
+            return refuse("cache_size", "must be at least 1MiB");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,74 +221,144 @@ pub struct AuthConfig {
     /// A file holding the admin token (surrounding whitespace ignored), read at start; it
     /// replaces `admin_token`, so the token stays out of a world-readable config (the Debian
     /// package generates `/etc/kyberhook/admin-token`). `KYBERHOOK_ADMIN_TOKEN` wins over both.
-    #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        match &self.admin_token {
+            Some(token) => check_admin_token(token).or_else(|m| refuse("admin_token", &m)),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
-    #[serde(default = "d_timeout", deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration")]
     pub timeout: Duration,
-    #[serde(default = "d_retry_schedule", deserialize_with = "de_durations")]
+    #[serde(deserialize_with = "de_durations")]
     pub retry_schedule: Vec<Duration>,
-    #[serde(default = "d_auto_disable")]
     pub auto_disable_after: u32,
-    #[serde(default = "d_true")]
     pub require_https: bool,
-    #[serde(default)]
     pub extra_ca_files: Vec<PathBuf>,
-    #[serde(default, deserialize_with = "de_cidrs")]
+    #[serde(deserialize_with = "de_cidrs")]
     pub private_network_allowlist: Vec<IpNet>,
-    #[serde(default = "d_max_in_flight")]
     pub max_in_flight: usize,
     /// The ceiling of each webhook's adaptive concurrency limit (see `dispatch::concurrency`):
     /// a safety bound, not the operating point — each limit starts at 64 and grows only while
     /// its endpoint keeps up.
-    #[serde(default = "d_max_in_flight_per_webhook")]
     pub max_in_flight_per_webhook: usize,
     /// Bytes of an endpoint's response body kept in the delivery log.
-    #[serde(default = "d_max_response_body")]
     pub max_response_body_bytes: usize,
     /// Deliveries that may wait for a future attempt before ingest answers 503.
-    #[serde(default = "d_max_scheduled")]
     pub max_scheduled: usize,
     /// Deliveries of one account that may wait for an attempt before that account's ingest
     /// answers 429 (see `backlog`).
-    #[serde(default = "d_max_scheduled_per_account")]
     pub max_scheduled_per_account: u64,
     /// Test sends one account may run at once (more get 429), so that its tests cannot take
     /// the engine's in-flight slots from other accounts' deliveries.
-    #[serde(default = "d_max_test_sends_per_account")]
     pub max_test_sends_per_account: usize,
     /// Event types whose deliveries go ahead of the account's other queued deliveries: exact
     /// names, `family.*` or `*` (see [`Config::is_priority`]).
-    #[serde(default = "d_priority_events")]
     pub priority_events: Vec<String>,
     /// Push-back ([`crate::pushback`]): while deliveries lag further than this behind ingest,
     /// new events (other than `priority_events`) are held before they are committed. 0: off.
-    #[serde(default = "d_max_lag", deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration")]
     pub max_lag: Duration,
     /// The longest an event is held for `max_lag`; then it is refused with 503.
-    #[serde(default = "d_max_lag_hold", deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration")]
     pub max_lag_hold: Duration,
 }
 
+impl DeliveryConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.max_lag_hold.is_zero() || self.max_lag_hold > Duration::from_secs(60) {
+            return refuse(
+                "max_lag_hold",
+                "must be between 1ms and 60s (a held request still waits for its answer)",
+            );
+        }
+        if self.timeout.is_zero() {
+            return refuse("timeout", "must be greater than zero");
+        }
+        if self.max_in_flight == 0 {
+            return refuse("max_in_flight", "must be at least 1");
+        }
+        if self.max_in_flight_per_webhook == 0 {
+            return refuse("max_in_flight_per_webhook", "must be at least 1");
+        }
+        if self.max_scheduled_per_account == 0 {
+            return refuse("max_scheduled_per_account", "must be at least 1");
+        }
+        if self.max_test_sends_per_account == 0 {
+            return refuse("max_test_sends_per_account", "must be at least 1");
+        }
+        for p in &self.priority_events {
+            // Not checked against the catalog: the default names families an operator's
+            // catalog may leave out, and a pattern matching nothing is harmless.
+            let name = p.strip_suffix(".*").unwrap_or(p);
+            if p != "*"
+                && (name.is_empty() || name.contains('*') || name.contains(char::is_whitespace))
+            {
+                return refuse(
+                    "priority_events",
+                    format!("{p:?} is not an event type, a family wildcard like \"emergency.*\", or \"*\""),
+                );
+            }
+        }
+        if self.auto_disable_after == 0 {
+            return refuse("auto_disable_after", "must be at least 1");
+        }
+        if self.retry_schedule.len() > 100 {
+            return refuse("retry_schedule", "at most 100 retries");
+        }
+        Ok(())
+    }
+}
+
+/// One plan (`[plans.NAME]`); an operator's plan replaces the built-in one of that name whole.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     /// `None`: unlimited.
-    #[serde(default)]
     pub max_webhooks: Option<u32>,
     /// Deliveries per second to the account's endpoints, all webhooks together. 0: unlimited.
     pub events_per_second: u32,
 }
 
+/// The plans: their names (the map's keys) are ids that accounts store.
+fn validate_plans(plans: &BTreeMap<String, Plan>) -> Result<(), Invalid> {
+    for name in plans.keys() {
+        if !crate::ids::is_safe_token(name, 32) {
+            return refuse(name, "plan names are [A-Za-z0-9_-]");
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsConfig {
-    #[serde(default = "d_catalog")]
     pub catalog: Vec<String>,
+}
+
+impl EventsConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.catalog.is_empty() {
+            return refuse("catalog", "must name at least one event type");
+        }
+        for name in &self.catalog {
+            if !crate::model::is_valid_event_name(name) {
+                return refuse(
+                    "catalog",
+                    format!("{name:?} is not an event name like \"family.action\""),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -257,171 +371,68 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    #[serde(default = "d_log_format")]
     pub format: LogFormat,
     /// A `RUST_LOG`-style filter; the `RUST_LOG` environment variable wins when set.
     /// Whitespace around each comma-separated directive is dropped (see [`trim_directives`]).
-    #[serde(default = "d_log_level", deserialize_with = "de_log_filter")]
+    #[serde(deserialize_with = "de_log_filter")]
     pub level: String,
 }
 
+impl LogConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if log_filter(&self.level).is_err() {
+            return refuse("level", "is not a valid filter (e.g. \"info\")");
+        }
+        Ok(())
+    }
+}
+
+/// The file's shape: one field per section.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default = "d_server")]
     server: ServerConfig,
-    #[serde(default = "d_metrics")]
     metrics: MetricsConfig,
-    #[serde(default = "d_storage")]
     storage: StorageConfig,
-    #[serde(default = "d_auth")]
     auth: AuthConfig,
-    #[serde(default = "d_delivery")]
     delivery: DeliveryConfig,
-    #[serde(default)]
     plans: BTreeMap<String, Plan>,
-    #[serde(default = "d_events")]
     events: EventsConfig,
-    #[serde(default = "d_log")]
     log: LogConfig,
 }
 
-fn empty<T: for<'de> Deserialize<'de>>() -> T {
-    toml::from_str("").expect("every key of an empty section has a default")
-}
-fn d_server() -> ServerConfig {
-    empty()
-}
-fn d_metrics() -> MetricsConfig {
-    empty()
-}
-fn d_storage() -> StorageConfig {
-    empty()
-}
-fn d_auth() -> AuthConfig {
-    empty()
-}
-fn d_delivery() -> DeliveryConfig {
-    empty()
-}
-fn d_events() -> EventsConfig {
-    empty()
-}
-fn d_log() -> LogConfig {
-    empty()
-}
-fn d_listen() -> SocketAddr {
-    "127.0.0.1:8080".parse().expect("static")
-}
-fn d_metrics_listen() -> SocketAddr {
-    "127.0.0.1:9464".parse().expect("static")
-}
-fn d_max_body() -> usize {
-    1 << 20
-}
-fn d_ingest_queue() -> usize {
-    65_536
-}
-fn d_header_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn d_body_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn d_send_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn d_storage_path() -> PathBuf {
-    PathBuf::from("data")
-}
-fn d_retention() -> Duration {
-    Duration::from_secs(30 * 86_400)
-}
-fn d_cache_size() -> u64 {
-    crate::store::DEFAULT_CACHE_BYTES
-}
-fn d_true() -> bool {
-    true
-}
-fn d_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn d_retry_schedule() -> Vec<Duration> {
-    [60, 300, 1800, 7200, 43_200]
-        .into_iter()
-        .map(Duration::from_secs)
-        .collect()
-}
-fn d_auto_disable() -> u32 {
-    100
-}
-fn d_max_in_flight() -> usize {
-    1024
-}
-fn d_max_in_flight_per_webhook() -> usize {
-    512
-}
-fn d_max_response_body() -> usize {
-    64 * 1024
-}
-fn d_max_lag() -> Duration {
-    Duration::from_millis(50)
-}
-fn d_max_lag_hold() -> Duration {
-    Duration::from_secs(5)
-}
-fn d_max_scheduled() -> usize {
-    5_000_000
-}
-fn d_max_scheduled_per_account() -> u64 {
-    // A fifth of the engine-wide default: five accounts must be stuck at once before ingest
-    // answers 503 for everybody.
-    1_000_000
-}
-fn d_max_test_sends_per_account() -> usize {
-    2
-}
-fn d_priority_events() -> Vec<String> {
-    vec!["emergency.*".into(), "screening.*".into()]
-}
-fn d_catalog() -> Vec<String> {
-    DEFAULT_EVENT_CATALOG
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-fn d_log_format() -> LogFormat {
-    LogFormat::Text
-}
-fn d_log_level() -> String {
-    "info".into()
+/// [`DEFAULTS_TOML`] parsed, with `events.catalog` filled in from [`DEFAULT_EVENT_CATALOG`].
+fn defaults() -> &'static toml_edit::Table {
+    static DEFAULTS: OnceLock<toml_edit::Table> = OnceLock::new();
+    DEFAULTS.get_or_init(|| {
+        let mut table = toml_edit::ImDocument::parse(DEFAULTS_TOML)
+            .expect("src/config/defaults.toml is valid TOML (tested)")
+            .into_table();
+        let catalog: toml_edit::Array = DEFAULT_EVENT_CATALOG.iter().copied().collect();
+        table["events"]["catalog"] = toml_edit::value(catalog);
+        table
+    })
 }
 
-/// The plans of the guide; `[plans.NAME]` in the file replaces or adds one.
-pub fn default_plans() -> BTreeMap<String, Plan> {
-    let mut plans = BTreeMap::new();
-    plans.insert(
-        "starter".into(),
-        Plan {
-            max_webhooks: Some(3),
-            events_per_second: 10,
-        },
-    );
-    plans.insert(
-        "professional".into(),
-        Plan {
-            max_webhooks: Some(10),
-            events_per_second: 50,
-        },
-    );
-    plans.insert(
-        "enterprise".into(),
-        Plan {
-            max_webhooks: None,
-            events_per_second: 200,
-        },
-    );
-    plans
+/// Lays `file` over the defaults: each section the file leaves out comes whole from the
+/// defaults, and each key it leaves out of a section it has. A key it sets replaces the default
+/// whole (an array, a plan), so `[plans.starter]` must give the plan's every required key.
+/// Whatever the file holds keeps its position in the file's text for error messages.
+fn lay_over_defaults(file: &mut toml_edit::Table) {
+    for (section, default) in defaults().iter() {
+        let Some(mine) = file.get_mut(section) else {
+            file.insert(section, default.clone());
+            continue;
+        };
+        // A section that is not a table (`server = 5`) is left for deserialization to refuse.
+        if let (Some(mine), Some(default)) = (mine.as_table_like_mut(), default.as_table_like()) {
+            for (key, value) in default.iter() {
+                if !mine.contains_key(key) {
+                    mine.insert(key, value.clone());
+                }
+            }
+        }
+    }
 }
 
 /// Parses a duration with a unit: `500ms`, `30s`, `5m`, `2h`, `30d`.
@@ -494,29 +505,6 @@ fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
-/// The environment variable that replaces `auth.admin_token`.
-pub const ADMIN_TOKEN_ENV: &str = "KYBERHOOK_ADMIN_TOKEN";
-
-/// Refuses an admin token that is known or short enough to guess: the former default, anything
-/// under [`MIN_ADMIN_TOKEN_CHARS`], and whitespace inside (it could not be sent in a header).
-pub fn check_admin_token(token: &str) -> Result<(), String> {
-    if token == FORMER_DEFAULT_ADMIN_TOKEN {
-        return Err(format!(
-            "{FORMER_DEFAULT_ADMIN_TOKEN:?} is known to everyone and refused; remove the key to have one generated into the data dir, or set a random token of at least {MIN_ADMIN_TOKEN_CHARS} characters (or {ADMIN_TOKEN_ENV})"
-        ));
-    }
-    if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
-        return Err(format!(
-            "must be at least {MIN_ADMIN_TOKEN_CHARS} characters (this one has {}); remove the key to have one generated into the data dir (or set {ADMIN_TOKEN_ENV})",
-            token.chars().count()
-        ));
-    }
-    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("must not contain spaces or control characters".into());
-    }
-    Ok(())
-}
-
 fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
     let texts = Vec::<String>::deserialize(d)?;
     texts
@@ -553,6 +541,29 @@ pub fn log_filter(
     tracing_subscriber::EnvFilter::builder()
         .with_regex(false)
         .parse(trim_directives(directives))
+}
+
+/// The environment variable that replaces `auth.admin_token`.
+pub const ADMIN_TOKEN_ENV: &str = "KYBERHOOK_ADMIN_TOKEN";
+
+/// Refuses an admin token that is known or short enough to guess: the former default, anything
+/// under [`MIN_ADMIN_TOKEN_CHARS`], and whitespace inside (it could not be sent in a header).
+pub fn check_admin_token(token: &str) -> Result<(), String> {
+    if token == FORMER_DEFAULT_ADMIN_TOKEN {
+        return Err(format!(
+            "{FORMER_DEFAULT_ADMIN_TOKEN:?} is known to everyone and refused; remove the key to have one generated into the data dir, or set a random token of at least {MIN_ADMIN_TOKEN_CHARS} characters (or {ADMIN_TOKEN_ENV})"
+        ));
+    }
+    if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+        return Err(format!(
+            "must be at least {MIN_ADMIN_TOKEN_CHARS} characters (this one has {}); remove the key to have one generated into the data dir (or set {ADMIN_TOKEN_ENV})",
+            token.chars().count()
+        ));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    Ok(())
 }
 
 fn de_hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -623,10 +634,9 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 }
 
 impl Config {
-    /// The repository's default configuration.
+    /// The built-in defaults, as a file that sets nothing gets them.
     pub fn default_config() -> Config {
-        Config::from_toml(DEFAULT_CONFIG_TOML, "config.toml (built-in)")
-            .expect("the shipped config.toml is valid")
+        Config::from_toml("", BUILT_IN).expect("the built-in defaults are valid (tested)")
     }
 
     /// Reads a config file, applies the environment override, then validates the result.
@@ -639,10 +649,10 @@ impl Config {
         Config::from_toml_and_env(&text, &shown)
     }
 
-    /// The built-in default with the environment override, validated: what `serve` runs on
+    /// The built-in defaults with the environment override, validated: what `serve` runs on
     /// without a config file.
     pub fn load_default() -> Result<Config, ConfigError> {
-        Config::from_toml_and_env(DEFAULT_CONFIG_TOML, "config.toml (built-in)")
+        Config::from_toml_and_env("", BUILT_IN)
     }
 
     /// The override is applied before validation, so a short token in the file is fine when
@@ -664,10 +674,15 @@ impl Config {
     }
 
     fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let start = e.span().map_or(0, |s| s.start.min(text.len()));
+        let located = |span: Option<Range<usize>>, message: &str| {
+            // Spans come from the file's text (defaults never fail); clamped all the same, so a
+            // stray one cannot slice inside a character.
+            let mut start = span.map_or(0, |s| s.start.min(text.len()));
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
             let line = text[..start].matches('\n').count() + 1;
-            let message = e.message().replace('\n', " ").trim().to_string();
+            let message = message.replace('\n', " ").trim().to_string();
             let message = match key_at(text, start) {
                 Some(key) if !message.contains(&key) => format!("{key}: {message}"),
                 _ => message,
@@ -677,16 +692,20 @@ impl Config {
                 line,
                 message,
             }
-        })?;
-        let mut plans = default_plans();
-        plans.extend(raw.plans);
+        };
+        let mut table = toml_edit::ImDocument::parse(text)
+            .map_err(|e| located(e.span(), e.message()))?
+            .into_table();
+        lay_over_defaults(&mut table);
+        let raw: RawConfig = toml_edit::de::from_document(toml_edit::DocumentMut::from(table))
+            .map_err(|e| located(e.span(), e.message()))?;
         let config = Config {
             server: raw.server,
             metrics: raw.metrics,
             storage: raw.storage,
             auth: raw.auth,
             delivery: raw.delivery,
-            plans,
+            plans: raw.plans,
             events: raw.events,
             log: raw.log,
             ui: UiLimits::default(),
@@ -718,118 +737,26 @@ impl Config {
         Ok(self)
     }
 
+    /// Each section's own checks, then the rules that span sections.
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: &str| ConfigError::Invalid {
-            path: origin.to_string(),
-            key: key.to_string(),
-            message: message.to_string(),
-        };
-        if let Some(token) = &self.auth.admin_token {
-            check_admin_token(token).map_err(|message| bad("auth.admin_token", &message))?;
-        }
-        if self.server.send_timeout.is_zero() {
-            return Err(bad("server.send_timeout", "must be greater than zero"));
-        }
-        if self.server.max_body_bytes < 1024 {
-            return Err(bad("server.max_body_bytes", "must be at least 1024"));
-        }
-        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
-            return Err(bad(
-                "server.tls_cert",
-                "server.tls_cert and server.tls_key must be set together",
-            ));
-        }
-        if self.server.header_read_timeout.is_zero() {
-            return Err(bad(
-                "server.header_read_timeout",
-                "must be greater than zero",
-            ));
-        }
-        if self.delivery.max_lag_hold.is_zero()
-            || self.delivery.max_lag_hold > Duration::from_secs(60)
-        {
-            return Err(bad(
-                "delivery.max_lag_hold",
-                "must be between 1ms and 60s (a held request still waits for its answer)",
-            ));
-        }
-        if self.server.body_read_timeout.is_zero() {
-            return Err(bad("server.body_read_timeout", "must be greater than zero"));
-        }
-        if self.server.ingest_queue == 0 {
-            return Err(bad("server.ingest_queue", "must be at least 1"));
-        }
-        if self.delivery.timeout.is_zero() {
-            return Err(bad("delivery.timeout", "must be greater than zero"));
-        }
-        if self.delivery.max_in_flight == 0 {
-            return Err(bad("delivery.max_in_flight", "must be at least 1"));
-        }
-        if self.delivery.max_in_flight_per_webhook == 0 {
-            return Err(bad(
-                "delivery.max_in_flight_per_webhook",
-                "must be at least 1",
-            ));
-        }
-        if self.delivery.max_scheduled_per_account == 0 {
-            return Err(bad(
-                "delivery.max_scheduled_per_account",
-                "must be at least 1",
-            ));
-        }
-        if self.delivery.max_test_sends_per_account == 0 {
-            return Err(bad(
-                "delivery.max_test_sends_per_account",
-                "must be at least 1",
-            ));
-        }
-        for p in &self.delivery.priority_events {
-            // Not checked against the catalog: the default names families an operator's
-            // catalog may leave out, and a pattern matching nothing is harmless.
-            let name = p.strip_suffix(".*").unwrap_or(p);
-            if p != "*"
-                && (name.is_empty() || name.contains('*') || name.contains(char::is_whitespace))
-            {
-                return Err(bad(
-                    "delivery.priority_events",
-                    &format!("{p:?} is not an event type, a family wildcard like \"emergency.*\", or \"*\""),
-                ));
+        let sections = [
+            ("auth", self.auth.validate()),
+            ("server", self.server.validate()),
+            ("metrics", self.metrics.validate()),
+            ("storage", self.storage.validate()),
+            ("delivery", self.delivery.validate()),
+            ("plans", validate_plans(&self.plans)),
+            ("events", self.events.validate()),
+            ("log", self.log.validate()),
+        ];
+        for (section, checked) in sections {
+            if let Err(Invalid { key, message }) = checked {
+                return Err(ConfigError::Invalid {
+                    path: origin.to_string(),
+                    key: format!("{section}.{key}"),
+                    message,
+                });
             }
-        }
-        if self.delivery.auto_disable_after == 0 {
-            return Err(bad("delivery.auto_disable_after", "must be at least 1"));
-        }
-        if self.delivery.retry_schedule.len() > 100 {
-            return Err(bad("delivery.retry_schedule", "at most 100 retries"));
-        }
-        if self.events.catalog.is_empty() {
-            return Err(bad("events.catalog", "must name at least one event type"));
-        }
-        for name in &self.events.catalog {
-            if !crate::model::is_valid_event_name(name) {
-                return Err(bad(
-                    "events.catalog",
-                    &format!("{name:?} is not an event name like \"family.action\""),
-                ));
-            }
-        }
-        for (name, plan) in &self.plans {
-            if !crate::ids::is_safe_token(name, 32) {
-                return Err(bad(
-                    &format!("plans.{name}"),
-                    "plan names are [A-Za-z0-9_-]",
-                ));
-            }
-            let _ = plan;
-        }
-        if self.storage.retention.is_zero() {
-            return Err(bad("storage.retention", "must be greater than zero"));
-        }
-        if self.storage.cache_size < 1 << 20 {
-            return Err(bad("storage.cache_size", "must be at least 1MiB"));
-        }
-        if log_filter(&self.log.level).is_err() {
-            return Err(bad("log.level", "is not a valid filter (e.g. \"info\")"));
         }
         Ok(())
     }
@@ -863,7 +790,7 @@ mod tests {
     #[test]
     fn shipped_default_is_valid_and_matches_the_contract() {
         let c = Config::default_config();
-        assert_eq!(c.server.listen, d_listen());
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.server.max_body_bytes, 1_048_576);
         assert_eq!(c.metrics.listen.port(), 9464);
         assert_eq!(c.storage.path, PathBuf::from("data"));
@@ -1092,8 +1019,10 @@ mod tests {
             .unwrap();
             assert_eq!(c.auth.admin_token.map(|t| t.len()), Some(32));
         }
-        // The shipped config names no token: one is generated into the data dir at start.
+        // The defaults and the shipped config name no token: one is generated into the data
+        // dir at start.
         assert_eq!(Config::default_config().auth.admin_token, None);
+        assert_eq!(parse("").unwrap().auth.admin_token, None);
     }
 
     #[test]
@@ -1140,6 +1069,217 @@ mod tests {
         assert_eq!(c.delivery.private_network_allowlist.len(), 2);
         assert!(c.delivery.private_network_allowlist[1]
             .contains(&"::1".parse::<std::net::IpAddr>().unwrap()));
+    }
+
+    /// The field names a section struct accepts (what its `deny_unknown_fields` allows): serde
+    /// hands them to `deserialize_struct`, where this deserializer takes them and stops.
+    fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+        use serde::de::{Error, Visitor};
+        struct Fields<'a>(&'a mut &'static [&'static str]);
+        impl<'de> Deserializer<'de> for Fields<'_> {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                *self.0 = fields;
+                Err(Error::custom("fields taken"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(Fields(&mut fields));
+        assert!(
+            !fields.is_empty(),
+            "{} is a struct",
+            std::any::type_name::<T>()
+        );
+        fields
+    }
+
+    /// Every section and the keys its struct accepts (`plans.*` stands for each plan).
+    fn schema() -> Vec<(&'static str, &'static [&'static str])> {
+        let sections = vec![
+            ("server", fields_of::<ServerConfig>()),
+            ("metrics", fields_of::<MetricsConfig>()),
+            ("storage", fields_of::<StorageConfig>()),
+            ("auth", fields_of::<AuthConfig>()),
+            ("delivery", fields_of::<DeliveryConfig>()),
+            ("plans.*", fields_of::<Plan>()),
+            ("events", fields_of::<EventsConfig>()),
+            ("log", fields_of::<LogConfig>()),
+        ];
+        let names: Vec<&str> = sections
+            .iter()
+            .map(|(s, _)| s.trim_end_matches(".*"))
+            .collect();
+        assert_eq!(names, fields_of::<RawConfig>(), "every section is listed");
+        sections
+    }
+
+    /// The keys a TOML text mentions, as (section, key, set): `set` for `key = value` lines,
+    /// not for the commented `# key = value` lines that document a key left unset. Sections of
+    /// plans come out as `plans.*`.
+    fn mentioned_keys(text: &str) -> Vec<(String, String, bool)> {
+        let mut section = String::new();
+        let mut keys = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if let Some(header) = line.strip_prefix('[') {
+                let name = header.split(']').next().unwrap_or_default().trim();
+                section = match name.strip_prefix("plans.") {
+                    Some(_) => "plans.*".to_string(),
+                    None => name.to_string(),
+                };
+                continue;
+            }
+            let (commented, body) = match line.strip_prefix('#') {
+                Some(rest) => (true, rest.trim_start()),
+                None => (false, line),
+            };
+            let Some((key, _)) = body.split_once('=') else {
+                continue;
+            };
+            let key = key.trim();
+            if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                keys.push((section.clone(), key.to_string(), !commented));
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn every_key_has_its_default_in_one_place_and_a_line_in_config_toml() {
+        let shipped = include_str!("../config.toml");
+        let schema = schema();
+        for (file, text) in [
+            ("src/config/defaults.toml", DEFAULTS_TOML),
+            ("config.toml", shipped),
+        ] {
+            let mentioned = mentioned_keys(text);
+            // Every key the file mentions, set or commented, is a real key...
+            for (section, key, _) in &mentioned {
+                let known = schema
+                    .iter()
+                    .any(|(s, fields)| s == section && fields.contains(&key.as_str()));
+                assert!(
+                    known,
+                    "{file} mentions {section}.{key}, which is not a config key"
+                );
+            }
+            // ...and every key is mentioned: set to its default, or documented as unset.
+            for (section, fields) in &schema {
+                for field in fields.iter() {
+                    assert!(
+                        mentioned.iter().any(|(s, k, _)| s == section && k == field),
+                        "{file} does not mention {section}.{field}"
+                    );
+                }
+            }
+        }
+        // Only `Option` keys (nothing when unset) and the catalog (filled in from
+        // src/catalog.rs) are left unset in the defaults.
+        let unset: Vec<String> = mentioned_keys(DEFAULTS_TOML)
+            .into_iter()
+            .filter(|(_, _, set)| !set)
+            .map(|(s, k, _)| format!("{s}.{k}"))
+            .collect();
+        assert_eq!(
+            unset,
+            [
+                "server.tls_cert",
+                "server.tls_key",
+                "storage.secrets_key_file",
+                "auth.admin_token",
+                "auth.admin_token_file",
+                "events.catalog"
+            ]
+        );
+        let c = Config::default_config();
+        assert!(c.server.tls_cert.is_none() && c.server.tls_key.is_none());
+        assert!(c.storage.secrets_key_file.is_none() && c.auth.admin_token_file.is_none());
+    }
+
+    #[test]
+    fn the_shipped_config_toml_states_the_built_in_defaults() {
+        let shipped = include_str!("../config.toml");
+        let builtin = format!("{:?}", Config::default_config());
+        let doc = toml_edit::ImDocument::parse(shipped).expect("config.toml parses");
+        let mut stated = 0;
+        // One key at a time, so that a difference names the key.
+        for (section, item) in doc.as_table().iter() {
+            let table = item.as_table().expect("config.toml has [sections]");
+            for (key, value) in table.iter() {
+                let alone = match value {
+                    toml_edit::Item::Table(plan) => format!("[{section}.{key}]\n{plan}"),
+                    _ => format!("[{section}]\n{key} = {}", value.to_string().trim()),
+                };
+                let got = Config::from_toml(&alone, "config.toml")
+                    .unwrap_or_else(|e| panic!("config.toml {section}.{key}: {e}"));
+                // Not assert_eq!: the whole Config twice would bury the key's name.
+                assert!(
+                    format!("{got:?}") == builtin,
+                    "config.toml states {section}.{key} = {}, which is not the built-in default \
+                     (src/config/defaults.toml)",
+                    value.to_string().trim()
+                );
+                stated += 1;
+            }
+        }
+        assert!(
+            stated > 30,
+            "config.toml states the defaults ({stated} keys)"
+        );
+    }
+
+    #[test]
+    fn the_defaults_agree_with_the_constants_that_mirror_them() {
+        let c = Config::default_config();
+        assert_eq!(c.auth.admin_token, None);
+        assert_eq!(c.storage.cache_size, crate::store::DEFAULT_CACHE_BYTES);
+        assert_eq!(c.events.catalog, DEFAULT_EVENT_CATALOG);
+        assert_eq!(DEFAULT_EVENT_CATALOG[0], "visitor.checked_in");
+        assert_eq!(DEFAULT_EVENT_CATALOG[20], "settings.updated");
+    }
+
+    #[test]
+    fn a_section_given_in_part_keeps_the_other_defaults() {
+        let defaults = Config::default_config();
+        for text in [
+            "[server]\nlisten = \"127.0.0.1:1\"\n",
+            "server = { listen = \"127.0.0.1:1\" }\n",
+            "server.listen = \"127.0.0.1:1\"\n",
+        ] {
+            let c = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(c.server.listen.port(), 1, "{text:?}");
+            assert_eq!(c.server.max_body_bytes, defaults.server.max_body_bytes);
+            assert_eq!(
+                c.server.body_read_timeout,
+                defaults.server.body_read_timeout
+            );
+            assert_eq!(
+                format!("{:?}", c.delivery),
+                format!("{:?}", defaults.delivery)
+            );
+        }
+        // An array replaces the default whole; errors in an inline section still name the line.
+        let c = parse("[delivery]\nretry_schedule = [\"1s\"]\n").unwrap();
+        assert_eq!(c.delivery.retry_schedule, [Duration::from_secs(1)]);
+        assert_eq!(c.delivery.timeout, defaults.delivery.timeout);
+        let err = parse("\nserver = { listen = 8080 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:"), "{err}");
+        let err = parse("server = 5\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:1:"), "{err}");
     }
 
     #[test]

@@ -78,6 +78,10 @@
 use std::fmt;
 use std::num::NonZeroU32;
 
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod oracle;
+
 /// Bits of a deadline consumed per level.
 const LEVEL_BITS: u32 = 6;
 /// Slots per level.
@@ -565,7 +569,7 @@ impl<T> fmt::Debug for Wheel<T> {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl<T> Wheel<T> {
     /// Walk every list and check the structural invariants against the slab.
     fn assert_invariants(&self) {
@@ -634,7 +638,6 @@ impl<T> Wheel<T> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::{BTreeSet, HashMap};
 
     const SEC: u64 = 1_000;
     const MIN: u64 = 60 * SEC;
@@ -1123,151 +1126,30 @@ mod tests {
         ]
     }
 
-    /// Absolute time `slots` slot-widths of `level` past the slot boundary at
-    /// or before `now`, nudged by `delta` ms, all in wheel-relative terms.
-    fn aligned(w: &Wheel<u64>, level: usize, slots: u64, delta: i8) -> u64 {
-        let shift = level as u32 * LEVEL_BITS;
-        let rel = ((w.elapsed >> shift) + slots) << shift;
-        (w.start + rel).saturating_add_signed(i64::from(delta))
-    }
-
-    struct Model {
-        now: u64,
-        /// (deadline, id) of everything scheduled.
-        live: BTreeSet<(u64, u64)>,
-        deadline_of: HashMap<u64, u64>,
-        keys: Vec<(TimerKey, u64)>,
-    }
-
-    impl Model {
-        fn check_poll(&mut self, target: u64, max: usize, fired: &[(u64, u64)]) {
-            self.now = self.now.max(target);
-            let due: Vec<u64> = self
-                .live
-                .iter()
-                .take_while(|&&(d, _)| d <= self.now)
-                .take(max)
-                .map(|&(d, _)| d)
-                .collect();
-            let got: Vec<u64> = fired.iter().map(|&(d, _)| d).collect();
-            // Ties may come out in any order, so compare deadlines in order,
-            // then check each fired id was scheduled at exactly that time.
-            assert_eq!(got, due, "fired deadlines vs oracle");
-            for &(d, id) in fired {
-                assert!(self.live.remove(&(d, id)), "fired {id}@{d} not scheduled");
-                self.deadline_of.remove(&id);
-            }
-            if fired.len() < max {
-                if let Some(&(d, id)) = self.live.first() {
-                    assert!(d > self.now, "{id}@{d} due but left behind");
-                }
-            }
-        }
-    }
-
+    /// Runs `ops` against the shared oracle (`wheel::oracle`, also behind the fuzz target).
     fn run_model(start: u64, warp: u64, ops: &[Op]) {
-        let mut w: Wheel<u64> = Wheel::new(start);
-        // Start the ops at an arbitrary wheel time, e.g. just before a
-        // top-level block boundary where the top level wraps.
-        assert!(drain(&mut w, start + warp).is_empty());
-        let mut m = Model {
-            now: start + warp,
-            live: BTreeSet::new(),
-            deadline_of: HashMap::new(),
-            keys: Vec::new(),
-        };
-        let mut next_id = 0u64;
-        let mut out = Vec::new();
+        let mut o = oracle::Oracle::new(start, warp);
         for op in ops {
-            out.clear();
             match *op {
-                Op::Insert(_) | Op::InsertAligned { .. } => {
-                    let when = match *op {
-                        Op::Insert(off) => m.now.saturating_add_signed(off),
-                        Op::InsertAligned {
-                            level,
-                            slots,
-                            delta,
-                        } => aligned(&w, level, slots, delta),
-                        _ => unreachable!(),
-                    };
-                    let id = next_id;
-                    next_id += 1;
-                    let key = w.insert(when, id);
-                    let eff = when.clamp(m.now, m.now + MAX_RANGE_MS);
-                    assert_eq!(w.deadline(key), Some(eff));
-                    m.live.insert((eff, id));
-                    m.deadline_of.insert(id, eff);
-                    m.keys.push((key, id));
-                }
-                Op::Remove(n) => {
-                    if m.keys.is_empty() {
-                        continue;
-                    }
-                    let (key, id) = m.keys[n % m.keys.len()];
-                    match m.deadline_of.remove(&id) {
-                        Some(d) => {
-                            assert_eq!(w.deadline(key), Some(d));
-                            assert_eq!(w.remove(key), Some(id));
-                            assert!(m.live.remove(&(d, id)));
-                        }
-                        None => {
-                            assert_eq!(w.deadline(key), None);
-                            assert_eq!(w.remove(key), None);
-                        }
-                    }
-                }
-                Op::Poll(adv) => {
-                    let target = m.now + adv;
-                    w.poll(target, &mut out);
-                    m.check_poll(target, usize::MAX, &out);
-                }
+                Op::Insert(off) => o.insert(o.now().saturating_add_signed(off)),
+                Op::InsertAligned {
+                    level,
+                    slots,
+                    delta,
+                } => o.insert(o.aligned(level, slots, delta)),
+                Op::Remove(n) => o.remove(n),
+                Op::Poll(adv) => o.poll(o.now() + adv),
                 Op::PollAligned {
                     level,
                     slots,
                     delta,
-                } => {
-                    let target = aligned(&w, level, slots, delta);
-                    w.poll(target, &mut out);
-                    m.check_poll(target, usize::MAX, &out);
-                }
-                Op::PollAtMost(adv, max) => {
-                    let target = m.now + adv;
-                    let n = w.poll_at_most(target, max, &mut out);
-                    assert_eq!(n, out.len());
-                    assert!(n <= max);
-                    m.check_poll(target, max, &out);
-                }
-                Op::PollNextDeadline => {
-                    if let Some(target) = w.next_deadline() {
-                        w.poll(target, &mut out);
-                        m.check_poll(target, usize::MAX, &out);
-                    }
-                }
-                Op::PollBackwards(back) => {
-                    let target = m.now.saturating_sub(back);
-                    w.poll(target, &mut out);
-                    m.check_poll(target, usize::MAX, &out);
-                }
+                } => o.poll(o.aligned(level, slots, delta)),
+                Op::PollAtMost(adv, max) => o.poll_at_most(o.now() + adv, max),
+                Op::PollNextDeadline => o.poll_next_deadline(),
+                Op::PollBackwards(back) => o.poll(o.now().saturating_sub(back)),
             }
-            assert_eq!(w.now(), m.now);
-            assert_eq!(w.len(), m.live.len());
-            assert_eq!(w.is_empty(), m.live.is_empty());
-            match (w.next_deadline(), m.live.first()) {
-                (None, None) => {}
-                (Some(hint), Some(&(min, _))) => {
-                    assert!(hint <= min, "next_deadline {hint} after earliest {min}");
-                    if min > m.now {
-                        assert!(hint > m.now, "hint {hint} not after now {}", m.now);
-                    }
-                }
-                (hint, min) => panic!("next_deadline {hint:?} vs oracle {min:?}"),
-            }
-            w.assert_invariants();
         }
-        for &(key, id) in &m.keys {
-            assert_eq!(w.deadline(key), m.deadline_of.get(&id).copied());
-        }
+        o.finish();
     }
 
     proptest! {

@@ -2,9 +2,10 @@
 //! local receivers, the delivery log, the test tool, manual retry and deletion cascades.
 
 use crate::common;
+use crate::tools;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -16,7 +17,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Runs one of the guide's verifiers (python3 or node) over captured requests.
 fn run_verifier(program: &str, script: &str, items: &Value) -> String {
     let path = format!("{}/tests/verifiers/{script}", env!("CARGO_MANIFEST_DIR"));
-    let mut child = Command::new(program)
+    let mut child = tools::command(program)
         .arg(path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -138,7 +139,7 @@ async fn events_reach_exactly_the_subscribed_endpoints_with_the_contract_request
     );
     for (program, script) in [("python3", "verify.py"), ("node", "verify.js")] {
         let path = format!("{}/tests/verifiers/{script}", env!("CARGO_MANIFEST_DIR"));
-        let mut child = Command::new(program)
+        let mut child = tools::command(program)
             .arg(path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

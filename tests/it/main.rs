@@ -1,6 +1,7 @@
 //! The integration tests: one binary (one link of the crate), a module per area. Each starts
 //! the real engine (in process on 127.0.0.1:0, or the real binary) and delivers to real local
-//! HTTPS receivers; `common` holds the shared helpers.
+//! HTTPS receivers; `common` holds the shared helpers, `tools` finds or installs the outside
+//! programs some tests run (python3, node, promtool, Chromium, pinned PyPI and npm packages).
 #![allow(dead_code)]
 
 mod api;
@@ -30,5 +31,6 @@ mod service;
 mod stats;
 mod storage;
 mod tenancy;
+mod tools;
 mod ui;
 mod ui_browser;

@@ -4,10 +4,12 @@
 //! rules` and their own `promtool test rules` cases. One engine per binary: the metrics
 //! recorder is process-wide.
 //!
-//! promtool comes from Debian's `prometheus` package (`.ci/run` installs it). Without it these
-//! tests fail, unless `KYBERHOOK_SKIP_PROMTOOL=1` says to skip the promtool steps.
+//! promtool comes from Debian's `prometheus` package, installed on first use
+//! (tests/it/tools.rs). When it cannot be had these tests fail, unless
+//! `KYBERHOOK_SKIP_PROMTOOL=1` says to skip the promtool steps.
 
 use crate::common;
+use crate::tools;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,21 +25,11 @@ fn value(page: &str, series: &str) -> f64 {
     metric_sample(page, series).unwrap_or_else(|| panic!("{series} not on the page:\n{page}"))
 }
 
-/// The promtool binary, or None when `KYBERHOOK_SKIP_PROMTOOL=1` (then the caller skips).
+/// The promtool binary, or None when `KYBERHOOK_SKIP_PROMTOOL=1` and it is not installed
+/// (then the caller skips).
+#[track_caller]
 fn promtool() -> Option<PathBuf> {
-    if std::env::var("KYBERHOOK_SKIP_PROMTOOL").is_ok_and(|v| v == "1") {
-        eprintln!("KYBERHOOK_SKIP_PROMTOOL=1: skipping the promtool checks");
-        return None;
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("promtool"))
-            .find(|p| p.is_file())
-    });
-    Some(found.expect(
-        "promtool is not on the PATH: install Debian's `prometheus` package \
-         (.ci/run does), or set KYBERHOOK_SKIP_PROMTOOL=1 to skip these checks",
-    ))
+    tools::promtool()
 }
 
 fn run_promtool(promtool: &Path, args: &[&str], stdin: Option<&str>, dir: &Path) {

@@ -6,9 +6,10 @@
 //! (tests/verifiers/) and the Standard Webhooks reference libraries, run with node and python3.
 
 use crate::common;
+use crate::tools;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -21,7 +22,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// (success, stdout + stderr).
 fn run_script(program: &str, script: &str, items: &Value) -> (bool, String) {
     let path = format!("{}/tests/verifiers/{script}", env!("CARGO_MANIFEST_DIR"));
-    let mut child = Command::new(program)
+    let mut child = tools::command(program)
         .arg(path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -152,30 +153,17 @@ async fn the_guides_node_and_python_verifiers_accept_every_awkward_producer_body
 }
 
 /// Runs an official Standard Webhooks library (`verify_standard.py` / `.js` under
-/// tests/verifiers/) over captured requests, with the project-local install that .ci/run makes.
-/// Returns `None` only when KYBERHOOK_SKIP_STANDARD_WEBHOOKS=1 says the libraries cannot be had;
-/// otherwise a missing library fails the test.
+/// tests/verifiers/) over captured requests, with the pinned install `tools` makes under
+/// target/test-tools/. Returns `None` only when KYBERHOOK_SKIP_STANDARD_WEBHOOKS=1 is set and
+/// the library is not installed; otherwise a missing library fails the test.
 fn run_official(program: &str, items: &Value) -> Option<(bool, String)> {
-    if std::env::var("KYBERHOOK_SKIP_STANDARD_WEBHOOKS").as_deref() == Ok("1") {
-        eprintln!("KYBERHOOK_SKIP_STANDARD_WEBHOOKS=1: not running the {program} library");
-        return None;
-    }
     let root = env!("CARGO_MANIFEST_DIR");
-    let (script, var, dir) = match program {
-        "node" => (
-            "verify_standard.js",
-            "NODE_PATH",
-            format!("{root}/.ci/deps/node/node_modules"),
-        ),
-        _ => (
-            "verify_standard.py",
-            "PYTHONPATH",
-            format!("{root}/.ci/deps/python"),
-        ),
+    let (script, command) = match program {
+        "node" => ("verify_standard.js", tools::node_with("standardwebhooks")),
+        _ => ("verify_standard.py", tools::python_with("standardwebhooks")),
     };
-    let mut child = Command::new(program)
+    let mut child = command?
         .arg(format!("{root}/tests/verifiers/{script}"))
-        .env(var, &dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -191,9 +179,9 @@ fn run_official(program: &str, items: &Value) -> Option<(bool, String)> {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         !stderr.contains("No module named") && !stderr.contains("Cannot find module"),
-        "the official standardwebhooks library is not installed in {dir}: run .ci/run, or \
-         `pip install --target .ci/deps/python standardwebhooks` / `npm install --prefix \
-         .ci/deps/node standardwebhooks` (KYBERHOOK_SKIP_STANDARD_WEBHOOKS=1 skips):\n{stderr}"
+        "the official standardwebhooks library did not load for {program} (installed by \
+         tests/it/tools.rs under target/test-tools/; KYBERHOOK_SKIP_STANDARD_WEBHOOKS=1 \
+         skips):\n{stderr}"
     );
     Some((
         out.status.success(),

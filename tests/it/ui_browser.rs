@@ -2,13 +2,15 @@
 //! `chromedriver` (a small W3C WebDriver client below, over hyper), against the real server and
 //! a real local HTTPS receiver. Elements are found by their accessible names (the browser's
 //! computed label), so the test reads the screens the way the guide's reader does, and
-//! axe-core (npm `axe-core`, see `.ci/run`) is injected into every screen and must report no
-//! violation. Each screen is saved as a PNG under `target/ui-screens/`.
+//! axe-core (npm `axe-core`) is injected into every screen and must report no violation. Each
+//! screen is saved as a PNG under `target/ui-screens/`.
 //!
-//! The test fails when the browser, the driver or axe-core is missing, unless
-//! `KYBERHOOK_SKIP_BROWSER=1` is set.
+//! The browser, the driver and axe-core are installed on first use (tests/it/tools.rs). The test
+//! fails when they cannot be had, unless `KYBERHOOK_SKIP_BROWSER=1` is set (then nothing is
+//! installed, and the test skips when one is missing).
 
 use crate::common;
+use crate::tools;
 
 use std::io::Write;
 use std::net::TcpListener as StdListener;
@@ -28,19 +30,6 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-fn chromium() -> String {
-    std::env::var("KYBERHOOK_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
-}
-
-fn axe_path() -> PathBuf {
-    std::env::var("KYBERHOOK_AXE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("target/axe/node_modules/axe-core/axe.min.js")
-        })
-}
 
 fn screens_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ui-screens")
@@ -332,46 +321,17 @@ async fn call(
 
 /// Starts chromedriver and a headless chromium session; `None` when skipping is allowed.
 async fn start_browser() -> Option<(Driver, Browser)> {
-    let skip = std::env::var("KYBERHOOK_SKIP_BROWSER").is_ok_and(|v| v == "1");
-    let missing: Vec<String> = [
-        (
-            Command::new("chromedriver")
-                .arg("--version")
-                .output()
-                .is_ok(),
-            "chromedriver (apt-get install chromium-driver)".to_string(),
-        ),
-        (
-            std::path::Path::new(&chromium()).exists(),
-            format!("{} (apt-get install chromium)", chromium()),
-        ),
-        (
-            axe_path().exists(),
-            format!(
-                "{} (npm install --prefix target/axe axe-core)",
-                axe_path().display()
-            ),
-        ),
-    ]
-    .into_iter()
-    .filter(|(ok, _)| !ok)
-    .map(|(_, what)| what)
-    .collect();
-    if !missing.is_empty() {
-        if skip {
-            eprintln!("KYBERHOOK_SKIP_BROWSER=1: skipping the browser test; missing {missing:?}");
-            return None;
-        }
-        panic!(
-            "the browser test needs {missing:?} (see .ci/run); set KYBERHOOK_SKIP_BROWSER=1 to skip it"
-        );
-    }
+    let (Some(chromedriver), Some(chromium), Some(axe)) =
+        (tools::chromedriver(), tools::chromium(), tools::axe())
+    else {
+        return None;
+    };
     let port = StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let child = Command::new("chromedriver")
+    let child = Command::new(chromedriver)
         .arg(format!("--port={port}"))
         .process_group(0)
         .stdout(Stdio::null())
@@ -400,7 +360,7 @@ async fn start_browser() -> Option<(Driver, Browser)> {
     let caps = json!({ "capabilities": { "alwaysMatch": {
         "browserName": "chrome",
         "goog:chromeOptions": {
-            "binary": chromium(),
+            "binary": chromium,
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--window-size=1280,900", "--hide-scrollbars", "--force-device-scale-factor=1"]
         }
@@ -420,7 +380,7 @@ async fn start_browser() -> Option<(Driver, Browser)> {
     let browser = Browser {
         http,
         session,
-        axe: std::fs::read_to_string(axe_path()).unwrap(),
+        axe: std::fs::read_to_string(&axe).unwrap_or_else(|e| panic!("{}: {e}", axe.display())),
     };
     browser
         .call(

@@ -1,5 +1,5 @@
 // Verifies captured Standard Webhooks requests with the official Node library (npm
-// `standardwebhooks`, installed by .ci/run into .ci/deps/node).
+// `standardwebhooks`, installed on first use by tests/it/tools.rs into target/test-tools/node/).
 // Input (stdin): JSON list of {"secret", "headers": {"webhook-id", ...}, "body"}; prints one line
 // per item and exits 1 if any fails.
 const { Webhook } = require('standardwebhooks');

@@ -1,5 +1,5 @@
 # Verifies captured Standard Webhooks requests with the official Python library (PyPI
-# `standardwebhooks`, installed by .ci/run into .ci/deps/python).
+# `standardwebhooks`, installed on first use by tests/it/tools.rs into target/test-tools/python/).
 # Input (stdin): JSON list of {"secret", "headers": {"webhook-id", ...}, "body"}; prints one line
 # per item and exits 1 if any fails.
 import json

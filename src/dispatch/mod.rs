@@ -519,7 +519,7 @@ impl Dispatcher {
 }
 
 /// How often push-back learns who waits behind the slots: often enough that a hold ends
-/// within a few ms of the wait clearing (`delivery.max_lag` is 50 ms by default).
+/// within a few ms of the wait clearing (`delivery.max_lag` is 20 ms by default).
 const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 
 async fn sample_slots(deliverer: Arc<Deliverer>, mut shutdown: watch::Receiver<bool>) {

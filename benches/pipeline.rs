@@ -24,7 +24,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use kyberhook::ids::{AccountId, DeliveryId, EventId, WebhookId};
 use kyberhook::model::{Account, DeliveryRecord, EventRecord, Webhook, WebhookStatus};
 use kyberhook::registry::Registry;
-use kyberhook::store::Store;
+use kyberhook::store::embedded::SledStore;
 
 /// The `kyberhook` binary's allocator, so the figures are the ones production gets.
 #[global_allocator]
@@ -182,7 +182,7 @@ fn bench_wal(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3));
     for &n in &[1usize, 64, 1024] {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path(), true).expect("open store");
+        let store = SledStore::open(dir.path(), true).expect("open store");
         let mut seq = 1u64 << 20;
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::new("append+make_durable", n), &n, |b, &n| {
@@ -206,7 +206,7 @@ fn bench_wal(c: &mut Criterion) {
     }
     // The same writes without the commit: what the flush + fdatasync costs by difference.
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path(), true).expect("open store");
+    let store = SledStore::open(dir.path(), true).expect("open store");
     let mut seq = 1u64 << 20;
     g.throughput(Throughput::Elements(64));
     g.bench_with_input(

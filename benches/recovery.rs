@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use kyberhook::ids::{AccountId, DeliveryId, EventId, WebhookId};
 use kyberhook::model::{DeliveryRecord, EventRecord};
 use kyberhook::scheduler::Due;
-use kyberhook::store::{DeliveryWrites, Store};
+use kyberhook::store::embedded::SledStore;
+use kyberhook::store::DeliveryWrites;
 use kyberhook::wheel::Wheel;
 
 /// The `kyberhook` binary's allocator, so the figures are the ones production gets.
@@ -85,7 +86,7 @@ fn main() {
     let data = dir.path().join("data");
     let fill = Instant::now();
     {
-        let store = Store::open(&data, false).unwrap();
+        let store = SledStore::open(&data, false).unwrap();
         let account = AccountId::parse("acc_bench").unwrap();
         let event = EventRecord {
             seq: 0,

@@ -1244,7 +1244,10 @@ mod tests {
     fn the_defaults_agree_with_the_constants_that_mirror_them() {
         let c = Config::default_config();
         assert_eq!(c.auth.admin_token, None);
-        assert_eq!(c.storage.cache_size, crate::store::DEFAULT_CACHE_BYTES);
+        assert_eq!(
+            c.storage.cache_size,
+            crate::store::embedded::DEFAULT_CACHE_BYTES
+        );
         assert_eq!(c.events.catalog, DEFAULT_EVENT_CATALOG);
         assert_eq!(DEFAULT_EVENT_CATALOG[0], "visitor.checked_in");
         assert_eq!(DEFAULT_EVENT_CATALOG[20], "settings.updated");

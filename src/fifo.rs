@@ -38,7 +38,7 @@ use crate::clock;
 use crate::ids::{DeliveryId, WebhookId};
 use crate::model::{DeliveryOrder, DeliveryRecord, Webhook, WebhookStatus};
 use crate::scheduler::{Due, SchedulerHandle};
-use crate::store::{Store, StoreError};
+use crate::store::{Storage, StoreError};
 
 /// Most heads one call confirms against the store.
 const CONFIRM_ROUNDS: usize = 64;
@@ -234,7 +234,7 @@ impl Queues {
 /// and runtime for the read of a webhook that becomes fifo.
 struct Wiring {
     scheduler: SchedulerHandle,
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -271,7 +271,7 @@ impl FifoGate {
 
     /// Connects the gate to the running engine, after [`FifoGate::rebuild`] and before the
     /// dispatcher starts. From now on a webhook that becomes fifo reads its open deliveries.
-    pub fn wire(&self, scheduler: SchedulerHandle, store: Arc<Store>) {
+    pub fn wire(&self, scheduler: SchedulerHandle, store: Arc<dyn Storage>) {
         let _ = self.wiring.set(Wiring {
             scheduler,
             store,
@@ -347,7 +347,7 @@ impl FifoGate {
         let store = w.store.clone();
         let gate = Arc::downgrade(self);
         w.runtime.spawn_blocking(move || {
-            let open = match store.webhook_deliveries(hook, |r| r.status.is_open() && !r.is_test)
+            let open = match store.webhook_deliveries(hook, &|r: &DeliveryRecord| r.status.is_open() && !r.is_test)
             {
                 Ok(records) => records.into_iter().map(|r| r.id).collect(),
                 Err(err) => {
@@ -468,6 +468,7 @@ mod tests {
     use super::*;
     use crate::ids::{AccountId, EventId};
     use crate::model::DeliveryStatus;
+    use crate::store::embedded::SledStore;
 
     const HOOK: WebhookId = WebhookId(7);
 
@@ -642,7 +643,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stale_head_is_read_from_the_store_and_the_next_delivery_is_handed_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), false).unwrap());
+        let store = Arc::new(SledStore::open(dir.path(), false).unwrap());
         store
             .apply_delivery_writes(&crate::store::DeliveryWrites {
                 deliveries: vec![record(2, DeliveryStatus::Pending)],

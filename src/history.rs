@@ -1,7 +1,7 @@
 //! How much delivery history one delivery may keep: the bounds of the delivery log.
 //!
 //! A delivery's attempts are written by the delivery writer (through
-//! `store::Store::apply_delivery_writes`), each with what the endpoint answered. Two things an endpoint or a tenant controls would otherwise grow without
+//! `store::Storage::apply_delivery_writes`), each with what the endpoint answered. Two things an endpoint or a tenant controls would otherwise grow without
 //! limit: the response headers of one attempt (an endpoint may answer with hundreds of KiB of
 //! them) and the number of attempts (every manual retry adds one). The outbound client caps the
 //! headers with [`cap_headers`] before they become an attempt record; the store keeps the first

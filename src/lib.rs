@@ -62,7 +62,8 @@ use crate::dispatch::{Deliverer, Dispatcher, Outbound};
 use crate::ingest::{Committer, Ingest};
 use crate::registry::Registry;
 use crate::scheduler::{Scheduler, SchedulerHandle};
-use crate::store::Store;
+use crate::store::embedded::SledStore;
+use crate::store::{Storage, StoreError, StoreErrorKind};
 
 /// Why the engine could not start. `Config` errors are the operator's to fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +77,7 @@ pub enum StartError {
     /// The store failed while serving (disk full, I/O error, failed fsync): the process must
     /// end so that a supervisor starts it again (see [`run`]).
     #[error("{0}")]
-    StorageFailed(String),
+    StorageFailed(StoreError),
 }
 
 /// The exit code after a storage failure: EX_TEMPFAIL, "try again later" — a restart once the
@@ -118,7 +119,7 @@ pub struct Engine {
     state: Option<Arc<AppState>>,
     committer: Option<Committer>,
     writer: Option<Writer>,
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     scheduler: SchedulerHandle,
 }
 
@@ -155,7 +156,7 @@ impl Engine {
         #[cfg(unix)]
         rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
         let path = config.storage.path.clone();
-        let options = store::StoreOptions {
+        let options = store::embedded::StoreOptions {
             fsync: config.storage.fsync,
             cache_bytes: config.storage.cache_size,
             secrets: secrets::KeySource::from_env_or_file(
@@ -166,34 +167,33 @@ impl Engine {
         let store = tokio::task::spawn_blocking(move || {
             // A compaction a crash interrupted is finished (or undone) before the store opens
             // (and before an empty data dir could be made where the new store belongs).
-            store::compact::recover_at_start(&path).map_err(|e| {
+            store::embedded::compact::recover_at_start(&path).map_err(|e| {
                 StartError::Config(format!(
                     "storage.path: an interrupted compaction could not be finished ({e}): run \
                      `kyberhook compact --config …` as the data dir's owner or root"
                 ))
             })?;
-            let store = Store::open_with(&path, &options).map_err(|e| match e {
-                // A full or failing disk is the supervisor's to retry, not the operator's.
-                e if e.is_storage_failure() => StartError::StorageFailed(e.to_string()),
-                store::StoreError::Sled(sled::Error::Io(io)) => {
-                    StartError::Config(format!("storage.path = {:?}: {io}", path.display()))
-                }
-                // A store from a newer kyberhook is the operator's to sort out, as is a
-                // damaged version record.
-                store::StoreError::Format(e) => StartError::Config(format!("storage.path: {e}")),
-                e if e.is_operator_error() => StartError::Config(e.to_string()),
-                other => StartError::Store(other),
-            })?;
+            let store = SledStore::open_with(&path, &options)
+                .map_err(StoreError::from)
+                .map_err(|e| match e.kind() {
+                    // A full or failing disk is the supervisor's to retry, not the operator's.
+                    StoreErrorKind::Unavailable => StartError::StorageFailed(e),
+                    StoreErrorKind::Io => {
+                        StartError::Config(format!("storage.path = {:?}: {e}", path.display()))
+                    }
+                    // A wrong key, permissions, a store from a newer kyberhook, a damaged
+                    // version record: the operator's to sort out.
+                    StoreErrorKind::Operator => StartError::Config(e.to_string()),
+                    StoreErrorKind::Internal => StartError::Store(e),
+                })?;
             // A restart on a disk that is still full must fail here, before it serves, not at
             // the first write it would have to acknowledge.
-            store
-                .probe_write()
-                .map_err(|e| StartError::StorageFailed(e.to_string()))?;
-            Ok::<Store, StartError>(store)
+            Storage::probe_write(&store).map_err(StartError::StorageFailed)?;
+            Ok::<SledStore, StartError>(store)
         })
         .await
         .map_err(|e| StartError::Other(e.to_string()))??;
-        let store = Arc::new(store);
+        let store: Arc<dyn Storage> = Arc::new(store);
         // After the store made the data dir (private) and before anything can authenticate.
         match admin_token::resolve(&mut config).map_err(|e| StartError::Config(e.to_string()))? {
             admin_token::Resolved::Generated(path) => tracing::warn!(
@@ -336,7 +336,7 @@ impl Engine {
     /// Resolves with the failure once the store can no longer write (never, while it can).
     /// sled's errors are sticky and a failed fsync may have lost pages already acknowledged
     /// to the kernel, so a failed store is not retried: [`run`] ends the process instead.
-    pub async fn storage_failure(&self) -> String {
+    pub async fn storage_failure(&self) -> StoreError {
         let mut tick = tokio::time::interval(STORE_HEALTH_EVERY);
         loop {
             tick.tick().await;
@@ -456,7 +456,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 
 /// The one line a storage failure ends the process with, at start-up (the write probe) or
 /// while serving.
-fn log_storage_failure(failure: &str) {
+fn log_storage_failure(failure: &StoreError) {
     tracing::error!(
         error = %failure,
         exit_code = EXIT_STORAGE_FAILED,

@@ -13,6 +13,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::store::StoreErrorKind;
+
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
@@ -24,9 +26,9 @@ use rustls::pki_types::CertificateDer;
 use crate::api::admin::BACKUP_PATH;
 use crate::config::Config;
 use crate::secrets::{KeySource, DATA_DIR_KEY_FILE};
-use crate::store::backup::{self, RestoreError};
-use crate::store::compact::{self, CompactError};
-use crate::store::StoreOptions;
+use crate::store::embedded::backup::{self, RestoreError};
+use crate::store::embedded::compact::{self, CompactError};
+use crate::store::embedded::StoreOptions;
 
 /// Why a command failed, and the exit code that says so.
 #[derive(Debug)]
@@ -322,8 +324,7 @@ pub fn compact(config: &Config) -> Result<String, Failure> {
         Err(e) => {
             let code = match e {
                 CompactError::InUse(_) | CompactError::NoStore(_) => 2,
-                CompactError::Store(crate::store::StoreError::Format(_)) => 2,
-                CompactError::Store(ref e) if e.is_operator_error() => 2,
+                CompactError::Store(ref e) if e.kind() == StoreErrorKind::Operator => 2,
                 _ => 1,
             };
             Err(Failure {

@@ -23,7 +23,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::model::now_ms;
 use crate::registry::Registry;
 use crate::server::Handler;
-use crate::store::Store;
+use crate::store::Storage;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -195,7 +195,7 @@ pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
 pub struct MetricsHandler {
     pub prometheus: PrometheusHandle,
     pub scheduler: crate::scheduler::SchedulerHandle,
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Storage>,
     pub registry: Arc<Registry>,
 }
 

@@ -5,9 +5,9 @@
 //! when the backlog is gone, not at a fixed budget, so the purge keeps up with any delivery
 //! rate the engine sustains and the data dir levels off at about `retention + interval` worth
 //! of history. Deliveries are deleted through the delivery writer, which alone writes them:
-//! this thread only *plans* each batch (a read-only scan, [`Store::plan_purge`]) and sends the
+//! this thread only *plans* each batch (a read-only scan, [`crate::store::Storage::plan_purge`]) and sends the
 //! plan as a command; the writer re-checks every planned record and deletes only those still
-//! stored as planned ([`Store::apply_purge`]), so a manual retry that the writer answered 202
+//! stored as planned ([`crate::store::Storage::apply_purge`]), so a manual retry that the writer answered 202
 //! while the plan was being made is never deleted afterwards. The events no delivery needs any
 //! more are dropped on this thread (under the store's chunk lock). Nothing enters but the
 //! clock; what leaves is plans for the writer, event deletions and the
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, RecvTimeoutError, Sender};
 
 use crate::delivery::{Deliveries, DeliveryError};
-use crate::store::{Purged, Store};
+use crate::store::{Purged, Storage};
 
 /// How often a pass runs for a given retention: a twentieth of it (so the history kept
 /// exceeds the retention by at most 5 %), at least every minute and at most every second.
@@ -33,12 +33,12 @@ pub fn pass_interval(retention: Duration) -> Duration {
 /// Holds a writer handle, so the writer runs as long as a `Purger` exists.
 #[derive(Clone)]
 pub struct Purger {
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     deliveries: Deliveries,
 }
 
 impl Purger {
-    pub fn new(store: Arc<Store>, deliveries: Deliveries) -> Purger {
+    pub fn new(store: Arc<dyn Storage>, deliveries: Deliveries) -> Purger {
         Purger { store, deliveries }
     }
 
@@ -56,7 +56,8 @@ impl Purger {
         go_on: &dyn Fn() -> bool,
         between: &mut dyn FnMut(),
     ) -> Result<Purged, DeliveryError> {
-        self.store.purge_before_with(
+        crate::store::purge_before_with(
+            &*self.store,
             cutoff_ms,
             go_on,
             |plan| {

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::clock;
 use crate::ids::DeliveryId;
 use crate::pushback::Lag;
-use crate::store::Store;
+use crate::store::Storage;
 use crate::wheel::Wheel;
 
 /// How many due entries are moved out of the wheel per step.
@@ -150,7 +150,11 @@ impl Scheduler {
     }
 
     /// Loads the stored schedule (if any), then runs until `shutdown` turns true.
-    pub async fn run(mut self, store: Option<Arc<Store>>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        mut self,
+        store: Option<Arc<dyn Storage>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut wheel: Wheel<Due> = Wheel::new(clock::now_ms());
         if let Some(store) = store {
             let started = std::time::Instant::now();

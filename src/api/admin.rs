@@ -21,7 +21,7 @@ use hyper::body::{Frame, Incoming};
 use tokio::sync::mpsc;
 
 use super::{authenticate, error_response, ApiBody, ApiError, AppState};
-use crate::store::backup::BackupError;
+use crate::store::embedded::backup::BackupError;
 
 /// The route's path.
 pub const BACKUP_PATH: &str = "/v1/admin/backup";
@@ -117,11 +117,11 @@ async fn start_backup(
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let out = ChannelWriter {
+        let mut out = ChannelWriter {
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK_BYTES),
         };
-        match snapshot.write_to(out) {
+        match snapshot.write_to(&mut out) {
             Ok(summary) => tracing::info!(
                 records = summary.records,
                 rounds = summary.rounds,

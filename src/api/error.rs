@@ -92,14 +92,14 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "storage error while serving a request");
-        match e {
-            // The disk refuses writes: the engine is about to restart; the caller may retry.
-            StoreError::Failed(_)
-            | StoreError::Sync { .. }
-            | StoreError::Sled(sled::Error::Io(_)) => ApiError::storage_unavailable(
+        // The disk refuses writes (the engine is about to restart) or cannot be read: the
+        // caller may retry. One answer on every path, whichever command met the failure.
+        if e.is_retryable() {
+            ApiError::storage_unavailable(
                 "storage cannot write right now; nothing was changed, retry later",
-            ),
-            _ => ApiError::internal("a storage error occurred; see the engine's log"),
+            )
+        } else {
+            ApiError::internal("a storage error occurred; see the engine's log")
         }
     }
 }
@@ -116,9 +116,9 @@ impl From<IngestError> for ApiError {
                     "the engine is shutting down",
                 )
             },
-            IngestError::Commit(msg) => {
-                tracing::error!(error = %msg, "commit failed");
-                // A commit fails only when the store does: retryable once it is back.
+            IngestError::Commit(e) => {
+                tracing::error!(error = %e, "commit failed");
+                // Whatever the kind, nothing was acknowledged: retryable once the store is back.
                 ApiError::storage_unavailable(
                     "the write-ahead log could not be written; nothing was acknowledged, retry later",
                 )
@@ -138,10 +138,7 @@ impl From<DeliveryError> for ApiError {
                     "the engine is shutting down",
                 )
             },
-            DeliveryError::Store(msg) => {
-                tracing::error!(error = %msg, "writing a delivery change failed");
-                ApiError::internal("a storage error occurred; see the engine's log")
-            }
+            DeliveryError::Store(e) => e.into(),
         }
     }
 }
@@ -168,5 +165,31 @@ impl From<tokio::task::JoinError> for ApiError {
     fn from(e: tokio::task::JoinError) -> Self {
         tracing::error!(error = %e, "a background step failed");
         ApiError::internal("an internal step failed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreErrorKind;
+
+    /// A disk that refuses writes gets one answer whichever path meets it: a read, a commit,
+    /// or a change the delivery writer makes (a manual retry, a test send, a recover).
+    #[test]
+    fn a_full_disk_is_503_storage_unavailable_on_every_path() {
+        let full = StoreError::new(StoreErrorKind::Unavailable, "No space left on device");
+        let answers = [
+            ApiError::from(full.clone()),
+            ApiError::from(IngestError::Commit(full.clone())),
+            ApiError::from(DeliveryError::Store(full.clone())),
+            ApiError::from(TestSendError::Delivery(DeliveryError::Store(full))),
+        ];
+        for a in answers {
+            assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{a:?}");
+            assert_eq!(a.code, "storage_unavailable");
+        }
+        let corrupt = StoreError::new(StoreErrorKind::Internal, "a record does not decode");
+        let a = ApiError::from(DeliveryError::Store(corrupt));
+        assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

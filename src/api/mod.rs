@@ -42,12 +42,12 @@ use crate::ingest::Ingest;
 use crate::registry::Registry;
 use crate::scheduler::SchedulerHandle;
 use crate::signing;
-use crate::store::Store;
+use crate::store::Storage;
 
 /// What every handler can reach.
 pub struct AppState {
     pub config: Arc<Config>,
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Storage>,
     pub registry: Arc<Registry>,
     pub ingest: Ingest,
     pub deliverer: Arc<Deliverer>,

@@ -18,7 +18,7 @@
 //!   purging those past retention — is a [`Command`] sent over a bounded crossbeam channel by
 //!   the [`Deliveries`] handle (this file). The writer applies each against an in-memory
 //!   overlay by calling the transition and applying what it returns, writes the whole drain
-//!   tree by tree in crash-safe order ([`Store::apply_delivery_writes`]), and only then
+//!   tree by tree in crash-safe order ([`crate::store::Storage::apply_delivery_writes`]), and only then
 //!   answers each caller and hands new schedule entries to the scheduler. Because one thread
 //!   applies every read-modify-write of a delivery record, a manual retry and an attempt's
 //!   outcome never overwrite each other, and nothing on the async runtime waits for a
@@ -45,7 +45,7 @@ use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{Account, AttemptRecord, DeliveryRecord, Webhook};
 use crate::registry::Registry;
 use crate::scheduler::SchedulerHandle;
-use crate::store::{PurgePlan, PurgedBatch, Store, StoreError};
+use crate::store::{PurgePlan, PurgedBatch, Storage, StoreError};
 
 mod held;
 mod state;
@@ -63,15 +63,9 @@ const QUEUE: usize = 8192;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DeliveryError {
     #[error("{0}")]
-    Store(String),
+    Store(#[from] StoreError),
     #[error("the delivery writer has stopped")]
     Closed,
-}
-
-impl From<StoreError> for DeliveryError {
-    fn from(e: StoreError) -> Self {
-        DeliveryError::Store(e.to_string())
-    }
 }
 
 // ---- the handle ----
@@ -118,7 +112,7 @@ enum Command {
     /// before shutdown).
     WriteHeld { reply: Reply<()> },
     /// Deletes the finished deliveries a retention batch planned, each only if it is still
-    /// stored as planned (a retry may have reopened it meanwhile): `Store::apply_purge`, after
+    /// stored as planned (a retry may have reopened it meanwhile): `Storage::apply_purge`, after
     /// the drain it arrived in is written, so that its re-check sees every change the drain
     /// made.
     Purge {
@@ -202,7 +196,7 @@ impl Writer {
 impl Deliveries {
     /// Starts the writer thread.
     pub fn start(
-        store: Arc<Store>,
+        store: Arc<dyn Storage>,
         registry: Arc<Registry>,
         config: Arc<Config>,
         scheduler: SchedulerHandle,

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::ids::DeliveryId;
 use crate::model::{AttemptRecord, DeliveryRecord, DeliveryStatus, EventRecord, WebhookStatus};
 use crate::registry::{HookEntry, Registry};
-use crate::store::{Store, StoreError};
+use crate::store::{Storage, StoreError};
 
 // ---- stages ----
 
@@ -194,7 +194,7 @@ impl DeliveryRecord {
 /// about to start (not when the entry was queued), so that a pause, delete, URL change or
 /// rotation made while it waited applies to it.
 pub fn admit(
-    store: &Store,
+    store: &dyn Storage,
     registry: &Registry,
     id: DeliveryId,
     token: u64,

@@ -6,7 +6,7 @@
 //! delivery in the same drain see each other): it reads the record, asks the state machine
 //! (`state.rs`) for the transition, and records what that returns — the record, its
 //! schedule entry moves, the wheel entry to arm. Then it writes the whole drain tree by tree
-//! in crash-safe order ([`Store::apply_delivery_writes`]), and only after that hands wheel
+//! in crash-safe order ([`crate::store::Storage::apply_delivery_writes`]), and only after that hands wheel
 //! entries to the scheduler, updates fifo order, backlog and webhook failure counts, and
 //! answers the callers. Barriers (`Forget`, `WriteHeld`) write what came before them first;
 //! retention's `Purge` batches run after the drain they arrived in. Fan-out's new deliveries
@@ -29,14 +29,14 @@ use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{AttemptRecord, DeliveryRecord, DeliveryStatus, WebhookStatus};
 use crate::registry::Registry;
 use crate::scheduler::SchedulerHandle;
-use crate::store::{DeliveryWrites, Store, StoreError};
+use crate::store::{DeliveryWrites, Storage, StoreError};
 
 /// Most commands one drain applies (bounds the latency one drain adds).
 const MAX_DRAIN: usize = 4096;
 
 /// Starts the writer thread on `rx`; it ends once every sender is gone.
 pub(super) fn spawn(
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     registry: Arc<Registry>,
     config: Arc<Config>,
     scheduler: SchedulerHandle,
@@ -56,7 +56,7 @@ pub(super) fn spawn(
 
 /// What the writer thread works with.
 struct WriterContext {
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     registry: Arc<Registry>,
     config: Arc<Config>,
     scheduler: SchedulerHandle,
@@ -104,7 +104,11 @@ impl Drain {
         self.answers.is_empty() && self.records.is_empty() && self.held.is_empty()
     }
 
-    fn get(&self, store: &Store, id: DeliveryId) -> Result<Option<DeliveryRecord>, StoreError> {
+    fn get(
+        &self,
+        store: &dyn Storage,
+        id: DeliveryId,
+    ) -> Result<Option<DeliveryRecord>, StoreError> {
         match self.records.get(&id) {
             Some(r) => Ok(Some(r.clone())),
             None => store.get_delivery(id),
@@ -273,7 +277,7 @@ impl WriterContext {
                 success,
                 reply,
             } => {
-                let record = match d.get(&self.store, id) {
+                let record = match d.get(&*self.store, id) {
                     Ok(r) => r,
                     Err(e) => return reply.send(Err(e.into())),
                 };
@@ -303,7 +307,7 @@ impl WriterContext {
                 d.answers.push(answer(reply, settled));
             }
             Change::Retry { id, account, reply } => {
-                let record = match d.get(&self.store, id) {
+                let record = match d.get(&*self.store, id) {
                     Ok(r) => r,
                     Err(e) => return reply.send(Err(e.into())),
                 };
@@ -317,7 +321,7 @@ impl WriterContext {
                 d.answers.push(answer(reply, Some(record)));
             }
             Change::Stop { stopped, reply } => {
-                let record = match d.get(&self.store, stopped.id) {
+                let record = match d.get(&*self.store, stopped.id) {
                     Ok(r) => r,
                     Err(e) => return reply.send(Err(e.into())),
                 };
@@ -338,14 +342,14 @@ impl WriterContext {
                     return d.answers.push(answer(reply, 0));
                 }
                 let ended = |r: &DeliveryRecord| state::recoverable(r, since_ms, until_ms);
-                let found = match self.store.webhook_deliveries(webhook, ended) {
+                let found = match self.store.webhook_deliveries(webhook, &ended) {
                     Ok(found) => found,
                     Err(e) => return reply.send(Err(e.into())),
                 };
                 let mut n = 0;
                 for stored in found {
                     // This drain may have changed it already.
-                    let Ok(Some(mut record)) = d.get(&self.store, stored.id) else {
+                    let Ok(Some(mut record)) = d.get(&*self.store, stored.id) else {
                         continue;
                     };
                     if !ended(&record) {
@@ -407,7 +411,7 @@ impl WriterContext {
                 continue;
             }
             let existing = if recovery {
-                d.get(&self.store, r.id)?
+                d.get(&*self.store, r.id)?
             } else {
                 None
             };
@@ -571,7 +575,10 @@ impl WriterContext {
         tracing::warn!(webhook = %id, delivery = %by, "webhook disabled: its endpoint answered 410 Gone");
         let now = clock::now_ms();
         let mut drain = Drain::default();
-        for mut record in self.store.webhook_deliveries(id, |r| r.status.is_open())? {
+        for mut record in self
+            .store
+            .webhook_deliveries(id, &|r: &DeliveryRecord| r.status.is_open())?
+        {
             let step = state::end_gone(&mut record, now);
             drain.apply(record, step);
         }

@@ -44,7 +44,7 @@ use crate::ratelimit::{Admit, RateLimits};
 use crate::registry::Registry;
 use crate::scheduler::{Due, SchedulerHandle};
 use crate::signing;
-use crate::store::{Store, StoreError};
+use crate::store::{Storage, StoreError};
 
 pub use client::{AttemptOutcome, Outbound};
 use concurrency::Signal;
@@ -53,7 +53,7 @@ use slots::{Ended, Queued, Slots, Start};
 
 /// Everything an attempt needs; shared by the dispatcher's tasks and the API's test tool.
 pub struct Deliverer {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Storage>,
     pub registry: Arc<Registry>,
     pub config: Arc<Config>,
     pub outbound: Outbound,
@@ -101,7 +101,7 @@ impl Drop for TestPermit {
 
 impl Deliverer {
     pub fn new(
-        store: Arc<Store>,
+        store: Arc<dyn Storage>,
         registry: Arc<Registry>,
         config: Arc<Config>,
         outbound: Outbound,
@@ -307,7 +307,7 @@ impl Deliverer {
     /// Runs a scheduled delivery's attempt, if it may still start; returns what the attempt
     /// said about the endpoint (nothing when none was made).
     async fn run_due(&self, due: Due) -> Ended {
-        let admission = match delivery::admit(&self.store, &self.registry, due.id, due.token) {
+        let admission = match delivery::admit(&*self.store, &self.registry, due.id, due.token) {
             Ok(a) => a,
             Err(err) => {
                 tracing::error!(delivery = %due.id, error = %err, "reading a delivery failed; it is retried from the store at the next start");
@@ -462,7 +462,7 @@ impl Dispatcher {
         let d = &self.deliverer;
         // Checked here so that entries which cannot run take no rate slot, and again when the
         // attempt starts (the job may wait behind its webhook's busy slots).
-        let admitted = delivery::admit(&d.store, &d.registry, due.id, due.token);
+        let admitted = delivery::admit(&*d.store, &d.registry, due.id, due.token);
         let flight = match admitted {
             Err(err) => {
                 d.scheduler.taken();

@@ -19,7 +19,7 @@ use crate::ids::{AccountId, EventId, Sequencer};
 use crate::model::EventRecord;
 use crate::pushback::Lag;
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{Storage, StoreError};
 
 /// Takes the sequence numbers the fan-out thread has finished (their deliveries are written).
 pub(super) fn take_fanned(fanned: &Mutex<Vec<u64>>) -> Vec<u64> {
@@ -29,17 +29,17 @@ pub(super) fn take_fanned(fanned: &Mutex<Vec<u64>>) -> Vec<u64> {
 /// A batch the committer appended, waiting for the flush that makes it durable.
 struct Appended {
     /// Each request's reply and what to answer once the batch is durable.
-    replies: Vec<(Reply, Result<Vec<Accepted>, String>)>,
+    replies: Vec<(Reply, Result<Vec<Accepted>, StoreError>)>,
     /// Committed events that owe a fan-out.
     fan_out: Vec<EventRecord>,
     events: usize,
     /// The append itself failed: nothing of the batch is acknowledged.
-    failed: Option<String>,
+    failed: Option<StoreError>,
 }
 
 enum Reply {
-    Events(oneshot::Sender<Result<Vec<Accepted>, String>>),
-    Sync(oneshot::Sender<Result<(), String>>),
+    Events(oneshot::Sender<Result<Vec<Accepted>, StoreError>>),
+    Sync(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// The committer: takes whatever requests are queued (up to [`MAX_BATCH`] events), gives
@@ -49,7 +49,7 @@ enum Reply {
 /// sled's flush then also waits for the concurrent appends, and batch ingest fell by half.)
 pub(super) fn commit_loop(
     rx: Receiver<Commit>,
-    store: &Store,
+    store: &dyn Storage,
     registry: &Registry,
     seq: &Sequencer,
     fanout: Sender<Vec<EventRecord>>,
@@ -121,7 +121,7 @@ pub(super) fn commit_loop(
                             seen.insert(key, p.record.id.clone());
                         }
                         Err(err) => {
-                            result = Err(err.to_string());
+                            result = Err(err);
                             continue;
                         }
                     }
@@ -135,10 +135,7 @@ pub(super) fn commit_loop(
             }
             replies.push((Reply::Events(reply), result.map(|()| accepted)));
         }
-        let failed = store
-            .append_events_owing(&fresh, &owed)
-            .err()
-            .map(|e| e.to_string());
+        let failed = store.append_events_owing(&fresh, &owed).err();
         let appended = Appended {
             replies,
             events: fresh.len(),
@@ -159,7 +156,7 @@ pub(super) fn commit_loop(
 /// the deliveries or the mark.
 fn finish(
     a: Appended,
-    store: &Store,
+    store: &dyn Storage,
     fanout: &Sender<Vec<EventRecord>>,
     fanned: &Mutex<Vec<u64>>,
     lag: &Lag,
@@ -210,7 +207,11 @@ fn finish(
 
 /// One durable flush; then the inbox marks of `ready` (events whose deliveries were written
 /// before it) are cleared. On failure they stay owed.
-fn flush_and_clear(store: &Store, fanned: &Mutex<Vec<u64>>, ready: Vec<u64>) -> Result<(), String> {
+fn flush_and_clear(
+    store: &dyn Storage,
+    fanned: &Mutex<Vec<u64>>,
+    ready: Vec<u64>,
+) -> Result<(), StoreError> {
     match store.make_durable() {
         Ok(()) => {
             if let Err(err) = store.clear_inbox(&ready) {
@@ -223,7 +224,7 @@ fn flush_and_clear(store: &Store, fanned: &Mutex<Vec<u64>>, ready: Vec<u64>) -> 
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(ready);
-            Err(err.to_string())
+            Err(err)
         }
     }
 }

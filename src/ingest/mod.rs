@@ -39,7 +39,7 @@ use crate::delivery::{Deliveries, DeliveryError};
 use crate::ids::{AccountId, EventId, Sequencer};
 use crate::model::{rfc3339, EventRecord};
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{Storage, StoreError, StoreErrorKind};
 
 use body::BODY_ID_AT;
 use commit::{commit_loop, take_fanned};
@@ -63,7 +63,7 @@ pub enum IngestError {
     #[error("the engine is shutting down")]
     Closed,
     #[error("the write-ahead log could not be written: {0}")]
-    Commit(String),
+    Commit(#[from] StoreError),
 }
 
 /// Why one event of a request was refused.
@@ -151,10 +151,10 @@ enum Commit {
         events: Vec<PendingEvent>,
         /// Test sends: stored, never fanned out.
         quiet: bool,
-        reply: oneshot::Sender<Result<Vec<Accepted>, String>>,
+        reply: oneshot::Sender<Result<Vec<Accepted>, StoreError>>,
     },
     Sync {
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -191,7 +191,7 @@ impl Committer {
 impl Ingest {
     /// Re-runs fan-out owed from before a stop, then starts the committer thread.
     pub fn start(
-        store: Arc<Store>,
+        store: Arc<dyn Storage>,
         registry: Arc<Registry>,
         deliveries: Deliveries,
         seq: Arc<Sequencer>,
@@ -239,7 +239,15 @@ impl Ingest {
             .name("kyberhook-committer".into())
             .spawn(move || {
                 let _guard = runtime.enter();
-                commit_loop(rx, &store, &committer_registry, &seq, fan_tx, &fanned, &lag);
+                commit_loop(
+                    rx,
+                    &*store,
+                    &committer_registry,
+                    &seq,
+                    fan_tx,
+                    &fanned,
+                    &lag,
+                );
                 // The fan-out thread ends once the committer's sender is gone; then whatever
                 // it fanned out last is flushed and its inbox entries cleared.
                 let _ = fanout_thread.join();
@@ -315,7 +323,10 @@ impl Ingest {
         let accepted = self.enqueue(vec![pending], true).await?;
         match accepted.first() {
             Some(Accepted::New(_, seq)) => Ok(Ok(template.commit_as(*seq))),
-            _ => Err(IngestError::Commit("the test event was not stored".into())),
+            _ => Err(IngestError::Commit(StoreError::new(
+                StoreErrorKind::Internal,
+                "the test event was not stored",
+            ))),
         }
     }
 

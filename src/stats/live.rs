@@ -3,8 +3,8 @@
 //! overview (`/ui/admin/overview`, `GET /v1/admin/stats`).
 //!
 //! Counts enter where the store writes them (events as the committer appends them, attempts as
-//! the delivery writer writes their outcomes: `Store::append_events_owing`,
-//! `Store::add_stats`); the lag and the waiting deliveries are sampled every few seconds by the
+//! the delivery writer writes their outcomes: `Storage::append_events_owing`,
+//! `Storage::add_stats`); the lag and the waiting deliveries are sampled every few seconds by the
 //! task [`spawn_sampler`] starts, from their owners (`pushback::Lag`, the scheduler). Nothing is
 //! stored: after a restart the trend starts again (the per-webhook statistics, which must
 //! survive, are in the store).
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::clock;
 use crate::scheduler::SchedulerHandle;
-use crate::store::Store;
+use crate::store::Storage;
 
 /// Minutes kept: the last hour and the minute in progress.
 pub const MINUTES: usize = 61;
@@ -120,7 +120,10 @@ impl Live {
 
 /// Samples the lag and the waiting deliveries into the store's [`Live`] every
 /// [`SAMPLE_EVERY`] until aborted (at shutdown, with the engine's other background tasks).
-pub fn spawn_sampler(store: Arc<Store>, scheduler: SchedulerHandle) -> tokio::task::JoinHandle<()> {
+pub fn spawn_sampler(
+    store: Arc<dyn Storage>,
+    scheduler: SchedulerHandle,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         loop {

@@ -4,7 +4,7 @@
 //!
 //! Data enters from the delivery writer: for every attempt outcome it writes (test sends
 //! excluded), it collects an [`AttemptStat`] — webhook, attempt time, [`Outcome`], response
-//! time — and the drain's stats are written with the drain (`Store::add_stats`, tree `stats`,
+//! time — and the drain's stats are written with the drain (`Storage::add_stats`, tree `stats`,
 //! one read-modify-write per webhook and hour per drain). A bucket ([`Counts`]) holds the count
 //! of each outcome and a log-linear histogram of response times ([`Histogram`], ≤ 6.25 %
 //! relative error), so hours merge into days exactly and percentiles come out of the merge.

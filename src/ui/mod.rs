@@ -45,7 +45,7 @@ pub struct UiState {
 
 impl UiState {
     /// The dashboard's state; sessions are kept in (and reloaded from) `store`.
-    pub fn new(config: &Config, store: std::sync::Arc<crate::store::Store>) -> Self {
+    pub fn new(config: &Config, store: std::sync::Arc<dyn crate::store::Storage>) -> Self {
         let per_minute =
             NonZeroU32::new(config.ui.login_attempts_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         UiState {

@@ -24,7 +24,7 @@ use crate::clock;
 use crate::config::UiLimits;
 use crate::ids::AccountId;
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::Storage;
 
 /// Sessions held at once.
 pub const MAX_SESSIONS: usize = 10_000;
@@ -85,7 +85,7 @@ pub struct Sessions {
     idle_ms: u64,
     absolute_ms: u64,
     /// Where sessions are written through (none: memory only, as in unit tests).
-    store: Option<Arc<Store>>,
+    store: Option<Arc<dyn Storage>>,
 }
 
 fn digest(id: &str) -> [u8; 32] {
@@ -104,7 +104,7 @@ impl Sessions {
 
     /// Sessions written through to `store`, starting with the live ones it holds (expired or
     /// unreadable ones are removed from it).
-    pub fn persistent(limits: &UiLimits, store: Arc<Store>) -> Self {
+    pub fn persistent(limits: &UiLimits, store: Arc<dyn Storage>) -> Self {
         let mut sessions = Sessions::new(limits);
         let now = clock::now_ms();
         let stored = store.sessions().unwrap_or_else(|e| {
@@ -276,6 +276,7 @@ mod tests {
     use super::*;
     use crate::ids::AccountId;
     use crate::model::Account;
+    use crate::store::embedded::SledStore;
 
     fn setup(idle: u64, absolute: u64) -> (Sessions, Registry) {
         let limits = UiLimits {
@@ -303,7 +304,7 @@ mod tests {
             login_attempts_per_minute: 10,
         };
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), false).unwrap());
+        let store = Arc::new(SledStore::open(dir.path(), false).unwrap());
         let acme = AccountId::parse("acme").unwrap();
         let sessions = Sessions::persistent(&limits, store.clone());
         let kept = sessions.create(Caller::Account(acme.clone()), &registry);

@@ -853,12 +853,12 @@ fn a_root_compaction_raced_by_the_data_dirs_owner_touches_nothing_outside() {
     .unwrap();
     // A store, handed to the service user.
     {
-        let options = kyberhook::store::StoreOptions {
+        let options = kyberhook::store::embedded::StoreOptions {
             fsync: false,
             cache_bytes: 1 << 20,
             secrets: kyberhook::secrets::KeySource::DataDir,
         };
-        drop(kyberhook::store::Store::open_with(&data, &options).unwrap());
+        drop(kyberhook::store::embedded::SledStore::open_with(&data, &options).unwrap());
     }
     let chown_all = |p: &Path| {
         for entry in walk(p) {

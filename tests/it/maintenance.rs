@@ -524,7 +524,7 @@ async fn an_old_data_dir_is_migrated_at_start_and_a_newer_one_is_refused() {
             .unwrap()
             .insert([9u8; 32], "acc_old")
             .unwrap();
-        let key = kyberhook::store::keys::seq(seq);
+        let key = kyberhook::store::embedded::keys::seq(seq);
         db.open_tree("events")
             .unwrap()
             .insert(key, kyberhook::codec::encode(&record))
@@ -547,7 +547,7 @@ async fn an_old_data_dir_is_migrated_at_start_and_a_newer_one_is_refused() {
         let version = db.open_tree("meta").unwrap().get("format_version").unwrap();
         assert_eq!(
             version.as_deref(),
-            Some(&kyberhook::store::format::CURRENT.to_be_bytes()[..])
+            Some(&kyberhook::store::embedded::format::CURRENT.to_be_bytes()[..])
         );
         assert!(!db.tree_names().iter().any(|n| n == b"api_keys"));
         let (_, value) = db.open_tree("events").unwrap().first().unwrap().unwrap();
@@ -629,7 +629,7 @@ async fn compaction_shrinks_a_stopped_store_that_then_delivers_everything_pendin
     // A service user's data dir, compacted by root, stays the service user's.
     let owned = std::os::unix::fs::chown(&data, Some(65534), Some(65534)).is_ok();
     if owned {
-        kyberhook::store::compact::own_like(&data, &data).unwrap();
+        kyberhook::store::embedded::compact::own_like(&data, &data).unwrap();
     } else {
         eprintln!("not root: the ownership part is skipped");
     }

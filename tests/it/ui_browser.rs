@@ -730,7 +730,7 @@ fn json_numbers(v: &Value) -> Vec<[u64; 3]> {
 /// a failure streak a few hours ago. Written into the stopped engine's store.
 fn seed_history(data: &std::path::Path, hook: u64) {
     use kyberhook::stats::{AttemptStat, Outcome, HOUR_MS};
-    let store = kyberhook::store::Store::open(data, false).unwrap();
+    let store = kyberhook::store::embedded::SledStore::open(data, false).unwrap();
     let now = kyberhook::model::now_ms();
     let mut stats = Vec::new();
     for h in 1..24u64 {

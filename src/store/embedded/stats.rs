@@ -1,17 +1,17 @@
 //! The store's side of delivery statistics (tree `stats`, see [`crate::stats`]) and of
 //! dashboard sessions (tree `sessions`, see `ui::session`).
 //!
-//! Statistics enter from the delivery writer's drains (`Store::apply_delivery_writes` calls
-//! [`Store::add_stats`]): one read-modify-write per (webhook, hour) per drain, on the writer
+//! Statistics enter from the delivery writer's drains (`SledStore::apply_delivery_writes` calls
+//! [`SledStore::add_stats`]): one read-modify-write per (webhook, hour) per drain, on the writer
 //! thread, which is the only writer of the current hours. Retention drops the buckets of hours
-//! that ended before its cutoff ([`Store::purge_stats_before`]); deleting a webhook drops its
+//! that ended before its cutoff ([`SledStore::purge_stats_before`]); deleting a webhook drops its
 //! buckets. Sessions are stored sealed with the secrets key (the associated data names the
 //! session's key), so a copy of the data dir shows no session's CSRF token or owner.
 
 use std::sync::atomic::Ordering;
 
 use super::tracked::Batch;
-use super::{keys, Result, Store};
+use super::{keys, Result, SledStore};
 use crate::codec;
 use crate::ids::WebhookId;
 use crate::stats::{self, AttemptStat, Counts, Outcome, HOUR_MS};
@@ -19,7 +19,7 @@ use crate::stats::{self, AttemptStat, Counts, Outcome, HOUR_MS};
 /// What a sealed session value is bound to, besides its key.
 const SESSION_CONTEXT: &[u8] = b"ui-session:";
 
-impl Store {
+impl SledStore {
     /// The engine's figures of the last hour (in memory).
     pub fn live(&self) -> &stats::live::Live {
         &self.live
@@ -178,7 +178,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = |n: u64| n * HOUR_MS;
         {
-            let store = Store::open(dir.path(), false).unwrap();
+            let store = SledStore::open(dir.path(), false).unwrap();
             store
                 .add_stats(&[
                     stat(7, h(10), Outcome::Delivered, 5),
@@ -192,7 +192,7 @@ mod tests {
                 .unwrap();
             store.make_durable().unwrap();
         }
-        let store = Store::open(dir.path(), false).unwrap();
+        let store = SledStore::open(dir.path(), false).unwrap();
         let got = store.webhook_stats(WebhookId(7), 0).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].0, 10);
@@ -215,7 +215,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = [3u8; 32];
         {
-            let store = Store::open(dir.path(), false).unwrap();
+            let store = SledStore::open(dir.path(), false).unwrap();
             store
                 .put_session(&key, "{\"csrf\":\"visible-token\"}")
                 .unwrap();
@@ -225,7 +225,7 @@ mod tests {
             store.sessions.insert([4u8; 32], raw).unwrap();
             store.make_durable().unwrap();
         }
-        let store = Store::open(dir.path(), false).unwrap();
+        let store = SledStore::open(dir.path(), false).unwrap();
         let all = store.sessions().unwrap();
         assert_eq!(all, vec![(key, "{\"csrf\":\"visible-token\"}".to_string())]);
         assert!(store.sessions.get([4u8; 32]).unwrap().is_none());

@@ -1,6 +1,6 @@
 //! The store's format version, and the migrations from older formats.
 //!
-//! The `meta` tree holds `format_version` (u32, big-endian). [`Store::open`](super::Store::open)
+//! The `meta` tree holds `format_version` (u32, big-endian). [`SledStore::open`](super::SledStore::open)
 //! calls [`prepare`] before anything reads the store: a version newer than [`CURRENT`] is
 //! refused (the engine exits 2 with one line: a newer binary wrote it, and this one could
 //! misread it); an older one is migrated step by step, each step idempotent and each followed
@@ -38,14 +38,14 @@ pub enum FormatError {
 }
 
 /// The version a `meta` tree records (1 when it records none).
-pub fn read_version(meta: &Tree) -> Result<u32, super::StoreError> {
+pub fn read_version(meta: &Tree) -> Result<u32, super::SledError> {
     match meta.get(VERSION_KEY)? {
         None => Ok(1),
         Some(v) => parse_version(&v),
     }
 }
 
-fn parse_version(v: &IVec) -> Result<u32, super::StoreError> {
+fn parse_version(v: &IVec) -> Result<u32, super::SledError> {
     let bytes: [u8; 4] = v
         .as_ref()
         .try_into()
@@ -53,9 +53,9 @@ fn parse_version(v: &IVec) -> Result<u32, super::StoreError> {
     Ok(u32::from_be_bytes(bytes))
 }
 
-impl super::Store {
+impl super::SledStore {
     /// The format version the store records (after [`prepare`], always [`CURRENT`]).
-    pub fn format_version(&self) -> Result<u32, super::StoreError> {
+    pub fn format_version(&self) -> Result<u32, super::SledError> {
         read_version(&self.meta)
     }
 }
@@ -67,7 +67,7 @@ pub(super) fn prepare(
     events: &Tree,
     by_account: &Tree,
     path: &std::path::Path,
-) -> Result<(), super::StoreError> {
+) -> Result<(), super::SledError> {
     let mut version = read_version(meta)?;
     if version > CURRENT {
         return Err(FormatError::TooNew {
@@ -92,7 +92,7 @@ pub(super) fn prepare(
 
 /// Drops the obsolete `api_keys` tree and rewrites one-record log values (written before the
 /// log was chunked) as chunks of one, under the same key, so chunks still never overlap.
-fn migrate_1_to_2(db: &sled::Db, events: &Tree) -> Result<(), super::StoreError> {
+fn migrate_1_to_2(db: &sled::Db, events: &Tree) -> Result<(), super::SledError> {
     if db.tree_names().iter().any(|n| n == OBSOLETE_API_KEYS) {
         db.drop_tree(OBSOLETE_API_KEYS)?;
     }
@@ -118,7 +118,7 @@ fn migrate_1_to_2(db: &sled::Db, events: &Tree) -> Result<(), super::StoreError>
 /// Rewrites `by_account`'s per-delivery entries (acc · delivery id) as one per event (acc ·
 /// seq): a delivery id starts with its event's seq. New entries go in before the old ones
 /// go; entries already per event are left, so a re-run after a crash finishes the job.
-fn migrate_2_to_3(by_account: &Tree) -> Result<(), super::StoreError> {
+fn migrate_2_to_3(by_account: &Tree) -> Result<(), super::SledError> {
     let mut batch = Batch::default();
     let mut pending = 0;
     let mut last_event: Option<Vec<u8>> = None;
@@ -149,7 +149,7 @@ fn migrate_2_to_3(by_account: &Tree) -> Result<(), super::StoreError> {
 mod tests {
     use super::*;
     use crate::ids::{AccountId, EventId};
-    use crate::store::{Store, StoreError};
+    use crate::store::embedded::{SledError, SledStore};
 
     fn old_event(seq: u64) -> EventRecord {
         EventRecord {
@@ -175,13 +175,16 @@ mod tests {
             let events = db.open_tree("events").unwrap();
             for seq in [5, 9] {
                 events
-                    .insert(crate::store::keys::seq(seq), codec::encode(&old_event(seq)))
+                    .insert(
+                        crate::store::embedded::keys::seq(seq),
+                        codec::encode(&old_event(seq)),
+                    )
                     .unwrap();
             }
             db.flush().unwrap();
         }
         {
-            let store = Store::open(dir.path(), false).unwrap();
+            let store = SledStore::open(dir.path(), false).unwrap();
             assert_eq!(read_version(&store.meta).unwrap(), CURRENT);
             assert!(!store.db.tree_names().iter().any(|n| n == b"api_keys"));
             for kv in store.events.iter() {
@@ -196,8 +199,8 @@ mod tests {
                 .unwrap();
             store.make_durable().unwrap();
         }
-        match Store::open(dir.path(), false) {
-            Err(StoreError::Format(FormatError::TooNew { found, .. })) => {
+        match SledStore::open(dir.path(), false) {
+            Err(SledError::Format(FormatError::TooNew { found, .. })) => {
                 assert_eq!(found, CURRENT + 1)
             }
             Err(e) => panic!("wrong error: {e}"),
@@ -209,12 +212,13 @@ mod tests {
     fn a_version_2_account_index_is_rewritten_per_event_and_lists_every_delivery() {
         use crate::ids::{DeliveryId, WebhookId};
         use crate::model::DeliveryRecord;
-        use crate::store::{keys, DeliveryQuery, DeliveryWrites};
+        use crate::store::embedded::keys;
+        use crate::store::{DeliveryQuery, DeliveryWrites};
         let dir = tempfile::tempdir().unwrap();
         let account = AccountId::parse("acc_old").unwrap();
         let mut ids = Vec::new();
         {
-            let store = Store::open(dir.path(), false).unwrap();
+            let store = SledStore::open(dir.path(), false).unwrap();
             let mut records = Vec::new();
             for seq in [5, 9, 12] {
                 for wh in [1, 2] {
@@ -241,7 +245,7 @@ mod tests {
             store.meta.insert(VERSION_KEY, &2u32.to_be_bytes()).unwrap();
             store.make_durable().unwrap();
         }
-        let store = Store::open(dir.path(), false).unwrap();
+        let store = SledStore::open(dir.path(), false).unwrap();
         assert_eq!(read_version(&store.meta).unwrap(), CURRENT);
         let entries: Vec<Vec<u8>> = store
             .by_account

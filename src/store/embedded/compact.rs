@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 
 use std::os::fd::OwnedFd;
 
-use super::{fsat, Store, StoreError, StoreOptions};
+use super::{fsat, SledError, SledStore, StoreOptions};
 
 /// Written into the new store once it is complete and synced.
 const MARKER: &str = ".compact-complete";
@@ -52,7 +52,7 @@ pub enum CompactError {
     )]
     InUse(String),
     #[error("{0}")]
-    Store(#[from] StoreError),
+    Store(#[from] SledError),
     #[error("{path}: {source}")]
     Io { path: String, source: io::Error },
 }
@@ -230,7 +230,7 @@ pub fn compact(path: &Path, options: &StoreOptions) -> Result<Compacted, Compact
         } else {
             path
         };
-        let store = Store::open_with(opened_at, options)?;
+        let store = SledStore::open_with(opened_at, options)?;
         let opened = fsat::open_dir(opened_at).map_err(io_err(opened_at))?;
         let out = private_dir(&tmp)?;
         let records = copy_into(&store, &opened, opened_at, &tmp, &out)?;
@@ -283,7 +283,7 @@ pub fn compact(path: &Path, options: &StoreOptions) -> Result<Compacted, Compact
 /// regular files of the store's directory (`from`, open as `from_fd`) that are not sled's —
 /// the secrets key and the generated admin token — beside them, through descriptors.
 fn copy_into(
-    store: &Store,
+    store: &SledStore,
     from_fd: &OwnedFd,
     from: &Path,
     tmp: &Path,

@@ -1,7 +1,7 @@
 //! Tracked trees: every sled tree of the store, behind a write gate that an online backup can
 //! close for an instant, and reporting which keys change while a backup runs.
 //!
-//! `Store` never holds a bare `sled::Tree`: each tree is opened through [`Tree::open`], which
+//! `SledStore` never holds a bare `sled::Tree`: each tree is opened through [`Tree::open`], which
 //! registers it with the store's [`Tracker`], and every mutation (`insert`, `remove`,
 //! `write_in_order` of a [`Batch`]) goes through this wrapper. A mutation holds the gate's shared
 //! side for just that one call (never across calls, so a writer can never wait on itself),
@@ -29,7 +29,7 @@ pub struct Tracker {
     /// Every tree opened through [`Tree::open`], numbered by position.
     trees: Mutex<Vec<(String, sled::Tree)>>,
     /// The first write a tree refused with an I/O error (disk full, failing disk): sled's
-    /// errors are sticky, so the store is failed from then on (`Store::health`).
+    /// errors are sticky, so the store is failed from then on (`SledStore::health`).
     write_failure: std::sync::OnceLock<String>,
 }
 

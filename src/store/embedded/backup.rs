@@ -1,7 +1,7 @@
 //! Online backup and restore: a consistent snapshot of every tracked tree as one checksummed
 //! stream, taken while the engine keeps writing, and written back into an empty data dir.
 //!
-//! A snapshot enters through [`Store::begin_backup`] (closes the write gate for an instant and
+//! A snapshot enters through [`SledStore::begin_backup`] (closes the write gate for an instant and
 //! starts change tracking, see `tracked`) and leaves through [`Snapshot::write_to`] as a byte
 //! stream; [`restore`] reads such a stream into a fresh sled directory and [`verify`] only checks
 //! one. The secrets key file is not a sled tree, so it is never in a backup.
@@ -45,7 +45,7 @@ use sled::IVec;
 
 use super::format;
 use super::tracked::{DirtyKey, Tracker};
-use super::Store;
+use super::SledStore;
 
 /// The first bytes of every backup.
 pub const MAGIC: &[u8; 8] = b"KHBACKUP";
@@ -67,7 +67,7 @@ pub enum BackupError {
     #[error("a backup is already running")]
     InProgress,
     #[error("{0}")]
-    Store(#[from] super::StoreError),
+    Store(#[from] super::SledError),
     #[error("writing the backup: {0}")]
     Write(io::Error),
 }
@@ -108,7 +108,7 @@ pub struct Summary {
 /// A backup that has started tracking; [`Snapshot::write_to`] emits it. Dropping it stops the
 /// tracking, so an abandoned backup (client gone) costs the writers nothing afterwards.
 pub struct Snapshot {
-    store: Arc<Store>,
+    store: Arc<SledStore>,
     trees: Vec<(String, sled::Tree)>,
 }
 
@@ -118,7 +118,7 @@ impl Drop for Snapshot {
     }
 }
 
-impl Store {
+impl SledStore {
     /// Starts a backup: holds writers for an instant and starts tracking changes. Fails when
     /// another backup is running.
     pub fn begin_backup(self: &Arc<Self>) -> Result<Snapshot, BackupError> {
@@ -132,6 +132,12 @@ impl Store {
             store: self.clone(),
             trees,
         })
+    }
+}
+
+impl crate::store::BackupStream for Snapshot {
+    fn write_to(self: Box<Self>, out: &mut dyn Write) -> Result<Summary, BackupError> {
+        Snapshot::write_to(*self, out)
     }
 }
 
@@ -433,11 +439,11 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn store(dir: &Path) -> Arc<Store> {
-        Arc::new(Store::open(dir, false).unwrap())
+    fn store(dir: &Path) -> Arc<SledStore> {
+        Arc::new(SledStore::open(dir, false).unwrap())
     }
 
-    fn dump(store: &Store) -> Vec<(String, Vec<(IVec, IVec)>)> {
+    fn dump(store: &SledStore) -> Vec<(String, Vec<(IVec, IVec)>)> {
         store
             .tracker
             .trees()

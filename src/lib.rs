@@ -27,6 +27,7 @@ pub mod codec;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
+pub mod domain;
 pub mod fifo;
 pub mod history;
 pub mod ids;

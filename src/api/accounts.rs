@@ -1,13 +1,13 @@
 //! Account routes (HTTP side): admin scope, body parsing and the JSON views of create, read,
 //! update (name, plan), delete (cascading) and API-key rotation. The rules are in
-//! [`domain::accounts`](super::domain::accounts).
+//! [`domain::accounts`](crate::domain::accounts).
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::domain::accounts as domain;
-pub use super::domain::accounts::{CreateAccount, UpdateAccount};
 use super::{empty_response, json_response, ApiResult, AppState, Call};
+use crate::domain::accounts as domain;
+pub use crate::domain::accounts::{CreateAccount, UpdateAccount};
 use crate::model::{rfc3339, Account};
 
 pub fn view(a: &Account) -> Value {

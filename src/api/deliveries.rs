@@ -1,12 +1,12 @@
 //! Delivery-log routes (HTTP side): account scope, id and query parsing, and the JSON views of
 //! the lists (per account, per webhook), one delivery with its request and every attempt, and
-//! the manual retry. The rules are in [`domain::deliveries`](super::domain::deliveries).
+//! the manual retry. The rules are in [`domain::deliveries`](crate::domain::deliveries).
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::domain::deliveries as domain;
 use super::{json_response, list_response, ApiError, ApiResult, AppState, Call};
+use crate::domain::deliveries as domain;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{rfc3339, AttemptRecord, DeliveryRecord};
 
@@ -61,7 +61,7 @@ pub fn list(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
 pub fn list_for_webhook(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
     let id = WebhookId::parse(raw)
-        .filter(|id| super::domain::webhooks::get_webhook(state, &account, *id).is_ok())
+        .filter(|id| crate::domain::webhooks::get_webhook(state, &account, *id).is_ok())
         .ok_or_else(|| ApiError::not_found("webhook_not_found", format!("no webhook {raw:?}")))?;
     let q = domain::query_from_params(state, &account, Some(id), &call.query())?;
     page_response(state, &account, q)

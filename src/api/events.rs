@@ -1,6 +1,6 @@
 //! Ingest routes (HTTP side): admin scope, bounded body reads, JSON parsing of one event or a
 //! batch, the views of their outcome, and the event catalog. The rules (capacity, validation,
-//! building, durable commit) are in [`domain::events`](super::domain::events); the 202 is sent
+//! building, durable commit) are in [`domain::events`](crate::domain::events); the 202 is sent
 //! only once the commit that holds the events is durable.
 
 use http::StatusCode;
@@ -8,8 +8,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use super::domain::events as domain;
 use super::{json_response, parse_json, ApiError, ApiResult, AppState, Call};
+use crate::domain::events as domain;
 use crate::ingest::EventInput;
 
 /// The configured catalog with each type's family, description and example `data` (whose

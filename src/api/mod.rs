@@ -4,14 +4,13 @@
 //! to one handler (`accounts`, `webhooks`, `events`, `deliveries`), authenticates the bearer
 //! token (admin token, or an account's API key that only reaches its own account), reads and
 //! strictly parses the JSON body within `server.max_body_bytes`, and calls the domain function
-//! of the route ([`domain`]: every business rule, shared with the dashboard). Every answer — including every error, as [`ApiError`] — is
+//! of the route ([`crate::domain`]: every business rule, shared with the dashboard). Every answer — including every error, as [`ApiError`] — is
 //! JSON; bad input is a 4xx, never a 500 or a dropped connection. [`ROUTES`] is the one list of
 //! what is served; `docs/openapi.json` (served at `GET /v1/openapi.json`) documents each entry.
 
 mod accounts;
 pub mod admin;
 mod deliveries;
-pub mod domain;
 pub mod error;
 mod events;
 pub mod guard;

@@ -1,12 +1,12 @@
 //! Statistics routes (HTTP side): `GET /v1/accounts/{id}/webhooks/{id}/stats?window=24h|7d`
 //! (account scope) and `GET /v1/admin/stats` (admin token), as JSON views of what
-//! [`domain::stats`](super::domain::stats) reads. The dashboard's charts show the same values.
+//! [`domain::stats`](crate::domain::stats) reads. The dashboard's charts show the same values.
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::domain::stats as domain;
 use super::{json_response, paging, ApiError, ApiResult, AppState, Call};
+use crate::domain::stats as domain;
 use crate::ids::WebhookId;
 use crate::model::rfc3339;
 use crate::stats::Bucket;
@@ -25,7 +25,7 @@ pub fn bucket_view(b: &Bucket) -> Value {
 /// `GET …/webhooks/{webhook_id}/stats`.
 pub fn webhook(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
-    let id = WebhookId::parse(raw).ok_or_else(|| super::domain::webhooks::not_found(raw))?;
+    let id = WebhookId::parse(raw).ok_or_else(|| crate::domain::webhooks::not_found(raw))?;
     let params = call.query();
     // Strict like the listings: an unknown parameter is a 400, not ignored.
     let page = paging(&params, &["window"])?;

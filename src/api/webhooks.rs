@@ -1,16 +1,16 @@
 //! Webhook routes (HTTP side): account scope, id and body parsing, and the JSON views of
 //! create, list, read, update (including pause/resume), delete, signing-secret read and
-//! rotation, and the test tool. The rules are in [`domain::webhooks`](super::domain::webhooks).
+//! rotation, and the test tool. The rules are in [`domain::webhooks`](crate::domain::webhooks).
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::domain::webhooks as domain;
-pub use super::domain::webhooks::{
-    CreateWebhook, RecoverRequest, RotateSecret, TestRequest, UpdateWebhook,
-};
 use super::{
     empty_response, json_response, list_response, paging, ApiError, ApiResult, AppState, Call,
+};
+use crate::domain::webhooks as domain;
+pub use crate::domain::webhooks::{
+    CreateWebhook, RecoverRequest, RotateSecret, TestRequest, UpdateWebhook,
 };
 use crate::ids::{AccountId, WebhookId};
 use crate::model::{now_ms, rfc3339, Webhook};

@@ -5,7 +5,7 @@
 //! web plumbing — routing, sign-in and its per-address limit, the session cookie, CSRF (a
 //! per-session token in every form plus refusing cross-site `Origin` / `Sec-Fetch-Site`), form
 //! bodies, and the security headers every answer carries — and hands each screen to
-//! [`screens`], which calls the same domain functions as `/v1` (`api::domain`) and renders
+//! [`screens`], which calls the same domain functions as `/v1` (`crate::domain`) and renders
 //! the askama templates of [`pages`] (compiled into the binary, escaping everything). Static
 //! CSS/JS of our own are compiled in too ([`assets`]). Nothing changes state on a GET.
 

@@ -1,5 +1,5 @@
 //! The dashboard's screens: for each signed-in route, read the form or query, call the
-//! domain function `/v1` uses (`api::domain`), and answer a page or a redirect.
+//! domain function `/v1` uses (`crate::domain`), and answer a page or a redirect.
 //!
 //! Requests enter as [`Req`] (session checked, CSRF checked for POSTs); account screens live
 //! under `/ui/a/{account}/…` and are scoped like the API (an account's session reaches only its
@@ -12,8 +12,8 @@ use http::StatusCode;
 use super::charts;
 use super::pages::{self, *};
 use super::{api_error_page, assets, html, redirect, Page, Req};
-use crate::api::domain::{self, accounts as acc, deliveries as dlv, stats as st, webhooks as wh};
 use crate::api::{ApiError, AppState, Caller};
+use crate::domain::{self, accounts as acc, deliveries as dlv, stats as st, webhooks as wh};
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{
     event_family, rfc3339, DeliveryOrder, DeliveryStatus, SignatureScheme, Webhook, WebhookStatus,

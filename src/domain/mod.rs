@@ -1,6 +1,6 @@
-//! The API's domain functions: every business rule of accounts, webhooks, deliveries and
-//! events, written once and called by both front ends — the JSON `/v1` handlers (`super::*`)
-//! and the dashboard (`crate::ui`).
+//! The domain layer: every business rule of accounts, webhooks, deliveries and events, written
+//! once and called by both front ends — the JSON `/v1` handlers (`crate::api`) and the
+//! dashboard (`crate::ui`), which are siblings over this module.
 //!
 //! Data enters already authenticated and scoped: a typed [`AccountId`](crate::ids::AccountId)
 //! the caller may reach, typed resource ids, and the request bodies as plain structs. It leaves
@@ -15,7 +15,7 @@ pub mod events;
 pub mod stats;
 pub mod webhooks;
 
-use super::ApiError;
+use crate::api::ApiError;
 
 /// A display name: 1 to 200 characters after trimming (accounts and webhooks).
 pub fn check_name(name: &str) -> Result<String, ApiError> {

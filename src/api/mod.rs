@@ -32,11 +32,11 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::de::DeserializeOwned;
 
+pub use crate::domain::caller::{is_admin_token, Caller};
 pub use error::ApiError;
 
 use crate::config::Config;
 use crate::dispatch::Deliverer;
-use crate::ids::AccountId;
 use crate::ingest::Ingest;
 use crate::registry::Registry;
 use crate::scheduler::SchedulerHandle;
@@ -64,34 +64,6 @@ pub type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
 /// The API's response body: one buffer, or a stream (a backup, [`admin::backup`]).
 pub type ApiBody = http_body_util::Either<Full<Bytes>, admin::Streamed>;
 
-/// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
-    Admin,
-    Account(AccountId),
-}
-
-impl Caller {
-    /// The account a route under `/v1/accounts/{id}` addresses, if this caller may reach it.
-    /// Another account's resources answer 404, as if they did not exist.
-    pub(crate) fn scope(&self, state: &AppState, raw: &str) -> Result<AccountId, ApiError> {
-        let missing = || ApiError::not_found("account_not_found", format!("no account {raw:?}"));
-        let id = AccountId::parse(raw).ok_or_else(missing)?;
-        match self {
-            Caller::Account(own) if *own != id => Err(missing()),
-            _ if !state.registry.account_exists(&id) => Err(missing()),
-            _ => Ok(id),
-        }
-    }
-
-    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
-        match self {
-            Caller::Admin => Ok(()),
-            Caller::Account(_) => Err(ApiError::forbidden("this route needs the admin token")),
-        }
-    }
-}
-
 /// The client address of a request (set by `server`; loopback for requests built in tests).
 pub fn client_ip<B>(req: &Request<B>) -> std::net::IpAddr {
     req.extensions()
@@ -113,15 +85,13 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiErro
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(ApiError::unauthorized)?;
-    let found = if is_admin_token(state, token) {
-        Some((Caller::Admin, guard::Credential::Admin))
-    } else {
-        let hash = signing::hash_api_key(token);
-        state
-            .registry
-            .account_by_key(&hash)
-            .map(|account| (Caller::Account(account), guard::Credential::Account(hash)))
-    };
+    let found = Caller::resolve(state, token).map(|caller| {
+        let credential = match caller {
+            Caller::Admin => guard::Credential::Admin,
+            Caller::Account(_) => guard::Credential::Account(signing::hash_api_key(token)),
+        };
+        (caller, credential)
+    });
     let credential = found.as_ref().map(|(_, c)| *c);
     match (state.auth_guard.verdict(client_ip(req), credential), found) {
         (guard::Verdict::Serve, Some((caller, _))) => Ok(caller),
@@ -132,16 +102,6 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiErro
         )),
         _ => Err(ApiError::unauthorized()),
     }
-}
-
-/// Whether `token` is the admin token (constant time; never true before one is resolved).
-pub fn is_admin_token(state: &AppState, token: &str) -> bool {
-    state
-        .config
-        .auth
-        .admin_token
-        .as_deref()
-        .is_some_and(|admin| signing::constant_time_eq(token, admin))
 }
 
 /// 421 for a request whose `Host` is not ours (DNS rebinding, see `server::hosts`), before

@@ -10,6 +10,7 @@
 //! are made durable (`ingest.sync`) before a function returns.
 
 pub mod accounts;
+pub mod caller;
 pub mod deliveries;
 pub mod events;
 pub mod stats;

@@ -364,13 +364,8 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
         .unwrap_or("");
     let caller = if token.is_empty() {
         None
-    } else if crate::api::is_admin_token(state, token) {
-        Some(Caller::Admin)
     } else {
-        state
-            .registry
-            .account_by_key(&signing::hash_api_key(token))
-            .map(Caller::Account)
+        Caller::resolve(state, token)
     };
     let Some(caller) = caller else {
         return html(

@@ -4,6 +4,9 @@
 //!
 //! - [`server`] accepts HTTP(S) connections and hands requests to [`api`], which routes,
 //!   authenticates and validates them.
+//! - [`domain`] holds every business rule of accounts, webhooks, deliveries, events and
+//!   stats, and the one token-to-[`domain::caller::Caller`] resolution; both [`api`] (JSON) and
+//!   [`ui`] (dashboard) call it.
 //! - [`ingest`] builds each event's body once and hands it to the group committer, which
 //!   makes a whole batch durable in the [`store`] with one flush before answering 202, then
 //!   fans it out through the [`registry`]'s subscription index into delivery records.

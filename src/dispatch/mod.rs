@@ -248,11 +248,16 @@ impl Deliverer {
     }
 
     fn start(self: &Arc<Self>, start: Start<Job>) {
-        if matches!(start.job, Job::Due(_)) {
-            // It stops waiting: counted as scheduled until now.
+        self.starting(&start.job);
+        tokio::spawn(run_jobs(self.clone(), start));
+    }
+
+    /// A job leaves the slots' queue for its attempt: a scheduled one stops counting as
+    /// scheduled (it did until now).
+    fn starting(&self, job: &Job) {
+        if matches!(job, Job::Due(_)) {
             self.scheduler.taken();
         }
-        tokio::spawn(run_jobs(self.clone(), start));
     }
 
     /// What a webhook's slots look like now: its adaptive limit and what waits.
@@ -267,7 +272,7 @@ impl Deliverer {
     pub fn sample_slots(&self) {
         let sample = self.slots.sample(clock::now_ms(), clock::now_us());
         let lag = self.scheduler.lag();
-        lag.slots_sampled(sample.oldest_ms, self.slots.in_flight());
+        lag.slots_sampled(sample.oldest_ms, sample.in_flight);
         lag.webhooks_waiting(sample.engine_waits);
     }
 
@@ -559,9 +564,7 @@ async fn run_jobs(deliverer: Arc<Deliverer>, first: Start<Job>) {
         }
         match mine {
             Some(start) => {
-                if matches!(start.job, Job::Due(_)) {
-                    deliverer.scheduler.taken();
-                }
+                deliverer.starting(&start.job);
                 job = start.job;
             }
             None => return,

@@ -94,6 +94,8 @@ pub struct Sample {
     pub engine_waits: HashMap<AccountId, u64>,
     /// The due time of the oldest waiting job of any webhook, for any reason.
     pub oldest_ms: Option<u64>,
+    /// Attempts in flight, engine-wide.
+    pub in_flight: u32,
 }
 
 struct Waiting<J> {
@@ -296,7 +298,10 @@ impl<J> Slots<J> {
     pub fn sample(&self, now_ms: u64, now_us: u64) -> Sample {
         let mut pool = self.lock();
         let pool = &mut *pool;
-        let mut sample = Sample::default();
+        let mut sample = Sample {
+            in_flight: pool.in_flight,
+            ..Sample::default()
+        };
         if now_ms >= pool.last_prune_ms + PRUNE_EVERY_MS {
             pool.last_prune_ms = now_ms;
             let idle_before = now_ms.saturating_sub(FORGET_IDLE.as_millis() as u64);

@@ -13,13 +13,12 @@ use serde_json::{json, Value};
 /// A plan without a rate, so that the endpoints are what limits delivery.
 const UNLIMITED: &str = "[plans.unlimited]\nevents_per_second = 0\n";
 
-/// Posts `n` events of `event` to `account` in batches of 100 (admin); ignores push-back.
-async fn post_batch(e: &TestEngine, account: &str, n: usize) -> StatusCode {
+/// Posts `n` events to `account` in one batch (admin); returns the status.
+async fn post_batch(api: &Api, account: &str, n: usize) -> StatusCode {
     let events: Vec<Value> = (0..n)
         .map(|i| json!({"account_id": account, "event": "visitor.checked_in", "data": {"i": i}}))
         .collect();
-    let (s, _) = e
-        .api
+    let (s, _) = api
         .admin(
             Method::POST,
             "/v1/events/batch",
@@ -65,15 +64,7 @@ async fn an_endpoint_that_starts_refusing_gets_half_the_requests_within_two_seco
         tokio::spawn(async move {
             for _ in 0..600 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let events: Vec<Value> = (0..100)
-                    .map(|i| json!({"account_id": acc, "event": "visitor.checked_in", "data": {"i": i}}))
-                    .collect();
-                api.admin(
-                    Method::POST,
-                    "/v1/events/batch",
-                    Some(json!({"events": events})),
-                )
-                .await;
+                post_batch(&api, &acc, 100).await;
             }
         })
     };
@@ -149,8 +140,8 @@ async fn a_customer_cap_bounds_the_requests_in_flight_and_is_shown() {
     assert_eq!(hook["concurrency_limit"], 3);
     let id = hook["id"].as_str().unwrap();
     // 3 at a time, 200 ms each: 200 events keep it busy well past the cap's removal.
-    assert_eq!(post_batch(&e, &acc, 100).await, StatusCode::ACCEPTED);
-    assert_eq!(post_batch(&e, &acc, 100).await, StatusCode::ACCEPTED);
+    assert_eq!(post_batch(&e.api, &acc, 100).await, StatusCode::ACCEPTED);
+    assert_eq!(post_batch(&e.api, &acc, 100).await, StatusCode::ACCEPTED);
     r.wait_for(3, Duration::from_secs(10)).await;
     let peak = peak_in_flight(&r, Duration::from_millis(600)).await;
     assert!((1..=3).contains(&peak), "cap 3, {peak} at once");
@@ -204,7 +195,7 @@ async fn a_slow_endpoint_holds_only_its_own_accounts_ingest() {
     let (b, _) = e.account("fastco", "unlimited").await;
     e.webhook(&a, &slow.url, &["*"]).await;
     e.webhook(&b, &fast.url, &["*"]).await;
-    assert_eq!(post_batch(&e, &a, 100).await, StatusCode::ACCEPTED);
+    assert_eq!(post_batch(&e.api, &a, 100).await, StatusCode::ACCEPTED);
     // A's deliveries wait behind its 2 slots: its lag climbs past max_lag …
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -253,7 +244,7 @@ async fn a_slow_webhook_does_not_delay_the_accounts_other_webhooks() {
     e.webhook(&a, &slow.url, &["*"]).await;
     e.webhook(&a, &fast.url, &["*"]).await;
     let started = Instant::now();
-    assert_eq!(post_batch(&e, &a, 50).await, StatusCode::ACCEPTED);
+    assert_eq!(post_batch(&e.api, &a, 50).await, StatusCode::ACCEPTED);
     // The fast endpoint gets all 50 long before the slow one (2 at a time, 300 ms each) could.
     fast.wait_for(50, Duration::from_secs(5)).await;
     assert!(

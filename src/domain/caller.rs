@@ -1,9 +1,9 @@
 //! Who is calling: the one place a secret (a `/v1` bearer token or the key typed into the
 //! dashboard's login form) becomes a [`Caller`], and the scope/owner check both front ends
 //! apply before calling a domain function. The secret enters as a `&str`; it leaves as a
-//! `Caller` or an [`ApiError`] (404 for another account's resources, 403 for admin routes).
+//! `Caller`, or a [`Refusal`] (404 for another account's resources, 403 for admin routes).
 
-use crate::api::{ApiError, AppState};
+use super::{Refusal, Services};
 use crate::ids::AccountId;
 use crate::signing;
 
@@ -17,8 +17,8 @@ pub enum Caller {
 impl Caller {
     /// The account a route under `/v1/accounts/{id}` addresses, if this caller may reach it.
     /// Another account's resources answer 404, as if they did not exist.
-    pub(crate) fn scope(&self, state: &AppState, raw: &str) -> Result<AccountId, ApiError> {
-        let missing = || ApiError::not_found("account_not_found", format!("no account {raw:?}"));
+    pub(crate) fn scope(&self, state: &Services, raw: &str) -> Result<AccountId, Refusal> {
+        let missing = || Refusal::not_found("account_not_found", format!("no account {raw:?}"));
         let id = AccountId::parse(raw).ok_or_else(missing)?;
         match self {
             Caller::Account(own) if *own != id => Err(missing()),
@@ -27,10 +27,10 @@ impl Caller {
         }
     }
 
-    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
+    pub(crate) fn require_admin(&self) -> Result<(), Refusal> {
         match self {
             Caller::Admin => Ok(()),
-            Caller::Account(_) => Err(ApiError::forbidden("this route needs the admin token")),
+            Caller::Account(_) => Err(Refusal::forbidden("this route needs the admin token")),
         }
     }
 }
@@ -38,7 +38,7 @@ impl Caller {
 impl Caller {
     /// The caller `token` names: the admin token, or an account's API key; `None` for anything
     /// else. `/v1` (with its failed-auth guard) and the dashboard login both call this.
-    pub fn resolve(state: &AppState, token: &str) -> Option<Caller> {
+    pub fn resolve(state: &Services, token: &str) -> Option<Caller> {
         if is_admin_token(state, token) {
             Some(Caller::Admin)
         } else {
@@ -51,7 +51,7 @@ impl Caller {
 }
 
 /// Whether `token` is the admin token (constant time; never true before one is resolved).
-pub fn is_admin_token(state: &AppState, token: &str) -> bool {
+fn is_admin_token(state: &Services, token: &str) -> bool {
     state
         .config
         .auth

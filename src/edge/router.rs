@@ -69,7 +69,7 @@ impl<A: Clone, U: Clone> Clone for Router<A, U> {
 }
 
 /// Whether a request belongs to the dashboard: its pages, and the site root it redirects.
-pub fn is_dashboard<B>(req: &Request<B>) -> bool {
+fn is_dashboard<B>(req: &Request<B>) -> bool {
     let path = req.uri().path();
     path == "/ui" || path.starts_with("/ui/") || (path == "/" && req.method() == Method::GET)
 }
@@ -99,6 +99,38 @@ impl<A: Frontend, U: Frontend> Handler for Router<A, U> {
             self.ui.call(req).await.map(Either::Right)
         } else {
             self.api.call(req).await.map(Either::Left)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_dashboard;
+    use http::{Method, Request};
+
+    fn req(method: Method, uri: &str) -> Request<()> {
+        Request::builder().method(method).uri(uri).body(()).unwrap()
+    }
+
+    #[test]
+    fn the_dashboard_gets_its_prefix_and_the_root_s_get_and_the_api_the_rest() {
+        for (method, uri) in [
+            (Method::GET, "/ui"),
+            (Method::GET, "/ui/"),
+            (Method::POST, "/ui/login"),
+            (Method::GET, "/ui/a/acc_1/webhooks?x=1"),
+            (Method::GET, "/"),
+        ] {
+            assert!(is_dashboard(&req(method.clone(), uri)), "{method} {uri}");
+        }
+        for (method, uri) in [
+            (Method::POST, "/"),
+            (Method::GET, "/uix"),
+            (Method::GET, "/v1/ui"),
+            (Method::GET, "/healthz"),
+            (Method::POST, "/v1/events"),
+        ] {
+            assert!(!is_dashboard(&req(method.clone(), uri)), "{method} {uri}");
         }
     }
 }

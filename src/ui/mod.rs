@@ -165,7 +165,7 @@ fn error_page(status: StatusCode, message: &str) -> Page {
     html(status, pages::error(status, message))
 }
 
-/// A refused or failed request as a page (what the API renders as its JSON error).
+/// A refused or failed request as a page (the API renders the same refusal as JSON).
 pub fn refusal_page(e: &Refusal) -> Page {
     if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
         tracing::error!(code = e.code, message = %e.message, "dashboard request failed");

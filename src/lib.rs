@@ -2,8 +2,11 @@
 //!
 //! The pipeline, in the order an event travels (see ARCHITECTURE.md for the picture):
 //!
-//! - [`server`] accepts HTTP(S) connections and hands requests to [`api`], which routes,
-//!   authenticates and validates them.
+//! - [`edge`] accepts HTTP(S) connections; its router hands `/ui…` to [`ui`] (the dashboard)
+//!   and everything else to [`api`] (JSON), which routes, authenticates and validates them.
+//! - [`domain`] holds every business rule of accounts, webhooks, deliveries, events and
+//!   stats, its one error type ([`domain::Refusal`]) and the one place a token becomes a
+//!   [`domain::caller::Caller`]; both [`api`] and [`ui`] call it.
 //! - [`ingest`] builds each event's body once and hands it to the group committer, which
 //!   makes a whole batch durable in the [`store`] with one flush before answering 202, then
 //!   fans it out through the [`registry`]'s subscription index into delivery records.
@@ -14,6 +17,19 @@
 //!   writes them (records, attempts, schedule).
 //! - [`metrics`] serves Prometheus; [`config`] is read once at start; [`ids`], [`model`] and
 //!   [`codec`] define what flows between the stages.
+//!
+//! The HTTP side has no cycle: the two front ends, [`api`] and [`ui`], are siblings over
+//! [`domain`] and [`edge`]. No module under `src/api/` names `ui`, none under `src/ui/` names
+//! `api`, the domain names neither, and the edge names neither of them nor the domain (the
+//! engine hands it the two front ends as handlers). `tests/it/layers.rs` enforces it; the same
+//! check by hand prints nothing:
+//!
+//! ```text
+//! grep -rnE '(crate|super)(::super)*::(api|ui)\b' src/domain src/edge src/metrics.rs
+//! grep -rnE '(crate|super)(::super)*::domain\b' src/edge
+//! grep -rnE '(crate|super)(::super)*::ui\b' src/api
+//! grep -rnE '(crate|super)(::super)*::api\b' src/ui
+//! ```
 
 #![forbid(unsafe_code)]
 
@@ -27,6 +43,8 @@ pub mod codec;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
+pub mod domain;
+pub mod edge;
 pub mod fifo;
 pub mod history;
 pub mod ids;
@@ -41,7 +59,6 @@ pub mod registry;
 pub mod retention;
 pub mod scheduler;
 pub mod secrets;
-pub mod server;
 pub mod signing;
 pub mod stats;
 pub mod store;
@@ -55,10 +72,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::api::AppState;
 use crate::config::Config;
 use crate::delivery::{Deliveries, Writer};
 use crate::dispatch::{Deliverer, Dispatcher, Outbound};
+use crate::domain::Services;
 use crate::ingest::{Committer, Ingest};
 use crate::registry::Registry;
 use crate::scheduler::{Scheduler, SchedulerHandle};
@@ -116,7 +133,7 @@ pub struct Engine {
     pipeline_tasks: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     retention: Option<retention::Retention>,
-    state: Option<Arc<AppState>>,
+    state: Option<Arc<Services>>,
     committer: Option<Committer>,
     writer: Option<Writer>,
     store: Arc<dyn Storage>,
@@ -126,8 +143,8 @@ pub struct Engine {
 impl Engine {
     /// Opens the store, recovers owed work, binds both listeners and starts every stage.
     pub async fn start(mut config: Config) -> Result<Engine, StartError> {
-        let api_listener = server::bind(config.server.listen, "server.listen").await?;
-        let metrics_listener = server::bind(config.metrics.listen, "metrics.listen").await?;
+        let api_listener = edge::bind(config.server.listen, "server.listen").await?;
+        let metrics_listener = edge::bind(config.metrics.listen, "metrics.listen").await?;
         let api_addr = api_listener
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
@@ -135,9 +152,9 @@ impl Engine {
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-            (Some(cert), Some(key)) => Some(
-                server::tls_acceptor(cert, key).map_err(|e| StartError::Config(e.to_string()))?,
-            ),
+            (Some(cert), Some(key)) => {
+                Some(edge::tls_acceptor(cert, key).map_err(|e| StartError::Config(e.to_string()))?)
+            }
             _ => None,
         };
         let outbound = Outbound::new(
@@ -263,7 +280,7 @@ impl Engine {
             tokio::spawn(scheduler_task.run(Some(store.clone()), shutdown_rx.clone())),
             tokio::spawn(Dispatcher::new(deliverer.clone()).run(due_rx, shutdown_rx.clone())),
         ];
-        let state = Arc::new(AppState {
+        let state = Arc::new(Services {
             config: config.clone(),
             store: store.clone(),
             registry,
@@ -271,18 +288,22 @@ impl Engine {
             deliverer,
             scheduler: scheduler.clone(),
             manual_retries: manual_retry::ManualRetryLimits::new(),
-            ui: ui::UiState::new(&config, store.clone()),
-            auth_guard: api::guard::AuthGuard::default(),
         });
+        // The API listener: the two front ends over the same services, split by path.
+        let router = edge::router::Router::new(
+            api::ApiHandler::new(state.clone()),
+            ui::UiHandler::new(state.clone()),
+            &config.server,
+        );
         let server_tasks = vec![
-            tokio::spawn(server::serve(
+            tokio::spawn(edge::serve(
                 api_listener,
                 tls,
-                server::ApiHandler(state.clone()),
-                server::Timeouts::from_config(&config.server),
+                router,
+                edge::Timeouts::from_config(&config.server),
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(server::serve(
+            tokio::spawn(edge::serve(
                 metrics_listener,
                 None,
                 metrics::MetricsHandler {
@@ -291,7 +312,7 @@ impl Engine {
                     store: store.clone(),
                     registry: state.registry.clone(),
                 },
-                server::Timeouts::from_config(&config.server),
+                edge::Timeouts::from_config(&config.server),
                 shutdown_rx.clone(),
             )),
         ];

@@ -20,9 +20,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::edge::Handler;
 use crate::model::now_ms;
 use crate::registry::Registry;
-use crate::server::Handler;
 use crate::store::Storage;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -242,12 +242,24 @@ pub fn lateness_seconds(earliest_due_ms: Option<u64>, now_ms: u64) -> f64 {
     earliest_due_ms.map_or(0.0, |due| now_ms.saturating_sub(due) as f64 / 1000.0)
 }
 
+/// A plain-text 404 for the listener's other paths: this listener is for Prometheus, not a
+/// client of the API, so its answer owes nothing to the API's JSON error format.
+fn not_found() -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::NOT_FOUND)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(
+            b"not found: only GET /metrics is served here\n",
+        )))
+        .expect("static response parts are valid")
+}
+
 impl Handler for MetricsHandler {
     type Body = Full<Bytes>;
 
     async fn call(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET || req.uri().path() != "/metrics" {
-            return crate::server::not_found();
+            return not_found();
         }
         self.refresh().await;
         Response::builder()

@@ -1,13 +1,14 @@
 //! Account routes (HTTP side): admin scope, body parsing and the JSON views of create, read,
 //! update (name, plan), delete (cascading) and API-key rotation. The rules are in
-//! [`domain::accounts`](super::domain::accounts).
+//! [`domain::accounts`](crate::domain::accounts).
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::domain::accounts as domain;
-pub use super::domain::accounts::{CreateAccount, UpdateAccount};
-use super::{empty_response, json_response, ApiResult, AppState, Call};
+use super::{empty_response, json_response, ApiResult, Call};
+use crate::domain::accounts as domain;
+pub use crate::domain::accounts::{CreateAccount, UpdateAccount};
+use crate::domain::Services;
 use crate::model::{rfc3339, Account};
 
 pub fn view(a: &Account) -> Value {
@@ -19,7 +20,7 @@ pub fn view(a: &Account) -> Value {
     })
 }
 
-pub async fn create(state: &AppState, call: Call) -> ApiResult {
+pub async fn create(state: &Services, call: Call) -> ApiResult {
     call.caller.require_admin()?;
     let body: CreateAccount = call.json(state).await?;
     let (account, api_key) = domain::create_account(state, body).await?;
@@ -28,13 +29,13 @@ pub async fn create(state: &AppState, call: Call) -> ApiResult {
     Ok(json_response(StatusCode::CREATED, &out))
 }
 
-pub fn get(state: &AppState, call: Call, raw: &str) -> ApiResult {
+pub fn get(state: &Services, call: Call, raw: &str) -> ApiResult {
     let id = call.caller.scope(state, raw)?;
     let account = domain::get_account(state, &id)?;
     Ok(json_response(StatusCode::OK, &view(&account)))
 }
 
-pub async fn update(state: &AppState, call: Call, raw: &str) -> ApiResult {
+pub async fn update(state: &Services, call: Call, raw: &str) -> ApiResult {
     call.caller.require_admin()?;
     let id = call.caller.scope(state, raw)?;
     let body: UpdateAccount = call.json(state).await?;
@@ -42,14 +43,14 @@ pub async fn update(state: &AppState, call: Call, raw: &str) -> ApiResult {
     Ok(json_response(StatusCode::OK, &view(&account)))
 }
 
-pub async fn delete(state: &AppState, call: Call, raw: &str) -> ApiResult {
+pub async fn delete(state: &Services, call: Call, raw: &str) -> ApiResult {
     call.caller.require_admin()?;
     let id = call.caller.scope(state, raw)?;
     domain::delete_account(state, &id).await?;
     Ok(empty_response(StatusCode::NO_CONTENT))
 }
 
-pub async fn rotate_key(state: &AppState, call: Call, raw: &str) -> ApiResult {
+pub async fn rotate_key(state: &Services, call: Call, raw: &str) -> ApiResult {
     call.caller.require_admin()?;
     let id = call.caller.scope(state, raw)?;
     let api_key = domain::rotate_api_key(state, &id).await?;

@@ -20,7 +20,8 @@ use http_body_util::Either;
 use hyper::body::{Frame, Incoming};
 use tokio::sync::mpsc;
 
-use super::{authenticate, error_response, ApiBody, ApiError, AppState};
+use super::{authenticate, error_response, ApiBody, ApiState};
+use crate::domain::Refusal;
 use crate::store::embedded::backup::BackupError;
 
 /// The route's path.
@@ -55,7 +56,7 @@ pub fn is_backup_route(path: &str) -> bool {
 }
 
 /// `POST /v1/admin/backup`.
-pub async fn backup(state: Arc<AppState>, req: Request<Incoming>) -> Response<ApiBody> {
+pub async fn backup(state: Arc<ApiState>, req: Request<Incoming>) -> Response<ApiBody> {
     let started = Instant::now();
     let response = match start_backup(&state, &req).await {
         Ok(body) => Response::builder()
@@ -77,12 +78,9 @@ pub async fn backup(state: Arc<AppState>, req: Request<Incoming>) -> Response<Ap
     response
 }
 
-async fn start_backup(
-    state: &Arc<AppState>,
-    req: &Request<Incoming>,
-) -> Result<Streamed, ApiError> {
+async fn start_backup(state: &ApiState, req: &Request<Incoming>) -> Result<Streamed, Refusal> {
     if req.method() != Method::POST {
-        return Err(ApiError::new(
+        return Err(Refusal::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{} is not allowed on {BACKUP_PATH}", req.method()),
@@ -96,23 +94,23 @@ async fn start_backup(
         .is_some_and(|v| v.as_bytes() != b"0")
         || req.headers().contains_key(header::TRANSFER_ENCODING);
     if has_body {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_request",
             format!("POST {BACKUP_PATH} takes no request body"),
         ));
     }
     // Closing the write gate waits for writes in progress: not on an async worker.
-    let store = state.store.clone();
+    let store = state.services.store.clone();
     let begun = tokio::task::spawn_blocking(move || store.begin_backup())
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| Refusal::internal(e.to_string()))?;
     let snapshot = begun.map_err(|e| match e {
-        BackupError::InProgress => ApiError::new(
+        BackupError::InProgress => Refusal::new(
             StatusCode::CONFLICT,
             "backup_in_progress",
             "a backup is already running; try again when it has finished",
         ),
-        other => ApiError::internal(other.to_string()),
+        other => Refusal::internal(other.to_string()),
     })?;
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
     tokio::task::spawn_blocking(move || {

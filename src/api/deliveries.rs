@@ -1,12 +1,13 @@
 //! Delivery-log routes (HTTP side): account scope, id and query parsing, and the JSON views of
 //! the lists (per account, per webhook), one delivery with its request and every attempt, and
-//! the manual retry. The rules are in [`domain::deliveries`](super::domain::deliveries).
+//! the manual retry. The rules are in [`domain::deliveries`](crate::domain::deliveries).
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::domain::deliveries as domain;
-use super::{json_response, list_response, ApiError, ApiResult, AppState, Call};
+use super::{json_response, list_response, ApiResult, Call};
+use crate::domain::deliveries as domain;
+use crate::domain::{Refusal, Services};
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{rfc3339, AttemptRecord, DeliveryRecord};
 
@@ -44,7 +45,7 @@ fn attempt_view(a: &AttemptRecord) -> Value {
     })
 }
 
-fn page_response(state: &AppState, account: &AccountId, q: domain::LogQuery) -> ApiResult {
+fn page_response(state: &Services, account: &AccountId, q: domain::LogQuery) -> ApiResult {
     let page = domain::list_deliveries(state, account, &q)?;
     Ok(list_response(
         page.items.iter().map(summary).collect(),
@@ -52,34 +53,34 @@ fn page_response(state: &AppState, account: &AccountId, q: domain::LogQuery) -> 
     ))
 }
 
-pub fn list(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
+pub fn list(state: &Services, call: Call, account_raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
     let q = domain::query_from_params(state, &account, None, &call.query())?;
     page_response(state, &account, q)
 }
 
-pub fn list_for_webhook(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub fn list_for_webhook(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
     let id = WebhookId::parse(raw)
-        .filter(|id| super::domain::webhooks::get_webhook(state, &account, *id).is_ok())
-        .ok_or_else(|| ApiError::not_found("webhook_not_found", format!("no webhook {raw:?}")))?;
+        .filter(|id| crate::domain::webhooks::get_webhook(state, &account, *id).is_ok())
+        .ok_or_else(|| Refusal::not_found("webhook_not_found", format!("no webhook {raw:?}")))?;
     let q = domain::query_from_params(state, &account, Some(id), &call.query())?;
     page_response(state, &account, q)
 }
 
 fn ids(
-    state: &AppState,
+    state: &Services,
     call: &Call,
     account_raw: &str,
     raw: &str,
-) -> Result<(AccountId, DeliveryId), ApiError> {
+) -> Result<(AccountId, DeliveryId), Refusal> {
     let account = call.caller.scope(state, account_raw)?;
     let id = DeliveryId::parse(raw)
-        .ok_or_else(|| ApiError::not_found("delivery_not_found", format!("no delivery {raw:?}")))?;
+        .ok_or_else(|| Refusal::not_found("delivery_not_found", format!("no delivery {raw:?}")))?;
     Ok((account, id))
 }
 
-pub fn get(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub fn get(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     let detail = domain::get_delivery(state, &account, id)?;
     let headers: serde_json::Map<String, Value> = detail
@@ -94,7 +95,7 @@ pub fn get(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiRes
     Ok(json_response(StatusCode::OK, &out))
 }
 
-pub async fn retry(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub async fn retry(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     let record = domain::retry_delivery(state, &account, id).await?;
     Ok(json_response(

@@ -1,6 +1,6 @@
 //! Ingest routes (HTTP side): admin scope, bounded body reads, JSON parsing of one event or a
 //! batch, the views of their outcome, and the event catalog. The rules (capacity, validation,
-//! building, durable commit) are in [`domain::events`](super::domain::events); the 202 is sent
+//! building, durable commit) are in [`domain::events`](crate::domain::events); the 202 is sent
 //! only once the commit that holds the events is durable.
 
 use http::StatusCode;
@@ -8,13 +8,14 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use super::domain::events as domain;
-use super::{json_response, parse_json, ApiError, ApiResult, AppState, Call};
+use super::{json_response, parse_json, ApiResult, Call};
+use crate::domain::events as domain;
+use crate::domain::{Refusal, Services};
 use crate::ingest::EventInput;
 
 /// The configured catalog with each type's family, description and example `data` (whose
 /// key order is kept: serialised straight from the catalog, not through a `Value`).
-pub fn event_types(state: &AppState) -> ApiResult {
+pub fn event_types(state: &Services) -> ApiResult {
     #[derive(serde::Serialize)]
     struct Catalog<'a> {
         data: Vec<crate::catalog::EventType<'a>>,
@@ -27,7 +28,7 @@ pub fn event_types(state: &AppState) -> ApiResult {
     ))
 }
 
-pub async fn ingest_one(state: &AppState, call: Call) -> ApiResult {
+pub async fn ingest_one(state: &Services, call: Call) -> ApiResult {
     let started = std::time::Instant::now();
     call.caller.require_admin()?;
     domain::check_capacity(state)?;
@@ -46,7 +47,7 @@ pub struct Batch<'a> {
     pub events: Vec<&'a RawValue>,
 }
 
-pub async fn ingest_batch(state: &AppState, call: Call) -> ApiResult {
+pub async fn ingest_batch(state: &Services, call: Call) -> ApiResult {
     let started = std::time::Instant::now();
     call.caller.require_admin()?;
     domain::check_capacity(state)?;
@@ -56,9 +57,8 @@ pub async fn ingest_batch(state: &AppState, call: Call) -> ApiResult {
         .events
         .iter()
         .map(|raw| {
-            serde_json::from_str::<EventInput>(raw.get()).map_err(|e| {
-                ApiError::bad_request("invalid_request", format!("invalid event: {e}"))
-            })
+            serde_json::from_str::<EventInput>(raw.get())
+                .map_err(|e| Refusal::bad_request("invalid_request", format!("invalid event: {e}")))
         })
         .collect();
     let outcomes = domain::ingest_batch(state, items).await?;

@@ -1,18 +1,18 @@
 //! The HTTP API of the contract: routing, authentication, request parsing and JSON views.
 //!
-//! A request enters from `server` as a hyper request; [`handle`] matches its method and path
-//! to one handler (`accounts`, `webhooks`, `events`, `deliveries`), authenticates the bearer
-//! token (admin token, or an account's API key that only reaches its own account), reads and
-//! strictly parses the JSON body within `server.max_body_bytes`, and calls the domain function
-//! of the route ([`domain`]: every business rule, shared with the dashboard). Every answer — including every error, as [`ApiError`] — is
+//! A request enters from the edge's router ([`crate::edge::router`]) as a hyper request, through
+//! [`ApiHandler`]; [`handle`] matches its method and path to one handler (`accounts`,
+//! `webhooks`, `events`, `deliveries`), authenticates the bearer token (admin token, or an
+//! account's API key that only reaches its own account; [`Caller::resolve`]), reads the body
+//! with the edge's bounded reader and parses it as strict JSON, and calls the domain function
+//! of the route ([`crate::domain`]: every business rule, shared with the dashboard). Every
+//! answer — including every error, a domain [`Refusal`] rendered by [`error_response`] — is
 //! JSON; bad input is a 4xx, never a 500 or a dropped connection. [`ROUTES`] is the one list of
 //! what is served; `docs/openapi.json` (served at `GET /v1/openapi.json`) documents each entry.
 
 mod accounts;
 pub mod admin;
 mod deliveries;
-pub mod domain;
-pub mod error;
 mod events;
 pub mod guard;
 pub mod stats;
@@ -30,79 +30,62 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 
-pub use error::ApiError;
-
-use crate::config::Config;
-use crate::dispatch::Deliverer;
-use crate::ids::AccountId;
-use crate::ingest::Ingest;
-use crate::registry::Registry;
-use crate::scheduler::SchedulerHandle;
+use crate::domain::caller::Caller;
+use crate::domain::{Refusal, Services};
+use crate::edge::{self, client_ip, router};
 use crate::signing;
-use crate::store::Storage;
 
-/// What every handler can reach.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub store: Arc<dyn Storage>,
-    pub registry: Arc<Registry>,
-    pub ingest: Ingest,
-    pub deliverer: Arc<Deliverer>,
-    pub scheduler: SchedulerHandle,
-    /// Rate limits of `POST …/deliveries/{id}/retry`.
-    pub manual_retries: crate::manual_retry::ManualRetryLimits,
-    /// The dashboard's sessions and sign-in limiter.
-    pub ui: crate::ui::UiState,
+/// What the API's handlers reach: the domain's services, and the API's own guard.
+pub struct ApiState {
+    pub services: Arc<Services>,
     /// Failed bearer authentications per client address.
     pub auth_guard: guard::AuthGuard,
 }
 
-pub type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
+/// The API as the edge sees it: a [`Handler`](edge::Handler) for the router.
+#[derive(Clone)]
+pub struct ApiHandler(pub Arc<ApiState>);
+
+impl ApiHandler {
+    pub fn new(services: Arc<Services>) -> Self {
+        ApiHandler(Arc::new(ApiState {
+            services,
+            auth_guard: guard::AuthGuard::default(),
+        }))
+    }
+}
+
+impl edge::Handler for ApiHandler {
+    type Body = ApiBody;
+
+    async fn call(&self, req: Request<Incoming>) -> Response<ApiBody> {
+        handle_streaming(self.0.clone(), req).await
+    }
+}
+
+impl router::Frontend for ApiHandler {
+    fn misdirected(&self) -> Response<ApiBody> {
+        let refusal = Refusal::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected_request",
+            router::MISDIRECTED,
+        );
+        error_response(&refusal).map(http_body_util::Either::Left)
+    }
+}
+
+pub type ApiResult = Result<Response<Full<Bytes>>, Refusal>;
 
 /// The API's response body: one buffer, or a stream (a backup, [`admin::backup`]).
 pub type ApiBody = http_body_util::Either<Full<Bytes>, admin::Streamed>;
 
-/// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
-    Admin,
-    Account(AccountId),
-}
-
-impl Caller {
-    /// The account a route under `/v1/accounts/{id}` addresses, if this caller may reach it.
-    /// Another account's resources answer 404, as if they did not exist.
-    pub(crate) fn scope(&self, state: &AppState, raw: &str) -> Result<AccountId, ApiError> {
-        let missing = || ApiError::not_found("account_not_found", format!("no account {raw:?}"));
-        let id = AccountId::parse(raw).ok_or_else(missing)?;
-        match self {
-            Caller::Account(own) if *own != id => Err(missing()),
-            _ if !state.registry.account_exists(&id) => Err(missing()),
-            _ => Ok(id),
-        }
-    }
-
-    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
-        match self {
-            Caller::Admin => Ok(()),
-            Caller::Account(_) => Err(ApiError::forbidden("this route needs the admin token")),
-        }
-    }
-}
-
-/// The client address of a request (set by `server`; loopback for requests built in tests).
-pub fn client_ip<B>(req: &Request<B>) -> std::net::IpAddr {
-    req.extensions()
-        .get::<crate::server::ClientAddr>()
-        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.0.ip())
-}
-
 /// Who the bearer token names. A wrong token counts against the client address; an address
 /// over its limit gets 429 for every token it has not used successfully before ([`guard`]).
-fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiError> {
+fn authenticate<B>(state: &ApiState, req: &Request<B>) -> Result<Caller, Refusal> {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -113,62 +96,24 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Caller, ApiErro
         })
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(ApiError::unauthorized)?;
-    let found = if is_admin_token(state, token) {
-        Some((Caller::Admin, guard::Credential::Admin))
-    } else {
-        let hash = signing::hash_api_key(token);
-        state
-            .registry
-            .account_by_key(&hash)
-            .map(|account| (Caller::Account(account), guard::Credential::Account(hash)))
-    };
+        .ok_or_else(Refusal::unauthorized)?;
+    let found = Caller::resolve(&state.services, token).map(|caller| {
+        let credential = match caller {
+            Caller::Admin => guard::Credential::Admin,
+            Caller::Account(_) => guard::Credential::Account(signing::hash_api_key(token)),
+        };
+        (caller, credential)
+    });
     let credential = found.as_ref().map(|(_, c)| *c);
     match (state.auth_guard.verdict(client_ip(req), credential), found) {
         (guard::Verdict::Serve, Some((caller, _))) => Ok(caller),
-        (guard::Verdict::Limited(wait), _) => Err(ApiError::too_many(
+        (guard::Verdict::Limited(wait), _) => Err(Refusal::too_many(
             "too_many_failed_authentications",
             format!("too many wrong bearer tokens from this address; try again in {wait} seconds"),
             wait,
         )),
-        _ => Err(ApiError::unauthorized()),
+        _ => Err(Refusal::unauthorized()),
     }
-}
-
-/// Whether `token` is the admin token (constant time; never true before one is resolved).
-pub fn is_admin_token(state: &AppState, token: &str) -> bool {
-    state
-        .config
-        .auth
-        .admin_token
-        .as_deref()
-        .is_some_and(|admin| signing::constant_time_eq(token, admin))
-}
-
-/// 421 for a request whose `Host` is not ours (DNS rebinding, see `server::hosts`), before
-/// anything else looks at it: JSON on the API, a page on the dashboard.
-fn misdirected<B>(state: &AppState, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
-    let local = req
-        .extensions()
-        .get::<crate::server::LocalAddr>()
-        .map(|a| a.0.ip());
-    let server = &state.config.server;
-    let hosts = crate::server::hosts::HostAllowlist::new(server.listen, &server.public_hosts);
-    if hosts.admits(req, local) {
-        return None;
-    }
-    let error = ApiError::new(
-        StatusCode::MISDIRECTED_REQUEST,
-        "misdirected_request",
-        "this server does not answer to that Host; use its address, localhost, or a name in \
-         server.public_hosts",
-    );
-    let path = req.uri().path();
-    Some(if path == "/ui" || path.starts_with("/ui/") {
-        crate::ui::api_error_page(&error)
-    } else {
-        error_response(&error)
-    })
 }
 
 /// A request with its body still unread, and what the router learned about it.
@@ -178,60 +123,14 @@ pub struct Call {
 }
 
 impl Call {
-    /// Reads the whole body (bounded) and parses it as strict JSON.
-    pub async fn json<T: DeserializeOwned>(self, state: &AppState) -> Result<T, ApiError> {
+    /// Reads the whole body (bounded, see [`edge::read_body`]) and parses it as strict JSON.
+    pub async fn json<T: DeserializeOwned>(self, state: &Services) -> Result<T, Refusal> {
         let bytes = self.bytes(state).await?;
         parse_json::<T>(&bytes)
     }
 
-    pub async fn bytes(self, state: &AppState) -> Result<Bytes, ApiError> {
-        let limit = state.config.server.max_body_bytes;
-        let too_large = || {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("request bodies are limited to {limit} bytes (server.max_body_bytes)"),
-            )
-        };
-        if let Some(len) = self
-            .req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            if len > limit as u64 {
-                return Err(too_large());
-            }
-        }
-        // One deadline for the whole body, not per read: a client trickling a byte now and
-        // then would otherwise hold its connection and buffer indefinitely. Dropping the read
-        // frees what was buffered; the connection then closes (see `server`).
-        let deadline = state.config.server.body_read_timeout;
-        let read = Limited::new(self.req.into_body(), limit).collect();
-        let Ok(read) = tokio::time::timeout(deadline, read).await else {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                format!(
-                    "the request body did not arrive within {} ms (server.body_read_timeout)",
-                    deadline.as_millis()
-                ),
-            ));
-        };
-        match read {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e)
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                Err(too_large())
-            }
-            Err(e) => Err(ApiError::bad_request(
-                "invalid_body",
-                format!("could not read the request body: {e}"),
-            )),
-        }
+    pub async fn bytes(self, state: &Services) -> Result<Bytes, Refusal> {
+        Ok(edge::read_body(self.req, &state.config.server).await?)
     }
 
     pub fn query(&self) -> Vec<(String, String)> {
@@ -244,9 +143,9 @@ impl Call {
 }
 
 /// Strict JSON: unknown fields, wrong types and trailing data are 400s naming the problem.
-pub fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Refusal> {
     if bytes.is_empty() {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_json",
             "the request needs a JSON body",
         ));
@@ -256,7 +155,7 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, A
             serde_json::error::Category::Data => "invalid_request",
             _ => "invalid_json",
         };
-        ApiError::bad_request(code, format!("invalid request body: {e}"))
+        Refusal::bad_request(code, format!("invalid request body: {e}"))
     })
 }
 
@@ -279,28 +178,26 @@ pub fn empty_response(status: StatusCode) -> Response<Full<Bytes>> {
         .expect("static response parts are valid")
 }
 
-pub fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+/// A refusal as the contract's JSON error: `{"error": {"code", "message"}}`, with its status and
+/// any `Retry-After`.
+pub fn error_response(e: &Refusal) -> Response<Full<Bytes>> {
     let mut builder = Response::builder()
         .status(e.status)
         .header(header::CONTENT_TYPE, "application/json");
     if let Some(secs) = e.retry_after {
         builder = builder.header(header::RETRY_AFTER, secs.to_string());
     }
+    let body = serde_json::to_vec(&serde_json::json!({
+        "error": { "code": e.code, "message": e.message }
+    }))
+    .expect("serialising a JSON value cannot fail");
     builder
-        .body(Full::new(Bytes::from(e.body())))
+        .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
 }
 
 /// Serves one request of the API listener: the streamed backup route, or [`handle`].
-pub async fn handle_streaming(
-    state: Arc<AppState>,
-    req: Request<hyper::body::Incoming>,
-) -> Response<ApiBody> {
-    if let Some(refused) = misdirected(&state, &req) {
-        metrics::counter!("kyberhook_api_requests_total", "route" => "misdirected", "status" => "421")
-            .increment(1);
-        return refused.map(http_body_util::Either::Left);
-    }
+pub async fn handle_streaming(state: Arc<ApiState>, req: Request<Incoming>) -> Response<ApiBody> {
     if admin::is_backup_route(req.uri().path()) {
         return admin::backup(state, req).await;
     }
@@ -308,10 +205,7 @@ pub async fn handle_streaming(
 }
 
 /// Serves one request. Never fails: every error is rendered as the contract's JSON error.
-pub async fn handle(
-    state: Arc<AppState>,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let (route, result) = route(&state, req).await;
     let response = match result {
@@ -331,22 +225,11 @@ pub async fn handle(
     response
 }
 
-async fn route(
-    state: &Arc<AppState>,
-    req: Request<hyper::body::Incoming>,
-) -> (&'static str, ApiResult) {
+async fn route(state: &ApiState, req: Request<Incoming>) -> (&'static str, ApiResult) {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     use Method as M;
-
-    // The dashboard: its own sign-in, sessions and HTML answers; `/v1` never sees its cookie.
-    if path == "/ui" || path.starts_with("/ui/") {
-        return ("/ui", Ok(crate::ui::handle(state, req).await));
-    }
-    if path == "/" && method == M::GET {
-        return ("/", Ok(crate::ui::redirect("/ui/")));
-    }
 
     // Unauthenticated probes.
     match (&method, segs.as_slice()) {
@@ -361,9 +244,9 @@ async fn route(
         }
         (&M::GET, ["readyz"]) => {
             // A store that cannot write is not ready, whatever else is (it is about to exit).
-            let (status, text) = if state.store.health().is_err() {
+            let (status, text) = if state.services.store.health().is_err() {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_failed")
-            } else if state.scheduler.is_ready() {
+            } else if state.services.scheduler.is_ready() {
                 (StatusCode::OK, "ready")
             } else {
                 (StatusCode::SERVICE_UNAVAILABLE, "recovering")
@@ -381,7 +264,7 @@ async fn route(
             };
             return (
                 label,
-                Err(ApiError::new(
+                Err(Refusal::new(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "method_not_allowed",
                     format!("{method} is not allowed on {path}"),
@@ -395,7 +278,7 @@ async fn route(
     if label == "unknown" {
         return (
             label,
-            Err(ApiError::not_found(
+            Err(Refusal::not_found(
                 "not_found",
                 format!("no route {method} {path}"),
             )),
@@ -409,7 +292,7 @@ async fn route(
         return (label, Err(method_not_allowed(&method, &path)));
     }
     let call = Call { req, caller };
-    let s = state.as_ref();
+    let s = &*state.services;
     let result = match (&method, segs.as_slice()) {
         (&M::GET, ["v1", "openapi.json"]) => Ok(openapi_response()),
         (&M::GET, ["v1", "event-types"]) => events::event_types(s),
@@ -543,8 +426,8 @@ fn route_label(method: &Method, segs: &[&str]) -> (&'static str, bool) {
     (label, false)
 }
 
-fn method_not_allowed(method: &Method, path: &str) -> ApiError {
-    ApiError::new(
+fn method_not_allowed(method: &Method, path: &str) -> Refusal {
+    Refusal::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         format!("{method} is not allowed on {path}"),
@@ -560,54 +443,6 @@ fn openapi_response() -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from_static(OPENAPI_JSON.as_bytes())))
         .expect("static response parts are valid")
-}
-
-/// `limit` and `cursor` of a list route.
-pub struct Paging {
-    pub limit: usize,
-    pub cursor: Option<String>,
-}
-
-/// Parses the list query parameters; anything not in `allowed` (besides limit and cursor) is
-/// refused, so a typo in a filter is a 400 rather than an unfiltered list.
-pub fn paging(params: &[(String, String)], allowed: &[&str]) -> Result<Paging, ApiError> {
-    let mut paging = Paging {
-        limit: 50,
-        cursor: None,
-    };
-    let mut seen: Vec<&str> = Vec::new();
-    for (k, v) in params {
-        if seen.contains(&k.as_str()) {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("query parameter {k:?} is given twice"),
-            ));
-        }
-        seen.push(k);
-        match k.as_str() {
-            "limit" => {
-                paging.limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_query",
-                            "limit must be a whole number from 1 to 1000",
-                        )
-                    })?
-            }
-            "cursor" => paging.cursor = Some(v.clone()),
-            other if allowed.contains(&other) => {}
-            other => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("unknown query parameter {other:?}"),
-                ))
-            }
-        }
-    }
-    Ok(paging)
 }
 
 pub fn list_response(

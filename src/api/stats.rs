@@ -1,12 +1,13 @@
 //! Statistics routes (HTTP side): `GET /v1/accounts/{id}/webhooks/{id}/stats?window=24h|7d`
 //! (account scope) and `GET /v1/admin/stats` (admin token), as JSON views of what
-//! [`domain::stats`](super::domain::stats) reads. The dashboard's charts show the same values.
+//! [`domain::stats`](crate::domain::stats) reads. The dashboard's charts show the same values.
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::domain::stats as domain;
-use super::{json_response, paging, ApiError, ApiResult, AppState, Call};
+use super::{json_response, ApiResult, Call};
+use crate::domain::stats as domain;
+use crate::domain::{paging, Refusal, Services};
 use crate::ids::WebhookId;
 use crate::model::rfc3339;
 use crate::stats::Bucket;
@@ -23,14 +24,14 @@ pub fn bucket_view(b: &Bucket) -> Value {
 }
 
 /// `GET …/webhooks/{webhook_id}/stats`.
-pub fn webhook(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub fn webhook(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
-    let id = WebhookId::parse(raw).ok_or_else(|| super::domain::webhooks::not_found(raw))?;
+    let id = WebhookId::parse(raw).ok_or_else(|| crate::domain::webhooks::not_found(raw))?;
     let params = call.query();
     // Strict like the listings: an unknown parameter is a 400, not ignored.
     let page = paging(&params, &["window"])?;
     if page.cursor.is_some() || params.iter().any(|(k, _)| k == "limit") {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_query",
             "statistics take only the window parameter",
         ));
@@ -98,10 +99,10 @@ pub fn overview_view(o: &domain::Overview) -> Value {
 }
 
 /// `GET /v1/admin/stats`.
-pub async fn admin(state: &AppState, call: Call) -> ApiResult {
+pub async fn admin(state: &Services, call: Call) -> ApiResult {
     call.caller.require_admin()?;
     if let Some((k, _)) = call.query().first() {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_query",
             format!("unknown query parameter {k:?}"),
         ));

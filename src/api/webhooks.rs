@@ -1,23 +1,22 @@
 //! Webhook routes (HTTP side): account scope, id and body parsing, and the JSON views of
 //! create, list, read, update (including pause/resume), delete, signing-secret read and
-//! rotation, and the test tool. The rules are in [`domain::webhooks`](super::domain::webhooks).
+//! rotation, and the test tool. The rules are in [`domain::webhooks`](crate::domain::webhooks).
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::domain::webhooks as domain;
-pub use super::domain::webhooks::{
+use super::{empty_response, json_response, list_response, ApiResult, Call};
+use crate::domain::webhooks as domain;
+pub use crate::domain::webhooks::{
     CreateWebhook, RecoverRequest, RotateSecret, TestRequest, UpdateWebhook,
 };
-use super::{
-    empty_response, json_response, list_response, paging, ApiError, ApiResult, AppState, Call,
-};
+use crate::domain::{paging, Refusal, Services};
 use crate::ids::{AccountId, WebhookId};
 use crate::model::{now_ms, rfc3339, Webhook};
 
 /// A webhook as the API shows it, with its delivery slots as they are now: the adaptive
 /// `concurrency_limit` and the `backlog` waiting behind it.
-pub fn view(state: &AppState, h: &Webhook) -> Value {
+pub fn view(state: &Services, h: &Webhook) -> Value {
     let slots = state.deliverer.slots_of(h);
     json!({
         "id": h.id.to_string(),
@@ -51,17 +50,17 @@ fn rotation_ends_at(h: &Webhook) -> Option<String> {
 
 /// The account the caller may reach and the webhook id the path names.
 fn ids(
-    state: &AppState,
+    state: &Services,
     call: &Call,
     account_raw: &str,
     raw: &str,
-) -> Result<(AccountId, WebhookId), ApiError> {
+) -> Result<(AccountId, WebhookId), Refusal> {
     let account = call.caller.scope(state, account_raw)?;
     let id = WebhookId::parse(raw).ok_or_else(|| domain::not_found(raw))?;
     Ok((account, id))
 }
 
-pub async fn create(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
+pub async fn create(state: &Services, call: Call, account_raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
     let body: CreateWebhook = call.json(state).await?;
     let hook = domain::create_webhook(state, &account, body).await?;
@@ -70,7 +69,7 @@ pub async fn create(state: &AppState, call: Call, account_raw: &str) -> ApiResul
     Ok(json_response(StatusCode::CREATED, &out))
 }
 
-pub fn list(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
+pub fn list(state: &Services, call: Call, account_raw: &str) -> ApiResult {
     let account = call.caller.scope(state, account_raw)?;
     let page = paging(&call.query(), &[])?;
     let (hooks, next) = domain::list_webhooks(state, &account, &page)?;
@@ -80,13 +79,13 @@ pub fn list(state: &AppState, call: Call, account_raw: &str) -> ApiResult {
     ))
 }
 
-pub fn get(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub fn get(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     let hook = domain::get_webhook(state, &account, id)?;
     Ok(json_response(StatusCode::OK, &view(state, &hook)))
 }
 
-pub fn secret(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub fn secret(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     let hook = domain::get_webhook(state, &account, id)?;
     Ok(json_response(
@@ -96,7 +95,7 @@ pub fn secret(state: &AppState, call: Call, account_raw: &str, raw: &str) -> Api
 }
 
 pub async fn rotate_secret(
-    state: &AppState,
+    state: &Services,
     call: Call,
     account_raw: &str,
     raw: &str,
@@ -117,7 +116,7 @@ pub async fn rotate_secret(
     ))
 }
 
-pub async fn recover(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub async fn recover(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     // An unknown webhook is a 404 before the body is looked at.
     domain::get_webhook(state, &account, id)?;
@@ -129,20 +128,20 @@ pub async fn recover(state: &AppState, call: Call, account_raw: &str, raw: &str)
     ))
 }
 
-pub async fn update(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub async fn update(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     let body: UpdateWebhook = call.json(state).await?;
     let hook = domain::update_webhook(state, &account, id, body).await?;
     Ok(json_response(StatusCode::OK, &view(state, &hook)))
 }
 
-pub async fn delete(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub async fn delete(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     domain::delete_webhook(state, &account, id).await?;
     Ok(empty_response(StatusCode::NO_CONTENT))
 }
 
-pub async fn test(state: &AppState, call: Call, account_raw: &str, raw: &str) -> ApiResult {
+pub async fn test(state: &Services, call: Call, account_raw: &str, raw: &str) -> ApiResult {
     let (account, id) = ids(state, &call, account_raw, raw)?;
     // An unknown webhook is a 404 before the body is looked at.
     domain::get_webhook(state, &account, id)?;

@@ -1,11 +1,13 @@
 //! The dashboard: the guide's Settings → Webhooks screens, served under `/ui/` on the API
 //! listener as server-rendered HTML.
 //!
-//! A request enters from `api::handle` when its path starts with `/ui`. This module owns the
+//! A request enters from the edge's router ([`crate::edge::router`]), through [`UiHandler`],
+//! when its path starts with `/ui` (or is `GET /`, which redirects here). This module owns the
 //! web plumbing — routing, sign-in and its per-address limit, the session cookie, CSRF (a
 //! per-session token in every form plus refusing cross-site `Origin` / `Sec-Fetch-Site`), form
 //! bodies, and the security headers every answer carries — and hands each screen to
-//! [`screens`], which calls the same domain functions as `/v1` (`api::domain`) and renders
+//! [`screens`], which calls the same domain functions as `/v1` ([`crate::domain`]; a refused
+//! call becomes an error page, [`refusal_page`]) and renders
 //! the askama templates of [`pages`] (compiled into the binary, escaping everything). Static
 //! CSS/JS of our own are compiled in too ([`assets`]). Nothing changes state on a GET.
 
@@ -17,15 +19,19 @@ pub mod session;
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use hyper::body::Incoming;
 
-use crate::api::{ApiError, AppState, Call, Caller};
 use crate::config::Config;
-use crate::server::ClientAddr;
+use crate::domain::caller::Caller;
+use crate::domain::{Refusal, Services};
+use crate::edge::{self, client_ip, router};
 use crate::signing;
 pub use session::Sessions;
 
@@ -35,8 +41,9 @@ pub const COOKIE: &str = "kh_session";
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// The dashboard's state: sessions and the sign-in limiter.
+/// The dashboard's state: the domain's services, sessions and the sign-in limiter.
 pub struct UiState {
+    pub services: Arc<Services>,
     pub sessions: Sessions,
     /// Sign-in attempts per client address (every attempt counts, so a guesser is slowed
     /// whether or not it is told which attempts failed).
@@ -44,14 +51,50 @@ pub struct UiState {
 }
 
 impl UiState {
-    /// The dashboard's state; sessions are kept in (and reloaded from) `store`.
-    pub fn new(config: &Config, store: std::sync::Arc<dyn crate::store::Storage>) -> Self {
+    /// The dashboard's state; sessions are kept in (and reloaded from) the services' store.
+    pub fn new(services: Arc<Services>) -> Self {
+        let config = &services.config;
         let per_minute =
             NonZeroU32::new(config.ui.login_attempts_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         UiState {
-            sessions: Sessions::persistent(&config.ui, store),
+            sessions: Sessions::persistent(&config.ui, services.store.clone()),
             login_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            services,
         }
+    }
+}
+
+/// The dashboard as the edge sees it: a [`Handler`](edge::Handler) for the router.
+#[derive(Clone)]
+pub struct UiHandler(pub Arc<UiState>);
+
+impl UiHandler {
+    pub fn new(services: Arc<Services>) -> Self {
+        UiHandler(Arc::new(UiState::new(services)))
+    }
+}
+
+impl edge::Handler for UiHandler {
+    type Body = Full<Bytes>;
+
+    async fn call(&self, req: Request<Incoming>) -> Page {
+        let started = Instant::now();
+        // The API's request metrics count the dashboard too (one listener): by prefix only, so
+        // the label's cardinality stays bounded.
+        let route = if req.uri().path() == "/" { "/" } else { "/ui" };
+        let response = handle(&self.0, req).await;
+        let status = response.status().as_u16().to_string();
+        metrics::counter!("kyberhook_api_requests_total", "route" => route, "status" => status)
+            .increment(1);
+        metrics::histogram!("kyberhook_api_request_duration_seconds", "route" => route)
+            .record(started.elapsed().as_secs_f64());
+        response
+    }
+}
+
+impl router::Frontend for UiHandler {
+    fn misdirected(&self) -> Page {
+        error_page(StatusCode::MISDIRECTED_REQUEST, router::MISDIRECTED)
     }
 }
 
@@ -122,8 +165,8 @@ fn error_page(status: StatusCode, message: &str) -> Page {
     html(status, pages::error(status, message))
 }
 
-/// A refused or failed request as a page (the HTML counterpart of the API's JSON errors).
-pub fn api_error_page(e: &ApiError) -> Page {
+/// A refused or failed request as a page (the API renders the same refusal as JSON).
+pub fn refusal_page(e: &Refusal) -> Page {
     if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
         tracing::error!(code = e.code, message = %e.message, "dashboard request failed");
     }
@@ -208,16 +251,22 @@ fn forbidden_cross_site() -> Page {
     )
 }
 
-async fn read_form(state: &AppState, call: Call) -> Result<Vec<(String, String)>, ApiError> {
-    let bytes = call.bytes(state).await?;
+/// Reads a form body (`application/x-www-form-urlencoded`) within the edge's limits.
+async fn read_form(
+    state: &Services,
+    req: Request<Incoming>,
+) -> Result<Vec<(String, String)>, Refusal> {
+    let bytes = edge::read_body(req, &state.config.server).await?;
     Ok(form_urlencoded::parse(&bytes).into_owned().collect())
 }
 
-/// Serves one `/ui` request. Never fails: every problem becomes a page with a 4xx/5xx.
-pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
+/// Serves one `/ui` request (or `GET /`). Never fails: every problem becomes a page with a
+/// 4xx/5xx.
+pub async fn handle(ui: &UiState, req: Request<Incoming>) -> Page {
+    let state = &*ui.services;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    if path == "/ui" {
+    if path == "/ui" || path == "/" {
         return redirect("/ui/");
     }
     let segs: Vec<String> = path
@@ -234,13 +283,13 @@ pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Pa
         (&Method::GET, ["static", version, file]) => return assets::serve(version, file),
         (&Method::GET, ["login"]) => {
             if let Some(id) = session_cookie(&req) {
-                if state.ui.sessions.lookup(&id, &state.registry).is_some() {
+                if ui.sessions.lookup(&id, &state.registry).is_some() {
                     return redirect("/ui/");
                 }
             }
             return html(StatusCode::OK, pages::login(None));
         }
-        (&Method::POST, ["login"]) => return login(state, req).await,
+        (&Method::POST, ["login"]) => return login(ui, req).await,
         (_, ["static", ..] | ["login"]) => {
             return error_page(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -253,7 +302,7 @@ pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Pa
     let session_id = session_cookie(&req);
     let session = session_id
         .as_deref()
-        .and_then(|id| state.ui.sessions.lookup(id, &state.registry));
+        .and_then(|id| ui.sessions.lookup(id, &state.registry));
     let (Some(session), Some(session_id)) = (session, session_id) else {
         // A POST without a live session changes nothing; the browser is sent to sign in.
         return redirect("/ui/login");
@@ -269,13 +318,9 @@ pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Pa
             if cross_site(&state.config, &req) {
                 return forbidden_cross_site();
             }
-            let call = Call {
-                req,
-                caller: session.caller.clone(),
-            };
-            let form = match read_form(state, call).await {
+            let form = match read_form(state, req).await {
                 Ok(f) => f,
-                Err(e) => return api_error_page(&e),
+                Err(e) => return refusal_page(&e),
             };
             let token = form
                 .iter()
@@ -306,7 +351,7 @@ pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Pa
         session,
         session_id,
     };
-    screens::route(state, r).await
+    screens::route(ui, r).await
 }
 
 fn percent_decode(s: &str) -> String {
@@ -318,17 +363,12 @@ fn percent_decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
-fn client_ip<B>(req: &Request<B>) -> IpAddr {
-    req.extensions()
-        .get::<ClientAddr>()
-        .map_or(IpAddr::from([127, 0, 0, 1]), |a| a.0.ip())
-}
-
-async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
+async fn login(ui: &UiState, req: Request<Incoming>) -> Page {
+    let state = &*ui.services;
     if cross_site(&state.config, &req) {
         return forbidden_cross_site();
     }
-    if let Err(not_until) = state.ui.login_limiter.check_key(&client_ip(&req)) {
+    if let Err(not_until) = ui.login_limiter.check_key(&client_ip(&req)) {
         let wait = not_until
             .wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
@@ -345,17 +385,14 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
             .insert(header::RETRY_AFTER, HeaderValue::from(wait));
         return r;
     }
-    if state.ui.login_limiter.len() > 10_000 {
-        state.ui.login_limiter.retain_recent();
+    if ui.login_limiter.len() > 10_000 {
+        ui.login_limiter.retain_recent();
     }
     let previous_session = session_cookie(&req);
-    let call = Call {
-        req,
-        caller: Caller::Admin,
-    };
-    let form = match read_form(state, call).await {
+    // Not signed in yet: the form is read with no caller at all; the key in it decides.
+    let form = match read_form(state, req).await {
         Ok(f) => f,
-        Err(e) => return api_error_page(&e),
+        Err(e) => return refusal_page(&e),
     };
     let token = form
         .iter()
@@ -364,13 +401,8 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
         .unwrap_or("");
     let caller = if token.is_empty() {
         None
-    } else if crate::api::is_admin_token(state, token) {
-        Some(Caller::Admin)
     } else {
-        state
-            .registry
-            .account_by_key(&signing::hash_api_key(token))
-            .map(Caller::Account)
+        Caller::resolve(state, token)
     };
     let Some(caller) = caller else {
         return html(
@@ -382,9 +414,9 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
     };
     // A new sign-in ends this browser's previous session: one browser, one live session.
     if let Some(previous) = &previous_session {
-        state.ui.sessions.remove(previous);
+        ui.sessions.remove(previous);
     }
-    let id = state.ui.sessions.create(caller, &state.registry);
+    let id = ui.sessions.create(caller, &state.registry);
     let secure = if state.config.server.tls_cert.is_some() {
         "; Secure"
     } else {
@@ -400,8 +432,9 @@ async fn login(state: &AppState, req: Request<hyper::body::Incoming>) -> Page {
 }
 
 /// Ends the session and clears the cookie.
-pub fn logout(state: &AppState, session_id: &str) -> Page {
-    state.ui.sessions.remove(session_id);
+pub fn logout(ui: &UiState, session_id: &str) -> Page {
+    let state = &*ui.services;
+    ui.sessions.remove(session_id);
     let secure = if state.config.server.tls_cert.is_some() {
         "; Secure"
     } else {

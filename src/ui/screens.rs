@@ -1,5 +1,5 @@
 //! The dashboard's screens: for each signed-in route, read the form or query, call the
-//! domain function `/v1` uses (`api::domain`), and answer a page or a redirect.
+//! domain function `/v1` uses (`crate::domain`), and answer a page or a redirect.
 //!
 //! Requests enter as [`Req`] (session checked, CSRF checked for POSTs); account screens live
 //! under `/ui/a/{account}/…` and are scoped like the API (an account's session reaches only its
@@ -11,9 +11,10 @@ use http::StatusCode;
 
 use super::charts;
 use super::pages::{self, *};
-use super::{api_error_page, assets, html, redirect, Page, Req};
-use crate::api::domain::{self, accounts as acc, deliveries as dlv, stats as st, webhooks as wh};
-use crate::api::{ApiError, AppState, Caller};
+use super::{assets, html, redirect, refusal_page, Page, Req, UiState};
+use crate::domain::caller::Caller;
+use crate::domain::{self, accounts as acc, deliveries as dlv, stats as st, webhooks as wh};
+use crate::domain::{Refusal, Services};
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{
     event_family, rfc3339, DeliveryOrder, DeliveryStatus, SignatureScheme, Webhook, WebhookStatus,
@@ -139,7 +140,8 @@ fn urlencode(s: &str) -> String {
 
 /// The signed-in page frame.
 struct Ctx<'a> {
-    state: &'a AppState,
+    state: &'a Services,
+    ui: &'a UiState,
     req: &'a Req,
 }
 
@@ -160,16 +162,13 @@ impl Ctx<'_> {
             csrf: self.req.session.csrf.clone(),
             who,
             is_admin: self.req.session.caller == Caller::Admin,
-            notice: self.state.ui.sessions.take_notice(&self.req.session_id),
+            notice: self.ui.sessions.take_notice(&self.req.session_id),
             crumbs,
         }
     }
 
     fn notice(&self, text: impl Into<String>) {
-        self.state
-            .ui
-            .sessions
-            .set_notice(&self.req.session_id, text);
+        self.ui.sessions.set_notice(&self.req.session_id, text);
     }
 
     /// Crumbs of an account's screens: the operator's way back to the account list first.
@@ -186,17 +185,22 @@ impl Ctx<'_> {
     }
 }
 
-pub async fn route(state: &AppState, req: Req) -> Page {
+pub async fn route(ui: &UiState, req: Req) -> Page {
+    let state = &*ui.services;
     let segs: Vec<String> = req.segs.clone();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let get = req.method == http::Method::GET;
-    let ctx = Ctx { state, req: &req };
-    let result: Result<Page, ApiError> = match (get, s.as_slice()) {
+    let ctx = Ctx {
+        state,
+        ui,
+        req: &req,
+    };
+    let result: Result<Page, Refusal> = match (get, s.as_slice()) {
         (true, []) => Ok(match &req.session.caller {
             Caller::Admin => redirect("/ui/accounts"),
             Caller::Account(a) => redirect(&format!("/ui/a/{}/webhooks", urlencode(a.as_str()))),
         }),
-        (false, ["logout"]) => Ok(super::logout(state, &req.session_id)),
+        (false, ["logout"]) => Ok(super::logout(ui, &req.session_id)),
         (true, ["accounts"]) => admin(&ctx).and_then(|_| accounts_page(&ctx, None, "", "", "")),
         (false, ["accounts"]) => match admin(&ctx) {
             Ok(()) => create_account(&ctx).await,
@@ -233,16 +237,16 @@ pub async fn route(state: &AppState, req: Req) -> Page {
     match result {
         Ok(page) => page,
         Err(e) if e.status == StatusCode::NOT_FOUND => not_found(),
-        Err(e) => api_error_page(&e),
+        Err(e) => refusal_page(&e),
     }
 }
 
-fn admin(ctx: &Ctx) -> Result<(), ApiError> {
+fn admin(ctx: &Ctx) -> Result<(), Refusal> {
     ctx.req
         .session
         .caller
         .require_admin()
-        .map_err(|_| ApiError::not_found("not_found", "no such page"))
+        .map_err(|_| Refusal::not_found("not_found", "no such page"))
 }
 
 // ---- operator screens -----------------------------------------------------------------
@@ -253,7 +257,7 @@ fn accounts_page(
     name: &str,
     id: &str,
     plan: &str,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let rows = acc::list_accounts(ctx.state)?
         .into_iter()
         .map(|a| AccountRow {
@@ -289,7 +293,7 @@ fn accounts_page(
     Ok(html(status, pages::render(&page)))
 }
 
-async fn create_account(ctx: &Ctx<'_>) -> Result<Page, ApiError> {
+async fn create_account(ctx: &Ctx<'_>) -> Result<Page, Refusal> {
     let name = ctx.req.field("name").unwrap_or("").to_string();
     let id = ctx.req.field("id").unwrap_or("").trim().to_string();
     let plan = ctx.req.field("plan").unwrap_or("").to_string();
@@ -320,7 +324,7 @@ async fn create_account(ctx: &Ctx<'_>) -> Result<Page, ApiError> {
     }
 }
 
-fn confirm_delete_account(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
+fn confirm_delete_account(ctx: &Ctx, raw: &str) -> Result<Page, Refusal> {
     let id = ctx.req.session.caller.scope(ctx.state, raw)?;
     let account = acc::get_account(ctx.state, &id)?;
     let page = ConfirmPage {
@@ -342,7 +346,7 @@ fn confirm_delete_account(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
     Ok(html(StatusCode::OK, pages::render(&page)))
 }
 
-async fn delete_account(ctx: &Ctx<'_>, raw: &str) -> Result<Page, ApiError> {
+async fn delete_account(ctx: &Ctx<'_>, raw: &str) -> Result<Page, Refusal> {
     let id = ctx.req.session.caller.scope(ctx.state, raw)?;
     let account = acc::get_account(ctx.state, &id)?;
     acc::delete_account(ctx.state, &id).await?;
@@ -393,7 +397,7 @@ fn backlog_rows(rows: &[st::AccountBacklog], quota: u64) -> Vec<BacklogRow> {
         .collect()
 }
 
-async fn overview_page(ctx: &Ctx<'_>) -> Result<Page, ApiError> {
+async fn overview_page(ctx: &Ctx<'_>) -> Result<Page, Refusal> {
     let o = st::overview(ctx.state).await?;
     let labels: Vec<String> = o
         .minutes
@@ -555,7 +559,7 @@ fn account_crumb() -> Vec<(String, String)> {
     vec![("/ui/accounts".into(), "Accounts".into())]
 }
 
-fn account_page(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
+fn account_page(ctx: &Ctx, raw: &str) -> Result<Page, Refusal> {
     let id = ctx.req.session.caller.scope(ctx.state, raw)?;
     let account = acc::get_account(ctx.state, &id)?;
     let href = format!("/ui/accounts/{}", urlencode(id.as_str()));
@@ -600,12 +604,12 @@ fn plan_terms(ctx: &Ctx, plan: &str) -> String {
     }
 }
 
-fn confirm_plan(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
+fn confirm_plan(ctx: &Ctx, raw: &str) -> Result<Page, Refusal> {
     let id = ctx.req.session.caller.scope(ctx.state, raw)?;
     let account = acc::get_account(ctx.state, &id)?;
     let plan = ctx.req.param("plan").unwrap_or("").to_string();
     if !ctx.state.config.plans.contains_key(&plan) {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_plan",
             format!("there is no plan {plan:?}"),
         ));
@@ -633,7 +637,7 @@ fn confirm_plan(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
     Ok(html(StatusCode::OK, pages::render(&page)))
 }
 
-async fn change_plan(ctx: &Ctx<'_>, raw: &str) -> Result<Page, ApiError> {
+async fn change_plan(ctx: &Ctx<'_>, raw: &str) -> Result<Page, Refusal> {
     let id = ctx.req.session.caller.scope(ctx.state, raw)?;
     let plan = ctx.req.field("plan").unwrap_or("").to_string();
     let account = acc::update_account(
@@ -655,7 +659,7 @@ async fn change_plan(ctx: &Ctx<'_>, raw: &str) -> Result<Page, ApiError> {
     )))
 }
 
-fn confirm_rotate_key(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
+fn confirm_rotate_key(ctx: &Ctx, raw: &str) -> Result<Page, Refusal> {
     let id = ctx.req.session.caller.scope(ctx.state, raw)?;
     let account = acc::get_account(ctx.state, &id)?;
     let href = format!("/ui/accounts/{}", urlencode(id.as_str()));
@@ -674,7 +678,7 @@ fn confirm_rotate_key(ctx: &Ctx, raw: &str) -> Result<Page, ApiError> {
     Ok(html(StatusCode::OK, pages::render(&page)))
 }
 
-async fn rotate_key(ctx: &Ctx<'_>, raw: &str) -> Result<Page, ApiError> {
+async fn rotate_key(ctx: &Ctx<'_>, raw: &str) -> Result<Page, Refusal> {
     let id = ctx.req.session.caller.scope(ctx.state, raw)?;
     let account = acc::get_account(ctx.state, &id)?;
     let api_key = acc::rotate_api_key(ctx.state, &id).await?;
@@ -694,7 +698,7 @@ async fn account_screen(
     account: &AccountId,
     get: bool,
     rest: &[&str],
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let base = format!("/ui/a/{}", urlencode(account.as_str()));
     let hook_id = |raw: &str| WebhookId::parse(raw).ok_or_else(|| wh::not_found(raw));
     match (get, rest) {
@@ -788,7 +792,7 @@ fn toggle_of(h: &Webhook) -> (bool, &'static str, &'static str, bool) {
     }
 }
 
-fn webhooks_home(ctx: &Ctx, account: &AccountId, base: &str) -> Result<Page, ApiError> {
+fn webhooks_home(ctx: &Ctx, account: &AccountId, base: &str) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let mut hooks = ctx.state.store.webhooks_of(account)?;
     hooks.sort_by_key(|h| (h.created_ms, h.id));
@@ -883,7 +887,7 @@ impl Default for Step1Values {
     }
 }
 
-fn step1(ctx: &Ctx, account: &AccountId, base: &str, v: Step1Values) -> Result<Page, ApiError> {
+fn step1(ctx: &Ctx, account: &AccountId, base: &str, v: Step1Values) -> Result<Page, Refusal> {
     step1_page(ctx, account, base, v, FieldErrors::default())
 }
 
@@ -893,7 +897,7 @@ fn step1_page(
     base: &str,
     v: Step1Values,
     errors: FieldErrors,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let status = form_status(errors.any());
     let page = Step1Page {
@@ -925,7 +929,7 @@ fn check_step1(ctx: &Ctx) -> (Step1Values, FieldErrors) {
     (v, errors)
 }
 
-fn step1_submit(ctx: &Ctx, account: &AccountId, base: &str) -> Result<Page, ApiError> {
+fn step1_submit(ctx: &Ctx, account: &AccountId, base: &str) -> Result<Page, Refusal> {
     let (v, errors) = check_step1(ctx);
     if errors.any() {
         return step1_page(ctx, account, base, v, errors);
@@ -940,7 +944,7 @@ fn step2_page(
     v: Step1Values,
     selected: &[String],
     error: Option<String>,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let status = form_status(error.is_some());
     let page = Step2Page {
@@ -956,7 +960,7 @@ fn step2_page(
     Ok(html(status, pages::render(&page)))
 }
 
-fn step2_submit(ctx: &Ctx, account: &AccountId, base: &str) -> Result<Page, ApiError> {
+fn step2_submit(ctx: &Ctx, account: &AccountId, base: &str) -> Result<Page, Refusal> {
     let (v, errors) = check_step1(ctx);
     if errors.any() {
         return step1_page(ctx, account, base, v, errors);
@@ -995,7 +999,7 @@ fn step3_page(
     secret: String,
     ip_allowlist: String,
     error: Option<String>,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let status = form_status(error.is_some());
     let page = Step3Page {
@@ -1023,7 +1027,7 @@ fn split_list(text: &str) -> Vec<String> {
         .collect()
 }
 
-async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<Page, ApiError> {
+async fn step3_submit(ctx: &Ctx<'_>, account: &AccountId, base: &str) -> Result<Page, Refusal> {
     let (v, errors) = check_step1(ctx);
     if errors.any() {
         return step1_page(ctx, account, base, v, errors);
@@ -1086,7 +1090,7 @@ fn concurrency_field(ctx: &Ctx) -> Option<u64> {
     (!text.is_empty()).then(|| text.parse().unwrap_or(0))
 }
 
-fn hook_view(state: &AppState, base: &str, h: &Webhook) -> HookView {
+fn hook_view(state: &Services, base: &str, h: &Webhook) -> HookView {
     let (status_text, status_class) = status_view(h);
     let slots = state.deliverer.slots_of(h);
     let concurrency = match h.max_concurrency {
@@ -1314,7 +1318,7 @@ fn webhook_page(
     account: &AccountId,
     base: &str,
     id: WebhookId,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let hook = wh::get_webhook(ctx.state, account, id)?;
     let window = st::parse_window(ctx.req.param("window"))?;
@@ -1368,7 +1372,7 @@ fn webhook_page(
     Ok(html(StatusCode::OK, pages::render(&page)))
 }
 
-fn edit_page(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Result<Page, ApiError> {
+fn edit_page(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Result<Page, Refusal> {
     let hook = wh::get_webhook(ctx.state, account, id)?;
     render_edit(
         ctx,
@@ -1398,7 +1402,7 @@ fn render_edit(
     ip_allowlist: String,
     errors: FieldErrors,
     error: Option<String>,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let status = form_status(errors.any() || error.is_some());
     let hook_href = format!("{base}/webhooks/{}", hook.id);
@@ -1441,7 +1445,7 @@ async fn edit_submit(
     account: &AccountId,
     base: &str,
     id: WebhookId,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let hook = wh::get_webhook(ctx.state, account, id)?;
     let (v, errors) = check_step1(ctx);
     let events = ctx.req.fields("events");
@@ -1500,7 +1504,7 @@ async fn edit_submit(
 
 /// Where a form asked to go back to: a local path inside this account's screens. Anything
 /// else (another account's screens, a URL, CR/LF) is refused with 400 before the action runs.
-fn back_to(ctx: &Ctx, base: &str, fallback: String) -> Result<String, ApiError> {
+fn back_to(ctx: &Ctx, base: &str, fallback: String) -> Result<String, Refusal> {
     match ctx.req.field("back") {
         None | Some("") => Ok(fallback),
         Some(b)
@@ -1510,7 +1514,7 @@ fn back_to(ctx: &Ctx, base: &str, fallback: String) -> Result<String, ApiError> 
         {
             Ok(b.to_string())
         }
-        Some(_) => Err(ApiError::bad_request(
+        Some(_) => Err(Refusal::bad_request(
             "invalid_back",
             "The page to go back to is not one of this account's pages; nothing changed.",
         )),
@@ -1522,7 +1526,7 @@ async fn toggle(
     account: &AccountId,
     base: &str,
     id: WebhookId,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let to = ctx.req.field("status").unwrap_or("").to_string();
     let back = back_to(ctx, base, format!("{base}/webhooks"))?;
     let body = wh::UpdateWebhook {
@@ -1545,7 +1549,7 @@ fn confirm_delete(
     account: &AccountId,
     base: &str,
     id: WebhookId,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let hook = wh::get_webhook(ctx.state, account, id)?;
     let page = ConfirmPage {
@@ -1568,7 +1572,7 @@ async fn delete(
     account: &AccountId,
     base: &str,
     id: WebhookId,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let hook = wh::get_webhook(ctx.state, account, id)?;
     wh::delete_webhook(ctx.state, account, id).await?;
     ctx.notice(format!(
@@ -1578,12 +1582,7 @@ async fn delete(
     Ok(redirect(&format!("{base}/webhooks")))
 }
 
-fn show_secret(
-    ctx: &Ctx,
-    account: &AccountId,
-    base: &str,
-    id: WebhookId,
-) -> Result<Page, ApiError> {
+fn show_secret(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let hook = wh::get_webhook(ctx.state, account, id)?;
     let href = format!("{base}/webhooks/{}", hook.id);
@@ -1605,7 +1604,7 @@ fn confirm_regenerate(
     account: &AccountId,
     base: &str,
     id: WebhookId,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let hook = wh::get_webhook(ctx.state, account, id)?;
     let href = format!("{base}/webhooks/{}", hook.id);
@@ -1630,7 +1629,7 @@ async fn regenerate(
     account: &AccountId,
     base: &str,
     id: WebhookId,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let grace = wh::check_grace_period(ctx.req.field("grace_period"))?;
     let hook = wh::rotate_secret(ctx.state, account, id, grace).await?;
@@ -1663,7 +1662,7 @@ async fn send_test(
     account: &AccountId,
     base: &str,
     id: WebhookId,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Refusal> {
     let event = ctx.req.field("event").unwrap_or("").to_string();
     let outcome = wh::test_webhook(ctx.state, account, id, &event).await?;
     Ok(redirect(&format!(
@@ -1699,7 +1698,7 @@ fn delivery_params(query: &[(String, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn deliveries(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Result<Page, ApiError> {
+fn deliveries(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let hook = wh::get_webhook(ctx.state, account, id)?;
     let hook_href = format!("{base}/webhooks/{}", hook.id);
@@ -1818,12 +1817,12 @@ fn deliveries(ctx: &Ctx, account: &AccountId, base: &str, id: WebhookId) -> Resu
     Ok(html(status, pages::render(&page)))
 }
 
-fn delivery_id(raw: &str) -> Result<DeliveryId, ApiError> {
+fn delivery_id(raw: &str) -> Result<DeliveryId, Refusal> {
     DeliveryId::parse(raw)
-        .ok_or_else(|| ApiError::not_found("delivery_not_found", format!("no delivery {raw:?}")))
+        .ok_or_else(|| Refusal::not_found("delivery_not_found", format!("no delivery {raw:?}")))
 }
 
-fn delivery(ctx: &Ctx, account: &AccountId, base: &str, raw: &str) -> Result<Page, ApiError> {
+fn delivery(ctx: &Ctx, account: &AccountId, base: &str, raw: &str) -> Result<Page, Refusal> {
     let acct = acc::get_account(ctx.state, account)?;
     let d = dlv::get_delivery(ctx.state, account, delivery_id(raw)?)?;
     let hook = wh::get_webhook(ctx.state, account, d.record.id.webhook).ok();
@@ -1870,12 +1869,7 @@ fn delivery(ctx: &Ctx, account: &AccountId, base: &str, raw: &str) -> Result<Pag
     Ok(html(StatusCode::OK, pages::render(&page)))
 }
 
-async fn retry(
-    ctx: &Ctx<'_>,
-    account: &AccountId,
-    base: &str,
-    raw: &str,
-) -> Result<Page, ApiError> {
+async fn retry(ctx: &Ctx<'_>, account: &AccountId, base: &str, raw: &str) -> Result<Page, Refusal> {
     let id = delivery_id(raw)?;
     match dlv::retry_delivery(ctx.state, account, id).await {
         Ok(_) => ctx.notice("A new attempt was scheduled now."),

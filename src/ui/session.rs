@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::Caller;
 use crate::clock;
 use crate::config::UiLimits;
+use crate::domain::caller::Caller;
 use crate::ids::AccountId;
 use crate::registry::Registry;
 use crate::store::Storage;

@@ -12,6 +12,7 @@ mod edge;
 mod flow;
 mod hardening;
 mod held;
+mod layers;
 mod lifecycle;
 mod limits;
 mod maintenance;

@@ -1,15 +1,22 @@
-//! The API's one error type: every failure a handler can meet becomes an HTTP status and the
-//! contract's body `{"error": {"code": "snake_case_code", "message": "…"}}`.
+//! The domain's one error type: every failure a request can meet — a broken rule, a missing
+//! resource, a full queue, a store that cannot write, a body that could not be read — becomes a
+//! [`Refusal`]: the contract's HTTP status, a snake_case code and a message for people.
+//!
+//! Failures of the layers below (store, ingest, delivery, dispatch, the edge's body reader)
+//! enter through the `From` impls here, so `?` carries them up; a refusal leaves to the front
+//! end that called, which renders it: the API as the contract's JSON body
+//! `{"error": {"code", "message"}}`, the dashboard as a page.
 
 use http::StatusCode;
 
 use crate::delivery::DeliveryError;
 use crate::dispatch::TestSendError;
+use crate::edge::BodyError;
 use crate::ingest::IngestError;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub struct Refusal {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
@@ -17,9 +24,9 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
 }
 
-impl ApiError {
+impl Refusal {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
+        Refusal {
             status,
             code,
             message: message.into(),
@@ -43,14 +50,14 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
     pub fn busy(message: impl Into<String>) -> Self {
-        ApiError {
+        Refusal {
             retry_after: Some(1),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
         }
     }
     /// 503 `deliveries_lagging`: held for `delivery.max_lag_hold` while deliveries lagged.
     pub fn lagging(message: impl Into<String>) -> Self {
-        ApiError {
+        Refusal {
             retry_after: Some(1),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -61,14 +68,14 @@ impl ApiError {
     }
     /// 429: the caller should come back after `retry_after` seconds.
     pub fn too_many(code: &'static str, message: impl Into<String>, retry_after: u32) -> Self {
-        ApiError {
+        Refusal {
             retry_after: Some(retry_after),
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
     }
     /// 503 `storage_unavailable`: the store cannot write (disk full, I/O error).
     pub fn storage_unavailable(message: impl Into<String>) -> Self {
-        ApiError {
+        Refusal {
             retry_after: Some(5),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -80,37 +87,30 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }
-
-    pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "error": { "code": self.code, "message": self.message }
-        }))
-        .expect("serialising a JSON value cannot fail")
-    }
 }
 
-impl From<StoreError> for ApiError {
+impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "storage error while serving a request");
         // The disk refuses writes (the engine is about to restart) or cannot be read: the
         // caller may retry. One answer on every path, whichever command met the failure.
         if e.is_retryable() {
-            ApiError::storage_unavailable(
+            Refusal::storage_unavailable(
                 "storage cannot write right now; nothing was changed, retry later",
             )
         } else {
-            ApiError::internal("a storage error occurred; see the engine's log")
+            Refusal::internal("a storage error occurred; see the engine's log")
         }
     }
 }
 
-impl From<IngestError> for ApiError {
+impl From<IngestError> for Refusal {
     fn from(e: IngestError) -> Self {
         match e {
-            IngestError::Busy => ApiError::busy("the engine is at capacity; retry shortly"),
-            IngestError::Closed => ApiError {
+            IngestError::Busy => Refusal::busy("the engine is at capacity; retry shortly"),
+            IngestError::Closed => Refusal {
                 retry_after: Some(5),
-                ..ApiError::new(
+                ..Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting_down",
                     "the engine is shutting down",
@@ -119,7 +119,7 @@ impl From<IngestError> for ApiError {
             IngestError::Commit(e) => {
                 tracing::error!(error = %e, "commit failed");
                 // Whatever the kind, nothing was acknowledged: retryable once the store is back.
-                ApiError::storage_unavailable(
+                Refusal::storage_unavailable(
                     "the write-ahead log could not be written; nothing was acknowledged, retry later",
                 )
             }
@@ -127,12 +127,12 @@ impl From<IngestError> for ApiError {
     }
 }
 
-impl From<DeliveryError> for ApiError {
+impl From<DeliveryError> for Refusal {
     fn from(e: DeliveryError) -> Self {
         match e {
-            DeliveryError::Closed => ApiError {
+            DeliveryError::Closed => Refusal {
                 retry_after: Some(5),
-                ..ApiError::new(
+                ..Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting_down",
                     "the engine is shutting down",
@@ -143,28 +143,39 @@ impl From<DeliveryError> for ApiError {
     }
 }
 
-impl From<TestSendError> for ApiError {
+impl From<TestSendError> for Refusal {
     fn from(e: TestSendError) -> Self {
         match e {
-            TestSendError::TooMany(_) => ApiError {
+            TestSendError::TooMany(_) => Refusal {
                 // A test send lasts at most `delivery.timeout`; a second is a fair first wait.
                 retry_after: Some(1),
-                ..ApiError::new(
+                ..Refusal::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_test_sends",
                     e.to_string(),
                 )
             },
-            TestSendError::Gone => ApiError::not_found("webhook_not_found", e.to_string()),
+            TestSendError::Gone => Refusal::not_found("webhook_not_found", e.to_string()),
             TestSendError::Delivery(d) => d.into(),
         }
     }
 }
 
-impl From<tokio::task::JoinError> for ApiError {
+impl From<tokio::task::JoinError> for Refusal {
     fn from(e: tokio::task::JoinError) -> Self {
         tracing::error!(error = %e, "a background step failed");
-        ApiError::internal("an internal step failed")
+        Refusal::internal("an internal step failed")
+    }
+}
+
+impl From<BodyError> for Refusal {
+    fn from(e: BodyError) -> Self {
+        let (status, code) = match e {
+            BodyError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            BodyError::TimedOut { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            BodyError::Unreadable(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
+        };
+        Refusal::new(status, code, e.to_string())
     }
 }
 
@@ -179,17 +190,17 @@ mod tests {
     fn a_full_disk_is_503_storage_unavailable_on_every_path() {
         let full = StoreError::new(StoreErrorKind::Unavailable, "No space left on device");
         let answers = [
-            ApiError::from(full.clone()),
-            ApiError::from(IngestError::Commit(full.clone())),
-            ApiError::from(DeliveryError::Store(full.clone())),
-            ApiError::from(TestSendError::Delivery(DeliveryError::Store(full))),
+            Refusal::from(full.clone()),
+            Refusal::from(IngestError::Commit(full.clone())),
+            Refusal::from(DeliveryError::Store(full.clone())),
+            Refusal::from(TestSendError::Delivery(DeliveryError::Store(full))),
         ];
         for a in answers {
             assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{a:?}");
             assert_eq!(a.code, "storage_unavailable");
         }
         let corrupt = StoreError::new(StoreErrorKind::Internal, "a record does not decode");
-        let a = ApiError::from(DeliveryError::Store(corrupt));
+        let a = Refusal::from(DeliveryError::Store(corrupt));
         assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

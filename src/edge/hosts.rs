@@ -5,9 +5,10 @@
 //! the page's name in `Host`. So a request is served only when its `Host` (port ignored) is an
 //! address literal the engine answers on — the listen address, the address the connection
 //! arrived on, or any loopback literal — `localhost`, or a name in `server.public_hosts`.
-//! Anything else is refused with 421 before routing or authentication (`server` answers it:
-//! JSON `misdirected_request` on `/v1`, a plain page on `/ui`). A request without `Host`
-//! (HTTP/1.0) carries no name a page could have chosen and is let through.
+//! Anything else is refused with 421 before routing or authentication ([`super::router`]
+//! decides, the front end renders: JSON `misdirected_request` on `/v1`, a plain page on `/ui`).
+//! A request without `Host` (HTTP/1.0) carries no name a page could have chosen and is let
+//! through.
 
 use std::net::{IpAddr, SocketAddr};
 

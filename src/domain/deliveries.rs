@@ -6,7 +6,7 @@
 
 use http::StatusCode;
 
-use crate::api::{paging, ApiError, AppState};
+use super::{paging, Refusal, Services};
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{parse_rfc3339, AttemptRecord, DeliveryRecord, DeliveryStatus, WebhookStatus};
 use crate::store::{DeliveryPage, DeliveryQuery};
@@ -49,11 +49,11 @@ impl std::ops::Deref for LogQuery {
 /// webhook is a 404. `event_id` and `delivery_id` are exact: an id that names nothing of the
 /// account matches nothing (an empty list, not an error).
 pub fn query_from_params(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     webhook: Option<WebhookId>,
     params: &[(String, String)],
-) -> Result<LogQuery, ApiError> {
+) -> Result<LogQuery, Refusal> {
     let allowed: &[&str] = if webhook.is_some() {
         &[
             "status",
@@ -83,7 +83,7 @@ pub fn query_from_params(
     };
     if let Some(c) = page.cursor {
         q.cursor = Some(DeliveryId::parse(&c).ok_or_else(|| {
-            ApiError::bad_request("invalid_cursor", "cursor is not one this API gave")
+            Refusal::bad_request("invalid_cursor", "cursor is not one this API gave")
         })?);
     }
     for (k, v) in params {
@@ -97,13 +97,13 @@ pub fn query_from_params(
                             .is_some_and(|h| h.hook.account_id == *account)
                     })
                     .ok_or_else(|| {
-                        ApiError::not_found("webhook_not_found", format!("no webhook {v:?}"))
+                        Refusal::not_found("webhook_not_found", format!("no webhook {v:?}"))
                     })?;
                 q.webhook = Some(id);
             }
             "status" => {
                 q.status = Some(DeliveryStatus::parse(v).ok_or_else(|| {
-                    ApiError::bad_request(
+                    Refusal::bad_request(
                         "invalid_query",
                         "status must be one of pending, delivered, retrying, failed",
                     )
@@ -111,7 +111,7 @@ pub fn query_from_params(
             }
             "event" => {
                 if !state.registry.is_cataloged(v) {
-                    return Err(ApiError::bad_request(
+                    return Err(Refusal::bad_request(
                         "invalid_query",
                         format!("event {v:?} is not in the catalog"),
                     ));
@@ -120,7 +120,7 @@ pub fn query_from_params(
             }
             "since" | "until" => {
                 let ms = parse_rfc3339(v).ok_or_else(|| {
-                    ApiError::bad_request(
+                    Refusal::bad_request(
                         "invalid_query",
                         format!("{k} must be an RFC 3339 time like 2025-01-15T09:30:00Z"),
                     )
@@ -134,7 +134,7 @@ pub fn query_from_params(
             "event_id" => {
                 let id = v.trim();
                 if id.is_empty() || id.len() > 255 {
-                    return Err(ApiError::bad_request(
+                    return Err(Refusal::bad_request(
                         "invalid_query",
                         "event_id must be 1 to 255 characters",
                     ));
@@ -150,7 +150,7 @@ pub fn query_from_params(
                     // Not an id this API gives: it names nothing.
                     None if v.trim().starts_with("dlv_") => out.matches_nothing = true,
                     None => {
-                        return Err(ApiError::bad_request(
+                        return Err(Refusal::bad_request(
                             "invalid_query",
                             "delivery_id must be a delivery id like dlv_…",
                         ))
@@ -179,10 +179,10 @@ fn matches(q: &DeliveryQuery, r: &DeliveryRecord) -> bool {
 
 /// One page of the account's delivery log, newest first.
 pub fn list_deliveries(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     q: &LogQuery,
-) -> Result<DeliveryPage, ApiError> {
+) -> Result<DeliveryPage, Refusal> {
     if q.matches_nothing {
         return Ok(DeliveryPage {
             items: Vec::new(),
@@ -206,16 +206,16 @@ pub fn list_deliveries(
 
 /// The delivery `id` of `account` (another account's delivery is not found).
 pub fn get_record(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: DeliveryId,
-) -> Result<DeliveryRecord, ApiError> {
+) -> Result<DeliveryRecord, Refusal> {
     state
         .store
         .get_delivery(id)?
         .filter(|d| d.account_id == *account)
         .ok_or_else(|| {
-            ApiError::not_found(
+            Refusal::not_found(
                 "delivery_not_found",
                 format!("no delivery {:?}", id.to_string()),
             )
@@ -223,10 +223,10 @@ pub fn get_record(
 }
 
 pub fn get_delivery(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: DeliveryId,
-) -> Result<DeliveryDetail, ApiError> {
+) -> Result<DeliveryDetail, Refusal> {
     let record = get_record(state, account, id)?;
     let attempts = state.store.attempts(record.id)?;
     let body = state
@@ -250,19 +250,19 @@ pub fn get_delivery(
 
 /// Schedules one more attempt now. Refused (409) unless the webhook is active.
 pub async fn retry_delivery(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: DeliveryId,
-) -> Result<DeliveryRecord, ApiError> {
+) -> Result<DeliveryRecord, Refusal> {
     let record = get_record(state, account, id)?;
     let hook = state.registry.hook(record.id.webhook).ok_or_else(|| {
-        ApiError::not_found(
+        Refusal::not_found(
             "webhook_not_found",
             "the delivery's webhook no longer exists",
         )
     })?;
     if hook.hook.status != WebhookStatus::Active {
-        return Err(ApiError::new(
+        return Err(Refusal::new(
             StatusCode::CONFLICT,
             "webhook_not_active",
             format!(
@@ -274,7 +274,7 @@ pub async fn retry_delivery(
     state
         .manual_retries
         .check(account, record.id)
-        .map_err(|l| ApiError::too_many("retry_rate_limited", l.to_string(), l.retry_after_secs))?;
+        .map_err(|l| Refusal::too_many("retry_rate_limited", l.to_string(), l.retry_after_secs))?;
     // The delivery writer applies it, so an attempt's outcome cannot overwrite it; during an
     // attempt it runs once the attempt has ended.
     let record = state
@@ -283,7 +283,7 @@ pub async fn retry_delivery(
         .retry(record.id, account.clone())
         .await?
         .ok_or_else(|| {
-            ApiError::not_found(
+            Refusal::not_found(
                 "delivery_not_found",
                 format!("no delivery {:?}", id.to_string()),
             )

@@ -4,7 +4,7 @@
 
 use http::StatusCode;
 
-use crate::api::{ApiError, AppState};
+use super::{Refusal, Services};
 use crate::backlog::BacklogFull;
 use crate::ids::AccountId;
 use crate::ingest::{Accepted, EventInput, PendingEvent, Rejection};
@@ -12,20 +12,20 @@ use crate::ingest::{Accepted, EventInput, PendingEvent, Rejection};
 /// Most events one batch request may carry.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 
-pub fn rejection_error(r: &Rejection) -> ApiError {
+pub fn rejection_error(r: &Rejection) -> Refusal {
     let (status, code) = match r {
         Rejection::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         Rejection::UnknownAccount(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_account"),
         Rejection::UnknownEventType(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_event_type"),
     };
-    ApiError::new(status, code, r.to_string())
+    Refusal::new(status, code, r.to_string())
 }
 
 /// Refuses new events while more deliveries wait than the engine is configured to hold.
-pub fn check_capacity(state: &AppState) -> Result<(), ApiError> {
+pub fn check_capacity(state: &Services) -> Result<(), Refusal> {
     let waiting = state.scheduler.scheduled();
     if waiting > state.config.delivery.max_scheduled {
-        return Err(ApiError::busy(format!(
+        return Err(Refusal::busy(format!(
             "{waiting} deliveries are waiting (delivery.max_scheduled); retry shortly"
         )));
     }
@@ -36,7 +36,7 @@ pub fn check_capacity(state: &AppState) -> Result<(), ApiError> {
 /// ingest, holds a request (before anything is committed) until they catch up, for at most
 /// `delivery.max_lag_hold`, then refuses it with 503 `deliveries_lagging`. A request whose
 /// events are all `delivery.priority_events` is never held.
-pub async fn hold_while_lagging(state: &AppState, events: &[PendingEvent]) -> Result<(), ApiError> {
+pub async fn hold_while_lagging(state: &Services, events: &[PendingEvent]) -> Result<(), Refusal> {
     let d = &state.config.delivery;
     if !events.is_empty()
         && events
@@ -56,12 +56,12 @@ pub async fn hold_while_lagging(state: &AppState, events: &[PendingEvent]) -> Re
         .lag()
         .hold(&accounts, d.max_lag, d.max_lag_hold)
         .await
-        .map_err(|lagging| ApiError::lagging(lagging.to_string()))
+        .map_err(|lagging| Refusal::lagging(lagging.to_string()))
 }
 
 /// Refuses a request if any of its events' accounts has `delivery.max_scheduled_per_account`
 /// deliveries or more waiting (429): the whole request, so nothing is half-accepted.
-pub fn check_backlog(state: &AppState, events: &[PendingEvent]) -> Result<(), ApiError> {
+pub fn check_backlog(state: &Services, events: &[PendingEvent]) -> Result<(), Refusal> {
     let mut checked: Option<&AccountId> = None;
     for e in events {
         let account = e.account_id();
@@ -76,7 +76,7 @@ pub fn check_backlog(state: &AppState, events: &[PendingEvent]) -> Result<(), Ap
     Ok(())
 }
 
-fn backlog_full(state: &AppState, full: &BacklogFull) -> ApiError {
+fn backlog_full(state: &Services, full: &BacklogFull) -> Refusal {
     // An estimate of when room comes back: the excess at the account's plan rate, within a
     // minute (an endpoint that is down drains nothing, but asking again costs little).
     let per_second = state
@@ -87,16 +87,16 @@ fn backlog_full(state: &AppState, full: &BacklogFull) -> ApiError {
         .unwrap_or(u32::MAX);
     let excess = full.waiting.saturating_sub(full.quota) + 1;
     let secs = excess.div_ceil(u64::from(per_second)).clamp(1, 60) as u32;
-    ApiError::too_many("account_backlog_full", full.to_string(), secs)
+    Refusal::too_many("account_backlog_full", full.to_string(), secs)
 }
 
 /// Validates and builds one event (on the calling worker, before the committer sees it).
-pub fn prepare(state: &AppState, input: &EventInput) -> Result<PendingEvent, ApiError> {
+pub fn prepare(state: &Services, input: &EventInput) -> Result<PendingEvent, Refusal> {
     state.ingest.prepare(input).map_err(|r| rejection_error(&r))
 }
 
 /// Stores one event durably; returns its id.
-pub async fn ingest_one(state: &AppState, input: &EventInput<'_>) -> Result<String, ApiError> {
+pub async fn ingest_one(state: &Services, input: &EventInput<'_>) -> Result<String, Refusal> {
     let record = prepare(state, input)?;
     hold_while_lagging(state, std::slice::from_ref(&record)).await?;
     check_backlog(state, std::slice::from_ref(&record))?;
@@ -104,23 +104,23 @@ pub async fn ingest_one(state: &AppState, input: &EventInput<'_>) -> Result<Stri
     accepted
         .first()
         .map(|a| a.id().as_str().to_string())
-        .ok_or_else(|| ApiError::internal("the committer returned no result"))
+        .ok_or_else(|| Refusal::internal("the committer returned no result"))
 }
 
 /// Stores every valid event of a batch in one commit; per item (already parsed, or the parse
 /// error), its id or why it was refused.
 pub async fn ingest_batch(
-    state: &AppState,
-    items: Vec<Result<EventInput<'_>, ApiError>>,
-) -> Result<Vec<Result<String, ApiError>>, ApiError> {
+    state: &Services,
+    items: Vec<Result<EventInput<'_>, Refusal>>,
+) -> Result<Vec<Result<String, Refusal>>, Refusal> {
     if items.len() > MAX_BATCH_EVENTS {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "batch_too_large",
             format!("a batch holds at most {MAX_BATCH_EVENTS} events"),
         ));
     }
     // Per item: a prepared record (index into `records`) or an error.
-    let mut slots: Vec<Result<usize, ApiError>> = Vec::with_capacity(items.len());
+    let mut slots: Vec<Result<usize, Refusal>> = Vec::with_capacity(items.len());
     let mut records = Vec::with_capacity(items.len());
     for item in items {
         slots.push(item.and_then(|input| prepare(state, &input)).map(|record| {
@@ -138,7 +138,7 @@ pub async fn ingest_batch(
                 accepted
                     .get(i)
                     .map(|a| a.id().as_str().to_string())
-                    .ok_or_else(|| ApiError::internal("the committer returned no result"))
+                    .ok_or_else(|| Refusal::internal("the committer returned no result"))
             })
         })
         .collect())

@@ -5,27 +5,27 @@
 //! Both front ends (`GET …/stats`, `GET /v1/admin/stats`, and the dashboard's charts) call
 //! these, so the numbers they show are the same.
 
-use crate::api::{ApiError, AppState};
+use super::{Refusal, Services};
 use crate::clock;
 use crate::ids::{AccountId, WebhookId};
 use crate::stats::{self, live::Minute, Bucket, Window};
 
 /// The `window` query parameter (default `24h`).
-pub fn parse_window(raw: Option<&str>) -> Result<Window, ApiError> {
+pub fn parse_window(raw: Option<&str>) -> Result<Window, Refusal> {
     match raw {
         None | Some("") => Ok(Window::Day),
         Some(w) => Window::parse(w)
-            .ok_or_else(|| ApiError::bad_request("invalid_query", "window must be 24h or 7d")),
+            .ok_or_else(|| Refusal::bad_request("invalid_query", "window must be 24h or 7d")),
     }
 }
 
 /// A webhook's buckets over `window`, oldest first, at the engine clock's now.
 pub fn webhook_stats(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: WebhookId,
     window: Window,
-) -> Result<Vec<Bucket>, ApiError> {
+) -> Result<Vec<Bucket>, Refusal> {
     super::webhooks::get_webhook(state, account, id)?;
     let now = clock::now_ms();
     let hourly = state.store.webhook_stats(id, window.first_hour(now))?;
@@ -100,7 +100,7 @@ fn disk_space(path: &std::path::Path) -> (Option<u64>, Option<u64>) {
 }
 
 /// The overview now. The store's size and the file system are read on a blocking thread.
-pub async fn overview(state: &AppState) -> Result<Overview, ApiError> {
+pub async fn overview(state: &Services) -> Result<Overview, Refusal> {
     let store = state.store.clone();
     let path = state.config.storage.path.clone();
     let (store_bytes, (disk_free_bytes, disk_total_bytes)) =

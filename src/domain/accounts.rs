@@ -5,8 +5,7 @@
 use http::StatusCode;
 use serde::Deserialize;
 
-use super::check_name;
-use crate::api::{ApiError, AppState};
+use super::{check_name, Refusal, Services};
 use crate::ids::AccountId;
 use crate::model::{now_ms, Account};
 use crate::signing;
@@ -47,16 +46,16 @@ impl PlanUsage {
     }
 }
 
-fn not_found(id: &AccountId) -> ApiError {
-    ApiError::not_found("account_not_found", format!("no account {:?}", id.as_str()))
+fn not_found(id: &AccountId) -> Refusal {
+    Refusal::not_found("account_not_found", format!("no account {:?}", id.as_str()))
 }
 
-pub fn check_plan(state: &AppState, plan: &str) -> Result<String, ApiError> {
+pub fn check_plan(state: &Services, plan: &str) -> Result<String, Refusal> {
     if state.config.plans.contains_key(plan) {
         Ok(plan.to_string())
     } else {
         let known: Vec<&str> = state.config.plans.keys().map(String::as_str).collect();
-        Err(ApiError::bad_request(
+        Err(Refusal::bad_request(
             "invalid_plan",
             format!(
                 "unknown plan {plan:?}; configured plans: {}",
@@ -68,14 +67,14 @@ pub fn check_plan(state: &AppState, plan: &str) -> Result<String, ApiError> {
 
 /// Creates an account; returns it with its API key (shown this once, stored only hashed).
 pub async fn create_account(
-    state: &AppState,
+    state: &Services,
     body: CreateAccount,
-) -> Result<(Account, String), ApiError> {
+) -> Result<(Account, String), Refusal> {
     let name = check_name(&body.name)?;
     let plan = check_plan(state, &body.plan)?;
     let id = match body.id {
         Some(text) => AccountId::parse(&text).ok_or_else(|| {
-            ApiError::bad_request(
+            Refusal::bad_request(
                 "invalid_id",
                 format!(
                     "id must be 1 to {} characters of [A-Za-z0-9_.-]",
@@ -96,7 +95,7 @@ pub async fn create_account(
     {
         let _writes = state.registry.write_lock();
         if state.registry.account_exists(&id) || state.store.get_account(&id)?.is_some() {
-            return Err(ApiError::new(
+            return Err(Refusal::new(
                 StatusCode::CONFLICT,
                 "account_exists",
                 format!("account {:?} already exists", id.as_str()),
@@ -109,22 +108,22 @@ pub async fn create_account(
     Ok((account, api_key))
 }
 
-pub fn get_account(state: &AppState, id: &AccountId) -> Result<Account, ApiError> {
+pub fn get_account(state: &Services, id: &AccountId) -> Result<Account, Refusal> {
     state.registry.account(id).ok_or_else(|| not_found(id))
 }
 
 /// Every account, oldest first (the operator's list).
-pub fn list_accounts(state: &AppState) -> Result<Vec<Account>, ApiError> {
+pub fn list_accounts(state: &Services) -> Result<Vec<Account>, Refusal> {
     let mut accounts = state.store.all_accounts()?;
     accounts.sort_by(|a, b| (a.created_ms, &a.id.as_str()).cmp(&(b.created_ms, &b.id.as_str())));
     Ok(accounts)
 }
 
 pub async fn update_account(
-    state: &AppState,
+    state: &Services,
     id: &AccountId,
     body: UpdateAccount,
-) -> Result<Account, ApiError> {
+) -> Result<Account, Refusal> {
     let name = body.name.as_deref().map(check_name).transpose()?;
     let plan = body
         .plan
@@ -149,7 +148,7 @@ pub async fn update_account(
 }
 
 /// Deletes the account with its webhooks and its whole delivery history.
-pub async fn delete_account(state: &AppState, id: &AccountId) -> Result<(), ApiError> {
+pub async fn delete_account(state: &Services, id: &AccountId) -> Result<(), Refusal> {
     let account = state.store.get_account(id)?.ok_or_else(|| not_found(id))?;
     // Stop new work for the account first, then remove its history off the async workers.
     state.registry.remove_account(id);
@@ -159,7 +158,7 @@ pub async fn delete_account(state: &AppState, id: &AccountId) -> Result<(), ApiE
 }
 
 /// Replaces the account's API key; returns the new key (the old one stops working at once).
-pub async fn rotate_api_key(state: &AppState, id: &AccountId) -> Result<String, ApiError> {
+pub async fn rotate_api_key(state: &Services, id: &AccountId) -> Result<String, Refusal> {
     let api_key = signing::new_api_key();
     {
         let _writes = state.registry.write_lock();
@@ -173,7 +172,7 @@ pub async fn rotate_api_key(state: &AppState, id: &AccountId) -> Result<String, 
 }
 
 /// The account's plan, its limits and its use of them.
-pub fn plan_usage(state: &AppState, id: &AccountId) -> PlanUsage {
+pub fn plan_usage(state: &Services, id: &AccountId) -> PlanUsage {
     let plan = state.registry.plan_of(id).unwrap_or_default();
     let limits = state.config.plans.get(&plan);
     PlanUsage {

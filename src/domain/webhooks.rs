@@ -9,8 +9,7 @@ use http::StatusCode;
 use serde::Deserialize;
 
 use super::accounts::plan_usage;
-use super::check_name;
-use crate::api::{ApiError, AppState, Paging};
+use super::{check_name, Paging, Refusal, Services};
 use crate::clock;
 use crate::config::parse_cidr;
 use crate::delivery::Settled;
@@ -90,11 +89,11 @@ where
 pub const MAX_CONCURRENCY: u64 = 10_000;
 
 /// A customer's `max_concurrency`: 1 to [`MAX_CONCURRENCY`].
-pub fn check_max_concurrency(n: u64) -> Result<u32, ApiError> {
+pub fn check_max_concurrency(n: u64) -> Result<u32, Refusal> {
     if (1..=MAX_CONCURRENCY).contains(&n) {
         Ok(n as u32)
     } else {
-        Err(ApiError::bad_request(
+        Err(Refusal::bad_request(
             "invalid_max_concurrency",
             format!("max_concurrency must be from 1 to {MAX_CONCURRENCY}, or null for no cap"),
         ))
@@ -125,15 +124,15 @@ pub struct RecoverRequest {
 /// ids, a new attempt each, paced by the plan's rate like any delivery) and answers how many.
 /// A window longer than `storage.retention` is refused: what ended before it is purged.
 pub async fn recover_webhook(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: WebhookId,
     body: &RecoverRequest,
-) -> Result<usize, ApiError> {
+) -> Result<usize, Refusal> {
     let hook = get_webhook(state, account, id)?;
     let stamp = |field: &str, text: &str| {
         crate::model::parse_rfc3339(text).ok_or_else(|| {
-            ApiError::bad_request(
+            Refusal::bad_request(
                 "invalid_timestamp",
                 format!(
                     "{field} must be an RFC 3339 time like \"2026-01-31T09:00:00Z\", not {text:?}"
@@ -148,14 +147,14 @@ pub async fn recover_webhook(
         None => now,
     };
     if since >= until {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_recover_window",
             "since must be earlier than until",
         ));
     }
     let retention = state.config.storage.retention;
     if u128::from(until - since) > retention.as_millis() {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "recover_window_too_long",
             format!(
                 "the window is longer than the retention ({}); deliveries older than that are purged",
@@ -164,7 +163,7 @@ pub async fn recover_webhook(
         ));
     }
     if hook.status != WebhookStatus::Active {
-        return Err(ApiError::new(
+        return Err(Refusal::new(
             StatusCode::CONFLICT,
             "webhook_not_active",
             format!(
@@ -183,18 +182,18 @@ pub const DEFAULT_ROTATION_GRACE: std::time::Duration = std::time::Duration::fro
 /// The longest grace period a rotation may ask for.
 pub const MAX_ROTATION_GRACE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
-pub fn check_signature_scheme(text: &str) -> Result<SignatureScheme, ApiError> {
+pub fn check_signature_scheme(text: &str) -> Result<SignatureScheme, Refusal> {
     SignatureScheme::parse(text).ok_or_else(|| {
-        ApiError::bad_request(
+        Refusal::bad_request(
             "invalid_signature_scheme",
             format!("signature_scheme {text:?} is not \"kyberaccess\" or \"standard-webhooks\""),
         )
     })
 }
 
-pub fn check_ordering(text: &str) -> Result<DeliveryOrder, ApiError> {
+pub fn check_ordering(text: &str) -> Result<DeliveryOrder, Refusal> {
     DeliveryOrder::parse(text).ok_or_else(|| {
-        ApiError::bad_request(
+        Refusal::bad_request(
             "invalid_ordering",
             format!("ordering {text:?} is not \"none\" or \"fifo\""),
         )
@@ -202,11 +201,11 @@ pub fn check_ordering(text: &str) -> Result<DeliveryOrder, ApiError> {
 }
 
 /// A rotation's grace period: a duration string from 0 to 7 days.
-pub fn check_grace_period(text: Option<&str>) -> Result<std::time::Duration, ApiError> {
+pub fn check_grace_period(text: Option<&str>) -> Result<std::time::Duration, Refusal> {
     let Some(text) = text else {
         return Ok(DEFAULT_ROTATION_GRACE);
     };
-    let bad = |why: String| ApiError::bad_request("invalid_grace_period", why);
+    let bad = |why: String| Refusal::bad_request("invalid_grace_period", why);
     let grace = crate::config::parse_duration(text)
         .map_err(|e| bad(format!("grace_period {text:?}: {e}")))?;
     if grace > MAX_ROTATION_GRACE {
@@ -230,9 +229,9 @@ pub struct TestOutcome {
     pub attempt: AttemptRecord,
 }
 
-pub fn check_description(d: Option<String>) -> Result<Option<String>, ApiError> {
+pub fn check_description(d: Option<String>) -> Result<Option<String>, Refusal> {
     match d {
-        Some(d) if d.chars().count() > 1000 => Err(ApiError::bad_request(
+        Some(d) if d.chars().count() > 1000 => Err(Refusal::bad_request(
             "invalid_description",
             "description must be at most 1000 characters",
         )),
@@ -243,8 +242,8 @@ pub fn check_description(d: Option<String>) -> Result<Option<String>, ApiError> 
 
 /// The HTTPS rule: an absolute `https://` URL (or `http://` when `delivery.require_https` is
 /// off) with a host and no credentials.
-pub fn check_url(state: &AppState, url: &str) -> Result<String, ApiError> {
-    let bad = |why: &str| ApiError::bad_request("invalid_url", format!("url {url:?}: {why}"));
+pub fn check_url(state: &Services, url: &str) -> Result<String, Refusal> {
+    let bad = |why: &str| Refusal::bad_request("invalid_url", format!("url {url:?}: {why}"));
     if url.len() > MAX_URL_LEN {
         return Err(bad(&format!("longer than {MAX_URL_LEN} characters")));
     }
@@ -265,15 +264,15 @@ pub fn check_url(state: &AppState, url: &str) -> Result<String, ApiError> {
     Ok(url.to_string())
 }
 
-pub fn check_events(state: &AppState, events: Vec<String>) -> Result<Vec<String>, ApiError> {
+pub fn check_events(state: &Services, events: Vec<String>) -> Result<Vec<String>, Refusal> {
     if events.is_empty() {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_events",
             "events must name at least one event type",
         ));
     }
     if events.len() > MAX_EVENTS {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_events",
             format!("at most {MAX_EVENTS} event entries"),
         ));
@@ -281,7 +280,7 @@ pub fn check_events(state: &AppState, events: Vec<String>) -> Result<Vec<String>
     let mut out: Vec<String> = Vec::with_capacity(events.len());
     for e in events {
         if Subscription::parse(&e, state.registry.catalog()).is_none() {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "invalid_events",
                 format!("{e:?} is not an event type, a family wildcard like \"emergency.*\", or \"*\" (see GET /v1/event-types)"),
             ));
@@ -293,29 +292,29 @@ pub fn check_events(state: &AppState, events: Vec<String>) -> Result<Vec<String>
     Ok(out)
 }
 
-pub fn check_cidrs(list: Vec<String>) -> Result<Vec<String>, ApiError> {
+pub fn check_cidrs(list: Vec<String>) -> Result<Vec<String>, Refusal> {
     if list.len() > MAX_CIDRS {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_ip_allowlist",
             format!("at most {MAX_CIDRS} entries"),
         ));
     }
     for c in &list {
-        parse_cidr(c).map_err(|e| ApiError::bad_request("invalid_ip_allowlist", e))?;
+        parse_cidr(c).map_err(|e| Refusal::bad_request("invalid_ip_allowlist", e))?;
     }
     Ok(list)
 }
 
-pub fn not_found(id: &str) -> ApiError {
-    ApiError::not_found("webhook_not_found", format!("no webhook {id:?}"))
+pub fn not_found(id: &str) -> Refusal {
+    Refusal::not_found("webhook_not_found", format!("no webhook {id:?}"))
 }
 
 /// The webhook `id` of `account` (another account's webhook is not found).
 pub fn get_webhook(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: WebhookId,
-) -> Result<Webhook, ApiError> {
+) -> Result<Webhook, Refusal> {
     state
         .store
         .get_webhook(account, id)?
@@ -323,10 +322,10 @@ pub fn get_webhook(
 }
 
 pub async fn create_webhook(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     body: CreateWebhook,
-) -> Result<Webhook, ApiError> {
+) -> Result<Webhook, Refusal> {
     let name = check_name(&body.name)?;
     let url = check_url(state, &body.url)?;
     let description = check_description(body.description)?;
@@ -351,7 +350,7 @@ pub async fn create_webhook(
     let secret = match body.secret {
         Some(s) => {
             crate::secrets::check_supplied_secret(&s)
-                .map_err(|e| ApiError::bad_request("invalid_secret", e.to_string()))?;
+                .map_err(|e| Refusal::bad_request("invalid_secret", e.to_string()))?;
             s
         }
         None => signing::new_secret(),
@@ -360,7 +359,7 @@ pub async fn create_webhook(
         let _writes = state.registry.write_lock();
         let usage = plan_usage(state, account);
         if let (true, Some(max)) = (usage.at_limit(), usage.max_webhooks) {
-            return Err(ApiError::new(
+            return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "plan_limit_reached",
                 format!("the {} plan allows at most {max} webhooks", usage.plan),
@@ -404,10 +403,10 @@ pub async fn create_webhook(
 
 /// One page of the account's webhooks, newest first, and the cursor of the next page.
 pub fn list_webhooks(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     page: &Paging,
-) -> Result<(Vec<Webhook>, Option<String>), ApiError> {
+) -> Result<(Vec<Webhook>, Option<String>), Refusal> {
     let mut hooks = state.store.webhooks_of(account)?;
     hooks.sort_by_key(|h| std::cmp::Reverse((h.created_ms, h.id)));
     // The cursor is the sort key of the last item shown, `{created_ms}.{webhook id}`, so a page
@@ -418,7 +417,7 @@ pub fn list_webhooks(
                 .split_once('.')
                 .and_then(|(ms, id)| Some((ms.parse::<u64>().ok()?, WebhookId::parse(id)?)))
                 .ok_or_else(|| {
-                    ApiError::bad_request("invalid_cursor", "cursor is not one this API gave")
+                    Refusal::bad_request("invalid_cursor", "cursor is not one this API gave")
                 })?;
             hooks
                 .iter()
@@ -437,11 +436,11 @@ pub fn list_webhooks(
 
 /// Read-modify-write of one webhook under the registry's write lock, then durable.
 async fn modify(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: WebhookId,
-    change: impl FnOnce(&mut Webhook) -> Result<(), ApiError>,
-) -> Result<Webhook, ApiError> {
+    change: impl FnOnce(&mut Webhook) -> Result<(), Refusal>,
+) -> Result<Webhook, Refusal> {
     let hook = {
         let _writes = state.registry.write_lock();
         let mut hook = get_webhook(state, account, id)?;
@@ -465,11 +464,11 @@ async fn modify(
 /// signature; a rotation during a grace replaces the secret the previous rotation returned
 /// (the one before it stops signing at once).
 pub async fn rotate_secret(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: WebhookId,
     grace: std::time::Duration,
-) -> Result<Webhook, ApiError> {
+) -> Result<Webhook, Refusal> {
     modify(state, account, id, |h| {
         let old = std::mem::replace(&mut h.secret, signing::new_secret());
         if grace.is_zero() {
@@ -487,11 +486,11 @@ pub async fn rotate_secret(
 /// Changes the given fields. Pause semantics: `"paused"` stops deliveries (they wait);
 /// `"active"` resumes, and also clears an automatic disable with its failure count.
 pub async fn update_webhook(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: WebhookId,
     body: UpdateWebhook,
-) -> Result<Webhook, ApiError> {
+) -> Result<Webhook, Refusal> {
     let name = body.name.as_deref().map(check_name).transpose()?;
     let url = body
         .url
@@ -520,7 +519,7 @@ pub async fn update_webhook(
         Some("active") => Some(WebhookStatus::Active),
         Some("paused") => Some(WebhookStatus::Paused),
         Some(other) => {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "invalid_status",
                 format!("status {other:?} cannot be set; use \"active\" or \"paused\""),
             ))
@@ -567,10 +566,10 @@ pub async fn update_webhook(
 
 /// Deletes the webhook and its delivery history.
 pub async fn delete_webhook(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: WebhookId,
-) -> Result<(), ApiError> {
+) -> Result<(), Refusal> {
     let hook = get_webhook(state, account, id)?;
     {
         let _writes = state.registry.write_lock();
@@ -584,13 +583,13 @@ pub async fn delete_webhook(
 /// The test tool: one real, signed attempt of `event`'s catalog example to the webhook, now, whatever
 /// its status; recorded as a test delivery and never retried.
 pub async fn test_webhook(
-    state: &AppState,
+    state: &Services,
     account: &AccountId,
     id: WebhookId,
     event: &str,
-) -> Result<TestOutcome, ApiError> {
+) -> Result<TestOutcome, Refusal> {
     if !state.registry.is_cataloged(event) {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "unknown_event_type",
             format!("event type {event:?} is not in the catalog (GET /v1/event-types)"),
         ));
@@ -613,7 +612,7 @@ pub async fn test_webhook(
             crate::catalog::example_data(event),
         )
         .await?
-        .map_err(|r| ApiError::bad_request("invalid_request", r.to_string()))?;
+        .map_err(|r| Refusal::bad_request("invalid_request", r.to_string()))?;
     let delivery_id = DeliveryId {
         seq: stored.seq,
         webhook: id,

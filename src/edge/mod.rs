@@ -1,17 +1,23 @@
-//! The HTTP edge: accepts connections for the API (plain or rustls TLS) and for `/metrics`,
-//! and shuts both down gracefully.
+//! The HTTP edge: accepts connections for the API listener (plain or rustls TLS) and for
+//! `/metrics`, hands each request to a [`Handler`], and shuts both down gracefully. It knows
+//! neither the API nor the dashboard: [`router::Router`] splits the API listener's requests by
+//! path between two handlers the engine builds at start (`/ui…` and `GET /` to the dashboard,
+//! the rest to the JSON API), after refusing a `Host` that is not ours ([`hosts`]).
 //!
 //! A connection permit is taken before each accept (at most `MAX_CONNECTIONS` open at once),
 //! every connection is served by hyper's HTTP/1.1 server with a bound on the request head size
-//! and on the time to read it (slowloris), and every request goes to `api::handle` (which
-//! bounds the time to read a body, `server.body_read_timeout`). A connection closes with a
-//! lingering close ([`linger`]), so that an answer given before the request's body was read
-//! reaches a client that sends its whole body before reading. On shutdown the accept loop
-//! stops, open connections finish the request they are serving, and the call returns once
-//! they are closed or the drain deadline passes.
+//! and on the time to read it (slowloris), and each request carries its peer and local
+//! addresses as extensions ([`ClientAddr`], [`LocalAddr`]). A front end reads a body with
+//! [`read_body`], which bounds its size (`server.max_body_bytes`) and the time to read it
+//! (`server.body_read_timeout`). A connection closes with a lingering close ([`linger`]), so
+//! that an answer given before the request's body was read reaches a client that sends its
+//! whole body before reading. On shutdown the accept loop stops, open connections finish the
+//! request they are serving, and the call returns once they are closed or the drain deadline
+//! passes.
 
 pub mod hosts;
 pub mod linger;
+pub mod router;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -32,7 +38,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::api::{self, AppState};
 use crate::config::ServerConfig;
 use linger::Lingering;
 
@@ -78,6 +83,14 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupErro
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub std::net::SocketAddr);
 
+/// The client address of a request (loopback for a request built without [`serve`], as in
+/// tests): what the API's failed-authentication guard and the dashboard's sign-in limit count.
+pub fn client_ip<B>(req: &Request<B>) -> std::net::IpAddr {
+    req.extensions()
+        .get::<ClientAddr>()
+        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.0.ip())
+}
+
 /// The engine's own address of the connection a request came on (a request extension): on a
 /// wildcard listener, the one address of the machine the client used ([`hosts`]).
 #[derive(Debug, Clone, Copy)]
@@ -87,7 +100,8 @@ pub struct LocalAddr(pub std::net::SocketAddr);
 /// so that a network attacker cannot downgrade a later visit to plain HTTP.
 const HSTS: &str = "max-age=31536000";
 
-/// Something that answers requests: the API, or the metrics page.
+/// Something that answers requests: the API, the dashboard, the [`router::Router`] over both,
+/// or the metrics page.
 pub trait Handler: Clone + Send + Sync + 'static {
     /// The response body: one buffer for most answers, a stream for a backup.
     type Body: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
@@ -98,17 +112,6 @@ pub trait Handler: Clone + Send + Sync + 'static {
         &self,
         req: Request<Incoming>,
     ) -> impl std::future::Future<Output = Response<Self::Body>> + Send;
-}
-
-#[derive(Clone)]
-pub struct ApiHandler(pub Arc<AppState>);
-
-impl Handler for ApiHandler {
-    type Body = api::ApiBody;
-
-    async fn call(&self, req: Request<Incoming>) -> Response<api::ApiBody> {
-        api::handle_streaming(self.0.clone(), req).await
-    }
 }
 
 /// How long a connection may take over the parts of a request, and linger when it closes.
@@ -261,10 +264,47 @@ pub async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, crate::Sta
         .map_err(|e| crate::StartError::Config(format!("{key} = \"{addr}\": cannot listen: {e}")))
 }
 
-/// A plain JSON 404, for the metrics listener's other paths.
-pub fn not_found() -> Response<Full<Bytes>> {
-    api::error_response(&api::ApiError::not_found(
-        "not_found",
-        "only GET /metrics is served here",
-    ))
+/// Why a request body could not be read; each front end renders it in its own format.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request bodies are limited to {limit} bytes (server.max_body_bytes)")]
+    TooLarge { limit: usize },
+    #[error("the request body did not arrive within {} ms (server.body_read_timeout)", .after.as_millis())]
+    TimedOut { after: Duration },
+    #[error("could not read the request body: {0}")]
+    Unreadable(String),
+}
+
+/// Reads a request's whole body, at most `server.max_body_bytes` of it (a `Content-Length`
+/// over the limit is refused before any byte is read) within `server.body_read_timeout`.
+pub async fn read_body(req: Request<Incoming>, server: &ServerConfig) -> Result<Bytes, BodyError> {
+    let limit = server.max_body_bytes;
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(BodyError::TooLarge { limit });
+        }
+    }
+    // One deadline for the whole body, not per read: a client trickling a byte now and then
+    // would otherwise hold its connection and buffer indefinitely. Dropping the read frees what
+    // was buffered; the connection then closes (see `close_after_unread_body`).
+    let deadline = server.body_read_timeout;
+    let read = Limited::new(req.into_body(), limit).collect();
+    let Ok(read) = tokio::time::timeout(deadline, read).await else {
+        return Err(BodyError::TimedOut { after: deadline });
+    };
+    match read {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(BodyError::TooLarge { limit })
+        }
+        Err(e) => Err(BodyError::Unreadable(e.to_string())),
+    }
 }

@@ -34,7 +34,7 @@ fuzz_target!(|bytes: &[u8]| {
     let _ = serde_json::from_slice::<TestRequest>(bytes);
     // The API's own strict parse, including its error classification and message.
     if let Err(e) = kyberhook::api::parse_json::<EventInput>(bytes) {
-        let _ = e.body();
+        let _ = kyberhook::api::error_response(&e);
     }
     if let Ok(event) = serde_json::from_slice::<EventInput>(bytes) {
         check_event(&event);

@@ -15,6 +15,8 @@
 //! - **Crash order.** [`Storage::apply_delivery_writes`] leaves "every owed attempt has a
 //!   schedule entry" true at every crash point (see [`DeliveryWrites`]).
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod embedded;
 mod writes;
 
@@ -204,7 +206,9 @@ pub trait Storage: Send + Sync + 'static {
     fn last_seq(&self) -> Result<u64>;
     /// The sequence number of an event id the account already used.
     fn event_seq(&self, account: &AccountId, event_id: &str) -> Result<Option<u64>>;
-    /// Appends events, each owing its fan-out (put in the inbox in the same write).
+    /// Appends events, each owing its fan-out (put in the inbox in the same write). Events
+    /// come in increasing sequence order, each above every event stored before (the group
+    /// committer mints the sequence numbers in commit order).
     fn append_events(&self, events: &[EventRecord]) -> Result<()>;
     /// Appends events; only those marked in `owes_fanout` go into the inbox.
     fn append_events_owing(&self, events: &[EventRecord], owes_fanout: &[bool]) -> Result<()>;
@@ -259,7 +263,8 @@ pub trait Storage: Send + Sync + 'static {
     /// calls it, so nothing changes a record between the check and the delete.
     fn apply_purge(&self, plan: &PurgePlan) -> Result<PurgedBatch>;
     /// Drops one batch of events older than `cutoff_ms` that nothing refers to any more; how
-    /// many, and where the next batch starts (`None`: done).
+    /// many, and where the next batch starts (`None`: done). A backend may keep such an event
+    /// a while longer (the embedded store drops a chunk of the log once all of it is old).
     fn purge_events(
         &self,
         cutoff_ms: u64,

@@ -149,7 +149,9 @@ pub(crate) fn accounts_and_webhooks_round_trip_and_delete(store: &dyn Storage) {
 
     // A webhook goes with its deliveries; the count is of those still owed an attempt.
     let e = an_event(&a, 1_000, 1);
-    store.append_events_owing(&[e.clone()], &[false]).unwrap();
+    store
+        .append_events_owing(std::slice::from_ref(&e), &[false])
+        .unwrap();
     let owed = DeliveryRecord::new(
         DeliveryId {
             seq: e.seq,
@@ -212,7 +214,7 @@ pub(crate) fn events_are_found_by_seq_and_id_and_owe_fan_out_until_cleared(store
     assert_eq!(store.inbox().unwrap(), vec![chosen.seq]);
     // `append_events` owes every event its fan-out.
     let more = an_event(&a, 2_001, 1);
-    store.append_events(&[more.clone()]).unwrap();
+    store.append_events(std::slice::from_ref(&more)).unwrap();
     assert_eq!(store.inbox().unwrap(), vec![chosen.seq, more.seq]);
 }
 
@@ -315,7 +317,9 @@ pub(crate) fn delivery_writes_are_read_back_scheduled_and_listed(store: &dyn Sto
 pub(crate) fn a_held_delivery_is_read_first_until_released(store: &dyn Storage) {
     let a = account();
     let e = an_event(&a, 4_000, 1);
-    store.append_events_owing(&[e.clone()], &[false]).unwrap();
+    store
+        .append_events_owing(std::slice::from_ref(&e), &[false])
+        .unwrap();
     let r = DeliveryRecord::new(
         DeliveryId {
             seq: e.seq,
@@ -402,7 +406,7 @@ pub(crate) fn retention_drops_what_ended_before_the_cutoff_and_nothing_still_owe
         .unwrap();
     // Appended later (a backend may drop events by the batch they were appended in).
     store
-        .append_events_owing(&[young.clone()], &[false])
+        .append_events_owing(std::slice::from_ref(&young), &[false])
         .unwrap();
     let delivery = |e: &EventRecord| {
         DeliveryRecord::new(

@@ -26,7 +26,7 @@
 //! slow endpoint still gets decisions. `reached_limit` keeps idle webhooks from drifting up.
 //! Where this departs from Vector, and why:
 //!
-//! - growth is `limit / 16`, not +1 (see [`GROWTH`]: ~20 windows instead of ~160 from 64 to
+//! - growth is `limit / 16`, not +1 (see `GROWTH`: ~20 windows instead of ~160 from 64 to
 //!   the ~220 a 13 ms endpoint needs at 17 k/s, each step still smaller than one decrease);
 //! - a refusal shrinks at once, at most once per window (Vector waits for the window's end):
 //!   an endpoint that starts answering 503 sees its concurrency halve within ~7 of its round

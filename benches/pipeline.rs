@@ -7,9 +7,9 @@
 //!   exponents, big integers, non-ASCII); each next to serde_json's RawValue parse of the same
 //!   text (what ingest already pays), so the ratio survives a loaded machine;
 //! - `codec`: `codec::encode`/`decode` of a `DeliveryRecord` and of an `EventRecord`;
-//! - `wal_append`: `Store::append_events` + `Store::make_durable` (durable group commit, fsync
-//!   on) at batch sizes 1, 64 and 1024, reported per event; plus the same append at 64 without
-//!   the flush, to separate write cost from commit cost;
+//! - `wal_append`: `SledStore::append_events` + `SledStore::make_durable` (durable group
+//!   commit, fsync on) at batch sizes 1, 64 and 1024, reported per event; plus the same append
+//!   at 64 without the flush, to separate write cost from commit cost;
 //! - `fanout_lookup`: `Registry::matching` with 10 000 webhooks loaded through
 //!   `Registry::load` (1 000 accounts x 10 webhooks, and 1 account x 10 000 webhooks), and
 //!   `Registry::load` itself for the 1 000 x 10 layout.

@@ -1,15 +1,18 @@
 //! Per-account backlog: how many deliveries of each account wait for an attempt, and the
 //! quota (`delivery.max_scheduled_per_account`) past which that account's ingest is refused.
 //!
-//! A delivery waits from the moment it is created with a due time until it is delivered,
-//! fails for good, or is deleted — exactly while it has a `schedule` entry (its
-//! `next_attempt_ms`). Every place that changes that calls in here with one line: fan-out
-//! [`Backlog::add`]s what it created, an outcome, a manual retry or a stop reports the old and
-//! the new due time to [`Backlog::track`], a webhook deletion [`Backlog::remove`]s the open
-//! deliveries it took along, and an account deletion [`Backlog::forget`]s the account. The
-//! counts live in memory only; at start-up [`Backlog::rebuild`] recounts them from the stored
-//! schedule. Ingest asks [`Backlog::check`] before accepting an account's events, so one account
-//! whose endpoints do not keep up gets `429` on its own, instead of filling the engine-wide
+//! A delivery waits from the moment it is created with a due time until it is delivered, fails
+//! for good, or is deleted — exactly while it has a `schedule` entry (its `next_attempt_ms`).
+//! Every place that changes that calls in here with one line: fan-out [`Backlog::add`]s what it
+//! created, an outcome, a manual retry or a stop reports the old and the new due time to
+//! [`Backlog::track`], a webhook deletion [`Backlog::remove`]s the open deliveries it took
+//! along (the count `Storage::delete_webhook` reports), and an account deletion
+//! [`Backlog::forget`]s the account. The counts live in the registry (every stage that changes
+//! a delivery already holds it), behind one std mutex, in memory only: at start-up, after the
+//! owed fan-out has run, [`Backlog::rebuild`] recounts them from the stored schedule (webhook
+//! → account through the registry). Ingest (`domain::events::check_backlog`) asks
+//! [`Backlog::check`] before accepting an account's events, so one account whose endpoints do
+//! not keep up gets `429` on its own, instead of filling the engine-wide
 //! `delivery.max_scheduled` and making ingest answer 503 for everybody.
 //!
 //! The quota is checked before events are committed and counted when they are fanned out, so

@@ -23,6 +23,12 @@
 //!   order, and a repeated key keeps its first position with its last value (as `JSON.parse`
 //!   does). Only an object with such a key is rebuilt; every other one is written in the pass;
 //! - insignificant whitespace is dropped.
+//!
+//! The pass copies runs of plain string bytes at once and records each object member's key
+//! and extent on one stack shared by all open objects; repeated keys are found by comparing
+//! keys in canonical spelling, pairwise for up to 16 members and by hashing above that.
+//! Tested against node itself on generated texts
+//! (`tests::properties::matches_node_json_stringify`).
 
 use std::collections::HashMap;
 

@@ -7,6 +7,10 @@
 //! objects, RFC 3339 times). Names enter from the configured `events.catalog` (the registry's
 //! list, in its order); a configured name the table does not know still appears, with a
 //! generic description and example. Nothing here is stored or changes at run time.
+//!
+//! Each example is JSON text already in its `JSON.stringify` form, and `GET /v1/event-types`
+//! serialises it straight from the table as a `RawValue`, so its key order survives
+//! (`serde_json::Value` would sort the keys); the test tool sends the same text.
 
 use serde::Serialize;
 use serde_json::value::RawValue;

@@ -14,17 +14,22 @@
 //! other parked entry when it can no longer be the head (its delivery ended, the webhook
 //! stopped, was deleted or went back to `none`), so the dispatcher's admission decides about it.
 //!
-//! A delivery goes only when it is the first open one and no other attempt of the webhook
-//! runs: one attempt in flight, in event order; a head that fails holds everything behind
-//! it through its retries. Nothing is stored: at start-up [`FifoGate::rebuild`] refills the
-//! sets from the stored schedule (every open delivery has an entry there) before dispatch
-//! starts; a webhook that becomes fifo at run time reads its open deliveries from the store
-//! on a blocking thread and lets nothing start until that is done. A set entry whose delivery
-//! is not open any more (a race with that read or with admission, a stale schedule entry after
-//! a crash) would hold the others for ever: whenever entries wait behind a head that nothing
-//! runs, moves or loads, the head's record is read, and it leaves the order if it is not open
-//! (`Queue::stalled`). That read happens where the call came from — the writer thread, the
-//! loader's blocking thread, or the dispatcher's tasks, where admission reads records too.
+//! A delivery goes only when it is the first open one and no other attempt of the webhook runs:
+//! one attempt in flight, in event order; a head that fails holds everything behind it through
+//! its retries (it keeps its own schedule entry, so nothing behind it goes meanwhile). The
+//! dispatcher asks after admission, so stale and stopped entries never wait, and before the
+//! plan rate and priority, so a waiting delivery takes no rate slot and order beats priority; a
+//! rate deferral reports `finished` like an attempt's end. Nothing is stored: at start-up
+//! [`FifoGate::rebuild`] refills the sets from the stored schedule (every open delivery has an
+//! entry there) before dispatch starts; a webhook that becomes fifo at run time reads its open
+//! deliveries from the store (`Storage::webhook_deliveries`) on a blocking thread and lets
+//! nothing start until that is done. A set entry whose delivery is not open any more (a race
+//! with that read or with admission, a stale schedule entry after a crash) would hold the
+//! others for ever: whenever entries wait behind a head that nothing runs, moves or loads, the
+//! head's record is read, and it leaves the order if it is not open (`Queue::stalled`). That
+//! read happens where the call came from — the writer thread, the loader's blocking thread, or
+//! the dispatcher's tasks, where admission reads records too. The common case of that check is
+//! a head waiting for its own retry: one read per parked arrival.
 //!
 //! Webhooks with `ordering: "none"` cost one atomic load per call: no lock is taken while no
 //! webhook is fifo, and a hash lookup under a std mutex (never held across an await or a

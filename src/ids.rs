@@ -3,9 +3,11 @@
 //! delivery id is expected.
 //!
 //! IDs enter from URLs and JSON (parsed and validated here) or are minted here; they leave as
-//! strings in JSON and as fixed-width big-endian bytes in store keys (see `store::keys`).
-//! Event sequence numbers are time-ordered (`unix_ms << 20 | counter`), so that delivery keys
-//! built from them sort by creation time and range scans serve "newest first" and `since/until`.
+//! strings in JSON and as fixed-width big-endian bytes in store keys (see
+//! `store::embedded::keys`). Event sequence numbers are time-ordered (`unix_ms << 20 |
+//! counter`, never decreasing), so that delivery keys built from them sort by creation time
+//! and range scans serve "newest first" and `since/until`. A delivery id is (event seq,
+//! webhook): derived, not minted, so fan-out that runs twice makes the same deliveries.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

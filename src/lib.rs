@@ -1,6 +1,7 @@
 //! kyberhook: a webhook delivery engine in one process with an embedded store.
 //!
-//! The pipeline, in the order an event travels (see ARCHITECTURE.md for the picture):
+//! The pipeline, in the order an event travels (ARCHITECTURE.md has the picture, the module
+//! map and the recovery story):
 //!
 //! - [`edge`] accepts HTTP(S) connections; its router hands `/ui…` to [`ui`] (the dashboard)
 //!   and everything else to [`api`] (JSON), which routes, authenticates and validates them.
@@ -379,8 +380,10 @@ impl Engine {
         self.retention.as_ref().map(|r| r.purger())
     }
 
-    /// Stops accepting, lets open requests finish, commits what was acknowledged, waits for
-    /// attempts in flight, and flushes the store.
+    /// Stops accepting, lets open requests finish (10 s deadline), commits what was
+    /// acknowledged — fan-out first has the delivery writer write every held delivery, so the
+    /// committer's last flush clears their inbox marks — waits for attempts in flight, and
+    /// flushes the store.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         // Retention first: its handle keeps the delivery writer, joined below, open.
@@ -446,7 +449,8 @@ pub fn init_logging(config: &Config) {
 ///
 /// Under systemd (`Type=notify`, `NOTIFY_SOCKET` set) it reports `READY=1` once start-up
 /// recovery is done — so `systemctl start` returns when `/readyz` would answer 200 — and
-/// `STOPPING=1` when the shutdown begins. Without `NOTIFY_SOCKET` both are no-ops.
+/// `STOPPING=1` when the shutdown begins. Without `NOTIFY_SOCKET` both are no-ops. There is no
+/// reload: the config is read once, at start.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let engine = match Engine::start(config).await {
         Ok(engine) => engine,

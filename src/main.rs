@@ -9,7 +9,8 @@ use kyberhook::config::Config;
 /// glibc's allocator serialised the engine's threads on its arena locks (a third of the group
 /// committer's time in the load bench's profile: sled copies tree nodes on every write);
 /// jemalloc's thread caches do not. mimalloc was tried too: with transparent huge pages it
-/// spent up to 30 % of the fan-out thread zeroing fresh 2 MiB pages.
+/// spent up to 30 % of the fan-out thread zeroing fresh 2 MiB pages. The benches use jemalloc
+/// too, so that they measure what the binary runs.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -5,8 +5,13 @@
 //! dir, a running engine, a damaged or too new backup, a bad URL or missing token; 1: anything
 //! else). `backup` is an HTTP(S) client of `POST /v1/admin/backup` that writes `FILE.partial`,
 //! checks the stream's trailer, syncs and renames it to `FILE`, so a `FILE` is always a whole
-//! backup. `restore` and `compact` work on a data dir through `store::backup` and
-//! `store::compact`.
+//! backup. `restore` and `compact` work on a data dir through `store::embedded::backup` and
+//! `store::embedded::compact`. `restore` writes into `PATH.restore-tmp` (sled batches, flush,
+//! fsync of every file), then renames it over the empty or missing data dir, so a damaged or
+//! truncated stream leaves nothing behind; run as root, it gives the new store the owner of
+//! the empty target (as `compact` does). The secrets key (`secrets.key`, or the configured
+//! key) is not a tree and never in a backup: a restored store needs the key it was sealed
+//! with.
 
 use std::fs;
 use std::io::{self, Write};

@@ -1,5 +1,6 @@
 //! Prometheus metrics: the recorder every module reports to through the `metrics` macros, and
-//! the `GET /metrics` page on `metrics.listen`.
+//! the `GET /metrics` page on `metrics.listen` (its own listener, rendered by
+//! `metrics-exporter-prometheus`).
 //!
 //! Names, types and labels are documented in the README. Labels are bounded sets (route
 //! patterns, status codes, outcome, webhook status): never an account, webhook or URL, so the
@@ -9,7 +10,8 @@
 //! size, the oldest owed attempt's lateness, webhooks by status, deliveries scheduled — are
 //! state rather than events, so [`MetricsHandler`] reads them from the store, registry and
 //! scheduler when Prometheus scrapes (the store's part on the blocking pool), and they are
-//! exact whenever they are looked at.
+//! exact whenever they are looked at. The oldest owed attempt's lateness is the first key of
+//! the `schedule` tree, which keeps an entry until an attempt's outcome is written.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

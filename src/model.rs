@@ -455,7 +455,9 @@ pub struct AttemptRecord {
     /// The start of the response body (bounded by `delivery.max_response_body_bytes`).
     pub response_body: String,
     pub error: Option<String>,
-    /// `X-KyberAccess-Timestamp` and the signature hex this attempt was sent with.
+    /// `X-KyberAccess-Timestamp` and the signature this attempt was sent with: the hex alone
+    /// for the guide's plain headers (as records before signature schemes had it), otherwise
+    /// the scheme's headers as `name: value` lines (see `signing::recorded_headers`).
     pub timestamp: u64,
     pub signature: String,
 }

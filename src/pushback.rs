@@ -8,7 +8,7 @@
 //! then refuses them with `503 deliveries_lagging` and `Retry-After`. Events of
 //! `delivery.priority_events` are never held.
 //!
-//! The lag is the age of the oldest work the engine itself still owes, taken from two
+//! The lag is the age of the oldest work the engine itself still owes, taken from three
 //! places, each published here by its single owner:
 //! - the fan-out queue: the commit time of the oldest committed event whose deliveries are
 //!   not written yet — the committer notes each batch it queues for the fan-out thread
@@ -19,6 +19,7 @@
 //! - the dispatcher, while its queue is not empty: the due time of the entry it took last
 //!   ([`Lag::dispatching`]) — it waits there for the engine's in-flight slots.
 //!
+//! First attempts are due from their event's commit, so the lag counts from the 202.
 //!
 //! Those three hold every account's ingest. A fourth part is per account: the due time of its
 //! oldest delivery waiting behind the slots *because of the engine* — for one of the engine's
@@ -31,7 +32,34 @@
 //! its account's plan rate is due at its rate slot, so a slow plan holds nobody either.
 //!
 //! The stages are instantaneous (a stalled stage shows its age growing, not its last
-//! sample), read with a few atomic loads and one map lookup per account of the request.
+//! sample), read with a few atomic loads and one map lookup per account of the request. A
+//! held request looks again every 5 ms (`CHECK_EVERY`); the refusal carries
+//! `Retry-After: 1`. Only a request whose events are all priority events skips the hold.
+//!
+//! A rising response time alone shrinks a webhook's limit but does not make the wait behind it
+//! the endpoint's: on a shared box the engine's own CPU contention inflates response times,
+//! and exempting that wait would let the backlog (and the lag) grow without bound — what
+//! issue 20 set out to end.
+//!
+//! **Why (issue 12).** What bounds deliveries while ingest runs is the single delivery writer.
+//! Without push-back (`delivery.max_lag = "0s"`), closed-loop producers with 10 webhooks offer
+//! ~43 k deliveries/s; the writer then spends its time on creates (4 tree writes per delivery:
+//! record, two log indexes, schedule entry) rather than outcomes (attempt, record, schedule
+//! removal), so deliveries during ingest fell to ~6.4 k/s while the backlog and the lag grew
+//! without bound (9.5 s p99 after 5 s). sled copies a tree node on every write (a leaf holds
+//! ≤ 16 entries, and the rightmost leaf of a sequential key splits every ~8 inserts, cloning
+//! its parent): each write costs microseconds, and the writer is one thread. So ingest is
+//! admitted at the rate deliveries go. (Held deliveries, `store/embedded/held.rs`, have since
+//! cut a delivery's writes; the writer is still the bound.)
+//!
+//! **The threshold.** The hold overshoots by the pipeline's delay — a release lets through
+//! what the held and the new requests carry before the lag shows again — so a lower threshold
+//! both accepts more and lags less (10 webhooks, 64 connections: `max_lag` 500 / 200 / 100 /
+//! 50 ms → 202 → arrival p99 2.1 / 1.5 / 0.94 / 0.37 s). The default was 50 ms, ten times the
+//! engine's unloaded commit → dispatch time; issue 20 lowered it to 20 ms, since with the
+//! per-account part a slow sibling's backlog put 105–125 ms p99 on its account's fast
+//! webhooks at 50 ms, 68 ms at 20 ms (README, *Performance*, has both sides of the trade and
+//! `--max-lag 0s`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +69,8 @@ use std::time::Duration;
 use crate::clock;
 use crate::ids::AccountId;
 
-/// The engine's delivery lag, published by the fan-out thread and the scheduler.
+/// The engine's delivery lag, published by the committer, the fan-out thread, the scheduler
+/// and the dispatcher.
 #[derive(Debug, Default)]
 pub struct Lag {
     /// Commit time (unix ms) of the first event of each batch queued for fan-out and not yet

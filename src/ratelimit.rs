@@ -71,8 +71,12 @@ impl RateLimits {
     ///
     /// A `priority` delivery (`delivery.priority_events`) takes the account's next rate slot:
     /// deferred, it is given the limiter's earliest instant instead of a place at the back of
-    /// the line, and ordinary deliveries coming due until then are sent to the back instead.
-    /// The plan's rate holds either way.
+    /// the line (`next_slot_us`), and *reserves* it until one interval past it: an ordinary
+    /// delivery that comes due during a reservation is sent to the back of the line without
+    /// consuming a token. So the plan's rate holds either way, and the reservation is bounded
+    /// in time (a priority delivery deleted meanwhile holds nobody up). Which events are
+    /// priority is `Config::is_priority`; an admitted priority job also joins the front of its
+    /// webhook's queue, like a test send (`dispatch::slots`).
     pub fn admit(&mut self, account: &AccountId, per_second: u32, priority: bool) -> Admit {
         let Some(rate) = NonZeroU32::new(per_second) else {
             self.accounts.remove(account);

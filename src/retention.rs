@@ -12,6 +12,36 @@
 //! more are dropped on this thread (under the store's chunk lock). Nothing enters but the
 //! clock; what leaves is plans for the writer, event deletions and the
 //! `kyberhook_retention_*` metrics. [`Retention::stop`] ends it between two batches.
+//!
+//! A pass ([`crate::store::purge_before_with`]) walks `deliveries` from the front up to the
+//! cutoff in batches of 1 024 keys. Each batch is *planned* here, read-only: the finished
+//! deliveries whose last change (`updated_ms`) is before the cutoff too, each with the
+//! record's bytes as read and its attempts' keys; open ones, and finished ones changed since
+//! the cutoff (a manual retry or a recover stamps `updated_ms`), are stepped over. The plan
+//! goes to the delivery writer as `Command::Purge`, applied right after the drain it arrived
+//! in: a planned delivery is deleted only if its record is still stored byte for byte as
+//! planned, tree by tree, the record last (see `store/embedded/purge.rs`). This closes the
+//! race the purge had when it deleted on its own thread: a retry the writer answered 202
+//! between the purge's read and its delete was deleted with the delivery. Now the retry is
+//! applied either before the re-check (which then sees a changed record and keeps it) or
+//! after the delete (and finds no delivery: 404, nothing acknowledged). The writer is held for
+//! one batch's deletes at a time (the `kyberhook_retention_writer_seconds` histogram): this
+//! thread plans the next batch while the writer applies the last one and sends it only once
+//! that one is answered, so the scan, the decoding and the attempts' range scan overlap the
+//! deletes, but a pass never queues more than one batch on the writer.
+//!
+//! Then the log's chunks below the cutoff, 256 per batch, here: an event goes when it has no
+//! inbox mark and no delivery left. Chunks are rewritten in two places — here and when an
+//! account is deleted (on the writer) — and one chunk holds many events, so both hold the
+//! store's chunk lock from the first read to the last write (two rewrites of one chunk at once
+//! would each write back what it read, bringing back the events the other removed); the
+//! committer only appends chunks under new keys and never takes it. Last, the statistics of
+//! hours that ended before the cutoff.
+//!
+//! On shutdown retention is stopped first (`Engine::shutdown`), since its writer handle keeps
+//! the writer open. `Engine::purger` hands out the same pass with a cutoff of the caller's
+//! choosing; tests use [`Purger::pass_with`], which calls back between plan and apply, to put a
+//! retry in exactly that gap.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -10,7 +10,13 @@
 //! Each entry carries a *token*: the delivery's `next_attempt_ms` when it was scheduled. The
 //! dispatcher acts on an entry only if the stored record still has that token, so a superseded
 //! entry (the delivery was retried by hand, deleted, or already attempted) is dropped when it
-//! fires rather than searched for and cancelled.
+//! fires rather than searched for and cancelled. Duplicate entries (a delivery scheduled by
+//! start-up fan-out and by the read of `schedule`) are harmless for the same reason: the
+//! token check and the dispatcher's in-flight map let only one attempt through.
+//!
+//! At start-up the whole `schedule` tree is read back before the engine reports ready
+//! (`/readyz`, and systemd's `READY=1` through [`SchedulerHandle::wait_ready`]); overdue
+//! entries fire at once, and the per-webhook slots keep them from stampeding one endpoint.
 //!
 //! The input channel is unbounded on purpose: the dispatcher sends retries here while this
 //! task may be waiting for room in the dispatcher's channel, and a bounded channel both ways

@@ -4,8 +4,10 @@
 //! seals every secret field on the way in (`put_webhook`) and opens it on the way out
 //! (`get_webhook`, `webhooks_of`, `all_webhooks`), so a copy of the data dir without the key
 //! reveals no secret. Sealing is XChaCha20-Poly1305 (RustCrypto `chacha20poly1305`) with a
-//! fresh random 192-bit nonce per value; the associated data binds each ciphertext to its
-//! webhook and field, so a sealed value moved onto another webhook or field does not open.
+//! fresh random 192-bit nonce per value; the associated data (account id · webhook id · field
+//! name) binds each ciphertext to its webhook and field, so a sealed value moved onto another
+//! webhook or field does not open. The key file's life (generated before anything is sealed
+//! with it, never when sealed secrets exist) is `store::embedded`'s, at open.
 //!
 //! The key (32 bytes) comes from `KYBERHOOK_SECRETS_KEY`, else from the file named by
 //! `storage.secrets_key_file`, else from `secrets.key` in the data dir, which is generated

@@ -4,7 +4,9 @@
 //!
 //! In: the webhook (scheme, secrets, grace end), the event name, the delivery id, the clock and
 //! the exact body bytes. Out: the request headers, and the part of them an attempt record keeps
-//! so the delivery log can show them again ([`recorded_headers`]).
+//! so the delivery log can show them again ([`recorded_headers`]). The headers are built from
+//! the webhook as the attempt starts, so a rotation or a scheme change made while a delivery
+//! waited applies to it.
 //!
 //! - `kyberaccess` (the guide's): `X-KyberAccess-Signature: sha256=` + lowercase hex of
 //!   HMAC-SHA256(key = the secret string's UTF-8 bytes, message = `TIMESTAMP.BODY`), exactly

@@ -4,9 +4,9 @@
 //! The request enters from [`super::handle_streaming`] before the JSON router (its answer is a
 //! stream, not one buffer). After the admin check, the snapshot starts at once (so a second
 //! backup gets its 409 before any byte is sent), a blocking thread writes the stream
-//! (`store::backup`) into a bounded channel of 64 KiB chunks, and the response body reads that
-//! channel: a slow client slows the backup, never the engine's memory. A client that goes away
-//! ends the backup and its change tracking.
+//! (`store::embedded::backup`) into a bounded channel of 8 × 64 KiB chunks, and the response
+//! body reads that channel: a slow client slows the backup, never the engine's memory. A
+//! client that goes away ends the backup and its change tracking.
 
 use std::io;
 use std::pin::Pin;

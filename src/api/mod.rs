@@ -1,11 +1,16 @@
 //! The HTTP API of the contract: routing, authentication, request parsing and JSON views.
 //!
 //! A request enters from the edge's router ([`crate::edge::router`]) as a hyper request, through
-//! [`ApiHandler`]; [`handle`] matches its method and path to one handler (`accounts`,
-//! `webhooks`, `events`, `deliveries`), authenticates the bearer token (admin token, or an
-//! account's API key that only reaches its own account; [`Caller::resolve`]), reads the body
-//! with the edge's bounded reader and parses it as strict JSON, and calls the domain function
-//! of the route ([`crate::domain`]: every business rule, shared with the dashboard). Every
+//! [`ApiHandler`]; [`handle`] matches its method and path segments (a hand-written match, no
+//! router crate) to one handler (`accounts`, `webhooks`, `events`, `deliveries`, `stats`),
+//! authenticates the bearer token (admin token, or an account's API key that only reaches its
+//! own account; [`Caller::resolve`]; wrong tokens are counted per client address by
+//! [`guard`]), reads the body with the edge's bounded reader and parses it as strict JSON
+//! (unknown fields are 400s), and calls the domain function of the route ([`crate::domain`]).
+//! Each route is two halves: the handler here does HTTP only (bearer scope, path ids, query
+//! and body parsing, the JSON view), the domain function holds every business rule (plan
+//! limits, the HTTPS rule, pause semantics, the test send, retry) and is shared with the
+//! dashboard, so no rule is written twice. Every
 //! answer — including every error, a domain [`Refusal`] rendered by [`error_response`] — is
 //! JSON; bad input is a 4xx, never a 500 or a dropped connection. [`ROUTES`] is the one list of
 //! what is served; `docs/openapi.json` (served at `GET /v1/openapi.json`) documents each entry.
@@ -332,7 +337,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> (&'static str, ApiRe
         (&M::POST, ["v1", "accounts", a, "deliveries", d, "retry"]) => {
             deliveries::retry(s, call, a, d).await
         }
-        // A ROUTES entry without an arm; tests/openapi.rs finds it.
+        // A ROUTES entry without an arm; tests/it/openapi.rs finds it.
         _ => Err(method_not_allowed(&method, &path)),
     };
     (label, result)
@@ -341,7 +346,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> (&'static str, ApiRe
 /// Every route the API serves, as (method, path pattern). The router refuses anything else
 /// before dispatching (404 for an unknown path, 405 for a method the path does not serve),
 /// metrics label requests by the pattern (bounded cardinality: never the raw path), and
-/// `tests/openapi.rs` checks `docs/openapi.json` against this table both ways and probes
+/// `tests/it/openapi.rs` checks `docs/openapi.json` against this table both ways and probes
 /// every entry on a real server. A new route needs a line here, an arm in `route`, and its
 /// entry in `docs/openapi.json`. (`/healthz` and `/readyz` are answered before the table is
 /// consulted; they are listed for the document.)

@@ -2,13 +2,13 @@
 //! delivery writer is waiting on, when each window ends, and when a batch is answered.
 //!
 //! A held delivery is one fan-out created and the writer has not written yet; its record lives
-//! in the store's overlay (`store/held.rs`), which every reader consults. This file keeps only
-//! the writer's side of it: batches enter with [`HeldBatches::add`] once their first attempts
-//! are scheduled; a delivery leaves its batch when the writer writes it
-//! ([`HeldBatches::written`]: its attempt settled, or its window ended and
-//! [`HeldBatches::due`] picked it); the batch's answer (fan-out's "written", which clears its
-//! events' inbox marks) is handed back once its last delivery is written. Pure bookkeeping:
-//! no store, no clock of its own.
+//! in the store's overlay (`store/embedded/held.rs`, which also says why deliveries are held),
+//! which every reader consults. This file keeps only the writer's side of it: batches enter
+//! with [`HeldBatches::add`] once their first attempts are scheduled; a delivery leaves its
+//! batch when the writer writes it ([`HeldBatches::written`]: its attempt settled, or its
+//! window ended and [`HeldBatches::due`] picked it); the batch's answer (fan-out's "written",
+//! which clears its events' inbox marks) is handed back once its last delivery is written. Pure
+//! bookkeeping: no store, no clock of its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};

@@ -25,14 +25,35 @@
 //!   delivery write. Webhook failure counts (auto-disable) are updated there too, after the
 //!   drain's write.
 //! - `held.rs`, the held windows: deliveries that fan-out creates are **held** rather than
-//!   written ([`HELD_WINDOW`]; their records wait in the store's overlay, `store/held.rs`):
-//!   their first attempts are scheduled at once, and a delivery whose first attempt settles
-//!   within the window is written once, settled, with no schedule entry written and removed
-//!   for it. What is still held when the window ends is written as created. Fan-out hears
-//!   that a batch is written only then, so the events' inbox marks (which re-run fan-out after
-//!   a crash) stand until every delivery of theirs is on the store.
+//!   written ([`HELD_WINDOW`]; their records wait in the store's overlay,
+//!   `store/embedded/held.rs`): their first attempts are scheduled at once, and a delivery
+//!   whose first attempt settles within the window is written once, settled, with no schedule
+//!   entry written and removed for it. What is still held when the window ends is written as
+//!   created. Fan-out hears that a batch is written only then, so the events' inbox marks
+//!   (which re-run fan-out after a crash) stand until every delivery of theirs is on the store.
 //!
-//! Reads (admission, the delivery log) happen anywhere.
+//! Reads (admission's record, the event body, the delivery log) happen anywhere, on the async
+//! workers too: they go to the store directly (through the held overlay), are served from
+//! sled's page cache and never wait for a flush. Durability needs no step of its own: the
+//! writer's writes ride sled's periodic flush (200 ms) and the group committer's next
+//! `make_durable`, and the API answers a manual retry or a delete only after `Ingest::sync`.
+//!
+//! **Who writes what, and who waits for what** (issue 12: nothing on the runtime waits for
+//! the disk):
+//!
+//! - the **group committer** writes `events`, `event_ids` and `inbox`, with one flush +
+//!   `fdatasync` per commit; it waits for its bounded queue and for the disk;
+//! - **fan-out** writes nothing itself: it hands creates to the delivery writer and waits for
+//!   the writer's "scheduled" answer (`create_held`), not for the write;
+//! - the **delivery writer** writes `deliveries`, `attempts`, `by_webhook`, `by_account`,
+//!   `schedule` and `stats`, and webhook failure counts; it waits for its bounded queue or for
+//!   the next held window's end;
+//! - **retention** deletes events and `stats` hours past retention itself (events under the
+//!   store's chunk lock) and plans the purge of finished deliveries, which the writer applies
+//!   (`Command::Purge`); it waits for the writer's answer;
+//! - the **tokio workers** write nothing on the hot path: handlers await the committer or the
+//!   writer over oneshots (a full queue is waited on through `spawn_blocking`); they write
+//!   `accounts` and `webhooks` (rare, under the registry's write lock).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;

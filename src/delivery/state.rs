@@ -21,7 +21,14 @@
 //! together: a record is open (`pending`/`retrying`) exactly when it carries a token, the
 //! time its next attempt is due, which is also what tells its current schedule entry from
 //! superseded ones. A test send, attempted at once without a schedule entry, is the one open
-//! record without a token.
+//! record without a token. (`grep -rnE '\.(status|next_attempt_ms) = ' src` finds no other
+//! assignment outside tests.)
+//!
+//! Settling an outcome decides the next attempt's time: the retry schedule's delay, raised to
+//! what a `429` or `503` asks for in `Retry-After` (capped at a day, [`MAX_RETRY_AFTER_MS`]);
+//! a `410 Gone` fails the delivery at once and has the writer end the webhook's other open
+//! deliveries ([`end_gone`]). A manual retry or a recover gets a new token, due now and later
+//! than any the delivery had ([`retry_token`]), so no earlier entry can pass for it.
 
 use std::sync::Arc;
 

@@ -6,12 +6,21 @@
 //! delivery in the same drain see each other): it reads the record, asks the state machine
 //! (`state.rs`) for the transition, and records what that returns — the record, its
 //! schedule entry moves, the wheel entry to arm. Then it writes the whole drain tree by tree
-//! in crash-safe order ([`crate::store::Storage::apply_delivery_writes`]), and only after that hands wheel
-//! entries to the scheduler, updates fifo order, backlog and webhook failure counts, and
+//! in crash-safe order ([`crate::store::Storage::apply_delivery_writes`]: new schedule
+//! entries, attempts, records, index entries, then superseded schedule entries), and only
+//! after that updates fifo order ([`crate::fifo`]) and backlog counts ([`crate::backlog`]),
+//! hands wheel entries to the scheduler, applies webhook failure counts (auto-disable), and
 //! answers the callers. Barriers (`Forget`, `WriteHeld`) write what came before them first;
 //! retention's `Purge` batches run after the drain they arrived in. Fan-out's new deliveries
-//! are held rather than written (`held.rs`, `store/held.rs`) until their first attempt
-//! settles or their window ends.
+//! are held rather than written (`held.rs`, `store/embedded/held.rs`) until their first
+//! attempt settles or their window ends.
+//!
+//! An outcome's attempt is written in the same drain as the removal of the attempt that leaves
+//! the kept history window ([`crate::history`]). A `410 Gone` disables its webhook here, under
+//! the registry's write lock; the webhook's other open deliveries are found by
+//! `Storage::webhook_deliveries` (a rare scan of `by_webhook`) and ended in a drain of their
+//! own. Creates and outcomes for a webhook no longer in the registry write nothing (fan-out
+//! may race a deletion, and an attempt may end after it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

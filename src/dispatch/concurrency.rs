@@ -1,17 +1,50 @@
 //! Adaptive concurrency: how many attempts one webhook may have in flight.
 //!
+//! **Why (issue 20).** With a receiver in its own process (one thread, sharing the two cores),
+//! an endpoint's answer time rose to 10–60 ms under load, and 64 fixed slots per webhook ×
+//! that latency capped a webhook at a few thousand deliveries per second, below what ingest
+//! accepted. The waits behind a webhook's slots were, by design, not the engine's lag, so
+//! push-back never engaged and 202 → arrival reached 15–34 s. A fixed 1024 would have fixed
+//! the bench and hammered slow customers.
+//!
 //! Each webhook's limit is a [`Controller`], an AIMD loop over response times after Vector's
-//! adaptive request concurrency (see ARCHITECTURE.md, "Flow control"). Attempts enter with
-//! [`Controller::started`] and leave with [`Controller::finished`] and a [`Signal`] read off
-//! their outcome; once per *window* (one smoothed round-trip time) the controller decides:
+//! adaptive request concurrency. Attempts enter with [`Controller::started`] and leave with
+//! [`Controller::finished`] and a [`Signal`] read off their outcome; once per *window* (one
+//! smoothed round-trip time) the controller decides:
 //!
 //! - **grow** by `max(1, limit / 16)` ([`GROWTH`]) — or double while below half of what it
-//!   was when the last refusals began (an endpoint recovering) — when the limit was reached in the
-//!   window, nothing signalled back-pressure and the window's mean response time is not above
-//!   the smoothed mean;
+//!   was when the last refusals began (an endpoint recovering) — when the limit was reached
+//!   in the window, nothing signalled back-pressure and the window's mean response time is
+//!   not above the smoothed mean;
 //! - **shrink** to `limit × 0.9` (at least one less, never below 1) at the first refusal of a
 //!   window (429, 408, 5xx but 501, a timeout, a connection error), or at its end when the
 //!   window's mean response time rose 2.5 standard deviations above the smoothed mean.
+//!
+//! The window's mean is then folded into the EWMA (α 0.4) of the mean and variance of 2xx
+//! response times, and the next window starts. A window is one smoothed response time,
+//! clamped to 5 ms … 1 s: sub-millisecond loopback answers would decide on one sample, and a
+//! slow endpoint still gets decisions. `reached_limit` keeps idle webhooks from drifting up.
+//! Where this departs from Vector, and why:
+//!
+//! - growth is `limit / 16`, not +1 (see `GROWTH`: ~20 windows instead of ~160 from 64 to
+//!   the ~220 a 13 ms endpoint needs at 17 k/s, each step still smaller than one decrease);
+//! - a refusal shrinks at once, at most once per window (Vector waits for the window's end):
+//!   an endpoint that starts answering 503 sees its concurrency halve within ~7 of its round
+//!   trips;
+//! - **slow start after refusals**: when an episode of refusals begins, half the limit is
+//!   noted; once they end, the limit doubles per window back up to it (an endpoint back from
+//!   an outage at limit 1 gets to 128 in 7 windows), then probes in small steps again.
+//!   Without it a recovered endpoint stayed near 27 in flight 5 s after recovering (load
+//!   bench, case c).
+//!
+//! 4xx, 501 and 3xx answers are neutral. Response times are timed per attempt (`client`
+//! measures send → answer), never per delivery, so a backoff never hides back-pressure. The
+//! initial limit is 64, the old fixed cap, so no endpoint does worse than before (Vector added
+//! `initial_concurrency` for the same reason); the ceiling is the smaller of
+//! `delivery.max_in_flight_per_webhook` (default 512) and the webhook's `max_concurrency`. A
+//! cap change applies at the next attempt's end, and a lifted or raised cap lets a limit it
+//! pinned go back to 64 at once. [`super::slots`] keeps each controller through idle gaps of
+//! up to 60 s, then drops it (so deleted webhooks' state goes too).
 //!
 //! The state is plain data and time comes in as an argument, so every decision is tested
 //! here without a clock or a network. [`Controller::held_down`] tells push-back whether the

@@ -1,25 +1,38 @@
 //! Dispatch: turns due attempts into signed HTTPS requests.
 //!
 //! Due entries arrive from the scheduler over a bounded channel. The [`Dispatcher`] task (the
-//! single owner of rate-limit state) drops entries that are stale or whose webhook stopped
-//! (see [`delivery::admit`]), applies the account's plan rate (a delivery that may not go yet is
-//! parked back in the wheel at its own slot), and hands the rest to the webhook's slots: a
-//! per-webhook semaphore (`delivery.max_in_flight_per_webhook`) with a queue of waiting jobs,
-//! so one slow endpoint never holds the engine's slots, and a global semaphore
-//! (`delivery.max_in_flight`). Deliveries of `delivery.priority_events` take the account's next
-//! rate slot and join the front of the webhook's queue. Test sends use the same slots (at the
-//! front of the queue), and
-//! an account may run only `delivery.max_test_sends_per_account` of them at once. A webhook
-//! with `ordering: "fifo"` passes its due entries through the [`crate::fifo`] gate first:
-//! only its first open delivery starts, one attempt at a time; the others are parked there and
-//! handed back when their turn comes (test sends are not part of the order).
+//! single owner of rate-limit state) takes each through, in this order:
 //!
-//! A job is checked again when its attempt actually starts — a pause, delete, URL change or
-//! secret rotation made while it waited applies to it. [`Deliverer::send`] signs and sends
-//! the request; the outcome goes to the delivery writer ([`crate::delivery`]), which records
-//! the attempt, the delivery's new state and its next schedule entry. A due entry that comes
-//! in while its delivery is in flight (a manual retry) is parked and re-scheduled when the
-//! attempt ends, so it is never lost.
+//! 1. **admission** ([`delivery::admit`]): an entry whose token the stored record no longer
+//!    carries is stale and dropped; one of a paused or disabled webhook ends its delivery;
+//! 2. the **fifo gate** ([`crate::fifo`]), for a webhook with `ordering: "fifo"`: only its
+//!    first open delivery starts, one attempt at a time; the others are parked there and
+//!    handed back when their turn comes (test sends are not part of the order). It comes
+//!    before the plan rate and priority, so a waiting delivery takes no rate slot and order
+//!    beats priority;
+//! 3. the account's **plan rate** ([`crate::ratelimit`]): a delivery that may not go yet is
+//!    parked back in the wheel at its own future slot (and handed back to the fifo gate);
+//!    deliveries of `delivery.priority_events` get the account's earliest slot instead, and
+//!    reserve it;
+//! 4. the webhook's **slots** ([`slots`]): an attempt holds one of the engine's slots
+//!    (`delivery.max_in_flight`) and counts against its webhook's adaptive limit
+//!    ([`concurrency`]); when the webhook is at its limit its jobs queue behind it rather than
+//!    taking engine slots, so one slow endpoint never holds the others'. Priority deliveries
+//!    and test sends join the front of the webhook's queue.
+//!
+//! The slots and the in-flight map live in the shared [`Deliverer`], not in the dispatcher
+//! task, because the API's test sends use them too (at the front of the queue; an account may
+//! run only `delivery.max_test_sends_per_account` of them at once, 429 beyond). The
+//! dispatcher never awaits a slot: it submits, and whoever frees a slot gets back the jobs
+//! that may start and runs one of its own webhook's on the same task (a warm connection).
+//!
+//! A queued job holds only the delivery id and its token, and is admitted again when its
+//! attempt actually starts — a pause, delete, URL change or secret rotation made while it
+//! waited applies to it. [`Deliverer::send`] signs and sends the request; the outcome goes to
+//! the delivery writer ([`crate::delivery`]), which records the attempt, the delivery's new
+//! state and its next schedule entry. A due entry that comes in while its delivery is in
+//! flight (a manual retry) is parked in the in-flight map and re-scheduled when the attempt
+//! ends, so it is never swallowed.
 
 pub mod client;
 pub mod concurrency;

@@ -13,12 +13,17 @@
 //! does the line's head get it. So a webhook whose limit has grown to hundreds cannot keep
 //! the engine's slots from one that just started waiting, and no slot idles while work waits.
 //!
-//! **Whose wait is it.** [`Slots::sample`] (every few ms) reports, per account, the oldest
-//! job waiting *because of the engine*: for an engine slot, or behind its webhook's limit
-//! while the endpoint is not holding that limit down ([`Controller::held_down`]: no refusal
-//! lately, no customer cap reached). Push-back holds that account's ingest on it. A wait
-//! behind an endpoint that refuses is the endpoint's: it is shown (per webhook and as the
-//! oldest backlog of all) but holds nobody's ingest; the account's quota bounds it.
+//! **Whose wait is it.** [`Slots::sample`] (the dispatcher calls it every 5 ms) reports, per
+//! account, the oldest job waiting *because of the engine*: for an engine slot, or behind its
+//! webhook's limit while the endpoint is not holding that limit down
+//! ([`Controller::held_down`]: no refusal in the last 2 s, and the customer's cap not the
+//! binding one). Push-back holds that account's ingest on it (`pushback::Lag`), so account B
+//! is never held for account A's endpoint, and account A's producers slow to what its endpoint
+//! takes while the limit is still growing toward it. A wait behind an endpoint that refuses,
+//! or behind the customer's own cap, is the endpoint's backlog: it is shown (per webhook as
+//! `backlog` in the JSON view, and as `kyberhook_webhook_backlog_oldest_seconds`) but holds
+//! nobody's ingest; the account's quota (`delivery.max_scheduled_per_account`) bounds it.
+//! Why a slow but answering endpoint still counts as the engine's wait: see `pushback`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;

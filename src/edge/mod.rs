@@ -5,15 +5,17 @@
 //! the rest to the JSON API), after refusing a `Host` that is not ours ([`hosts`]).
 //!
 //! A connection permit is taken before each accept (at most `MAX_CONNECTIONS` open at once),
-//! every connection is served by hyper's HTTP/1.1 server with a bound on the request head size
-//! and on the time to read it (slowloris), and each request carries its peer and local
+//! every connection is served by hyper's (1.x) HTTP/1.1 server with a bound on the request head
+//! size and on the time to read it (slowloris), and each request carries its peer and local
 //! addresses as extensions ([`ClientAddr`], [`LocalAddr`]). A front end reads a body with
-//! [`read_body`], which bounds its size (`server.max_body_bytes`) and the time to read it
-//! (`server.body_read_timeout`). A connection closes with a lingering close ([`linger`]), so
-//! that an answer given before the request's body was read reaches a client that sends its
-//! whole body before reading. On shutdown the accept loop stops, open connections finish the
-//! request they are serving, and the call returns once they are closed or the drain deadline
-//! passes.
+//! [`read_body`], which bounds its size (`server.max_body_bytes`, 413) and the time to read it
+//! (`server.body_read_timeout`, 408); a 408 or 413 carries `Connection: close`. Every accepted
+//! TCP stream is wrapped (below TLS) for a lingering close ([`linger`], for at most the body
+//! timeout or 5 s, whichever is less), so that an answer given before the request's body was
+//! read reaches a client that sends its whole body before reading; the same wrapper cuts off a
+//! client that stops reading (`server.send_timeout`). On shutdown the accept loop stops, open
+//! connections finish the request they are serving, and the call returns once they are closed
+//! or the drain deadline passes.
 
 pub mod hosts;
 pub mod linger;

@@ -4,7 +4,9 @@
 //! and test sends) and leaves as the body bytes stored with the event; nothing here touches
 //! storage or the network. `data` is written in the form JavaScript's `JSON.stringify` gives it
 //! (see [`crate::canonical`]), so receivers that re-serialise the parsed body get the signed
-//! bytes back.
+//! bytes back. The body is built on the async workers, before the commit; an id the engine
+//! mints is a fixed-width placeholder here, which the group committer overwrites in place
+//! once the event has its sequence number (`evt_` + 16 hex digits of it).
 
 use super::{Rejection, MAX_DATA_DEPTH};
 use crate::canonical::{write_canonical, CanonicalError};

@@ -17,6 +17,13 @@
 //! deliveries or the inbox entry, and start-up fan-out ([`Ingest::start`]) re-creates whatever
 //! is missing.
 //!
+//! Account and webhook changes ride the same group commit: the API writes them, then waits
+//! for [`Ingest::sync`] before it answers. Fan-out writes deliveries in chunks of 4 096, so
+//! one event to 100 000 webhooks never builds one huge list; a chunk written before an error
+//! is harmless, since delivery ids are derived from (event, webhook) and the re-run at
+//! start-up adds only what is missing. The registry's subscription index makes each event's
+//! lookup three hash probes (exact name, family, `*`).
+//!
 //! This file holds the API's handle ([`Ingest`]: validate, submit, sync), the request and
 //! error types, and start-up; the threads live in [`commit`] and [`fanout`].
 

@@ -1,12 +1,12 @@
 //! Server-rendered SVG charts for the dashboard: the geometry of stacked bar charts, line
 //! charts and sparklines, computed here as plain numbers and class names, and drawn by the
-//! templates (`templates/chart_*.html`) as `<svg role="img">` with a text alternative.
+//! templates (`templates/charts.html`) as `<svg role="img">` with a text alternative.
 //!
 //! Data enters as series of numbers with their labels (built by `screens` from the same domain
-//! values the JSON API returns); it leaves as view structs whose fields are coordinates
-//! already formatted. Colours come from CSS classes (the CSP allows no inline style), and
-//! every bar carries its numbers in `data-*` attributes and a `<title>`, so a test and a
-//! pointer read the same values the table beside the chart shows.
+//! values the JSON API returns: `domain::stats`, over [`crate::stats`]); it leaves as view
+//! structs whose fields are coordinates already formatted. Colours come from CSS classes (the
+//! CSP allows no inline style), and every bar carries its numbers in `data-*` attributes and a
+//! `<title>`, so a test and a pointer read the same values the table beside the chart shows.
 
 /// The drawing area of a full-width chart, in SVG units (the SVG scales to its box).
 const WIDTH: f64 = 720.0;

@@ -10,6 +10,13 @@
 //! call becomes an error page, [`refusal_page`]) and renders
 //! the askama templates of [`pages`] (compiled into the binary, escaping everything). Static
 //! CSS/JS of our own are compiled in too ([`assets`]). Nothing changes state on a GET.
+//!
+//! The router hands `/ui…` here before any bearer check, so the two front ends share a port
+//! but not their authentication (`/v1` never reads the cookie). Sign-in takes the admin token
+//! or an account's API key, behind a per-address governor limit checked before the key is
+//! looked at. Every POST is checked in two steps: a cross-site `Origin` / `Sec-Fetch-Site` is
+//! refused first, then the form's `_csrf` is compared with the session's token in constant
+//! time. Form bodies are bounded.
 
 mod assets;
 mod charts;

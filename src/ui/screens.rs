@@ -6,6 +6,11 @@
 //! own account; the operator reaches all). Every POST that succeeds answers `303` to a page
 //! (with a one-shot notice), except the two that show a secret once (a new account's API key,
 //! a regenerated signing secret), which render it with `Cache-Control: no-store`.
+//!
+//! The Add Webhook steps carry their fields in hidden inputs, so no half-made webhook is
+//! stored. Step 3 shows a secret minted by `signing::new_secret`, which the domain function
+//! then uses through `CreateWebhook.secret` (never read from JSON) after checking it has the
+//! minted shape.
 
 use http::StatusCode;
 

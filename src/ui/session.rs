@@ -6,7 +6,9 @@
 //! kept, so the map never holds a usable cookie. A session ends after `session_idle` unused or
 //! `session_absolute` after sign-in (both read from the engine clock, so tests can move time),
 //! at logout, or when the account's API key changes or the account is deleted. The map is
-//! bounded: at [`MAX_SESSIONS`] the least recently used session goes first.
+//! bounded: at [`MAX_SESSIONS`] the least recently used session goes first. It sits behind a
+//! std mutex, never held across an await; the expiry rules are unit-tested under paused
+//! tokio time.
 //!
 //! Sessions survive a restart: a [`Sessions::persistent`] map writes each session through to the
 //! store (tree `sessions`, sealed with the secrets key under the id's SHA-256) when it starts,

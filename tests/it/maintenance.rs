@@ -703,7 +703,7 @@ async fn compaction_shrinks_a_stopped_store_that_then_delivers_everything_pendin
 /// fan-out phases do (batches of 100 events, half of them delivered to a real receiver), then
 /// measures ingest with and without a backup running, and the data dir's size before and after
 /// compaction. `KH_FILL_EVENTS` (default 200 000) sets the size.
-/// `cargo test --test maintenance figures -- --ignored --nocapture`
+/// `cargo test --test it maintenance::figures -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore]
 async fn figures_backup_slowdown_and_compaction() {

@@ -15,7 +15,7 @@
 //!    the scan is emitted with its value (sled's iterator re-seeks by key, so a key present
 //!    throughout is never skipped).
 //! 3. Each later round takes the keys listed so far and emits their current value (or a
-//!    deletion), until few keys are left (or after [`MAX_ROUNDS`]).
+//!    deletion), until few keys are left (≤ 4 096) or after [`MAX_ROUNDS`] (8).
 //! 4. The gate is closed again; the last listed keys are read, tracking stops, the gate opens,
 //!    and those values are emitted.
 //!
@@ -29,7 +29,11 @@
 //! `store` and `ingest` is chosen so that any prefix is recoverable): every delivery pending at
 //! T is in the snapshot with its event and its `schedule` entry, or its event is, with the
 //! `inbox` mark that makes start-up fan-out create it. Writers wait only during steps 1 and 4,
-//! each as long as it takes to read the keys changed in the last round.
+//! each as long as it takes to read the keys changed in the last round; the stream itself is
+//! written with writers running. So a new writer must keep the crash-recovery write order:
+//! the backup relies on it exactly as recovery does. Tested with writers changing a record and
+//! its index entry in two steps while a snapshot is taken (this module's tests, which fail
+//! when steps 3–4 are skipped), and end to end in `tests/it/maintenance.rs`.
 //!
 //! **Stream format** (integers big-endian): `KHBACKUP`, stream version u16, store format
 //! version u32, creation unix ms u64, tree count u8 and each tree's name (u8 length + bytes);

@@ -17,6 +17,10 @@
 //! | `PATH` with marker                             | swapped, not cleaned up  | remove `old`, marker|
 //!
 //! So at every instant either the old store or the complete new one is (or becomes) `PATH`.
+//! At engine start ([`recover_at_start`], before the data dir could be created) a leftover
+//! copy the service user may not remove (it cannot write the data dir's parent, e.g.
+//! `/var/lib`) is logged and left; only a store not yet back at `PATH` stops the start (exit
+//! 2, naming the command that finishes it).
 //! A leftover `PATH.compact-src` (see below) holds only hard links and is removed.
 //!
 //! Run as root on a data dir another user owns (the package's `/var/lib/kyberhook`), every

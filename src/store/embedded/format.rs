@@ -5,7 +5,9 @@
 //! refused (the engine exits 2 with one line: a newer binary wrote it, and this one could
 //! misread it); an older one is migrated step by step, each step idempotent and each followed
 //! by a flush and the new version, so a crash mid-migration re-runs at most that step. Data dirs
-//! written before the version existed have no key and are version 1.
+//! written before the version existed have no key and are version 1. Step 2 → 3 rewrites the
+//! account index in batches of 1 024: one pass over it at the first start of the new binary.
+//! A format change is: bump [`CURRENT`], add a step, add a row to this table.
 //!
 //! | version | what changed                                                              |
 //! |---------|---------------------------------------------------------------------------|

@@ -21,8 +21,22 @@
 //! | `stats`       | webhook u64 · unix hour u64              | `stats::Counts`        |
 //! | `sessions`    | SHA-256 of the session cookie (32)       | sealed session (text)  |
 //!
-//! `seq` is time-ordered (`ids::Sequencer`), so `deliveries`, `by_webhook` and `by_account`
-//! sort by creation time, and retention is a scan from the front of `deliveries`.
+//! Values are encoded by `codec` (one format-version byte, then bincode). `meta` holds
+//! `format_version` (u32 big-endian, see `format`) and the start-up write probe; an `Account`
+//! holds the SHA-256 of its API key (there is no key index on disk), a `Webhook` its signing
+//! secrets, sealed; an `events` chunk (≤ 64 records, ~6 KiB) is a table of (seq, end offset)
+//! and then the records, each with the exact body every attempt sends; a `stats` value is an
+//! hour's attempts by outcome and a response-time histogram, written by the delivery writer
+//! with each drain and dropped by retention once the hour ends before its cutoff, and with its
+//! webhook.
+//!
+//! `seq` is time-ordered (`unix_ms << 20 | counter`, never decreasing, `ids::Sequencer`), so
+//! `deliveries`, `by_webhook` and `by_account` sort by creation time: "newest first" is a
+//! reverse range scan, `since` / `until` are range bounds, and retention is a scan from the
+//! front of `deliveries`. A delivery id is derived from (event, webhook), which makes fan-out
+//! idempotent. The delivery log's status and event filters are applied during the scan (a
+//! documented limit: a very selective filter over a huge history scans more keys than it
+//! returns).
 //!
 //! `by_account` names an account's *events* that have deliveries, not each delivery (since
 //! format 3; before, one entry per delivery): a delivery id starts with its event's seq and

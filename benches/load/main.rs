@@ -12,7 +12,8 @@
 //!        --receiver-latency MODE (instant | fixed:MS | load[:BASE:PER] | status:CODE | hang,
 //!          joined with +; how the receivers answer unless a phase says otherwise)
 //!        --receiver-tls (HTTPS receivers with a throw-away CA instead of plain HTTP)
-//!        --drain-secs S (120; quick 60)  --fanout-ingest single|batch|both (both)
+//!        --drain-secs S (120; quick 60)  --probes N (3: ceiling probes per run, median)
+//!        --fanout-ingest single|batch|both (both)
 //!        --latency-webhooks N (1; 0 measures ingest latency alone)  --latency-conns N (32)
 //!        --phases healthz,ingest,batch,fanout,latency,retention,lag,paced,flow,isolation (all)
 //!        --retention S (10: storage.retention of the retention phase)  --retention-run S (90; quick 40)

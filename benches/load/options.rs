@@ -58,6 +58,8 @@ pub struct Opts {
     pub receiver_tls: bool,
     pub max_backlog: u64,
     pub drain_secs: u64,
+    /// Ceiling probes per flow/lag run with fan-out; their median is "once ingest stops".
+    pub probes: usize,
     /// How the fan-out phases ingest: single events, batches of 100, or each in turn.
     pub fanout_ingest: Vec<IngestMode>,
     pub latency_webhooks: usize,
@@ -110,7 +112,7 @@ fn usage(msg: &str) -> ! {
     eprintln!(
         "usage: cargo bench --bench load -- [--quick] [--json] [--no-fsync] [--conns N] [--secs S] [--rps-secs S] \
          [--warmup S] [--rate EV/S] [--fanouts 1,10] [--fanout-ingest single|batch|both] [--receivers K] \
-         [--receiver-latency MODE] [--receiver-tls] [--max-backlog N] [--drain-secs S] [--latency-webhooks N] \
+         [--receiver-latency MODE] [--receiver-tls] [--max-backlog N] [--drain-secs S] [--probes N] [--latency-webhooks N] \
          [--latency-conns N] [--phases {}] [--retention S] [--retention-run S] [--lag WxC,...] [--flow WxC,...] \
          [--quota N] [--max-lag D] [--paced-rate N] [--event-bytes N] [--set SECTION.KEY=VALUE] \
          [--isolation {}] [--isolation-conns N] [--slow-ms MS] [--fail-mode MODE]",
@@ -179,6 +181,7 @@ pub fn parse(args: Vec<String>) -> Opts {
         receiver_tls: false,
         max_backlog: 50_000,
         drain_secs: if quick { 60 } else { 120 },
+        probes: 3,
         fanout_ingest: vec![IngestMode::Single, IngestMode::Batch],
         latency_webhooks: 1,
         latency_conns: 32,
@@ -225,6 +228,7 @@ pub fn parse(args: Vec<String>) -> Opts {
             "--receiver-latency" => o.receiver_mode = mode(&flag, &value()),
             "--max-backlog" => o.max_backlog = num(&flag, &value()).max(1),
             "--drain-secs" => o.drain_secs = num(&flag, &value()).min(3600),
+            "--probes" => o.probes = num(&flag, &value()).clamp(1, 9) as usize,
             "--latency-webhooks" => o.latency_webhooks = num(&flag, &value()).min(100) as usize,
             "--latency-conns" => o.latency_conns = num(&flag, &value()).max(1) as usize,
             "--retention" => o.retention = num(&flag, &value()).max(1),

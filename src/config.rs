@@ -80,6 +80,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub metrics: MetricsConfig,
     pub storage: StorageConfig,
+    pub cluster: ClusterConfig,
     pub auth: AuthConfig,
     pub delivery: DeliveryConfig,
     pub plans: BTreeMap<String, Plan>,
@@ -196,7 +197,64 @@ pub struct StorageConfig {
     /// bytes). `KYBERHOOK_SECRETS_KEY` wins when set; with neither, the key is `secrets.key`
     /// in the data dir, generated on first start.
     pub secrets_key_file: Option<PathBuf>,
+    /// Where the engine keeps its state: the embedded sled store under `path`, or a shared
+    /// PostgreSQL database (`postgres_url`) that several nodes use together.
+    pub backend: Backend,
+    /// The PostgreSQL database of `backend = "postgres"`: a `postgres://` URL or a libpq
+    /// `key=value` string. `KYBERHOOK_POSTGRES_URL` wins when set (and not empty).
+    pub postgres_url: Option<PostgresUrl>,
+    /// A PEM CA bundle trusted for the database's TLS certificate, besides the system roots.
+    pub postgres_ca_file: Option<PathBuf>,
 }
+
+/// `storage.backend`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sled,
+    Postgres,
+}
+
+/// `storage.postgres_url`: it may hold a password, so its `Debug` shows only where it points.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct PostgresUrl {
+    text: String,
+    /// Whether it came from [`POSTGRES_URL_ENV`] (error messages name the variable).
+    #[serde(skip)]
+    from_env: bool,
+}
+
+impl PostgresUrl {
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Where the value came from, for messages: the key or the environment variable.
+    pub fn origin(&self) -> &'static str {
+        if self.from_env {
+            POSTGRES_URL_ENV
+        } else {
+            "storage.postgres_url"
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match crate::store::postgres::connect::parse_url(&self.text) {
+            Ok(parsed) => write!(
+                f,
+                "PostgresUrl({})",
+                crate::store::postgres::connect::describe(&parsed)
+            ),
+            Err(_) => f.write_str("PostgresUrl(<unparsable>)"),
+        }
+    }
+}
+
+/// The environment variable that replaces `storage.postgres_url`.
+pub const POSTGRES_URL_ENV: &str = "KYBERHOOK_POSTGRES_URL";
 
 impl StorageConfig {
     fn validate(&self) -> Result<(), Invalid> {
@@ -206,7 +264,99 @@ impl StorageConfig {
         if self.cache_size < 1 << 20 {
             return refuse("cache_size", "must be at least 1MiB");
         }
+        if let Some(url) = &self.postgres_url {
+            if let Err(why) = crate::store::postgres::connect::parse_url(url.as_str()) {
+                let key = if url.from_env {
+                    format!("postgres_url (from {POSTGRES_URL_ENV})")
+                } else {
+                    "postgres_url".to_string()
+                };
+                return refuse(&key, why);
+            }
+        }
+        if self.backend == Backend::Postgres && self.postgres_url.is_none() {
+            return refuse(
+                "postgres_url",
+                format!(
+                    "must be set when storage.backend = \"postgres\" (a URL like \"postgres://kyberhook@db.example.com/kyberhook\", or {POSTGRES_URL_ENV})"
+                ),
+            );
+        }
         Ok(())
+    }
+}
+
+/// `[cluster]`: how this node is known to the others sharing a PostgreSQL backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name in `GET /v1/admin/cluster` and the logs; unset: the host name.
+    pub node_name: Option<String>,
+    /// The base URL other nodes reach this one's API on (`http://10.0.0.5:8080`), if set.
+    pub advertise: Option<String>,
+}
+
+impl ClusterConfig {
+    /// The longest node name accepted.
+    pub const MAX_NODE_NAME: usize = 64;
+
+    fn validate(&self) -> Result<(), Invalid> {
+        if let Some(name) = &self.node_name {
+            if !crate::ids::is_safe_token(name, Self::MAX_NODE_NAME) {
+                return refuse(
+                    "node_name",
+                    format!(
+                        "{name:?} is not a node name: 1 to {} characters of A-Z a-z 0-9 _ . -",
+                        Self::MAX_NODE_NAME
+                    ),
+                );
+            }
+        }
+        if let Some(url) = &self.advertise {
+            if let Err(why) = parse_advertise(url) {
+                return refuse("advertise", why);
+            }
+        }
+        Ok(())
+    }
+
+    /// `node_name`, else the host name (else `kyberhook`, on a host without one).
+    pub fn node_name(&self) -> String {
+        if let Some(name) = &self.node_name {
+            return name.clone();
+        }
+        let uname = rustix::system::uname();
+        let host = uname.nodename().to_string_lossy();
+        let host: String = host
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            .take(Self::MAX_NODE_NAME)
+            .collect();
+        if host.is_empty() {
+            "kyberhook".to_string()
+        } else {
+            host
+        }
+    }
+}
+
+/// `cluster.advertise`: an `http://` or `https://` URL with a host (and a port if not the
+/// scheme's), nothing after it but an optional `/`.
+pub fn parse_advertise(text: &str) -> Result<http::Uri, String> {
+    let bad = || {
+        format!(
+            "{text:?} is not a base URL like \"http://10.0.0.5:8080\" (http or https, a host, an optional port, no path)"
+        )
+    };
+    let uri: http::Uri = text.parse().map_err(|_| bad())?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+    let host_ok = uri.host().is_some_and(|h| !h.is_empty());
+    let no_userinfo = !uri.authority().is_some_and(|a| a.as_str().contains('@'));
+    if scheme_ok && path_ok && host_ok && no_userinfo {
+        Ok(uri)
+    } else {
+        Err(bad())
     }
 }
 
@@ -394,6 +544,7 @@ struct RawConfig {
     server: ServerConfig,
     metrics: MetricsConfig,
     storage: StorageConfig,
+    cluster: ClusterConfig,
     auth: AuthConfig,
     delivery: DeliveryConfig,
     plans: BTreeMap<String, Plan>,
@@ -662,6 +813,13 @@ impl Config {
         if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
             config.auth.admin_token = Some(token);
         }
+        // Empty counts as unset: an `EnvironmentFile` line left blank must not hide the file's.
+        if let Some(url) = std::env::var(POSTGRES_URL_ENV).ok().filter(|u| !u.is_empty()) {
+            config.storage.postgres_url = Some(PostgresUrl {
+                text: url,
+                from_env: true,
+            });
+        }
         config.validate(origin)?;
         Ok(config)
     }
@@ -703,6 +861,7 @@ impl Config {
             server: raw.server,
             metrics: raw.metrics,
             storage: raw.storage,
+            cluster: raw.cluster,
             auth: raw.auth,
             delivery: raw.delivery,
             plans: raw.plans,
@@ -744,6 +903,7 @@ impl Config {
             ("server", self.server.validate()),
             ("metrics", self.metrics.validate()),
             ("storage", self.storage.validate()),
+            ("cluster", self.cluster.validate()),
             ("delivery", self.delivery.validate()),
             ("plans", validate_plans(&self.plans)),
             ("events", self.events.validate()),
@@ -1112,6 +1272,7 @@ mod tests {
             ("server", fields_of::<ServerConfig>()),
             ("metrics", fields_of::<MetricsConfig>()),
             ("storage", fields_of::<StorageConfig>()),
+            ("cluster", fields_of::<ClusterConfig>()),
             ("auth", fields_of::<AuthConfig>()),
             ("delivery", fields_of::<DeliveryConfig>()),
             ("plans.*", fields_of::<Plan>()),
@@ -1198,6 +1359,10 @@ mod tests {
                 "server.tls_cert",
                 "server.tls_key",
                 "storage.secrets_key_file",
+                "storage.postgres_url",
+                "storage.postgres_ca_file",
+                "cluster.node_name",
+                "cluster.advertise",
                 "auth.admin_token",
                 "auth.admin_token_file",
                 "events.catalog"

@@ -144,6 +144,12 @@ pub struct Engine {
 impl Engine {
     /// Opens the store, recovers owed work, binds both listeners and starts every stage.
     pub async fn start(mut config: Config) -> Result<Engine, StartError> {
+        if store::postgres::is_selected(&config) {
+            // `kyberhook serve` connects and migrates first (store::postgres::serve).
+            return Err(StartError::Config(
+                "storage.backend = \"postgres\": the PostgreSQL backend's delivery engine is not in this build yet (issue 22)".into(),
+            ));
+        }
         let api_listener = edge::bind(config.server.listen, "server.listen").await?;
         let metrics_listener = edge::bind(config.metrics.listen, "metrics.listen").await?;
         let api_addr = api_listener

@@ -170,6 +170,41 @@ impl Failure {
     }
 }
 
+/// The TLS client set-up of every outgoing connection the engine makes (webhook endpoints, the
+/// PostgreSQL backend): the ring provider, TLS 1.3 and 1.2, the system roots plus the PEM CA
+/// bundles `extra_ca_files` (each must hold at least one certificate).
+pub fn tls_client_config(extra_ca_files: &[PathBuf]) -> Result<rustls::ClientConfig, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    for path in extra_ca_files {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ClientError::CaFile {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        if certs.is_empty() {
+            return Err(ClientError::CaFile {
+                path: path.clone(),
+                message: "no certificate in the file".into(),
+            });
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| ClientError::CaFile {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 pub struct Outbound {
     tls: Arc<rustls::ClientConfig>,
     private_allowlist: Vec<IpNet>,
@@ -191,35 +226,7 @@ impl Outbound {
         allow_http: bool,
         max_idle: usize,
     ) -> Result<Outbound, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
-        for path in extra_ca_files {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ClientError::CaFile {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            if certs.is_empty() {
-                return Err(ClientError::CaFile {
-                    path: path.clone(),
-                    message: "no certificate in the file".into(),
-                });
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| ClientError::CaFile {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| ClientError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = tls_client_config(extra_ca_files)?;
         Ok(Outbound {
             tls: Arc::new(tls),
             private_allowlist,

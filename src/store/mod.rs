@@ -18,6 +18,7 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod embedded;
+pub mod postgres;
 mod writes;
 
 pub use writes::DeliveryWrites;

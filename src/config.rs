@@ -814,7 +814,10 @@ impl Config {
             config.auth.admin_token = Some(token);
         }
         // Empty counts as unset: an `EnvironmentFile` line left blank must not hide the file's.
-        if let Some(url) = std::env::var(POSTGRES_URL_ENV).ok().filter(|u| !u.is_empty()) {
+        if let Some(url) = std::env::var(POSTGRES_URL_ENV)
+            .ok()
+            .filter(|u| !u.is_empty())
+        {
             config.storage.postgres_url = Some(PostgresUrl {
                 text: url,
                 from_env: true,
@@ -1144,6 +1147,70 @@ mod tests {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text:?} gave {err:?}");
             assert!(!err.contains('\n'), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn the_postgres_backend_needs_a_usable_url_and_cluster_keys_are_checked() {
+        let c = Config::default_config();
+        assert_eq!(c.storage.backend, Backend::Sled);
+        assert!(c.storage.postgres_url.is_none() && c.storage.postgres_ca_file.is_none());
+        assert!(c.cluster.node_name.is_none() && c.cluster.advertise.is_none());
+        assert!(!c.cluster.node_name().is_empty(), "the host name");
+        let c = parse(
+            "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://kh@db/kh\"\n[cluster]\nnode_name = \"node-1\"\nadvertise = \"https://10.0.0.5:8080/\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.backend, Backend::Postgres);
+        assert_eq!(
+            c.storage.postgres_url.unwrap().origin(),
+            "storage.postgres_url"
+        );
+        assert_eq!(c.cluster.node_name(), "node-1");
+        // A URL alone does not switch the backend.
+        let c = parse("[storage]\npostgres_url = \"postgres://kh@db/kh\"\n").unwrap();
+        assert_eq!(c.storage.backend, Backend::Sled);
+        let cases = [
+            (
+                "[storage]\nbackend = \"postgres\"\n",
+                "storage.postgres_url: must be set",
+            ),
+            ("[storage]\nbackend = \"mysql\"\n", "test.toml:2"),
+            ("[storage]\nbackend = \"mysql\"\n", "postgres"),
+            ("[storage]\nbackend = 1\n", "test.toml:2"),
+            (
+                "[storage]\npostgres_url = \"mysql://kh:s3cret@db/kh\"\n",
+                "storage.postgres_url",
+            ),
+            (
+                "[storage]\npostgres_url = \"postgres://kh:s3cret@db/kh?sslmode=maybe\"\n",
+                "storage.postgres_url",
+            ),
+            ("[cluster]\nnode_name = \"a b\"\n", "cluster.node_name"),
+            ("[cluster]\nnode_name = \"\"\n", "cluster.node_name"),
+            (
+                "[cluster]\nadvertise = \"10.0.0.5:8080\"\n",
+                "cluster.advertise",
+            ),
+            (
+                "[cluster]\nadvertise = \"ftp://h:1\"\n",
+                "cluster.advertise",
+            ),
+            (
+                "[cluster]\nadvertise = \"http://h:1/path\"\n",
+                "cluster.advertise",
+            ),
+            (
+                "[cluster]\nadvertise = \"http://u:p@h:1\"\n",
+                "cluster.advertise",
+            ),
+            ("[cluster]\nnodename = \"x\"\n", "nodename"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text:?} gave {err:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+            assert!(!err.contains("s3cret"), "{err:?} quotes the password");
         }
     }
 

@@ -1,7 +1,8 @@
 //! The integration tests: one binary (one link of the crate), a module per area. Each starts
 //! the real engine (in process on 127.0.0.1:0, or the real binary) and delivers to real local
 //! HTTPS receivers; `common` holds the shared helpers, `tools` finds or installs the outside
-//! programs some tests run (python3, node, promtool, Chromium, pinned PyPI and npm packages).
+//! programs some tests run (python3, node, promtool, Chromium, PostgreSQL, pinned PyPI and npm
+//! packages), and `pg_cluster` starts the throw-away PostgreSQL the `postgres` tests share.
 #![allow(dead_code)]
 
 mod api;
@@ -20,6 +21,8 @@ mod metrics;
 mod openapi;
 mod operator;
 mod ordering;
+mod pg_cluster;
+mod postgres;
 mod priority;
 mod pushback;
 mod receiver_signals;

@@ -1,7 +1,8 @@
 //! The outside programs the tests run, found or installed on first use, so that `cargo test`
 //! passes on a machine that has nothing but the Rust toolchain: python3 and node (the guide's
 //! verifiers), PyPI and npm packages (the official Standard Webhooks libraries,
-//! openapi-spec-validator, axe-core), promtool, and Chromium with its WebDriver.
+//! openapi-spec-validator, axe-core), promtool, Chromium with its WebDriver, and PostgreSQL's
+//! server programs (Debian's `postgresql`, for the PostgreSQL backend's throw-away clusters).
 //!
 //! A test asks for a tool by calling one function here ([`python3`], [`python_with`],
 //! [`promtool`], [`chromium`], …). The first call in the process finds the tool, or installs it:
@@ -128,6 +129,49 @@ pub fn promtool() -> Option<PathBuf> {
             )
         })
     })
+}
+
+/// The directory of PostgreSQL's server programs (`initdb`, `pg_ctl`, `postgres`):
+/// `KYBERHOOK_POSTGRES_BIN`, else the one `initdb` on the PATH lives in, else Debian's newest
+/// `/usr/lib/postgresql/VERSION/bin`; Debian's `postgresql` is installed when there is none.
+/// No skip variable: the PostgreSQL backend's tests need a server to mean anything.
+#[track_caller]
+pub fn postgres() -> PathBuf {
+    static FOUND: OnceLock<Found<PathBuf>> = OnceLock::new();
+    required(once(&FOUND, || {
+        find_or_apt("postgres", find_postgres, &["postgresql"], "")
+    }))
+}
+
+/// A directory holding all three server programs, as [`postgres`] looks for it.
+fn find_postgres() -> Option<PathBuf> {
+    let complete = |dir: &Path| {
+        ["initdb", "pg_ctl", "postgres"]
+            .iter()
+            .all(|p| dir.join(p).is_file())
+    };
+    if let Some(dir) = std::env::var_os("KYBERHOOK_POSTGRES_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    // /usr/local/bin/initdb may be a link into Debian's directory, which has the others.
+    if let Some(dir) = on_path("initdb")
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .filter(|d| complete(d))
+    {
+        return Some(dir);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .filter(|(_, dir)| complete(dir))
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir)
 }
 
 /// The Chromium binary (`KYBERHOOK_CHROMIUM`, else Debian's), or `None` with

@@ -47,14 +47,15 @@ pub fn parse_url(text: &str) -> Result<tokio_postgres::Config, String> {
                 .into(),
         );
     }
-    let config: tokio_postgres::Config = normalise_sslmode(text, is_url)
-        .parse()
-        .map_err(|e: tokio_postgres::Error| {
-            let cause = std::error::Error::source(&e)
-                .map(|c| format!(": {c}"))
-                .unwrap_or_default();
-            format!("is not a usable PostgreSQL URL ({e}{cause})")
-        })?;
+    let config: tokio_postgres::Config =
+        normalise_sslmode(text, is_url)
+            .parse()
+            .map_err(|e: tokio_postgres::Error| {
+                let cause = std::error::Error::source(&e)
+                    .map(|c| format!(": {c}"))
+                    .unwrap_or_default();
+                format!("is not a usable PostgreSQL URL ({e}{cause})")
+            })?;
     if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
         return Err("names no host (postgres://USER@HOST/DATABASE)".into());
     }
@@ -261,7 +262,9 @@ pub fn classify(e: &tokio_postgres::Error, target: &str) -> PgError {
             ]
             .contains(code);
         return if operator.contains(code) {
-            PgError::Config(format!("the database at {target} refused kyberhook: {text}"))
+            PgError::Config(format!(
+                "the database at {target} refused kyberhook: {text}"
+            ))
         } else if passing {
             PgError::Unreachable(format!("the database at {target} is not available: {text}"))
         } else {
@@ -319,7 +322,10 @@ mod tests {
         ] {
             let why = parse_url(bad).expect_err(bad);
             assert!(!why.contains('\n'), "{bad:?}: {why}");
-            assert!(!why.contains("s3cret"), "{bad:?} quoted the password: {why}");
+            assert!(
+                !why.contains("s3cret"),
+                "{bad:?} quoted the password: {why}"
+            );
         }
     }
 

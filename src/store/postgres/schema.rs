@@ -490,7 +490,10 @@ mod tests {
         }
         assert_eq!(CURRENT, 1);
         assert_eq!(PARTITIONS, 256);
-        assert!(V1.contains("generate_series(0, 255)"), "one kh_partition row each");
+        assert!(
+            V1.contains("generate_series(0, 255)"),
+            "one kh_partition row each"
+        );
         assert_eq!(
             Server::from_version("CockroachDB CCL v24.1.0 (x86_64-pc-linux-gnu)"),
             Server::Cockroach

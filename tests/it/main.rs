@@ -21,6 +21,7 @@ mod metrics;
 mod openapi;
 mod operator;
 mod ordering;
+mod pg;
 mod pg_cluster;
 mod postgres;
 mod priority;

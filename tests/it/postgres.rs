@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::pg::*;
 use common::*;
 use kyberhook::config::Config;
 use kyberhook::store::postgres::{self, schema, Migrated, PgError, Target};

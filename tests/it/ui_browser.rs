@@ -206,6 +206,12 @@ impl Browser {
     /// Waits until the page's `h1` contains `text` (read by script: no stale references
     /// while the previous page is replaced).
     async fn wait_heading(&self, text: &str) {
+        self.wait_heading_not(text, None).await;
+    }
+
+    /// Like `wait_heading`, for a page whose predecessor's `h1` also contains `text`
+    /// (a confirmation page names the account): waits for a heading without `gone`.
+    async fn wait_heading_not(&self, text: &str, gone: Option<&str>) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let h1 = self
@@ -218,7 +224,10 @@ impl Browser {
                     })),
                 )
                 .await;
-            if h1.as_str().is_some_and(|h| h.contains(text)) {
+            if h1
+                .as_str()
+                .is_some_and(|h| h.contains(text) && gone.is_none_or(|g| !h.contains(g)))
+            {
                 return;
             }
             if Instant::now() > deadline {
@@ -943,7 +952,7 @@ async fn charts_overview_and_log_search_in_a_real_browser() {
     b.wait_heading("Change the plan").await;
     b.check("confirm-plan").await;
     b.click_named("Change Plan").await;
-    b.wait_heading("acme").await;
+    b.wait_heading_not("acme", Some("Change the plan")).await;
     let (_, acct) = eng.api.admin(Method::GET, "/v1/accounts/acme", None).await;
     assert_eq!(acct["plan"], "enterprise");
     b.click_named("Rotate API Key").await;

@@ -125,6 +125,50 @@ const STORE_HEALTH_EVERY: Duration = Duration::from_millis(100);
 /// Due attempts waiting for the dispatcher; small, since the wheel is the real buffer.
 const DUE_QUEUE: usize = 4096;
 
+/// Opens the embedded store of `config` (finishing a compaction a crash interrupted first) and
+/// checks that it still writes.
+async fn open_embedded(config: &Config) -> Result<SledStore, StartError> {
+    let path = config.storage.path.clone();
+    let options = store::embedded::StoreOptions {
+        fsync: config.storage.fsync,
+        cache_bytes: config.storage.cache_size,
+        secrets: secrets::KeySource::from_env_or_file(
+            config.storage.secrets_key_file.as_deref(),
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?,
+    };
+    let store = tokio::task::spawn_blocking(move || {
+        // A compaction a crash interrupted is finished (or undone) before the store opens
+        // (and before an empty data dir could be made where the new store belongs).
+        store::embedded::compact::recover_at_start(&path).map_err(|e| {
+            StartError::Config(format!(
+                "storage.path: an interrupted compaction could not be finished ({e}): run \
+                 `kyberhook compact --config …` as the data dir's owner or root"
+            ))
+        })?;
+        let store = SledStore::open_with(&path, &options)
+            .map_err(StoreError::from)
+            .map_err(|e| match e.kind() {
+                // A full or failing disk is the supervisor's to retry, not the operator's.
+                StoreErrorKind::Unavailable => StartError::StorageFailed(e),
+                StoreErrorKind::Io => {
+                    StartError::Config(format!("storage.path = {:?}: {e}", path.display()))
+                }
+                // A wrong key, permissions, a store from a newer kyberhook, a damaged
+                // version record: the operator's to sort out.
+                StoreErrorKind::Operator => StartError::Config(e.to_string()),
+                StoreErrorKind::Internal => StartError::Store(e),
+            })?;
+        // A restart on a disk that is still full must fail here, before it serves, not at
+        // the first write it would have to acknowledge.
+        Storage::probe_write(&store).map_err(StartError::StorageFailed)?;
+        Ok::<SledStore, StartError>(store)
+    })
+    .await
+    .map_err(|e| StartError::Other(e.to_string()))??;
+    Ok(store)
+}
+
 /// A running engine.
 pub struct Engine {
     api_addr: SocketAddr,
@@ -144,12 +188,24 @@ pub struct Engine {
 impl Engine {
     /// Opens the store, recovers owed work, binds both listeners and starts every stage.
     pub async fn start(mut config: Config) -> Result<Engine, StartError> {
-        if store::postgres::is_selected(&config) {
-            // `kyberhook serve` connects and migrates first (store::postgres::serve).
-            return Err(StartError::Config(
-                "storage.backend = \"postgres\": the PostgreSQL backend's delivery engine is not in this build yet (issue 22)".into(),
-            ));
-        }
+        // PostgreSQL first: a standby node waits here for the serving one to stop, and must
+        // not hold its ports meanwhile.
+        let pg_store = if store::postgres::is_selected(&config) {
+            let c = config.clone();
+            let opened = tokio::task::spawn_blocking(move || store::postgres::PgStore::open(&c))
+                .await
+                .map_err(|e| StartError::Other(e.to_string()))?;
+            let store = opened.map_err(|e| match e {
+                store::postgres::PgError::Config(line) => StartError::Config(line),
+                store::postgres::PgError::Unreachable(line) => StartError::StorageFailed(
+                    StoreError::new(StoreErrorKind::Unavailable, line),
+                ),
+                store::postgres::PgError::Failed(line) => StartError::Other(line),
+            })?;
+            Some(store)
+        } else {
+            None
+        };
         let api_listener = edge::bind(config.server.listen, "server.listen").await?;
         let metrics_listener = edge::bind(config.metrics.listen, "metrics.listen").await?;
         let api_addr = api_listener
@@ -179,45 +235,18 @@ impl Engine {
         // snapshots and blobs, the secrets key) is private to its user.
         #[cfg(unix)]
         rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-        let path = config.storage.path.clone();
-        let options = store::embedded::StoreOptions {
-            fsync: config.storage.fsync,
-            cache_bytes: config.storage.cache_size,
-            secrets: secrets::KeySource::from_env_or_file(
-                config.storage.secrets_key_file.as_deref(),
-            )
-            .map_err(|e| StartError::Config(e.to_string()))?,
+        let store: Arc<dyn Storage> = match pg_store {
+            Some(pg) => {
+                let pg = Arc::new(pg);
+                let probe = pg.clone();
+                tokio::task::spawn_blocking(move || probe.probe_write())
+                    .await
+                    .map_err(|e| StartError::Other(e.to_string()))?
+                    .map_err(StartError::StorageFailed)?;
+                pg
+            }
+            None => Arc::new(open_embedded(&config).await?),
         };
-        let store = tokio::task::spawn_blocking(move || {
-            // A compaction a crash interrupted is finished (or undone) before the store opens
-            // (and before an empty data dir could be made where the new store belongs).
-            store::embedded::compact::recover_at_start(&path).map_err(|e| {
-                StartError::Config(format!(
-                    "storage.path: an interrupted compaction could not be finished ({e}): run \
-                     `kyberhook compact --config …` as the data dir's owner or root"
-                ))
-            })?;
-            let store = SledStore::open_with(&path, &options)
-                .map_err(StoreError::from)
-                .map_err(|e| match e.kind() {
-                    // A full or failing disk is the supervisor's to retry, not the operator's.
-                    StoreErrorKind::Unavailable => StartError::StorageFailed(e),
-                    StoreErrorKind::Io => {
-                        StartError::Config(format!("storage.path = {:?}: {e}", path.display()))
-                    }
-                    // A wrong key, permissions, a store from a newer kyberhook, a damaged
-                    // version record: the operator's to sort out.
-                    StoreErrorKind::Operator => StartError::Config(e.to_string()),
-                    StoreErrorKind::Internal => StartError::Store(e),
-                })?;
-            // A restart on a disk that is still full must fail here, before it serves, not at
-            // the first write it would have to acknowledge.
-            Storage::probe_write(&store).map_err(StartError::StorageFailed)?;
-            Ok::<SledStore, StartError>(store)
-        })
-        .await
-        .map_err(|e| StartError::Other(e.to_string()))??;
-        let store: Arc<dyn Storage> = Arc::new(store);
         // After the store made the data dir (private) and before anything can authenticate.
         match admin_token::resolve(&mut config).map_err(|e| StartError::Config(e.to_string()))? {
             admin_token::Resolved::Generated(path) => tracing::warn!(

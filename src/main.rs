@@ -169,16 +169,6 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             kyberhook::init_logging(&config);
-            if postgres::is_selected(&config) {
-                // Connects and migrates, then stops: the engine does not run on PostgreSQL yet.
-                let runtime = match current_thread_runtime() {
-                    Ok(rt) => rt,
-                    Err(code) => return code,
-                };
-                let refusal = runtime.block_on(postgres::serve(&config));
-                eprintln!("kyberhook: {refusal}");
-                return ExitCode::from(refusal.exit_code());
-            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

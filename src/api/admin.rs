@@ -110,6 +110,9 @@ async fn start_backup(state: &ApiState, req: &Request<Incoming>) -> Result<Strea
             "backup_in_progress",
             "a backup is already running; try again when it has finished",
         ),
+        BackupError::NotThisBackend(why) => {
+            Refusal::new(StatusCode::CONFLICT, "backup_not_available", why)
+        }
         other => Refusal::internal(other.to_string()),
     })?;
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);

@@ -1,7 +1,7 @@
 //! The contract of [`Storage`], as checks that take any backend through `&dyn Storage`: what
 //! the engine relies on, whatever keeps the bytes. Each backend runs every check on a fresh,
 //! empty store of its own (the embedded store below; a second backend adds one line to
-//! [`backend_conformance!`]'s callers). The embedded store's own layout (chunks, key
+//! [`backend_conformance!`]'s callers; compiled into the library, hidden, so that the integration tests can run it on a backend that needs their fixtures). The embedded store's own layout (chunks, key
 //! encodings, blobs, format migrations) is tested next to it, in `embedded`.
 
 use crate::ids::{AccountId, DeliveryId, EventId, WebhookId};
@@ -13,9 +13,10 @@ use crate::store::{purge_before, DeliveryQuery, DeliveryWrites, Purged, Storage}
 
 /// Generates one `#[test]` per check for a backend; `$open` makes a fresh empty store and
 /// returns it with whatever must live as long as it (a temporary directory, a database).
+#[macro_export]
 macro_rules! backend_conformance {
     ($open:expr) => {
-        backend_conformance!(@each $open;
+        $crate::backend_conformance!(@each $open;
             accounts_and_webhooks_round_trip_and_delete,
             events_are_found_by_seq_and_id_and_owe_fan_out_until_cleared,
             delivery_writes_are_read_back_scheduled_and_listed,
@@ -29,12 +30,11 @@ macro_rules! backend_conformance {
             #[test]
             fn $check() {
                 let (_guard, store) = $open();
-                crate::store::conformance::$check(&*store);
+                $crate::store::conformance::$check(&*store);
             }
         )*
     };
 }
-pub(crate) use backend_conformance;
 
 const ACCOUNT: &str = "acc_contract";
 
@@ -122,7 +122,7 @@ fn settle(store: &dyn Storage, record: &DeliveryRecord, code: u16, retry_at: u64
         .unwrap();
 }
 
-pub(crate) fn accounts_and_webhooks_round_trip_and_delete(store: &dyn Storage) {
+pub fn accounts_and_webhooks_round_trip_and_delete(store: &dyn Storage) {
     let a = account();
     let b = AccountId::parse("acc_other").unwrap();
     store.put_account(&an_account(&a)).unwrap();
@@ -183,7 +183,7 @@ pub(crate) fn accounts_and_webhooks_round_trip_and_delete(store: &dyn Storage) {
     assert_eq!(store.all_webhooks().unwrap().len(), 1);
 }
 
-pub(crate) fn events_are_found_by_seq_and_id_and_owe_fan_out_until_cleared(store: &dyn Storage) {
+pub fn events_are_found_by_seq_and_id_and_owe_fan_out_until_cleared(store: &dyn Storage) {
     let a = account();
     assert_eq!(store.last_seq().unwrap(), 0);
     let minted = an_event(&a, 2_000, 1);
@@ -218,7 +218,7 @@ pub(crate) fn events_are_found_by_seq_and_id_and_owe_fan_out_until_cleared(store
     assert_eq!(store.inbox().unwrap(), vec![chosen.seq, more.seq]);
 }
 
-pub(crate) fn delivery_writes_are_read_back_scheduled_and_listed(store: &dyn Storage) {
+pub fn delivery_writes_are_read_back_scheduled_and_listed(store: &dyn Storage) {
     let a = account();
     store.put_account(&an_account(&a)).unwrap();
     let events: Vec<EventRecord> = (1..=3).map(|n| an_event(&a, 3_000, n)).collect();
@@ -314,7 +314,7 @@ pub(crate) fn delivery_writes_are_read_back_scheduled_and_listed(store: &dyn Sto
     );
 }
 
-pub(crate) fn a_held_delivery_is_read_first_until_released(store: &dyn Storage) {
+pub fn a_held_delivery_is_read_first_until_released(store: &dyn Storage) {
     let a = account();
     let e = an_event(&a, 4_000, 1);
     store
@@ -351,7 +351,7 @@ pub(crate) fn a_held_delivery_is_read_first_until_released(store: &dyn Storage) 
     assert_eq!(found, vec![r]);
 }
 
-pub(crate) fn statistics_and_sessions_round_trip(store: &dyn Storage) {
+pub fn statistics_and_sessions_round_trip(store: &dyn Storage) {
     let hour_ms = 3_600_000;
     let stat = |hour: u64, outcome| AttemptStat {
         webhook: WebhookId(9),
@@ -392,7 +392,7 @@ pub(crate) fn statistics_and_sessions_round_trip(store: &dyn Storage) {
     );
 }
 
-pub(crate) fn retention_drops_what_ended_before_the_cutoff_and_nothing_still_owed(
+pub fn retention_drops_what_ended_before_the_cutoff_and_nothing_still_owed(
     store: &dyn Storage,
 ) {
     let a = account();
@@ -462,7 +462,7 @@ pub(crate) fn retention_drops_what_ended_before_the_cutoff_and_nothing_still_owe
     );
 }
 
-pub(crate) fn durability_and_health_answer_on_a_healthy_store(store: &dyn Storage) {
+pub fn durability_and_health_answer_on_a_healthy_store(store: &dyn Storage) {
     store.health().unwrap();
     store.probe_write().unwrap();
     store.put_account(&an_account(&account())).unwrap();
@@ -470,7 +470,9 @@ pub(crate) fn durability_and_health_answer_on_a_healthy_store(store: &dyn Storag
     store.health().unwrap();
 }
 
-/// The embedded store keeps the contract.
+/// The embedded store keeps the contract (the PostgreSQL store's run is in `tests/it/pg_store.rs`,
+/// next to the test cluster).
+#[cfg(test)]
 mod embedded {
     use std::sync::Arc;
 
@@ -483,5 +485,5 @@ mod embedded {
         (dir, Arc::new(store))
     }
 
-    super::backend_conformance!(open);
+    crate::backend_conformance!(open);
 }

@@ -15,9 +15,10 @@
 //! - **Crash order.** [`Storage::apply_delivery_writes`] leaves "every owed attempt has a
 //!   schedule entry" true at every crash point (see [`DeliveryWrites`]).
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[doc(hidden)]
+pub mod conformance;
 pub mod embedded;
+pub(crate) mod held;
 pub mod postgres;
 mod writes;
 

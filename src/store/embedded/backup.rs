@@ -70,6 +70,9 @@ const END: u8 = b'E';
 pub enum BackupError {
     #[error("a backup is already running")]
     InProgress,
+    /// The backend keeps its data elsewhere, backed up by that system's own tools.
+    #[error("{0}")]
+    NotThisBackend(&'static str),
     #[error("{0}")]
     Store(#[from] super::SledError),
     #[error("writing the backup: {0}")]

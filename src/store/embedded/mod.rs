@@ -60,7 +60,7 @@ pub mod backup;
 pub mod compact;
 pub mod format;
 pub mod fsat;
-mod held;
+use crate::store::held;
 pub mod keys;
 mod purge;
 mod stats;

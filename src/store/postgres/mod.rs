@@ -1,24 +1,32 @@
-//! The PostgreSQL backend (`storage.backend = "postgres"`, issue 22): several kyberhook nodes
-//! sharing one database. This is its foundation — reaching the database ([`connect`]: URL,
-//! TLS, one-line errors) and its schema ([`schema`]: the tables, created by the first node to
-//! start, refused when newer than this build). The engine does not run on it yet: `serve`
-//! connects and migrates, then stops with [`PgError::NotInThisBuild`] (exit 2) until the
-//! storage trait the engine is being moved behind has a PostgreSQL implementation.
+//! The PostgreSQL backend (`storage.backend = "postgres"`, issue 22): the engine's storage in a
+//! database several kyberhook nodes can share. [`connect`] reaches the database (URL, TLS,
+//! one-line errors), [`schema`] creates and upgrades its tables (the first node to start does
+//! it; newer schemas are refused), and [`store::PgStore`] is the engine's [`crate::store::Storage`]
+//! on them.
 //!
 //! In: the validated [`Config`] (`storage.postgres_url` or `KYBERHOOK_POSTGRES_URL`,
 //! `storage.postgres_ca_file`, `cluster.node_name`). Out: a line for `check-config`
-//! ([`check`]), a migrated schema for `serve` ([`prepare`]), or a [`PgError`] whose
+//! ([`check`]), an open [`PgStore`] for `serve`, or a [`PgError`] whose
 //! [`PgError::exit_code`] says whose the problem is: 2 for the operator (bad URL, refused
-//! credentials, no such database, an untrusted certificate, a newer schema), 75 (EX_TEMPFAIL,
-//! as for a failing disk) when the database cannot be reached now, 1 for anything else.
+//! credentials, no such database, an untrusted certificate, a newer schema, another secrets
+//! key), 75 (EX_TEMPFAIL, as for a failing disk) when the database cannot be reached now, 1
+//! for anything else.
+//!
+//! **One node at a time, for now.** Nodes do not yet divide the work between them (the
+//! partition leases of `kh_partition` are the next step): a node holds a session-level
+//! advisory lock ([`store::SERVE_LOCK`]) while it serves, and a second node on the same
+//! database waits for it, taking over when the first one's connection ends (a crash, a
+//! stop): a warm standby.
 
 pub mod connect;
 pub mod schema;
+pub mod store;
 
 use crate::config::{Backend, Config};
 
 pub use connect::Target;
 pub use schema::{Migrated, Server};
+pub use store::PgStore;
 
 /// Why the PostgreSQL backend cannot go on, in one line (never the URL's password).
 #[derive(Debug, thiserror::Error)]
@@ -33,16 +41,13 @@ pub enum PgError {
     /// Anything else the database answered: exit 1.
     #[error("{0}")]
     Failed(String),
-    /// `serve` on this backend, whose delivery engine is not built yet: exit 2.
-    #[error("storage.backend = \"postgres\": the database at {0} is ready (kyberhook schema version {CURRENT}), but the PostgreSQL backend's delivery engine is not in this build yet (issue 22); serve with storage.backend = \"sled\" meanwhile", CURRENT = schema::CURRENT)]
-    NotInThisBuild(String),
 }
 
 impl PgError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            PgError::Config(_) | PgError::NotInThisBuild(_) => 2,
+            PgError::Config(_) => 2,
             PgError::Unreachable(_) => crate::EXIT_STORAGE_FAILED as u8,
             PgError::Failed(_) => 1,
         }
@@ -76,36 +81,4 @@ pub async fn check(config: &Config) -> Result<String, PgError> {
         "config ok; the database at {} is reachable (PostgreSQL {server_version}); {schema}",
         target.shown
     ))
-}
-
-/// What `serve` does on this backend for now: connect, bring the schema to
-/// [`schema::CURRENT`] (or refuse a newer one), log what was done, and answer
-/// [`PgError::NotInThisBuild`].
-pub async fn prepare(config: &Config) -> Result<(Target, Migrated), PgError> {
-    let target = Target::from_config(config)?;
-    let mut client = target.connect().await?;
-    let node = config.cluster.node_name();
-    let (migrated, server) = schema::migrate(&mut client, &node, &target.shown).await?;
-    let done = match migrated {
-        Migrated::Created => "created".to_string(),
-        Migrated::Upgraded(from) => format!("upgraded from version {from}"),
-        Migrated::UpToDate => "up to date".to_string(),
-    };
-    tracing::info!(
-        database = %target.shown,
-        node = %node,
-        server = ?server,
-        version = schema::CURRENT,
-        "kyberhook schema {done}"
-    );
-    Ok((target, migrated))
-}
-
-/// `serve` with `storage.backend = "postgres"` in this build: [`prepare`], then the honest
-/// refusal. Always an error; its exit code is the process's.
-pub async fn serve(config: &Config) -> PgError {
-    match prepare(config).await {
-        Ok((target, _)) => PgError::NotInThisBuild(target.shown),
-        Err(e) => e,
-    }
 }

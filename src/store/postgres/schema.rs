@@ -67,7 +67,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::Client;
 
 use super::PgError;
 
@@ -135,129 +135,86 @@ CREATE TABLE IF NOT EXISTS kh_change (
 CREATE TABLE IF NOT EXISTS kh_account (
     account_id   text PRIMARY KEY,
     partition_id smallint NOT NULL,
-    name         text NOT NULL,
-    plan         text NOT NULL,
-    api_key_hash bytea NOT NULL,             -- SHA-256 of the API key
-    created_at   timestamptz NOT NULL,
-    updated_at   timestamptz NOT NULL,
-    revision     bigint NOT NULL
+    record       bytea NOT NULL              -- crate::codec (Account: name, plan, key hash)
 );
-CREATE UNIQUE INDEX IF NOT EXISTS kh_account_key ON kh_account (api_key_hash);
 
 CREATE TABLE IF NOT EXISTS kh_webhook (
-    webhook_id           bigint PRIMARY KEY, -- the u64 of wh_<16 hex>, bit for bit
-    account_id           text NOT NULL,
-    partition_id         smallint NOT NULL,
-    name                 text NOT NULL,
-    url                  text NOT NULL,
-    description          text,
-    events               text[] NOT NULL,
-    ip_allowlist         text[] NOT NULL,
-    status               text NOT NULL,      -- active | paused | disabled
-    disabled_reason      text,
-    consecutive_failures int NOT NULL DEFAULT 0,
-    secret               text NOT NULL,      -- sealed (crate::secrets)
-    previous_secret      text,               -- sealed
-    rotation_ends_at     timestamptz,
-    signature_scheme     text NOT NULL,      -- kyberaccess | standard-webhooks
-    ordering             text NOT NULL,      -- none | fifo
-    max_concurrency      int,
-    created_at           timestamptz NOT NULL,
-    updated_at           timestamptz NOT NULL,
-    revision             bigint NOT NULL
+    webhook_id   bigint PRIMARY KEY,         -- the u64 of wh_<16 hex>, sign bit flipped
+    account_id   text NOT NULL,
+    partition_id smallint NOT NULL,
+    record       bytea NOT NULL              -- crate::codec, its secrets sealed
 );
 CREATE INDEX IF NOT EXISTS kh_webhook_account ON kh_webhook (account_id);
 
 CREATE TABLE IF NOT EXISTS kh_event (
+    seq          bigint NOT NULL,            -- unix_ms << 20 | counter
     partition_id smallint NOT NULL,
-    seq          bigint NOT NULL,            -- unix_ms << 20 | slot and counter
     account_id   text NOT NULL,
-    event_id     text NOT NULL,
-    event_type   text NOT NULL,
-    body         bytea NOT NULL,             -- the exact bytes every attempt sends
-    received_at  timestamptz NOT NULL,
-    PRIMARY KEY (partition_id, seq)
+    record       bytea NOT NULL,             -- crate::codec (EventRecord: the exact body)
+    PRIMARY KEY (seq)
 ) PARTITION BY RANGE (seq);
+CREATE INDEX IF NOT EXISTS kh_event_account ON kh_event (account_id, seq);
+CREATE TABLE IF NOT EXISTS kh_event_other PARTITION OF kh_event DEFAULT;
 
 CREATE TABLE IF NOT EXISTS kh_event_id (     -- producer-chosen ids only: the idempotency key
-    partition_id smallint NOT NULL,
     account_id   text NOT NULL,
     event_id     text NOT NULL,
     seq          bigint NOT NULL,
-    PRIMARY KEY (partition_id, account_id, event_id)
+    PRIMARY KEY (account_id, event_id)
 );
-CREATE INDEX IF NOT EXISTS kh_event_id_seq ON kh_event_id (partition_id, seq);
+CREATE INDEX IF NOT EXISTS kh_event_id_seq ON kh_event_id (seq);
 
-CREATE TABLE IF NOT EXISTS kh_inbox (        -- events not yet fanned out by their owner
-    partition_id smallint NOT NULL,
-    seq          bigint NOT NULL,
-    PRIMARY KEY (partition_id, seq)
+CREATE TABLE IF NOT EXISTS kh_inbox (        -- events not yet fanned out
+    seq          bigint PRIMARY KEY,
+    partition_id smallint NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS kh_delivery (
-    partition_id     smallint NOT NULL,
-    seq              bigint NOT NULL,        -- the event's: dlv_<seq><webhook>
-    webhook_id       bigint NOT NULL,
-    account_id       text NOT NULL,
-    event_id         text NOT NULL,
-    event_type       text NOT NULL,
-    status           smallint NOT NULL,      -- 0 pending, 1 delivered, 2 retrying, 3 failed
-    attempt_count    int NOT NULL DEFAULT 0,
-    response_code    smallint,
-    response_time_ms int,
-    updated_at       timestamptz NOT NULL,
-    next_attempt_at  timestamptz,
-    note             text,
-    is_test          boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (partition_id, seq, webhook_id)
+    seq          bigint NOT NULL,            -- the event's: dlv_<seq><webhook>
+    webhook_id   bigint NOT NULL,
+    account_id   text NOT NULL,
+    partition_id smallint NOT NULL,
+    status       smallint NOT NULL,          -- 0 pending, 1 delivered, 2 retrying, 3 failed
+    event_type   text NOT NULL,
+    updated_ms   bigint NOT NULL,
+    due_ms       bigint,                     -- next_attempt_ms: its kh_due row
+    record       bytea NOT NULL,             -- crate::codec (DeliveryRecord)
+    PRIMARY KEY (seq, webhook_id)
 ) PARTITION BY RANGE (seq);
-CREATE INDEX IF NOT EXISTS kh_delivery_account ON kh_delivery (partition_id, account_id, seq);
-CREATE INDEX IF NOT EXISTS kh_delivery_webhook ON kh_delivery (partition_id, webhook_id, seq);
+CREATE INDEX IF NOT EXISTS kh_delivery_account ON kh_delivery (account_id, seq, webhook_id);
+CREATE INDEX IF NOT EXISTS kh_delivery_webhook ON kh_delivery (webhook_id, seq);
+CREATE TABLE IF NOT EXISTS kh_delivery_other PARTITION OF kh_delivery DEFAULT;
 
 CREATE TABLE IF NOT EXISTS kh_attempt (
-    partition_id     smallint NOT NULL,
-    seq              bigint NOT NULL,
-    webhook_id       bigint NOT NULL,
-    attempt_no       int NOT NULL,
-    at               timestamptz NOT NULL,
-    response_code    smallint,
-    response_time_ms int NOT NULL,
-    response_headers jsonb,                  -- [[name, value], ...]
-    response_body    text NOT NULL DEFAULT '',
-    error            text,
-    signed_at        bigint NOT NULL,        -- X-KyberAccess-Timestamp of this attempt
-    signature        text NOT NULL,
-    PRIMARY KEY (partition_id, seq, webhook_id, attempt_no)
-) PARTITION BY RANGE (seq);
-
-CREATE TABLE IF NOT EXISTS kh_due (          -- open deliveries: the owner's timing wheel
-    partition_id smallint NOT NULL,
     seq          bigint NOT NULL,
     webhook_id   bigint NOT NULL,
-    next_at      timestamptz NOT NULL,
-    attempt_no   int NOT NULL DEFAULT 0,     -- attempts made so far
-    PRIMARY KEY (partition_id, seq, webhook_id)
+    attempt_no   int NOT NULL,
+    record       bytea NOT NULL,             -- crate::codec (AttemptRecord)
+    PRIMARY KEY (seq, webhook_id, attempt_no)
+) PARTITION BY RANGE (seq);
+CREATE TABLE IF NOT EXISTS kh_attempt_other PARTITION OF kh_attempt DEFAULT;
+
+CREATE TABLE IF NOT EXISTS kh_due (          -- owed attempts: what the timing wheel reloads
+    due_ms       bigint NOT NULL,
+    seq          bigint NOT NULL,
+    webhook_id   bigint NOT NULL,
+    partition_id smallint NOT NULL,
+    PRIMARY KEY (due_ms, seq, webhook_id)
 );
-CREATE INDEX IF NOT EXISTS kh_due_next ON kh_due (partition_id, next_at);
+CREATE INDEX IF NOT EXISTS kh_due_delivery ON kh_due (webhook_id, seq);
 
 CREATE TABLE IF NOT EXISTS kh_stats (
-    partition_id smallint NOT NULL,
     webhook_id   bigint NOT NULL,
-    hour         timestamptz NOT NULL,
-    writer       bigint NOT NULL,            -- kh_node.node_id that counted these
-    delivered    bigint NOT NULL DEFAULT 0,
-    retrying     bigint NOT NULL DEFAULT 0,
-    failed       bigint NOT NULL DEFAULT 0,
-    latency      bytea,                      -- the stats histogram, encoded
-    PRIMARY KEY (partition_id, webhook_id, hour, writer)
+    hour         bigint NOT NULL,            -- unix hours
+    writer       bigint NOT NULL,            -- the process (node incarnation) that counted
+    record       bytea NOT NULL,             -- crate::codec (stats::Counts)
+    PRIMARY KEY (webhook_id, hour, writer)
 );
 
 CREATE TABLE IF NOT EXISTS kh_session (
     token_hash bytea PRIMARY KEY,            -- SHA-256 of the session cookie
-    sealed     text NOT NULL,
-    expires_at timestamptz NOT NULL
+    sealed     text NOT NULL
 );
-CREATE INDEX IF NOT EXISTS kh_session_expiry ON kh_session (expires_at);
 "#;
 
 /// Storage parameters, PostgreSQL only (others reject or ignore them): room for in-page (HOT)
@@ -399,11 +356,11 @@ pub async fn migrate(
         .await
         .map_err(|e| sql(e, target))?;
     }
+    tx.commit().await.map_err(|e| sql(e, target))?;
     let today = day_of(SystemTime::now());
-    ensure_day_tables(&tx, server, today.saturating_sub(1), DAYS_AHEAD + 2)
+    ensure_day_tables(client, server, today.saturating_sub(1), DAYS_AHEAD + 2)
         .await
         .map_err(|e| sql(e, target))?;
-    tx.commit().await.map_err(|e| sql(e, target))?;
     Ok((migrated, server))
 }
 
@@ -427,30 +384,51 @@ pub fn day_table(table: &str, day: u64) -> String {
 }
 
 /// Creates the day tables of every history table for `days` days from `first_day`, where
-/// missing. Call inside a transaction holding [`LOCK_KEY`] (two nodes creating the same table
-/// at once would otherwise collide on the catalog).
+/// missing: each in its own transaction holding [`LOCK_KEY`] (two nodes creating the same
+/// table at once would otherwise collide on the catalog). A day whose rows already went to
+/// the `_other` (default) table — a clock more than [`DAYS_AHEAD`] days off — cannot get its
+/// own table; that is logged and its rows stay where they are, still found and purged.
 pub async fn ensure_day_tables(
-    client: &impl GenericClient,
+    client: &mut Client,
     server: Server,
     first_day: u64,
     days: u64,
 ) -> Result<(), tokio_postgres::Error> {
-    let mut statements = String::new();
     for day in first_day..first_day + days {
         let (lo, hi) = day_bounds(day);
         for table in DAY_PARTITIONED {
+            let name = day_table(table, day);
+            let exists: Option<String> = client
+                .query_one("SELECT to_regclass($1)::text", &[&name])
+                .await?
+                .get(0);
+            if exists.is_some() {
+                continue;
+            }
             let with = if server == Server::Postgres && table == "kh_delivery" {
                 format!(" WITH (fillfactor = {DELIVERY_DAY_FILLFACTOR})")
             } else {
                 String::new()
             };
-            statements.push_str(&format!(
-                "CREATE TABLE IF NOT EXISTS {} PARTITION OF {table} FOR VALUES FROM ({lo}) TO ({hi}){with};\n",
-                day_table(table, day)
-            ));
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+                .await?;
+            let made = tx
+                .batch_execute(&format!(
+                    "SET LOCAL client_min_messages = warning;
+                     CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM ({lo}) TO ({hi}){with}"
+                ))
+                .await;
+            match made {
+                Ok(()) => tx.commit().await?,
+                Err(e) if e.as_db_error().is_some() => {
+                    tracing::warn!(table = %name, error = %super::connect::chain(&e), "a day table could not be created; its rows stay in the default table");
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
-    client.batch_execute(&statements).await
+    Ok(())
 }
 
 #[cfg(test)]

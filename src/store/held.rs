@@ -12,7 +12,7 @@
 //! does for an event whose deliveries never reached the writer.
 //!
 //! Only the delivery writer inserts and removes; every reader of a delivery record goes
-//! through [`super::SledStore::get_delivery`], which looks here first, so a held delivery is
+//! through [`super::Storage::get_delivery`] (every backend keeps one), which looks here first, so a held delivery is
 //! admitted, retried by hand or shown by id like a written one, and the delivery log's
 //! listings merge held ones in ([`HeldDeliveries::matching`]). The writer replaces a held
 //! record with its new state *before* writing that state and removes it only *after*, so a

@@ -1,0 +1,1399 @@
+//! [`PgStore`]: the engine's [`Storage`] on PostgreSQL, one node's view of the shared database.
+//!
+//! In: the validated config (the database, the node's name, the secrets key). [`PgStore::open`]
+//! migrates the schema ([`super::schema`]), makes sure of the day tables, settles the secrets
+//! key against the database's check value (every node must seal with the same key), and opens
+//! a small pool of connections. Out: the trait's typed records, read back from `bytea` columns
+//! through [`crate::codec`], next to the few columns the queries filter and sort on.
+//!
+//! **Blocking over async.** The trait is blocking (the engine calls it from its committer and
+//! writer threads and from `spawn_blocking`), tokio-postgres is async: the store owns a
+//! two-thread runtime of its own, and each call spawns its work there and waits on a std
+//! channel, which is safe from any thread, a tokio worker included (as a sled call blocks
+//! one). Each call takes one connection of the pool ([`CONNECTIONS`]) for its statements and
+//! runs them in one transaction when it writes more than one, so a batch of the ingest
+//! committer or one drain of the delivery writer commits whole or not at all: the crash-order
+//! rules of the trait hold trivially. A commit is durable when it returns (PostgreSQL's
+//! `synchronous_commit`), so [`Storage::make_durable`] has nothing left to do.
+//!
+//! **Failures.** A write that fails makes the store unhealthy for good, like a sled store whose
+//! disk refused a write: the engine then stops and its supervisor restarts it, and start-up
+//! recovery (inbox, schedule) rebuilds everything from the database. A read that fails is a
+//! 503 for its request and nothing more. A connection that dropped is reopened by the next
+//! call that takes it.
+//!
+//! Keys: a webhook id is stored as `bigint` with its sign bit flipped ([`wh_key`]), so that
+//! the database orders webhook ids as the engine does (unsigned); sequence numbers are below
+//! 2^63 until the year 2248 and stored as they are.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
+
+use super::connect::{chain, Target};
+use super::{schema, PgError};
+use crate::codec;
+use crate::config::Config;
+use crate::ids::{self, AccountId, DeliveryId, WebhookId};
+use crate::model::{Account, AttemptRecord, DeliveryRecord, DeliveryStatus, EventRecord, Webhook};
+use crate::secrets::{self, KeySource, Sealer, SecretsKey};
+use crate::stats::{self, AttemptStat, Counts, Outcome};
+use crate::store::embedded::backup::BackupError;
+use crate::store::held::HeldDeliveries;
+use crate::store::{
+    BackupStream, DeliveryPage, DeliveryQuery, DeliveryWrites, PurgeCandidate, PurgeCursor,
+    PurgePlan, PurgedBatch, Result, Storage, StoreError, StoreErrorKind,
+};
+
+/// Connections each node keeps: the committer, the delivery writer, retention and request
+/// handlers each take one per call, so a few cover them without waiting.
+pub const CONNECTIONS: usize = 6;
+
+/// The session-level advisory lock a node holds while it serves ("kyberhol": [`schema::LOCK_KEY`]
+/// + 1): one node serves from a database at a time, the others wait to take over.
+pub const SERVE_LOCK: i64 = schema::LOCK_KEY + 1;
+
+/// How often a waiting node asks for [`SERVE_LOCK`].
+const STANDBY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Rows a start-up read of the schedule takes per query.
+const DUE_PAGE: i64 = 10_000;
+
+/// Deliveries a retention plan looks at per batch; events per event-purge batch.
+const PURGE_BATCH: i64 = 1024;
+
+/// The value sealed into `kh_meta` with the secrets key, to tell a node with another key.
+const SECRETS_CHECK: &str = "kyberhook secrets check";
+const SECRETS_CHECK_CONTEXT: &[u8] = b"kh_meta/secrets_check";
+const SESSION_CONTEXT: &[u8] = b"kh_session/";
+
+/// A webhook id as stored: the sign bit flipped, so that `bigint` order is unsigned order.
+pub fn wh_key(id: WebhookId) -> i64 {
+    (id.0 ^ (1 << 63)) as i64
+}
+
+fn wh_of(key: i64) -> WebhookId {
+    WebhookId((key as u64) ^ (1 << 63))
+}
+
+/// A sequence number (or a bound on one) as stored.
+fn seq_key(seq: u64) -> i64 {
+    seq.min(i64::MAX as u64) as i64
+}
+
+/// The partition (of [`schema::PARTITIONS`]) an account's rows belong to: FNV-1a of its id.
+pub fn partition_of(account: &AccountId) -> i16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in account.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % schema::PARTITIONS as u64) as i16
+}
+
+fn status_code(s: DeliveryStatus) -> i16 {
+    match s {
+        DeliveryStatus::Pending => 0,
+        DeliveryStatus::Delivered => 1,
+        DeliveryStatus::Retrying => 2,
+        DeliveryStatus::Failed => 3,
+    }
+}
+
+/// A statement's parameters, owned, so that they can travel to the store's runtime.
+type Params = Vec<Box<dyn ToSql + Send + Sync>>;
+
+macro_rules! params {
+    ($($p:expr),* $(,)?) => {
+        vec![$(Box::new($p) as Box<dyn ToSql + Send + Sync>),*]
+    };
+}
+
+/// A failure of the database as the engine sees it: a connection, the server's resources
+/// (a full disk is `53100`) or the server going away are [`StoreErrorKind::Unavailable`];
+/// anything else is [`StoreErrorKind::Internal`].
+fn db(e: tokio_postgres::Error) -> StoreError {
+    let text = chain(&e);
+    let passing = match e.as_db_error() {
+        Some(d) => {
+            let c = d.code().code();
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
+        }
+        None => true,
+    };
+    let kind = if passing {
+        StoreErrorKind::Unavailable
+    } else {
+        StoreErrorKind::Internal
+    };
+    StoreError::new(kind, format!("database: {text}"))
+}
+
+fn from_pg(e: PgError) -> StoreError {
+    let kind = match e {
+        PgError::Config(_) => StoreErrorKind::Operator,
+        PgError::Unreachable(_) => StoreErrorKind::Unavailable,
+        PgError::Failed(_) => StoreErrorKind::Internal,
+    };
+    StoreError::new(kind, e.to_string())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    codec::decode(bytes)
+        .map_err(|e| StoreError::new(StoreErrorKind::Internal, format!("a stored record: {e}")))
+}
+
+/// One pooled connection with the statements it has prepared.
+struct Conn {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    async fn prep(&mut self, sql: &'static str) -> Result<Statement> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await.map_err(db)?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+/// What the store's runtime tasks share: where the database is and the pool.
+struct Shared {
+    target: Target,
+    slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
+    next: AtomicUsize,
+}
+
+impl Shared {
+    /// A connection of the pool: a free one if any, else the next in turn; (re)connected if
+    /// it has none or its connection ended.
+    async fn conn(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Conn>>> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.slots.len();
+        let mut guard = None;
+        for i in 0..n {
+            if let Ok(g) = self.slots[(start + i) % n].try_lock() {
+                guard = Some(g);
+                break;
+            }
+        }
+        let mut guard = match guard {
+            Some(g) => g,
+            None => self.slots[start % n].lock().await,
+        };
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            let client = self.target.connect().await.map_err(from_pg)?;
+            *guard = Some(Conn {
+                client,
+                prepared: HashMap::new(),
+            });
+        }
+        Ok(guard)
+    }
+
+    /// Runs `stmts` in order, in one transaction when there are several, and returns each
+    /// one's rows.
+    async fn exec(&self, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
+        let mut guard = self.conn().await?;
+        let conn = guard.as_mut().expect("connected above");
+        let mut prepared = Vec::with_capacity(stmts.len());
+        for (sql, _) in &stmts {
+            prepared.push(conn.prep(sql).await?);
+        }
+        let mut out = Vec::with_capacity(stmts.len());
+        if stmts.len() == 1 {
+            let params = refs(&stmts[0].1);
+            out.push(
+                conn.client
+                    .query(&prepared[0], &params)
+                    .await
+                    .map_err(db)?,
+            );
+            return Ok(out);
+        }
+        let tx = conn.client.transaction().await.map_err(db)?;
+        for (st, (_, params)) in prepared.iter().zip(&stmts) {
+            out.push(tx.query(st, &refs(params)).await.map_err(db)?);
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
+}
+
+fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| &**p as &(dyn ToSql + Sync))
+        .collect()
+}
+
+/// The engine's storage on PostgreSQL (see the module doc).
+pub struct PgStore {
+    /// `Some` until drop, which shuts it down without waiting (drop may run on a tokio thread).
+    rt: Option<tokio::runtime::Runtime>,
+    shared: Arc<Shared>,
+    sealer: Sealer,
+    held: HeldDeliveries,
+    live: crate::stats::live::Live,
+    /// This process's id among the writers of `kh_stats` (a node incarnation).
+    writer: i64,
+    /// This process's statistics rows, as written (only it writes them).
+    stats: Mutex<MyStats>,
+    /// The first failed write: the store is unhealthy from then on.
+    failed: Mutex<Option<StoreError>>,
+    node: String,
+    /// The connection holding [`SERVE_LOCK`]: when it ends, so does this node's right to
+    /// write, and [`Storage::health`] says so.
+    lock: Client,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The statistics rows this process wrote, from hour `floor` on.
+#[derive(Default)]
+struct MyStats {
+    rows: HashMap<(WebhookId, u64), Counts>,
+    floor: u64,
+}
+
+/// Runs `fut` on `rt` and waits for it from any thread.
+fn wait<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().ok()
+}
+
+impl PgStore {
+    /// Connects, migrates, settles the secrets key and opens the pool. Blocking.
+    pub fn open(config: &Config) -> std::result::Result<PgStore, PgError> {
+        let target = Target::from_config(config)?;
+        let source = secrets::KeySource::from_env_or_file(
+            config.storage.secrets_key_file.as_deref(),
+        )
+        .map_err(|e| PgError::Config(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kh-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| PgError::Failed(format!("cannot start the database runtime: {e}")))?;
+        let node = config.cluster.node_name();
+        let data_dir = config.storage.path.clone();
+        let shown = target.shown.clone();
+        let t = target.clone();
+        let n = node.clone();
+        let (client, check) = wait(&rt, async move {
+            let mut client = t.connect().await?;
+            let (migrated, server) = schema::migrate(&mut client, &n, &t.shown).await?;
+            tracing::info!(database = %t.shown, node = %n, server = ?server, version = schema::CURRENT, migrated = ?migrated, "kyberhook schema ready");
+            let check: Option<String> = client
+                .query_opt(
+                    "SELECT value FROM kh_meta WHERE name = 'secrets_check'",
+                    &[],
+                )
+                .await
+                .map_err(|e| super::connect::classify(&e, &t.shown))?
+                .map(|r| r.get(0));
+            Ok::<_, PgError>((client, check))
+        })
+        .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
+        let key = settle_key(&data_dir, &source, check.as_deref(), &shown)?;
+        let sealer = Sealer::new(&key);
+        if check.is_none() {
+            let sealed = sealer.seal(SECRETS_CHECK, SECRETS_CHECK_CONTEXT);
+            let s = shown.clone();
+            let (client, stored) = wait(&rt, async move {
+                let row = client
+                    .query_one(
+                        "INSERT INTO kh_meta (name, value) VALUES ('secrets_check', $1)
+                         ON CONFLICT (name) DO UPDATE SET name = kh_meta.name
+                         RETURNING value",
+                        &[&sealed],
+                    )
+                    .await
+                    .map_err(|e| super::connect::classify(&e, &s))?;
+                Ok::<_, PgError>((client, row.get::<_, String>(0)))
+            })
+            .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
+            // Another node may have stored its check first: ours must open it too.
+            verify_check(&sealer, &stored, &shown)?;
+            drop(client);
+        } else {
+            drop(client);
+        }
+        let t = target.clone();
+        let lock = wait(&rt, async move {
+            let client = t.connect().await?;
+            let mut told = false;
+            loop {
+                let got: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+                    .await
+                    .map_err(|e| super::connect::classify(&e, &t.shown))?
+                    .get(0);
+                if got {
+                    break;
+                }
+                if !told {
+                    tracing::warn!(database = %t.shown, "another kyberhook node is serving from this database: this one waits, and takes over when that one stops");
+                    told = true;
+                }
+                tokio::time::sleep(STANDBY_POLL).await;
+            }
+            if told {
+                tracing::info!(database = %t.shown, "the serving node stopped: this node takes over");
+            }
+            Ok::<_, PgError>(client)
+        })
+        .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
+        let slots = (0..CONNECTIONS)
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        Ok(PgStore {
+            rt: Some(rt),
+            shared: Arc::new(Shared {
+                target,
+                slots,
+                next: AtomicUsize::new(0),
+            }),
+            sealer,
+            held: HeldDeliveries::default(),
+            live: crate::stats::live::Live::default(),
+            writer: random_i64(),
+            stats: Mutex::new(MyStats::default()),
+            failed: Mutex::new(None),
+            node,
+            lock,
+        })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("the runtime lives until drop")
+    }
+
+    /// Runs a future on the store's runtime and waits for its result.
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        wait(self.rt(), fut).unwrap_or_else(|| {
+            Err(StoreError::new(
+                StoreErrorKind::Internal,
+                "the database runtime stopped",
+            ))
+        })
+    }
+
+    /// Reads with one statement.
+    fn read(&self, sql: &'static str, params: Params) -> Result<Vec<Row>> {
+        let shared = self.shared.clone();
+        let mut rows = self.run(async move { shared.exec(vec![(sql, params)]).await })?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// Writes with these statements, in one transaction; a failure makes the store unhealthy.
+    fn write(&self, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
+        if stmts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.health()?;
+        let shared = self.shared.clone();
+        let done = self.run(async move { shared.exec(stmts).await });
+        if let Err(e) = &done {
+            self.fail(e);
+        }
+        done
+    }
+
+    fn fail(&self, e: &StoreError) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.is_none() {
+            tracing::error!(error = %e, "a write to the database failed: this node stops, and its restart recovers from the database");
+            *failed = Some(StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("a write to the database failed earlier: {e}"),
+            ));
+        }
+    }
+
+    fn open_webhook(&self, bytes: &[u8]) -> Result<Webhook> {
+        let stored = Webhook::decode(bytes)
+            .map_err(|e| StoreError::new(StoreErrorKind::Internal, e.to_string()))?;
+        self.sealer
+            .open_webhook(stored)
+            .map_err(|e| StoreError::new(StoreErrorKind::Operator, e.to_string()))
+    }
+
+    /// The statement that adds `attempts` to this process's statistics rows (merged here:
+    /// only this process writes rows under its `writer`). Hours it no longer keeps in memory
+    /// (more than two before the newest it counted) get a row of their own under a fresh
+    /// writer id instead of overwriting the row it forgot; rows are summed on read.
+    fn stats_statements(&self, attempts: &[AttemptStat]) -> Option<(&'static str, Params)> {
+        if attempts.is_empty() {
+            return None;
+        }
+        let mut mine = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut hooks, mut hours, mut writers, mut records) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let late_writer = random_i64();
+        for ((webhook, hour), add) in stats::aggregate(attempts) {
+            let (writer, counts) = if hour < mine.floor {
+                (late_writer, add)
+            } else {
+                let counts = mine.rows.entry((webhook, hour)).or_default();
+                counts.merge(&add);
+                (self.writer, counts.clone())
+            };
+            hooks.push(wh_key(webhook));
+            hours.push(hour as i64);
+            writers.push(writer);
+            records.push(codec::encode(&counts));
+        }
+        let newest = mine.rows.keys().map(|(_, h)| *h).max().unwrap_or(0);
+        let floor = newest.saturating_sub(2);
+        if floor > mine.floor {
+            mine.floor = floor;
+            mine.rows.retain(|(_, h), _| *h >= floor);
+        }
+        Some((
+            "INSERT INTO kh_stats (webhook_id, hour, writer, record)
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
+             ON CONFLICT (webhook_id, hour, writer) DO UPDATE SET record = excluded.record",
+            params![hooks, hours, writers, records],
+        ))
+    }
+
+    fn count_live_attempts(&self, attempts: &[AttemptStat]) {
+        if attempts.is_empty() {
+            return;
+        }
+        let delivered = attempts
+            .iter()
+            .filter(|s| s.outcome == Outcome::Delivered)
+            .count() as u64;
+        self.live.add_attempts(
+            crate::clock::now_ms(),
+            delivered,
+            attempts.len() as u64 - delivered,
+        );
+    }
+
+    /// The name this node goes by (`cluster.node_name`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+fn random_i64() -> i64 {
+    let mut b = [0u8; 8];
+    // No entropy at all is not a state the engine can run in (its ids come from it too).
+    getrandom::fill(&mut b).expect("the system's random source");
+    i64::from_le_bytes(b)
+}
+
+/// Whether `stored` (the database's check value) opens with `sealer`'s key.
+fn verify_check(sealer: &Sealer, stored: &str, shown: &str) -> std::result::Result<(), PgError> {
+    match sealer.open(stored, SECRETS_CHECK_CONTEXT) {
+        Ok(v) if v == SECRETS_CHECK => Ok(()),
+        _ => Err(PgError::Config(format!(
+            "the secrets key does not open the webhook secrets in the database at {shown}: every node must use the same key (storage.secrets_key_file or KYBERHOOK_SECRETS_KEY)"
+        ))),
+    }
+}
+
+/// The key that seals secrets: the one given, or the data dir's key file — generated only
+/// when the database has no secrets sealed yet (no check value).
+fn settle_key(
+    data_dir: &Path,
+    source: &KeySource,
+    check: Option<&str>,
+    shown: &str,
+) -> std::result::Result<SecretsKey, PgError> {
+    let key = match source {
+        KeySource::Given { key, .. } => key.clone(),
+        KeySource::DataDir => {
+            let file = data_dir.join(secrets::DATA_DIR_KEY_FILE);
+            let origin = format!("the key file {:?}", file.display());
+            if file.exists() {
+                SecretsKey::read(&file, &origin).map_err(|e| PgError::Config(e.to_string()))?
+            } else if check.is_some() {
+                return Err(PgError::Config(format!(
+                    "the webhook secrets in the database at {shown} are sealed but this node has no key: set storage.secrets_key_file or KYBERHOOK_SECRETS_KEY to the key the other nodes use"
+                )));
+            } else {
+                std::fs::create_dir_all(data_dir).map_err(|e| {
+                    PgError::Config(format!("storage.path {:?}: {e}", data_dir.display()))
+                })?;
+                let key = SecretsKey::generate();
+                key.write_new(&file)
+                    .map_err(|e| PgError::Config(e.to_string()))?;
+                tracing::info!(file = %file.display(), "generated the key that seals webhook secrets (give the same key to every node)");
+                key
+            }
+        }
+    };
+    if let Some(stored) = check {
+        verify_check(&Sealer::new(&key), stored, shown)?;
+    }
+    Ok(key)
+}
+
+/// The schedule, read back page by page in due order.
+struct DueIter<'a> {
+    store: &'a PgStore,
+    after: (i64, i64, i64),
+    buf: VecDeque<(u64, DeliveryId)>,
+    done: bool,
+}
+
+impl Iterator for DueIter<'_> {
+    type Item = Result<(u64, DeliveryId)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() && !self.done {
+            let (d, s, w) = self.after;
+            let rows = match self.store.read(
+                "SELECT due_ms, seq, webhook_id FROM kh_due
+                 WHERE (due_ms, seq, webhook_id) > ($1, $2, $3)
+                 ORDER BY due_ms, seq, webhook_id LIMIT $4",
+                params![d, s, w, DUE_PAGE],
+            ) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            self.done = (rows.len() as i64) < DUE_PAGE;
+            for r in rows {
+                let (d, s, w): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                self.after = (d, s, w);
+                self.buf.push_back((
+                    d.max(0) as u64,
+                    DeliveryId {
+                        seq: s as u64,
+                        webhook: wh_of(w),
+                    },
+                ));
+            }
+        }
+        self.buf.pop_front().map(Ok)
+    }
+}
+
+impl Storage for PgStore {
+    fn make_durable(&self) -> Result<()> {
+        // Every write committed before it returned.
+        self.health()
+    }
+
+    fn health(&self) -> Result<()> {
+        if let Some(e) = &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e.clone());
+        }
+        if self.lock.is_closed() {
+            // Another node may be serving already: this one must not write again.
+            let e = StoreError::new(
+                StoreErrorKind::Unavailable,
+                "the connection holding this node's serve lock ended",
+            );
+            self.fail(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn probe_write(&self) -> Result<()> {
+        self.write(vec![(
+            "INSERT INTO kh_meta (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()",
+            params![format!("probe:{}", self.node), crate::clock::now_ms().to_string()],
+        )])
+        .map(drop)
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.read("SELECT pg_database_size(current_database())", params![])
+            .ok()
+            .and_then(|rows| rows.first().map(|r| r.get::<_, i64>(0).max(0) as u64))
+            .unwrap_or(0)
+    }
+
+    fn live(&self) -> &crate::stats::live::Live {
+        &self.live
+    }
+
+    // ---- accounts and webhooks ----
+
+    fn put_account(&self, account: &Account) -> Result<()> {
+        self.write(vec![(
+            "INSERT INTO kh_account (account_id, partition_id, record) VALUES ($1, $2, $3)
+             ON CONFLICT (account_id) DO UPDATE SET record = excluded.record",
+            params![
+                account.id.as_str().to_string(),
+                partition_of(&account.id),
+                codec::encode(account)
+            ],
+        )])
+        .map(drop)
+    }
+
+    fn get_account(&self, id: &AccountId) -> Result<Option<Account>> {
+        self.read(
+            "SELECT record FROM kh_account WHERE account_id = $1",
+            params![id.as_str().to_string()],
+        )?
+        .first()
+        .map(|r| decode(r.get(0)))
+        .transpose()
+    }
+
+    fn all_accounts(&self) -> Result<Vec<Account>> {
+        self.read(
+            "SELECT record FROM kh_account ORDER BY account_id",
+            params![],
+        )?
+        .iter()
+        .map(|r| decode(r.get(0)))
+        .collect()
+    }
+
+    fn delete_account(&self, account: &Account) -> Result<()> {
+        let id = || -> Params { params![account.id.as_str().to_string()] };
+        self.write(vec![
+            (
+                "DELETE FROM kh_attempt a USING kh_delivery d
+                 WHERE d.account_id = $1 AND a.seq = d.seq AND a.webhook_id = d.webhook_id",
+                id(),
+            ),
+            (
+                "DELETE FROM kh_due s USING kh_delivery d
+                 WHERE d.account_id = $1 AND s.seq = d.seq AND s.webhook_id = d.webhook_id",
+                id(),
+            ),
+            ("DELETE FROM kh_delivery WHERE account_id = $1", id()),
+            (
+                "DELETE FROM kh_stats WHERE webhook_id IN
+                 (SELECT webhook_id FROM kh_webhook WHERE account_id = $1)",
+                id(),
+            ),
+            ("DELETE FROM kh_webhook WHERE account_id = $1", id()),
+            (
+                "DELETE FROM kh_inbox i USING kh_event e WHERE e.account_id = $1 AND i.seq = e.seq",
+                id(),
+            ),
+            ("DELETE FROM kh_event WHERE account_id = $1", id()),
+            ("DELETE FROM kh_event_id WHERE account_id = $1", id()),
+            ("DELETE FROM kh_account WHERE account_id = $1", id()),
+        ])
+        .map(drop)
+    }
+
+    fn put_webhook(&self, hook: &Webhook) -> Result<()> {
+        self.write(vec![(
+            "INSERT INTO kh_webhook (webhook_id, account_id, partition_id, record)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (webhook_id) DO UPDATE SET record = excluded.record",
+            params![
+                wh_key(hook.id),
+                hook.account_id.as_str().to_string(),
+                partition_of(&hook.account_id),
+                codec::encode(&self.sealer.seal_webhook(hook))
+            ],
+        )])
+        .map(drop)
+    }
+
+    fn get_webhook(&self, account: &AccountId, id: WebhookId) -> Result<Option<Webhook>> {
+        self.read(
+            "SELECT record FROM kh_webhook WHERE webhook_id = $1 AND account_id = $2",
+            params![wh_key(id), account.as_str().to_string()],
+        )?
+        .first()
+        .map(|r| self.open_webhook(r.get(0)))
+        .transpose()
+    }
+
+    fn webhooks_of(&self, account: &AccountId) -> Result<Vec<Webhook>> {
+        self.read(
+            "SELECT record FROM kh_webhook WHERE account_id = $1 ORDER BY webhook_id",
+            params![account.as_str().to_string()],
+        )?
+        .iter()
+        .map(|r| self.open_webhook(r.get(0)))
+        .collect()
+    }
+
+    fn all_webhooks(&self) -> Result<Vec<Webhook>> {
+        self.read(
+            "SELECT record FROM kh_webhook ORDER BY account_id, webhook_id",
+            params![],
+        )?
+        .iter()
+        .map(|r| self.open_webhook(r.get(0)))
+        .collect()
+    }
+
+    fn delete_webhook(&self, hook: &Webhook) -> Result<u64> {
+        let id = || -> Params { params![wh_key(hook.id)] };
+        let rows = self.write(vec![
+            (
+                "SELECT count(*) FROM kh_delivery WHERE webhook_id = $1 AND due_ms IS NOT NULL",
+                id(),
+            ),
+            (
+                "DELETE FROM kh_attempt a USING kh_delivery d
+                 WHERE d.webhook_id = $1 AND a.seq = d.seq AND a.webhook_id = d.webhook_id",
+                id(),
+            ),
+            ("DELETE FROM kh_due WHERE webhook_id = $1", id()),
+            ("DELETE FROM kh_delivery WHERE webhook_id = $1", id()),
+            ("DELETE FROM kh_stats WHERE webhook_id = $1", id()),
+            ("DELETE FROM kh_webhook WHERE webhook_id = $1", id()),
+        ])?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first())
+            .map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
+    }
+
+    // ---- events ----
+
+    fn last_seq(&self) -> Result<u64> {
+        let rows = self.read(
+            "SELECT GREATEST((SELECT max(seq) FROM kh_event), (SELECT max(seq) FROM kh_delivery))",
+            params![],
+        )?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.get::<_, Option<i64>>(0))
+            .map_or(0, |s| s.max(0) as u64))
+    }
+
+    fn event_seq(&self, account: &AccountId, event_id: &str) -> Result<Option<u64>> {
+        if let Some(seq) = ids::EventId::minted_seq(event_id) {
+            if let Some(event) = self.get_event(seq)? {
+                if &event.account_id == account && event.id.as_str() == event_id {
+                    return Ok(Some(seq));
+                }
+            }
+        }
+        Ok(self
+            .read(
+                "SELECT seq FROM kh_event_id WHERE account_id = $1 AND event_id = $2",
+                params![account.as_str().to_string(), event_id.to_string()],
+            )?
+            .first()
+            .map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    fn append_events(&self, events: &[EventRecord]) -> Result<()> {
+        self.append_events_owing(events, &vec![true; events.len()])
+    }
+
+    fn append_events_owing(&self, events: &[EventRecord], owes_fanout: &[bool]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (mut seqs, mut parts, mut accounts, mut records) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut id_accounts, mut id_events, mut id_seqs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut inbox, mut inbox_parts) = (Vec::new(), Vec::new());
+        for (i, e) in events.iter().enumerate() {
+            let part = partition_of(&e.account_id);
+            seqs.push(seq_key(e.seq));
+            parts.push(part);
+            accounts.push(e.account_id.as_str().to_string());
+            records.push(codec::encode(e));
+            if !e.id.is_minted_for(e.seq) {
+                id_accounts.push(e.account_id.as_str().to_string());
+                id_events.push(e.id.as_str().to_string());
+                id_seqs.push(seq_key(e.seq));
+            }
+            if owes_fanout.get(i).copied().unwrap_or(true) {
+                inbox.push(seq_key(e.seq));
+                inbox_parts.push(part);
+            }
+        }
+        let mut stmts: Vec<(&'static str, Params)> = vec![(
+            "INSERT INTO kh_event (seq, partition_id, account_id, record)
+             SELECT * FROM UNNEST($1::bigint[], $2::smallint[], $3::text[], $4::bytea[])
+             ON CONFLICT DO NOTHING",
+            params![seqs, parts, accounts, records],
+        )];
+        if !id_seqs.is_empty() {
+            stmts.push((
+                "INSERT INTO kh_event_id (account_id, event_id, seq)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])
+                 ON CONFLICT DO NOTHING",
+                params![id_accounts, id_events, id_seqs],
+            ));
+        }
+        if !inbox.is_empty() {
+            stmts.push((
+                "INSERT INTO kh_inbox (seq, partition_id)
+                 SELECT * FROM UNNEST($1::bigint[], $2::smallint[]) ON CONFLICT DO NOTHING",
+                params![inbox, inbox_parts],
+            ));
+        }
+        self.write(stmts)?;
+        self.live
+            .add_events(crate::clock::now_ms(), events.len() as u64);
+        Ok(())
+    }
+
+    fn get_event(&self, seq: u64) -> Result<Option<EventRecord>> {
+        self.read(
+            "SELECT record FROM kh_event WHERE seq = $1",
+            params![seq_key(seq)],
+        )?
+        .first()
+        .map(|r| decode(r.get(0)))
+        .transpose()
+    }
+
+    fn inbox(&self) -> Result<Vec<u64>> {
+        Ok(self
+            .read("SELECT seq FROM kh_inbox ORDER BY seq", params![])?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect())
+    }
+
+    fn clear_inbox(&self, seqs: &[u64]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let seqs: Vec<i64> = seqs.iter().map(|s| seq_key(*s)).collect();
+        self.write(vec![(
+            "DELETE FROM kh_inbox WHERE seq = ANY($1::bigint[])",
+            params![seqs],
+        )])
+        .map(drop)
+    }
+
+    // ---- deliveries ----
+
+    fn get_delivery(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>> {
+        if let Some(held) = self.held.get(id) {
+            return Ok(Some(held));
+        }
+        self.read(
+            "SELECT record FROM kh_delivery WHERE seq = $1 AND webhook_id = $2",
+            params![seq_key(id.seq), wh_key(id.webhook)],
+        )?
+        .first()
+        .map(|r| decode(r.get(0)))
+        .transpose()
+    }
+
+    fn attempts(&self, id: DeliveryId) -> Result<Vec<AttemptRecord>> {
+        self.read(
+            "SELECT record FROM kh_attempt WHERE seq = $1 AND webhook_id = $2 ORDER BY attempt_no",
+            params![seq_key(id.seq), wh_key(id.webhook)],
+        )?
+        .iter()
+        .map(|r| decode(r.get(0)))
+        .collect()
+    }
+
+    fn scheduled(&self) -> Box<dyn Iterator<Item = Result<(u64, DeliveryId)>> + '_> {
+        Box::new(DueIter {
+            store: self,
+            after: (i64::MIN, i64::MIN, i64::MIN),
+            buf: VecDeque::new(),
+            done: false,
+        })
+    }
+
+    fn earliest_due_ms(&self) -> Result<Option<u64>> {
+        Ok(self
+            .read("SELECT min(due_ms) FROM kh_due", params![])?
+            .first()
+            .and_then(|r| r.get::<_, Option<i64>>(0))
+            .map(|d| d.max(0) as u64))
+    }
+
+    fn list_deliveries(&self, account: &AccountId, q: &DeliveryQuery) -> Result<DeliveryPage> {
+        let mut lo = q.since_ms.map_or(0, ids::seq_floor);
+        let mut hi = q
+            .until_ms
+            .map_or(u64::MAX, |u| ids::seq_floor(u.saturating_add(1)));
+        if let Some(seq) = q.event_seq {
+            lo = lo.max(seq);
+            hi = hi.min(seq.saturating_add(1));
+        }
+        let mut items = Vec::new();
+        if lo >= hi || q.limit == 0 {
+            return Ok(DeliveryPage {
+                items,
+                next_cursor: None,
+            });
+        }
+        let (c_seq, c_wh) = q
+            .cursor
+            .map_or((i64::MAX, i64::MAX), |c| (seq_key(c.seq), wh_key(c.webhook)));
+        let status = q.status.map(status_code);
+        let event = q.event.clone();
+        let limit = q.limit as i64 + 1;
+        let base = params![
+            account.as_str().to_string(),
+            seq_key(lo),
+            seq_key(hi),
+            c_seq,
+            c_wh,
+            status,
+            event,
+            limit
+        ];
+        let rows = match q.webhook {
+            Some(wh) => {
+                let mut p = base;
+                p.push(Box::new(wh_key(wh)));
+                self.read(
+                    "SELECT record FROM kh_delivery
+                     WHERE webhook_id = $9 AND account_id = $1 AND seq >= $2 AND seq < $3
+                       AND (seq, webhook_id) < ($4, $5)
+                       AND ($6::smallint IS NULL OR status = $6)
+                       AND ($7::text IS NULL OR event_type = $7)
+                     ORDER BY seq DESC, webhook_id DESC LIMIT $8",
+                    p,
+                )?
+            }
+            None => self.read(
+                "SELECT record FROM kh_delivery
+                 WHERE account_id = $1 AND seq >= $2 AND seq < $3
+                   AND (seq, webhook_id) < ($4, $5)
+                   AND ($6::smallint IS NULL OR status = $6)
+                   AND ($7::text IS NULL OR event_type = $7)
+                 ORDER BY seq DESC, webhook_id DESC LIMIT $8",
+                base,
+            )?,
+        };
+        // Held deliveries (not written yet) are merged in, each id once, the held copy first.
+        let in_page = |r: &DeliveryRecord| {
+            r.account_id == *account
+                && q.webhook.is_none_or(|wh| r.id.webhook == wh)
+                && r.id.seq >= lo
+                && r.id.seq < hi
+                && q.cursor.is_none_or(|c| r.id.to_bytes() < c.to_bytes())
+                && q.status.is_none_or(|s| s == r.status)
+                && q.event.as_ref().is_none_or(|e| *e == r.event)
+        };
+        let mut merged: std::collections::BTreeMap<[u8; 16], DeliveryRecord> = self
+            .held
+            .matching(in_page)
+            .into_iter()
+            .map(|r| (r.id.to_bytes(), r))
+            .collect();
+        for row in rows {
+            let record: DeliveryRecord = decode(row.get(0))?;
+            merged.entry(record.id.to_bytes()).or_insert(record);
+        }
+        let mut next_cursor = None;
+        for (_, record) in merged.into_iter().rev() {
+            if items.len() == q.limit {
+                next_cursor = items.last().map(|r: &DeliveryRecord| r.id);
+                break;
+            }
+            items.push(record);
+        }
+        Ok(DeliveryPage { items, next_cursor })
+    }
+
+    fn webhook_deliveries(
+        &self,
+        webhook: WebhookId,
+        keep: &dyn Fn(&DeliveryRecord) -> bool,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let mut out: std::collections::BTreeMap<[u8; 16], DeliveryRecord> = self
+            .held
+            .matching(|r| r.id.webhook == webhook && keep(r))
+            .into_iter()
+            .map(|r| (r.id.to_bytes(), r))
+            .collect();
+        for row in self.read(
+            "SELECT record FROM kh_delivery WHERE webhook_id = $1 ORDER BY seq",
+            params![wh_key(webhook)],
+        )? {
+            let record: DeliveryRecord = decode(row.get(0))?;
+            let id = record.id;
+            if self.held.contains(id) || !keep(&record) {
+                continue;
+            }
+            out.entry(id.to_bytes()).or_insert(record);
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn apply_delivery_writes(&self, w: &DeliveryWrites) -> Result<()> {
+        let mut stmts: Vec<(&'static str, Params)> = Vec::new();
+        if !w.schedule_insert.is_empty() {
+            let (mut due, mut seq, mut wh, mut part) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let accounts: HashMap<DeliveryId, &AccountId> =
+                w.deliveries.iter().map(|r| (r.id, &r.account_id)).collect();
+            for (d, id) in &w.schedule_insert {
+                due.push(seq_key(*d));
+                seq.push(seq_key(id.seq));
+                wh.push(wh_key(id.webhook));
+                part.push(accounts.get(id).map_or(0, |a| partition_of(a)));
+            }
+            stmts.push((
+                "INSERT INTO kh_due (due_ms, seq, webhook_id, partition_id)
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[])
+                 ON CONFLICT DO NOTHING",
+                params![due, seq, wh, part],
+            ));
+        }
+        if !w.attempts.is_empty() {
+            // One row per key: a later attempt record of the same number replaces an earlier.
+            let mut last: HashMap<(DeliveryId, u32), &AttemptRecord> = HashMap::new();
+            for (id, a) in &w.attempts {
+                last.insert((*id, a.number), a);
+            }
+            let (mut seq, mut wh, mut no, mut rec) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut d_seq, mut d_wh, mut d_lo, mut d_hi) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((id, number), a) in last {
+                seq.push(seq_key(id.seq));
+                wh.push(wh_key(id.webhook));
+                no.push(number as i32);
+                rec.push(codec::encode(a));
+                // Only the first and the latest attempts are kept (`crate::history`).
+                if let Some(dropped) = crate::history::dropped_by(number) {
+                    d_seq.push(seq_key(id.seq));
+                    d_wh.push(wh_key(id.webhook));
+                    d_lo.push(dropped.start as i32);
+                    d_hi.push(dropped.end as i32);
+                }
+            }
+            stmts.push((
+                "INSERT INTO kh_attempt (seq, webhook_id, attempt_no, record)
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::int[], $4::bytea[])
+                 ON CONFLICT (seq, webhook_id, attempt_no) DO UPDATE SET record = excluded.record",
+                params![seq, wh, no, rec],
+            ));
+            if !d_seq.is_empty() {
+                stmts.push((
+                    "DELETE FROM kh_attempt a
+                     USING UNNEST($1::bigint[], $2::bigint[], $3::int[], $4::int[]) AS d(seq, wh, lo, hi)
+                     WHERE a.seq = d.seq AND a.webhook_id = d.wh
+                       AND a.attempt_no >= d.lo AND a.attempt_no < d.hi",
+                    params![d_seq, d_wh, d_lo, d_hi],
+                ));
+            }
+        }
+        if !w.deliveries.is_empty() {
+            let mut last: HashMap<DeliveryId, &DeliveryRecord> = HashMap::new();
+            for r in &w.deliveries {
+                last.insert(r.id, r);
+            }
+            let mut cols = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
+            for r in last.into_values() {
+                cols.0.push(seq_key(r.id.seq));
+                cols.1.push(wh_key(r.id.webhook));
+                cols.2.push(r.account_id.as_str().to_string());
+                cols.3.push(partition_of(&r.account_id));
+                cols.4.push(status_code(r.status));
+                cols.5.push(r.event.clone());
+                cols.6.push(seq_key(r.updated_ms));
+                cols.7.push(r.next_attempt_ms.map(seq_key));
+                cols.8.push(codec::encode(r));
+            }
+            stmts.push((
+                "INSERT INTO kh_delivery
+                   (seq, webhook_id, account_id, partition_id, status, event_type, updated_ms, due_ms, record)
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::smallint[],
+                   $5::smallint[], $6::text[], $7::bigint[], $8::bigint[], $9::bytea[])
+                 ON CONFLICT (seq, webhook_id) DO UPDATE SET status = excluded.status,
+                   updated_ms = excluded.updated_ms, due_ms = excluded.due_ms,
+                   record = excluded.record",
+                params![cols.0, cols.1, cols.2, cols.3, cols.4, cols.5, cols.6, cols.7, cols.8],
+            ));
+        }
+        if !w.schedule_remove.is_empty() {
+            let (mut due, mut seq, mut wh) = (Vec::new(), Vec::new(), Vec::new());
+            for (d, id) in &w.schedule_remove {
+                due.push(seq_key(*d));
+                seq.push(seq_key(id.seq));
+                wh.push(wh_key(id.webhook));
+            }
+            stmts.push((
+                "DELETE FROM kh_due s
+                 USING UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS r(due, seq, wh)
+                 WHERE s.due_ms = r.due AND s.seq = r.seq AND s.webhook_id = r.wh",
+                params![due, seq, wh],
+            ));
+        }
+        stmts.extend(self.stats_statements(&w.stats));
+        self.write(stmts)?;
+        self.count_live_attempts(&w.stats);
+        Ok(())
+    }
+
+    // ---- held deliveries ----
+
+    fn is_held(&self, id: DeliveryId) -> bool {
+        self.held.contains(id)
+    }
+    fn held_delivery(&self, id: DeliveryId) -> Option<DeliveryRecord> {
+        self.held.get(id)
+    }
+    fn hold_delivery(&self, record: DeliveryRecord) {
+        self.held.put(record)
+    }
+    fn release_held(&self, id: DeliveryId) -> Option<DeliveryRecord> {
+        self.held.take(id)
+    }
+
+    // ---- statistics and sessions ----
+
+    fn add_stats(&self, attempts: &[AttemptStat]) -> Result<()> {
+        self.write(self.stats_statements(attempts).into_iter().collect())?;
+        self.count_live_attempts(attempts);
+        Ok(())
+    }
+
+    fn webhook_stats(&self, webhook: WebhookId, first_hour: u64) -> Result<Vec<(u64, Counts)>> {
+        let mut by_hour: std::collections::BTreeMap<u64, Counts> = Default::default();
+        for row in self.read(
+            "SELECT hour, record FROM kh_stats WHERE webhook_id = $1 AND hour >= $2",
+            params![wh_key(webhook), seq_key(first_hour)],
+        )? {
+            let counts: Counts = decode(row.get(1))?;
+            by_hour
+                .entry(row.get::<_, i64>(0).max(0) as u64)
+                .or_default()
+                .merge(&counts);
+        }
+        Ok(by_hour.into_iter().collect())
+    }
+
+    fn put_session(&self, key: &[u8; 32], session: &str) -> Result<()> {
+        let mut context = SESSION_CONTEXT.to_vec();
+        context.extend_from_slice(key);
+        let sealed = self.sealer.seal(session, &context);
+        self.write(vec![(
+            "INSERT INTO kh_session (token_hash, sealed) VALUES ($1, $2)
+             ON CONFLICT (token_hash) DO UPDATE SET sealed = excluded.sealed",
+            params![key.to_vec(), sealed],
+        )])
+        .map(drop)
+    }
+
+    fn remove_session(&self, key: &[u8; 32]) -> Result<()> {
+        self.write(vec![(
+            "DELETE FROM kh_session WHERE token_hash = $1",
+            params![key.to_vec()],
+        )])
+        .map(drop)
+    }
+
+    fn sessions(&self) -> Result<Vec<([u8; 32], String)>> {
+        let mut out = Vec::new();
+        let mut damaged = Vec::new();
+        for row in self.read("SELECT token_hash, sealed FROM kh_session", params![])? {
+            let raw: Vec<u8> = row.get(0);
+            let sealed: String = row.get(1);
+            let opened = <[u8; 32]>::try_from(raw.as_slice()).ok().and_then(|key| {
+                let mut context = SESSION_CONTEXT.to_vec();
+                context.extend_from_slice(&key);
+                Some((key, self.sealer.open(&sealed, &context).ok()?))
+            });
+            match opened {
+                Some(s) => out.push(s),
+                None => damaged.push(raw),
+            }
+        }
+        if !damaged.is_empty() {
+            self.write(vec![(
+                "DELETE FROM kh_session WHERE token_hash = ANY($1::bytea[])",
+                params![damaged],
+            )])?;
+        }
+        Ok(out)
+    }
+
+    // ---- retention ----
+
+    fn plan_purge(&self, cutoff_ms: u64, after: Option<&PurgeCursor>) -> Result<PurgePlan> {
+        let (a_seq, a_wh) = after
+            .and_then(|c| DeliveryId::from_bytes(&c.0))
+            .map_or((i64::MIN, i64::MIN), |id| {
+                (seq_key(id.seq), wh_key(id.webhook))
+            });
+        let rows = self.read(
+            "SELECT seq, webhook_id, record FROM kh_delivery
+             WHERE (seq, webhook_id) > ($1, $2) AND seq < $3
+             ORDER BY seq, webhook_id LIMIT $4",
+            params![a_seq, a_wh, seq_key(ids::seq_floor(cutoff_ms)), PURGE_BATCH],
+        )?;
+        let mut plan = PurgePlan::default();
+        for row in rows {
+            let id = DeliveryId {
+                seq: row.get::<_, i64>(0) as u64,
+                webhook: wh_of(row.get(1)),
+            };
+            plan.next = Some(PurgeCursor(id.to_bytes().to_vec()));
+            let value: Vec<u8> = row.get(2);
+            let record: DeliveryRecord = decode(&value)?;
+            if record.status.is_open() || record.updated_ms >= cutoff_ms {
+                continue;
+            }
+            plan.candidates.push(PurgeCandidate {
+                id,
+                due: record.next_attempt_ms,
+                value,
+                attempts: Vec::new(),
+            });
+        }
+        Ok(plan)
+    }
+
+    fn apply_purge(&self, plan: &PurgePlan) -> Result<PurgedBatch> {
+        if plan.candidates.is_empty() {
+            return Ok(PurgedBatch::default());
+        }
+        let (mut seq, mut wh, mut rec) = (Vec::new(), Vec::new(), Vec::new());
+        for c in &plan.candidates {
+            seq.push(seq_key(c.id.seq));
+            wh.push(wh_key(c.id.webhook));
+            rec.push(c.value.clone());
+        }
+        // One statement: only rows still stored exactly as planned go, with their attempts
+        // and any schedule entry.
+        let rows = self.write(vec![(
+            "WITH c AS (SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bytea[]) AS c(seq, wh, rec)),
+             d AS (DELETE FROM kh_delivery d USING c
+                   WHERE d.seq = c.seq AND d.webhook_id = c.wh AND d.record = c.rec
+                   RETURNING d.seq, d.webhook_id, d.due_ms),
+             a AS (DELETE FROM kh_attempt a USING d
+                   WHERE a.seq = d.seq AND a.webhook_id = d.webhook_id RETURNING 1),
+             s AS (DELETE FROM kh_due s USING d
+                   WHERE s.due_ms = d.due_ms AND s.seq = d.seq AND s.webhook_id = d.webhook_id
+                   RETURNING 1)
+             SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM a), (SELECT count(*) FROM s)",
+            params![seq, wh, rec],
+        )])?;
+        let row = rows
+            .first()
+            .and_then(|r| r.first())
+            .ok_or_else(|| StoreError::new(StoreErrorKind::Internal, "no purge counts"))?;
+        let deliveries = row.get::<_, i64>(0) as usize;
+        Ok(PurgedBatch {
+            deliveries,
+            attempts: row.get::<_, i64>(1) as usize,
+            kept: plan.candidates.len().saturating_sub(deliveries),
+        })
+    }
+
+    fn purge_events(
+        &self,
+        cutoff_ms: u64,
+        after: Option<&PurgeCursor>,
+    ) -> Result<(usize, Option<PurgeCursor>)> {
+        let after = after
+            .and_then(|c| c.0.get(..8))
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(i64::MIN, |b| i64::from_be_bytes(b));
+        let rows = self.write(vec![(
+            "WITH batch AS (SELECT seq FROM kh_event WHERE seq > $1 AND seq < $2
+                            ORDER BY seq LIMIT $3),
+             gone AS (DELETE FROM kh_event e USING batch b
+                      WHERE e.seq = b.seq
+                        AND NOT EXISTS (SELECT 1 FROM kh_inbox i WHERE i.seq = e.seq)
+                        AND NOT EXISTS (SELECT 1 FROM kh_delivery d WHERE d.seq = e.seq)
+                      RETURNING e.seq),
+             ids AS (DELETE FROM kh_event_id x USING gone g WHERE x.seq = g.seq RETURNING 1)
+             SELECT (SELECT count(*) FROM gone), (SELECT max(seq) FROM batch)",
+            params![after, seq_key(ids::seq_floor(cutoff_ms)), PURGE_BATCH],
+        )])?;
+        let row = rows
+            .first()
+            .and_then(|r| r.first())
+            .ok_or_else(|| StoreError::new(StoreErrorKind::Internal, "no purge counts"))?;
+        let gone = row.get::<_, i64>(0) as usize;
+        let next = row
+            .get::<_, Option<i64>>(1)
+            .map(|s| PurgeCursor(s.to_be_bytes().to_vec()));
+        Ok((gone, next))
+    }
+
+    fn purge_stats_before(&self, cutoff_ms: u64) -> Result<usize> {
+        let rows = self.write(vec![(
+            "WITH gone AS (DELETE FROM kh_stats WHERE hour < $1 RETURNING 1)
+             SELECT count(*) FROM gone",
+            params![seq_key(cutoff_ms / stats::HOUR_MS)],
+        )])?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first())
+            .map_or(0, |r| r.get::<_, i64>(0) as usize))
+    }
+
+    // ---- backup ----
+
+    fn begin_backup(self: Arc<Self>) -> std::result::Result<Box<dyn BackupStream>, BackupError> {
+        Err(BackupError::NotThisBackend(
+            "this engine keeps its data in PostgreSQL: back it up with pg_dump (see the README's PostgreSQL section)",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_webhook_ids_sort_as_the_engine_sorts_them() {
+        let ids = [0u64, 1, 1 << 62, (1 << 63) - 1, 1 << 63, u64::MAX - 1, u64::MAX];
+        for w in ids.windows(2) {
+            assert!(wh_key(WebhookId(w[0])) < wh_key(WebhookId(w[1])), "{w:?}");
+        }
+        for id in ids {
+            assert_eq!(wh_of(wh_key(WebhookId(id))), WebhookId(id));
+        }
+    }
+
+    #[test]
+    fn accounts_spread_over_every_partition_and_stay_in_theirs() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..20_000 {
+            let a = AccountId::parse(&format!("acc_{i}")).unwrap();
+            let p = partition_of(&a);
+            assert!((0..schema::PARTITIONS).contains(&p));
+            assert_eq!(partition_of(&a), p);
+            seen.insert(p);
+        }
+        assert_eq!(seen.len(), schema::PARTITIONS as usize);
+    }
+}

@@ -83,6 +83,11 @@ pub fn dropped_by(number: u32) -> Option<std::ops::Range<u32>> {
 
 /// How many attempts of a delivery with `attempt_count` attempts are no longer stored, given
 /// that `kept` are.
+/// How many attempt records a delivery with `attempt_count` attempts keeps.
+pub fn attempts_kept(attempt_count: u32) -> usize {
+    attempt_count.min(ATTEMPTS_KEPT_FIRST + ATTEMPTS_KEPT_LATEST) as usize
+}
+
 pub fn attempts_omitted(attempt_count: u32, kept: usize) -> u32 {
     attempt_count.saturating_sub(u32::try_from(kept).unwrap_or(u32::MAX))
 }

@@ -132,10 +132,8 @@ async fn open_embedded(config: &Config) -> Result<SledStore, StartError> {
     let options = store::embedded::StoreOptions {
         fsync: config.storage.fsync,
         cache_bytes: config.storage.cache_size,
-        secrets: secrets::KeySource::from_env_or_file(
-            config.storage.secrets_key_file.as_deref(),
-        )
-        .map_err(|e| StartError::Config(e.to_string()))?,
+        secrets: secrets::KeySource::from_env_or_file(config.storage.secrets_key_file.as_deref())
+            .map_err(|e| StartError::Config(e.to_string()))?,
     };
     let store = tokio::task::spawn_blocking(move || {
         // A compaction a crash interrupted is finished (or undone) before the store opens
@@ -197,9 +195,9 @@ impl Engine {
                 .map_err(|e| StartError::Other(e.to_string()))?;
             let store = opened.map_err(|e| match e {
                 store::postgres::PgError::Config(line) => StartError::Config(line),
-                store::postgres::PgError::Unreachable(line) => StartError::StorageFailed(
-                    StoreError::new(StoreErrorKind::Unavailable, line),
-                ),
+                store::postgres::PgError::Unreachable(line) => {
+                    StartError::StorageFailed(StoreError::new(StoreErrorKind::Unavailable, line))
+                }
                 store::postgres::PgError::Failed(line) => StartError::Other(line),
             })?;
             Some(store)

@@ -222,13 +222,29 @@ pub fn get_record(
         })
 }
 
+/// How many times [`get_delivery`] re-reads a held delivery whose attempt is being written
+/// (2 ms apart).
+const HELD_WRITE_WAITS: u32 = 250;
+
 pub fn get_delivery(
     state: &Services,
     account: &AccountId,
     id: DeliveryId,
 ) -> Result<DeliveryDetail, Refusal> {
-    let record = get_record(state, account, id)?;
-    let attempts = state.store.attempts(record.id)?;
+    // A delivery the writer holds shows its new state before that state's attempt is written
+    // (readers never see an older state than the stored one): until the write lands, which
+    // takes a few milliseconds, the record names an attempt the store does not have yet.
+    let mut tries = 0;
+    let (record, attempts) = loop {
+        let record = get_record(state, account, id)?;
+        let attempts = state.store.attempts(record.id)?;
+        let expected = crate::history::attempts_kept(record.attempt_count);
+        if attempts.len() >= expected || tries == HELD_WRITE_WAITS || !state.store.is_held(id) {
+            break (record, attempts);
+        }
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
     let body = state
         .store
         .get_event(record.id.seq)?

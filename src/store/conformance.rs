@@ -392,9 +392,7 @@ pub fn statistics_and_sessions_round_trip(store: &dyn Storage) {
     );
 }
 
-pub fn retention_drops_what_ended_before_the_cutoff_and_nothing_still_owed(
-    store: &dyn Storage,
-) {
+pub fn retention_drops_what_ended_before_the_cutoff_and_nothing_still_owed(store: &dyn Storage) {
     let a = account();
     let old: Vec<EventRecord> = (1..=4).map(|n| an_event(&a, 5_000, n)).collect();
     let owed_fan_out = an_event(&a, 5_000, 9);

@@ -342,6 +342,7 @@ max_body_bytes = 65536
 listen = "127.0.0.1:0"
 [storage]
 path = "{data}"
+{backend}
 [auth]
 admin_token = "{ADMIN}"
 [delivery]
@@ -352,6 +353,7 @@ extra_ca_files = ["{ca}"]
 {extra}
 "#,
         data = data.display(),
+        backend = backend_lines(),
         ca = ca_file.display(),
         allow = if delivery_extra.contains("private_network_allowlist") {
             ""
@@ -364,6 +366,61 @@ extra_ca_files = ["{ca}"]
             "timeout = \"2s\""
         },
     )
+}
+
+/// Whether this run tests the PostgreSQL backend: `KYBERHOOK_TEST_BACKEND=postgres`, with
+/// `KYBERHOOK_TEST_POSTGRES_URL` naming a cluster (`postgres://USER@HOST:PORT`, no database;
+/// `.ci/run` starts a throw-away one). Every test engine then gets a fresh database of it.
+pub fn on_postgres() -> bool {
+    std::env::var("KYBERHOOK_TEST_BACKEND").as_deref() == Ok("postgres")
+}
+
+/// For a test of something only the embedded store has (its files, a full disk, compaction,
+/// the engine's own backup): true, with a line saying it is skipped, on a PostgreSQL run.
+pub fn embedded_only(test: &str) -> bool {
+    if on_postgres() {
+        eprintln!("{test}: embedded store only, skipped on the PostgreSQL run");
+        return true;
+    }
+    false
+}
+
+/// The `[storage]` keys of the backend under test (none for the embedded default).
+fn backend_lines() -> String {
+    if !on_postgres() {
+        return String::new();
+    }
+    let base = std::env::var("KYBERHOOK_TEST_POSTGRES_URL")
+        .expect("KYBERHOOK_TEST_BACKEND=postgres needs KYBERHOOK_TEST_POSTGRES_URL=postgres://USER@HOST:PORT");
+    let base = base.trim_end_matches('/').to_string();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "kh_it_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let admin = format!("{base}/postgres?sslmode=disable");
+    let create = format!("CREATE DATABASE {name}");
+    // A thread of its own: callers may be on a runtime, where blocking on another is refused.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connect {admin}: {e}"));
+            tokio::spawn(conn);
+            client
+                .batch_execute(&create)
+                .await
+                .unwrap_or_else(|e| panic!("{create}: {e}"));
+        })
+    })
+    .join()
+    .unwrap();
+    format!("backend = \"postgres\"\npostgres_url = \"{base}/{name}?sslmode=disable\"")
 }
 
 pub struct TestEngine {

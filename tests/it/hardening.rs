@@ -322,6 +322,11 @@ async fn wrong_bearer_tokens_are_limited_per_address_and_tokens_in_use_keep_work
 
 #[tokio::test]
 async fn a_backup_client_that_reads_nothing_is_cut_off_and_the_backup_released() {
+    if crate::common::embedded_only(
+        "a_backup_client_that_reads_nothing_is_cut_off_and_the_backup_released",
+    ) {
+        return;
+    }
     let pki = pki();
     let e = engine_with(&pki, "send_timeout = \"2s\"", "").await;
     let addr = api_addr(&e);
@@ -793,6 +798,9 @@ async fn nat64_and_translated_forms_of_private_addresses_are_refused() {
 
 #[tokio::test]
 async fn kyberhook_backup_writes_a_file_only_its_owner_can_read() {
+    if crate::common::embedded_only("kyberhook_backup_writes_a_file_only_its_owner_can_read") {
+        return;
+    }
     let pki = pki();
     let e = engine_with(&pki, "", "").await;
     let (acc, _) = e.account("acc_file", "starter").await;

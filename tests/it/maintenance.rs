@@ -116,6 +116,11 @@ async fn admin_get(api: &Api, path: &str) -> Value {
 /// every account, webhook and secret is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_under_ingest_load_restores_every_pending_delivery_account_webhook_and_secret() {
+    if crate::common::embedded_only(
+        "a_backup_under_ingest_load_restores_every_pending_delivery_account_webhook_and_secret",
+    ) {
+        return;
+    }
     let pki = pki();
     let rx = Receiver::start(pki.server.clone()).await;
     let dir_a = tempfile::tempdir().unwrap();
@@ -375,6 +380,11 @@ async fn a_backup_under_ingest_load_restores_every_pending_delivery_account_webh
 /// or truncated file is refused by restore (exit 2, one line) and leaves no data dir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backup_route_is_admin_only_and_restore_refuses_a_damaged_file() {
+    if crate::common::embedded_only(
+        "the_backup_route_is_admin_only_and_restore_refuses_a_damaged_file",
+    ) {
+        return;
+    }
     let pki = pki();
     let a = TestEngine::start(&pki, "", "").await;
     let (_, key) = a.account("acc_one", "starter").await;
@@ -489,6 +499,11 @@ async fn the_backup_route_is_admin_only_and_restore_refuses_a_damaged_file() {
 /// delivered byte for byte; a data dir from a newer kyberhook makes `serve` exit 2 with one line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_data_dir_is_migrated_at_start_and_a_newer_one_is_refused() {
+    if crate::common::embedded_only(
+        "an_old_data_dir_is_migrated_at_start_and_a_newer_one_is_refused",
+    ) {
+        return;
+    }
     let pki = pki();
     let rx = Receiver::start(pki.server.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -574,6 +589,11 @@ async fn an_old_data_dir_is_migrated_at_start_and_a_newer_one_is_refused() {
 /// delivers every delivery that was pending, signed with the same secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compaction_shrinks_a_stopped_store_that_then_delivers_everything_pending() {
+    if crate::common::embedded_only(
+        "compaction_shrinks_a_stopped_store_that_then_delivers_everything_pending",
+    ) {
+        return;
+    }
     let pki = pki();
     let rx = Receiver::start(pki.server.clone()).await;
     let dir = tempfile::tempdir().unwrap();

@@ -206,6 +206,9 @@ fn mode(path: &Path) -> u32 {
 
 #[tokio::test]
 async fn signing_secrets_are_sealed_at_rest_and_need_their_key() {
+    if crate::common::embedded_only("signing_secrets_are_sealed_at_rest_and_need_their_key") {
+        return;
+    }
     let pki = pki();
     let rx = Receiver::start(pki.server.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -493,6 +496,11 @@ async fn try_request(
 
 #[tokio::test]
 async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_loses_nothing_acknowledged() {
+    if crate::common::embedded_only(
+        "a_full_disk_acknowledges_nothing_it_did_not_store_and_loses_nothing_acknowledged",
+    ) {
+        return;
+    }
     let fs = match Tmpfs::mount("6m") {
         Ok(fs) => fs,
         Err(why) => {

@@ -211,12 +211,7 @@ impl Shared {
         let mut out = Vec::with_capacity(stmts.len());
         if stmts.len() == 1 {
             let params = refs(&stmts[0].1);
-            out.push(
-                conn.client
-                    .query(&prepared[0], &params)
-                    .await
-                    .map_err(db)?,
-            );
+            out.push(conn.client.query(&prepared[0], &params).await.map_err(db)?);
             return Ok(out);
         }
         let tx = conn.client.transaction().await.map_err(db)?;
@@ -229,10 +224,7 @@ impl Shared {
 }
 
 fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
-    params
-        .iter()
-        .map(|p| &**p as &(dyn ToSql + Sync))
-        .collect()
+    params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
 }
 
 /// The engine's storage on PostgreSQL (see the module doc).
@@ -286,10 +278,9 @@ impl PgStore {
     /// Connects, migrates, settles the secrets key and opens the pool. Blocking.
     pub fn open(config: &Config) -> std::result::Result<PgStore, PgError> {
         let target = Target::from_config(config)?;
-        let source = secrets::KeySource::from_env_or_file(
-            config.storage.secrets_key_file.as_deref(),
-        )
-        .map_err(|e| PgError::Config(e.to_string()))?;
+        let source =
+            secrets::KeySource::from_env_or_file(config.storage.secrets_key_file.as_deref())
+                .map_err(|e| PgError::Config(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kh-postgres")
@@ -304,7 +295,12 @@ impl PgStore {
         let (client, check) = wait(&rt, async move {
             let mut client = t.connect().await?;
             let (migrated, server) = schema::migrate(&mut client, &n, &t.shown).await?;
-            tracing::info!(database = %t.shown, node = %n, server = ?server, version = schema::CURRENT, migrated = ?migrated, "kyberhook schema ready");
+            let done = match migrated {
+                schema::Migrated::Created => "created".to_string(),
+                schema::Migrated::Upgraded(from) => format!("upgraded from version {from}"),
+                schema::Migrated::UpToDate => "up to date".to_string(),
+            };
+            tracing::info!(database = %t.shown, node = %n, server = ?server, version = schema::CURRENT, "kyberhook schema {done}");
             let check: Option<String> = client
                 .query_opt(
                     "SELECT value FROM kh_meta WHERE name = 'secrets_check'",
@@ -626,7 +622,10 @@ impl Storage for PgStore {
         self.write(vec![(
             "INSERT INTO kh_meta (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()",
-            params![format!("probe:{}", self.node), crate::clock::now_ms().to_string()],
+            params![
+                format!("probe:{}", self.node),
+                crate::clock::now_ms().to_string()
+            ],
         )])
         .map(drop)
     }
@@ -949,9 +948,9 @@ impl Storage for PgStore {
                 next_cursor: None,
             });
         }
-        let (c_seq, c_wh) = q
-            .cursor
-            .map_or((i64::MAX, i64::MAX), |c| (seq_key(c.seq), wh_key(c.webhook)));
+        let (c_seq, c_wh) = q.cursor.map_or((i64::MAX, i64::MAX), |c| {
+            (seq_key(c.seq), wh_key(c.webhook))
+        });
         let status = q.status.map(status_code);
         let event = q.event.clone();
         let limit = q.limit as i64 + 1;
@@ -1048,7 +1047,8 @@ impl Storage for PgStore {
     fn apply_delivery_writes(&self, w: &DeliveryWrites) -> Result<()> {
         let mut stmts: Vec<(&'static str, Params)> = Vec::new();
         if !w.schedule_insert.is_empty() {
-            let (mut due, mut seq, mut wh, mut part) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut due, mut seq, mut wh, mut part) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let accounts: HashMap<DeliveryId, &AccountId> =
                 w.deliveries.iter().map(|r| (r.id, &r.account_id)).collect();
             for (d, id) in &w.schedule_insert {
@@ -1070,7 +1070,8 @@ impl Storage for PgStore {
             for (id, a) in &w.attempts {
                 last.insert((*id, a.number), a);
             }
-            let (mut seq, mut wh, mut no, mut rec) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut seq, mut wh, mut no, mut rec) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut d_seq, mut d_wh, mut d_lo, mut d_hi) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ((id, number), a) in last {
@@ -1375,7 +1376,15 @@ mod tests {
 
     #[test]
     fn stored_webhook_ids_sort_as_the_engine_sorts_them() {
-        let ids = [0u64, 1, 1 << 62, (1 << 63) - 1, 1 << 63, u64::MAX - 1, u64::MAX];
+        let ids = [
+            0u64,
+            1,
+            1 << 62,
+            (1 << 63) - 1,
+            1 << 63,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
         for w in ids.windows(2) {
             assert!(wh_key(WebhookId(w[0])) < wh_key(WebhookId(w[1])), "{w:?}");
         }

@@ -294,6 +294,11 @@ pub struct ClusterConfig {
     pub node_name: Option<String>,
     /// The base URL other nodes reach this one's API on (`http://10.0.0.5:8080`), if set.
     pub advertise: Option<String>,
+    /// How long the serving node's lease on the database lasts unrenewed: a node that stops
+    /// renewing (hung, cut off) is taken over this long after its last renewal, and stops
+    /// writing by then itself. Renewed every fifth of it.
+    #[serde(deserialize_with = "de_duration")]
+    pub lease: Duration,
 }
 
 impl ClusterConfig {
@@ -316,6 +321,15 @@ impl ClusterConfig {
             if let Err(why) = parse_advertise(url) {
                 return refuse("advertise", why);
             }
+        }
+        if self.lease < Duration::from_secs(1) || self.lease > Duration::from_secs(300) {
+            return refuse(
+                "lease",
+                format!(
+                    "{} is out of range: from 1s to 300s",
+                    humantime::format_duration(self.lease)
+                ),
+            );
         }
         Ok(())
     }

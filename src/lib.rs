@@ -446,6 +446,9 @@ impl Engine {
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.make_durable()).await {
             tracing::error!(error = %e, "final flush failed");
         }
+        // Last: a standby on a shared store may write from here on.
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.release()).await;
         tracing::info!("kyberhook stopped");
     }
 }

@@ -332,6 +332,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> (&'static str, ApiRe
         }
         (&M::GET, ["v1", "accounts", a, "webhooks", w, "stats"]) => stats::webhook(s, call, a, w),
         (&M::GET, ["v1", "admin", "stats"]) => stats::admin(s, call).await,
+        (&M::GET, ["v1", "admin", "cluster"]) => stats::cluster(s, call).await,
         (&M::GET, ["v1", "accounts", a, "deliveries"]) => deliveries::list(s, call, a),
         (&M::GET, ["v1", "accounts", a, "deliveries", d]) => deliveries::get(s, call, a, d),
         (&M::POST, ["v1", "accounts", a, "deliveries", d, "retry"]) => {
@@ -398,6 +399,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     // Streamed: matched by `handle_streaming` before the JSON router.
     ("POST", "/v1/admin/backup"),
     ("GET", "/v1/admin/stats"),
+    ("GET", "/v1/admin/cluster"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
 ];

@@ -98,6 +98,32 @@ pub fn overview_view(o: &domain::Overview) -> Value {
     })
 }
 
+/// `GET /v1/admin/cluster`: the nodes sharing the store and the partition count.
+pub async fn cluster(state: &Services, call: Call) -> ApiResult {
+    call.caller.require_admin()?;
+    if let Some((k, _)) = call.query().first() {
+        return Err(Refusal::bad_request(
+            "invalid_query",
+            format!("unknown query parameter {k:?}"),
+        ));
+    }
+    let c = domain::cluster(state).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "backend": c.backend,
+            "partitions": c.partitions,
+            "nodes": c.nodes.iter().map(|n| json!({
+                "name": n.name,
+                "advertise": n.advertise,
+                "partitions": n.partitions,
+                "serving": n.serving,
+                "last_seen": rfc3339(n.last_seen_ms),
+            })).collect::<Vec<_>>(),
+        }),
+    ))
+}
+
 /// `GET /v1/admin/stats`.
 pub async fn admin(state: &Services, call: Call) -> ApiResult {
     call.caller.require_admin()?;

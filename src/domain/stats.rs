@@ -99,6 +99,24 @@ fn disk_space(path: &std::path::Path) -> (Option<u64>, Option<u64>) {
     }
 }
 
+/// The nodes sharing this engine's store: the store's view (PostgreSQL), or this node alone,
+/// holding the one partition of a store of its own. Read on a blocking thread.
+pub async fn cluster(state: &Services) -> Result<crate::store::ClusterView, Refusal> {
+    let store = state.store.clone();
+    let shared = tokio::task::spawn_blocking(move || store.cluster()).await??;
+    Ok(shared.unwrap_or_else(|| crate::store::ClusterView {
+        backend: "sled",
+        partitions: 1,
+        nodes: vec![crate::store::NodeView {
+            name: state.config.cluster.node_name(),
+            advertise: state.config.cluster.advertise.clone(),
+            partitions: 1,
+            last_seen_ms: clock::now_ms(),
+            serving: true,
+        }],
+    }))
+}
+
 /// The overview now. The store's size and the file system are read on a blocking thread.
 pub async fn overview(state: &Services) -> Result<Overview, Refusal> {
     let store = state.store.clone();

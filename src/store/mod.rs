@@ -82,6 +82,29 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The nodes sharing a store, as `GET /v1/admin/cluster` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterView {
+    /// `sled` or `postgres`.
+    pub backend: &'static str,
+    /// How many partitions accounts are hashed into.
+    pub partitions: u32,
+    pub nodes: Vec<NodeView>,
+}
+
+/// One node of a [`ClusterView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub advertise: Option<String>,
+    /// Partitions it holds.
+    pub partitions: u32,
+    /// Its last heartbeat (unix ms).
+    pub last_seen_ms: u64,
+    /// Whether it holds the lease to serve.
+    pub serving: bool,
+}
+
 /// A page of deliveries and the cursor of the next page.
 pub struct DeliveryPage {
     pub items: Vec<DeliveryRecord>,
@@ -181,6 +204,13 @@ pub trait Storage: Send + Sync + 'static {
     /// Writes something small and makes it durable: asked at start-up, so that an engine
     /// restarted on a disk that is still full fails before it reports ready.
     fn probe_write(&self) -> Result<()>;
+    /// Gives up what this node holds in a shared store (the PostgreSQL lease), after its last
+    /// write of a graceful stop. Nothing for a store of its own.
+    fn release(&self) {}
+    /// The nodes sharing this store; `None` for a store only this process uses.
+    fn cluster(&self) -> Result<Option<ClusterView>> {
+        Ok(None)
+    }
     /// Bytes the store takes on disk (for the disk-space gauge; 0 when not known).
     fn size_on_disk(&self) -> u64;
     /// The engine's memory of its last hour (per-minute counts shown on the overview).

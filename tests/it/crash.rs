@@ -23,9 +23,8 @@ fn write_config(dir: &Path, pki: &Pki, delivery: &str) -> std::path::PathBuf {
     path
 }
 
-async fn setup(p: &Proc, account: &str, url: &str) {
-    let (s, v) = p
-        .api
+pub(crate) async fn setup(api: &Api, account: &str, url: &str) {
+    let (s, v) = api
         .admin(
             Method::POST,
             "/v1/accounts",
@@ -33,8 +32,7 @@ async fn setup(p: &Proc, account: &str, url: &str) {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
-    let (s, v) = p
-        .api
+    let (s, v) = api
         .admin(
             Method::POST,
             &format!("/v1/accounts/{account}/webhooks"),
@@ -45,7 +43,7 @@ async fn setup(p: &Proc, account: &str, url: &str) {
 }
 
 /// Posts `n` events from `conc` concurrent clients; returns the acknowledged ids.
-async fn burst(api: &Api, account: &str, n: usize, conc: usize) -> Vec<String> {
+pub(crate) async fn burst(api: &Api, account: &str, n: usize, conc: usize) -> Vec<String> {
     let mut tasks = Vec::new();
     for c in 0..conc {
         let api = api.clone();
@@ -74,7 +72,7 @@ async fn burst(api: &Api, account: &str, n: usize, conc: usize) -> Vec<String> {
     acked
 }
 
-async fn wait_all_delivered(rx: &Receiver, ids: &[String], wait: Duration) {
+pub(crate) async fn wait_all_delivered(rx: &Receiver, ids: &[String], wait: Duration) {
     let deadline = Instant::now() + wait;
     loop {
         let got: HashSet<String> = rx
@@ -111,7 +109,7 @@ async fn sigkill_right_after_a_burst_of_202s_loses_nothing() {
         "max_in_flight_per_webhook = 2\nretry_schedule = [\"1s\"]",
     );
     let mut p = spawn(&config);
-    setup(&p, "acc_crash", &rx.url).await;
+    setup(&p.api, "acc_crash", &rx.url).await;
     let acked = burst(&p.api, "acc_crash", 300, 16).await;
     p.child.kill().unwrap(); // SIGKILL
     p.child.wait().unwrap();
@@ -140,7 +138,7 @@ async fn sigkill_with_retries_pending_keeps_every_retry() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &pki, "retry_schedule = [\"1s\", \"1s\"]");
     let mut p = spawn(&config);
-    setup(&p, "acc_retry_crash", &rx.url).await;
+    setup(&p.api, "acc_retry_crash", &rx.url).await;
     let acked = burst(&p.api, "acc_retry_crash", 50, 8).await;
     assert_eq!(acked.len(), 50);
     rx.wait_for(50, Duration::from_secs(10)).await;
@@ -215,7 +213,7 @@ async fn sigkill_while_new_deliveries_are_held_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &pki, "");
     let mut p = spawn(&config);
-    setup(&p, "acc_held", &rx.url).await;
+    setup(&p.api, "acc_held", &rx.url).await;
     let acked = burst(&p.api, "acc_held", 20, 4).await;
     assert_eq!(acked.len(), 20);
     // Fan-out runs after the 202s: wait (briefly) until every delivery is created. The log

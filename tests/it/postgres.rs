@@ -250,10 +250,9 @@ async fn the_first_start_creates_the_schema_and_later_starts_leave_it_and_its_da
     }
     for table in [
         "kh_node",
+        "kh_lease",
         "kh_partition",
         "kh_meta",
-        "kh_counter",
-        "kh_change",
         "kh_account",
         "kh_webhook",
         "kh_event",

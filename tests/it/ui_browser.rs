@@ -226,7 +226,7 @@ impl Browser {
                 .await;
             if h1
                 .as_str()
-                .is_some_and(|h| h.contains(text) && gone.is_none_or(|g| !h.contains(g)))
+                .is_some_and(|h| h.contains(text) && gone.map_or(true, |g| !h.contains(g)))
             {
                 return;
             }

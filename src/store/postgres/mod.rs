@@ -19,6 +19,7 @@
 //! stop): a warm standby.
 
 pub mod connect;
+pub mod lease;
 pub mod schema;
 pub mod store;
 

@@ -95,12 +95,19 @@ CREATE TABLE IF NOT EXISTS kh_node (
     node_id     bigint PRIMARY KEY,          -- random per process start (an incarnation)
     name        text NOT NULL,               -- cluster.node_name
     advertise   text,                        -- cluster.advertise
-    slot        smallint NOT NULL,           -- part of every seq this node mints
     version     text NOT NULL,               -- the kyberhook version running
     started_at  timestamptz NOT NULL DEFAULT now(),
-    expires_at  timestamptz NOT NULL,        -- renewed by the heartbeat; the DB's clock
-    CONSTRAINT kh_node_slot UNIQUE (slot)
+    last_seen   timestamptz NOT NULL DEFAULT now()  -- its heartbeat; the database's clock
 );
+
+CREATE TABLE IF NOT EXISTS kh_lease (        -- the right to serve: one holder at a time
+    id          smallint PRIMARY KEY CHECK (id = 1),
+    owner       bigint,                      -- kh_node.node_id; NULL: nobody yet
+    epoch       bigint NOT NULL DEFAULT 0,   -- fencing token: +1 per change of holder
+    expires_at  timestamptz NOT NULL DEFAULT now(),
+    acquired_at timestamptz
+);
+INSERT INTO kh_lease (id) VALUES (1) ON CONFLICT DO NOTHING;
 
 CREATE TABLE IF NOT EXISTS kh_partition (
     partition_id smallint PRIMARY KEY,       -- 0 .. partitions - 1
@@ -116,20 +123,6 @@ CREATE TABLE IF NOT EXISTS kh_meta (
     name       text PRIMARY KEY,
     value      text NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
-);
-
-CREATE TABLE IF NOT EXISTS kh_counter (
-    name  text PRIMARY KEY,
-    value bigint NOT NULL
-);
-INSERT INTO kh_counter (name, value) VALUES ('change', 0) ON CONFLICT DO NOTHING;
-
-CREATE TABLE IF NOT EXISTS kh_change (
-    revision   bigint PRIMARY KEY,           -- kh_counter 'change', taken in the same commit
-    at         timestamptz NOT NULL DEFAULT now(),
-    kind       text NOT NULL,                -- account | webhook | account_deleted | ...
-    account_id text NOT NULL,
-    webhook_id bigint
 );
 
 CREATE TABLE IF NOT EXISTS kh_account (
@@ -221,6 +214,7 @@ CREATE TABLE IF NOT EXISTS kh_session (
 /// updates in the tables rewritten in place, and eager autovacuum on the two churning ones.
 pub const TUNING: &str = r#"
 ALTER TABLE kh_node SET (fillfactor = 50);
+ALTER TABLE kh_lease SET (fillfactor = 50);
 ALTER TABLE kh_partition SET (fillfactor = 50);
 ALTER TABLE kh_inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000);
 ALTER TABLE kh_due SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01);

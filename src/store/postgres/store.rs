@@ -36,7 +36,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::connect::{chain, Target};
-use super::{schema, PgError};
+use super::{lease, schema, PgError};
 use crate::codec;
 use crate::config::Config;
 use crate::ids::{self, AccountId, DeliveryId, WebhookId};
@@ -46,20 +46,14 @@ use crate::stats::{self, AttemptStat, Counts, Outcome};
 use crate::store::embedded::backup::BackupError;
 use crate::store::held::HeldDeliveries;
 use crate::store::{
-    BackupStream, DeliveryPage, DeliveryQuery, DeliveryWrites, PurgeCandidate, PurgeCursor,
-    PurgePlan, PurgedBatch, Result, Storage, StoreError, StoreErrorKind,
+    BackupStream, ClusterView, DeliveryPage, DeliveryQuery, DeliveryWrites, NodeView,
+    PurgeCandidate, PurgeCursor, PurgePlan, PurgedBatch, Result, Storage, StoreError,
+    StoreErrorKind,
 };
 
 /// Connections each node keeps: the committer, the delivery writer, retention and request
 /// handlers each take one per call, so a few cover them without waiting.
 pub const CONNECTIONS: usize = 6;
-
-/// The session-level advisory lock a node holds while it serves ("kyberhol": [`schema::LOCK_KEY`]
-/// + 1): one node serves from a database at a time, the others wait to take over.
-pub const SERVE_LOCK: i64 = schema::LOCK_KEY + 1;
-
-/// How often a waiting node asks for [`SERVE_LOCK`].
-const STANDBY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Rows a start-up read of the schedule takes per query.
 const DUE_PAGE: i64 = 10_000;
@@ -165,11 +159,14 @@ impl Conn {
     }
 }
 
-/// What the store's runtime tasks share: where the database is and the pool.
+/// What the store's runtime tasks share: where the database is, the pool, the lease that
+/// fences every write, and the first failure that made the store unhealthy.
 struct Shared {
     target: Target,
     slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
     next: AtomicUsize,
+    held: lease::Held,
+    failed: Mutex<Option<StoreError>>,
 }
 
 impl Shared {
@@ -189,7 +186,7 @@ impl Shared {
             Some(g) => g,
             None => self.slots[start % n].lock().await,
         };
-        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+        if guard.as_ref().map_or(true, |c| c.client.is_closed()) {
             let client = self.target.connect().await.map_err(from_pg)?;
             *guard = Some(Conn {
                 client,
@@ -199,27 +196,53 @@ impl Shared {
         Ok(guard)
     }
 
-    /// Runs `stmts` in order, in one transaction when there are several, and returns each
-    /// one's rows.
-    async fn exec(&self, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
+    /// Runs `stmts` in order and returns each one's rows: a write in one transaction behind
+    /// the lease's fence ([`lease::FENCE`]), a lone read as it is.
+    async fn exec(&self, write: bool, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
         let mut guard = self.conn().await?;
         let conn = guard.as_mut().expect("connected above");
+        let fence = if write {
+            Some(conn.prep(lease::FENCE).await?)
+        } else {
+            None
+        };
         let mut prepared = Vec::with_capacity(stmts.len());
         for (sql, _) in &stmts {
             prepared.push(conn.prep(sql).await?);
         }
         let mut out = Vec::with_capacity(stmts.len());
-        if stmts.len() == 1 {
-            let params = refs(&stmts[0].1);
-            out.push(conn.client.query(&prepared[0], &params).await.map_err(db)?);
+        let Some(fence) = fence else {
+            for (st, (_, params)) in prepared.iter().zip(&stmts) {
+                out.push(conn.client.query(st, &refs(params)).await.map_err(db)?);
+            }
             return Ok(out);
-        }
+        };
         let tx = conn.client.transaction().await.map_err(db)?;
+        let fenced = tx
+            .query(&fence, &[&self.held.owner, &self.held.epoch])
+            .await
+            .map_err(db)?
+            .is_empty();
+        if fenced {
+            return Err(lease::fenced());
+        }
         for (st, (_, params)) in prepared.iter().zip(&stmts) {
             out.push(tx.query(st, &refs(params)).await.map_err(db)?);
         }
         tx.commit().await.map_err(db)?;
         Ok(out)
+    }
+
+    /// Marks the store unhealthy for good (the first failure is kept).
+    fn fail(&self, e: &StoreError) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.is_none() {
+            tracing::error!(error = %e, "this node stops writing to the database: it stops serving, and its restart recovers from the database");
+            *failed = Some(StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("the database store failed earlier: {e}"),
+            ));
+        }
     }
 }
 
@@ -239,12 +262,7 @@ pub struct PgStore {
     writer: i64,
     /// This process's statistics rows, as written (only it writes them).
     stats: Mutex<MyStats>,
-    /// The first failed write: the store is unhealthy from then on.
-    failed: Mutex<Option<StoreError>>,
-    node: String,
-    /// The connection holding [`SERVE_LOCK`]: when it ends, so does this node's right to
-    /// write, and [`Storage::health`] says so.
-    lock: Client,
+    node: lease::Node,
 }
 
 impl Drop for PgStore {
@@ -336,49 +354,44 @@ impl PgStore {
         } else {
             drop(client);
         }
-        let t = target.clone();
-        let lock = wait(&rt, async move {
-            let client = t.connect().await?;
-            let mut told = false;
-            loop {
-                let got: bool = client
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
-                    .await
-                    .map_err(|e| super::connect::classify(&e, &t.shown))?
-                    .get(0);
-                if got {
-                    break;
-                }
-                if !told {
-                    tracing::warn!(database = %t.shown, "another kyberhook node is serving from this database: this one waits, and takes over when that one stops");
-                    told = true;
-                }
-                tokio::time::sleep(STANDBY_POLL).await;
-            }
-            if told {
-                tracing::info!(database = %t.shown, "the serving node stopped: this node takes over");
-            }
-            Ok::<_, PgError>(client)
-        })
-        .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
+        let me = lease::Node {
+            id: random_i64(),
+            name: node.clone(),
+            advertise: config.cluster.advertise.clone(),
+            lease: config.cluster.lease,
+        };
+        let (t, n) = (target.clone(), me.clone());
+        let (held, heartbeat, locked) =
+            wait(&rt, async move { lease::acquire(&t, &n).await })
+                .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
         let slots = (0..CONNECTIONS)
             .map(|_| tokio::sync::Mutex::new(None))
             .collect();
+        let shared = Arc::new(Shared {
+            target: target.clone(),
+            slots,
+            next: AtomicUsize::new(0),
+            held,
+            failed: Mutex::new(None),
+        });
+        let on_lost = shared.clone();
+        rt.spawn(lease::heartbeat(
+            target,
+            me.clone(),
+            held,
+            heartbeat,
+            locked,
+            Arc::new(move |e: StoreError| on_lost.fail(&e)),
+        ));
         Ok(PgStore {
             rt: Some(rt),
-            shared: Arc::new(Shared {
-                target,
-                slots,
-                next: AtomicUsize::new(0),
-            }),
+            shared,
             sealer,
             held: HeldDeliveries::default(),
             live: crate::stats::live::Live::default(),
             writer: random_i64(),
             stats: Mutex::new(MyStats::default()),
-            failed: Mutex::new(None),
-            node,
-            lock,
+            node: me,
         })
     }
 
@@ -402,7 +415,7 @@ impl PgStore {
     /// Reads with one statement.
     fn read(&self, sql: &'static str, params: Params) -> Result<Vec<Row>> {
         let shared = self.shared.clone();
-        let mut rows = self.run(async move { shared.exec(vec![(sql, params)]).await })?;
+        let mut rows = self.run(async move { shared.exec(false, vec![(sql, params)]).await })?;
         Ok(rows.pop().unwrap_or_default())
     }
 
@@ -413,22 +426,11 @@ impl PgStore {
         }
         self.health()?;
         let shared = self.shared.clone();
-        let done = self.run(async move { shared.exec(stmts).await });
+        let done = self.run(async move { shared.exec(true, stmts).await });
         if let Err(e) = &done {
-            self.fail(e);
+            self.shared.fail(e);
         }
         done
-    }
-
-    fn fail(&self, e: &StoreError) {
-        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        if failed.is_none() {
-            tracing::error!(error = %e, "a write to the database failed: this node stops, and its restart recovers from the database");
-            *failed = Some(StoreError::new(
-                StoreErrorKind::Unavailable,
-                format!("a write to the database failed earlier: {e}"),
-            ));
-        }
     }
 
     fn open_webhook(&self, bytes: &[u8]) -> Result<Webhook> {
@@ -495,7 +497,7 @@ impl PgStore {
 
     /// The name this node goes by (`cluster.node_name`).
     pub fn node(&self) -> &str {
-        &self.node
+        &self.node.name
     }
 }
 
@@ -603,19 +605,59 @@ impl Storage for PgStore {
     }
 
     fn health(&self) -> Result<()> {
-        if let Some(e) = &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e.clone());
+        match &*self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
         }
-        if self.lock.is_closed() {
-            // Another node may be serving already: this one must not write again.
-            let e = StoreError::new(
-                StoreErrorKind::Unavailable,
-                "the connection holding this node's serve lock ended",
-            );
-            self.fail(&e);
-            return Err(e);
+    }
+
+    fn release(&self) {
+        let shared = self.shared.clone();
+        let released = self.run(async move {
+            let guard = shared.conn().await?;
+            let conn = guard.as_ref().expect("connected");
+            lease::release(&conn.client, shared.held).await.map_err(db)
+        });
+        match released {
+            Ok(()) => {
+                tracing::info!(node = %self.node.name, "released the lease: a standby takes over at once")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "releasing the lease failed: a standby takes over when it expires")
+            }
         }
-        Ok(())
+    }
+
+    fn cluster(&self) -> Result<Option<ClusterView>> {
+        let rows = self.read(
+            "SELECT n.name, n.advertise,
+                    (SELECT count(*) FROM kh_partition p WHERE p.owner = n.node_id),
+                    (extract(epoch FROM n.last_seen) * 1000)::bigint,
+                    l.owner IS NOT DISTINCT FROM n.node_id AND l.expires_at > now(),
+                    (SELECT partitions FROM kh_schema WHERE id = 1)
+             FROM kh_node n CROSS JOIN kh_lease l
+             WHERE n.last_seen > now() - $1::bigint * interval '3 millisecond'
+             ORDER BY n.name, n.started_at",
+            params![self.node.lease.as_millis().min(i64::MAX as u128) as i64],
+        )?;
+        let partitions = rows
+            .first()
+            .map_or(schema::PARTITIONS as u32, |r| r.get::<_, i16>(5) as u32);
+        let nodes = rows
+            .iter()
+            .map(|r| NodeView {
+                name: r.get(0),
+                advertise: r.get(1),
+                partitions: r.get::<_, i64>(2) as u32,
+                last_seen_ms: r.get::<_, i64>(3).max(0) as u64,
+                serving: r.get(4),
+            })
+            .collect();
+        Ok(Some(ClusterView {
+            backend: "postgres",
+            partitions,
+            nodes,
+        }))
     }
 
     fn probe_write(&self) -> Result<()> {
@@ -623,7 +665,7 @@ impl Storage for PgStore {
             "INSERT INTO kh_meta (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()",
             params![
-                format!("probe:{}", self.node),
+                format!("probe:{}", self.node.name),
                 crate::clock::now_ms().to_string()
             ],
         )])
@@ -991,12 +1033,12 @@ impl Storage for PgStore {
         // Held deliveries (not written yet) are merged in, each id once, the held copy first.
         let in_page = |r: &DeliveryRecord| {
             r.account_id == *account
-                && q.webhook.is_none_or(|wh| r.id.webhook == wh)
+                && q.webhook.map_or(true, |wh| r.id.webhook == wh)
                 && r.id.seq >= lo
                 && r.id.seq < hi
-                && q.cursor.is_none_or(|c| r.id.to_bytes() < c.to_bytes())
-                && q.status.is_none_or(|s| s == r.status)
-                && q.event.as_ref().is_none_or(|e| *e == r.event)
+                && q.cursor.map_or(true, |c| r.id.to_bytes() < c.to_bytes())
+                && q.status.map_or(true, |s| s == r.status)
+                && q.event.as_ref().map_or(true, |e| *e == r.event)
         };
         let mut merged: std::collections::BTreeMap<[u8; 16], DeliveryRecord> = self
             .held
@@ -1325,7 +1367,7 @@ impl Storage for PgStore {
         let after = after
             .and_then(|c| c.0.get(..8))
             .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map_or(i64::MIN, |b| i64::from_be_bytes(b));
+            .map_or(i64::MIN, i64::from_be_bytes);
         let rows = self.write(vec![(
             "WITH batch AS (SELECT seq FROM kh_event WHERE seq > $1 AND seq < $2
                             ORDER BY seq LIMIT $3),

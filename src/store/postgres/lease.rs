@@ -1,0 +1,261 @@
+//! The serve lease: which node of those sharing a database serves (ingests, delivers, answers
+//! the API), and the fence that keeps a node that lost the lease from ever writing again.
+//!
+//! In: a node's identity (a random `node_id` per process start, its name and advertised URL)
+//! and `cluster.lease`. Out: a [`Held`] lease (its `epoch`), a heartbeat that renews it, and the
+//! fence statement ([`FENCE`]) every write transaction of the store runs first.
+//!
+//! `kh_lease` has one row: `owner`, `epoch` (+1 at every change of holder) and `expires_at`
+//! (the database's clock, renewed by the holder's heartbeat every fifth of the lease). A node
+//! takes the lease when nobody holds it, when it has expired (the holder hung or lost the
+//! database), or when the holder's session is known to be gone: the holder also keeps the
+//! session-level advisory lock [`SERVE_LOCK`] on its heartbeat connection, which PostgreSQL
+//! releases the moment that connection ends (a crash, a SIGKILL), so a standby that gets the
+//! advisory lock takes over at once instead of waiting out the lease. A graceful stop releases
+//! the lease ([`release`]), for the same quick handover.
+//!
+//! **The fence.** Taking the lease reads its row `FOR UPDATE`; every write transaction of the
+//! store first reads it `FOR KEY SHARE` and goes on only if it still names this node, this
+//! epoch, unexpired. The two locks conflict, so a takeover waits for the old holder's write in
+//! flight to commit, and every write the old holder begins afterwards finds the new owner and
+//! fails: no write of a node that lost its lease commits after the new holder took it (what
+//! Temporal's range ids and Kafka's epochs do). A node that finds itself fenced stops serving;
+//! its supervisor restarts it, and it waits as a standby. The heartbeat's renewal is a plain
+//! `UPDATE` of a non-key column, which does not conflict with the writers' `FOR KEY SHARE`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::connect::{classify, Target};
+use super::{schema, PgError};
+use crate::store::{StoreError, StoreErrorKind};
+
+/// The session-level advisory lock the lease holder keeps on its heartbeat connection
+/// ([`schema::LOCK_KEY`] + 1): free means the holder's session has ended.
+pub const SERVE_LOCK: i64 = schema::LOCK_KEY + 1;
+
+/// How often a standby asks for the lease.
+const STANDBY_POLL: Duration = Duration::from_millis(250);
+
+/// Node rows not seen for this long are dropped by the next node to take the lease.
+const FORGET_NODES_AFTER: &str = "1 day";
+
+/// The statement every write transaction runs first: one row while this node holds the lease.
+pub const FENCE: &str = "SELECT 1 FROM kh_lease
+     WHERE id = 1 AND owner = $1 AND epoch = $2 AND expires_at > now() FOR KEY SHARE";
+
+/// This process as a member of the cluster.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub id: i64,
+    pub name: String,
+    pub advertise: Option<String>,
+    pub lease: Duration,
+}
+
+/// The lease this node holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    pub owner: i64,
+    pub epoch: i64,
+}
+
+/// What fencing refuses a write with.
+pub fn fenced() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unavailable,
+        "this node's lease on the database was taken over by another node or expired: it no longer writes",
+    )
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// Registers `node` and waits until it holds the lease: returns the lease and the connection
+/// that holds [`SERVE_LOCK`] (the heartbeat's, see [`heartbeat`]).
+pub async fn acquire(target: &Target, node: &Node) -> Result<(Held, Client, bool), PgError> {
+    let sql = |e: tokio_postgres::Error| classify(&e, &target.shown);
+    let mut client = target.connect().await?;
+    client
+        .execute(
+            "INSERT INTO kh_node (node_id, name, advertise, version) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (node_id) DO UPDATE SET last_seen = now()",
+            &[
+                &node.id,
+                &node.name,
+                &node.advertise,
+                &env!("CARGO_PKG_VERSION"),
+            ],
+        )
+        .await
+        .map_err(sql)?;
+    let mut told = false;
+    let mut locked = false;
+    loop {
+        if !locked {
+            locked = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+                .await
+                .map_err(sql)?
+                .get(0);
+        }
+        client
+            .execute(
+                "UPDATE kh_node SET last_seen = now() WHERE node_id = $1",
+                &[&node.id],
+            )
+            .await
+            .map_err(sql)?;
+        let tx = client.transaction().await.map_err(sql)?;
+        let row = tx
+            .query_one(
+                "SELECT owner, expires_at <= now() FROM kh_lease WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(sql)?;
+        let (owner, expired): (Option<i64>, bool) = (row.get(0), row.get(1));
+        // The advisory lock is free only once the holder's session has ended.
+        if owner.is_none() || expired || locked || owner == Some(node.id) {
+            let epoch: i64 = tx
+                .query_one(
+                    "UPDATE kh_lease SET owner = $1, epoch = epoch + 1, acquired_at = now(),
+                            expires_at = now() + $2::bigint * interval '1 millisecond'
+                     WHERE id = 1 RETURNING epoch",
+                    &[&node.id, &ms(node.lease)],
+                )
+                .await
+                .map_err(sql)?
+                .get(0);
+            // Every partition follows the lease while nodes do not divide them.
+            tx.execute(
+                "UPDATE kh_partition SET owner = $1, epoch = $2, acquired_at = now()",
+                &[&node.id, &epoch],
+            )
+            .await
+            .map_err(sql)?;
+            tx.execute(
+                &format!(
+                    "DELETE FROM kh_node WHERE last_seen < now() - interval '{FORGET_NODES_AFTER}'"
+                ),
+                &[],
+            )
+            .await
+            .map_err(sql)?;
+            tx.commit().await.map_err(sql)?;
+            let how = match owner {
+                None => "took the free lease",
+                Some(o) if o == node.id => "took its lease back",
+                Some(_) if expired => "took over an expired lease",
+                Some(_) => "took over the lease of a node whose session ended",
+            };
+            tracing::info!(database = %target.shown, node = %node.name, epoch, "{how}: this node serves");
+            return Ok((
+                Held {
+                    owner: node.id,
+                    epoch,
+                },
+                client,
+                locked,
+            ));
+        }
+        drop(tx);
+        if !told {
+            tracing::warn!(database = %target.shown, node = %node.name, "another kyberhook node is serving from this database: this one waits, and takes over when that one stops");
+            told = true;
+        }
+        tokio::time::sleep(STANDBY_POLL).await;
+    }
+}
+
+/// Renews `held` every fifth of the lease on `client` (which holds, or keeps trying for,
+/// [`SERVE_LOCK`]) until the lease is lost, then calls `lost` once and ends. A renewal that
+/// cannot reach the database is retried on a new connection; if none succeeds before the
+/// lease would have expired, the lease counts as lost here too (the fence refuses this node's
+/// writes by then anyway).
+pub async fn heartbeat(
+    target: Target,
+    node: Node,
+    held: Held,
+    mut client: Client,
+    mut locked: bool,
+    lost: Arc<dyn Fn(StoreError) + Send + Sync>,
+) {
+    let every = node.lease / 5;
+    let mut last_renewed = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        if client.is_closed() {
+            // The advisory lock went with the old session.
+            locked = false;
+            match target.connect().await {
+                Ok(c) => client = c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the lease heartbeat cannot reach the database")
+                }
+            }
+        }
+        match renew(&client, &node, held, &mut locked).await {
+            Ok(true) => last_renewed = tokio::time::Instant::now(),
+            Ok(false) => {
+                lost(fenced());
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %super::connect::chain(&e), "renewing the lease failed")
+            }
+        }
+        if last_renewed.elapsed() >= node.lease {
+            lost(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "this node could not renew its lease on the database in time: it no longer writes",
+            ));
+            return;
+        }
+    }
+}
+
+/// One renewal: whether the lease is still this node's.
+async fn renew(
+    client: &Client,
+    node: &Node,
+    held: Held,
+    locked: &mut bool,
+) -> Result<bool, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE kh_node SET last_seen = now() WHERE node_id = $1",
+            &[&node.id],
+        )
+        .await?;
+    let renewed = client
+        .execute(
+            "UPDATE kh_lease SET expires_at = now() + $3::bigint * interval '1 millisecond'
+             WHERE id = 1 AND owner = $1 AND epoch = $2 AND expires_at > now()",
+            &[&held.owner, &held.epoch, &ms(node.lease)],
+        )
+        .await?;
+    if renewed == 1 && !*locked {
+        // Taken over by expiry from a node that may still hold the advisory lock: hold it as
+        // soon as that node is gone, so that a standby can tell when this one is.
+        *locked = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+            .await?
+            .get(0);
+    }
+    Ok(renewed == 1)
+}
+
+/// Gives the lease up (a graceful stop): a standby takes it at its next look.
+pub async fn release(client: &Client, held: Held) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE kh_lease SET expires_at = now() WHERE id = 1 AND owner = $1 AND epoch = $2",
+            &[&held.owner, &held.epoch],
+        )
+        .await
+        .map(drop)
+}

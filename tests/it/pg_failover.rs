@@ -1,0 +1,335 @@
+//! Two real `kyberhook` processes on one PostgreSQL database: one serves, the other waits as a
+//! standby. A serving node killed with SIGKILL is taken over at once and every event it
+//! acknowledged is delivered; one paused (SIGSTOP) past its lease is taken over when the lease
+//! expires, and once resumed it commits nothing and stops.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::common::{pki, Api, Pki, Receiver, Reply, ADMIN};
+use crate::crash::{burst, setup, wait_all_delivered};
+use crate::pg::{pg_database, PgDb};
+
+/// A node's config: its own data dir, the shared database and secrets key, `lease`.
+fn node_config(dir: &Path, name: &str, db: &PgDb, pki: &Pki, lease: &str) -> PathBuf {
+    let key = dir.join("shared-secrets.key");
+    if !key.exists() {
+        std::fs::write(&key, format!("{}\n", "5a".repeat(32))).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[storage]
+path = "{data}"
+backend = "postgres"
+postgres_url = "{url}"
+postgres_ca_file = "{pg_ca}"
+secrets_key_file = "{key}"
+[cluster]
+node_name = "{name}"
+lease = "{lease}"
+[auth]
+admin_token = "{ADMIN}"
+[delivery]
+timeout = "2s"
+retry_schedule = ["1s", "1s", "1s"]
+max_in_flight_per_webhook = 2
+max_lag = "0s"
+extra_ca_files = ["{ca}"]
+private_network_allowlist = ["127.0.0.0/8"]
+[log]
+format = "json"
+level = "info"
+"#,
+        data = dir.join(name).display(),
+        url = db.url,
+        pg_ca = db.ca_file.display(),
+        key = key.display(),
+        ca = pki.ca_file.display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// A `kyberhook serve` process that may be waiting as a standby; killed when dropped.
+struct Node {
+    child: Child,
+    addr: mpsc::Receiver<SocketAddr>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Node {
+    fn start(config: &Path) -> Node {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("KYBERHOOK_POSTGRES_URL")
+            .env_remove("KYBERHOOK_SECRETS_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, addr) = mpsc::channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        let keep = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if let Some(api) = v["fields"]["api"].as_str() {
+                        let _ = tx.send(api.parse().unwrap());
+                    }
+                }
+                let mut log = keep.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Node { child, addr, log }
+    }
+
+    /// Its API once it serves.
+    fn serving(&self, wait: Duration) -> Api {
+        match self.addr.recv_timeout(wait) {
+            Ok(addr) => Api::new(addr),
+            Err(_) => panic!("the node did not serve within {wait:?}:\n{}", self.log()),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until its log has `text`.
+    fn wait_logged(&self, text: &str, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} logged within {wait:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Its exit code once it ends by itself within `wait`.
+    fn exits_within(&mut self, wait: Duration) -> i32 {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {wait:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Per event id, the delivery ids it arrived under (a redelivery keeps its delivery id).
+fn arrivals(rx: &Receiver) -> HashMap<String, Vec<String>> {
+    let mut by: HashMap<String, Vec<String>> = HashMap::new();
+    for r in rx.log.lock().unwrap().iter() {
+        let event = r.json()["id"].as_str().unwrap().to_string();
+        by.entry(event)
+            .or_default()
+            .push(r.header("x-kyberaccess-delivery"));
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arrives() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    // Slow and narrow, so that most deliveries are still owed when the node dies.
+    rx.set_default(Reply::Slow(Duration::from_millis(250), 200));
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Node::start(&node_config(dir.path(), "node-a", &db, &pki, "10s"));
+    let api_a = a.serving(Duration::from_secs(30));
+    let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "10s"));
+    b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
+
+    let (s, v) = api_a.admin(Method::GET, "/v1/admin/cluster", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["backend"], "postgres");
+    assert_eq!(v["partitions"], 256);
+    let nodes: HashMap<&str, &Value> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap(), n))
+        .collect();
+    assert_eq!(nodes.len(), 2, "{v}");
+    assert_eq!(
+        (
+            nodes["node-a"]["serving"].clone(),
+            nodes["node-a"]["partitions"].clone()
+        ),
+        (json!(true), json!(256))
+    );
+    assert_eq!(
+        (
+            nodes["node-b"]["serving"].clone(),
+            nodes["node-b"]["partitions"].clone()
+        ),
+        (json!(false), json!(0))
+    );
+
+    setup(&api_a, "acc_failover", &rx.url).await;
+    let acked = burst(&api_a, "acc_failover", 300, 16).await;
+    assert_eq!(acked.len(), 300);
+    let before = rx.count();
+    assert!(before < 300, "all delivered before the kill ({before})");
+    a.child.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    a.child.wait().unwrap();
+
+    let api_b = b.serving(Duration::from_secs(20));
+    let takeover = killed.elapsed();
+    let served_before = rx.count();
+    rx.set_default(Reply::Status(200));
+    wait_all_delivered(&rx, &acked, Duration::from_secs(30)).await;
+    let resumed = rx.log.lock().unwrap()[served_before..]
+        .first()
+        .map(|r| r.at.duration_since(killed));
+    assert!(takeover < Duration::from_secs(20), "{takeover:?}");
+
+    // At least once, each event under one delivery id however often it arrived.
+    let by_event = arrivals(&rx);
+    let mut duplicates = 0;
+    for id in &acked {
+        let ids: HashSet<&String> = by_event[id].iter().collect();
+        assert_eq!(ids.len(), 1, "{id} arrived as {ids:?}");
+        duplicates += by_event[id].len() - 1;
+    }
+    let (s, v) = api_b.admin(Method::GET, "/v1/admin/cluster", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let b_view = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node-b")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (b_view["serving"].clone(), b_view["partitions"].clone()),
+        (json!(true), json!(256))
+    );
+    // Its ingest works (the ids node-a acknowledged answer as accepted already).
+    let again = burst(&api_b, "acc_failover", 3, 1).await;
+    assert_eq!(again.len(), 3);
+    eprintln!(
+        "failover after SIGKILL: takeover {takeover:?}, first delivery by the new node {resumed:?} after the kill, {} of {} delivered before it, lost 0, duplicates {duplicates}",
+        before,
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_its_lease_is_fenced_and_commits_nothing_after_the_takeover() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Node::start(&node_config(dir.path(), "node-a", &db, &pki, "2s"));
+    let api_a = a.serving(Duration::from_secs(30));
+    let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "2s"));
+    b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
+    setup(&api_a, "acc_paused", &rx.url).await;
+    let first = burst(&api_a, "acc_paused", 20, 4).await;
+    assert_eq!(first.len(), 20);
+    wait_all_delivered(&rx, &first, Duration::from_secs(20)).await;
+
+    a.signal("-STOP");
+    let paused = Instant::now();
+    let api_b = b.serving(Duration::from_secs(20));
+    let takeover = paused.elapsed();
+    // The lease was renewed at most a fifth of it (0.4 s) before the pause.
+    assert!(
+        takeover >= Duration::from_millis(1600),
+        "taken over before the lease ran out: {takeover:?}"
+    );
+    b.wait_logged("took over an expired lease", Duration::from_secs(1));
+    let (s, v) = api_b
+        .admin(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"account_id": "acc_paused", "event": "visitor.checked_in", "data": {}, "id": "evt_on_b"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+
+    a.signal("-CONT");
+    // Whatever the resumed node still tries to write is refused by the fence.
+    let (s, v) = api_a
+        .admin(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"account_id": "acc_paused", "event": "visitor.checked_in", "data": {}, "id": "evt_after_resume"})),
+        )
+        .await;
+    assert_ne!(
+        s,
+        StatusCode::ACCEPTED,
+        "the fenced node acknowledged an event: {v}"
+    );
+    let code = a.exits_within(Duration::from_secs(15));
+    assert_ne!(code, 0, "{}", a.log());
+    assert!(a.log().contains("lease"), "{}", a.log());
+
+    wait_all_delivered(&rx, &["evt_on_b".to_string()], Duration::from_secs(20)).await;
+    let stored: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM kh_event_id WHERE event_id = 'evt_after_resume'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "the fenced node's event was committed");
+    assert!(!arrivals(&rx).contains_key("evt_after_resume"));
+    eprintln!(
+        "failover after SIGSTOP with a 2 s lease: takeover {takeover:?}; the resumed node answered {s} and exited with {code}"
+    );
+}

@@ -129,7 +129,13 @@ impl BenchEngine {
         extra: &[(String, String, String)],
     ) -> BenchEngine {
         let data = tempfile::tempdir().expect("data dir");
-        let config = config(opts, pki, data.path(), shape, extra);
+        let mut extra = extra.to_vec();
+        if let (true, Some(base)) = (opts.postgres, &opts.postgres_url) {
+            let url = crate::postgres::fresh_database(base).await;
+            extra.push(("storage".into(), "backend".into(), "\"postgres\"".into()));
+            extra.push(("storage".into(), "postgres_url".into(), format!("{url:?}")));
+        }
+        let config = config(opts, pki, data.path(), shape, &extra);
         let engine = rt
             .spawn(Engine::start(config))
             .await

@@ -25,6 +25,10 @@
 //!          delivery.max_in_flight_per_webhook=1024)
 //!        --isolation a,b,c (all)  --isolation-conns N (32 per producer)  --slow-ms MS (300)
 //!        --fail-mode MODE (status:503: how case c's endpoint fails)
+//!        --backend sled|postgres (sled)  --postgres-url postgres://USER@HOST:PORT (the cluster
+//!          of --backend postgres; else KYBERHOOK_BENCH_POSTGRES_URL, else the bench starts a
+//!          throw-away one with .ci/postgres and stops it at the end; each engine gets a fresh
+//!          database, and the `postgres` CPU group is the server's processes)
 //! ```
 //!
 //! Three kinds of process share the machine, everything on 127.0.0.1: this one runs the
@@ -78,6 +82,7 @@ mod engine;
 mod loadgen;
 mod options;
 mod phases;
+mod postgres;
 mod procstat;
 mod receiver;
 mod report;
@@ -100,7 +105,14 @@ fn main() {
     if args.first().map(String::as_str) == Some("--receiver-child") {
         receiver::child::main(&args[1..]);
     }
-    let opts = Arc::new(options::parse(args));
+    let mut opts = options::parse(args);
+    // Stops the bench's own PostgreSQL, if it started one, when main returns.
+    let _cluster = (opts.postgres && opts.postgres_url.is_none()).then(|| {
+        let (url, cluster) = postgres::start_cluster();
+        opts.postgres_url = Some(url);
+        cluster
+    });
+    let opts = Arc::new(opts);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let engine_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cpus)

@@ -92,6 +92,11 @@ pub struct Opts {
     pub slow_ms: u64,
     /// How case c's endpoint fails (`--fail-mode`, default `status:503`).
     pub fail_mode: Mode,
+    /// `--backend postgres`: every engine on a fresh database of the cluster at
+    /// `postgres_url` (`--postgres-url`, else `KYBERHOOK_BENCH_POSTGRES_URL`, else a throw-away
+    /// cluster the bench starts with `.ci/postgres`).
+    pub postgres: bool,
+    pub postgres_url: Option<String>,
 }
 
 impl Opts {
@@ -115,7 +120,8 @@ fn usage(msg: &str) -> ! {
          [--receiver-latency MODE] [--receiver-tls] [--max-backlog N] [--drain-secs S] [--probes N] [--latency-webhooks N] \
          [--latency-conns N] [--phases {}] [--retention S] [--retention-run S] [--lag WxC,...] [--flow WxC,...] \
          [--quota N] [--max-lag D] [--paced-rate N] [--event-bytes N] [--set SECTION.KEY=VALUE] \
-         [--isolation {}] [--isolation-conns N] [--slow-ms MS] [--fail-mode MODE]",
+         [--isolation {}] [--isolation-conns N] [--slow-ms MS] [--fail-mode MODE] \
+         [--backend sled|postgres] [--postgres-url URL]",
         ALL_PHASES.join(","),
         ALL_CASES.join(",")
     );
@@ -199,6 +205,8 @@ pub fn parse(args: Vec<String>) -> Opts {
         isolation_conns: 32,
         slow_ms: 300,
         fail_mode: "status:503".parse().expect("a valid mode"),
+        postgres: false,
+        postgres_url: std::env::var("KYBERHOOK_BENCH_POSTGRES_URL").ok(),
     };
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -229,6 +237,14 @@ pub fn parse(args: Vec<String>) -> Opts {
             "--max-backlog" => o.max_backlog = num(&flag, &value()).max(1),
             "--drain-secs" => o.drain_secs = num(&flag, &value()).min(3600),
             "--probes" => o.probes = num(&flag, &value()).clamp(1, 9) as usize,
+            "--backend" => {
+                o.postgres = match value().as_str() {
+                    "sled" => false,
+                    "postgres" => true,
+                    other => usage(&format!("--backend: {other:?} is not sled or postgres")),
+                }
+            }
+            "--postgres-url" => o.postgres_url = Some(value()),
             "--latency-webhooks" => o.latency_webhooks = num(&flag, &value()).min(100) as usize,
             "--latency-conns" => o.latency_conns = num(&flag, &value()).max(1) as usize,
             "--retention" => o.retention = num(&flag, &value()).max(1),

@@ -72,7 +72,7 @@ pub struct Cpu {
 
 /// Groups that are not the engine: the load generator's runtime, the main thread (it only
 /// waits) and the receiver processes.
-const NOT_ENGINE: &[&str] = &["loadgen", "main", "receiver"];
+const NOT_ENGINE: &[&str] = &["loadgen", "main", "receiver", "postgres"];
 
 impl Cpu {
     pub fn now(recv: &Receivers) -> Cpu {
@@ -92,6 +92,11 @@ impl Cpu {
             }
         }
         by_thread.insert("receiver".into(), recv.cpu_s());
+        // The database server's processes, with --backend postgres (none otherwise).
+        let pg = crate::postgres::server_cpu_s();
+        if pg > 0.0 {
+            by_thread.insert("postgres".into(), pg);
+        }
         let process_s = std::fs::read_to_string("/proc/self/stat")
             .ok()
             .and_then(|s| stat_cpu_s(&s))
@@ -119,7 +124,12 @@ impl Cpu {
         }
     }
 
-    /// Everything but the load generator, main and the receivers.
+    /// The database server's CPU seconds (0 without `--backend postgres`).
+    pub fn postgres_s(&self) -> f64 {
+        self.by_thread.get("postgres").copied().unwrap_or(0.0)
+    }
+
+    /// Everything but the load generator, main, the receivers and the database server.
     pub fn engine_s(&self) -> f64 {
         self.by_thread
             .iter()

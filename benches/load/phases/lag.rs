@@ -65,6 +65,9 @@ pub struct LagResult {
     pub duplicates: u64,
     pub cpu_during: String,
     pub cpu_after: String,
+    /// The database server's CPU per delivery received in the window, ms (`--backend
+    /// postgres`).
+    pub postgres_ms_per_delivery: Option<f64>,
     pub rss_end: u64,
     pub rss_drained: u64,
     /// How `after_per_s` was measured when the push-back left no backlog at the stop: the
@@ -188,6 +191,10 @@ pub async fn run(
     r.io_errors = producer.io_errors.load(Ordering::Relaxed);
     r.refused_statuses = producer.statuses();
     r.cpu_during = cpu1.since(&cpu0).top(secs, 7);
+    let pg_s = cpu1.since(&cpu0).postgres_s();
+    if pg_s > 0.0 && recv1 > recv0 {
+        r.postgres_ms_per_delivery = Some(pg_s * 1000.0 / (recv1 - recv0) as f64);
+    }
     r.backlog_end = outstanding();
 
     // Drain: per-second deliveries until nothing is outstanding (bounded).
@@ -523,6 +530,13 @@ impl LagResult {
             Cell::new(),
             Cell::fig("cpu_during", Val::Text(l.cpu_during.clone())),
         );
+        if let Some(ms) = l.postgres_ms_per_delivery {
+            s.row(
+                "PostgreSQL CPU per delivery",
+                Cell::fig("postgres_ms_per_delivery", Val::Dec(ms, 3)),
+                Cell::text("ms: the server's processes during the window / deliveries received"),
+            );
+        }
         if !l.cpu_after.is_empty() {
             s.row(
                 "threads' CPU once ingest stops",

@@ -26,7 +26,7 @@
 //! the database orders webhook ids as the engine does (unsigned); sequence numbers are below
 //! 2^63 until the year 2248 and stored as they are.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -197,7 +197,10 @@ impl Shared {
     }
 
     /// Runs `stmts` in order and returns each one's rows: a write in one transaction behind
-    /// the lease's fence ([`lease::FENCE`]), a lone read as it is.
+    /// the lease's fence ([`lease::FENCE`]), a lone read as it is. A write's `BEGIN`, fence and
+    /// statements go out as one pipeline (one round trip), then `COMMIT` if the fence held and
+    /// every statement succeeded, else `ROLLBACK`: a drain of the delivery writer costs two
+    /// round trips whatever its statements.
     async fn exec(&self, write: bool, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
         let mut guard = self.conn().await?;
         let conn = guard.as_mut().expect("connected above");
@@ -210,27 +213,49 @@ impl Shared {
         for (sql, _) in &stmts {
             prepared.push(conn.prep(sql).await?);
         }
-        let mut out = Vec::with_capacity(stmts.len());
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = stmts.iter().map(|(_, p)| refs(p)).collect();
+        let client = &conn.client;
         let Some(fence) = fence else {
-            for (st, (_, params)) in prepared.iter().zip(&stmts) {
-                out.push(conn.client.query(st, &refs(params)).await.map_err(db)?);
+            let mut out = Vec::with_capacity(stmts.len());
+            for (st, p) in prepared.iter().zip(&params) {
+                out.push(client.query(st, p).await.map_err(db)?);
             }
             return Ok(out);
         };
-        let tx = conn.client.transaction().await.map_err(db)?;
-        let fenced = tx
-            .query(&fence, &[&self.held.owner, &self.held.epoch])
-            .await
-            .map_err(db)?
-            .is_empty();
-        if fenced {
-            return Err(lease::fenced());
+        let (owner, epoch) = (self.held.owner, self.held.epoch);
+        let fence_params: [&(dyn ToSql + Sync); 2] = [&owner, &epoch];
+        let (begun, fenced, done) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.query(&fence, &fence_params),
+            futures_util::future::join_all(
+                prepared
+                    .iter()
+                    .zip(&params)
+                    .map(|(st, p)| client.query(st, p))
+            ),
+        );
+        let outcome = (|| {
+            begun.map_err(db)?;
+            if fenced.map_err(db)?.is_empty() {
+                return Err(lease::fenced());
+            }
+            done.into_iter()
+                .map(|r| r.map_err(db))
+                .collect::<Result<Vec<Vec<Row>>>>()
+        })();
+        match outcome {
+            Ok(out) => {
+                client.batch_execute("COMMIT").await.map_err(db)?;
+                Ok(out)
+            }
+            Err(e) => {
+                if client.batch_execute("ROLLBACK").await.is_err() {
+                    // Its state is unknown: the next call opens a new connection.
+                    *guard = None;
+                }
+                Err(e)
+            }
         }
-        for (st, (_, params)) in prepared.iter().zip(&stmts) {
-            out.push(tx.query(st, &refs(params)).await.map_err(db)?);
-        }
-        tx.commit().await.map_err(db)?;
-        Ok(out)
     }
 
     /// Marks the store unhealthy for good (the first failure is kept).
@@ -262,6 +287,7 @@ pub struct PgStore {
     writer: i64,
     /// This process's statistics rows, as written (only it writes them).
     stats: Mutex<MyStats>,
+    events: Mutex<EventCache>,
     node: lease::Node,
 }
 
@@ -270,6 +296,43 @@ impl Drop for PgStore {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Bytes of event bodies [`EventCache`] keeps.
+const EVENT_CACHE_BYTES: usize = 64 << 20;
+
+/// Recent events by sequence number. Every attempt of every delivery reads its event's body,
+/// and on this backend a read is a round trip to the database (ten for an event fanned out to
+/// ten webhooks): this node appended them and is the only writer while it holds the lease, so
+/// what it keeps is what is stored. Oldest out first; emptied where events are deleted.
+#[derive(Default)]
+struct EventCache {
+    map: HashMap<u64, EventRecord>,
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+impl EventCache {
+    fn put(&mut self, e: &EventRecord) {
+        if self.map.insert(e.seq, e.clone()).is_none() {
+            self.order.push_back(e.seq);
+            self.bytes += e.body.len();
+        }
+        while self.bytes > EVENT_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.map.remove(&old) {
+                self.bytes -= gone.body.len();
+            }
+        }
+    }
+
+    fn forget(&mut self, keep: impl Fn(u64) -> bool) {
+        self.map.retain(|seq, _| keep(*seq));
+        self.order.retain(|seq| keep(*seq));
+        self.bytes = self.map.values().map(|e| e.body.len()).sum();
     }
 }
 
@@ -391,6 +454,7 @@ impl PgStore {
             live: crate::stats::live::Live::default(),
             writer: random_i64(),
             stats: Mutex::new(MyStats::default()),
+            events: Mutex::new(EventCache::default()),
             node: me,
         })
     }
@@ -745,8 +809,17 @@ impl Storage for PgStore {
             ("DELETE FROM kh_event WHERE account_id = $1", id()),
             ("DELETE FROM kh_event_id WHERE account_id = $1", id()),
             ("DELETE FROM kh_account WHERE account_id = $1", id()),
-        ])
-        .map(drop)
+        ])?;
+        let gone = &account.id;
+        let mut cache = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let doomed: HashSet<u64> = cache
+            .map
+            .values()
+            .filter(|e| &e.account_id == gone)
+            .map(|e| e.seq)
+            .collect();
+        cache.forget(|seq| !doomed.contains(&seq));
+        Ok(())
     }
 
     fn put_webhook(&self, hook: &Webhook) -> Result<()> {
@@ -897,19 +970,38 @@ impl Storage for PgStore {
             ));
         }
         self.write(stmts)?;
+        let mut cache = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        for e in events {
+            cache.put(e);
+        }
+        drop(cache);
         self.live
             .add_events(crate::clock::now_ms(), events.len() as u64);
         Ok(())
     }
 
     fn get_event(&self, seq: u64) -> Result<Option<EventRecord>> {
-        self.read(
-            "SELECT record FROM kh_event WHERE seq = $1",
-            params![seq_key(seq)],
-        )?
-        .first()
-        .map(|r| decode(r.get(0)))
-        .transpose()
+        if let Some(e) = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .get(&seq)
+        {
+            return Ok(Some(e.clone()));
+        }
+        let event: Option<EventRecord> = self
+            .read(
+                "SELECT record FROM kh_event WHERE seq = $1",
+                params![seq_key(seq)],
+            )?
+            .first()
+            .map(|r| decode(r.get(0)))
+            .transpose()?;
+        if let Some(e) = &event {
+            self.events.lock().unwrap_or_else(|p| p.into_inner()).put(e);
+        }
+        Ok(event)
     }
 
     fn inbox(&self) -> Result<Vec<u64>> {
@@ -1385,6 +1477,13 @@ impl Storage for PgStore {
             .and_then(|r| r.first())
             .ok_or_else(|| StoreError::new(StoreErrorKind::Internal, "no purge counts"))?;
         let gone = row.get::<_, i64>(0) as usize;
+        if gone > 0 {
+            let floor = ids::seq_floor(cutoff_ms);
+            self.events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(|seq| seq >= floor);
+        }
         let next = row
             .get::<_, Option<i64>>(1)
             .map(|s| PurgeCursor(s.to_be_bytes().to_vec()));

@@ -192,7 +192,7 @@ pub async fn run(
     r.refused_statuses = producer.statuses();
     r.cpu_during = cpu1.since(&cpu0).top(secs, 7);
     let pg_s = cpu1.since(&cpu0).postgres_s();
-    if pg_s > 0.0 && recv1 > recv0 {
+    if ctx.opts.postgres && pg_s > 0.0 && recv1 > recv0 {
         r.postgres_ms_per_delivery = Some(pg_s * 1000.0 / (recv1 - recv0) as f64);
     }
     r.backlog_end = outstanding();

@@ -61,6 +61,7 @@ pub mod retention;
 pub mod scheduler;
 pub mod secrets;
 pub mod signing;
+pub mod standby;
 pub mod stats;
 pub mod store;
 pub mod ui;
@@ -186,13 +187,17 @@ pub struct Engine {
 impl Engine {
     /// Opens the store, recovers owed work, binds both listeners and starts every stage.
     pub async fn start(mut config: Config) -> Result<Engine, StartError> {
-        // PostgreSQL first: a standby node waits here for the serving one to stop, and must
-        // not hold its ports meanwhile.
+        // PostgreSQL first: a standby node waits here for the serving one to stop.
         let pg_store = if store::postgres::is_selected(&config) {
+            // Until it holds the lease, the node answers on its API address by forwarding to
+            // the node that does.
+            let standby = standby::Standby::start(&config).await?;
             let c = config.clone();
             let opened = tokio::task::spawn_blocking(move || store::postgres::PgStore::open(&c))
                 .await
-                .map_err(|e| StartError::Other(e.to_string()))?;
+                .map_err(|e| StartError::Other(e.to_string()));
+            standby.stop().await;
+            let opened = opened?;
             let store = opened.map_err(|e| match e {
                 store::postgres::PgError::Config(line) => StartError::Config(line),
                 store::postgres::PgError::Unreachable(line) => {
@@ -521,12 +526,12 @@ fn log_storage_failure(failure: &StoreError) {
     tracing::error!(
         error = %failure,
         exit_code = EXIT_STORAGE_FAILED,
-        "storage cannot write (disk full or I/O error); exiting so that a supervisor restarts kyberhook once the disk is writable: every acknowledged event is on disk and is delivered after the restart"
+        "storage cannot write (disk full, I/O error, or a lost database lease); exiting so that a supervisor restarts kyberhook: every acknowledged event is stored and is delivered after the restart (or by the node that took over)"
     );
 }
 
 /// Tells the service manager about a state change, if one is listening.
-fn notify_service(state: sd_notify::NotifyState) {
+pub(crate) fn notify_service(state: sd_notify::NotifyState) {
     if let Err(e) = sd_notify::notify(&[state]) {
         tracing::warn!(error = %e, "could not notify the service manager");
     }

@@ -260,11 +260,31 @@ pub async fn serve<H: Handler>(
 }
 
 /// Binds a listener, naming the address on failure.
+/// An address in use is asked again for up to [`BIND_RETRY`]: a standby that just took the
+/// lease closed its forwarding listener on the same address a moment before.
 pub async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, crate::StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| crate::StartError::Config(format!("{key} = \"{addr}\": cannot listen: {e}")))
+    let deadline = tokio::time::Instant::now() + BIND_RETRY;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && addr.port() != 0
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(crate::StartError::Config(format!(
+                    "{key} = \"{addr}\": cannot listen: {e}"
+                )))
+            }
+        }
+    }
 }
+
+/// How long [`bind`] asks again for an address in use.
+const BIND_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a request body could not be read; each front end renders it in its own format.
 #[derive(Debug, thiserror::Error)]

@@ -17,8 +17,25 @@ use crate::common::{pki, Api, Pki, Receiver, Reply, ADMIN};
 use crate::crash::{burst, setup, wait_all_delivered};
 use crate::pg::{pg_database, PgDb};
 
-/// A node's config: its own data dir, the shared database and secrets key, `lease`.
-fn node_config(dir: &Path, name: &str, db: &PgDb, pki: &Pki, lease: &str) -> PathBuf {
+/// A free port on 127.0.0.1 (for a node that advertises its address).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A node's config: its own data dir, the shared database and secrets key, `lease`; with a
+/// `port`, it listens there and advertises it.
+fn node_config(
+    dir: &Path,
+    name: &str,
+    db: &PgDb,
+    pki: &Pki,
+    lease: &str,
+    port: Option<u16>,
+) -> PathBuf {
     let key = dir.join("shared-secrets.key");
     if !key.exists() {
         std::fs::write(&key, format!("{}\n", "5a".repeat(32))).unwrap();
@@ -31,7 +48,7 @@ fn node_config(dir: &Path, name: &str, db: &PgDb, pki: &Pki, lease: &str) -> Pat
     let toml = format!(
         r#"
 [server]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 [metrics]
 listen = "127.0.0.1:0"
 [storage]
@@ -43,6 +60,7 @@ secrets_key_file = "{key}"
 [cluster]
 node_name = "{name}"
 lease = "{lease}"
+{advertise}
 [auth]
 admin_token = "{ADMIN}"
 [delivery]
@@ -61,6 +79,10 @@ level = "info"
         pg_ca = db.ca_file.display(),
         key = key.display(),
         ca = pki.ca_file.display(),
+        port = port.unwrap_or(0),
+        advertise = port.map_or(String::new(), |p| format!(
+            "advertise = \"http://127.0.0.1:{p}\""
+        )),
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml).unwrap();
@@ -111,6 +133,17 @@ impl Node {
             Ok(addr) => Api::new(addr),
             Err(_) => panic!("the node did not serve within {wait:?}:\n{}", self.log()),
         }
+    }
+
+    /// The address it forwards on while it waits as a standby.
+    fn standby_api(&self) -> Api {
+        let addr = self
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find_map(|v| v["fields"]["standby_api"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("no standby address logged:\n{}", self.log()));
+        Api::new(addr.parse().unwrap())
     }
 
     fn log(&self) -> String {
@@ -183,10 +216,39 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
     rx.set_default(Reply::Slow(Duration::from_millis(250), 200));
     let db = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Node::start(&node_config(dir.path(), "node-a", &db, &pki, "10s"));
+    let mut a = Node::start(&node_config(
+        dir.path(),
+        "node-a",
+        &db,
+        &pki,
+        "10s",
+        Some(free_port()),
+    ));
     let api_a = a.serving(Duration::from_secs(30));
-    let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "10s"));
+    let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "10s", None));
     b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
+
+    // The standby answers too, by forwarding to the serving node's advertised address.
+    let via_b = b.standby_api();
+    let (s, headers, v) = via_b
+        .raw(
+            Method::POST,
+            "/v1/accounts",
+            Some(ADMIN),
+            Some(
+                serde_json::to_vec(
+                    &json!({"name": "failover", "plan": "enterprise", "id": "acc_failover"}),
+                )
+                .unwrap(),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(headers["x-kyberhook-forwarded-by"], "node-b");
+    let (s, v) = api_a
+        .admin(Method::GET, "/v1/accounts/acc_failover", None)
+        .await;
+    assert_eq!((s, v["name"].clone()), (StatusCode::OK, json!("failover")));
 
     let (s, v) = api_a.admin(Method::GET, "/v1/admin/cluster", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -214,7 +276,14 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
         (json!(false), json!(0))
     );
 
-    setup(&api_a, "acc_failover", &rx.url).await;
+    let (s, v) = api_a
+        .admin(
+            Method::POST,
+            "/v1/accounts/acc_failover/webhooks",
+            Some(json!({"name": "h", "url": rx.url, "events": ["*"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
     let acked = burst(&api_a, "acc_failover", 300, 16).await;
     assert_eq!(acked.len(), 300);
     let before = rx.count();
@@ -270,10 +339,25 @@ async fn a_node_paused_past_its_lease_is_fenced_and_commits_nothing_after_the_ta
     let rx = Receiver::start(pki.server.clone()).await;
     let db = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Node::start(&node_config(dir.path(), "node-a", &db, &pki, "2s"));
+    let mut a = Node::start(&node_config(dir.path(), "node-a", &db, &pki, "2s", None));
     let api_a = a.serving(Duration::from_secs(30));
-    let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "2s"));
+    let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "2s", None));
     b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
+    // A standby with nowhere to forward to (node-a advertises no address) says so.
+    let (s, headers, v) = b
+        .standby_api()
+        .raw(Method::GET, "/v1/admin/cluster", Some(ADMIN), None)
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("standby")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("node-a"),
+        "{v}"
+    );
+    assert_eq!(headers["retry-after"], "1");
     setup(&api_a, "acc_paused", &rx.url).await;
     let first = burst(&api_a, "acc_paused", 20, 4).await;
     assert_eq!(first.len(), 20);

@@ -53,7 +53,12 @@ pub struct Node {
     pub name: String,
     pub advertise: Option<String>,
     pub lease: Duration,
+    /// The server's kind, for the day tables the heartbeat keeps ahead.
+    pub server: schema::Server,
 }
+
+/// Heartbeats between two looks at the day tables (about an hour with the default lease).
+const DAY_TABLES_EVERY: u32 = 1800;
 
 /// The lease this node holds.
 #[derive(Debug, Clone, Copy)]
@@ -165,6 +170,9 @@ pub async fn acquire(target: &Target, node: &Node) -> Result<(Held, Client, bool
         drop(tx);
         if !told {
             tracing::warn!(database = %target.shown, node = %node.name, "another kyberhook node is serving from this database: this one waits, and takes over when that one stops");
+            // Waiting is this node's steady state, not a start that hangs: a service manager
+            // must not time it out (systemd's unit is Type=notify).
+            crate::notify_service(sd_notify::NotifyState::Ready);
             told = true;
         }
         tokio::time::sleep(STANDBY_POLL).await;
@@ -186,8 +194,19 @@ pub async fn heartbeat(
 ) {
     let every = node.lease / 5;
     let mut last_renewed = tokio::time::Instant::now();
+    let mut beats: u32 = 0;
     loop {
         tokio::time::sleep(every).await;
+        beats = beats.wrapping_add(1);
+        if beats % DAY_TABLES_EVERY == 0 {
+            // A node serving for weeks keeps a week of day tables ahead of the clock.
+            let today = schema::day_of(std::time::SystemTime::now());
+            if let Err(e) =
+                schema::ensure_day_tables(&mut client, node.server, today, schema::DAYS_AHEAD).await
+            {
+                tracing::warn!(error = %super::connect::chain(&e), "making the coming days' tables failed");
+            }
+        }
         if client.is_closed() {
             // The advisory lock went with the old session.
             locked = false;

@@ -10,37 +10,35 @@
 //!
 //! ## The design the tables serve (issue 22)
 //!
-//! Accounts hash into [`PARTITIONS`] fixed partitions (`partition_id`); each live node holds
-//! leases on some of them (`kh_partition.owner`, renewed through `kh_node.expires_at`), and every
-//! write batch of an owner checks `kh_partition.epoch` under `FOR SHARE` in its transaction, so a
-//! node that lost a partition can never commit into it again (Temporal's range-id fence). The
-//! owner keeps its accounts' rate limiters, timing wheel and FIFO queues in memory, as the
-//! single-node engine does; the database is the durable log, not a queue every node polls.
+//! One node serves at a time: the holder of `kh_lease` (see [`super::lease`]: owner, epoch,
+//! expiry; every write transaction checks it first). It keeps the engine's state — wheel, plan
+//! rates, FIFO queues — in memory as a single node does; the database is the durable log.
+//! Accounts hash into [`PARTITIONS`] fixed partitions (`partition_id` on the rows of an
+//! account): `kh_partition` records who holds each (today the lease holder holds all, stamped
+//! with its epoch), ready for nodes dividing them.
 //!
-//! - `kh_node`, `kh_partition`: membership and ownership. `kh_node.slot` is unique among the
-//!   rows present: a node mints sequence numbers with its slot in them, so two nodes can never
-//!   mint the same event sequence number (event ids, delivery ids are built from it).
-//! - `kh_account`, `kh_webhook`: the management state, read by every node. Every change also
-//!   appends to `kh_change` under a revision taken from `kh_counter` (`change`): nodes poll
-//!   `kh_change` past the revision they have seen, which is how a pause or an edit made on one
-//!   node reaches the others (deletes included).
-//! - `kh_event` (+ `kh_event_id` for producer-chosen ids, the idempotency key) and `kh_inbox`:
-//!   ingest on any node writes the event and an inbox row in one commit; the partition's owner
-//!   drains the inbox into deliveries.
-//! - `kh_delivery`: one row per (event, webhook), its summary updated in place as attempts
-//!   happen (only non-indexed columns change, so these are HOT updates that write no index);
-//!   `kh_attempt`: append-only, one row per attempt; `kh_due`: the only hot mutable table, the
-//!   open deliveries with their next attempt time, which a new owner loads on takeover.
-//! - `kh_stats`: hourly counts per webhook, one row per writer (node incarnation) so owners
-//!   never contend, summed on read. `kh_session`: dashboard sessions, sealed. `kh_meta`:
-//!   named values (e.g. a check value of the shared secrets key).
+//! - `kh_node`: the nodes (one row per process start, its heartbeat in `last_seen`);
+//!   `kh_lease`, `kh_partition`: who serves. `kh_meta`: named values (the secrets key's check
+//!   value, each node's start-up write probe).
+//! - `kh_account`, `kh_webhook`: the management records (`record`: [`crate::codec`] bytes,
+//!   webhook secrets sealed), keyed and indexed by id and account.
+//! - `kh_event` (+ `kh_event_id` for producer-chosen ids, the idempotency key) and `kh_inbox`
+//!   (fan-out owed): one group commit of the ingest committer is one transaction.
+//! - `kh_delivery`: one row per (event, webhook), its record rewritten in place as attempts
+//!   happen, with `status`, `event_type`, `updated_ms` and `due_ms` beside it for the log's
+//!   filters and retention; `kh_attempt`: the kept attempts; `kh_due`: owed attempts by due
+//!   time, which the wheel reloads at start-up (or takeover).
+//! - `kh_stats`: hourly counts per webhook, one row per writer (process) so writers never
+//!   contend, summed on read. `kh_session`: dashboard sessions, sealed.
 //!
 //! **History is partitioned by day** — `kh_event`, `kh_delivery` and `kh_attempt`, by `RANGE
 //! (seq)`, where a day's sequence numbers are `[day_ms << 20, next_day_ms << 20)` (see
 //! [`crate::ids::seq_floor`]). A delivery id carries its event's seq, so a lookup by id
 //! touches one day table, and an attempt lands in the day of its delivery, not of its own
 //! time: retention drops a whole day (events, deliveries, attempts together) with `DROP
-//! TABLE`, exactly the cutoff the sled store applies. Measured on this machine (PostgreSQL 15,
+//! TABLE`, exactly the cutoff the sled store applies (not done yet: retention deletes rows in
+//! batches, like the sled store). Rows of a day with no table of its own (a clock far off, the
+//! tests' made-up times) go to each table's `_other` default partition. Measured on this machine (PostgreSQL 15,
 //! 2 shared cores, 500 000 attempt rows a day in 1 000-row statements): inserting 2 M rows took
 //! 13.5–14.3 s partitioned and 14.9–18.4 s into one table (no penalty); removing one day took
 //! 46 ms as `DROP TABLE` and 446 ms `DELETE` + 580 ms `VACUUM`, and the single table stayed at

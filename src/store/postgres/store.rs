@@ -373,7 +373,7 @@ impl PgStore {
         let shown = target.shown.clone();
         let t = target.clone();
         let n = node.clone();
-        let (client, check) = wait(&rt, async move {
+        let (client, check, server) = wait(&rt, async move {
             let mut client = t.connect().await?;
             let (migrated, server) = schema::migrate(&mut client, &n, &t.shown).await?;
             let done = match migrated {
@@ -390,7 +390,7 @@ impl PgStore {
                 .await
                 .map_err(|e| super::connect::classify(&e, &t.shown))?
                 .map(|r| r.get(0));
-            Ok::<_, PgError>((client, check))
+            Ok::<_, PgError>((client, check, server))
         })
         .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
         let key = settle_key(&data_dir, &source, check.as_deref(), &shown)?;
@@ -422,6 +422,7 @@ impl PgStore {
             name: node.clone(),
             advertise: config.cluster.advertise.clone(),
             lease: config.cluster.lease,
+            server,
         };
         let (t, n) = (target.clone(), me.clone());
         let (held, heartbeat, locked) =

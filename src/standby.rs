@@ -6,14 +6,16 @@
 //!
 //! In: the config (listener, TLS, the database to read the lease holder from, CAs to trust
 //! the holder's URL with: the system roots plus `delivery.extra_ca_files`). Out: each request
-//! forwarded as it came (method, path, query, headers but the hop-by-hop ones, body streamed),
-//! with `Host` set to the holder's and `x-forwarded-for` added, and the holder's answer
+//! forwarded as it came (method, path, query, headers but the hop-by-hop ones — `Host`
+//! included, so the serving node's host allowlist and the dashboard's same-origin check see
+//! what the client sent — body streamed), `x-forwarded-for` added, and the holder's answer
 //! streamed back with `x-kyberhook-forwarded-by` naming this node. Without a holder to
 //! forward to (none yet, or it set no `cluster.advertise`, or it cannot be reached) the answer
 //! is `503 standby` with `Retry-After: 1`.
 //!
 //! The serving node sees forwarded requests as coming from the standby's address, so its
-//! per-address limits (failed sign-ins, bearer guessing) count a standby's clients together.
+//! per-address limits (failed sign-ins, bearer guessing) count a standby's clients together;
+//! and it must accept the host names clients use for the standby (`server.public_hosts`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -123,12 +125,6 @@ impl Handler for Forward {
         let headers = req.headers_mut();
         for h in HOP_BY_HOP {
             headers.remove(h);
-        }
-        if let Some(host) = base
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(header::HOST, host);
         }
         if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&p.ip().to_string()).ok()) {
             headers.append("x-forwarded-for", v);

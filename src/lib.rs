@@ -189,14 +189,26 @@ impl Engine {
     pub async fn start(mut config: Config) -> Result<Engine, StartError> {
         // PostgreSQL first: a standby node waits here for the serving one to stop.
         let pg_store = if store::postgres::is_selected(&config) {
-            // Until it holds the lease, the node answers on its API address by forwarding to
-            // the node that does.
-            let standby = standby::Standby::start(&config).await?;
+            // While another node holds the lease, this one answers on its API address by
+            // forwarding to that node.
+            let (waiting_tx, waiting) = tokio::sync::oneshot::channel();
             let c = config.clone();
-            let opened = tokio::task::spawn_blocking(move || store::postgres::PgStore::open(&c))
-                .await
-                .map_err(|e| StartError::Other(e.to_string()));
-            standby.stop().await;
+            let open = tokio::task::spawn_blocking(move || {
+                store::postgres::PgStore::open(&c, Some(waiting_tx))
+            });
+            tokio::pin!(open);
+            let mut forwarding = None;
+            let opened = tokio::select! {
+                r = &mut open => r,
+                Ok(()) = waiting => {
+                    forwarding = Some(standby::Standby::start(&config).await?);
+                    open.await
+                }
+            }
+            .map_err(|e| StartError::Other(e.to_string()));
+            if let Some(s) = forwarding {
+                s.stop().await;
+            }
             let opened = opened?;
             let store = opened.map_err(|e| match e {
                 store::postgres::PgError::Config(line) => StartError::Config(line),

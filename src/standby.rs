@@ -187,9 +187,17 @@ impl Standby {
             client: Client::builder(TokioExecutor::new()).build(connector),
             me: HeaderValue::from_str(&me).unwrap_or(HeaderValue::from_static("standby")),
         };
+        // The first answer already knows where to forward.
+        let client = target.connect().await.ok();
+        if let Some(c) = &client {
+            if let Ok(found) = holder_now(c).await {
+                *forward.holder.write().unwrap_or_else(|p| p.into_inner()) = found;
+            }
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let lookup = tokio::spawn(look_up_holder(
             target,
+            client,
             forward.holder.clone(),
             shutdown_rx.clone(),
         ));
@@ -220,41 +228,42 @@ impl Standby {
     }
 }
 
-/// Reads who holds the lease (and the URL it advertises) every [`LOOKUP_EVERY`].
+/// Who holds the lease now, and the URL it advertises.
+async fn holder_now(c: &tokio_postgres::Client) -> Result<Option<Holder>, tokio_postgres::Error> {
+    let row = c
+        .query_opt(
+            "SELECT n.name, n.advertise FROM kh_lease l JOIN kh_node n ON n.node_id = l.owner
+             WHERE l.id = 1 AND l.expires_at > now()",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| Holder {
+        name: r.get(0),
+        base: r
+            .get::<_, Option<String>>(1)
+            .and_then(|a| crate::config::parse_advertise(&a).ok()),
+    }))
+}
+
+/// Reads who holds the lease every [`LOOKUP_EVERY`] (reconnecting as needed).
 async fn look_up_holder(
     target: Target,
+    mut client: Option<tokio_postgres::Client>,
     holder: Arc<RwLock<Option<Holder>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut client = None;
     loop {
-        if client
-            .as_ref()
-            .map_or(true, |c: &tokio_postgres::Client| c.is_closed())
-        {
-            client = target.connect().await.ok();
-        }
-        if let Some(c) = &client {
-            let found = c
-                .query_opt(
-                    "SELECT n.name, n.advertise FROM kh_lease l JOIN kh_node n ON n.node_id = l.owner
-                     WHERE l.id = 1 AND l.expires_at > now()",
-                    &[],
-                )
-                .await;
-            if let Ok(row) = found {
-                let now = row.map(|r| Holder {
-                    name: r.get(0),
-                    base: r
-                        .get::<_, Option<String>>(1)
-                        .and_then(|a| crate::config::parse_advertise(&a).ok()),
-                });
-                *holder.write().unwrap_or_else(|p| p.into_inner()) = now;
-            }
-        }
         tokio::select! {
             _ = shutdown.changed() => return,
             () = tokio::time::sleep(LOOKUP_EVERY) => {}
+        }
+        if client.as_ref().map_or(true, |c| c.is_closed()) {
+            client = target.connect().await.ok();
+        }
+        if let Some(c) = &client {
+            if let Ok(now) = holder_now(c).await {
+                *holder.write().unwrap_or_else(|p| p.into_inner()) = now;
+            }
         }
     }
 }

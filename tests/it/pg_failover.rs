@@ -227,6 +227,7 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
     let api_a = a.serving(Duration::from_secs(30));
     let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "10s", None));
     b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
+    b.wait_logged("listening as a standby", Duration::from_secs(10));
 
     // The standby answers too, by forwarding to the serving node's advertised address.
     let via_b = b.standby_api();
@@ -343,6 +344,7 @@ async fn a_node_paused_past_its_lease_is_fenced_and_commits_nothing_after_the_ta
     let api_a = a.serving(Duration::from_secs(30));
     let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "2s", None));
     b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
+    b.wait_logged("listening as a standby", Duration::from_secs(10));
     // A standby with nowhere to forward to (node-a advertises no address) says so.
     let (s, headers, v) = b
         .standby_api()

@@ -38,7 +38,7 @@ fn open() -> (Open, Arc<dyn Storage>) {
         .unwrap();
     let db = rt.block_on(pg_database());
     let dir = tempfile::tempdir().unwrap();
-    let store = PgStore::open(&pg_config(&db, dir.path())).unwrap();
+    let store = PgStore::open(&pg_config(&db, dir.path()), None).unwrap();
     (
         Open {
             _dir: dir,

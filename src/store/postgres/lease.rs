@@ -80,8 +80,13 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// Registers `node` and waits until it holds the lease: returns the lease and the connection
-/// that holds [`SERVE_LOCK`] (the heartbeat's, see [`heartbeat`]).
-pub async fn acquire(target: &Target, node: &Node) -> Result<(Held, Client, bool), PgError> {
+/// that holds (or will try for) [`SERVE_LOCK`] (the heartbeat's, see [`heartbeat`]).
+/// `waiting` hears once that another node holds the lease and this one waits.
+pub async fn acquire(
+    target: &Target,
+    node: &Node,
+    mut waiting: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<(Held, Client, bool), PgError> {
     let sql = |e: tokio_postgres::Error| classify(&e, &target.shown);
     let mut client = target.connect().await?;
     client
@@ -173,6 +178,9 @@ pub async fn acquire(target: &Target, node: &Node) -> Result<(Held, Client, bool
             // Waiting is this node's steady state, not a start that hangs: a service manager
             // must not time it out (systemd's unit is Type=notify).
             crate::notify_service(sd_notify::NotifyState::Ready);
+            if let Some(tx) = waiting.take() {
+                let _ = tx.send(());
+            }
             told = true;
         }
         tokio::time::sleep(STANDBY_POLL).await;

@@ -356,8 +356,13 @@ fn wait<T: Send + 'static>(
 }
 
 impl PgStore {
-    /// Connects, migrates, settles the secrets key and opens the pool. Blocking.
-    pub fn open(config: &Config) -> std::result::Result<PgStore, PgError> {
+    /// Connects, migrates, settles the secrets key, waits for the lease and opens the pool.
+    /// Blocking; `waiting` hears once if another node holds the lease (this one then waits as
+    /// a standby, see [`crate::standby`]).
+    pub fn open(
+        config: &Config,
+        waiting: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> std::result::Result<PgStore, PgError> {
         let target = Target::from_config(config)?;
         let source =
             secrets::KeySource::from_env_or_file(config.storage.secrets_key_file.as_deref())
@@ -426,7 +431,7 @@ impl PgStore {
         };
         let (t, n) = (target.clone(), me.clone());
         let (held, heartbeat, locked) =
-            wait(&rt, async move { lease::acquire(&t, &n).await })
+            wait(&rt, async move { lease::acquire(&t, &n, waiting).await })
                 .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
         let slots = (0..CONNECTIONS)
             .map(|_| tokio::sync::Mutex::new(None))

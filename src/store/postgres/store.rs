@@ -288,6 +288,7 @@ pub struct PgStore {
     /// This process's statistics rows, as written (only it writes them).
     stats: Mutex<MyStats>,
     events: Mutex<EventCache>,
+    deliveries: Mutex<DeliveryCache>,
     node: lease::Node,
 }
 
@@ -333,6 +334,39 @@ impl EventCache {
         self.map.retain(|seq, _| keep(*seq));
         self.order.retain(|seq| keep(*seq));
         self.bytes = self.map.values().map(|e| e.body.len()).sum();
+    }
+}
+
+/// Delivery records [`DeliveryCache`] keeps.
+const DELIVERY_CACHE_RECORDS: usize = 200_000;
+
+/// Delivery records as last written by this node: an attempt of a delivery that was written
+/// (a retry, a backlog drained after the held window) reads its record first, and the writer
+/// reads it again to settle it. Only this node writes them while it holds the lease, after
+/// each commit, so a hit is what is stored. Oldest first out; emptied where records go.
+#[derive(Default)]
+struct DeliveryCache {
+    map: HashMap<DeliveryId, DeliveryRecord>,
+    order: VecDeque<DeliveryId>,
+}
+
+impl DeliveryCache {
+    fn put(&mut self, r: &DeliveryRecord) {
+        if self.map.insert(r.id, r.clone()).is_none() {
+            self.order.push_back(r.id);
+        }
+        while self.map.len() > DELIVERY_CACHE_RECORDS {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.map.remove(&old);
+        }
+    }
+
+    fn forget(&mut self, keep: impl Fn(&DeliveryRecord) -> bool) {
+        self.map.retain(|_, r| keep(r));
+        let map = &self.map;
+        self.order.retain(|id| map.contains_key(id));
     }
 }
 
@@ -461,6 +495,7 @@ impl PgStore {
             writer: random_i64(),
             stats: Mutex::new(MyStats::default()),
             events: Mutex::new(EventCache::default()),
+            deliveries: Mutex::new(DeliveryCache::default()),
             node: me,
         })
     }
@@ -825,6 +860,11 @@ impl Storage for PgStore {
             .map(|e| e.seq)
             .collect();
         cache.forget(|seq| !doomed.contains(&seq));
+        drop(cache);
+        self.deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(|r| &r.account_id != gone);
         Ok(())
     }
 
@@ -890,6 +930,10 @@ impl Storage for PgStore {
             ("DELETE FROM kh_stats WHERE webhook_id = $1", id()),
             ("DELETE FROM kh_webhook WHERE webhook_id = $1", id()),
         ])?;
+        self.deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(|r| r.id.webhook != hook.id);
         Ok(rows
             .first()
             .and_then(|r| r.first())
@@ -1036,13 +1080,24 @@ impl Storage for PgStore {
         if let Some(held) = self.held.get(id) {
             return Ok(Some(held));
         }
-        self.read(
-            "SELECT record FROM kh_delivery WHERE seq = $1 AND webhook_id = $2",
-            params![seq_key(id.seq), wh_key(id.webhook)],
-        )?
-        .first()
-        .map(|r| decode(r.get(0)))
-        .transpose()
+        if let Some(r) = self
+            .deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .get(&id)
+        {
+            return Ok(Some(r.clone()));
+        }
+        let record: Option<DeliveryRecord> = self
+            .read(
+                "SELECT record FROM kh_delivery WHERE seq = $1 AND webhook_id = $2",
+                params![seq_key(id.seq), wh_key(id.webhook)],
+            )?
+            .first()
+            .map(|r| decode(r.get(0)))
+            .transpose()?;
+        Ok(record)
     }
 
     fn attempts(&self, id: DeliveryId) -> Result<Vec<AttemptRecord>> {
@@ -1297,6 +1352,11 @@ impl Storage for PgStore {
         }
         stmts.extend(self.stats_statements(&w.stats));
         self.write(stmts)?;
+        let mut cache = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        for r in &w.deliveries {
+            cache.put(r);
+        }
+        drop(cache);
         self.count_live_attempts(&w.stats);
         Ok(())
     }
@@ -1450,6 +1510,12 @@ impl Storage for PgStore {
             .and_then(|r| r.first())
             .ok_or_else(|| StoreError::new(StoreErrorKind::Internal, "no purge counts"))?;
         let deliveries = row.get::<_, i64>(0) as usize;
+        // Kept ones are read back on their next use.
+        let planned: HashSet<DeliveryId> = plan.candidates.iter().map(|c| c.id).collect();
+        self.deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(|r| !planned.contains(&r.id));
         Ok(PurgedBatch {
             deliveries,
             attempts: row.get::<_, i64>(1) as usize,

@@ -229,12 +229,7 @@ impl Engine {
         let metrics_addr = metrics_listener
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
-        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(edge::tls_acceptor(cert, key).map_err(|e| StartError::Config(e.to_string()))?)
-            }
-            _ => None,
-        };
+        let tls = edge::server_tls(&config.server)?;
         let outbound = Outbound::new(
             &config.delivery.extra_ca_files,
             config.delivery.private_network_allowlist.clone(),

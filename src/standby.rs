@@ -168,12 +168,7 @@ impl Standby {
         let addr = listener
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
-        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(edge::tls_acceptor(cert, key).map_err(|e| StartError::Config(e.to_string()))?)
-            }
-            _ => None,
-        };
+        let tls = edge::server_tls(&config.server)?;
         let roots = crate::dispatch::client::tls_client_config(&config.delivery.extra_ca_files)
             .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()

@@ -260,6 +260,18 @@ pub async fn serve<H: Handler>(
 }
 
 /// Binds a listener, naming the address on failure.
+/// The API listener's TLS, if `server.tls_cert` and `server.tls_key` are set.
+pub fn server_tls(
+    server: &crate::config::ServerConfig,
+) -> Result<Option<TlsAcceptor>, crate::StartError> {
+    match (&server.tls_cert, &server.tls_key) {
+        (Some(cert), Some(key)) => tls_acceptor(cert, key)
+            .map(Some)
+            .map_err(|e| crate::StartError::Config(e.to_string())),
+        _ => Ok(None),
+    }
+}
+
 /// An address in use is asked again for up to [`BIND_RETRY`]: a standby that just took the
 /// lease closed its forwarding listener on the same address a moment before.
 pub async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, crate::StartError> {

@@ -84,6 +84,22 @@ impl Live {
         self.with_minute(now_ms, |m| m.events += n);
     }
 
+    /// Counts a batch of attempts into the minute now (delivered, and the rest as failed).
+    pub fn count(&self, attempts: &[crate::stats::AttemptStat]) {
+        if attempts.is_empty() {
+            return;
+        }
+        let delivered = attempts
+            .iter()
+            .filter(|s| s.outcome == crate::stats::Outcome::Delivered)
+            .count() as u64;
+        self.add_attempts(
+            clock::now_ms(),
+            delivered,
+            attempts.len() as u64 - delivered,
+        );
+    }
+
     pub fn add_attempts(&self, now_ms: u64, delivered: u64, failed: u64) {
         self.with_minute(now_ms, |m| {
             m.delivered += delivered;

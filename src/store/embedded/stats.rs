@@ -14,7 +14,7 @@ use super::tracked::Batch;
 use super::{keys, Result, SledStore};
 use crate::codec;
 use crate::ids::WebhookId;
-use crate::stats::{self, AttemptStat, Counts, Outcome, HOUR_MS};
+use crate::stats::{self, AttemptStat, Counts, HOUR_MS};
 
 /// What a sealed session value is bound to, besides its key.
 const SESSION_CONTEXT: &[u8] = b"ui-session:";
@@ -30,15 +30,7 @@ impl SledStore {
         if attempts.is_empty() {
             return Ok(());
         }
-        let delivered = attempts
-            .iter()
-            .filter(|s| s.outcome == Outcome::Delivered)
-            .count() as u64;
-        self.live.add_attempts(
-            crate::clock::now_ms(),
-            delivered,
-            attempts.len() as u64 - delivered,
-        );
+        self.live.count(attempts);
         let mut batch = Batch::default();
         for ((webhook, hour), add) in stats::aggregate(attempts) {
             let key = keys::stats(webhook, hour);
@@ -163,6 +155,7 @@ impl SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Outcome;
 
     fn stat(hook: u64, at_ms: u64, outcome: Outcome, ms: u64) -> AttemptStat {
         AttemptStat {

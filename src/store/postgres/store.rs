@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::ids::{self, AccountId, DeliveryId, WebhookId};
 use crate::model::{Account, AttemptRecord, DeliveryRecord, DeliveryStatus, EventRecord, Webhook};
 use crate::secrets::{self, KeySource, Sealer, SecretsKey};
-use crate::stats::{self, AttemptStat, Counts, Outcome};
+use crate::stats::{self, AttemptStat, Counts};
 use crate::store::embedded::backup::BackupError;
 use crate::store::held::HeldDeliveries;
 use crate::store::{
@@ -583,21 +583,6 @@ impl PgStore {
              ON CONFLICT (webhook_id, hour, writer) DO UPDATE SET record = excluded.record",
             params![hooks, hours, writers, records],
         ))
-    }
-
-    fn count_live_attempts(&self, attempts: &[AttemptStat]) {
-        if attempts.is_empty() {
-            return;
-        }
-        let delivered = attempts
-            .iter()
-            .filter(|s| s.outcome == Outcome::Delivered)
-            .count() as u64;
-        self.live.add_attempts(
-            crate::clock::now_ms(),
-            delivered,
-            attempts.len() as u64 - delivered,
-        );
     }
 
     /// The name this node goes by (`cluster.node_name`).
@@ -1357,7 +1342,7 @@ impl Storage for PgStore {
             cache.put(r);
         }
         drop(cache);
-        self.count_live_attempts(&w.stats);
+        self.live.count(&w.stats);
         Ok(())
     }
 
@@ -1380,7 +1365,7 @@ impl Storage for PgStore {
 
     fn add_stats(&self, attempts: &[AttemptStat]) -> Result<()> {
         self.write(self.stats_statements(attempts).into_iter().collect())?;
-        self.count_live_attempts(attempts);
+        self.live.count(attempts);
         Ok(())
     }
 

@@ -287,8 +287,8 @@ pub struct PgStore {
     writer: i64,
     /// This process's statistics rows, as written (only it writes them).
     stats: Mutex<MyStats>,
-    events: Mutex<EventCache>,
-    deliveries: Mutex<DeliveryCache>,
+    events: Mutex<Recent<u64, EventRecord>>,
+    deliveries: Mutex<Recent<DeliveryId, DeliveryRecord>>,
     node: lease::Node,
 }
 
@@ -300,73 +300,67 @@ impl Drop for PgStore {
     }
 }
 
-/// Bytes of event bodies [`EventCache`] keeps.
+/// Bytes of event bodies the event cache keeps.
 const EVENT_CACHE_BYTES: usize = 64 << 20;
 
-/// Recent events by sequence number. Every attempt of every delivery reads its event's body,
-/// and on this backend a read is a round trip to the database (ten for an event fanned out to
-/// ten webhooks): this node appended them and is the only writer while it holds the lease, so
-/// what it keeps is what is stored. Oldest out first; emptied where events are deleted.
-#[derive(Default)]
-struct EventCache {
-    map: HashMap<u64, EventRecord>,
-    order: VecDeque<u64>,
-    bytes: usize,
+/// Delivery records the delivery cache keeps.
+const DELIVERY_CACHE_RECORDS: usize = 200_000;
+
+/// Records this node wrote, by key, up to `cap` of `weigh`'s units (oldest out first). Only
+/// this node writes while it holds the lease, and it puts a record here after its commit, so a
+/// hit is what is stored; deletes empty the cache where records go (`forget`).
+///
+/// Two of them: events (every attempt of every delivery reads its event's body — ten round
+/// trips for an event fanned out to ten webhooks) and delivery records (an attempt of a
+/// written delivery — a retry, a backlog drained after the held window — reads its record,
+/// and the writer reads it again to settle it).
+struct Recent<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    weight: usize,
+    cap: usize,
+    weigh: fn(&V) -> usize,
 }
 
-impl EventCache {
-    fn put(&mut self, e: &EventRecord) {
-        if self.map.insert(e.seq, e.clone()).is_none() {
-            self.order.push_back(e.seq);
-            self.bytes += e.body.len();
+impl<K: std::hash::Hash + Eq + Copy, V: Clone> Recent<K, V> {
+    fn new(cap: usize, weigh: fn(&V) -> usize) -> Self {
+        Recent {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            weight: 0,
+            cap,
+            weigh,
         }
-        while self.bytes > EVENT_CACHE_BYTES {
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.map.get(key).cloned()
+    }
+
+    fn put(&mut self, key: K, value: &V) {
+        let w = (self.weigh)(value);
+        match self.map.insert(key, value.clone()) {
+            Some(old) => self.weight = self.weight - (self.weigh)(&old) + w,
+            None => {
+                self.order.push_back(key);
+                self.weight += w;
+            }
+        }
+        while self.weight > self.cap {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
             if let Some(gone) = self.map.remove(&old) {
-                self.bytes -= gone.body.len();
+                self.weight -= (self.weigh)(&gone);
             }
         }
     }
 
-    fn forget(&mut self, keep: impl Fn(u64) -> bool) {
-        self.map.retain(|seq, _| keep(*seq));
-        self.order.retain(|seq| keep(*seq));
-        self.bytes = self.map.values().map(|e| e.body.len()).sum();
-    }
-}
-
-/// Delivery records [`DeliveryCache`] keeps.
-const DELIVERY_CACHE_RECORDS: usize = 200_000;
-
-/// Delivery records as last written by this node: an attempt of a delivery that was written
-/// (a retry, a backlog drained after the held window) reads its record first, and the writer
-/// reads it again to settle it. Only this node writes them while it holds the lease, after
-/// each commit, so a hit is what is stored. Oldest first out; emptied where records go.
-#[derive(Default)]
-struct DeliveryCache {
-    map: HashMap<DeliveryId, DeliveryRecord>,
-    order: VecDeque<DeliveryId>,
-}
-
-impl DeliveryCache {
-    fn put(&mut self, r: &DeliveryRecord) {
-        if self.map.insert(r.id, r.clone()).is_none() {
-            self.order.push_back(r.id);
-        }
-        while self.map.len() > DELIVERY_CACHE_RECORDS {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            self.map.remove(&old);
-        }
-    }
-
-    fn forget(&mut self, keep: impl Fn(&DeliveryRecord) -> bool) {
-        self.map.retain(|_, r| keep(r));
+    fn forget(&mut self, keep: impl Fn(&V) -> bool) {
+        self.map.retain(|_, v| keep(v));
         let map = &self.map;
-        self.order.retain(|id| map.contains_key(id));
+        self.order.retain(|k| map.contains_key(k));
+        self.weight = self.map.values().map(self.weigh).sum();
     }
 }
 
@@ -494,8 +488,8 @@ impl PgStore {
             live: crate::stats::live::Live::default(),
             writer: random_i64(),
             stats: Mutex::new(MyStats::default()),
-            events: Mutex::new(EventCache::default()),
-            deliveries: Mutex::new(DeliveryCache::default()),
+            events: Mutex::new(Recent::new(EVENT_CACHE_BYTES, |e| e.body.len())),
+            deliveries: Mutex::new(Recent::new(DELIVERY_CACHE_RECORDS, |_| 1)),
             node: me,
         })
     }
@@ -837,15 +831,10 @@ impl Storage for PgStore {
             ("DELETE FROM kh_account WHERE account_id = $1", id()),
         ])?;
         let gone = &account.id;
-        let mut cache = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        let doomed: HashSet<u64> = cache
-            .map
-            .values()
-            .filter(|e| &e.account_id == gone)
-            .map(|e| e.seq)
-            .collect();
-        cache.forget(|seq| !doomed.contains(&seq));
-        drop(cache);
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(|e| &e.account_id != gone);
         self.deliveries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1007,7 +996,7 @@ impl Storage for PgStore {
         self.write(stmts)?;
         let mut cache = self.events.lock().unwrap_or_else(|p| p.into_inner());
         for e in events {
-            cache.put(e);
+            cache.put(e.seq, e);
         }
         drop(cache);
         self.live
@@ -1020,10 +1009,9 @@ impl Storage for PgStore {
             .events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .map
             .get(&seq)
         {
-            return Ok(Some(e.clone()));
+            return Ok(Some(e));
         }
         let event: Option<EventRecord> = self
             .read(
@@ -1034,7 +1022,10 @@ impl Storage for PgStore {
             .map(|r| decode(r.get(0)))
             .transpose()?;
         if let Some(e) = &event {
-            self.events.lock().unwrap_or_else(|p| p.into_inner()).put(e);
+            self.events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(seq, e);
         }
         Ok(event)
     }
@@ -1069,10 +1060,9 @@ impl Storage for PgStore {
             .deliveries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .map
             .get(&id)
         {
-            return Ok(Some(r.clone()));
+            return Ok(Some(r));
         }
         let record: Option<DeliveryRecord> = self
             .read(
@@ -1339,7 +1329,7 @@ impl Storage for PgStore {
         self.write(stmts)?;
         let mut cache = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
         for r in &w.deliveries {
-            cache.put(r);
+            cache.put(r.id, r);
         }
         drop(cache);
         self.live.count(&w.stats);
@@ -1539,7 +1529,7 @@ impl Storage for PgStore {
             self.events
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .forget(|seq| seq >= floor);
+                .forget(|e| e.seq >= floor);
         }
         let next = row
             .get::<_, Option<i64>>(1)

@@ -98,15 +98,21 @@ pub fn overview_view(o: &domain::Overview) -> Value {
     })
 }
 
+/// Refuses any query parameter (the admin views take none).
+fn no_query(call: &Call) -> Result<(), Refusal> {
+    match call.query().first() {
+        Some((k, _)) => Err(Refusal::bad_request(
+            "invalid_query",
+            format!("unknown query parameter {k:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `GET /v1/admin/cluster`: the nodes sharing the store and the partition count.
 pub async fn cluster(state: &Services, call: Call) -> ApiResult {
     call.caller.require_admin()?;
-    if let Some((k, _)) = call.query().first() {
-        return Err(Refusal::bad_request(
-            "invalid_query",
-            format!("unknown query parameter {k:?}"),
-        ));
-    }
+    no_query(&call)?;
     let c = domain::cluster(state).await?;
     Ok(json_response(
         StatusCode::OK,
@@ -127,12 +133,7 @@ pub async fn cluster(state: &Services, call: Call) -> ApiResult {
 /// `GET /v1/admin/stats`.
 pub async fn admin(state: &Services, call: Call) -> ApiResult {
     call.caller.require_admin()?;
-    if let Some((k, _)) = call.query().first() {
-        return Err(Refusal::bad_request(
-            "invalid_query",
-            format!("unknown query parameter {k:?}"),
-        ));
-    }
+    no_query(&call)?;
     let o = domain::overview(state).await?;
     Ok(json_response(StatusCode::OK, &overview_view(&o)))
 }

@@ -8,7 +8,7 @@
 //! logged so that the operator knows where to read it. The file is private like the rest of the
 //! data dir; `kyberhook compact` carries it over, a backup does not hold it.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::config::{check_admin_token, Config};
@@ -56,7 +56,20 @@ pub fn resolve(config: &mut Config) -> Result<Resolved, AdminTokenError> {
         }
         None => {
             let token = crate::ids::random_hex(32);
-            write_new(&path, &token)?;
+            let published = crate::once_file::publish(&path, format!("{token}\n").as_bytes())
+                .map_err(|source| AdminTokenError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+            if published == crate::once_file::Published::Exists {
+                // Another node on this data dir generated its token a moment ago: use that one.
+                let token = read(&path)?.ok_or_else(|| AdminTokenError::Invalid {
+                    path: path.clone(),
+                    message: "vanished while it was being read".into(),
+                })?;
+                config.auth.admin_token = Some(token);
+                return Ok(Resolved::Read(path));
+            }
             config.auth.admin_token = Some(token);
             Ok(Resolved::Generated(path))
         }
@@ -96,28 +109,6 @@ fn read(path: &Path) -> Result<Option<String>, AdminTokenError> {
         message,
     })?;
     Ok(Some(token))
-}
-
-/// Writes a new token file (mode 0600, never over an existing file) and makes it durable.
-fn write_new(path: &Path, token: &str) -> Result<(), AdminTokenError> {
-    let err = |source| AdminTokenError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).map_err(err)?;
-    file.write_all(format!("{token}\n").as_bytes())
-        .map_err(err)?;
-    file.sync_all().map_err(err)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

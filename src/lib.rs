@@ -54,6 +54,7 @@ pub mod maintenance;
 pub mod manual_retry;
 pub mod metrics;
 pub mod model;
+pub mod once_file;
 pub mod pushback;
 pub mod ratelimit;
 pub mod registry;

@@ -19,7 +19,6 @@
 //! Every secret field of [`Webhook`] is listed once, in [`webhook_secret_fields`]: a new one is
 //! sealed and opened by adding it there.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -112,28 +111,22 @@ impl SecretsKey {
         SecretsKey::parse(&text, origin)
     }
 
-    /// Writes the key as 64 hex digits to a new file of mode 0600 and makes it durable (file
-    /// and directory entry) before any secret is sealed with it: a key lost in a crash would
-    /// leave its secrets sealed for good.
-    pub fn write_new(&self, path: &Path) -> Result<(), SecretsError> {
-        let err = |source| SecretsError::Write {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path).map_err(err)?;
-        file.write_all(format!("{}\n", hex::encode(self.0)).as_bytes())
-            .map_err(err)?;
-        file.sync_all().map_err(err)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(err)?;
+    /// Generates a key into `path` (64 hex digits, mode 0600), durable with its directory
+    /// entry before any secret is sealed with it: a key lost in a crash would leave its secrets
+    /// sealed for good. When another node sharing the data dir published its key first, that
+    /// key is read and returned instead, so both seal with the same key. `true` when this call
+    /// generated the key.
+    pub fn generate_into(path: &Path, origin: &str) -> Result<(SecretsKey, bool), SecretsError> {
+        let key = SecretsKey::generate();
+        let text = format!("{}\n", hex::encode(key.0));
+        match crate::once_file::publish(path, text.as_bytes()) {
+            Ok(crate::once_file::Published::Created) => Ok((key, true)),
+            Ok(crate::once_file::Published::Exists) => Ok((SecretsKey::read(path, origin)?, false)),
+            Err(source) => Err(SecretsError::Write {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
-        Ok(())
     }
 }
 
@@ -440,8 +433,8 @@ mod tests {
     fn a_generated_key_file_is_private_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(DATA_DIR_KEY_FILE);
-        let key = SecretsKey::generate();
-        key.write_new(&path).unwrap();
+        let (key, generated) = SecretsKey::generate_into(&path, "f").unwrap();
+        assert!(generated);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -449,8 +442,10 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         assert_eq!(SecretsKey::read(&path, "f").unwrap().0, key.0);
-        // Never overwritten.
-        assert!(SecretsKey::generate().write_new(&path).is_err());
+        // Never overwritten: a second start reads the first key.
+        let (again, generated) = SecretsKey::generate_into(&path, "f").unwrap();
+        assert!(!generated);
+        assert_eq!(again.0, key.0);
     }
 
     #[test]

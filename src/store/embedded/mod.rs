@@ -1162,9 +1162,10 @@ fn settle_key(path: &Path, source: &KeySource, webhooks: &Tree) -> Result<Secret
                     });
                 }
             }
-            let key = SecretsKey::generate();
-            key.write_new(&file)?;
-            tracing::info!(file = %file.display(), "generated the key that seals webhook secrets");
+            let (key, generated) = SecretsKey::generate_into(&file, &key_origin(path, source))?;
+            if generated {
+                tracing::info!(file = %file.display(), "generated the key that seals webhook secrets");
+            }
             Ok(key)
         }
     }

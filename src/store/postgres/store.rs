@@ -625,10 +625,11 @@ fn settle_key(
                 std::fs::create_dir_all(data_dir).map_err(|e| {
                     PgError::Config(format!("storage.path {:?}: {e}", data_dir.display()))
                 })?;
-                let key = SecretsKey::generate();
-                key.write_new(&file)
+                let (key, generated) = SecretsKey::generate_into(&file, &origin)
                     .map_err(|e| PgError::Config(e.to_string()))?;
-                tracing::info!(file = %file.display(), "generated the key that seals webhook secrets (give the same key to every node)");
+                if generated {
+                    tracing::info!(file = %file.display(), "generated the key that seals webhook secrets (give the same key to every node)");
+                }
                 key
             }
         }

@@ -52,6 +52,21 @@ pub fn config(
     shape: Shape,
     extra: &[(String, String, String)],
 ) -> Config {
+    let text = config_text(opts, pki, data, shape, extra);
+    Config::from_toml(&text, "load bench").unwrap_or_else(|e| {
+        eprintln!("load bench: engine config: {e}");
+        std::process::exit(2)
+    })
+}
+
+/// The same as a config file's text (the cluster phase's node processes read it).
+pub fn config_text(
+    opts: &Opts,
+    pki: Option<&Pki>,
+    data: &std::path::Path,
+    shape: Shape,
+    extra: &[(String, String, String)],
+) -> String {
     let mut t = Table::new();
     set(&mut t, "server", "listen", "127.0.0.1:0");
     set(&mut t, "metrics", "listen", "127.0.0.1:0");
@@ -112,11 +127,7 @@ pub fn config(
             .unwrap_or_else(|| Value::from(value.as_str()));
         set(&mut t, section, key, v);
     }
-    let text = toml::to_string(&t).expect("a TOML table serialises");
-    Config::from_toml(&text, "load bench").unwrap_or_else(|e| {
-        eprintln!("load bench: engine config: {e}");
-        std::process::exit(2)
-    })
+    toml::to_string(&t).expect("a TOML table serialises")
 }
 
 impl BenchEngine {

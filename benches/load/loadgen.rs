@@ -194,18 +194,33 @@ impl Producer {
     /// Starts `conns` connections sending `body` to `POST /v1/events` until [`Producer::stop`]
     /// or `hard` (on the caller's runtime).
     pub fn start(api: SocketAddr, conns: usize, body: Bytes, hard: Instant) -> Arc<Producer> {
+        Producer::start_on(vec![api], conns, body, hard)
+    }
+
+    /// The same, connection `i` sending to `apis[i % n]` (the nodes of a cluster); a connection
+    /// whose node stops answering moves on to the next node, as a client with a list of
+    /// addresses does.
+    pub fn start_on(
+        apis: Vec<SocketAddr>,
+        conns: usize,
+        body: Bytes,
+        hard: Instant,
+    ) -> Arc<Producer> {
         let p = Arc::new(Producer::default());
+        let apis: Arc<[SocketAddr]> = apis.into();
         let handles = (0..conns)
-            .map(|_| {
-                let (p, body) = (p.clone(), body.clone());
-                tokio::spawn(async move { p.run(api, body, hard).await })
+            .map(|i| {
+                let (p, body, apis) = (p.clone(), body.clone(), apis.clone());
+                tokio::spawn(async move { p.run(&apis, i, body, hard).await })
             })
             .collect();
         *p.handles.lock().unwrap_or_else(|e| e.into_inner()) = handles;
         p
     }
 
-    async fn run(&self, api: SocketAddr, body: Bytes, hard: Instant) {
+    async fn run(&self, apis: &[SocketAddr], first: usize, body: Bytes, hard: Instant) {
+        let mut at = first;
+        let mut api = apis[at % apis.len()];
         let Ok(mut sender) = connect(api).await else {
             self.io_errors.fetch_add(1, Ordering::Relaxed);
             return;
@@ -255,9 +270,26 @@ impl Producer {
                 Err(_) => {
                     self.io_errors.fetch_add(1, Ordering::Relaxed);
                     // Bounded by `hard` and the request cap like every turn of the loop.
-                    match tokio::time::timeout(REQUEST_TIMEOUT, connect(api)).await {
-                        Ok(Ok(s)) => sender = s,
-                        _ => return,
+                    if apis.len() == 1 {
+                        match tokio::time::timeout(REQUEST_TIMEOUT, connect(api)).await {
+                            Ok(Ok(s)) => sender = s,
+                            _ => return,
+                        }
+                        continue;
+                    }
+                    // Next node; a node that refuses connections is skipped after a pause.
+                    loop {
+                        at += 1;
+                        api = apis[at % apis.len()];
+                        if let Ok(Ok(s)) = tokio::time::timeout(REQUEST_TIMEOUT, connect(api)).await
+                        {
+                            sender = s;
+                            break;
+                        }
+                        if self.stop.load(Ordering::Relaxed) || Instant::now() >= hard {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
             }

@@ -6,6 +6,7 @@
 //! cargo bench --bench load -- --json          # also print the figures as one JSON object
 //! cargo bench --bench load -- --no-fsync      # storage.fsync = false: what durability costs
 //! cargo bench --bench load -- --phases flow,isolation --quick   # issue 20's table and cases
+//! cargo bench --bench load -- --backend postgres --nodes 2 --quick   # two nodes, SIGKILL of one
 //! flags: --conns N (256)  --secs S (30; quick 5)  --rps-secs S (15; quick 3)
 //!        --warmup S (3; quick 1)  --rate EV/S (1000)  --fanouts 1,10
 //!        --receivers K (1 receiver process; webhooks spread over K)  --max-backlog N (50000)
@@ -15,7 +16,8 @@
 //!        --drain-secs S (120; quick 60)  --probes N (3: ceiling probes per run, median)
 //!        --fanout-ingest single|batch|both (both)
 //!        --latency-webhooks N (1; 0 measures ingest latency alone)  --latency-conns N (32)
-//!        --phases healthz,ingest,batch,fanout,latency,retention,lag,paced,flow,isolation (all)
+//!        --phases healthz,ingest,batch,fanout,latency,retention,lag,paced,flow,isolation,cluster
+//!          (all but cluster)
 //!        --retention S (10: storage.retention of the retention phase)  --retention-run S (90; quick 40)
 //!        --lag WxC,... (webhooks x connections of the lag phases, and of the flow phases
 //!          unless --flow is given)  --flow WxC,... (1x32,1x64,1x256,10x32,10x64,10x256)
@@ -25,6 +27,8 @@
 //!          delivery.max_in_flight_per_webhook=1024)
 //!        --isolation a,b,c (all)  --isolation-conns N (32 per producer)  --slow-ms MS (300)
 //!        --fail-mode MODE (status:503: how case c's endpoint fails)
+//!        --nodes N (2: the cluster phase's kyberhook processes; alone, runs only that phase)
+//!        --cluster WxC,... (1x32,10x32: its runs)
 //!        --backend sled|postgres (sled)  --postgres-url postgres://USER@HOST:PORT (the cluster
 //!          of --backend postgres; else KYBERHOOK_BENCH_POSTGRES_URL, else the bench starts a
 //!          throw-away one with .ci/postgres and stops it at the end; each engine gets a fresh
@@ -70,7 +74,14 @@
 //! 10. `isolation` (issue 20 item 3), each case on a fresh default engine: (a) a slow
 //!     account's endpoint beside a fast one's, (b) a slow webhook beside fast ones in one
 //!     account, (c) an endpoint that fails for a while and recovers, its requests in flight
-//!     sampled every 100 ms (see `phases/isolation.rs`).
+//!     sampled every 100 ms (see `phases/isolation.rs`);
+//! 11. `cluster` (issue 22; only with `--backend postgres`, and only when `--phases` or
+//!     `--nodes` asks for it), per `--cluster` WxC: `--nodes` real `kyberhook serve`
+//!     processes on one fresh database, producers spread over all of them; a third into the
+//!     window the serving node is SIGKILLed: created and delivered per second before and
+//!     after, how long until another node serves, the longest pause in arrivals, lost
+//!     deliveries and duplicates once drained, and whether the killed node rejoins (see
+//!     `phases/cluster.rs`).
 //!
 //! All figures go into one report (`report.rs`), printed as a table and, with `--json`, as
 //! one JSON object from the same values. Peak RSS is this process's VmHWM (engine and load
@@ -91,7 +102,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::{BenchEngine, Shape};
-use phases::{fanout, flow, isolation, lag, latency, retention, rps, Ctx};
+use phases::{cluster, fanout, flow, isolation, lag, latency, retention, rps, Ctx};
 use procstat::{du, loadavg, status_bytes};
 use receiver::Receivers;
 use report::{Cell, Place, Report, Val};
@@ -323,6 +334,15 @@ fn main() {
             retention::run(&ctx).await.report(&mut report);
         } else {
             report.skipped("retention", Place::Key("retention".into()));
+        }
+        if opts.runs("cluster") {
+            for &(w, c) in &opts.cluster {
+                eprintln!(
+                    "phase: cluster, {} nodes, {w} webhook(s) x {c} connections, SIGKILL of the serving node",
+                    opts.nodes
+                );
+                cluster::run(&ctx, opts.nodes, w, c).await.report(&mut report);
+            }
         }
         (events_only, main_totals)
     });

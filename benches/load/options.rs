@@ -16,7 +16,18 @@ pub const ALL_PHASES: &[&str] = &[
     "paced",
     "flow",
     "isolation",
+    "cluster",
 ];
+
+/// Phases that run unless `--phases` names others: all but `cluster` (it needs
+/// `--backend postgres` and starts its own node processes).
+fn default_phases() -> Vec<String> {
+    ALL_PHASES
+        .iter()
+        .filter(|p| **p != "cluster")
+        .map(|p| p.to_string())
+        .collect()
+}
 
 /// The isolation cases (issue 20 item 3): `a` slow account beside a fast one, `b` slow webhook
 /// beside fast ones, `c` an endpoint that starts failing and recovers.
@@ -97,6 +108,10 @@ pub struct Opts {
     /// cluster the bench starts with `.ci/postgres`).
     pub postgres: bool,
     pub postgres_url: Option<String>,
+    /// `--nodes N`: kyberhook processes of the cluster phase (2 to 8).
+    pub nodes: usize,
+    /// `--cluster WxC,...`: the cluster phase's runs (default 1x32,10x32).
+    pub cluster: Vec<(usize, usize)>,
 }
 
 impl Opts {
@@ -121,7 +136,7 @@ fn usage(msg: &str) -> ! {
          [--latency-conns N] [--phases {}] [--retention S] [--retention-run S] [--lag WxC,...] [--flow WxC,...] \
          [--quota N] [--max-lag D] [--paced-rate N] [--event-bytes N] [--set SECTION.KEY=VALUE] \
          [--isolation {}] [--isolation-conns N] [--slow-ms MS] [--fail-mode MODE] \
-         [--backend sled|postgres] [--postgres-url URL]",
+         [--backend sled|postgres] [--postgres-url URL] [--nodes N] [--cluster WxC,...]",
         ALL_PHASES.join(","),
         ALL_CASES.join(",")
     );
@@ -172,6 +187,7 @@ pub fn parse(args: Vec<String>) -> Opts {
     let quick = args.iter().any(|a| a == "--quick");
     let mut lag_given = false;
     let mut flow_given = false;
+    let (mut nodes_given, mut phases_given) = (false, false);
     let mut o = Opts {
         quick,
         json: false,
@@ -191,7 +207,7 @@ pub fn parse(args: Vec<String>) -> Opts {
         fanout_ingest: vec![IngestMode::Single, IngestMode::Batch],
         latency_webhooks: 1,
         latency_conns: 32,
-        phases: ALL_PHASES.iter().map(|p| p.to_string()).collect(),
+        phases: default_phases(),
         retention: 10,
         retention_run: if quick { 40 } else { 90 },
         lag: vec![(1, 32), (10, 32), (10, 64), (10, 256)],
@@ -205,6 +221,8 @@ pub fn parse(args: Vec<String>) -> Opts {
         isolation_conns: 32,
         slow_ms: 300,
         fail_mode: "status:503".parse().expect("a valid mode"),
+        nodes: 2,
+        cluster: vec![(1, 32), (10, 32)],
         postgres: false,
         postgres_url: std::env::var("KYBERHOOK_BENCH_POSTGRES_URL").ok(),
     };
@@ -245,6 +263,14 @@ pub fn parse(args: Vec<String>) -> Opts {
                 }
             }
             "--postgres-url" => o.postgres_url = Some(value()),
+            "--nodes" => {
+                o.nodes = num(&flag, &value()).clamp(2, 8) as usize;
+                nodes_given = true;
+            }
+            "--cluster" => {
+                o.cluster = runs_of(&flag, &value());
+                nodes_given = true;
+            }
             "--latency-webhooks" => o.latency_webhooks = num(&flag, &value()).min(100) as usize,
             "--latency-conns" => o.latency_conns = num(&flag, &value()).max(1) as usize,
             "--retention" => o.retention = num(&flag, &value()).max(1),
@@ -266,7 +292,10 @@ pub fn parse(args: Vec<String>) -> Opts {
                 o.flow = runs_of(&flag, &value());
                 flow_given = true;
             }
-            "--phases" => o.phases = list(&flag, &value(), ALL_PHASES),
+            "--phases" => {
+                o.phases = list(&flag, &value(), ALL_PHASES);
+                phases_given = true;
+            }
             "--isolation" => o.cases = list(&flag, &value(), ALL_CASES),
             "--fanout-ingest" => {
                 o.fanout_ingest = match value().as_str() {
@@ -305,6 +334,13 @@ pub fn parse(args: Vec<String>) -> Opts {
             "--fail-mode" => o.fail_mode = mode(&flag, &value()),
             other => usage(&format!("unknown argument {other:?}")),
         }
+    }
+    // `--nodes` or `--cluster` alone asks for the cluster phase.
+    if nodes_given && !phases_given {
+        o.phases = vec!["cluster".to_string()];
+    }
+    if o.runs("cluster") && !o.postgres {
+        usage("the cluster phase needs --backend postgres");
     }
     // `--lag` alone names the runs of both phases that take them (`--phases flow --lag 10x64`).
     if lag_given && !flow_given {

@@ -2,6 +2,7 @@
 //! sets up its own account, webhooks and receiver path, drives load, and returns a result
 //! whose `report` method puts its figures into the one [`crate::report::Report`].
 
+pub mod cluster;
 pub mod fanout;
 pub mod flow;
 pub mod isolation;

@@ -23,6 +23,7 @@ macro_rules! backend_conformance {
             a_held_delivery_is_read_first_until_released,
             statistics_and_sessions_round_trip,
             retention_drops_what_ended_before_the_cutoff_and_nothing_still_owed,
+            whole_days_of_history_go_but_not_one_with_owed_work,
             durability_and_health_answer_on_a_healthy_store);
     };
     (@each $open:expr; $($check:ident),*) => {
@@ -454,6 +455,97 @@ pub fn retention_drops_what_ended_before_the_cutoff_and_nothing_still_owed(store
     // An event still owed its fan-out is kept however old.
     assert!(store.get_event(owed_fan_out.seq).unwrap().is_some());
     // A second pass finds nothing more.
+    assert_eq!(
+        purge_before(store, cutoff, &|| true).unwrap(),
+        Purged::default()
+    );
+}
+
+/// The first UTC day of [`whole_days_of_history_go_but_not_one_with_owed_work`]'s two: 20 days
+/// before now, so a backend that keeps history in day tables has tables for them only if a test
+/// made them (`tests/it/pg_store.rs` does).
+pub fn old_day() -> u64 {
+    crate::clock::now_ms() / 86_400_000 - 20
+}
+
+/// Two old days of history: the first all ended, the second with one delivery still owed an
+/// attempt. A pass past both removes the first whole and only what ended of the second (a
+/// backend may drop the first as a unit: the PostgreSQL store drops its day tables).
+pub fn whole_days_of_history_go_but_not_one_with_owed_work(store: &dyn Storage) {
+    let a = account();
+    let (first, second) = (old_day() * 86_400_000, (old_day() + 1) * 86_400_000);
+    let events: Vec<EventRecord> = (1..=3)
+        .map(|n| an_event(&a, first + 1_000, n))
+        .chain((1..=2).map(|n| an_event(&a, second + 1_000, n)))
+        .collect();
+    store.append_events_owing(&events, &[false; 5]).unwrap();
+    let records: Vec<DeliveryRecord> = events
+        .iter()
+        .map(|e| {
+            DeliveryRecord::new(
+                DeliveryId {
+                    seq: e.seq,
+                    webhook: WebhookId(1),
+                },
+                e,
+                first,
+                false,
+            )
+        })
+        .collect();
+    store
+        .apply_delivery_writes(&DeliveryWrites::created(records.clone()))
+        .unwrap();
+    for r in &records[..4] {
+        settle(store, r, 200, 0, second + 2_000);
+    }
+    // Owed an attempt for a long time yet (a long retry schedule).
+    settle(
+        store,
+        &records[4],
+        500,
+        second + 400 * 86_400_000,
+        second + 2_000,
+    );
+    let cutoff = second + 3 * 86_400_000;
+    let purged = purge_before(store, cutoff, &|| true).unwrap();
+    assert_eq!(
+        purged,
+        Purged {
+            deliveries: 4,
+            attempts: 4,
+            events: 4
+        }
+    );
+    for gone in &records[..4] {
+        assert_eq!(store.get_delivery(gone.id).unwrap(), None);
+        assert!(store.attempts(gone.id).unwrap().is_empty());
+        assert_eq!(store.get_event(gone.id.seq).unwrap(), None);
+    }
+    let kept = &records[4];
+    assert_eq!(
+        store.get_delivery(kept.id).unwrap().map(|r| r.status),
+        Some(DeliveryStatus::Retrying)
+    );
+    assert_eq!(store.attempts(kept.id).unwrap().len(), 1);
+    assert!(store.get_event(kept.id.seq).unwrap().is_some());
+    let page = store
+        .list_deliveries(
+            &a,
+            &DeliveryQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(
+        store
+            .scheduled()
+            .collect::<crate::store::Result<Vec<_>>>()
+            .unwrap(),
+        vec![(second + 400 * 86_400_000, kept.id)]
+    );
     assert_eq!(
         purge_before(store, cutoff, &|| true).unwrap(),
         Purged::default()

@@ -412,6 +412,30 @@ async fn a_node_paused_past_its_lease_is_fenced_and_commits_nothing_after_the_ta
     assert_ne!(code, 0, "{}", a.log());
     assert!(a.log().contains("lease"), "{}", a.log());
 
+    // Its supervisor starts it again: it waits as a standby, and the node that took over by
+    // expiry keeps the lease (a node's liveness is its own advisory key, so the newcomer cannot
+    // mistake the fenced node's ended session for the holder's).
+    let epoch = || async {
+        db.client()
+            .await
+            .query_one("SELECT epoch FROM kh_lease WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let held = epoch().await;
+    let again = Node::start(&node_config(dir.path(), "node-a", &db, &pki, "2s", None));
+    again.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
+    // Several looks of the standby (every 250 ms) and renewals of the holder (every 400 ms).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        epoch().await,
+        held,
+        "the restarted node took the lease: {}",
+        again.log()
+    );
+    assert!(!again.log().contains("this node serves"), "{}", again.log());
+
     wait_all_delivered(&rx, &["evt_on_b".to_string()], Duration::from_secs(20)).await;
     let stored: i64 = db
         .client()

@@ -50,3 +50,51 @@ fn open() -> (Open, Arc<dyn Storage>) {
 }
 
 kyberhook::backend_conformance!(open);
+
+/// The whole-day check above, with day tables for its two days (a store makes them only from
+/// yesterday on): the first day's tables are dropped, the second's (one delivery still owed)
+/// stay.
+#[test]
+fn a_day_of_ended_history_is_dropped_as_tables_and_a_day_still_owed_stays() {
+    use kyberhook::store::postgres::schema::{self, Server};
+    let (open, store) = open();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let day = kyberhook::store::conformance::old_day();
+    let present = |day: u64| -> Vec<bool> {
+        rt.block_on(async {
+            let client = open.db.client().await;
+            let mut out = Vec::new();
+            for table in schema::DAY_PARTITIONED {
+                let name: Option<String> = client
+                    .query_one(
+                        "SELECT to_regclass($1)::text",
+                        &[&schema::day_table(table, day)],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                out.push(name.is_some());
+            }
+            out
+        })
+    };
+    rt.block_on(async {
+        let mut client = open.db.client().await;
+        schema::ensure_day_tables(&mut client, Server::Postgres, day, 2)
+            .await
+            .unwrap();
+    });
+    assert_eq!(present(day), [true; 3]);
+    assert_eq!(present(day + 1), [true; 3]);
+    kyberhook::store::conformance::whole_days_of_history_go_but_not_one_with_owed_work(&*store);
+    assert_eq!(
+        present(day),
+        [false; 3],
+        "the ended day's tables are dropped"
+    );
+    assert_eq!(present(day + 1), [true; 3], "the owed day's tables stay");
+}

@@ -8,11 +8,15 @@
 //! `kh_lease` has one row: `owner`, `epoch` (+1 at every change of holder) and `expires_at`
 //! (the database's clock, renewed by the holder's heartbeat every fifth of the lease). A node
 //! takes the lease when nobody holds it, when it has expired (the holder hung or lost the
-//! database), or when the holder's session is known to be gone: the holder also keeps the
-//! session-level advisory lock [`SERVE_LOCK`] on its heartbeat connection, which PostgreSQL
-//! releases the moment that connection ends (a crash, a SIGKILL), so a standby that gets the
-//! advisory lock takes over at once instead of waiting out the lease. A graceful stop releases
-//! the lease ([`release`]), for the same quick handover.
+//! database), or when the holder's session is known to be gone: every node keeps a
+//! session-level advisory lock keyed by its own `node_id` on its heartbeat connection, which
+//! PostgreSQL releases the moment that connection ends (a crash, a SIGKILL), so a standby that
+//! can take the holder's key (and lets it go at once) knows the holder is gone and takes over
+//! instead of waiting out the lease. The key is the holder's own, not one lock for the whole
+//! cluster: with a single shared lock, whichever node got it next — a restarted node, a second
+//! standby — would take the lease from a healthy holder that had taken over by expiry, and two
+//! nodes starting together could each hold half the claim (one the free lease, the other the
+//! lock). A graceful stop releases the lease ([`release`]), for the same quick handover.
 //!
 //! **The fence.** Taking the lease reads its row `FOR UPDATE`; every write transaction of the
 //! store first reads it `FOR KEY SHARE` and goes on only if it still names this node, this
@@ -32,9 +36,30 @@ use super::connect::{classify, Target};
 use super::{schema, PgError};
 use crate::store::{StoreError, StoreErrorKind};
 
-/// The session-level advisory lock the lease holder keeps on its heartbeat connection
-/// ([`schema::LOCK_KEY`] + 1): free means the holder's session has ended.
-pub const SERVE_LOCK: i64 = schema::LOCK_KEY + 1;
+/// Takes this node's own advisory lock (its `node_id`) if it can; whether it holds it.
+async fn hold_own_key(client: &Client, node: &Node) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&node.id])
+        .await?
+        .get(0))
+}
+
+/// Whether the session of node `owner` has ended: its key can be taken (and is let go at once).
+async fn holder_gone(
+    client: &impl tokio_postgres::GenericClient,
+    owner: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let free: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&owner])
+        .await?
+        .get(0);
+    if free {
+        client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&owner])
+            .await?;
+    }
+    Ok(free)
+}
 
 /// How often a standby asks for the lease.
 const STANDBY_POLL: Duration = Duration::from_millis(250);
@@ -79,8 +104,9 @@ fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
-/// Registers `node` and waits until it holds the lease: returns the lease and the connection
-/// that holds (or will try for) [`SERVE_LOCK`] (the heartbeat's, see [`heartbeat`]).
+/// Registers `node` and waits until it holds the lease: returns the lease, the connection that
+/// holds (or will try for) the node's own key (the heartbeat's, see [`heartbeat`]) and whether
+/// it holds it.
 /// `waiting` hears once that another node holds the lease and this one waits.
 pub async fn acquire(
     target: &Target,
@@ -106,11 +132,8 @@ pub async fn acquire(
     let mut locked = false;
     loop {
         if !locked {
-            locked = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
-                .await
-                .map_err(sql)?
-                .get(0);
+            // Free unless a standby is probing it this instant: then at the next turn.
+            locked = hold_own_key(&client, node).await.map_err(sql)?;
         }
         client
             .execute(
@@ -128,8 +151,11 @@ pub async fn acquire(
             .await
             .map_err(sql)?;
         let (owner, expired): (Option<i64>, bool) = (row.get(0), row.get(1));
-        // The advisory lock is free only once the holder's session has ended.
-        if owner.is_none() || expired || locked || owner == Some(node.id) {
+        let gone = match owner {
+            Some(o) if o != node.id && !expired => holder_gone(&tx, o).await.map_err(sql)?,
+            _ => false,
+        };
+        if owner.is_none() || expired || gone || owner == Some(node.id) {
             let epoch: i64 = tx
                 .query_one(
                     "UPDATE kh_lease SET owner = $1, epoch = epoch + 1, acquired_at = now(),
@@ -187,8 +213,8 @@ pub async fn acquire(
     }
 }
 
-/// Renews `held` every fifth of the lease on `client` (which holds, or keeps trying for,
-/// [`SERVE_LOCK`]) until the lease is lost, then calls `lost` once and ends. A renewal that
+/// Renews `held` every fifth of the lease on `client` (which holds, or keeps trying for, the
+/// node's own key) until the lease is lost, then calls `lost` once and ends. A renewal that
 /// cannot reach the database is retried on a new connection; if none succeeds before the
 /// lease would have expired, the lease counts as lost here too (the fence refuses this node's
 /// writes by then anyway).
@@ -216,7 +242,7 @@ pub async fn heartbeat(
             }
         }
         if client.is_closed() {
-            // The advisory lock went with the old session.
+            // The node's key went with the old session.
             locked = false;
             match target.connect().await {
                 Ok(c) => client = c,
@@ -266,12 +292,9 @@ async fn renew(
         )
         .await?;
     if renewed == 1 && !*locked {
-        // Taken over by expiry from a node that may still hold the advisory lock: hold it as
-        // soon as that node is gone, so that a standby can tell when this one is.
-        *locked = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
-            .await?
-            .get(0);
+        // A new connection (or a standby's probe at the first try): hold the key again, so that
+        // a standby can tell when this node is gone.
+        *locked = hold_own_key(client, node).await?;
     }
     Ok(renewed == 1)
 }

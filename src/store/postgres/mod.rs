@@ -13,10 +13,9 @@
 //! for anything else.
 //!
 //! **One node at a time, for now.** Nodes do not yet divide the work between them (the
-//! partition leases of `kh_partition` are the next step): a node holds a session-level
-//! advisory lock ([`store::SERVE_LOCK`]) while it serves, and a second node on the same
-//! database waits for it, taking over when the first one's connection ends (a crash, a
-//! stop): a warm standby.
+//! partition leases of `kh_partition` are the next step): the node holding the serve lease
+//! ([`lease`]) serves, and a second node on the same database waits for it, taking over when
+//! the first one's session ends (a crash), it stops, or its lease expires: a warm standby.
 
 pub mod connect;
 pub mod lease;

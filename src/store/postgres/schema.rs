@@ -375,6 +375,23 @@ pub fn day_table(table: &str, day: u64) -> String {
     format!("{table}_d{ymd}")
 }
 
+/// The day of a day table of `table` (`kh_event_d20260115` → its day), `None` for any other
+/// name.
+pub fn day_of_table(table: &str, name: &str) -> Option<u64> {
+    let ymd = name.strip_prefix(table)?.strip_prefix("_d")?;
+    if ymd.len() != 8 || !ymd.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let at = humantime::parse_rfc3339(&format!(
+        "{}-{}-{}T00:00:00Z",
+        &ymd[..4],
+        &ymd[4..6],
+        &ymd[6..]
+    ))
+    .ok()?;
+    Some(day_of(at))
+}
+
 /// Creates the day tables of every history table for `days` days from `first_day`, where
 /// missing: each in its own transaction holding [`LOCK_KEY`] (two nodes creating the same
 /// table at once would otherwise collide on the catalog). A day whose rows already went to
@@ -432,6 +449,12 @@ mod tests {
         // 2026-01-15T00:00:00Z
         let day = 1_768_435_200 / 86_400;
         assert_eq!(day_table("kh_delivery", day), "kh_delivery_d20260115");
+        assert_eq!(
+            day_of_table("kh_delivery", "kh_delivery_d20260115"),
+            Some(day)
+        );
+        assert_eq!(day_of_table("kh_event", "kh_event_other"), None);
+        assert_eq!(day_of_table("kh_event", "kh_delivery_d20260115"), None);
         let (lo, hi) = day_bounds(day);
         let first = crate::ids::seq_floor(1_768_435_200_000);
         assert_eq!(lo as u64, first);

@@ -47,7 +47,7 @@ use crate::store::embedded::backup::BackupError;
 use crate::store::held::HeldDeliveries;
 use crate::store::{
     BackupStream, ClusterView, DeliveryPage, DeliveryQuery, DeliveryWrites, NodeView,
-    PurgeCandidate, PurgeCursor, PurgePlan, PurgedBatch, Result, Storage, StoreError,
+    PurgeCandidate, PurgeCursor, PurgePlan, Purged, PurgedBatch, Result, Storage, StoreError,
     StoreErrorKind,
 };
 
@@ -256,6 +256,85 @@ impl Shared {
                 Err(e)
             }
         }
+    }
+
+    /// Drops the day tables of `day` in one fenced transaction if nothing in them is owed or
+    /// changed since `cutoff_ms` (checked under an exclusive lock on them, so no write slips in
+    /// between); what went, or `None` when the day had to stay.
+    async fn drop_day(&self, day: u64, cutoff_ms: u64) -> Result<Option<Purged>> {
+        let (lo, hi) = schema::day_bounds(day);
+        let cutoff = cutoff_ms as i64;
+        let names = schema::DAY_PARTITIONED.map(|t| schema::day_table(t, day));
+        let mut guard = self.conn().await?;
+        let conn = guard.as_mut().expect("connected above");
+        let fence = conn.prep(lease::FENCE).await?;
+        let client = &conn.client;
+        let (owner, epoch) = (self.held.owner, self.held.epoch);
+        let outcome = async {
+            client
+                .batch_execute("BEGIN; SET LOCAL lock_timeout = '2s'")
+                .await
+                .map_err(db)?;
+            if client
+                .query(&fence, &[&owner, &epoch])
+                .await
+                .map_err(db)?
+                .is_empty()
+            {
+                return Err(lease::fenced());
+            }
+            client
+                .batch_execute(&format!(
+                    "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                    names.join(", ")
+                ))
+                .await
+                .map_err(db)?;
+            let row = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM kh_due WHERE seq >= $1 AND seq < $2)
+                          + (SELECT count(*) FROM kh_inbox WHERE seq >= $1 AND seq < $2)
+                          + (SELECT count(*) FROM kh_delivery WHERE seq >= $1 AND seq < $2
+                               AND (status IN (0, 2) OR updated_ms >= $3)),
+                            (SELECT count(*) FROM kh_delivery WHERE seq >= $1 AND seq < $2),
+                            (SELECT count(*) FROM kh_attempt WHERE seq >= $1 AND seq < $2),
+                            (SELECT count(*) FROM kh_event WHERE seq >= $1 AND seq < $2)",
+                    &[&lo, &hi, &cutoff],
+                )
+                .await
+                .map_err(db)?;
+            if row.get::<_, i64>(0) > 0 {
+                return Ok(None);
+            }
+            let gone = Purged {
+                deliveries: row.get::<_, i64>(1) as usize,
+                attempts: row.get::<_, i64>(2) as usize,
+                events: row.get::<_, i64>(3) as usize,
+            };
+            client
+                .execute(
+                    "DELETE FROM kh_event_id WHERE seq >= $1 AND seq < $2",
+                    &[&lo, &hi],
+                )
+                .await
+                .map_err(db)?;
+            client
+                .batch_execute(&format!("DROP TABLE {}", names.join(", ")))
+                .await
+                .map_err(db)?;
+            Ok(Some(gone))
+        }
+        .await;
+        let end = if matches!(outcome, Ok(Some(_))) {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        if let Err(e) = client.batch_execute(end).await {
+            *guard = None;
+            return Err(db(e));
+        }
+        outcome
     }
 
     /// Marks the store unhealthy for good (the first failure is kept).
@@ -1421,6 +1500,59 @@ impl Storage for PgStore {
     }
 
     // ---- retention ----
+
+    fn drop_ended_days(&self, cutoff_ms: u64) -> Result<Purged> {
+        self.health()?;
+        let floor = ids::seq_floor(cutoff_ms) as i64;
+        let tables = self.read(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'kh_event'::regclass",
+            params![],
+        )?;
+        let mut days: Vec<u64> = tables
+            .iter()
+            .filter_map(|r| schema::day_of_table("kh_event", &r.get::<_, String>(0)))
+            .filter(|&day| schema::day_bounds(day).1 <= floor)
+            .collect();
+        days.sort_unstable();
+        let mut purged = Purged::default();
+        for day in days {
+            let shared = self.shared.clone();
+            match self.run(async move { shared.drop_day(day, cutoff_ms).await }) {
+                Ok(Some(gone)) => {
+                    tracing::info!(
+                        day = %schema::day_table("", day).trim_start_matches("_d"),
+                        deliveries = gone.deliveries,
+                        events = gone.events,
+                        "retention dropped a day of history"
+                    );
+                    purged.deliveries += gone.deliveries;
+                    purged.attempts += gone.attempts;
+                    purged.events += gone.events;
+                    let (lo, hi) = schema::day_bounds(day);
+                    let outside = |seq: u64| (seq as i64) < lo || (seq as i64) >= hi;
+                    self.events
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget(|e| outside(e.seq));
+                    self.deliveries
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget(|r| outside(r.id.seq));
+                }
+                // Something in it is still owed: its rows go one by one as they end.
+                Ok(None) => {}
+                Err(e) if e.kind() == StoreErrorKind::Operator => return Err(e),
+                Err(e) => {
+                    // A lock not had in time, a fence lost (the next write fails on it too):
+                    // the row-by-row pass does the work instead.
+                    tracing::warn!(error = %e, "a day of history could not be dropped; its rows are purged one by one");
+                    break;
+                }
+            }
+        }
+        Ok(purged)
+    }
 
     fn plan_purge(&self, cutoff_ms: u64, after: Option<&PurgeCursor>) -> Result<PurgePlan> {
         let (a_seq, a_wh) = after

@@ -190,6 +190,22 @@ impl Cell {
         self.0.push(Part::Fig(key.into(), v));
         self
     }
+    /// Appends `; refused N [429xA 503xB]; io errors M` (the statuses and the io errors only
+    /// when there are any): the load generator's refusals as every phase shows them.
+    pub fn refusals(self, refused: u64, statuses: &str, io_errors: u64) -> Cell {
+        self.t("; refused ")
+            .f("refused", Val::Int(refused))
+            .when(
+                !statuses.is_empty(),
+                Cell::text(" [")
+                    .f("refused_statuses", Val::Text(statuses.to_string()))
+                    .t("]"),
+            )
+            .when(
+                io_errors > 0,
+                Cell::text("; io errors ").f("io_errors", Val::Int(io_errors)),
+            )
+    }
     /// Appends `other` if `cond` (optional detail, e.g. error counts that are usually 0).
     pub fn when(mut self, cond: bool, other: Cell) -> Cell {
         if cond {

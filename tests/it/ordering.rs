@@ -19,13 +19,13 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 /// How the receiver answers the `attempt`-th request (1-based) for event `n`.
-type Rule = dyn Fn(u64, u32) -> u16 + Send + Sync;
+pub(crate) type Rule = dyn Fn(u64, u32) -> u16 + Send + Sync;
 
 /// One request the receiver got: the event's `data.n` and the status it answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hit {
-    n: u64,
-    status: u16,
+pub(crate) struct Hit {
+    pub(crate) n: u64,
+    pub(crate) status: u16,
 }
 
 #[derive(Default)]
@@ -40,8 +40,8 @@ struct Seen {
 
 /// A real HTTPS endpoint on 127.0.0.1 that keeps every request open for `hold` (so that
 /// overlapping attempts would be seen) and answers by `rule`.
-struct OrderReceiver {
-    url: String,
+pub(crate) struct OrderReceiver {
+    pub(crate) url: String,
     seen: Arc<Seen>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -53,7 +53,7 @@ impl Drop for OrderReceiver {
 }
 
 impl OrderReceiver {
-    async fn start(pki: &Pki, hold: Duration, rule: Box<Rule>) -> OrderReceiver {
+    pub(crate) async fn start(pki: &Pki, hold: Duration, rule: Box<Rule>) -> OrderReceiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
@@ -113,12 +113,12 @@ impl OrderReceiver {
         }
     }
 
-    fn hits(&self) -> Vec<Hit> {
+    pub(crate) fn hits(&self) -> Vec<Hit> {
         self.seen.hits.lock().unwrap().clone()
     }
 
     /// The events answered 2xx, in the order they were.
-    fn delivered(&self) -> Vec<u64> {
+    pub(crate) fn delivered(&self) -> Vec<u64> {
         self.hits()
             .iter()
             .filter(|h| (200..300).contains(&h.status))
@@ -152,11 +152,11 @@ fn overtaken(delivered: &[u64]) -> Option<(u64, u64)> {
         .map(|w| (w[1], w[0]))
 }
 
-fn event(account: &str, n: u64) -> Value {
+pub(crate) fn event(account: &str, n: u64) -> Value {
     json!({"account_id": account, "event": "visitor.checked_in", "data": {"n": n}})
 }
 
-async fn create_hook(api: &Api, account: &str, url: &str, ordering: &str) -> Value {
+pub(crate) async fn create_hook(api: &Api, account: &str, url: &str, ordering: &str) -> Value {
     let (s, v) = api
         .admin(
             Method::POST,

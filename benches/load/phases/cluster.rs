@@ -434,16 +434,7 @@ impl ClusterResult {
                 .f("delivered_per_s_after", Val::Num(c.delivered_after))
                 .t(" over ")
                 .f("after_s", Val::Secs(c.after_s, 1))
-                .t("; refused ")
-                .f("refused", Val::Int(c.refused))
-                .when(
-                    !c.refused_statuses.is_empty(),
-                    Cell::text(" [")
-                        .f("refused_statuses", Val::Text(c.refused_statuses.clone()))
-                        .t("]"),
-                )
-                .t("; io errors ")
-                .f("io_errors", Val::Int(c.io_errors)),
+                .refusals(c.refused, &c.refused_statuses, c.io_errors),
         );
         s.row(
             "lost deliveries",

@@ -400,18 +400,7 @@ impl LagResult {
             Cell::fig("accepted_per_s", Val::Num(l.accepted_per_s)),
             Cell::text("202s per second over ")
                 .f("window_s", Val::Secs(l.window_s, 1))
-                .t("; refused ")
-                .f("refused", Val::Int(l.refused))
-                .when(
-                    !l.refused_statuses.is_empty(),
-                    Cell::text(" [")
-                        .f("refused_statuses", Val::Text(l.refused_statuses.clone()))
-                        .t("]"),
-                )
-                .when(
-                    l.io_errors > 0,
-                    Cell::text("; io errors ").f("io_errors", Val::Int(l.io_errors)),
-                )
+                .refusals(l.refused, &l.refused_statuses, l.io_errors)
                 .t("; send -> 202 p50 / p99 ")
                 .f("service_ms", Val::Pcts(l.service, 1, Shown::Two)),
         );

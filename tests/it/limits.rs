@@ -9,7 +9,7 @@ use http::{Method, StatusCode};
 use serde_json::json;
 
 /// The largest number of requests inside any window of `width` (sliding over arrival times).
-fn max_in_window(times: &[Instant], width: Duration) -> usize {
+pub(crate) fn max_in_window(times: &[Instant], width: Duration) -> usize {
     let mut best = 0;
     let mut start = 0;
     for end in 0..times.len() {

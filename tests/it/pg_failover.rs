@@ -2,7 +2,8 @@
 //! standby. A serving node killed with SIGKILL is taken over at once and every event it
 //! acknowledged is delivered; one paused (SIGSTOP) past its lease is taken over when the lease
 //! expires, and once resumed it commits nothing and stops. A FIFO webhook keeps its order
-//! across a takeover.
+//! across a takeover; a plan's rate holds for an account posting through both nodes, and a
+//! plan change made through the standby governs the next deliveries at once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::common::{pki, Api, Pki, Receiver, Reply, ADMIN};
 use crate::crash::{burst, setup, wait_all_delivered};
+use crate::limits::max_in_window;
 use crate::ordering::{create_hook, event, OrderReceiver};
 use crate::pg::{pg_database, PgDb};
 
@@ -531,5 +533,96 @@ async fn a_fifo_webhook_keeps_its_order_across_a_takeover() {
         (1..=16).collect::<Vec<u64>>(),
         "requests {:?}",
         rx.hits()
+    );
+}
+
+#[tokio::test]
+async fn a_plan_s_rate_holds_for_an_account_posting_through_both_nodes() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(&node_config(
+        dir.path(),
+        "node-a",
+        &db,
+        &pki,
+        "10s",
+        Some(free_port()),
+    ));
+    let api_a = a.serving(Duration::from_secs(30));
+    let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "10s", None));
+    b.wait_logged("listening as a standby", Duration::from_secs(30));
+    let via_b = b.standby_api();
+    let account = "acc_paced_two_nodes";
+    let (s, v) = via_b
+        .admin(
+            Method::POST,
+            "/v1/accounts",
+            Some(json!({"name": "paced", "plan": "starter", "id": account})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = api_a
+        .admin(
+            Method::POST,
+            &format!("/v1/accounts/{account}/webhooks"),
+            Some(json!({"name": "h", "url": rx.url, "events": ["*"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+
+    // 40 events at once, half through each node, on the 10 events/s plan.
+    let post_all = |tag: &'static str| {
+        let (a, b) = (api_a.clone(), via_b.clone());
+        async move {
+            let mut tasks = Vec::new();
+            for i in 0..40 {
+                let api = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tasks.push(tokio::spawn(async move {
+                    api.admin(
+                        Method::POST,
+                        "/v1/events",
+                        Some(json!({"account_id": account, "event": "visitor.checked_in", "data": {tag: i}})),
+                    )
+                    .await
+                    .0
+                }));
+            }
+            for t in tasks {
+                assert_eq!(t.await.unwrap(), StatusCode::ACCEPTED);
+            }
+        }
+    };
+    post_all("i").await;
+    let got = rx.wait_for(40, Duration::from_secs(20)).await;
+    let times: Vec<Instant> = got.iter().map(|g| g.at).collect();
+    let span = *times.last().unwrap() - times[0];
+    assert!(
+        span >= Duration::from_millis(2500),
+        "40 deliveries at 10/s took only {span:?}"
+    );
+    let peak = max_in_window(&times, Duration::from_secs(1));
+    assert!(peak <= 20, "{peak} deliveries in one second at 10/s");
+
+    // An upgrade made through the standby applies to the very next deliveries (200/s).
+    let (s, v) = via_b
+        .admin(
+            Method::PATCH,
+            &format!("/v1/accounts/{account}"),
+            Some(json!({"plan": "enterprise"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["plan"].as_str()),
+        (StatusCode::OK, Some("enterprise"))
+    );
+    let t = Instant::now();
+    post_all("j").await;
+    let got = rx.wait_for(80, Duration::from_secs(10)).await;
+    let burst = got.last().unwrap().at - t;
+    assert!(
+        burst < Duration::from_secs(1),
+        "40 deliveries after the upgrade took {burst:?}"
     );
 }

@@ -8,28 +8,36 @@
 //! the holder's URL with: the system roots plus `delivery.extra_ca_files`). Out: each request
 //! forwarded as it came (method, path, query, headers but the hop-by-hop ones — `Host`
 //! included, so the serving node's host allowlist and the dashboard's same-origin check see
-//! what the client sent — body streamed), `x-forwarded-for` added, and the holder's answer
-//! streamed back with `x-kyberhook-forwarded-by` naming this node. Without a holder to
-//! forward to (none yet, or it set no `cluster.advertise`, or it cannot be reached) the answer
-//! is `503 standby` with `Retry-After: 1`.
+//! what the client sent — body streamed), `x-forwarded-for` and `x-kyberhook-forwarded-by`
+//! added (a request that already has the latter is refused, never forwarded in a loop), and the holder's answer
+//! streamed back with `x-kyberhook-forwarded-by` naming this node. When the holder cannot be
+//! connected to (it just died) or no node holds the lease for a moment (a takeover), a request
+//! whose body is small enough to keep (up to [`KEEP_BODY`]) waits up to [`REROUTE_WINDOW`] for
+//! the next holder — this node itself, once its engine opens the address — and goes there: the
+//! client sees a slower answer instead of a refusal, since a request that never connected was
+//! never seen. A request that did reach the holder and got no answer (it died meanwhile) may
+//! have been acted on, so it is not sent again. Otherwise (no holder by then, it set no
+//! `cluster.advertise`, a larger or streamed body, a request perhaps seen) the answer is `503
+//! standby` with `Retry-After: 1`.
 //!
 //! The serving node sees forwarded requests as coming from the standby's address, so its
 //! per-address limits (failed sign-ins, bearer guessing) count a standby's clients together;
 //! and it must accept the host names clients use for the standby (`server.public_hosts`).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -43,6 +51,17 @@ const LOOKUP_EVERY: Duration = Duration::from_millis(500);
 /// How long a forwarded request may take before the standby answers 503 itself.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a request that could not reach a holder waits for the next one (a takeover after a
+/// crash takes well under a second).
+const REROUTE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Bodies up to this size (by `Content-Length`) are read before forwarding, so that they can be
+/// sent again to the next holder; an event is far smaller.
+const KEEP_BODY: u64 = 1 << 20;
+
+/// Names the standby on a forwarded request and on its answer.
+const FORWARDED_BY: &str = "x-kyberhook-forwarded-by";
+
 /// Headers that belong to one connection, not to the request (RFC 9110 7.6.1).
 const HOP_BY_HOP: [&str; 7] = [
     "connection",
@@ -55,7 +74,7 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 /// The node requests go to, as last read from the database.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Holder {
     name: String,
     /// `cluster.advertise` of the holder, if it set one.
@@ -64,9 +83,15 @@ struct Holder {
 
 #[derive(Clone)]
 struct Forward {
-    holder: Arc<RwLock<Option<Holder>>>,
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    holder: watch::Receiver<Option<Holder>>,
+    /// Asks the lookup to read the holder now instead of at its next turn.
+    look_now: Arc<Notify>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
     me: HeaderValue,
+    /// This node's own `cluster.advertise`: forwarded to only once the standby stops (this
+    /// node took the lease and its engine is opening the same address).
+    own: Option<Uri>,
+    stopping: watch::Receiver<bool>,
 }
 
 type Body = Either<Incoming, Full<Bytes>>;
@@ -87,69 +112,147 @@ fn refuse(message: String) -> Response<Body> {
 impl Handler for Forward {
     type Body = Body;
 
-    async fn call(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let holder = self
-            .holder
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(holder) = holder else {
+    async fn call(&self, req: Request<Incoming>) -> Response<Body> {
+        let peer = req.extensions().get::<ClientAddr>().map(|a| a.0);
+        let (mut parts, body) = req.into_parts();
+        // A request goes through one standby at most: never round a loop of them.
+        if parts.headers.contains_key(FORWARDED_BY) {
             return refuse(
-                "this node is a standby and no node serves from the database right now; retry shortly"
+                "this node is a standby too and does not forward a forwarded request; retry shortly"
                     .into(),
             );
-        };
-        let Some(base) = holder.base else {
-            return refuse(format!(
-                "this node is a standby; the serving node {:?} sets no cluster.advertise to forward to: send requests to it directly",
-                holder.name
-            ));
-        };
-        let path = req
-            .uri()
+        }
+        for h in HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+        parts.headers.insert(FORWARDED_BY, self.me.clone());
+        if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&p.ip().to_string()).ok()) {
+            parts.headers.append("x-forwarded-for", v);
+        }
+        let path = parts
+            .uri
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        let uri = match format!(
-            "{}://{}{path}",
-            base.scheme_str().unwrap_or("http"),
-            base.authority().map_or("", |a| a.as_str())
-        )
-        .parse::<Uri>()
-        {
-            Ok(u) => u,
-            Err(e) => return refuse(format!("cannot forward {path:?}: {e}")),
-        };
-        let peer = req.extensions().get::<ClientAddr>().map(|a| a.0);
-        *req.uri_mut() = uri;
-        let headers = req.headers_mut();
-        for h in HOP_BY_HOP {
-            headers.remove(h);
-        }
-        if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&p.ip().to_string()).ok()) {
-            headers.append("x-forwarded-for", v);
-        }
-        match tokio::time::timeout(FORWARD_TIMEOUT, self.client.request(req)).await {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                for h in HOP_BY_HOP {
-                    parts.headers.remove(h);
-                }
-                parts
-                    .headers
-                    .insert("x-kyberhook-forwarded-by", self.me.clone());
-                Response::from_parts(parts, Either::Left(body))
+        // A small body is kept, so that the request can go to the next holder if this one
+        // cannot be reached; anything else is streamed, once.
+        let small = body.size_hint().exact().is_some_and(|n| n <= KEEP_BODY);
+        let (mut kept, mut stream) = (None, None);
+        if small {
+            match body.collect().await {
+                Ok(b) => kept = Some(b.to_bytes()),
+                Err(e) => return refuse(format!("cannot read the request body: {e}")),
             }
-            Ok(Err(e)) => refuse(format!(
-                "this node is a standby and the serving node {:?} at {base} did not answer: {e}",
-                holder.name
-            )),
-            Err(_) => refuse(format!(
-                "this node is a standby and the serving node {:?} did not answer within {} s",
-                holder.name,
-                FORWARD_TIMEOUT.as_secs()
-            )),
+        } else {
+            stream = Some(body);
         }
+        let deadline = tokio::time::Instant::now() + REROUTE_WINDOW;
+        let mut holder_rx = self.holder.clone();
+        loop {
+            let mut holder = holder_rx.borrow_and_update().clone();
+            if *self.stopping.borrow() {
+                // The standby stops because this node took the lease: its engine is opening
+                // this address (the lookup has ended and no longer says so).
+                holder = self.own.clone().map(|own| Holder {
+                    name: self.me.to_str().unwrap_or("this node").to_string(),
+                    base: Some(own),
+                });
+            }
+            let can_wait = kept.is_some() && tokio::time::Instant::now() < deadline;
+            let Some(holder) = holder else {
+                if can_wait && self.wait_a_little(&mut holder_rx, deadline).await {
+                    continue;
+                }
+                return refuse(
+                    "this node is a standby and no node serves from the database right now; retry shortly"
+                        .into(),
+                );
+            };
+            if holder.base.is_some() && holder.base == self.own && !*self.stopping.borrow() {
+                // This node took the lease and hands its address to its engine in a moment.
+                if can_wait && self.wait_a_little(&mut holder_rx, deadline).await {
+                    continue;
+                }
+                return refuse("this node is taking over; retry shortly".into());
+            }
+            let Some(base) = holder.base.clone() else {
+                return refuse(format!(
+                    "this node is a standby; the serving node {:?} sets no cluster.advertise to forward to: send requests to it directly",
+                    holder.name
+                ));
+            };
+            let uri = match format!(
+                "{}://{}{path}",
+                base.scheme_str().unwrap_or("http"),
+                base.authority().map_or("", |a| a.as_str())
+            )
+            .parse::<Uri>()
+            {
+                Ok(u) => u,
+                Err(e) => return refuse(format!("cannot forward {path:?}: {e}")),
+            };
+            let body = match (&kept, stream.take()) {
+                (Some(b), _) => Either::Right(Full::new(b.clone())),
+                (None, Some(s)) => Either::Left(s),
+                (None, None) => return refuse("the request body was already sent".into()),
+            };
+            let mut req = Request::new(body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = uri;
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            match tokio::time::timeout(FORWARD_TIMEOUT, self.client.request(req)).await {
+                Ok(Ok(resp)) => {
+                    let (mut parts, body) = resp.into_parts();
+                    for h in HOP_BY_HOP {
+                        parts.headers.remove(h);
+                    }
+                    parts.headers.insert(FORWARDED_BY, self.me.clone());
+                    return Response::from_parts(parts, Either::Left(body));
+                }
+                // Never connected, so never seen: it may go to whoever holds the lease next.
+                Ok(Err(e)) if e.is_connect() && can_wait => {
+                    if self.wait_a_little(&mut holder_rx, deadline).await {
+                        continue;
+                    }
+                    return refuse(format!(
+                        "this node is a standby and the serving node {:?} at {base} did not answer: {e}",
+                        holder.name
+                    ));
+                }
+                Ok(Err(e)) => {
+                    // Perhaps seen: the holder may have acted on it before it died, so the
+                    // client decides (a producer-chosen event id makes its retry exact).
+                    return refuse(format!(
+                        "this node is a standby and the serving node {:?} at {base} did not answer: {e}",
+                        holder.name
+                    ));
+                }
+                Err(_) => return refuse(format!(
+                    "this node is a standby and the serving node {:?} did not answer within {} s",
+                    holder.name,
+                    FORWARD_TIMEOUT.as_secs()
+                )),
+            }
+        }
+    }
+}
+
+impl Forward {
+    /// Waits until the lookup reports a change (asked to look at once) or 50 ms pass; whether
+    /// there is time left before `deadline` to try again.
+    async fn wait_a_little(
+        &self,
+        rx: &mut watch::Receiver<Option<Holder>>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        self.look_now.notify_one();
+        let until = (tokio::time::Instant::now() + Duration::from_millis(50)).min(deadline);
+        // Once the lookup has ended (the standby stops), only the pause remains.
+        if let Ok(Err(_)) = tokio::time::timeout_at(until, rx.changed()).await {
+            tokio::time::sleep_until(until).await;
+        }
+        tokio::time::Instant::now() < deadline
     }
 }
 
@@ -177,23 +280,32 @@ impl Standby {
             .enable_http1()
             .build();
         let me = config.cluster.node_name();
-        let forward = Forward {
-            holder: Arc::default(),
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            me: HeaderValue::from_str(&me).unwrap_or(HeaderValue::from_static("standby")),
-        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
         // The first answer already knows where to forward.
         let client = target.connect().await.ok();
+        let mut first = None;
         if let Some(c) = &client {
-            if let Ok(found) = holder_now(c).await {
-                *forward.holder.write().unwrap_or_else(|p| p.into_inner()) = found;
-            }
+            first = holder_now(c).await.ok().flatten();
         }
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (holder_tx, holder_rx) = watch::channel(first);
+        let look_now = Arc::new(Notify::new());
+        let forward = Forward {
+            holder: holder_rx,
+            look_now: look_now.clone(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            me: HeaderValue::from_str(&me).unwrap_or(HeaderValue::from_static("standby")),
+            own: config
+                .cluster
+                .advertise
+                .as_deref()
+                .and_then(|a| crate::config::parse_advertise(a).ok()),
+            stopping: shutdown_rx.clone(),
+        };
         let lookup = tokio::spawn(look_up_holder(
             target,
             client,
-            forward.holder.clone(),
+            holder_tx,
+            look_now,
             shutdown_rx.clone(),
         ));
         let serve = tokio::spawn(edge::serve(
@@ -240,24 +352,31 @@ async fn holder_now(c: &tokio_postgres::Client) -> Result<Option<Holder>, tokio_
     }))
 }
 
-/// Reads who holds the lease every [`LOOKUP_EVERY`] (reconnecting as needed).
+/// Reads who holds the lease every [`LOOKUP_EVERY`], or at once when asked (reconnecting as
+/// needed); receivers hear only of changes.
 async fn look_up_holder(
     target: Target,
     mut client: Option<tokio_postgres::Client>,
-    holder: Arc<RwLock<Option<Holder>>>,
+    holder: watch::Sender<Option<Holder>>,
+    look_now: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             () = tokio::time::sleep(LOOKUP_EVERY) => {}
+            () = look_now.notified() => {}
         }
         if client.as_ref().map_or(true, |c| c.is_closed()) {
             client = target.connect().await.ok();
         }
         if let Some(c) = &client {
             if let Ok(now) = holder_now(c).await {
-                *holder.write().unwrap_or_else(|p| p.into_inner()) = now;
+                holder.send_if_modified(|h| {
+                    let changed = *h != now;
+                    *h = now;
+                    changed
+                });
             }
         }
     }

@@ -229,7 +229,14 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
         Some(free_port()),
     ));
     let api_a = a.serving(Duration::from_secs(30));
-    let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "10s", None));
+    let b = Node::start(&node_config(
+        dir.path(),
+        "node-b",
+        &db,
+        &pki,
+        "10s",
+        Some(free_port()),
+    ));
     b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
     b.wait_logged("listening as a standby", Duration::from_secs(10));
 
@@ -296,12 +303,28 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
     a.child.kill().unwrap(); // SIGKILL
     let killed = Instant::now();
     a.child.wait().unwrap();
+    // Sent to the standby before it has taken over: held until it has, then served by it
+    // (the dead holder never saw it), not refused.
+    let (s, v) = via_b
+        .admin(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"account_id": "acc_failover", "event": "visitor.checked_in", "data": {}, "id": "evt_in_the_gap"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
 
     let api_b = b.serving(Duration::from_secs(20));
     let takeover = killed.elapsed();
     let served_before = rx.count();
     rx.set_default(Reply::Status(200));
     wait_all_delivered(&rx, &acked, Duration::from_secs(30)).await;
+    wait_all_delivered(
+        &rx,
+        &["evt_in_the_gap".to_string()],
+        Duration::from_secs(30),
+    )
+    .await;
     let resumed = rx.log.lock().unwrap()[served_before..]
         .first()
         .map(|r| r.at.duration_since(killed));

@@ -228,11 +228,13 @@ impl Handler for Forward {
                         holder.name
                     ));
                 }
-                Err(_) => return refuse(format!(
+                Err(_) => {
+                    return refuse(format!(
                     "this node is a standby and the serving node {:?} did not answer within {} s",
                     holder.name,
                     FORWARD_TIMEOUT.as_secs()
-                )),
+                ))
+                }
             }
         }
     }

@@ -481,6 +481,18 @@ async fn a_node_paused_past_its_lease_is_fenced_and_commits_nothing_after_the_ta
     );
 }
 
+/// Creates account `id` on `plan` through `api`.
+async fn create_account(api: &Api, id: &str, plan: &str) {
+    let (s, v) = api
+        .admin(
+            Method::POST,
+            "/v1/accounts",
+            Some(json!({"name": id, "plan": plan, "id": id})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}
+
 #[tokio::test]
 async fn a_fifo_webhook_keeps_its_order_across_a_takeover() {
     let pki = pki();
@@ -498,14 +510,7 @@ async fn a_fifo_webhook_keeps_its_order_across_a_takeover() {
     let b = Node::start(&node_config(dir.path(), "node-b", &db, &pki, "10s", None));
     b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
     let account = "acc_fifo_takeover";
-    let (s, v) = api_a
-        .admin(
-            Method::POST,
-            "/v1/accounts",
-            Some(json!({"name": "fifo", "plan": "enterprise", "id": account})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    create_account(&api_a, account, "enterprise").await;
     create_hook(&api_a, account, &rx.url, "fifo").await;
     for n in 1..=12 {
         let (s, v) = api_a
@@ -578,14 +583,7 @@ async fn a_plan_s_rate_holds_for_an_account_posting_through_both_nodes() {
     b.wait_logged("listening as a standby", Duration::from_secs(30));
     let via_b = b.standby_api();
     let account = "acc_paced_two_nodes";
-    let (s, v) = via_b
-        .admin(
-            Method::POST,
-            "/v1/accounts",
-            Some(json!({"name": "paced", "plan": "starter", "id": account})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    create_account(&via_b, account, "starter").await;
     let (s, v) = api_a
         .admin(
             Method::POST,

@@ -509,13 +509,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
         Err(e) => return Err(e),
     };
+    // Installed before READY=1 can go out: a SIGTERM that follows readiness at once must find
+    // its handler, not the default action (which ends the process without a shutdown).
+    let stop = shutdown_signal();
     let recovered = engine.scheduler.clone();
     let readiness = tokio::spawn(async move {
         recovered.wait_ready().await;
         notify_service(sd_notify::NotifyState::Ready);
     });
     tokio::select! {
-        () = wait_for_signal() => {}
+        () = stop => {}
         failure = engine.storage_failure() => {
             log_storage_failure(&failure);
             return Err(StartError::StorageFailed(failure));
@@ -545,17 +548,33 @@ pub(crate) fn notify_service(state: sd_notify::NotifyState) {
     }
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future ends at the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut term), Some(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                (Some(mut term), None) => {
+                    term.recv().await;
+                }
+                (None, Some(mut int)) => {
+                    int.recv().await;
+                }
+                (None, None) => std::future::pending().await,
             }
-            return;
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
+    #[cfg(not(unix))]
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

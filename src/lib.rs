@@ -241,6 +241,7 @@ impl Engine {
         )
         .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
         let prometheus = metrics::install();
+        ::metrics::gauge!("kyberhook_serving").set(1.0);
 
         // The engine owns the process: every file it creates from here on (sled's segments,
         // snapshots and blobs, the secrets key) is private to its user.
@@ -341,6 +342,10 @@ impl Engine {
             api::ApiHandler::new(state.clone()),
             ui::UiHandler::new(state.clone()),
             &config.server,
+            // Its standbys name their clients (the key file exists once the store is open).
+            store::postgres::is_selected(&config)
+                .then(|| edge::forwarded::ForwardKey::load(&config))
+                .flatten(),
         );
         let server_tasks = vec![
             tokio::spawn(edge::serve(

@@ -176,6 +176,14 @@ fn describe() {
         Unit::Seconds,
         "API request latency by matched route."
     );
+    describe_gauge!(
+        "kyberhook_serving",
+        "1 while this node runs the engine; 0 while it stands by (PostgreSQL: another node holds the lease) and forwards."
+    );
+    describe_counter!(
+        "kyberhook_standby_requests_total",
+        "Requests a standby answered, by outcome: forwarded to the serving node, or refused (503 standby)."
+    );
     describe_counter!(
         "kyberhook_auth_failures_total",
         "Wrong bearer tokens on /v1 (outcome=unauthorized) and requests refused with 429 because their address sent too many (outcome=limited)."
@@ -256,6 +264,14 @@ fn not_found() -> Response<Full<Bytes>> {
         .expect("static response parts are valid")
 }
 
+fn exposition(prometheus: &PrometheusHandle) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(prometheus.render())))
+        .expect("static response parts are valid")
+}
+
 impl Handler for MetricsHandler {
     type Body = Full<Bytes>;
 
@@ -264,11 +280,26 @@ impl Handler for MetricsHandler {
             return not_found();
         }
         self.refresh().await;
-        Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(self.prometheus.render())))
-            .expect("static response parts are valid")
+        exposition(&self.prometheus)
+    }
+}
+
+/// A standby's `/metrics` (PostgreSQL: another node serves): the same listener and recorder
+/// as the engine's, so that a scrape of a healthy standby succeeds (`up` stays 1) and shows
+/// `kyberhook_serving 0` and what it forwarded; the engine's own figures appear once it serves.
+#[derive(Clone)]
+pub struct StandbyMetricsHandler {
+    pub prometheus: PrometheusHandle,
+}
+
+impl Handler for StandbyMetricsHandler {
+    type Body = Full<Bytes>;
+
+    async fn call(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET || req.uri().path() != "/metrics" {
+            return not_found();
+        }
+        exposition(&self.prometheus)
     }
 }
 

@@ -68,6 +68,17 @@ impl std::fmt::Debug for SecretsKey {
 }
 
 impl SecretsKey {
+    /// A key for another purpose (`label` names it), derived from this one with HMAC-SHA256,
+    /// so that the sealing key itself only ever seals: the nodes of a cluster share this key,
+    /// so they share what is derived from it too.
+    pub fn derive(&self, label: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC takes any key length");
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
     /// A fresh key from the OS random number generator.
     pub fn generate() -> SecretsKey {
         let mut key = [0u8; 32];

@@ -16,13 +16,14 @@
 //! the next holder — this node itself, once its engine opens the address — and goes there: the
 //! client sees a slower answer instead of a refusal, since a request that never connected was
 //! never seen. A request that did reach the holder and got no answer (it died meanwhile) may
-//! have been acted on, so it is not sent again. Otherwise (no holder by then, it set no
+//! have been acted on, so it is sent again only if that changes nothing ([`replay_safe`]: a
+//! read, or events that all carry the producer's own `id`). Otherwise (no holder by then, it set no
 //! `cluster.advertise`, a larger or streamed body, a request perhaps seen) the answer is `503
 //! standby` with `Retry-After: 1`.
 //!
-//! The serving node sees forwarded requests as coming from the standby's address, so its
-//! per-address limits (failed sign-ins, bearer guessing) count a standby's clients together;
-//! and it must accept the host names clients use for the standby (`server.public_hosts`).
+//! The serving node counts its per-address limits (failed sign-ins, bearer guessing) for the
+//! client the standby names in a signed header ([`forwarded`]), not for the standby; and it
+//! must accept the host names clients use for the standby (`server.public_hosts`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::edge::forwarded::{self, ForwardKey};
 use crate::edge::{self, ClientAddr, Handler, Timeouts};
 use crate::store::postgres::connect::Target;
 use crate::StartError;
@@ -92,11 +94,14 @@ struct Forward {
     /// node took the lease and its engine is opening the same address).
     own: Option<Uri>,
     stopping: watch::Receiver<bool>,
+    /// Signs the client's address for the serving node ([`forwarded`]).
+    client_key: Option<Arc<ForwardKey>>,
 }
 
 type Body = Either<Incoming, Full<Bytes>>;
 
 fn refuse(message: String) -> Response<Body> {
+    metrics::counter!("kyberhook_standby_requests_total", "outcome" => "refused").increment(1);
     let body = serde_json::json!({"error": {"code": "standby", "message": message}});
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
     *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
@@ -128,6 +133,14 @@ impl Handler for Forward {
         parts.headers.insert(FORWARDED_BY, self.me.clone());
         if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&p.ip().to_string()).ok()) {
             parts.headers.append("x-forwarded-for", v);
+        }
+        // The serving node counts its per-address limits for this client, not for this node.
+        parts.headers.remove(forwarded::HEADER);
+        if let (Some(key), Some(peer)) = (&self.client_key, peer) {
+            parts.headers.insert(
+                forwarded::HEADER,
+                key.sign(peer.ip(), forwarded::unix_now_s()),
+            );
         }
         let path = parts
             .uri
@@ -208,6 +221,8 @@ impl Handler for Forward {
                         parts.headers.remove(h);
                     }
                     parts.headers.insert(FORWARDED_BY, self.me.clone());
+                    metrics::counter!("kyberhook_standby_requests_total", "outcome" => "forwarded")
+                        .increment(1);
                     return Response::from_parts(parts, Either::Left(body));
                 }
                 // Never connected, so never seen: it may go to whoever holds the lease next.
@@ -217,6 +232,18 @@ impl Handler for Forward {
                     }
                     return refuse(format!(
                         "this node is a standby and the serving node {:?} at {base} did not answer: {e}",
+                        holder.name
+                    ));
+                }
+                // Perhaps seen, but sending it again changes nothing: a read, or events that
+                // all carry the producer's own id (the next holder answers an id it already
+                // has with its 202 and makes no second delivery).
+                Ok(Err(_)) if can_wait && replay_safe(&parts, kept.as_deref()) => {
+                    if self.wait_a_little(&mut holder_rx, deadline).await {
+                        continue;
+                    }
+                    return refuse(format!(
+                        "this node is a standby and the serving node {:?} at {base} did not answer",
                         holder.name
                     ));
                 }
@@ -237,6 +264,33 @@ impl Handler for Forward {
                 }
             }
         }
+    }
+}
+
+/// Whether a request the holder may have acted on can be sent again with the same effect: a
+/// read, or `POST /v1/events` / `/v1/events/batch` whose every event names its own `id`
+/// (ingest is idempotent on a producer's id). A create, change or delete is not: its second
+/// answer could differ (a second account, a 404), so the client decides.
+fn replay_safe(parts: &http::request::Parts, body: Option<&[u8]>) -> bool {
+    if matches!(parts.method, http::Method::GET | http::Method::HEAD) {
+        return true;
+    }
+    let (Some(body), true) = (body, parts.method == http::Method::POST) else {
+        return false;
+    };
+    let has_id = |e: &serde_json::Value| {
+        e.get("id")
+            .and_then(|v| v.as_str())
+            .is_some_and(|s| !s.is_empty())
+    };
+    match parts.uri.path() {
+        "/v1/events" => serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| has_id(&v)),
+        "/v1/events/batch" => serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| {
+            v.get("events")
+                .and_then(|e| e.as_array())
+                .is_some_and(|events| !events.is_empty() && events.iter().all(has_id))
+        }),
+        _ => false,
     }
 }
 
@@ -270,9 +324,15 @@ impl Standby {
     pub async fn start(config: &Config) -> Result<Standby, StartError> {
         let target = Target::from_config(config).map_err(|e| StartError::Config(e.to_string()))?;
         let listener = edge::bind(config.server.listen, "server.listen").await?;
+        let metrics_listener = edge::bind(config.metrics.listen, "metrics.listen").await?;
         let addr = listener
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let prometheus = crate::metrics::install();
+        metrics::gauge!("kyberhook_serving").set(0.0);
         let tls = edge::server_tls(&config.server)?;
         let roots = crate::dispatch::client::tls_client_config(&config.delivery.extra_ca_files)
             .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
@@ -302,12 +362,20 @@ impl Standby {
                 .as_deref()
                 .and_then(|a| crate::config::parse_advertise(a).ok()),
             stopping: shutdown_rx.clone(),
+            client_key: ForwardKey::load(config).map(Arc::new),
         };
         let lookup = tokio::spawn(look_up_holder(
             target,
             client,
             holder_tx,
             look_now,
+            shutdown_rx.clone(),
+        ));
+        let serve_metrics = tokio::spawn(edge::serve(
+            metrics_listener,
+            None,
+            crate::metrics::StandbyMetricsHandler { prometheus },
+            Timeouts::from_config(&config.server),
             shutdown_rx.clone(),
         ));
         let serve = tokio::spawn(edge::serve(
@@ -317,10 +385,10 @@ impl Standby {
             Timeouts::from_config(&config.server),
             shutdown_rx,
         ));
-        tracing::info!(standby_api = %addr, node = %me, "listening as a standby: requests are forwarded to the serving node");
+        tracing::info!(standby_api = %addr, standby_metrics = %metrics_addr, node = %me, "listening as a standby: requests are forwarded to the serving node");
         Ok(Standby {
             shutdown,
-            tasks: vec![lookup, serve],
+            tasks: vec![lookup, serve, serve_metrics],
             addr,
         })
     }
@@ -381,5 +449,59 @@ async fn look_up_holder(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replay_safe;
+
+    fn parts(method: &str, path: &str) -> http::request::Parts {
+        let (parts, ()) = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .expect("request")
+            .into_parts();
+        parts
+    }
+
+    #[test]
+    fn reads_and_events_with_their_own_ids_are_sent_again_nothing_else() {
+        let one = br#"{"id":"ka-1","account_id":"acc_1","event":"visitor.checked_in","data":{}}"#;
+        let minted = br#"{"account_id":"acc_1","event":"visitor.checked_in","data":{}}"#;
+        let batch = br#"{"events":[{"id":"a","event":"x"},{"id":"b","event":"x"}]}"#;
+        let half = br#"{"events":[{"id":"a","event":"x"},{"event":"x"}]}"#;
+        assert!(replay_safe(
+            &parts("GET", "/v1/accounts/acc_1/deliveries"),
+            None
+        ));
+        assert!(replay_safe(&parts("HEAD", "/healthz"), None));
+        assert!(replay_safe(&parts("POST", "/v1/events"), Some(one)));
+        assert!(replay_safe(&parts("POST", "/v1/events/batch"), Some(batch)));
+        // A minted id would be minted twice: two events.
+        assert!(!replay_safe(&parts("POST", "/v1/events"), Some(minted)));
+        assert!(!replay_safe(&parts("POST", "/v1/events/batch"), Some(half)));
+        assert!(!replay_safe(
+            &parts("POST", "/v1/events/batch"),
+            Some(br#"{"events":[]}"#)
+        ));
+        assert!(!replay_safe(
+            &parts("POST", "/v1/events"),
+            Some(br#"{"id":""}"#)
+        ));
+        assert!(!replay_safe(
+            &parts("POST", "/v1/events"),
+            Some(b"not json")
+        ));
+        // A body not kept (streamed) cannot be sent again at all.
+        assert!(!replay_safe(&parts("POST", "/v1/events"), None));
+        // Creates, changes and deletes answer differently the second time.
+        assert!(!replay_safe(&parts("POST", "/v1/accounts"), Some(one)));
+        assert!(!replay_safe(&parts("DELETE", "/v1/accounts/acc_1"), None));
+        assert!(!replay_safe(
+            &parts("PATCH", "/v1/accounts/acc_1"),
+            Some(b"{}")
+        ));
     }
 }

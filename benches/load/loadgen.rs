@@ -188,25 +188,50 @@ pub struct Producer {
     /// Send → 202 of the window's events.
     service: Mutex<Vec<Duration>>,
     handles: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Events carry the producer's own ids ([`Producer::start_with_ids`]).
+    own_ids: bool,
+}
+
+/// `body` (a JSON object) with `"id":"c{conn}-{n}"` first.
+fn with_id(body: &[u8], conn: usize, n: u64) -> Bytes {
+    let mut v = Vec::with_capacity(body.len() + 32);
+    v.extend_from_slice(format!("{{\"id\":\"c{conn}-{n}\",").as_bytes());
+    v.extend_from_slice(&body[1..]);
+    Bytes::from(v)
 }
 
 impl Producer {
     /// Starts `conns` connections sending `body` to `POST /v1/events` until [`Producer::stop`]
     /// or `hard` (on the caller's runtime).
     pub fn start(api: SocketAddr, conns: usize, body: Bytes, hard: Instant) -> Arc<Producer> {
-        Producer::start_on(vec![api], conns, body, hard)
+        Producer::start_with(vec![api], conns, body, hard, false)
     }
 
-    /// The same, connection `i` sending to `apis[i % n]` (the nodes of a cluster); a connection
-    /// whose node stops answering moves on to the next node, as a client with a list of
-    /// addresses does.
-    pub fn start_on(
+    /// The same, connection `i` sending to `apis[i % n]` (the nodes of a cluster; one whose
+    /// node stops answering moves on to the next, as a client with a list of addresses does),
+    /// each event carrying the producer's own `id` (`c{conn}-{n}`); an event that was refused
+    /// or got no answer is sent again under the same id until it gets its 202, as a producer
+    /// that keeps its own event ids does.
+    pub fn start_with_ids(
         apis: Vec<SocketAddr>,
         conns: usize,
         body: Bytes,
         hard: Instant,
     ) -> Arc<Producer> {
-        let p = Arc::new(Producer::default());
+        Producer::start_with(apis, conns, body, hard, true)
+    }
+
+    fn start_with(
+        apis: Vec<SocketAddr>,
+        conns: usize,
+        body: Bytes,
+        hard: Instant,
+        own_ids: bool,
+    ) -> Arc<Producer> {
+        let p = Arc::new(Producer {
+            own_ids,
+            ..Producer::default()
+        });
         let apis: Arc<[SocketAddr]> = apis.into();
         let handles = (0..conns)
             .map(|i| {
@@ -226,15 +251,25 @@ impl Producer {
             return;
         };
         let mut sent = 0u64;
+        // With own ids: this connection's next event number, and the event owed a 202.
+        let (mut n, mut owed) = (0u64, None::<Bytes>);
         while !self.stop.load(Ordering::Relaxed)
             && Instant::now() < hard
             && sent < MAX_REQUESTS_PER_CONN
         {
             sent += 1;
-            let req = request(api, Method::POST, "/v1/events", Some(body.clone()));
+            let event = if self.own_ids {
+                owed.get_or_insert_with(|| with_id(&body, first, n)).clone()
+            } else {
+                body.clone()
+            };
+            let req = request(api, Method::POST, "/v1/events", Some(event));
             let t = Instant::now();
             match client::send(&mut sender, req).await {
                 Ok(a) if a.status == StatusCode::ACCEPTED => {
+                    if owed.take().is_some() {
+                        n += 1;
+                    }
                     let (at, took) = (wall_ns(), t.elapsed());
                     self.acked.fetch_add(1, Ordering::Relaxed);
                     if self.window.load(Ordering::Relaxed) {

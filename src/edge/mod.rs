@@ -17,6 +17,7 @@
 //! connections finish the request they are serving, and the call returns once they are closed
 //! or the drain deadline passes.
 
+pub mod forwarded;
 pub mod hosts;
 pub mod linger;
 pub mod router;

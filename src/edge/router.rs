@@ -6,7 +6,9 @@
 //! the refusal is still rendered by the front end the path belongs to, so `/v1` gets JSON and
 //! `/ui` a page. Then the path decides: `/ui`, `/ui/…` and `GET /` go to the dashboard,
 //! everything else to the API. The router holds both as [`Frontend`]s, so the edge depends on
-//! neither: the engine builds the two handlers and the router at start.
+//! neither: the engine builds the two handlers and the router at start. On a PostgreSQL node
+//! the client a standby forwards for, when it proves it ([`forwarded`]), replaces the
+//! connection's address for the per-address limits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,8 +17,9 @@ use http::{Method, Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
+use super::forwarded::{self, ForwardKey};
 use super::hosts::HostAllowlist;
-use super::{Handler, LocalAddr};
+use super::{ClientAddr, Handler, LocalAddr};
 use crate::config::ServerConfig;
 
 /// A front end behind the [`Router`]: a [`Handler`] that also renders the 421 of a request
@@ -37,6 +40,8 @@ pub struct Router<A, U> {
     /// The names and addresses the listener answers to (shared: the router is cloned per
     /// connection).
     hosts: Arc<Hosts>,
+    /// Set on a PostgreSQL node: the client a standby names is believed ([`forwarded`]).
+    forward_key: Option<Arc<ForwardKey>>,
 }
 
 struct Hosts {
@@ -45,7 +50,7 @@ struct Hosts {
 }
 
 impl<A: Frontend, U: Frontend> Router<A, U> {
-    pub fn new(api: A, ui: U, server: &ServerConfig) -> Self {
+    pub fn new(api: A, ui: U, server: &ServerConfig, forward_key: Option<ForwardKey>) -> Self {
         Router {
             api,
             ui,
@@ -53,6 +58,7 @@ impl<A: Frontend, U: Frontend> Router<A, U> {
                 listen: server.listen,
                 public: server.public_hosts.clone(),
             }),
+            forward_key: forward_key.map(Arc::new),
         }
     }
 }
@@ -64,6 +70,7 @@ impl<A: Clone, U: Clone> Clone for Router<A, U> {
             api: self.api.clone(),
             ui: self.ui.clone(),
             hosts: self.hosts.clone(),
+            forward_key: self.forward_key.clone(),
         }
     }
 }
@@ -77,7 +84,16 @@ fn is_dashboard<B>(req: &Request<B>) -> bool {
 impl<A: Frontend, U: Frontend> Handler for Router<A, U> {
     type Body = Either<A::Body, U::Body>;
 
-    async fn call(&self, req: Request<Incoming>) -> Response<Self::Body> {
+    async fn call(&self, mut req: Request<Incoming>) -> Response<Self::Body> {
+        // Only a standby of this cluster may name the client; anyone else's header is dropped.
+        if let Some(named) = req.headers_mut().remove(forwarded::HEADER) {
+            let key = self.forward_key.as_deref();
+            if let Some(ip) = key.and_then(|k| k.verify(named.as_bytes(), forwarded::unix_now_s()))
+            {
+                req.extensions_mut()
+                    .insert(ClientAddr(SocketAddr::new(ip, 0)));
+            }
+        }
         let local = req.extensions().get::<LocalAddr>().map(|a| a.0.ip());
         let hosts = HostAllowlist::new(self.hosts.listen, &self.hosts.public);
         // Only a `/ui` path gets the dashboard's page: `GET /` is a redirect, not a page, and a

@@ -596,6 +596,17 @@ impl Api {
         }
     }
 
+    /// A client whose connections come from `source` (another loopback address, say
+    /// 127.0.0.2: a second client machine as far as per-address limits can tell).
+    pub fn from_source(addr: SocketAddr, source: std::net::IpAddr) -> Api {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(source));
+        Api {
+            base: format!("http://{addr}"),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
     /// Sends raw bytes; returns status, headers and the body as JSON (Null when empty).
     pub async fn raw(
         &self,

@@ -3,7 +3,9 @@
 //! acknowledged is delivered; one paused (SIGSTOP) past its lease is taken over when the lease
 //! expires, and once resumed it commits nothing and stops. A FIFO webhook keeps its order
 //! across a takeover; a plan's rate holds for an account posting through both nodes, and a
-//! plan change made through the standby governs the next deliveries at once.
+//! plan change made through the standby governs the next deliveries at once. A request the
+//! dying holder may have seen goes to the next holder only when sending it again changes
+//! nothing (an event with the producer's own id).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -240,6 +242,16 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
     b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
     b.wait_logged("listening as a standby", Duration::from_secs(10));
 
+    // A scrape of the standby succeeds and says it does not serve.
+    let metrics_b = b
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v["fields"]["standby_metrics"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no standby metrics address logged:\n{}", b.log()));
+    let scrape = api_a.text(&format!("http://{metrics_b}/metrics")).await;
+    assert!(scrape.contains("kyberhook_serving 0"), "{scrape}");
+
     // The standby answers too, by forwarding to the serving node's advertised address.
     let via_b = b.standby_api();
     let (s, headers, v) = via_b
@@ -257,6 +269,11 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(headers["x-kyberhook-forwarded-by"], "node-b");
+    let scrape = api_a.text(&format!("http://{metrics_b}/metrics")).await;
+    assert!(
+        scrape.contains("kyberhook_standby_requests_total{outcome=\"forwarded\"} 1"),
+        "{scrape}"
+    );
     let (s, v) = api_a
         .admin(Method::GET, "/v1/accounts/acc_failover", None)
         .await;
@@ -646,4 +663,140 @@ async fn a_plan_s_rate_holds_for_an_account_posting_through_both_nodes() {
         burst < Duration::from_secs(1),
         "40 deliveries after the upgrade took {burst:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_dead_holder_may_have_seen_goes_to_the_next_one_only_if_that_changes_nothing()
+{
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(&node_config(
+        dir.path(),
+        "node-a",
+        &db,
+        &pki,
+        "10s",
+        Some(free_port()),
+    ));
+    let api_a = a.serving(Duration::from_secs(30));
+    let b = Node::start(&node_config(
+        dir.path(),
+        "node-b",
+        &db,
+        &pki,
+        "10s",
+        Some(free_port()),
+    ));
+    b.wait_logged("listening as a standby", Duration::from_secs(30));
+    create_account(&api_a, "acc_seen", "enterprise").await;
+    let (s, v) = api_a
+        .admin(
+            Method::POST,
+            "/v1/accounts/acc_seen/webhooks",
+            Some(json!({"name": "h", "url": rx.url, "events": ["*"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+
+    // The holder hangs: both requests reach it through the standby and get no answer; then it
+    // dies, so the standby's connection to it is cut after the request went out.
+    a.signal("-STOP");
+    let post = |body: Value| {
+        let via_b = b.standby_api();
+        tokio::spawn(async move { via_b.admin(Method::POST, "/v1/events", Some(body)).await })
+    };
+    let with_id = post(
+        json!({"account_id": "acc_seen", "event": "visitor.checked_in",
+        "data": {}, "id": "ka-seen-1"}),
+    );
+    let minted = post(
+        json!({"account_id": "acc_seen", "event": "visitor.checked_in",
+        "data": {}}),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.signal("-KILL");
+
+    // The producer's own id makes a second send exact: held for the next holder and accepted.
+    let (s, v) = with_id.await.unwrap();
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["id"], "ka-seen-1");
+    // A minted id would make a second event: the client is told and decides.
+    let (s, v) = minted.await.unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].clone()),
+        (StatusCode::SERVICE_UNAVAILABLE, json!("standby")),
+        "{v}"
+    );
+    b.serving(Duration::from_secs(20));
+    wait_all_delivered(&rx, &["ka-seen-1".to_string()], Duration::from_secs(30)).await;
+    assert_eq!(arrivals(&rx)["ka-seen-1"].len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guesser_behind_a_standby_is_limited_by_its_own_address_not_the_standby_s() {
+    let pki = pki();
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(&node_config(
+        dir.path(),
+        "node-a",
+        &db,
+        &pki,
+        "10s",
+        Some(free_port()),
+    ));
+    let api_a = a.serving(Duration::from_secs(30));
+    let b = Node::start(&node_config(
+        dir.path(),
+        "node-b",
+        &db,
+        &pki,
+        "10s",
+        Some(free_port()),
+    ));
+    b.wait_logged("listening as a standby", Duration::from_secs(30));
+    let (s, v) = api_a
+        .admin(
+            Method::POST,
+            "/v1/accounts",
+            Some(json!({"name": "g", "plan": "starter", "id": "acc_guarded"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let key = v["api_key"].as_str().unwrap().to_string();
+    let standby = b.standby_api();
+    let addr: SocketAddr = standby.base.trim_start_matches("http://").parse().unwrap();
+
+    // A guesser on another machine (127.0.0.2) exhausts its allowance through the standby.
+    let guesser = Api::from_source(addr, "127.0.0.2".parse().unwrap());
+    let mut limited = false;
+    for i in 0..30 {
+        let (s, _, _) = guesser
+            .raw(
+                Method::GET,
+                "/v1/accounts/acc_guarded",
+                Some(&format!("khk_wrong{i}")),
+                None,
+            )
+            .await;
+        assert!(
+            s == StatusCode::UNAUTHORIZED || s == StatusCode::TOO_MANY_REQUESTS,
+            "{s}"
+        );
+        limited |= s == StatusCode::TOO_MANY_REQUESTS;
+    }
+    assert!(limited, "the guesser was never limited");
+    // Another client of the same standby, with a key never used from anywhere, is served: the
+    // serving node counted the guesses for 127.0.0.2, not for the standby's address.
+    let (s, _, v) = standby
+        .raw(Method::GET, "/v1/accounts/acc_guarded", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // And the guesser stays limited, right key or not: it is its own address that is.
+    let (s, _, v) = guesser
+        .raw(Method::GET, "/v1/accounts/acc_guarded", Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
 }

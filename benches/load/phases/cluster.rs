@@ -221,7 +221,9 @@ pub async fn run(ctx: &Ctx, nodes: usize, webhooks: usize, conns: usize) -> Clus
     let warmup = Duration::from_secs(ctx.opts.warmup);
     let window = Duration::from_secs(ctx.opts.secs.max(9));
     let hard = Instant::now() + warmup + window + Duration::from_secs(60);
-    let producer = Producer::start_on(apis.clone(), conns, event, hard);
+    // Producers keep their own event ids, so an event whose answer was lost in the crash is
+    // sent again exactly (a standby re-sends one it had in flight itself).
+    let producer = Producer::start_with_ids(apis.clone(), conns, event, hard);
     tokio::time::sleep(warmup).await;
     let mut r = ClusterResult {
         nodes,

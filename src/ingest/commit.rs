@@ -7,7 +7,7 @@
 //! back (through `fanned`) the events whose deliveries are written, so that their inbox marks
 //! are cleared after the next flush.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
@@ -43,7 +43,7 @@ enum Reply {
 }
 
 /// The committer: takes whatever requests are queued (up to [`MAX_BATCH`] events), gives
-/// their events sequence numbers, checks idempotency, appends them to the store, makes them
+/// their events sequence numbers, checks idempotency (one store question per batch), appends them to the store, makes them
 /// durable with one flush, answers every request, and passes the events to the fan-out
 /// thread. (Overlapping the append of one batch with the flush of the previous one was tried:
 /// sled's flush then also waits for the concurrent appends, and batch ingest fell by half.)
@@ -86,6 +86,7 @@ pub(super) fn commit_loop(
         // Per fresh event: whether a webhook subscribes to it, so it owes a fan-out.
         let mut owed: Vec<bool> = Vec::new();
         let mut seen: HashMap<(AccountId, EventId), EventId> = HashMap::new();
+        let known = known_ids(store, &batch);
         let mut replies = Vec::with_capacity(batch.len());
         // Sequence numbers are given here, in commit order, so the log's chunks never overlap.
         let now = clock::now_ms();
@@ -112,16 +113,16 @@ pub(super) fn commit_loop(
                         accepted.push(Accepted::Duplicate(id.clone()));
                         continue;
                     }
-                    match store.event_seq(&p.record.account_id, p.record.id.as_str()) {
-                        Ok(Some(_)) => {
+                    match &known {
+                        Ok(known) if known.contains(&key) => {
                             accepted.push(Accepted::Duplicate(p.record.id.clone()));
                             continue;
                         }
-                        Ok(None) => {
+                        Ok(_) => {
                             seen.insert(key, p.record.id.clone());
                         }
                         Err(err) => {
-                            result = Err(err);
+                            result = Err(err.clone());
                             continue;
                         }
                     }
@@ -148,6 +149,35 @@ pub(super) fn commit_loop(
         };
         finish(appended, store, &fanout, fanned, lag);
     }
+}
+
+/// The producer-chosen ids of `batch` that their accounts used before: one question to the
+/// store per group commit (on PostgreSQL one round trip, not one per event).
+fn known_ids(
+    store: &dyn Storage,
+    batch: &[Commit],
+) -> Result<HashSet<(AccountId, EventId)>, StoreError> {
+    let asked: Vec<(&AccountId, &EventId)> = batch
+        .iter()
+        .filter_map(|c| match c {
+            Commit::Events { events, .. } => Some(events),
+            Commit::Sync { .. } => None,
+        })
+        .flatten()
+        .filter(|p| p.mint.is_none())
+        .map(|p| (&p.record.account_id, &p.record.id))
+        .collect();
+    if asked.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let question: Vec<(&AccountId, &str)> = asked.iter().map(|(a, id)| (*a, id.as_str())).collect();
+    let answer = store.events_known(&question)?;
+    Ok(asked
+        .into_iter()
+        .zip(answer)
+        .filter(|(_, known)| *known)
+        .map(|((a, id), _)| (a.clone(), id.clone()))
+        .collect())
 }
 
 /// Makes an appended batch durable with one flush, answers its requests, and passes its

@@ -209,6 +209,20 @@ pub fn events_are_found_by_seq_and_id_and_owe_fan_out_until_cleared(store: &dyn 
     assert_eq!(store.event_seq(&a, "visit-42").unwrap(), Some(chosen.seq));
     let other = AccountId::parse("acc_other").unwrap();
     assert_eq!(store.event_seq(&other, "visit-42").unwrap(), None);
+    // The same asked for a whole batch at once, in order, repeats and all.
+    assert_eq!(
+        store
+            .events_known(&[
+                (&a, "visit-41"),
+                (&a, "visit-42"),
+                (&other, "visit-42"),
+                (&a, minted.id.as_str()),
+                (&a, "visit-42"),
+            ])
+            .unwrap(),
+        vec![false, true, false, true, true]
+    );
+    assert!(store.events_known(&[]).unwrap().is_empty());
     // Only events that owe a fan-out are in the inbox, until their deliveries are written.
     assert_eq!(store.inbox().unwrap(), vec![minted.seq, chosen.seq]);
     store.clear_inbox(&[minted.seq]).unwrap();

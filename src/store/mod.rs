@@ -238,6 +238,14 @@ pub trait Storage: Send + Sync + 'static {
     fn last_seq(&self) -> Result<u64>;
     /// The sequence number of an event id the account already used.
     fn event_seq(&self, account: &AccountId, event_id: &str) -> Result<Option<u64>>;
+    /// For each (account, producer-chosen id), whether the account already used it: the
+    /// committer asks once per group commit. By default one [`Storage::event_seq`] each (a
+    /// local lookup is cheap); a store across a network answers in one round trip.
+    fn events_known(&self, ids: &[(&AccountId, &str)]) -> Result<Vec<bool>> {
+        ids.iter()
+            .map(|(account, id)| self.event_seq(account, id).map(|s| s.is_some()))
+            .collect()
+    }
     /// Appends events, each owing its fan-out (put in the inbox in the same write). Events
     /// come in increasing sequence order, each above every event stored before (the group
     /// committer mints the sequence numbers in commit order).

@@ -1024,6 +1024,33 @@ impl Storage for PgStore {
             .map(|r| r.get::<_, i64>(0) as u64))
     }
 
+    fn events_known(&self, ids: &[(&AccountId, &str)]) -> Result<Vec<bool>> {
+        let mut known = vec![false; ids.len()];
+        let (mut accounts, mut events) = (Vec::new(), Vec::new());
+        for (i, (account, id)) in ids.iter().enumerate() {
+            // An id shaped like a minted one is found through its sequence number.
+            if ids::EventId::minted_seq(id).is_some() {
+                known[i] = self.event_seq(account, id)?.is_some();
+            }
+            accounts.push(account.as_str().to_string());
+            events.push(id.to_string());
+        }
+        if ids.is_empty() {
+            return Ok(known);
+        }
+        let rows = self.read(
+            "SELECT k.i FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS k(a, e, i)
+             JOIN kh_event_id x ON x.account_id = k.a AND x.event_id = k.e",
+            params![accounts, events],
+        )?;
+        for r in rows {
+            if let Some(k) = known.get_mut(r.get::<_, i64>(0) as usize - 1) {
+                *k = true;
+            }
+        }
+        Ok(known)
+    }
+
     fn append_events(&self, events: &[EventRecord]) -> Result<()> {
         self.append_events_owing(events, &vec![true; events.len()])
     }

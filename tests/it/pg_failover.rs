@@ -141,15 +141,19 @@ impl Node {
         }
     }
 
-    /// The address it forwards on while it waits as a standby.
-    fn standby_api(&self) -> Api {
-        let addr = self
-            .log()
+    /// An address it logged as `field` (`standby_api`, `standby_metrics`) while it waits as a
+    /// standby.
+    fn standby_addr(&self, field: &str) -> SocketAddr {
+        self.log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find_map(|v| v["fields"]["standby_api"].as_str().map(str::to_string))
-            .unwrap_or_else(|| panic!("no standby address logged:\n{}", self.log()));
-        Api::new(addr.parse().unwrap())
+            .find_map(|v| v["fields"][field].as_str().and_then(|a| a.parse().ok()))
+            .unwrap_or_else(|| panic!("no {field} logged:\n{}", self.log()))
+    }
+
+    /// The address it forwards on while it waits as a standby.
+    fn standby_api(&self) -> Api {
+        Api::new(self.standby_addr("standby_api"))
     }
 
     fn log(&self) -> String {
@@ -202,6 +206,30 @@ impl Drop for Node {
     }
 }
 
+/// Node A serving and node B standing by on `db`, both advertising their addresses (so B
+/// forwards to A); A's API.
+fn serving_and_standby(dir: &Path, db: &PgDb, pki: &Pki) -> (Node, Api, Node) {
+    let a = Node::start(&node_config(
+        dir,
+        "node-a",
+        db,
+        pki,
+        "10s",
+        Some(free_port()),
+    ));
+    let api_a = a.serving(Duration::from_secs(30));
+    let b = Node::start(&node_config(
+        dir,
+        "node-b",
+        db,
+        pki,
+        "10s",
+        Some(free_port()),
+    ));
+    b.wait_logged("listening as a standby", Duration::from_secs(30));
+    (a, api_a, b)
+}
+
 /// Per event id, the delivery ids it arrived under (a redelivery keeps its delivery id).
 fn arrivals(rx: &Receiver) -> HashMap<String, Vec<String>> {
     let mut by: HashMap<String, Vec<String>> = HashMap::new();
@@ -222,33 +250,11 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
     rx.set_default(Reply::Slow(Duration::from_millis(250), 200));
     let db = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Node::start(&node_config(
-        dir.path(),
-        "node-a",
-        &db,
-        &pki,
-        "10s",
-        Some(free_port()),
-    ));
-    let api_a = a.serving(Duration::from_secs(30));
-    let b = Node::start(&node_config(
-        dir.path(),
-        "node-b",
-        &db,
-        &pki,
-        "10s",
-        Some(free_port()),
-    ));
-    b.wait_logged("another kyberhook node is serving", Duration::from_secs(30));
-    b.wait_logged("listening as a standby", Duration::from_secs(10));
+    let (mut a, api_a, b) = serving_and_standby(dir.path(), &db, &pki);
+    b.wait_logged("another kyberhook node is serving", Duration::from_secs(1));
 
     // A scrape of the standby succeeds and says it does not serve.
-    let metrics_b = b
-        .log()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| v["fields"]["standby_metrics"].as_str().map(str::to_string))
-        .unwrap_or_else(|| panic!("no standby metrics address logged:\n{}", b.log()));
+    let metrics_b = b.standby_addr("standby_metrics");
     let scrape = api_a.text(&format!("http://{metrics_b}/metrics")).await;
     assert!(scrape.contains("kyberhook_serving 0"), "{scrape}");
 
@@ -672,24 +678,7 @@ async fn a_request_the_dead_holder_may_have_seen_goes_to_the_next_one_only_if_th
     let rx = Receiver::start(pki.server.clone()).await;
     let db = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(&node_config(
-        dir.path(),
-        "node-a",
-        &db,
-        &pki,
-        "10s",
-        Some(free_port()),
-    ));
-    let api_a = a.serving(Duration::from_secs(30));
-    let b = Node::start(&node_config(
-        dir.path(),
-        "node-b",
-        &db,
-        &pki,
-        "10s",
-        Some(free_port()),
-    ));
-    b.wait_logged("listening as a standby", Duration::from_secs(30));
+    let (a, api_a, b) = serving_and_standby(dir.path(), &db, &pki);
     create_account(&api_a, "acc_seen", "enterprise").await;
     let (s, v) = api_a
         .admin(
@@ -739,24 +728,7 @@ async fn a_guesser_behind_a_standby_is_limited_by_its_own_address_not_the_standb
     let pki = pki();
     let db = pg_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(&node_config(
-        dir.path(),
-        "node-a",
-        &db,
-        &pki,
-        "10s",
-        Some(free_port()),
-    ));
-    let api_a = a.serving(Duration::from_secs(30));
-    let b = Node::start(&node_config(
-        dir.path(),
-        "node-b",
-        &db,
-        &pki,
-        "10s",
-        Some(free_port()),
-    ));
-    b.wait_logged("listening as a standby", Duration::from_secs(30));
+    let (_a, api_a, b) = serving_and_standby(dir.path(), &db, &pki);
     let (s, v) = api_a
         .admin(
             Method::POST,
@@ -767,7 +739,7 @@ async fn a_guesser_behind_a_standby_is_limited_by_its_own_address_not_the_standb
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let key = v["api_key"].as_str().unwrap().to_string();
     let standby = b.standby_api();
-    let addr: SocketAddr = standby.base.trim_start_matches("http://").parse().unwrap();
+    let addr = b.standby_addr("standby_api");
 
     // A guesser on another machine (127.0.0.2) exhausts its allowance through the standby.
     let guesser = Api::from_source(addr, "127.0.0.2".parse().unwrap());

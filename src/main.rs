@@ -188,6 +188,9 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("kyberhook: {e}");
+                    // A standby's wait for the PostgreSQL lease runs on a blocking thread that
+                    // never returns by itself: dropping the runtime would wait on it forever.
+                    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
                     ExitCode::from(e.exit_code() as u8)
                 }
             }

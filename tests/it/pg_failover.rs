@@ -772,3 +772,31 @@ async fn a_guesser_behind_a_standby_is_limited_by_its_own_address_not_the_standb
         .await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_cannot_bind_its_metrics_address_exits_2_with_one_line() {
+    let pki = pki();
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(&node_config(dir.path(), "node-a", &db, &pki, "10s", None));
+    let _api_a = a.serving(Duration::from_secs(30));
+    // Two nodes on one host with the same metrics.listen: the second one finds it taken only
+    // once it stands by, from a blocking wait for the lease that must not keep it alive.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = node_config(dir.path(), "node-b", &db, &pki, "10s", None);
+    let toml = std::fs::read_to_string(&config).unwrap().replace(
+        "[metrics]\nlisten = \"127.0.0.1:0\"",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    assert!(toml.contains(&format!("127.0.0.1:{port}")));
+    std::fs::write(&config, toml).unwrap();
+    let mut b = Node::start(&config);
+    assert_eq!(b.exits_within(Duration::from_secs(15)), 2, "{}", b.log());
+    let log = b.log();
+    let line = log.lines().last().unwrap_or_default();
+    assert!(
+        line.starts_with("kyberhook: ") && line.contains("metrics.listen"),
+        "{log}"
+    );
+}

@@ -171,11 +171,19 @@ pub fn seq_floor(ms: u64) -> u64 {
     ms.saturating_mul(1 << SEQ_COUNTER_BITS)
 }
 
+/// The bits of a sequence number that name the writer that minted it, when several nodes
+/// write to one store ([`Sequencer::for_writer`]).
+pub const SEQ_WRITER_BITS: u32 = 8;
+
 /// Mints strictly increasing, time-ordered sequence numbers: `unix_ms << 20 | counter`. Never
 /// goes backwards, even if the wall clock does (it then counts on from the last value).
+/// Several writers on one store each mint only numbers whose low [`SEQ_WRITER_BITS`] are their
+/// own slot, so two nodes never mint the same number (still a million a second each).
 #[derive(Debug)]
 pub struct Sequencer {
     last: AtomicU64,
+    /// The writer's slot; `None`: the only writer (every number is used).
+    slot: Option<u8>,
 }
 
 impl Sequencer {
@@ -183,6 +191,17 @@ impl Sequencer {
     pub fn new(last_used: u64) -> Self {
         Sequencer {
             last: AtomicU64::new(last_used),
+            slot: None,
+        }
+    }
+
+    /// One of several writers on a store: continues after `last_used` (the largest number any
+    /// writer stored — so also after one that held `slot` before, whatever its clock said) and
+    /// mints only numbers whose low byte is `slot`.
+    pub fn for_writer(last_used: u64, slot: u8) -> Self {
+        Sequencer {
+            last: AtomicU64::new(last_used),
+            slot: Some(slot),
         }
     }
 
@@ -190,7 +209,12 @@ impl Sequencer {
         let floor = seq_floor(now_ms);
         let mut prev = self.last.load(Ordering::Relaxed);
         loop {
-            let next = floor.max(prev + 1);
+            let mut next = floor.max(prev + 1);
+            if let Some(slot) = self.slot {
+                // The first number at or above `next` in this writer's residue class.
+                let stride = 1u64 << SEQ_WRITER_BITS;
+                next = (next - u64::from(slot)).div_ceil(stride) * stride + u64::from(slot);
+            }
             match self
                 .last
                 .compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed)
@@ -256,6 +280,33 @@ mod tests {
         assert_eq!(seq_time_ms(d), 2000);
         let resumed = Sequencer::new(d);
         assert!(resumed.next(1500) > d);
+    }
+
+    #[test]
+    fn writers_mint_only_their_own_numbers_and_still_in_time_order() {
+        let a = Sequencer::for_writer(0, 0);
+        let b = Sequencer::for_writer(0, 7);
+        let mut seen = std::collections::HashSet::new();
+        let mut last = (0, 0);
+        for ms in [1000, 1000, 1000, 1001, 999, 5000] {
+            let (x, y) = (a.next(ms), b.next(ms));
+            assert_eq!((x & 0xff, y & 0xff), (0, 7));
+            assert!(x > last.0 && y > last.1);
+            assert!(seen.insert(x) && seen.insert(y));
+            last = (x, y);
+        }
+        assert_eq!(seq_time_ms(last.0), 5000);
+        assert_eq!(seq_time_ms(last.1), 5000);
+        // A writer taking over a slot continues after everything stored, even numbers another
+        // node minted with a clock ahead of its own.
+        let ahead = Sequencer::for_writer(0, 3).next(9000);
+        let next = Sequencer::for_writer(ahead, 3).next(8000);
+        assert!(next > ahead && next & 0xff == 3);
+        // 4096 a millisecond per writer before the counter spills into the next one.
+        let c = Sequencer::for_writer(0, 255);
+        let n: Vec<u64> = (0..4096).map(|_| c.next(1)).collect();
+        assert!(n.iter().all(|s| seq_time_ms(*s) == 1));
+        assert_eq!(seq_time_ms(c.next(1)), 2);
     }
 
     #[test]

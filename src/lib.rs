@@ -278,7 +278,10 @@ impl Engine {
         registry
             .backlog()
             .set_quota(config.delivery.max_scheduled_per_account);
-        let seq = Arc::new(ids::Sequencer::new(store.last_seq()?));
+        let seq = Arc::new(match store.writer_slot() {
+            Some(slot) => ids::Sequencer::for_writer(store.last_seq()?, slot),
+            None => ids::Sequencer::new(store.last_seq()?),
+        });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (due_tx, due_rx) = mpsc::channel(DUE_QUEUE);

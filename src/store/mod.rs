@@ -236,6 +236,11 @@ pub trait Storage: Send + Sync + 'static {
 
     /// The highest event sequence number stored (0: none).
     fn last_seq(&self) -> Result<u64>;
+    /// This writer's slot when several nodes write to the store (see
+    /// [`crate::ids::Sequencer::for_writer`]); `None`: it is the only writer.
+    fn writer_slot(&self) -> Option<u8> {
+        None
+    }
     /// The sequence number of an event id the account already used.
     fn event_seq(&self, account: &AccountId, event_id: &str) -> Result<Option<u64>>;
     /// For each (account, producer-chosen id), whether the account already used it: the

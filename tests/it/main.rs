@@ -24,6 +24,7 @@ mod ordering;
 mod pg;
 mod pg_cluster;
 mod pg_failover;
+mod pg_ownership;
 mod pg_store;
 mod postgres;
 mod priority;

@@ -377,6 +377,27 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
     // Its ingest works (the ids node-a acknowledged answer as accepted already).
     let again = burst(&api_b, "acc_failover", 3, 1).await;
     assert_eq!(again.len(), 3);
+    // Each node mints sequence numbers (the front of a delivery id) in its own writer slot,
+    // the low byte: node-a's 0; node-b took 1, since node-a's heartbeat was still fresh.
+    let (s, v) = api_b
+        .admin(
+            Method::POST,
+            "/v1/events",
+            Some(
+                json!({"account_id": "acc_failover", "event": "visitor.checked_in",
+                "data": {}, "id": "evt_after_takeover"}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let fresh = ["evt_after_takeover".to_string()];
+    wait_all_delivered(&rx, &fresh, Duration::from_secs(20)).await;
+    let slot_of = |id: &String| {
+        let dlv = &arrivals(&rx)[id][0];
+        u8::from_str_radix(&dlv[18..20], 16).unwrap()
+    };
+    assert!(acked.iter().all(|id| slot_of(id) == 0));
+    assert_eq!(slot_of(&fresh[0]), 1);
     eprintln!(
         "failover after SIGKILL: takeover {takeover:?}, first delivery by the new node {resumed:?} after the kill, {} of {} delivered before it, lost 0, duplicates {duplicates}",
         before,

@@ -125,6 +125,9 @@ pub struct Target {
     tls: MakeRustlsConnect,
     /// [`describe`] of `config`.
     pub shown: String,
+    /// How long a session of this node may sit idle inside a transaction before PostgreSQL
+    /// ends it (`idle_in_transaction_session_timeout`; `None`: the server's setting).
+    idle_in_transaction: Option<Duration>,
 }
 
 impl std::fmt::Debug for Target {
@@ -153,7 +156,14 @@ impl Target {
         if pg.get_keepalives() && pg.get_keepalives_idle() > Duration::from_secs(30) {
             pg.keepalives_idle(Duration::from_secs(30));
         }
-        Target::new(pg, config.storage.postgres_ca_file.as_deref())
+        let mut target = Target::new(pg, config.storage.postgres_ca_file.as_deref())?;
+        // A node stopped (SIGSTOP, a VM pause) in the middle of a write holds its fence's row
+        // lock for as long as it stays stopped, and the lock blocks the takeover that would
+        // fence it; a standby stopped in its lease check blocks every write of the holder the
+        // same way. PostgreSQL ends such a session once it has been idle in its transaction
+        // for a lease: its locks go, and what it had not committed never commits.
+        target.idle_in_transaction = Some(config.cluster.lease);
+        Ok(target)
     }
 
     /// A target from a parsed config and an optional CA bundle.
@@ -165,6 +175,7 @@ impl Target {
             shown: describe(&config),
             config,
             tls: MakeRustlsConnect::new(tls),
+            idle_in_transaction: None,
         })
     }
 
@@ -195,6 +206,13 @@ impl Target {
                 tracing::warn!(database = %shown, error = %chain(&e), "database connection ended");
             }
         });
+        if let Some(idle) = self.idle_in_transaction {
+            let ms = idle.as_millis().clamp(1, i32::MAX as u128);
+            client
+                .batch_execute(&format!("SET idle_in_transaction_session_timeout = {ms}"))
+                .await
+                .map_err(|e| classify(&e, &self.shown))?;
+        }
         Ok(client)
     }
 }

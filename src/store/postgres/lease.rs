@@ -90,6 +90,8 @@ const DAY_TABLES_EVERY: u32 = 1800;
 pub struct Held {
     pub owner: i64,
     pub epoch: i64,
+    /// The node's writer slot ([`super::ownership::claim_slot`]).
+    pub slot: u8,
 }
 
 /// What fencing refuses a write with.
@@ -182,17 +184,26 @@ pub async fn acquire(
             .await
             .map_err(sql)?;
             tx.commit().await.map_err(sql)?;
+            let slot = super::ownership::claim_slot(&mut client, node.id, node.lease)
+                .await
+                .map_err(sql)?
+                .ok_or_else(|| {
+                    PgError::Failed(
+                        "all 256 writer slots are held by live kyberhook nodes".to_string(),
+                    )
+                })?;
             let how = match owner {
                 None => "took the free lease",
                 Some(o) if o == node.id => "took its lease back",
                 Some(_) if expired => "took over an expired lease",
                 Some(_) => "took over the lease of a node whose session ended",
             };
-            tracing::info!(database = %target.shown, node = %node.name, epoch, "{how}: this node serves");
+            tracing::info!(database = %target.shown, node = %node.name, epoch, slot, "{how}: this node serves");
             return Ok((
                 Held {
                     owner: node.id,
                     epoch,
+                    slot,
                 },
                 client,
                 locked,

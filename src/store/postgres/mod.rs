@@ -19,6 +19,7 @@
 
 pub mod connect;
 pub mod lease;
+pub mod ownership;
 pub mod schema;
 pub mod store;
 

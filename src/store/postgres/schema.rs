@@ -85,7 +85,12 @@ pub const DAY_PARTITIONED: [&str; 3] = ["kh_event", "kh_delivery", "kh_attempt"]
 pub const DAYS_AHEAD: u64 = 7;
 
 /// `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 1] = [V1];
+const MIGRATIONS: [&str; 2] = [V1, V2];
+
+/// Version 2: each node's writer slot (`kh_node.slot`), the low byte of every sequence number
+/// it mints (`ids::Sequencer::for_writer`), so that nodes writing at once never mint the same
+/// one. Claimed by [`super::ownership::claim_slot`].
+const V2: &str = "ALTER TABLE kh_node ADD COLUMN IF NOT EXISTS slot smallint;";
 
 /// Version 1: everything the design above needs.
 const V1: &str = r#"
@@ -467,7 +472,7 @@ mod tests {
 
     #[test]
     fn the_schema_avoids_what_other_postgres_compatible_servers_lack() {
-        let upper = V1.to_uppercase();
+        let upper = MIGRATIONS.concat().to_uppercase();
         for avoided in [
             "SERIAL",
             "SEQUENCE",
@@ -479,9 +484,9 @@ mod tests {
             "DO $$",
             "WITH (",
         ] {
-            assert!(!upper.contains(avoided), "V1 uses {avoided}");
+            assert!(!upper.contains(avoided), "a migration uses {avoided}");
         }
-        assert_eq!(CURRENT, 1);
+        assert_eq!(CURRENT, 2);
         assert_eq!(PARTITIONS, 256);
         assert!(
             V1.contains("generate_series(0, 255)"),

@@ -996,6 +996,10 @@ impl Storage for PgStore {
 
     // ---- events ----
 
+    fn writer_slot(&self) -> Option<u8> {
+        Some(self.shared.held.slot)
+    }
+
     fn last_seq(&self) -> Result<u64> {
         let rows = self.read(
             "SELECT GREATEST((SELECT max(seq) FROM kh_event), (SELECT max(seq) FROM kh_delivery))",

@@ -13,7 +13,8 @@
 //! for anything else.
 //!
 //! **One node at a time, for now.** Nodes do not yet divide the work between them (the
-//! partition leases of `kh_partition` are the next step): the node holding the serve lease
+//! partition leases of [`ownership`] are built and tested, not yet driven by the engine):
+//! the node holding the serve lease
 //! ([`lease`]) serves, and a second node on the same database waits for it, taking over when
 //! the first one's session ends (a crash), it stops, or its lease expires: a warm standby.
 

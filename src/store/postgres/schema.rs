@@ -17,7 +17,8 @@
 //! account): `kh_partition` records who holds each (today the lease holder holds all, stamped
 //! with its epoch), ready for nodes dividing them.
 //!
-//! - `kh_node`: the nodes (one row per process start, its heartbeat in `last_seen`);
+//! - `kh_node`: the nodes (one row per process start, its heartbeat in `last_seen`, its writer
+//!   `slot` — the low byte of the sequence numbers it mints — since version 2);
 //!   `kh_lease`, `kh_partition`: who serves. `kh_meta`: named values (the secrets key's check
 //!   value, each node's start-up write probe).
 //! - `kh_account`, `kh_webhook`: the management records (`record`: [`crate::codec`] bytes,

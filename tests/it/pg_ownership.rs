@@ -8,7 +8,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kyberhook::config::Config;
-use kyberhook::store::postgres::ownership::{self, fence, rebalance, release, Owned, Partition};
+use std::sync::{Arc, Mutex};
+
+use kyberhook::store::postgres::ownership::{
+    self, fence, rebalance, release, Owned, Partition, PartitionWork,
+};
 use kyberhook::store::postgres::{schema, Target};
 
 use crate::pg::{pg_database, PgDb};
@@ -55,6 +59,7 @@ impl SimNode {
         let change = rebalance(&mut self.client, self.id, LEASE, &self.owned)
             .await
             .unwrap();
+        assert!(change.lost.is_empty(), "{:?}", change.lost);
         self.owned.gain(&change.gained);
         release(&self.client, self.id, &self.owned, &change.to_release)
             .await
@@ -377,4 +382,160 @@ async fn a_version_1_schema_is_upgraded_in_place_with_its_rows() {
         .unwrap()
         .get(0);
     assert_eq!(version, schema::CURRENT);
+}
+
+/// What a node's work saw: (node, what, partition), in the order it happened.
+type Seen = Arc<Mutex<Vec<(i64, &'static str, Partition)>>>;
+
+/// A [`PartitionWork`] that records what it is told; its drains take longer than a round,
+/// like attempts in flight finishing, and are recorded when they end: a partition gained by
+/// another node before its drain ended would show.
+struct Recorder {
+    node: i64,
+    seen: Seen,
+}
+
+impl PartitionWork for Recorder {
+    fn gained(&self, partitions: &[(Partition, i64)]) {
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(partitions.iter().map(|(p, _)| (self.node, "gained", *p)));
+    }
+
+    fn drain(
+        &self,
+        partitions: &[Partition],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let (node, seen, partitions) = (self.node, self.seen.clone(), partitions.to_vec());
+        Box::pin(async move {
+            tokio::time::sleep(DRAIN).await;
+            let mut seen = seen.lock().unwrap();
+            seen.extend(partitions.iter().map(|p| (node, "drained", *p)));
+        })
+    }
+
+    fn lost(&self, partitions: &[Partition]) {
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(partitions.iter().map(|p| (self.node, "lost", *p)));
+    }
+}
+
+/// How long a drain takes: longer than a round (a fifth of the 2 s lease below).
+const DRAIN: Duration = Duration::from_millis(600);
+
+struct Driver {
+    held: tokio::sync::watch::Receiver<Owned>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn drive(target: &Target, id: i64, lease: Duration, seen: &Seen) -> Driver {
+    let (held_tx, held) = tokio::sync::watch::channel(Owned::default());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(ownership::run(
+        target.clone(),
+        id,
+        format!("node-{id}"),
+        lease,
+        Arc::new(Recorder {
+            node: id,
+            seen: seen.clone(),
+        }),
+        held_tx,
+        stop_rx,
+    ));
+    Driver { held, stop, task }
+}
+
+/// Waits until `drivers` together hold every partition, each at least `min`.
+async fn until_divided(drivers: &[&Driver], min: usize, wait: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let counts: Vec<usize> = drivers.iter().map(|d| d.held.borrow().len()).collect();
+        if counts.iter().sum::<usize>() == schema::PARTITIONS as usize
+            && counts.iter().all(|&c| c >= min)
+        {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < wait,
+            "not divided within {wait:?}: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Replays `seen`: a partition is gained only while nobody holds it — released (drained) by
+/// its last owner first — or from `dead`, which never hands over.
+fn one_owner_at_a_time(seen: &Seen, dead: i64) {
+    let mut holder: BTreeMap<Partition, i64> = BTreeMap::new();
+    for (node, what, p) in seen.lock().unwrap().iter() {
+        match *what {
+            "gained" => {
+                if let Some(old) = holder.insert(*p, *node) {
+                    assert_eq!(old, dead, "{node} gained {p} while {old} held it");
+                }
+            }
+            _ => assert_eq!(
+                holder.remove(p),
+                Some(*node),
+                "{node} {what} {p} it did not hold"
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_nodes_hand_partitions_over_on_a_crash_a_join_and_a_stop() {
+    let db = pg_database().await;
+    migrated(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[storage]\npath = \"{}\"\nbackend = \"postgres\"\npostgres_url = \"{}\"\n\
+             postgres_ca_file = \"{}\"\n",
+            dir.path().join("data").display(),
+            db.url,
+            db.ca_file.display()
+        ),
+    )
+    .unwrap();
+    let target = Target::from_config(&Config::load(&path).unwrap()).unwrap();
+    let lease = Duration::from_secs(2);
+    let seen: Seen = Arc::default();
+    let (one, two, three) = (
+        drive(&target, 1, lease, &seen),
+        drive(&target, 2, lease, &seen),
+        drive(&target, 3, lease, &seen),
+    );
+    until_divided(&[&one, &two, &three], 80, Duration::from_secs(20)).await;
+
+    // Node 3 crashes: its task and session end at once; its share goes to 1 and 2 without
+    // waiting out its heartbeat.
+    three.task.abort();
+    let _ = three.task.await;
+    let took = until_divided(&[&one, &two], 120, Duration::from_secs(20)).await;
+    assert!(
+        took < lease,
+        "took over a crashed node's partitions in {took:?}"
+    );
+
+    // Node 4 joins and gets its share, handed over by 1 and 2 after draining it.
+    let four = drive(&target, 4, lease, &seen);
+    until_divided(&[&one, &two, &four], 80, Duration::from_secs(20)).await;
+
+    // Node 1 stops: it drains and releases everything, and 2 and 4 take it.
+    one.stop.send_replace(true);
+    one.task.await.unwrap();
+    until_divided(&[&two, &four], 120, Duration::from_secs(20)).await;
+    one_owner_at_a_time(&seen, 3);
+    let t = table(&db).await;
+    assert!(t.values().all(|(o, _)| *o == Some(2) || *o == Some(4)));
+    for d in [two, four] {
+        d.stop.send_replace(true);
+        d.task.await.unwrap();
+    }
+    // Both stopped gracefully: nothing is held.
+    assert!(table(&db).await.values().all(|(o, _)| o.is_none()));
 }

@@ -106,6 +106,15 @@ fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
+/// `SET LOCAL` of a fifth of `lease` as the idle-in-transaction limit: for the short
+/// transactions that lock rows others' writes wait on (a lease or partition claim).
+pub(super) fn short_idle(lease: Duration) -> String {
+    format!(
+        "SET LOCAL idle_in_transaction_session_timeout = {}",
+        ms(lease / 5).max(1)
+    )
+}
+
 /// Registers `node` and waits until it holds the lease: returns the lease, the connection that
 /// holds (or will try for) the node's own key (the heartbeat's, see [`heartbeat`]) and whether
 /// it holds it.
@@ -145,6 +154,11 @@ pub async fn acquire(
             .await
             .map_err(sql)?;
         let tx = client.transaction().await.map_err(sql)?;
+        // Its `FOR UPDATE` blocks the holder's renewal and writes: were this node stopped
+        // inside it, PostgreSQL ends the session well within the holder's lease.
+        tx.batch_execute(&short_idle(node.lease))
+            .await
+            .map_err(sql)?;
         let row = tx
             .query_one(
                 "SELECT owner, expires_at <= now() FROM kh_lease WHERE id = 1 FOR UPDATE",

@@ -6,8 +6,11 @@
 //!
 //! In: the live nodes (`kh_node` rows whose heartbeat, `last_seen`, is younger than the lease)
 //! and what this node holds (an [`Owned`]: partition → epoch). Out: a [`Change`] — partitions
-//! just acquired, each with its new epoch, and those now targeted at another node, which the
-//! caller drains and then gives up with [`release`] — and the [`fence`] verdict for a write.
+//! just acquired, each with its new epoch, those now targeted at another node, which the
+//! caller drains and then gives up with [`release`], and those another node took over — and
+//! the [`fence`] verdict for a write. [`run`] is the loop a node runs over these, telling its
+//! [`PartitionWork`] (the engine, once it divides work) what to load, drain and drop; it also
+//! hands out writer slots ([`claim_slot`]) for the ids nodes mint.
 //!
 //! **Target set.** [`assign`] is rendezvous (highest random weight) hashing of each partition
 //! over the live node ids with a bounded load of `ceil(partitions / live)` per node: every node
@@ -84,6 +87,9 @@ pub struct Change {
     /// Partitions this node owns that now belong to another live node: stop taking work for
     /// them, finish what is in flight, then [`release`] them.
     pub to_release: Vec<Partition>,
+    /// Partitions this node believed it held that another node took over (this node was
+    /// counted out: its heartbeat aged, or its session ended): their work must be dropped.
+    pub lost: Vec<Partition>,
 }
 
 /// A 64-bit mix (splitmix64's finaliser): the rendezvous weight of `(partition, node)`. Fixed
@@ -218,24 +224,42 @@ pub async fn rebalance(
             &[&me],
         )
         .await?;
+    let mut change = Change::default();
+    if !owned.is_empty() {
+        let (ps, epochs): (Vec<Partition>, Vec<i64>) = owned.iter().unzip();
+        change.lost = client
+            .query(
+                "SELECT p.partition_id FROM kh_partition p
+                 JOIN UNNEST($1::smallint[], $2::bigint[]) AS h(partition_id, epoch)
+                   ON p.partition_id = h.partition_id
+                 WHERE p.owner IS DISTINCT FROM $3 OR p.epoch <> h.epoch
+                 ORDER BY p.partition_id",
+                &[&ps, &epochs, &me],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    }
     let live = live_nodes(&*client, me, lease).await?;
     let target = assign(&live, PARTITIONS);
-    let mut change = Change::default();
     if target.is_empty() {
         return Ok(change);
     }
+    let still = |p: Partition| owned.epoch(p).is_some() && !change.lost.contains(&p);
     let mine: Vec<Partition> = (0..PARTITIONS)
-        .filter(|&p| target[p as usize] == me && owned.epoch(p).is_none())
+        .filter(|&p| target[p as usize] == me && !still(p))
         .collect();
     change.to_release = owned
         .iter()
         .map(|(p, _)| p)
-        .filter(|&p| target[p as usize] != me)
+        .filter(|&p| target[p as usize] != me && still(p))
         .collect();
     if mine.is_empty() {
         return Ok(change);
     }
     let tx = client.transaction().await?;
+    tx.batch_execute(&super::lease::short_idle(lease)).await?;
     // Free (never owned, released) or its owner is not among the live: taken. A live owner
     // keeps it until it releases it.
     let take: Vec<Partition> = tx
@@ -319,6 +343,180 @@ pub async fn fence(
         })
         .collect();
     Ok(if lost.is_empty() { Ok(()) } else { Err(lost) })
+}
+
+/// What a node does with partitions as they come and go: the engine's side of [`run`].
+pub trait PartitionWork: Send + Sync + 'static {
+    /// Partitions just acquired, each at its new epoch: load their owed work and take theirs.
+    fn gained(&self, partitions: &[(Partition, i64)]);
+    /// Partitions that now belong to another node: stop taking their work and finish (or give
+    /// up) what is in flight. Resolves when nothing of theirs is left running; [`run`] releases
+    /// them then.
+    fn drain(
+        &self,
+        partitions: &[Partition],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    /// Partitions taken away without a hand-over (this node could not renew in time, or
+    /// another node fenced it): drop their work at once; writes for them fail the fence anyway.
+    fn lost(&self, partitions: &[Partition]);
+}
+
+/// How often [`run`] takes a round: a fifth of the lease, as the serve lease's heartbeat.
+fn round_every(lease: Duration) -> Duration {
+    (lease / 5).max(Duration::from_millis(10))
+}
+
+/// The ownership loop of node `me`: registers it (its `kh_node` row and its session's
+/// advisory key), then every fifth of `lease` takes a [`rebalance`] round — gained partitions
+/// go to [`PartitionWork::gained`]; those that moved away are drained, then [`release`]d —
+/// until `stop` turns true, when it drains and releases everything it holds. Drains run beside
+/// the rounds, so a node finishing long attempts for partitions it hands over keeps its
+/// heartbeat (and the partitions it keeps) alive meanwhile. If no round succeeds for a whole
+/// lease (the database is unreachable), every held partition counts as lost: its work is
+/// dropped, since another node may own it by now. Publishes what it holds on `held`.
+pub async fn run(
+    target: super::Target,
+    me: i64,
+    name: String,
+    lease: Duration,
+    work: std::sync::Arc<dyn PartitionWork>,
+    held: tokio::sync::watch::Sender<Owned>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut node = Looping {
+        me,
+        name,
+        lease,
+        client: None,
+        owned: Owned::default(),
+        draining: std::collections::BTreeSet::new(),
+        drained: Vec::new(),
+    };
+    let mut drains: tokio::task::JoinSet<Vec<Partition>> = tokio::task::JoinSet::new();
+    let mut last_round = tokio::time::Instant::now();
+    while !*stop.borrow() {
+        match node.round(&target, &*work).await {
+            Ok(to_drain) => {
+                last_round = tokio::time::Instant::now();
+                if !to_drain.is_empty() {
+                    node.draining.extend(to_drain.iter().copied());
+                    let drained = work.drain(&to_drain);
+                    drains.spawn(async move {
+                        drained.await;
+                        to_drain
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %super::connect::chain(&*e), node = %node.name, "a partition ownership round failed");
+                node.client = None;
+                if last_round.elapsed() >= lease && !node.owned.is_empty() {
+                    let all: Vec<Partition> = node.owned.iter().map(|(p, _)| p).collect();
+                    work.lost(&all);
+                    node.owned = Owned::default();
+                    node.draining.clear();
+                }
+            }
+        }
+        held.send_replace(node.owned.clone());
+        tokio::select! {
+            _ = tokio::time::sleep(round_every(lease)) => {}
+            _ = stop.changed() => {}
+            Some(Ok(done)) = drains.join_next() => node.drained.extend(done),
+        }
+    }
+    // A graceful stop hands everything over at once.
+    while let Some(done) = drains.join_next().await {
+        node.drained.extend(done.unwrap_or_default());
+    }
+    let rest: Vec<Partition> = node
+        .owned
+        .iter()
+        .map(|(p, _)| p)
+        .filter(|p| !node.drained.contains(p))
+        .collect();
+    if !rest.is_empty() {
+        work.drain(&rest).await;
+    }
+    let all: Vec<Partition> = node.owned.iter().map(|(p, _)| p).collect();
+    if let (false, Some(c)) = (all.is_empty(), node.client.as_ref()) {
+        if let Err(e) = release(c, me, &node.owned, &all).await {
+            tracing::warn!(error = %super::connect::chain(&e), node = %node.name, "releasing partitions at stop failed; they are taken over when this node's session ends");
+        }
+    }
+    held.send_replace(Owned::default());
+}
+
+/// [`run`]'s state between rounds.
+struct Looping {
+    me: i64,
+    name: String,
+    lease: Duration,
+    client: Option<Client>,
+    owned: Owned,
+    /// Handed to [`PartitionWork::drain`], not yet finished.
+    draining: std::collections::BTreeSet<Partition>,
+    /// Drained, to release at the next round.
+    drained: Vec<Partition>,
+}
+
+impl Looping {
+    /// One round (connected, registered and holding the node's key first if it is not):
+    /// releases what finished draining, takes what it may, reports what it lost; returns
+    /// the partitions to drain now.
+    async fn round(
+        &mut self,
+        target: &super::Target,
+        work: &dyn PartitionWork,
+    ) -> Result<Vec<Partition>, Box<dyn std::error::Error + Send + Sync>> {
+        if self.client.as_ref().map_or(true, Client::is_closed) {
+            let c = target.connect().await.map_err(|e| e.to_string())?;
+            c.execute(
+                "INSERT INTO kh_node (node_id, name, version) VALUES ($1, $2, $3)
+                 ON CONFLICT (node_id) DO UPDATE SET last_seen = now()",
+                &[&self.me, &self.name, &env!("CARGO_PKG_VERSION")],
+            )
+            .await?;
+            // Others count this node out while its key is free: hold it before anything else.
+            let locked: bool = c
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&self.me])
+                .await?
+                .get(0);
+            if !locked {
+                return Err("another session holds this node's key (a probe in progress)".into());
+            }
+            self.client = Some(c);
+        }
+        let c = self.client.as_mut().expect("connected above");
+        // A partition lost while it drained is not this node's to release any more.
+        let draining = &self.draining;
+        self.drained.retain(|p| draining.contains(p));
+        if !self.drained.is_empty() {
+            release(&*c, self.me, &self.owned, &self.drained).await?;
+            self.owned.drop_partitions(&self.drained);
+            for p in self.drained.drain(..) {
+                self.draining.remove(&p);
+            }
+        }
+        let change = rebalance(c, self.me, self.lease, &self.owned).await?;
+        if !change.lost.is_empty() {
+            tracing::warn!(node = %self.name, partitions = change.lost.len(), "partitions were taken over by another node: their work is dropped");
+            work.lost(&change.lost);
+            self.owned.drop_partitions(&change.lost);
+            for p in &change.lost {
+                self.draining.remove(p);
+            }
+        }
+        if !change.gained.is_empty() {
+            self.owned.gain(&change.gained);
+            work.gained(&change.gained);
+        }
+        Ok(change
+            .to_release
+            .into_iter()
+            .filter(|p| !self.draining.contains(p))
+            .collect())
+    }
 }
 
 #[cfg(test)]

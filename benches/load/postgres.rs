@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// A cluster this bench started: stopped (immediate shutdown) when dropped.
+/// A cluster this bench started: stopped (immediate shutdown) and removed when dropped.
 pub struct OwnCluster {
     data: PathBuf,
     bin: PathBuf,
@@ -25,6 +25,10 @@ impl Drop for OwnCluster {
             .is_ok_and(|o| o.status.success());
         if !as_postgres {
             let _ = Command::new(&ctl).args(args).output();
+        }
+        // ~2 GB after a full run: repeated runs would fill the disk.
+        if let Some(dir) = self.data.parent() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

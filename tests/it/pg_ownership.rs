@@ -124,6 +124,25 @@ async fn migrated(db: &PgDb) {
     schema::migrate(&mut c, "test", "test").await.unwrap();
 }
 
+/// How the engine reaches `db` (its `Target`, from a config with `cluster.lease = lease`):
+/// its sessions carry the engine's settings.
+fn engine_target(db: &PgDb, lease: &str) -> Target {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[storage]\npath = \"{}\"\nbackend = \"postgres\"\npostgres_url = \"{}\"\n\
+             postgres_ca_file = \"{}\"\n[cluster]\nlease = \"{lease}\"\n",
+            dir.path().join("data").display(),
+            db.url,
+            db.ca_file.display()
+        ),
+    )
+    .unwrap();
+    Target::from_config(&Config::load(&path).unwrap()).unwrap()
+}
+
 /// Ages a node's heartbeat past the lease, as a hung node's would be.
 async fn hang(db: &PgDb, id: i64) {
     db.client()
@@ -257,21 +276,8 @@ async fn a_write_fenced_by_a_hung_owner_commits_before_the_takeover_or_not_at_al
 async fn a_node_stopped_inside_its_fenced_write_holds_up_a_takeover_for_a_lease_at_most() {
     let db = pg_database().await;
     migrated(&db).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("node.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[storage]\npath = \"{}\"\nbackend = \"postgres\"\npostgres_url = \"{}\"\n\
-             postgres_ca_file = \"{}\"\n[cluster]\nlease = \"1s\"\n",
-            dir.path().join("data").display(),
-            db.url,
-            db.ca_file.display()
-        ),
-    )
-    .unwrap();
     // The old owner's sessions are the engine's own (`Target`), as `kyberhook serve` opens them.
-    let target = Target::from_config(&Config::load(&path).unwrap()).unwrap();
+    let target = engine_target(&db, "1s");
     let mut old = SimNode::join_on(target.connect().await.unwrap(), 1).await;
     settle(&mut [&mut old]).await;
     let tx = old.client.transaction().await.unwrap();
@@ -488,21 +494,8 @@ fn one_owner_at_a_time(seen: &Seen, dead: i64) {
 async fn running_nodes_hand_partitions_over_on_a_crash_a_join_and_a_stop() {
     let db = pg_database().await;
     migrated(&db).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("node.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[storage]\npath = \"{}\"\nbackend = \"postgres\"\npostgres_url = \"{}\"\n\
-             postgres_ca_file = \"{}\"\n",
-            dir.path().join("data").display(),
-            db.url,
-            db.ca_file.display()
-        ),
-    )
-    .unwrap();
-    let target = Target::from_config(&Config::load(&path).unwrap()).unwrap();
     let lease = Duration::from_secs(2);
+    let target = engine_target(&db, "2s");
     let seen: Seen = Arc::default();
     let (one, two, three) = (
         drive(&target, 1, lease, &seen),

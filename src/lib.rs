@@ -278,9 +278,10 @@ impl Engine {
         registry
             .backlog()
             .set_quota(config.delivery.max_scheduled_per_account);
+        let last_seq = store.last_seq()?;
         let seq = Arc::new(match store.writer_slot() {
-            Some(slot) => ids::Sequencer::for_writer(store.last_seq()?, slot),
-            None => ids::Sequencer::new(store.last_seq()?),
+            Some(slot) => ids::Sequencer::for_writer(last_seq, slot),
+            None => ids::Sequencer::new(last_seq),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);

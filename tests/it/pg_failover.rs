@@ -311,14 +311,7 @@ async fn a_standby_takes_over_a_sigkilled_node_and_every_acknowledged_event_arri
         (json!(false), json!(0))
     );
 
-    let (s, v) = api_a
-        .admin(
-            Method::POST,
-            "/v1/accounts/acc_failover/webhooks",
-            Some(json!({"name": "h", "url": rx.url, "events": ["*"]})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    create_hook(&api_a, "acc_failover", &rx.url, "none").await;
     let acked = burst(&api_a, "acc_failover", 300, 16).await;
     assert_eq!(acked.len(), 300);
     let before = rx.count();
@@ -628,14 +621,7 @@ async fn a_plan_s_rate_holds_for_an_account_posting_through_both_nodes() {
     let via_b = b.standby_api();
     let account = "acc_paced_two_nodes";
     create_account(&via_b, account, "starter").await;
-    let (s, v) = api_a
-        .admin(
-            Method::POST,
-            &format!("/v1/accounts/{account}/webhooks"),
-            Some(json!({"name": "h", "url": rx.url, "events": ["*"]})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    create_hook(&api_a, account, &rx.url, "none").await;
 
     // 40 events at once, half through each node, on the 10 events/s plan.
     let post_all = |tag: &'static str| {
@@ -701,14 +687,7 @@ async fn a_request_the_dead_holder_may_have_seen_goes_to_the_next_one_only_if_th
     let dir = tempfile::tempdir().unwrap();
     let (a, api_a, b) = serving_and_standby(dir.path(), &db, &pki);
     create_account(&api_a, "acc_seen", "enterprise").await;
-    let (s, v) = api_a
-        .admin(
-            Method::POST,
-            "/v1/accounts/acc_seen/webhooks",
-            Some(json!({"name": "h", "url": rx.url, "events": ["*"]})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    create_hook(&api_a, "acc_seen", &rx.url, "none").await;
 
     // The holder hangs: both requests reach it through the standby and get no answer; then it
     // dies, so the standby's connection to it is cut after the request went out.

@@ -102,7 +102,8 @@ pub fn fenced() -> StoreError {
     )
 }
 
-fn ms(d: Duration) -> i64 {
+/// `d` in whole milliseconds, for SQL intervals.
+pub(super) fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 

@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, GenericClient};
 
+use super::lease::ms;
 use super::schema::PARTITIONS;
 
 /// A partition's number, `0 .. PARTITIONS`.
@@ -134,10 +135,6 @@ pub fn assign(nodes: &[i64], partitions: Partition) -> Vec<i64> {
         owner[p as usize] = n;
     }
     owner
-}
-
-fn ms(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128) as i64
 }
 
 /// The nodes alive as `me` sees them: a heartbeat younger than `lease` (the database's clock)

@@ -1030,25 +1030,28 @@ impl Storage for PgStore {
 
     fn events_known(&self, ids: &[(&AccountId, &str)]) -> Result<Vec<bool>> {
         let mut known = vec![false; ids.len()];
-        let (mut accounts, mut events) = (Vec::new(), Vec::new());
+        let (mut accounts, mut events, mut at) = (Vec::new(), Vec::new(), Vec::new());
         for (i, (account, id)) in ids.iter().enumerate() {
-            // An id shaped like a minted one is found through its sequence number.
+            // An id shaped like a minted one is found through its sequence number; the rest
+            // in `kh_event_id`, all in one query below.
             if ids::EventId::minted_seq(id).is_some() {
                 known[i] = self.event_seq(account, id)?.is_some();
+            } else {
+                accounts.push(account.as_str().to_string());
+                events.push(id.to_string());
+                at.push(i as i64);
             }
-            accounts.push(account.as_str().to_string());
-            events.push(id.to_string());
         }
-        if ids.is_empty() {
+        if at.is_empty() {
             return Ok(known);
         }
         let rows = self.read(
-            "SELECT k.i FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS k(a, e, i)
+            "SELECT k.i FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(a, e, i)
              JOIN kh_event_id x ON x.account_id = k.a AND x.event_id = k.e",
-            params![accounts, events],
+            params![accounts, events, at],
         )?;
         for r in rows {
-            if let Some(k) = known.get_mut(r.get::<_, i64>(0) as usize - 1) {
+            if let Some(k) = known.get_mut(r.get::<_, i64>(0) as usize) {
                 *k = true;
             }
         }

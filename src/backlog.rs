@@ -193,6 +193,31 @@ impl Backlog {
     }
 }
 
+impl Backlog {
+    /// Replaces the counts of the accounts for which `in_scope` holds with a recount of their
+    /// schedule entries `schedule` (a node taking over their partitions); other accounts keep
+    /// theirs.
+    pub fn recount(
+        &self,
+        schedule: &[(u64, DeliveryId)],
+        account_of: impl Fn(WebhookId) -> Option<AccountId>,
+        in_scope: impl Fn(&AccountId) -> bool,
+    ) {
+        let mut waiting: HashMap<AccountId, u64> = HashMap::new();
+        for (_, id) in schedule {
+            if let Some(account) = account_of(id.webhook).filter(|a| in_scope(a)) {
+                *waiting.entry(account).or_insert(0) += 1;
+            }
+        }
+        let quota = self.quota();
+        let mut counts = self.lock();
+        counts.waiting.retain(|a, _| !in_scope(a));
+        counts.waiting.extend(waiting);
+        counts.over = counts.waiting.values().filter(|n| **n >= quota).count();
+        publish(counts.over);
+    }
+}
+
 fn publish(over: usize) {
     metrics::gauge!("kyberhook_accounts_over_backlog_quota").set(over as f64);
 }

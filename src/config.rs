@@ -299,6 +299,9 @@ pub struct ClusterConfig {
     /// writing by then itself. Renewed every fifth of it.
     #[serde(deserialize_with = "de_duration")]
     pub lease: Duration,
+    /// Whether nodes divide the partitions of accounts (each runs the deliveries of its own)
+    /// rather than one serving and the others standing by (`crate::handover`).
+    pub divide_work: bool,
 }
 
 impl ClusterConfig {

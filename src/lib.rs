@@ -47,6 +47,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod edge;
 pub mod fifo;
+pub mod handover;
 pub mod history;
 pub mod ids;
 pub mod ingest;
@@ -55,6 +56,8 @@ pub mod manual_retry;
 pub mod metrics;
 pub mod model;
 pub mod once_file;
+pub mod partition;
+pub mod placement;
 pub mod pushback;
 pub mod ratelimit;
 pub mod registry;
@@ -183,13 +186,41 @@ pub struct Engine {
     writer: Option<Writer>,
     store: Arc<dyn Storage>,
     scheduler: SchedulerHandle,
+    /// Dividing: the ownership loop and what stops it (it hands every partition over).
+    ownership: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+/// A PostgreSQL store's start-up failure as the process reports it.
+fn pg_start_error(e: store::postgres::PgError) -> StartError {
+    match e {
+        store::postgres::PgError::Config(line) => StartError::Config(line),
+        store::postgres::PgError::Unreachable(line) => {
+            StartError::StorageFailed(StoreError::new(StoreErrorKind::Unavailable, line))
+        }
+        store::postgres::PgError::Failed(line) => StartError::Other(line),
+    }
 }
 
 impl Engine {
     /// Opens the store, recovers owed work, binds both listeners and starts every stage.
     pub async fn start(mut config: Config) -> Result<Engine, StartError> {
+        // Nodes dividing the partitions start holding none; one node alone serves them all.
+        let dividing = store::postgres::is_selected(&config) && config.cluster.divide_work;
+        let shares = Arc::new(if dividing {
+            partition::Shares::none()
+        } else {
+            partition::Shares::all()
+        });
         // PostgreSQL first: a standby node waits here for the serving one to stop.
-        let pg_store = if store::postgres::is_selected(&config) {
+        let pg_store = if dividing {
+            let (c, sh) = (config.clone(), shares.clone());
+            let opened = tokio::task::spawn_blocking(move || {
+                store::postgres::PgStore::open_dividing(&c, sh)
+            })
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))?;
+            Some(opened.map_err(pg_start_error)?)
+        } else if store::postgres::is_selected(&config) {
             // While another node holds the lease, this one answers on its API address by
             // forwarding to that node.
             let (waiting_tx, waiting) = tokio::sync::oneshot::channel();
@@ -211,14 +242,7 @@ impl Engine {
                 s.stop().await;
             }
             let opened = opened?;
-            let store = opened.map_err(|e| match e {
-                store::postgres::PgError::Config(line) => StartError::Config(line),
-                store::postgres::PgError::Unreachable(line) => {
-                    StartError::StorageFailed(StoreError::new(StoreErrorKind::Unavailable, line))
-                }
-                store::postgres::PgError::Failed(line) => StartError::Other(line),
-            })?;
-            Some(store)
+            Some(opened.map_err(pg_start_error)?)
         } else {
             None
         };
@@ -247,15 +271,15 @@ impl Engine {
         // snapshots and blobs, the secrets key) is private to its user.
         #[cfg(unix)]
         rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-        let store: Arc<dyn Storage> = match pg_store {
+        let pg_store = pg_store.map(Arc::new);
+        let store: Arc<dyn Storage> = match &pg_store {
             Some(pg) => {
-                let pg = Arc::new(pg);
                 let probe = pg.clone();
                 tokio::task::spawn_blocking(move || probe.probe_write())
                     .await
                     .map_err(|e| StartError::Other(e.to_string()))?
                     .map_err(StartError::StorageFailed)?;
-                pg
+                pg.clone()
             }
             None => Arc::new(open_embedded(&config).await?),
         };
@@ -301,13 +325,14 @@ impl Engine {
             let rt = tokio::runtime::Handle::current();
             let lag = scheduler.lag().clone();
             tokio::task::spawn_blocking(move || {
-                Ingest::start(store, registry, deliveries, seq, queue, rt, lag)
+                Ingest::start(store, registry, deliveries, seq, queue, rt, lag, !dividing)
             })
             .await
             .map_err(|e| StartError::Other(e.to_string()))??
         };
         // After the owed fan-out above (which wrote its schedule entries), before any request.
-        {
+        // Nodes dividing the work load each partition's as they take it (`handover`).
+        if !dividing {
             let (store, registry) = (store.clone(), registry.clone());
             tokio::task::spawn_blocking(move || {
                 registry.backlog().rebuild(store.scheduled(), |hook| {
@@ -327,11 +352,44 @@ impl Engine {
             outbound,
             scheduler.clone(),
             deliveries,
+            shares.clone(),
         ));
         let pipeline_tasks = vec![
-            tokio::spawn(scheduler_task.run(Some(store.clone()), shutdown_rx.clone())),
+            tokio::spawn(
+                scheduler_task.run((!dividing).then(|| store.clone()), shutdown_rx.clone()),
+            ),
             tokio::spawn(Dispatcher::new(deliverer.clone()).run(due_rx, shutdown_rx.clone())),
         ];
+        // Dividing: the ownership loop hands this node its partitions from here on, and the
+        // registry follows what other nodes change.
+        let (ownership_stop, ownership_rx) = watch::channel(false);
+        let mut ownership = None;
+        let mut handover_worker = None;
+        if let (true, Some(pg)) = (dividing, &pg_store) {
+            let (handover, worker) = handover::Handover::start(
+                shares.clone(),
+                store.clone(),
+                registry.clone(),
+                scheduler.clone(),
+                ingest.clone(),
+                deliverer.clone(),
+                deliveries_for_retention.clone(),
+            );
+            ownership = pg.divide(Arc::new(handover), ownership_rx);
+            handover_worker = Some(worker);
+        }
+        let mut placement = None;
+        let mut placement_lookup = None;
+        if let (true, Some(pg)) = (dividing, &pg_store) {
+            let (p, task) = placement::Placement::start(
+                &config,
+                shares.clone(),
+                pg.node_id(),
+                shutdown_rx.clone(),
+            )?;
+            placement = Some(p);
+            placement_lookup = Some(task);
+        }
         let state = Arc::new(Services {
             config: config.clone(),
             store: store.clone(),
@@ -340,6 +398,7 @@ impl Engine {
             deliverer,
             scheduler: scheduler.clone(),
             manual_retries: manual_retry::ManualRetryLimits::new(),
+            placement,
         });
         // The API listener: the two front ends over the same services, split by path.
         let router = edge::router::Router::new(
@@ -372,10 +431,19 @@ impl Engine {
                 shutdown_rx.clone(),
             )),
         ];
-        let background = vec![
+        let mut background = vec![
             metrics::spawn_upkeep(prometheus),
             stats::live::spawn_sampler(store.clone(), scheduler.clone()),
         ];
+        if dividing {
+            background.push(tokio::spawn(handover::follow_registry(
+                store.clone(),
+                state.registry.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        background.extend(handover_worker);
+        background.extend(placement_lookup);
         tracing::info!(api = %api_addr, metrics = %metrics_addr, tls = config.server.tls_cert.is_some(), "kyberhook is serving");
         Ok(Engine {
             api_addr,
@@ -387,7 +455,10 @@ impl Engine {
             retention: Some(retention::Retention::start(
                 retention::Purger::new(store.clone(), deliveries_for_retention),
                 config.storage.retention,
+                // Nodes dividing the work leave retention to the owner of partition 0.
+                dividing.then(|| shares.clone()),
             )),
+            ownership: ownership.map(|task| (ownership_stop, task)),
             state: Some(state),
             committer: Some(committer),
             writer: Some(writer),
@@ -447,6 +518,13 @@ impl Engine {
         }
         for t in self.server_tasks.drain(..) {
             let _ = t.await;
+        }
+        // Dividing: every partition is handed over (attempts in flight end, held deliveries
+        // are written, the partitions released) while the pipeline still runs; the loop's
+        // handles on it go with it.
+        if let Some((stop, task)) = self.ownership.take() {
+            let _ = stop.send(true);
+            let _ = task.await;
         }
         // The last ingest handle goes with the state; the committer then drains and exits.
         drop(self.state.take());

@@ -12,7 +12,7 @@
 //! [`Backlog`] counters and the [`FifoGate`] of ordered webhooks, since every stage that
 //! changes a delivery already holds the registry; it tells the gate of every webhook change.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use ipnet::IpNet;
@@ -314,6 +314,82 @@ impl Registry {
     }
 
     /// Loads every account and webhook (start-up).
+    /// Makes the accounts for which `in_scope` holds, and their webhooks, exactly `accounts`
+    /// and `hooks` as stored (a node sharing the store takes in what other nodes changed):
+    /// records that differ are replaced, those gone are removed, and the rest are left alone,
+    /// so their subscription index and FIFO queues are not rebuilt. Returns how many changed.
+    ///
+    /// `read` reads the store under the registry's write lock, so that a change this node
+    /// makes meanwhile (store, then this view) cannot be overwritten by an older read.
+    pub fn sync<E>(
+        &self,
+        read: impl FnOnce() -> Result<(Vec<Account>, Vec<Webhook>), E>,
+        in_scope: impl Fn(&AccountId) -> bool,
+    ) -> Result<usize, E> {
+        let _writes = self.write_lock();
+        let (accounts, hooks) = read()?;
+        let (known_accounts, known_hooks): (HashSet<AccountId>, HashSet<(AccountId, WebhookId)>) = {
+            let inner = self.read();
+            (
+                inner
+                    .accounts
+                    .keys()
+                    .filter(|a| in_scope(a))
+                    .cloned()
+                    .collect(),
+                inner
+                    .hooks
+                    .values()
+                    .filter(|h| in_scope(&h.hook.account_id))
+                    .map(|h| (h.hook.account_id.clone(), h.hook.id))
+                    .collect(),
+            )
+        };
+        let mut changed = 0;
+        let mut stored_accounts = HashSet::new();
+        for a in accounts.into_iter().filter(|a| in_scope(&a.id)) {
+            stored_accounts.insert(a.id.clone());
+            if self.account(&a.id).as_ref() != Some(&a) {
+                self.upsert_account(a);
+                changed += 1;
+            }
+        }
+        let mut stored_hooks = HashSet::new();
+        for h in hooks
+            .into_iter()
+            .filter(|h| in_scope(&h.account_id) && stored_accounts.contains(&h.account_id))
+        {
+            stored_hooks.insert(h.id);
+            if self.hook(h.id).map_or(true, |e| e.hook != h) {
+                self.upsert_hook(h);
+                changed += 1;
+            }
+        }
+        for (account, id) in known_hooks {
+            if !stored_hooks.contains(&id) {
+                self.remove_hook(&account, id);
+                changed += 1;
+            }
+        }
+        for account in known_accounts {
+            if !stored_accounts.contains(&account) {
+                self.remove_account(&account);
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The webhooks of the accounts for which `in_scope` holds.
+    pub fn hooks_where(&self, in_scope: impl Fn(&AccountId) -> bool) -> Vec<Webhook> {
+        self.read()
+            .hooks
+            .values()
+            .filter(|h| in_scope(&h.hook.account_id))
+            .map(|h| h.hook.clone())
+            .collect()
+    }
+
     pub fn load(&self, accounts: Vec<Account>, hooks: Vec<Webhook>) {
         for a in accounts {
             self.upsert_account(a);

@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, RecvTimeoutError, Sender};
 
 use crate::delivery::{Deliveries, DeliveryError};
+use crate::partition::{Partition, Shares};
 use crate::store::{Purged, Storage};
 
 /// How often a pass runs for a given retention: a twentieth of it (so the history kept
@@ -109,7 +110,10 @@ pub struct Retention {
 }
 
 impl Retention {
-    pub fn start(purger: Purger, retention: Duration) -> Retention {
+    ///
+    /// With `shares` (nodes dividing the work), a pass runs only while this node serves
+    /// partition 0: one node of the cluster drops old days for all.
+    pub fn start(purger: Purger, retention: Duration, shares: Option<Arc<Shares>>) -> Retention {
         let stopping = Arc::new(AtomicBool::new(false));
         let (wake, woken) = channel::bounded::<()>(1);
         let interval = pass_interval(retention);
@@ -122,7 +126,10 @@ impl Retention {
                     Err(RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
-                pass(&worker, retention, &flag);
+                let first = Partition::new(0).expect("partition 0");
+                if shares.as_ref().map_or(true, |s| s.serves_partition(first)) {
+                    pass(&worker, retention, &flag);
+                }
             })
             .expect("spawning the retention thread");
         Retention {

@@ -20,6 +20,7 @@ pub mod admin;
 mod deliveries;
 mod events;
 pub mod guard;
+pub mod relay;
 pub mod stats;
 mod webhooks;
 
@@ -298,6 +299,16 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> (&'static str, ApiRe
     }
     let call = Call { req, caller };
     let s = &*state.services;
+    // Dividing the work: an account's requests are served by the node that serves it.
+    let call = match segs.as_slice() {
+        ["v1", "accounts", a, ..] if s.placement.is_some() => {
+            match relay::account_route(s, a, call).await {
+                Ok(relayed) => return (label, relayed),
+                Err(call) => call,
+            }
+        }
+        _ => call,
+    };
     let result = match (&method, segs.as_slice()) {
         (&M::GET, ["v1", "openapi.json"]) => Ok(openapi_response()),
         (&M::GET, ["v1", "event-types"]) => events::event_types(s),

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::ids::DeliveryId;
 use crate::model::{AttemptRecord, DeliveryRecord, DeliveryStatus, EventRecord, WebhookStatus};
+use crate::partition::Shares;
 use crate::registry::{HookEntry, Registry};
 use crate::store::{Storage, StoreError};
 
@@ -200,13 +201,19 @@ impl DeliveryRecord {
 /// Checks a due entry against the stored record and the registry. Called when the attempt is
 /// about to start (not when the entry was queued), so that a pause, delete, URL change or
 /// rotation made while it waited applies to it.
+///
+/// An account whose partition this node does not serve (handed over, or never its own) is
+/// stale here: its owner runs its deliveries from the stored schedule.
 pub fn admit(
     store: &dyn Storage,
     registry: &Registry,
+    shares: &Shares,
     id: DeliveryId,
     token: u64,
 ) -> Result<Admission, StoreError> {
-    let record = store.get_delivery(id)?;
+    let record = store
+        .get_delivery(id)?
+        .filter(|r| shares.serves(&r.account_id));
     Ok(admission(record, token, || registry.hook(id.webhook)))
 }
 

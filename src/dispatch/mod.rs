@@ -53,6 +53,7 @@ use crate::delivery::{self, Admission, Deliveries, DeliveryError, InFlight, Sett
 use crate::fifo::Gate;
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{AttemptRecord, DeliveryRecord, Webhook};
+use crate::partition::{partition_of, Partition, Shares};
 use crate::ratelimit::{Admit, RateLimits};
 use crate::registry::Registry;
 use crate::scheduler::{Due, SchedulerHandle};
@@ -73,6 +74,8 @@ pub struct Deliverer {
     pub scheduler: SchedulerHandle,
     /// The delivery writer: every delivery state change goes through it.
     pub deliveries: Deliveries,
+    /// The partitions this node serves: an attempt for any other account does not start.
+    pub shares: Arc<Shares>,
     /// The engine's slots (`delivery.max_in_flight`) and each webhook's queue and adaptive
     /// limit, shared by scheduled deliveries and test sends.
     slots: Slots<Job>,
@@ -120,8 +123,10 @@ impl Deliverer {
         outbound: Outbound,
         scheduler: SchedulerHandle,
         deliveries: Deliveries,
+        shares: Arc<Shares>,
     ) -> Deliverer {
         Deliverer {
+            shares,
             slots: Slots::new(
                 config.delivery.max_in_flight,
                 config.delivery.max_in_flight_per_webhook,
@@ -289,6 +294,22 @@ impl Deliverer {
         lag.webhooks_waiting(sample.engine_waits);
     }
 
+    /// How many attempts are in flight for accounts in `partitions` (a hand-over waits for
+    /// none to be left).
+    pub fn in_flight_in(&self, partitions: &std::collections::BTreeSet<Partition>) -> usize {
+        let ids: Vec<DeliveryId> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        ids.iter()
+            .filter_map(|id| self.registry.hook(id.webhook))
+            .filter(|h| partitions.contains(&partition_of(&h.hook.account_id)))
+            .count()
+    }
+
     /// Marks a delivery in flight; if it already is, parks `due` until its attempt ends.
     fn claim(&self, due: Due) -> bool {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,7 +341,13 @@ impl Deliverer {
     /// Runs a scheduled delivery's attempt, if it may still start; returns what the attempt
     /// said about the endpoint (nothing when none was made).
     async fn run_due(&self, due: Due) -> Ended {
-        let admission = match delivery::admit(&*self.store, &self.registry, due.id, due.token) {
+        let admission = match delivery::admit(
+            &*self.store,
+            &self.registry,
+            &self.shares,
+            due.id,
+            due.token,
+        ) {
             Ok(a) => a,
             Err(err) => {
                 tracing::error!(delivery = %due.id, error = %err, "reading a delivery failed; it is retried from the store at the next start");
@@ -475,7 +502,7 @@ impl Dispatcher {
         let d = &self.deliverer;
         // Checked here so that entries which cannot run take no rate slot, and again when the
         // attempt starts (the job may wait behind its webhook's busy slots).
-        let admitted = delivery::admit(&*d.store, &d.registry, due.id, due.token);
+        let admitted = delivery::admit(&*d.store, &d.registry, &d.shares, due.id, due.token);
         let flight = match admitted {
             Err(err) => {
                 d.scheduler.taken();

@@ -41,6 +41,8 @@ pub struct Services {
     pub scheduler: SchedulerHandle,
     /// Rate limits of `POST …/deliveries/{id}/retry`.
     pub manual_retries: crate::manual_retry::ManualRetryLimits,
+    /// Dividing the work: which node serves which account (`None`: this node serves all).
+    pub placement: Option<Arc<crate::placement::Placement>>,
 }
 
 /// A display name: 1 to 200 characters after trimming (accounts and webhooks).

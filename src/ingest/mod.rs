@@ -45,6 +45,7 @@ use tokio::sync::oneshot;
 use crate::delivery::{Deliveries, DeliveryError};
 use crate::ids::{AccountId, EventId, Sequencer};
 use crate::model::{rfc3339, EventRecord};
+use crate::partition::Partition;
 use crate::registry::Registry;
 use crate::store::{Storage, StoreError, StoreErrorKind};
 
@@ -179,6 +180,24 @@ impl Commit {
 pub struct Ingest {
     tx: Sender<Commit>,
     registry: Arc<Registry>,
+    /// Fan-out for owed events (recovery: each chunk written before the next).
+    owed: Arc<Fanout>,
+}
+
+/// Re-runs the fan-out owed for the inbox entries `owed`, makes it durable and clears them;
+/// returns how many events it fanned out. Blocking; on a thread inside the runtime.
+fn run_owed(store: &dyn Storage, fanout: &Fanout, owed: Vec<u64>) -> Result<usize, DeliveryError> {
+    if owed.is_empty() {
+        return Ok(0);
+    }
+    let events: Vec<EventRecord> = owed
+        .iter()
+        .filter_map(|s| store.get_event(*s).transpose())
+        .collect::<Result<_, _>>()?;
+    fanout.run(&events, Recovery::Yes)?;
+    store.make_durable()?;
+    store.clear_inbox(&owed)?;
+    Ok(events.len())
 }
 
 pub struct Committer {
@@ -196,7 +215,10 @@ impl Committer {
 }
 
 impl Ingest {
-    /// Re-runs fan-out owed from before a stop, then starts the committer thread.
+    /// Re-runs fan-out owed from before a stop (`owed_now`; a node sharing the store instead
+    /// runs it per partition as it takes them: [`Ingest::recover_owed`]), then starts the
+    /// committer thread.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         store: Arc<dyn Storage>,
         registry: Arc<Registry>,
@@ -205,6 +227,7 @@ impl Ingest {
         queue: usize,
         runtime: tokio::runtime::Handle,
         lag: Arc<crate::pushback::Lag>,
+        owed_now: bool,
     ) -> Result<(Ingest, Committer), DeliveryError> {
         let fanned: Arc<Mutex<Vec<u64>>> = Arc::default();
         let fanout = Fanout {
@@ -213,20 +236,19 @@ impl Ingest {
             lag,
             fanned: fanned.clone(),
         };
-        let owed = store.inbox()?;
-        if !owed.is_empty() {
-            let events: Vec<EventRecord> = owed
-                .iter()
-                .filter_map(|s| store.get_event(*s).transpose())
-                .collect::<Result<_, _>>()?;
-            tracing::info!(
-                events = events.len(),
-                "re-running fan-out owed from before the last stop"
-            );
+        let owed = Arc::new(Fanout {
+            registry: registry.clone(),
+            deliveries: fanout.deliveries.clone(),
+            lag: fanout.lag.clone(),
+            fanned: Arc::default(),
+        });
+        {
             let _guard = runtime.enter();
-            fanout.run(&events, Recovery::Yes)?;
-            store.make_durable()?;
-            store.clear_inbox(&owed)?;
+            let inbox = if owed_now { store.inbox()? } else { Vec::new() };
+            let n = run_owed(&*store, &owed, inbox)?;
+            if n > 0 {
+                tracing::info!(events = n, "re-ran fan-out owed from before the last stop");
+            }
         }
         let (tx, rx) = channel::bounded(queue);
         let (fan_tx, fan_rx) = channel::bounded::<Vec<EventRecord>>(FANOUT_QUEUE);
@@ -268,11 +290,22 @@ impl Ingest {
             })
             .expect("spawning the committer thread");
         Ok((
-            Ingest { tx, registry },
+            Ingest { tx, registry, owed },
             Committer {
                 thread: Some(thread),
             },
         ))
+    }
+
+    /// Re-runs the fan-out owed for events of accounts in `partitions` (a node that just took
+    /// them over: their previous owner acknowledged them and may have stopped before fanning
+    /// them out). Blocking; on a thread inside the runtime.
+    pub fn recover_owed(
+        &self,
+        store: &dyn Storage,
+        partitions: &[Partition],
+    ) -> Result<usize, DeliveryError> {
+        run_owed(store, &self.owed, store.inbox_in(partitions)?)
     }
 
     /// Validates one event and builds its record (body included). Does not store it.

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use crate::ids::{AccountId, DeliveryId, WebhookId};
 use crate::model::{Account, AttemptRecord, DeliveryRecord, DeliveryStatus, EventRecord, Webhook};
+use crate::partition::{partition_of, Partition};
 use crate::stats::{AttemptStat, Counts};
 
 /// What kind of failure a [`StoreError`] is: the only thing callers decide on.
@@ -238,6 +239,12 @@ pub trait Storage: Send + Sync + 'static {
     fn last_seq(&self) -> Result<u64>;
     /// This writer's slot when several nodes write to the store (see
     /// [`crate::ids::Sequencer::for_writer`]); `None`: it is the only writer.
+    /// A number that changes whenever any node changes an account or a webhook (nodes
+    /// sharing the store read it to keep their registry current); `None` where one node
+    /// alone writes.
+    fn registry_version(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     fn writer_slot(&self) -> Option<u8> {
         None
     }
@@ -261,6 +268,20 @@ pub trait Storage: Send + Sync + 'static {
     /// Events whose fan-out is not known to be written (read back at start-up).
     fn inbox(&self) -> Result<Vec<u64>>;
     fn clear_inbox(&self, seqs: &[u64]) -> Result<()>;
+    /// The inbox entries of events of accounts in `partitions` (what a node that just took
+    /// them over owes). The default reads every event; a backend that shares work keeps the
+    /// partition beside the entry.
+    fn inbox_in(&self, partitions: &[Partition]) -> Result<Vec<u64>> {
+        let mut owed = Vec::new();
+        for seq in self.inbox()? {
+            if let Some(e) = self.get_event(seq)? {
+                if partitions.contains(&partition_of(&e.account_id)) {
+                    owed.push(seq);
+                }
+            }
+        }
+        Ok(owed)
+    }
 
     // ---- deliveries ----
 
@@ -270,7 +291,26 @@ pub trait Storage: Send + Sync + 'static {
     /// Every scheduled attempt, in due order: read back into the wheel at start-up.
     fn scheduled(&self) -> Box<dyn Iterator<Item = Result<(u64, DeliveryId)>> + '_>;
     /// When the earliest owed attempt was due (unix ms), if any is owed.
+    /// The schedule entries of deliveries of accounts in `partitions`. The default reads each
+    /// delivery; a backend that shares work keeps the partition beside the entry.
+    fn scheduled_in(
+        &self,
+        partitions: &[Partition],
+    ) -> Box<dyn Iterator<Item = Result<(u64, DeliveryId)>> + '_> {
+        let parts = partitions.to_vec();
+        Box::new(self.scheduled().filter_map(move |entry| match entry {
+            Ok((due, id)) => match self.get_delivery(id) {
+                Ok(Some(d)) if parts.contains(&partition_of(&d.account_id)) => Some(Ok((due, id))),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            },
+            Err(e) => Some(Err(e)),
+        }))
+    }
     fn earliest_due_ms(&self) -> Result<Option<u64>>;
+    /// Partitions moved between nodes: forget what is cached of deliveries (another node may
+    /// have changed them). Nothing to do where one node serves every partition.
+    fn partitions_moved(&self) {}
     /// One page of an account's (or one webhook's) deliveries, newest first.
     fn list_deliveries(&self, account: &AccountId, q: &DeliveryQuery) -> Result<DeliveryPage>;
     /// The deliveries of one webhook that `keep` selects, oldest first. For rare

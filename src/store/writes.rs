@@ -29,6 +29,50 @@ pub struct DeliveryWrites {
 }
 
 impl DeliveryWrites {
+    /// These writes without what concerns deliveries of accounts for which `keep` fails (a
+    /// node's writes for partitions it no longer holds: their next owner works from what is
+    /// stored). An attempt or schedule change goes with its delivery's record when the drain
+    /// has it, else with the account the log index names; one of neither stays.
+    pub fn retain_accounts(&self, keep: impl Fn(&AccountId) -> bool) -> DeliveryWrites {
+        let mut account: std::collections::HashMap<DeliveryId, &AccountId> =
+            self.indexed.iter().map(|(a, id)| (*id, a)).collect();
+        account.extend(self.deliveries.iter().map(|r| (r.id, &r.account_id)));
+        let kept = |id: &DeliveryId| account.get(id).map_or(true, |a| keep(a));
+        DeliveryWrites {
+            schedule_insert: self
+                .schedule_insert
+                .iter()
+                .filter(|(_, id)| kept(id))
+                .copied()
+                .collect(),
+            attempts: self
+                .attempts
+                .iter()
+                .filter(|(id, _)| kept(id))
+                .cloned()
+                .collect(),
+            deliveries: self
+                .deliveries
+                .iter()
+                .filter(|r| keep(&r.account_id))
+                .cloned()
+                .collect(),
+            indexed: self
+                .indexed
+                .iter()
+                .filter(|(a, _)| keep(a))
+                .cloned()
+                .collect(),
+            schedule_remove: self
+                .schedule_remove
+                .iter()
+                .filter(|(_, id)| kept(id))
+                .copied()
+                .collect(),
+            stats: self.stats.clone(),
+        }
+    }
+
     /// New deliveries with their log index and schedule entries, as the delivery writer
     /// writes a create (for tests, benches and tools that fill a store directly).
     pub fn created(records: Vec<DeliveryRecord>) -> Self {

@@ -23,6 +23,7 @@ mod operator;
 mod ordering;
 mod pg;
 mod pg_cluster;
+mod pg_divide;
 mod pg_failover;
 mod pg_ownership;
 mod pg_store;

@@ -24,7 +24,7 @@ use crate::ordering::{create_hook, event, OrderReceiver};
 use crate::pg::{pg_database, PgDb};
 
 /// A free port on 127.0.0.1 (for a node that advertises its address).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -34,7 +34,7 @@ fn free_port() -> u16 {
 
 /// A node's config: its own data dir, the shared database and secrets key, `lease`; with a
 /// `port`, it listens there and advertises it.
-fn node_config(
+pub(crate) fn node_config(
     dir: &Path,
     name: &str,
     db: &PgDb,
@@ -96,14 +96,14 @@ level = "info"
 }
 
 /// A `kyberhook serve` process that may be waiting as a standby; killed when dropped.
-struct Node {
-    child: Child,
+pub(crate) struct Node {
+    pub(crate) child: Child,
     addr: mpsc::Receiver<SocketAddr>,
     log: Arc<Mutex<String>>,
 }
 
 impl Node {
-    fn start(config: &Path) -> Node {
+    pub(crate) fn start(config: &Path) -> Node {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_kyberhook"))
             .args(["serve", "--config"])
@@ -134,7 +134,7 @@ impl Node {
     }
 
     /// Its API once it serves.
-    fn serving(&self, wait: Duration) -> Api {
+    pub(crate) fn serving(&self, wait: Duration) -> Api {
         match self.addr.recv_timeout(wait) {
             Ok(addr) => Api::new(addr),
             Err(_) => panic!("the node did not serve within {wait:?}:\n{}", self.log()),
@@ -143,7 +143,7 @@ impl Node {
 
     /// An address it logged as `field` (`standby_api`, `standby_metrics`) while it waits as a
     /// standby.
-    fn standby_addr(&self, field: &str) -> SocketAddr {
+    pub(crate) fn standby_addr(&self, field: &str) -> SocketAddr {
         self.log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -156,12 +156,12 @@ impl Node {
         Api::new(self.standby_addr("standby_api"))
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 
     /// Waits until its log has `text`.
-    fn wait_logged(&self, text: &str, wait: Duration) {
+    pub(crate) fn wait_logged(&self, text: &str, wait: Duration) {
         let deadline = Instant::now() + wait;
         while !self.log().contains(text) {
             assert!(
@@ -173,7 +173,7 @@ impl Node {
         }
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
             .status()
@@ -183,7 +183,7 @@ impl Node {
     }
 
     /// Its exit code once it ends by itself within `wait`.
-    fn exits_within(&mut self, wait: Duration) -> i32 {
+    pub(crate) fn exits_within(&mut self, wait: Duration) -> i32 {
         let deadline = Instant::now() + wait;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -231,7 +231,7 @@ fn serving_and_standby(dir: &Path, db: &PgDb, pki: &Pki) -> (Node, Api, Node) {
 }
 
 /// Per event id, the delivery ids it arrived under (a redelivery keeps its delivery id).
-fn arrivals(rx: &Receiver) -> HashMap<String, Vec<String>> {
+pub(crate) fn arrivals(rx: &Receiver) -> HashMap<String, Vec<String>> {
     let mut by: HashMap<String, Vec<String>> = HashMap::new();
     for r in rx.log.lock().unwrap().iter() {
         let event = r.json()["id"].as_str().unwrap().to_string();

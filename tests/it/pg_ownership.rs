@@ -448,6 +448,7 @@ fn drive(target: &Target, id: i64, lease: Duration, seen: &Seen) -> Driver {
         }),
         held_tx,
         stop_rx,
+        None,
     ));
     Driver { held, stop, task }
 }

@@ -239,6 +239,63 @@ pub async fn acquire(
     }
 }
 
+/// Registers `node` to divide the partitions with the others (no serve lease): its `kh_node`
+/// row, its session's key (held on the returned session, which the ownership loop goes on
+/// with: others count the node out the moment that session ends) and its writer slot. Refused
+/// while a node serving alone (`cluster.divide_work = false`) holds the lease: the two modes
+/// do not share a database.
+pub async fn join(target: &Target, node: &Node) -> Result<(u8, Client), PgError> {
+    let sql = |e: tokio_postgres::Error| classify(&e, &target.shown);
+    let mut client = target.connect().await?;
+    client
+        .execute(
+            "INSERT INTO kh_node (node_id, name, advertise, version) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (node_id) DO UPDATE SET last_seen = now()",
+            &[
+                &node.id,
+                &node.name,
+                &node.advertise,
+                &env!("CARGO_PKG_VERSION"),
+            ],
+        )
+        .await
+        .map_err(sql)?;
+    // Free unless another node probes it this instant.
+    let mut tries = 0;
+    while !hold_own_key(&client, node).await.map_err(sql)? {
+        tries += 1;
+        if tries > 50 {
+            return Err(PgError::Failed(
+                "another session holds this node's key".to_string(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let row = client
+        .query_one(
+            "SELECT owner, expires_at > now() FROM kh_lease WHERE id = 1",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    let (owner, live): (Option<i64>, bool) = (row.get(0), row.get(1));
+    if let (Some(o), true) = (owner, live) {
+        if !holder_gone(&client, o).await.map_err(sql)? {
+            return Err(PgError::Config(
+                "cluster.divide_work: a node with cluster.divide_work = false serves this database; every node of a cluster must set the same".to_string(),
+            ));
+        }
+    }
+    let slot = super::ownership::claim_slot(&mut client, node.id, node.lease)
+        .await
+        .map_err(sql)?
+        .ok_or_else(|| {
+            PgError::Failed("all 256 writer slots are held by live kyberhook nodes".to_string())
+        })?;
+    tracing::info!(database = %target.shown, node = %node.name, slot, "joined the nodes dividing the partitions");
+    Ok((slot, client))
+}
+
 /// Renews `held` every fifth of the lease on `client` (which holds, or keeps trying for, the
 /// node's own key) until the lease is lost, then calls `lost` once and ends. A renewal that
 /// cannot reach the database is retried on a new connection; if none succeeds before the

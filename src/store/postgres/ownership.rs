@@ -364,13 +364,14 @@ fn round_every(lease: Duration) -> Duration {
 }
 
 /// The ownership loop of node `me`: registers it (its `kh_node` row and its session's
-/// advisory key), then every fifth of `lease` takes a [`rebalance`] round — gained partitions
+/// advisory key; `registered`, if given, is a session that did so already), then every fifth of `lease` takes a [`rebalance`] round — gained partitions
 /// go to [`PartitionWork::gained`]; those that moved away are drained, then [`release`]d —
 /// until `stop` turns true, when it drains and releases everything it holds. Drains run beside
 /// the rounds, so a node finishing long attempts for partitions it hands over keeps its
 /// heartbeat (and the partitions it keeps) alive meanwhile. If no round succeeds for a whole
 /// lease (the database is unreachable), every held partition counts as lost: its work is
 /// dropped, since another node may own it by now. Publishes what it holds on `held`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     target: super::Target,
     me: i64,
@@ -379,12 +380,13 @@ pub async fn run(
     work: std::sync::Arc<dyn PartitionWork>,
     held: tokio::sync::watch::Sender<Owned>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    registered: Option<Client>,
 ) {
     let mut node = Looping {
         me,
         name,
         lease,
-        client: None,
+        client: registered,
         owned: Owned::default(),
         draining: std::collections::BTreeSet::new(),
         drained: Vec::new(),

@@ -74,7 +74,7 @@ use super::PgError;
 pub const CURRENT: i32 = MIGRATIONS.len() as i32;
 
 /// The number of partitions accounts are hashed into, fixed when the schema is created.
-pub const PARTITIONS: i16 = 256;
+pub const PARTITIONS: i16 = crate::partition::PARTITIONS as i16;
 
 /// The advisory lock the migration holds: "kyberhok" in ASCII.
 pub const LOCK_KEY: i64 = 0x6b79_6265_7268_6f6b;

@@ -41,6 +41,7 @@ use crate::codec;
 use crate::config::Config;
 use crate::ids::{self, AccountId, DeliveryId, WebhookId};
 use crate::model::{Account, AttemptRecord, DeliveryRecord, DeliveryStatus, EventRecord, Webhook};
+use crate::partition::{Partition, Shares};
 use crate::secrets::{self, KeySource, Sealer, SecretsKey};
 use crate::stats::{self, AttemptStat, Counts};
 use crate::store::embedded::backup::BackupError;
@@ -80,14 +81,9 @@ fn seq_key(seq: u64) -> i64 {
     seq.min(i64::MAX as u64) as i64
 }
 
-/// The partition (of [`schema::PARTITIONS`]) an account's rows belong to: FNV-1a of its id.
+/// The partition an account's rows belong to, as stored in `partition_id`.
 pub fn partition_of(account: &AccountId) -> i16 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in account.as_str().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % schema::PARTITIONS as u64) as i16
+    crate::partition::partition_of(account).get() as i16
 }
 
 fn status_code(s: DeliveryStatus) -> i16 {
@@ -165,8 +161,69 @@ struct Shared {
     target: Target,
     slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
     next: AtomicUsize,
-    held: lease::Held,
+    fencing: Fencing,
     failed: Mutex<Option<StoreError>>,
+}
+
+/// How a node joins: waiting for the serve lease, or to divide the partitions.
+enum Joining {
+    Lease(Option<tokio::sync::oneshot::Sender<()>>),
+    Divide(Arc<Shares>),
+}
+
+/// What fences this node's writes.
+enum Fencing {
+    /// One node serves: every write checks the serve lease ([`lease::FENCE`]).
+    Lease(lease::Held),
+    /// Nodes divide the partitions ([`super::ownership`]): a write of account data checks
+    /// the partitions it touches ([`PARTITION_FENCE`]) at the epochs this node holds them
+    /// at ([`Shares`]); other writes (sessions, statistics, inbox marks) are not fenced.
+    Partitions {
+        node: i64,
+        slot: u8,
+        shares: Arc<Shares>,
+    },
+}
+
+/// The first statement of a write in divided mode: one row per partition of `$1` that still
+/// names this node (`$3`) at the epoch in `$2`. A takeover's `FOR UPDATE` waits for the write;
+/// a write begun after it sees the new owner (READ COMMITTED re-reads the locked row).
+const PARTITION_FENCE: &str = "SELECT p.partition_id FROM kh_partition p
+     JOIN UNNEST($1::smallint[], $2::bigint[]) AS f(id, epoch)
+       ON p.partition_id = f.id AND p.epoch = f.epoch
+     WHERE p.owner = $3 FOR KEY SHARE OF p";
+
+/// Every change of an account or a webhook bumps the registry's version in the same
+/// transaction; nodes dividing the work read it a few times a second and take in the changes
+/// ([`Storage::registry_version`]). Its row lock orders such changes between nodes.
+const REGISTRY_CHANGED: &str = "INSERT INTO kh_meta (name, value) VALUES ('registry_version', '1')
+     ON CONFLICT (name) DO UPDATE SET value = (kh_meta.value::bigint + 1)::text, updated_at = now()";
+
+/// What a statement list is: a lone read, or a write touching these partitions (empty: none).
+enum Mode {
+    Read,
+    Write(Vec<i16>),
+}
+
+/// A write refused before it reached the database: it touches a partition this node does not
+/// hold (handed over, or never its own). Not a failure of the store: the caller's request is
+/// another node's to serve.
+pub fn not_held() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unavailable,
+        "this node does not hold the partition of that account (it is being handed over): try again",
+    )
+}
+
+/// Whether this node holds `account`'s partition (serving or draining).
+fn held(shares: &Shares, account: &AccountId) -> bool {
+    shares
+        .epoch(crate::partition::partition_of(account))
+        .is_some()
+}
+
+fn is_not_held(e: &StoreError) -> bool {
+    e.kind() == StoreErrorKind::Unavailable && e.to_string().starts_with("this node does not hold")
 }
 
 impl Shared {
@@ -201,13 +258,38 @@ impl Shared {
     /// statements go out as one pipeline (one round trip), then `COMMIT` if the fence held and
     /// every statement succeeded, else `ROLLBACK`: a drain of the delivery writer costs two
     /// round trips whatever its statements.
-    async fn exec(&self, write: bool, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
+    async fn exec(&self, mode: Mode, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
+        // What the fence checks, decided before a connection is taken.
+        let fence_params: Option<(&'static str, Params, usize)> = match (&mode, &self.fencing) {
+            (Mode::Read, _) => None,
+            (Mode::Write(_), Fencing::Lease(held)) => {
+                Some((lease::FENCE, params![held.owner, held.epoch], 1))
+            }
+            (Mode::Write(parts), Fencing::Partitions { node, shares, .. }) => {
+                let mut parts = parts.clone();
+                parts.sort_unstable();
+                parts.dedup();
+                let mut epochs = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    let epoch = u16::try_from(*p)
+                        .ok()
+                        .and_then(crate::partition::Partition::new)
+                        .and_then(|p| shares.epoch(p));
+                    match epoch {
+                        Some(e) => epochs.push(e),
+                        None => return Err(not_held()),
+                    }
+                }
+                let n = parts.len();
+                (n > 0).then(|| (PARTITION_FENCE, params![parts, epochs, *node], n))
+            }
+        };
+        let write = !matches!(mode, Mode::Read);
         let mut guard = self.conn().await?;
         let conn = guard.as_mut().expect("connected above");
-        let fence = if write {
-            Some(conn.prep(lease::FENCE).await?)
-        } else {
-            None
+        let fence = match &fence_params {
+            Some((sql, _, _)) => Some(conn.prep(sql).await?),
+            None => None,
         };
         let mut prepared = Vec::with_capacity(stmts.len());
         for (sql, _) in &stmts {
@@ -215,18 +297,26 @@ impl Shared {
         }
         let params: Vec<Vec<&(dyn ToSql + Sync)>> = stmts.iter().map(|(_, p)| refs(p)).collect();
         let client = &conn.client;
-        let Some(fence) = fence else {
+        if !write {
             let mut out = Vec::with_capacity(stmts.len());
             for (st, p) in prepared.iter().zip(&params) {
                 out.push(client.query(st, p).await.map_err(db)?);
             }
             return Ok(out);
+        }
+        let (fence_sql, fence_values, fence_rows) = match (&fence, &fence_params) {
+            (Some(st), Some((_, values, rows))) => (Some(st), refs(values), *rows),
+            _ => (None, Vec::new(), 0),
         };
-        let (owner, epoch) = (self.held.owner, self.held.epoch);
-        let fence_params: [&(dyn ToSql + Sync); 2] = [&owner, &epoch];
+        let fenced_query = async {
+            match fence_sql {
+                Some(st) => client.query(st, &fence_values).await,
+                None => Ok(Vec::new()),
+            }
+        };
         let (begun, fenced, done) = tokio::join!(
             client.batch_execute("BEGIN"),
-            client.query(&fence, &fence_params),
+            fenced_query,
             futures_util::future::join_all(
                 prepared
                     .iter()
@@ -236,7 +326,7 @@ impl Shared {
         );
         let outcome = (|| {
             begun.map_err(db)?;
-            if fenced.map_err(db)?.is_empty() {
+            if fenced.map_err(db)?.len() < fence_rows {
                 return Err(lease::fenced());
             }
             done.into_iter()
@@ -267,21 +357,27 @@ impl Shared {
         let names = schema::DAY_PARTITIONED.map(|t| schema::day_table(t, day));
         let mut guard = self.conn().await?;
         let conn = guard.as_mut().expect("connected above");
-        let fence = conn.prep(lease::FENCE).await?;
+        // One node drops days: the lease's holder, or in divided mode the owner of partition
+        // 0 (two at once in a hand-over would only wait on each other's table lock).
+        let lease_fence = match &self.fencing {
+            Fencing::Lease(held) => Some((conn.prep(lease::FENCE).await?, held.owner, held.epoch)),
+            Fencing::Partitions { .. } => None,
+        };
         let client = &conn.client;
-        let (owner, epoch) = (self.held.owner, self.held.epoch);
         let outcome = async {
             client
                 .batch_execute("BEGIN; SET LOCAL lock_timeout = '2s'")
                 .await
                 .map_err(db)?;
-            if client
-                .query(&fence, &[&owner, &epoch])
-                .await
-                .map_err(db)?
-                .is_empty()
-            {
-                return Err(lease::fenced());
+            if let Some((fence, owner, epoch)) = &lease_fence {
+                if client
+                    .query(fence, &[owner, epoch])
+                    .await
+                    .map_err(db)?
+                    .is_empty()
+                {
+                    return Err(lease::fenced());
+                }
             }
             client
                 .batch_execute(&format!(
@@ -369,6 +465,9 @@ pub struct PgStore {
     events: Mutex<Recent<u64, EventRecord>>,
     deliveries: Mutex<Recent<DeliveryId, DeliveryRecord>>,
     node: lease::Node,
+    /// Divided mode: the session that registered this node and holds its key, until the
+    /// ownership loop takes it over ([`PgStore::divide`]).
+    joined: Mutex<Option<Client>>,
 }
 
 impl Drop for PgStore {
@@ -470,6 +569,51 @@ impl PgStore {
         config: &Config,
         waiting: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> std::result::Result<PgStore, PgError> {
+        Self::open_as(config, Joining::Lease(waiting))
+    }
+
+    /// Connects, migrates, settles the secrets key, registers this node and claims its
+    /// writer slot, without the serve lease: nodes divide the partitions, and `shares` (which
+    /// the ownership loop fills) fences this node's writes. Blocking.
+    pub fn open_dividing(
+        config: &Config,
+        shares: Arc<Shares>,
+    ) -> std::result::Result<PgStore, PgError> {
+        Self::open_as(config, Joining::Divide(shares))
+    }
+
+    /// This node's id in `kh_node` (what the ownership loop registers it under).
+    pub fn node_id(&self) -> i64 {
+        self.node.id
+    }
+
+    /// Divided mode: starts the ownership loop ([`super::ownership::run`]) on the store's
+    /// runtime, on the session that registered this node. `work` hears what the node gains,
+    /// hands over and loses; the loop runs until `stop` turns true, then hands everything
+    /// over. `None` when the store serves alone (the serve lease).
+    pub fn divide(
+        &self,
+        work: Arc<dyn super::ownership::PartitionWork>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if !matches!(self.shared.fencing, Fencing::Partitions { .. }) {
+            return None;
+        }
+        let client = self.joined.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (held, _) = tokio::sync::watch::channel(super::ownership::Owned::default());
+        Some(self.rt().spawn(super::ownership::run(
+            self.shared.target.clone(),
+            self.node.id,
+            self.node.name.clone(),
+            self.node.lease,
+            work,
+            held,
+            stop,
+            client,
+        )))
+    }
+
+    fn open_as(config: &Config, joining: Joining) -> std::result::Result<PgStore, PgError> {
         let target = Target::from_config(config)?;
         let source =
             secrets::KeySource::from_env_or_file(config.storage.secrets_key_file.as_deref())
@@ -536,29 +680,52 @@ impl PgStore {
             lease: config.cluster.lease,
             server,
         };
-        let (t, n) = (target.clone(), me.clone());
-        let (held, heartbeat, locked) =
-            wait(&rt, async move { lease::acquire(&t, &n, waiting).await })
-                .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
         let slots = (0..CONNECTIONS)
             .map(|_| tokio::sync::Mutex::new(None))
             .collect();
-        let shared = Arc::new(Shared {
-            target: target.clone(),
-            slots,
-            next: AtomicUsize::new(0),
-            held,
-            failed: Mutex::new(None),
-        });
-        let on_lost = shared.clone();
-        rt.spawn(lease::heartbeat(
-            target,
-            me.clone(),
-            held,
-            heartbeat,
-            locked,
-            Arc::new(move |e: StoreError| on_lost.fail(&e)),
-        ));
+        let joined = Mutex::new(None);
+        let shared = match joining {
+            Joining::Lease(waiting) => {
+                let (t, n) = (target.clone(), me.clone());
+                let (held, heartbeat, locked) =
+                    wait(&rt, async move { lease::acquire(&t, &n, waiting).await })
+                        .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
+                let shared = Arc::new(Shared {
+                    target: target.clone(),
+                    slots,
+                    next: AtomicUsize::new(0),
+                    fencing: Fencing::Lease(held),
+                    failed: Mutex::new(None),
+                });
+                let on_lost = shared.clone();
+                rt.spawn(lease::heartbeat(
+                    target,
+                    me.clone(),
+                    held,
+                    heartbeat,
+                    locked,
+                    Arc::new(move |e: StoreError| on_lost.fail(&e)),
+                ));
+                shared
+            }
+            Joining::Divide(shares) => {
+                let (t, n) = (target.clone(), me.clone());
+                let (slot, client) = wait(&rt, async move { lease::join(&t, &n).await })
+                    .ok_or_else(|| PgError::Failed("the database runtime stopped".into()))??;
+                *joined.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+                Arc::new(Shared {
+                    target,
+                    slots,
+                    next: AtomicUsize::new(0),
+                    fencing: Fencing::Partitions {
+                        node: me.id,
+                        slot,
+                        shares,
+                    },
+                    failed: Mutex::new(None),
+                })
+            }
+        };
         Ok(PgStore {
             rt: Some(rt),
             shared,
@@ -570,6 +737,7 @@ impl PgStore {
             events: Mutex::new(Recent::new(EVENT_CACHE_BYTES, |e| e.body.len())),
             deliveries: Mutex::new(Recent::new(DELIVERY_CACHE_RECORDS, |_| 1)),
             node: me,
+            joined,
         })
     }
 
@@ -593,20 +761,36 @@ impl PgStore {
     /// Reads with one statement.
     fn read(&self, sql: &'static str, params: Params) -> Result<Vec<Row>> {
         let shared = self.shared.clone();
-        let mut rows = self.run(async move { shared.exec(false, vec![(sql, params)]).await })?;
+        let mut rows =
+            self.run(async move { shared.exec(Mode::Read, vec![(sql, params)]).await })?;
         Ok(rows.pop().unwrap_or_default())
     }
 
-    /// Writes with these statements, in one transaction; a failure makes the store unhealthy.
+    /// Writes with these statements, in one transaction, fenced by the lease (one node
+    /// serving) or not at all (nodes dividing the work: the write is not of one account's
+    /// data); a failure makes the store unhealthy.
     fn write(&self, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
+        self.write_in(Vec::new(), stmts)
+    }
+
+    /// [`PgStore::write`] of account data of these partitions: fenced by them when nodes
+    /// divide the work. A partition this node does not hold refuses the write before it is
+    /// sent, and that does not make the store unhealthy.
+    fn write_in(
+        &self,
+        partitions: Vec<i16>,
+        stmts: Vec<(&'static str, Params)>,
+    ) -> Result<Vec<Vec<Row>>> {
         if stmts.is_empty() {
             return Ok(Vec::new());
         }
         self.health()?;
         let shared = self.shared.clone();
-        let done = self.run(async move { shared.exec(true, stmts).await });
+        let done = self.run(async move { shared.exec(Mode::Write(partitions), stmts).await });
         if let Err(e) = &done {
-            self.shared.fail(e);
+            if !is_not_held(e) {
+                self.shared.fail(e);
+            }
         }
         done
     }
@@ -722,6 +906,8 @@ fn settle_key(
 /// The schedule, read back page by page in due order.
 struct DueIter<'a> {
     store: &'a PgStore,
+    /// Only these partitions' entries; `None`: all.
+    partitions: Option<Vec<i16>>,
     after: (i64, i64, i64),
     buf: VecDeque<(u64, DeliveryId)>,
     done: bool,
@@ -733,12 +919,22 @@ impl Iterator for DueIter<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() && !self.done {
             let (d, s, w) = self.after;
-            let rows = match self.store.read(
-                "SELECT due_ms, seq, webhook_id FROM kh_due
-                 WHERE (due_ms, seq, webhook_id) > ($1, $2, $3)
-                 ORDER BY due_ms, seq, webhook_id LIMIT $4",
-                params![d, s, w, DUE_PAGE],
-            ) {
+            let read = match &self.partitions {
+                None => self.store.read(
+                    "SELECT due_ms, seq, webhook_id FROM kh_due
+                     WHERE (due_ms, seq, webhook_id) > ($1, $2, $3)
+                     ORDER BY due_ms, seq, webhook_id LIMIT $4",
+                    params![d, s, w, DUE_PAGE],
+                ),
+                Some(parts) => self.store.read(
+                    "SELECT due_ms, seq, webhook_id FROM kh_due
+                     WHERE (due_ms, seq, webhook_id) > ($1, $2, $3)
+                       AND partition_id = ANY($5::smallint[])
+                     ORDER BY due_ms, seq, webhook_id LIMIT $4",
+                    params![d, s, w, DUE_PAGE, parts.clone()],
+                ),
+            };
+            let rows = match read {
                 Ok(rows) => rows,
                 Err(e) => {
                     self.done = true;
@@ -780,7 +976,11 @@ impl Storage for PgStore {
         let released = self.run(async move {
             let guard = shared.conn().await?;
             let conn = guard.as_ref().expect("connected");
-            lease::release(&conn.client, shared.held).await.map_err(db)
+            match &shared.fencing {
+                Fencing::Lease(held) => lease::release(&conn.client, *held).await.map_err(db),
+                // The ownership loop released the partitions.
+                Fencing::Partitions { .. } => Ok(()),
+            }
         });
         match released {
             Ok(()) => {
@@ -850,15 +1050,20 @@ impl Storage for PgStore {
     // ---- accounts and webhooks ----
 
     fn put_account(&self, account: &Account) -> Result<()> {
-        self.write(vec![(
-            "INSERT INTO kh_account (account_id, partition_id, record) VALUES ($1, $2, $3)
-             ON CONFLICT (account_id) DO UPDATE SET record = excluded.record",
-            params![
-                account.id.as_str().to_string(),
-                partition_of(&account.id),
-                codec::encode(account)
-            ],
-        )])
+        // Not fenced: an account is created on any node (its partition's owner takes it in
+        // through the registry's version); every later change is made by that owner.
+        self.write(vec![
+            (
+                "INSERT INTO kh_account (account_id, partition_id, record) VALUES ($1, $2, $3)
+                 ON CONFLICT (account_id) DO UPDATE SET record = excluded.record",
+                params![
+                    account.id.as_str().to_string(),
+                    partition_of(&account.id),
+                    codec::encode(account)
+                ],
+            ),
+            (REGISTRY_CHANGED, params![]),
+        ])
         .map(drop)
     }
 
@@ -884,7 +1089,9 @@ impl Storage for PgStore {
 
     fn delete_account(&self, account: &Account) -> Result<()> {
         let id = || -> Params { params![account.id.as_str().to_string()] };
-        self.write(vec![
+        self.write_in(
+            vec![partition_of(&account.id)],
+            vec![
             (
                 "DELETE FROM kh_attempt a USING kh_delivery d
                  WHERE d.account_id = $1 AND a.seq = d.seq AND a.webhook_id = d.webhook_id",
@@ -909,7 +1116,9 @@ impl Storage for PgStore {
             ("DELETE FROM kh_event WHERE account_id = $1", id()),
             ("DELETE FROM kh_event_id WHERE account_id = $1", id()),
             ("DELETE FROM kh_account WHERE account_id = $1", id()),
-        ])?;
+            (REGISTRY_CHANGED, params![]),
+        ],
+        )?;
         let gone = &account.id;
         self.events
             .lock()
@@ -923,17 +1132,23 @@ impl Storage for PgStore {
     }
 
     fn put_webhook(&self, hook: &Webhook) -> Result<()> {
-        self.write(vec![(
-            "INSERT INTO kh_webhook (webhook_id, account_id, partition_id, record)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (webhook_id) DO UPDATE SET record = excluded.record",
-            params![
-                wh_key(hook.id),
-                hook.account_id.as_str().to_string(),
-                partition_of(&hook.account_id),
-                codec::encode(&self.sealer.seal_webhook(hook))
+        self.write_in(
+            vec![partition_of(&hook.account_id)],
+            vec![
+                (
+                    "INSERT INTO kh_webhook (webhook_id, account_id, partition_id, record)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (webhook_id) DO UPDATE SET record = excluded.record",
+                    params![
+                        wh_key(hook.id),
+                        hook.account_id.as_str().to_string(),
+                        partition_of(&hook.account_id),
+                        codec::encode(&self.sealer.seal_webhook(hook))
+                    ],
+                ),
+                (REGISTRY_CHANGED, params![]),
             ],
-        )])
+        )
         .map(drop)
     }
 
@@ -969,21 +1184,25 @@ impl Storage for PgStore {
 
     fn delete_webhook(&self, hook: &Webhook) -> Result<u64> {
         let id = || -> Params { params![wh_key(hook.id)] };
-        let rows = self.write(vec![
-            (
-                "SELECT count(*) FROM kh_delivery WHERE webhook_id = $1 AND due_ms IS NOT NULL",
-                id(),
-            ),
-            (
-                "DELETE FROM kh_attempt a USING kh_delivery d
+        let rows = self.write_in(
+            vec![partition_of(&hook.account_id)],
+            vec![
+                (
+                    "SELECT count(*) FROM kh_delivery WHERE webhook_id = $1 AND due_ms IS NOT NULL",
+                    id(),
+                ),
+                (
+                    "DELETE FROM kh_attempt a USING kh_delivery d
                  WHERE d.webhook_id = $1 AND a.seq = d.seq AND a.webhook_id = d.webhook_id",
-                id(),
-            ),
-            ("DELETE FROM kh_due WHERE webhook_id = $1", id()),
-            ("DELETE FROM kh_delivery WHERE webhook_id = $1", id()),
-            ("DELETE FROM kh_stats WHERE webhook_id = $1", id()),
-            ("DELETE FROM kh_webhook WHERE webhook_id = $1", id()),
-        ])?;
+                    id(),
+                ),
+                ("DELETE FROM kh_due WHERE webhook_id = $1", id()),
+                ("DELETE FROM kh_delivery WHERE webhook_id = $1", id()),
+                ("DELETE FROM kh_stats WHERE webhook_id = $1", id()),
+                ("DELETE FROM kh_webhook WHERE webhook_id = $1", id()),
+                (REGISTRY_CHANGED, params![]),
+            ],
+        )?;
         self.deliveries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -996,8 +1215,30 @@ impl Storage for PgStore {
 
     // ---- events ----
 
+    fn registry_version(&self) -> Result<Option<u64>> {
+        Ok(Some(
+            self.read(
+                "SELECT value FROM kh_meta WHERE name = 'registry_version'",
+                params![],
+            )?
+            .first()
+            .and_then(|r| r.get::<_, String>(0).parse().ok())
+            .unwrap_or(0),
+        ))
+    }
+
+    fn partitions_moved(&self) {
+        self.deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(|_| false);
+    }
+
     fn writer_slot(&self) -> Option<u8> {
-        Some(self.shared.held.slot)
+        Some(match &self.shared.fencing {
+            Fencing::Lease(held) => held.slot,
+            Fencing::Partitions { slot, .. } => *slot,
+        })
     }
 
     fn last_seq(&self) -> Result<u64> {
@@ -1107,7 +1348,8 @@ impl Storage for PgStore {
                 params![inbox, inbox_parts],
             ));
         }
-        self.write(stmts)?;
+        let touched: Vec<i16> = events.iter().map(|e| partition_of(&e.account_id)).collect();
+        self.write_in(touched, stmts)?;
         let mut cache = self.events.lock().unwrap_or_else(|p| p.into_inner());
         for e in events {
             cache.put(e.seq, e);
@@ -1147,6 +1389,18 @@ impl Storage for PgStore {
     fn inbox(&self) -> Result<Vec<u64>> {
         Ok(self
             .read("SELECT seq FROM kh_inbox ORDER BY seq", params![])?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect())
+    }
+
+    fn inbox_in(&self, partitions: &[Partition]) -> Result<Vec<u64>> {
+        let parts: Vec<i16> = partitions.iter().map(|p| p.get() as i16).collect();
+        Ok(self
+            .read(
+                "SELECT seq FROM kh_inbox WHERE partition_id = ANY($1::smallint[]) ORDER BY seq",
+                params![parts],
+            )?
             .iter()
             .map(|r| r.get::<_, i64>(0) as u64)
             .collect())
@@ -1202,6 +1456,20 @@ impl Storage for PgStore {
     fn scheduled(&self) -> Box<dyn Iterator<Item = Result<(u64, DeliveryId)>> + '_> {
         Box::new(DueIter {
             store: self,
+            partitions: None,
+            after: (i64::MIN, i64::MIN, i64::MIN),
+            buf: VecDeque::new(),
+            done: false,
+        })
+    }
+
+    fn scheduled_in(
+        &self,
+        partitions: &[Partition],
+    ) -> Box<dyn Iterator<Item = Result<(u64, DeliveryId)>> + '_> {
+        Box::new(DueIter {
+            store: self,
+            partitions: Some(partitions.iter().map(|p| p.get() as i16).collect()),
             after: (i64::MIN, i64::MIN, i64::MIN),
             buf: VecDeque::new(),
             done: false,
@@ -1329,6 +1597,27 @@ impl Storage for PgStore {
     }
 
     fn apply_delivery_writes(&self, w: &DeliveryWrites) -> Result<()> {
+        // Divided: what concerns partitions this node let go is not its to write (the next
+        // owner works from what is stored), and must not fail the rest of the drain.
+        let filtered;
+        let w = match &self.shared.fencing {
+            Fencing::Partitions { shares, .. }
+                if w.deliveries.iter().any(|r| !held(shares, &r.account_id))
+                    || w.indexed.iter().any(|(a, _)| !held(shares, a)) =>
+            {
+                filtered = w.retain_accounts(|a| held(shares, a));
+                &filtered
+            }
+            _ => w,
+        };
+        let mut touched: Vec<i16> = w
+            .deliveries
+            .iter()
+            .map(|r| partition_of(&r.account_id))
+            .chain(w.indexed.iter().map(|(a, _)| partition_of(a)))
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
         let mut stmts: Vec<(&'static str, Params)> = Vec::new();
         if !w.schedule_insert.is_empty() {
             let (mut due, mut seq, mut wh, mut part) =
@@ -1440,7 +1729,7 @@ impl Storage for PgStore {
             ));
         }
         stmts.extend(self.stats_statements(&w.stats));
-        self.write(stmts)?;
+        self.write_in(touched, stmts)?;
         let mut cache = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
         for r in &w.deliveries {
             cache.put(r.id, r);

@@ -1,0 +1,132 @@
+//! Relaying to the node that serves an account (divided mode, see `crate::placement`): a
+//! request under `/v1/accounts/{id}` and the events of an ingest whose accounts another node
+//! serves go there, and its answer comes back as it was given. A request another node relayed
+//! is never relayed again: if this node does not serve its account either (ownership moved
+//! meanwhile), the client is told to retry.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::{ApiResult, Call};
+use crate::domain::{Refusal, Services};
+use crate::edge::ClientAddr;
+use crate::ids::AccountId;
+use crate::placement::{Owner, Route, FORWARDED_BY};
+
+/// 503 `not_here`: no node can take the request right now; retry in a second.
+pub fn not_here(message: impl Into<String>) -> Refusal {
+    Refusal {
+        retry_after: Some(1),
+        ..Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "not_here", message)
+    }
+}
+
+/// Whether a relaying node sent this request.
+pub fn was_relayed(call: &Call) -> bool {
+    call.req.headers().contains_key(FORWARDED_BY)
+}
+
+/// Where a request about `account` goes; `None`: here (one node alone, or this node serves
+/// it, or the request was relayed to it already).
+pub fn elsewhere(
+    s: &Services,
+    account: &AccountId,
+    relayed: bool,
+) -> Option<Result<Owner, Refusal>> {
+    let placement = s.placement.as_ref()?;
+    match placement.route(account) {
+        Route::Here => None,
+        Route::There(_) | Route::Nobody(_) if relayed => Some(Err(not_here(
+            "this node does not serve that account (ownership is moving between nodes)",
+        ))),
+        Route::There(owner) => Some(Ok(owner)),
+        Route::Nobody(why) => Some(Err(not_here(why))),
+    }
+}
+
+/// Relays a request under `/v1/accounts/{account}` whose account another node serves;
+/// gives the call back when it is this node's to serve.
+pub async fn account_route(s: &Services, account: &str, call: Call) -> Result<ApiResult, Call> {
+    let Some(id) = AccountId::parse(account) else {
+        return Err(call);
+    };
+    let owner = match elsewhere(s, &id, was_relayed(&call)) {
+        None => return Err(call),
+        Some(Err(refusal)) => return Ok(Err(refusal)),
+        Some(Ok(owner)) => owner,
+    };
+    let peer = call.req.extensions().get::<ClientAddr>().map(|a| a.0);
+    let (parts, body) = call.req.into_parts();
+    Ok(send(s, &owner, parts, Either::Left(body), peer).await)
+}
+
+/// Relays a request whose body was read already (`bytes`, possibly rewritten: a batch's share).
+pub async fn send_bytes(
+    s: &Services,
+    owner: &Owner,
+    parts: &http::request::Parts,
+    bytes: Bytes,
+    peer: Option<std::net::SocketAddr>,
+) -> ApiResult {
+    let mut parts = clone_parts(parts);
+    parts.headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(bytes.len() as u64),
+    );
+    send(s, owner, parts, Either::Right(Full::new(bytes)), peer).await
+}
+
+async fn send(
+    s: &Services,
+    owner: &Owner,
+    parts: http::request::Parts,
+    body: crate::placement::RelayBody,
+    peer: Option<std::net::SocketAddr>,
+) -> ApiResult {
+    let placement = s
+        .placement
+        .as_ref()
+        .ok_or_else(|| not_here("not relaying"))?;
+    match placement.relay(owner, parts, body, peer).await {
+        Ok((status, headers, bytes)) => {
+            let mut r = Response::new(Full::new(bytes));
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            Ok(r)
+        }
+        Err(why) => Err(not_here(why)),
+    }
+}
+
+/// A request's head without its extensions (which do not clone).
+pub fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = http::Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+/// What an ingest keeps of its request to relay events after reading the body.
+pub struct Head {
+    pub parts: http::request::Parts,
+    pub peer: Option<std::net::SocketAddr>,
+    pub relayed: bool,
+}
+
+/// The request's head when nodes divide the work (`None`: one node serves everything).
+pub fn head(s: &Services, call: &Call) -> Option<Head> {
+    s.placement.as_ref()?;
+    let mut req = http::Request::new(());
+    *req.method_mut() = call.req.method().clone();
+    *req.uri_mut() = call.req.uri().clone();
+    *req.version_mut() = call.req.version();
+    *req.headers_mut() = call.req.headers().clone();
+    Some(Head {
+        parts: req.into_parts().0,
+        peer: call.req.extensions().get::<ClientAddr>().map(|a| a.0),
+        relayed: was_relayed(call),
+    })
+}

@@ -1,0 +1,284 @@
+//! Real `kyberhook` processes on one PostgreSQL database with `cluster.divide_work = true`:
+//! the nodes divide the 256 partitions of accounts, each delivers its own accounts' events,
+//! and a request sent to any node reaches the node serving its account (a batch is split).
+//! A node killed with SIGKILL has its partitions taken over and every event any node
+//! acknowledged arrives; a node that comes back takes its share again.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::common::{pki, Api, Pki, Receiver, Reply};
+use crate::crash::wait_all_delivered;
+use crate::pg::{pg_database, PgDb};
+use crate::pg_failover::{arrivals, free_port, node_config, Node};
+
+/// A node of a dividing cluster: `node_config` with `divide_work = true` and a short lease.
+fn start_dividing(dir: &Path, name: &str, db: &PgDb, pki: &Pki, port: u16) -> Node {
+    let path = node_config(dir, name, db, pki, "2s", Some(port));
+    let toml = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        toml.replace("[cluster]\n", "[cluster]\ndivide_work = true\n"),
+    )
+    .unwrap();
+    Node::start(&path)
+}
+
+/// The partitions each node holds, by name, as `GET /v1/admin/cluster` shows them.
+async fn shares(api: &Api) -> HashMap<String, u64> {
+    let (s, v) = api.admin(Method::GET, "/v1/admin/cluster", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_string(),
+                n["partitions"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the nodes named in `want` hold every partition between them, each some.
+async fn wait_divided(api: &Api, want: &[&str], wait: Duration) -> HashMap<String, u64> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let now = shares(api).await;
+        let held: u64 = want.iter().map(|n| now.get(*n).copied().unwrap_or(0)).sum();
+        if held == 256 && want.iter().all(|n| now.get(*n).copied().unwrap_or(0) > 0) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not divided among {want:?}: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sixteen accounts (a webhook each, to `url`), created through `api`.
+async fn accounts(api: &Api, url: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..16 {
+        let id = format!("acc_div_{i}");
+        let (s, v) = api
+            .admin(
+                Method::POST,
+                "/v1/accounts",
+                Some(json!({"name": id, "plan": "enterprise", "id": id})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        ids.push(id);
+    }
+    // Webhooks are created by the node serving the account (relayed if need be); the other
+    // node takes the account in first, through the registry's version.
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (s, v) = api
+                .admin(
+                    Method::POST,
+                    &format!("/v1/accounts/{id}/webhooks"),
+                    Some(json!({"name": "h", "url": url, "events": ["*"]})),
+                )
+                .await;
+            if s == StatusCode::CREATED {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline && s != StatusCode::BAD_REQUEST,
+                "{s} {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    ids
+}
+
+/// `n` events per account through `api`, each with its own id (`{tag}_{account}_{i}`);
+/// the ids acknowledged with 202.
+async fn post_events(api: &Api, accounts: &[String], n: usize, tag: &str) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for account in accounts {
+        let (api, account, tag) = (api.clone(), account.clone(), tag.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..n {
+                let id = format!("{tag}_{account}_{i}");
+                let (s, _) = api
+                    .admin(
+                        Method::POST,
+                        "/v1/events",
+                        Some(json!({"account_id": account, "event": "visitor.checked_in", "data": {"i": i}, "id": id})),
+                    )
+                    .await;
+                if s == StatusCode::ACCEPTED {
+                    acked.push(id);
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    acked
+}
+
+/// A counter's value on a node's metrics page (0 when absent).
+async fn counter(api: &Api, metrics: std::net::SocketAddr, line_start: &str) -> f64 {
+    let page = api.text(&format!("http://{metrics}/metrics")).await;
+    page.lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_divide_the_accounts_and_each_request_reaches_the_node_serving_its_account() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_dividing(dir.path(), "node-a", &db, &pki, free_port());
+    let api_a = a.serving(Duration::from_secs(30));
+    let b = start_dividing(dir.path(), "node-b", &db, &pki, free_port());
+    let api_b = b.serving(Duration::from_secs(30));
+    let divided = wait_divided(&api_a, &["node-a", "node-b"], Duration::from_secs(20)).await;
+    assert_eq!(divided.values().sum::<u64>(), 256, "{divided:?}");
+
+    let ids = accounts(&api_a, &rx.url).await;
+    // Events through both nodes, one by one and in one mixed batch.
+    let mut acked = post_events(&api_a, &ids[..8], 5, "a").await;
+    acked.extend(post_events(&api_b, &ids[8..], 5, "b").await);
+    let batch: Vec<Value> = ids
+        .iter()
+        .map(|a| json!({"account_id": a, "event": "visitor.checked_in", "data": {}, "id": format!("batch_{a}")}))
+        .collect();
+    let (s, v) = api_b
+        .admin(
+            Method::POST,
+            "/v1/events/batch",
+            Some(json!({"events": batch})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), ids.len());
+    for (r, a) in results.iter().zip(&ids) {
+        assert_eq!(r["id"], format!("batch_{a}"), "{v}");
+        acked.push(format!("batch_{a}"));
+    }
+    assert_eq!(acked.len(), 16 * 5 + 16);
+    wait_all_delivered(&rx, &acked, Duration::from_secs(30)).await;
+
+    // Each node delivered its own accounts' events, and relayed the others'.
+    let (ma, mb) = (a.standby_addr("metrics"), b.standby_addr("metrics"));
+    let sent_a = counter(&api_a, ma, "kyberhook_delivery_attempts_total").await;
+    let sent_b = counter(&api_a, mb, "kyberhook_delivery_attempts_total").await;
+    assert!(
+        sent_a > 0.0 && sent_b > 0.0,
+        "attempts: a {sent_a}, b {sent_b}"
+    );
+    assert_eq!(sent_a + sent_b, acked.len() as f64);
+    assert!(counter(&api_a, ma, "kyberhook_relayed_requests_total").await > 0.0);
+    assert!(counter(&api_a, mb, "kyberhook_relayed_requests_total").await > 0.0);
+
+    // Any node answers for any account: its delivery log, its webhooks.
+    for id in &ids {
+        for api in [&api_a, &api_b] {
+            let (s, v) = api
+                .admin(Method::GET, &format!("/v1/accounts/{id}/deliveries"), None)
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            assert_eq!(v["data"].as_array().unwrap().len(), 6, "{id}: {v}");
+        }
+    }
+
+    // A change through one node governs the other's deliveries within a second: pause every
+    // webhook through node-b, then post through node-a; nothing arrives.
+    for id in &ids {
+        let (_, hooks) = api_b
+            .admin(Method::GET, &format!("/v1/accounts/{id}/webhooks"), None)
+            .await;
+        let hook = hooks["data"][0]["id"].as_str().unwrap().to_string();
+        let (s, v) = api_b
+            .admin(
+                Method::PATCH,
+                &format!("/v1/accounts/{id}/webhooks/{hook}"),
+                Some(json!({"status": "paused"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rx.count();
+    let paused = post_events(&api_a, &ids, 1, "paused").await;
+    assert_eq!(paused.len(), ids.len());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rx.count(), before, "a paused webhook got a delivery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_node_s_partitions_are_taken_over_and_every_acknowledged_event_arrives() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    // Slow, so that much is still owed when node-b dies.
+    rx.set_default(Reply::Slow(Duration::from_millis(200), 200));
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_dividing(dir.path(), "node-a", &db, &pki, free_port());
+    let api_a = a.serving(Duration::from_secs(30));
+    let port_b = free_port();
+    let mut b = start_dividing(dir.path(), "node-b", &db, &pki, port_b);
+    let _api_b = b.serving(Duration::from_secs(30));
+    wait_divided(&api_a, &["node-a", "node-b"], Duration::from_secs(20)).await;
+    let ids = accounts(&api_a, &rx.url).await;
+
+    let acked = post_events(&api_a, &ids, 12, "k").await;
+    assert_eq!(acked.len(), 16 * 12, "every event is acknowledged");
+    let before = rx.count();
+    assert!(before < acked.len(), "all delivered before the kill");
+    b.child.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    b.child.wait().unwrap();
+    // Node-a takes every partition within a round or two (node-b's session ended).
+    let all = wait_divided(&api_a, &["node-a"], Duration::from_secs(20)).await;
+    let takeover = killed.elapsed();
+    assert_eq!(all["node-a"], 256);
+    rx.set_default(Reply::Status(200));
+    // Posted after the takeover, to accounts node-b served: node-a takes them itself.
+    let after = post_events(&api_a, &ids, 1, "after").await;
+    assert_eq!(after.len(), ids.len());
+    wait_all_delivered(&rx, &acked, Duration::from_secs(30)).await;
+    wait_all_delivered(&rx, &after, Duration::from_secs(30)).await;
+    assert!(takeover < Duration::from_secs(20), "{takeover:?}");
+    // At least once, each event under one delivery id however often it arrived.
+    let by_event = arrivals(&rx);
+    let mut duplicates = 0;
+    for id in &acked {
+        let dlv: HashSet<&String> = by_event[id].iter().collect();
+        assert_eq!(dlv.len(), 1, "{id} arrived as {dlv:?}");
+        duplicates += by_event[id].len() - 1;
+    }
+
+    // Node-b comes back and takes its share again; the delivery goes on on both.
+    let b2 = start_dividing(dir.path(), "node-b", &db, &pki, port_b);
+    let api_b2 = b2.serving(Duration::from_secs(30));
+    let again = wait_divided(&api_a, &["node-a", "node-b"], Duration::from_secs(20)).await;
+    let back = post_events(&api_b2, &ids, 1, "back").await;
+    assert_eq!(back.len(), ids.len());
+    wait_all_delivered(&rx, &back, Duration::from_secs(30)).await;
+    eprintln!(
+        "divided failover after SIGKILL: takeover {takeover:?}, {before} of {} delivered before the kill, lost 0, duplicates {duplicates}; after the return {again:?}",
+        acked.len()
+    );
+}

@@ -375,7 +375,17 @@ impl Engine {
                 deliverer.clone(),
                 deliveries_for_retention.clone(),
             );
-            ownership = pg.divide(Arc::new(handover), ownership_rx);
+            if let Some((task, mut rounds)) = pg.divide(Arc::new(handover), ownership_rx) {
+                // Serve once the first round has run: a node alone holds every partition
+                // then, and one joining others knows it holds none yet.
+                if tokio::time::timeout(config.cluster.lease, rounds.changed())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("no partition ownership round succeeded yet; serving meanwhile (requests are relayed or refused until one does)");
+                }
+                ownership = Some(task);
+            }
             handover_worker = Some(worker);
         }
         let mut placement = None;

@@ -338,6 +338,20 @@ pub trait Storage: Send + Sync + 'static {
     fn put_session(&self, key: &[u8; 32], session: &str) -> Result<()>;
     fn remove_session(&self, key: &[u8; 32]) -> Result<()>;
     fn sessions(&self) -> Result<Vec<([u8; 32], String)>>;
+    /// The stored dashboard session under `key`, if any.
+    fn session(&self, key: &[u8; 32]) -> Result<Option<String>> {
+        Ok(self
+            .sessions()?
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, s)| s))
+    }
+    /// Whether other nodes serve the same dashboard sessions (nodes dividing the work): a
+    /// session is then looked up in the store each time, so that one begun, used or ended on
+    /// another node counts here at once.
+    fn shares_sessions(&self) -> bool {
+        false
+    }
 
     // ---- retention ----
 

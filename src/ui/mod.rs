@@ -314,6 +314,16 @@ pub async fn handle(ui: &UiState, req: Request<Incoming>) -> Page {
         // A POST without a live session changes nothing; the browser is sent to sign in.
         return redirect("/ui/login");
     };
+    // Dividing the work: a change to an account is made by the node serving it (the session
+    // is in the store, so that node knows it). Pages that only read are served here.
+    let req = if method == Method::POST {
+        match relay_change(state, &seg_refs, req).await {
+            Ok(page) => return page,
+            Err(req) => req,
+        }
+    } else {
+        req
+    };
     let query: Vec<(String, String)> = req
         .uri()
         .query()
@@ -359,6 +369,64 @@ pub async fn handle(ui: &UiState, req: Request<Incoming>) -> Page {
         session_id,
     };
     screens::route(ui, r).await
+}
+
+/// Relays a dashboard change to the node serving its account; gives the request back when
+/// this node serves it (one node alone, or the account is its own, or another node relayed
+/// it here).
+async fn relay_change(
+    state: &crate::domain::Services,
+    segs: &[&str],
+    req: Request<Incoming>,
+) -> Result<Page, Request<Incoming>> {
+    use crate::placement::{Route, FORWARDED_BY};
+    let Some(placement) = state.placement.as_ref() else {
+        return Err(req);
+    };
+    let account = match segs {
+        ["accounts" | "a", a, ..] => crate::ids::AccountId::parse(a),
+        _ => None,
+    };
+    let Some(account) = account else {
+        return Err(req);
+    };
+    if req.headers().contains_key(FORWARDED_BY) {
+        return Err(req);
+    }
+    let owner = match placement.route(&account) {
+        Route::Here => return Err(req),
+        Route::There(owner) => owner,
+        Route::Nobody(why) => {
+            return Ok(error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("{why}. Nothing changed; try again in a moment."),
+            ))
+        }
+    };
+    let peer = req
+        .extensions()
+        .get::<crate::edge::ClientAddr>()
+        .map(|a| a.0);
+    let (parts, body) = req.into_parts();
+    Ok(
+        match placement
+            .relay(&owner, parts, http_body_util::Either::Left(body), peer)
+            .await
+        {
+            Ok((status, headers, bytes)) => {
+                let mut r = Response::new(Full::new(bytes));
+                *r.status_mut() = status;
+                *r.headers_mut() = headers;
+                r
+            }
+            Err(why) => error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "The node serving this account did not answer ({why}); nothing may have changed: check, then try again."
+                ),
+            ),
+        },
+    )
 }
 
 fn percent_decode(s: &str) -> String {

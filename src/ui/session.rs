@@ -90,6 +90,23 @@ pub struct Sessions {
     store: Option<Arc<dyn Storage>>,
 }
 
+impl Entry {
+    /// A session as stored ([`Entry::stored`]).
+    fn from_stored(text: &str) -> Option<Entry> {
+        serde_json::from_str::<Stored>(text).ok().map(|s| Entry {
+            session: Session {
+                caller: s.account.map_or(Caller::Admin, Caller::Account),
+                csrf: s.csrf,
+            },
+            key_hash: s.key_hash,
+            created_ms: s.created_ms,
+            last_ms: s.last_ms,
+            saved_ms: s.last_ms,
+            notice: None,
+        })
+    }
+}
+
 fn digest(id: &str) -> [u8; 32] {
     Sha256::digest(id.as_bytes()).into()
 }
@@ -119,18 +136,7 @@ impl Sessions {
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (key, text) in stored {
-            let entry = serde_json::from_str::<Stored>(&text).ok().map(|s| Entry {
-                session: Session {
-                    caller: s.account.map_or(Caller::Admin, Caller::Account),
-                    csrf: s.csrf,
-                },
-                key_hash: s.key_hash,
-                created_ms: s.created_ms,
-                last_ms: s.last_ms,
-                saved_ms: s.last_ms,
-                notice: None,
-            });
-            match entry {
+            match Entry::from_stored(&text) {
                 Some(e)
                     if map.len() < MAX_SESSIONS
                         && now.saturating_sub(e.last_ms) < idle_ms
@@ -222,7 +228,33 @@ impl Sessions {
     pub fn lookup(&self, id: &str, registry: &Registry) -> Option<Session> {
         let key = digest(id);
         let now = clock::now_ms();
+        // Shared with other nodes: the stored session is the truth (begun or ended there).
+        let stored = match &self.store {
+            Some(store) if store.shares_sessions() => Some(match store.session(&key) {
+                Ok(s) => s.and_then(|text| Entry::from_stored(&text)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading a dashboard session failed");
+                    None
+                }
+            }),
+            _ => None,
+        };
         let mut map = self.lock();
+        match stored {
+            Some(None) => {
+                map.remove(&key);
+                return None;
+            }
+            Some(Some(mut fresh)) => {
+                // Keep this node's notice; take the rest as stored.
+                if let Some(old) = map.get_mut(&key) {
+                    fresh.notice = old.notice.take();
+                    fresh.last_ms = fresh.last_ms.max(old.last_ms);
+                }
+                map.insert(key, fresh);
+            }
+            None => {}
+        }
         let entry = map.get_mut(&key)?;
         let still_valid = match &entry.session.caller {
             Caller::Admin => true,

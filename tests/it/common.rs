@@ -351,7 +351,13 @@ extra_ca_files = ["{ca}"]
 {allow}
 {delivery_extra}
 {extra}
+{cluster}
 "#,
+        cluster = if dividing() && !extra.contains("[cluster]") {
+            "[cluster]\ndivide_work = true\n"
+        } else {
+            ""
+        },
         data = data.display(),
         backend = backend_lines(),
         ca = ca_file.display(),
@@ -421,6 +427,12 @@ fn backend_lines() -> String {
     .join()
     .unwrap();
     format!("backend = \"postgres\"\npostgres_url = \"{base}/{name}?sslmode=disable\"")
+}
+
+/// Whether this PostgreSQL run has each engine divide the work (`cluster.divide_work`, a
+/// cluster of one): `KYBERHOOK_TEST_DIVIDE=1`.
+fn dividing() -> bool {
+    on_postgres() && std::env::var("KYBERHOOK_TEST_DIVIDE").as_deref() == Ok("1")
 }
 
 pub struct TestEngine {

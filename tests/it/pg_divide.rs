@@ -15,6 +15,7 @@ use crate::common::{pki, Api, Pki, Receiver, Reply};
 use crate::crash::wait_all_delivered;
 use crate::pg::{pg_database, PgDb};
 use crate::pg_failover::{arrivals, free_port, node_config, Node};
+use crate::ui::Browser;
 
 /// A node of a dividing cluster: `node_config` with `divide_work = true` and a short lease.
 fn start_dividing(dir: &Path, name: &str, db: &PgDb, pki: &Pki, port: u16) -> Node {
@@ -203,6 +204,36 @@ async fn nodes_divide_the_accounts_and_each_request_reaches_the_node_serving_its
         }
     }
 
+    // The dashboard: signed in on node-a, the session works on node-b; a plan changed through
+    // node-b's pages is made by the node serving each account; signing out on node-b ends it
+    // on node-a too.
+    let mut browser_a = Browser::new(&api_a);
+    browser_a.sign_in(crate::common::ADMIN).await;
+    let mut browser_b = Browser::new(&api_b);
+    browser_b.cookie_from(&browser_a);
+    let page = browser_b.get("/ui/accounts").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    for id in &ids {
+        let confirm = browser_b
+            .get(&format!("/ui/accounts/{id}/plan?plan=professional"))
+            .await;
+        assert_eq!(confirm.status, StatusCode::OK, "{}", confirm.body);
+        let done = browser_b
+            .post(
+                &format!("/ui/accounts/{id}/plan"),
+                &[("_csrf", &confirm.csrf()), ("plan", "professional")],
+            )
+            .await;
+        assert_eq!(done.status, StatusCode::SEE_OTHER, "{id}: {}", done.body);
+        let (_, v) = api_a
+            .admin(Method::GET, &format!("/v1/accounts/{id}"), None)
+            .await;
+        assert_eq!(v["plan"], "professional", "{v}");
+    }
+    let csrf = browser_b.get("/ui/accounts").await.csrf();
+    browser_b.post("/ui/logout", &[("_csrf", &csrf)]).await;
+    assert_eq!(browser_a.get("/ui/accounts").await.location(), "/ui/login");
+
     // A change through one node governs the other's deliveries within a second: pause every
     // webhook through node-b, then post through node-a; nothing arrives.
     for id in &ids {
@@ -280,5 +311,175 @@ async fn a_sigkilled_node_s_partitions_are_taken_over_and_every_acknowledged_eve
     eprintln!(
         "divided failover after SIGKILL: takeover {takeover:?}, {before} of {} delivered before the kill, lost 0, duplicates {duplicates}; after the return {again:?}",
         acked.len()
+    );
+}
+
+/// Which node serves each account now, from the database.
+async fn owners(db: &PgDb) -> HashMap<String, String> {
+    db.client()
+        .await
+        .query(
+            "SELECT a.account_id, n.name FROM kh_account a
+             JOIN kh_partition p ON p.partition_id = a.partition_id
+             JOIN kh_node n ON n.node_id = p.owner",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_takes_its_share_without_pausing_the_accounts_that_stay() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_dividing(dir.path(), "node-a", &db, &pki, free_port());
+    let api_a = a.serving(Duration::from_secs(30));
+    wait_divided(&api_a, &["node-a"], Duration::from_secs(10)).await;
+    let ids = accounts(&api_a, &rx.url).await;
+
+    // A steady stream: one event per account every 100 ms, through node-a, while node-b
+    // starts and takes its share.
+    let stream = {
+        let (api, ids) = (api_a.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for round in 0..60 {
+                acked.extend(post_events(&api, &ids, 1, &format!("s{round}")).await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let joined_at = Instant::now();
+    let b = start_dividing(dir.path(), "node-b", &db, &pki, free_port());
+    let _api_b = b.serving(Duration::from_secs(30));
+    let divided = wait_divided(&api_a, &["node-a", "node-b"], Duration::from_secs(20)).await;
+    let divided_in = joined_at.elapsed();
+    let acked = stream.await.unwrap();
+    wait_all_delivered(&rx, &acked, Duration::from_secs(30)).await;
+
+    // Per account, the longest gap between arrivals from the join on.
+    let owner = owners(&db).await;
+    let mut gaps: HashMap<String, Duration> = HashMap::new();
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    for r in rx.log.lock().unwrap().iter() {
+        let account = r.json()["account_id"].as_str().unwrap().to_string();
+        if r.at < joined_at {
+            last.insert(account, r.at);
+            continue;
+        }
+        if let Some(prev) = last.insert(account.clone(), r.at) {
+            let gap = gaps.entry(account).or_default();
+            *gap = (*gap).max(r.at.duration_since(prev));
+        }
+    }
+    let (stayed, moved): (Vec<&String>, Vec<&String>) =
+        ids.iter().partition(|id| owner[*id] == "node-a");
+    assert!(!stayed.is_empty() && !moved.is_empty(), "{owner:?}");
+    let worst = |set: &[&String]| set.iter().map(|id| gaps[*id]).max().unwrap();
+    let (stay_gap, move_gap) = (worst(&stayed), worst(&moved));
+    assert!(
+        stay_gap < Duration::from_millis(1000),
+        "an account that stayed on node-a paused {stay_gap:?}"
+    );
+    eprintln!(
+        "join: divided {divided:?} in {divided_in:?}; longest gap for accounts that stayed {stay_gap:?}, that moved {move_gap:?}; {} events, lost 0",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_its_lease_loses_its_share_and_commits_nothing_after_the_takeover() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_dividing(dir.path(), "node-a", &db, &pki, free_port());
+    let api_a = a.serving(Duration::from_secs(30));
+    let mut b = start_dividing(dir.path(), "node-b", &db, &pki, free_port());
+    let api_b = b.serving(Duration::from_secs(30));
+    wait_divided(&api_a, &["node-a", "node-b"], Duration::from_secs(20)).await;
+    let ids = accounts(&api_a, &rx.url).await;
+    let first = post_events(&api_b, &ids, 2, "first").await;
+    assert_eq!(first.len(), 32);
+    wait_all_delivered(&rx, &first, Duration::from_secs(20)).await;
+    let slot_b: i16 = db
+        .client()
+        .await
+        .query_one("SELECT slot FROM kh_node WHERE name = 'node-b'", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    b.signal("-STOP");
+    let paused = Instant::now();
+    wait_divided(&api_a, &["node-a"], Duration::from_secs(20)).await;
+    let takeover = paused.elapsed();
+    // Its heartbeat was at most a fifth of the lease (0.4 s) old when it stopped.
+    assert!(
+        takeover >= Duration::from_millis(1600),
+        "taken over before the lease ran out: {takeover:?}"
+    );
+    let taken_ms: i64 = db
+        .client()
+        .await
+        .query_one("SELECT (extract(epoch FROM now()) * 1000)::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let on_a = post_events(&api_a, &ids, 1, "on_a").await;
+    assert_eq!(on_a.len(), ids.len());
+
+    b.signal("-CONT");
+    // What the resumed node is asked now is refused, relayed to node-a, or not answered (it
+    // is exiting): never committed by node-b itself.
+    let mut late = Vec::new();
+    for account in &ids {
+        let id = format!("late_{account}");
+        let (api, account, event_id) = (api_b.clone(), account.clone(), id.clone());
+        let answer = tokio::spawn(async move {
+            api.admin(
+                Method::POST,
+                "/v1/events",
+                Some(json!({"account_id": account, "event": "visitor.checked_in", "data": {}, "id": event_id})),
+            )
+            .await
+        })
+        .await;
+        // A connection the exiting node dropped is a panic of its task: not acknowledged.
+        if let Ok((StatusCode::ACCEPTED, _)) = answer {
+            late.push(id);
+        }
+    }
+    wait_all_delivered(&rx, &on_a, Duration::from_secs(20)).await;
+    wait_all_delivered(&rx, &late, Duration::from_secs(20)).await;
+    // No event row minted by node-b (its writer slot is the low byte of the sequence number)
+    // dates from after the takeover.
+    let floor = (taken_ms as u64) << 20;
+    let by_b: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM kh_event WHERE (seq & 255) = $1 AND seq >= $2",
+            &[&i64::from(slot_b), &(floor as i64)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_b, 0, "node-b committed after the takeover:\n{}", b.log());
+    let b_state = match b.child.try_wait().unwrap() {
+        Some(status) => format!("exited with {status}"),
+        None => "kept running".to_string(),
+    };
+    eprintln!(
+        "divided, SIGSTOP with a 2 s lease: takeover {takeover:?}; after it resumed, {} of {} events sent to it were acknowledged (relayed or by node-a), node-b {b_state}",
+        late.len(),
+        ids.len()
     );
 }

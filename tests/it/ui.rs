@@ -18,28 +18,28 @@ use kyberhook::config::Config;
 use serde_json::json;
 
 /// A cookie-keeping form client that does not follow redirects.
-struct Browser {
+pub(crate) struct Browser {
     base: String,
     host: String,
     cookie: Option<String>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
-struct Answer {
-    status: StatusCode,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
     headers: HeaderMap,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Answer {
-    fn location(&self) -> &str {
+    pub(crate) fn location(&self) -> &str {
         self.headers
             .get("location")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
     /// The session's CSRF token, from the first form that carries it.
-    fn csrf(&self) -> String {
+    pub(crate) fn csrf(&self) -> String {
         let marker = "name=\"_csrf\" value=\"";
         let start = self.body.find(marker).expect("a form with a CSRF token") + marker.len();
         self.body[start..].split('"').next().unwrap().to_string()
@@ -53,7 +53,7 @@ impl Answer {
 }
 
 impl Browser {
-    fn new(api: &Api) -> Browser {
+    pub(crate) fn new(api: &Api) -> Browser {
         Browser {
             host: api.base.trim_start_matches("http://").to_string(),
             base: api.base.clone(),
@@ -91,7 +91,7 @@ impl Browser {
         }
     }
 
-    async fn get(&mut self, path: &str) -> Answer {
+    pub(crate) async fn get(&mut self, path: &str) -> Answer {
         let req = Request::builder()
             .method(Method::GET)
             .uri(format!("{}{path}", self.base));
@@ -99,7 +99,7 @@ impl Browser {
     }
 
     /// A same-origin form POST, as a browser sends it.
-    async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Answer {
+    pub(crate) async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Answer {
         let origin = format!("http://{}", self.host);
         self.post_with(
             path,
@@ -128,7 +128,12 @@ impl Browser {
         self.send(req, body.into_bytes()).await
     }
 
-    async fn sign_in(&mut self, key: &str) -> Answer {
+    /// Takes the session of `other` (the same browser, talking to another node).
+    pub(crate) fn cookie_from(&mut self, other: &Browser) {
+        self.cookie = other.cookie.clone();
+    }
+
+    pub(crate) async fn sign_in(&mut self, key: &str) -> Answer {
         let a = self.post("/ui/login", &[("key", key)]).await;
         assert_eq!(a.status, StatusCode::SEE_OTHER, "sign-in: {}", a.body);
         a

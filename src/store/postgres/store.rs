@@ -591,17 +591,23 @@ impl PgStore {
     /// runtime, on the session that registered this node. `work` hears what the node gains,
     /// hands over and loses; the loop runs until `stop` turns true, then hands everything
     /// over. `None` when the store serves alone (the serve lease).
+    ///
+    /// Also returns what the node holds after each round (the first change: the first round).
+    #[allow(clippy::type_complexity)]
     pub fn divide(
         &self,
         work: Arc<dyn super::ownership::PartitionWork>,
         stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Option<tokio::task::JoinHandle<()>> {
+    ) -> Option<(
+        tokio::task::JoinHandle<()>,
+        tokio::sync::watch::Receiver<super::ownership::Owned>,
+    )> {
         if !matches!(self.shared.fencing, Fencing::Partitions { .. }) {
             return None;
         }
         let client = self.joined.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (held, _) = tokio::sync::watch::channel(super::ownership::Owned::default());
-        Some(self.rt().spawn(super::ownership::run(
+        let (held, rounds) = tokio::sync::watch::channel(super::ownership::Owned::default());
+        let task = self.rt().spawn(super::ownership::run(
             self.shared.target.clone(),
             self.node.id,
             self.node.name.clone(),
@@ -610,7 +616,8 @@ impl PgStore {
             held,
             stop,
             client,
-        )))
+        ));
+        Some((task, rounds))
     }
 
     fn open_as(config: &Config, joining: Joining) -> std::result::Result<PgStore, PgError> {
@@ -1820,6 +1827,22 @@ impl Storage for PgStore {
             )])?;
         }
         Ok(out)
+    }
+
+    fn session(&self, key: &[u8; 32]) -> Result<Option<String>> {
+        let rows = self.read(
+            "SELECT sealed FROM kh_session WHERE token_hash = $1",
+            params![key.to_vec()],
+        )?;
+        let mut context = SESSION_CONTEXT.to_vec();
+        context.extend_from_slice(key);
+        Ok(rows
+            .first()
+            .and_then(|r| self.sealer.open(&r.get::<_, String>(0), &context).ok()))
+    }
+
+    fn shares_sessions(&self) -> bool {
+        matches!(self.shared.fencing, Fencing::Partitions { .. })
     }
 
     // ---- retention ----

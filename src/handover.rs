@@ -21,6 +21,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +45,7 @@ const RETRY_LOAD: Duration = Duration::from_millis(500);
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 enum Job {
-    Load(Vec<Partition>),
+    Load(Vec<(Partition, i64)>),
     Drop(Vec<Partition>),
 }
 
@@ -66,6 +67,17 @@ struct Inner {
     ingest: Ingest,
     deliverer: Arc<Deliverer>,
     deliveries: Deliveries,
+    /// Loads queued or running ([`Handover::settled`]).
+    pending: AtomicUsize,
+}
+
+/// Counts a load as finished when dropped.
+struct Pending<'a>(&'a AtomicUsize);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The partitions as the engine numbers them (the ownership loop's are the stored `i16`).
@@ -96,6 +108,7 @@ impl Handover {
             ingest,
             deliverer,
             deliveries,
+            pending: AtomicUsize::new(0),
         });
         let worker = inner.clone();
         let task = tokio::spawn(async move {
@@ -113,22 +126,40 @@ impl Handover {
     }
 }
 
+impl Handover {
+    /// Waits until no partition load is queued or running (at most `limit`): a node starting
+    /// serves its first partitions once their work is loaded.
+    pub async fn settled(&self, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        while self.inner.pending.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
 impl Inner {
-    /// Loads `parts` until it succeeds or they are not served any more.
-    async fn load(self: &Arc<Self>, parts: Vec<Partition>) {
+    /// Loads `parts` until it succeeds or they are not held any more, then serves them.
+    async fn load(self: &Arc<Self>, parts: Vec<(Partition, i64)>) {
+        let _pending = Pending(&self.pending);
         loop {
-            let still: Vec<Partition> = parts
+            // Still held at the epoch gained (not lost, or lost and gained again since).
+            let held: Vec<(Partition, i64)> = parts
                 .iter()
                 .copied()
-                .filter(|p| self.shares.serves_partition(*p))
+                .filter(|(p, e)| self.shares.epoch(*p) == Some(*e))
                 .collect();
+            let still: Vec<Partition> = held.iter().map(|(p, _)| *p).collect();
             if still.is_empty() {
                 return;
             }
             let me = self.clone();
             let started = std::time::Instant::now();
             let loaded =
-                tokio::task::spawn_blocking(move || me.load_blocking(&still).map(|n| (n, still)))
+                tokio::task::spawn_blocking(move || me.load_blocking(&held).map(|n| (n, still)))
                     .await;
             match loaded {
                 Ok(Ok(((owed, scheduled), still))) => {
@@ -150,9 +181,12 @@ impl Inner {
         }
     }
 
-    /// Reads the work of `parts` into the engine; returns the events whose fan-out was owed
-    /// and the attempts scheduled.
-    fn load_blocking(&self, parts: &[Partition]) -> Result<(usize, usize), DeliveryError> {
+    /// Reads the work of `held` (partitions and the epochs they were gained at) into the
+    /// engine and serves them; returns the events whose fan-out was owed and the attempts
+    /// scheduled.
+    fn load_blocking(&self, held: &[(Partition, i64)]) -> Result<(usize, usize), DeliveryError> {
+        let parts: Vec<Partition> = held.iter().map(|(p, _)| *p).collect();
+        let parts = &parts[..];
         let set: BTreeSet<Partition> = parts.iter().copied().collect();
         let in_scope = |a: &AccountId| set.contains(&partition_of(a));
         // Another node owned them: whatever this one cached of their deliveries may be old.
@@ -175,6 +209,12 @@ impl Inner {
             |h| self.registry.hook(h).map(|e| e.hook.account_id.clone()),
             in_scope,
         );
+        // Served from here on: the entries below may be due at once, and admission drops
+        // those of a partition not served. (Whatever recovery scheduled before this and was
+        // dropped so is among `entries`: read after it was written.)
+        for (p, e) in held {
+            self.shares.loaded(*p, *e);
+        }
         let now = clock::now_ms();
         for (due, id) in &entries {
             self.scheduler.schedule(*id, *due, (*due).max(now));
@@ -199,11 +239,15 @@ impl PartitionWork for Handover {
         let mut parts = Vec::new();
         for (p, epoch) in partitions {
             if let Some(part) = engine_partitions([*p]).pop() {
-                self.inner.shares.serve(part, *epoch);
-                parts.push(part);
+                // Held (its recovery writes pass the fence), served once loaded.
+                self.inner.shares.hold(part, *epoch);
+                parts.push((part, *epoch));
             }
         }
-        let _ = self.jobs.send(Job::Load(parts));
+        self.inner.pending.fetch_add(1, Ordering::AcqRel);
+        if self.jobs.send(Job::Load(parts)).is_err() {
+            self.inner.pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     fn drain(
@@ -217,7 +261,21 @@ impl PartitionWork for Handover {
         let me = self.clone();
         Box::pin(async move {
             let set: BTreeSet<Partition> = parts.iter().copied().collect();
-            while me.inner.deliverer.in_flight_in(&set) > 0 {
+            // No attempt outlasts the delivery timeout; one still counted after that was
+            // queued behind a busy webhook and never started (or the engine is stopping and
+            // will not start it): the next owner runs it from the stored schedule.
+            let deliverer = &me.inner.deliverer;
+            let until = tokio::time::Instant::now()
+                + deliverer.config.delivery.timeout
+                + Duration::from_secs(1);
+            while deliverer.in_flight_in(&set) > 0 {
+                if tokio::time::Instant::now() >= until {
+                    tracing::warn!(
+                        left = deliverer.in_flight_in(&set),
+                        "handing partitions over with deliveries still counted in flight; their next owner may attempt them again"
+                    );
+                    break;
+                }
                 tokio::time::sleep(DRAIN_POLL).await;
             }
             // Fan-out's records held in memory are written before the partitions go.
@@ -268,10 +326,10 @@ pub async fn follow_registry(
         let (s, r) = (store.clone(), registry.clone());
         let last = seen;
         let read = tokio::task::spawn_blocking(move || -> Result<Option<u64>, StoreError> {
-            let Some(now) = s.registry_version()? else {
+            let Some((now, elsewhere)) = s.registry_version(last)? else {
                 return Ok(None);
             };
-            if last != Some(now) {
+            if elsewhere {
                 let store = &*s;
                 let changed = r.sync(
                     || Ok::<_, StoreError>((store.all_accounts()?, store.all_webhooks()?)),

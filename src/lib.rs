@@ -375,6 +375,7 @@ impl Engine {
                 deliverer.clone(),
                 deliveries_for_retention.clone(),
             );
+            let waiter = handover.clone();
             if let Some((task, mut rounds)) = pg.divide(Arc::new(handover), ownership_rx) {
                 // Serve once the first round has run: a node alone holds every partition
                 // then, and one joining others knows it holds none yet.
@@ -383,6 +384,8 @@ impl Engine {
                     .is_err()
                 {
                     tracing::warn!("no partition ownership round succeeded yet; serving meanwhile (requests are relayed or refused until one does)");
+                } else if !waiter.settled(Duration::from_secs(60)).await {
+                    tracing::warn!("the work of the partitions taken at start is still loading; serving meanwhile (their requests are refused until it is)");
                 }
                 ownership = Some(task);
             }

@@ -62,13 +62,16 @@ pub fn partition_of(account: &AccountId) -> Partition {
     Partition((h % u64::from(PARTITIONS)) as u16)
 }
 
-/// The two top bits of a slot: its state; the rest: the epoch it was acquired at.
+/// The three top bits of a slot: its state; the rest: the epoch it was acquired at.
 const SERVING: u64 = 1 << 63;
 const DRAINING: u64 = 1 << 62;
-const EPOCH: u64 = DRAINING - 1;
+const LOADING: u64 = 1 << 61;
+const EPOCH: u64 = LOADING - 1;
+const HELD: u64 = SERVING | DRAINING | LOADING;
 
 /// This node's partitions: for each, not held, serving at an epoch, or draining at it. One
 /// atomic word per partition, so readers never lock; one writer (the hand-over) changes them.
+/// Held without serving: being loaded after a gain, or being handed over.
 pub struct Shares {
     slots: Vec<AtomicU64>,
 }
@@ -98,13 +101,33 @@ impl Shares {
         self.slots[p.index()].store(SERVING | epoch, Ordering::Release);
     }
 
+    /// Holds `p` at `epoch` without serving it yet (its work is being loaded): its writes are
+    /// fenced at that epoch, but no attempt starts and no request is taken.
+    pub fn hold(&self, p: Partition, epoch: i64) {
+        let epoch = u64::try_from(epoch).unwrap_or(0) & EPOCH;
+        self.slots[p.index()].store(LOADING | epoch, Ordering::Release);
+    }
+
+    /// Serves `p` once its load is done, if it is still loading at `epoch` (not handed over,
+    /// lost or gained again meanwhile); whether it now serves.
+    pub fn loaded(&self, p: Partition, epoch: i64) -> bool {
+        let epoch = u64::try_from(epoch).unwrap_or(0) & EPOCH;
+        self.slots[p.index()]
+            .compare_exchange(
+                LOADING | epoch,
+                SERVING | epoch,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
     /// Stops starting attempts in `p` (it is being handed over); writes keep its epoch.
     pub fn drain(&self, p: Partition) {
         let slot = &self.slots[p.index()];
-        let now = slot.load(Ordering::Acquire);
-        if now & SERVING != 0 {
-            slot.store(DRAINING | (now & EPOCH), Ordering::Release);
-        }
+        let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+            (now & HELD != 0).then_some(DRAINING | (now & EPOCH))
+        });
     }
 
     /// Lets `p` go (released, or taken over).
@@ -124,7 +147,7 @@ impl Shares {
     /// The epoch this node holds `p` at (serving or draining): what its writes are fenced by.
     pub fn epoch(&self, p: Partition) -> Option<i64> {
         let v = self.load(p);
-        (v & (SERVING | DRAINING) != 0).then_some((v & EPOCH) as i64)
+        (v & HELD != 0).then_some((v & EPOCH) as i64)
     }
 
     /// How many partitions are served (not counting those draining).
@@ -182,6 +205,23 @@ mod tests {
         assert_eq!(s.epoch(p), Some(7), "what is in flight still writes");
         s.forget(p);
         assert_eq!(s.epoch(p), None);
+        s.hold(p, 9);
+        assert!(!s.serves(&a), "loading: not served yet");
+        assert_eq!(
+            s.epoch(p),
+            Some(9),
+            "but its recovery writes are fenced at 9"
+        );
+        assert!(!s.loaded(p, 8), "a load of another epoch does not serve it");
+        assert!(s.loaded(p, 9));
+        assert!(s.serves(&a));
+        // Handed over while it loads: the load's end does not serve it again.
+        s.hold(p, 10);
+        s.drain(p);
+        assert!(!s.loaded(p, 10));
+        assert!(!s.serves(&a));
+        assert_eq!(s.epoch(p), Some(10));
+        s.forget(p);
         // Draining what is not held does not make it held.
         s.drain(p);
         assert_eq!(s.epoch(p), None);

@@ -204,27 +204,27 @@ impl Producer {
     /// Starts `conns` connections sending `body` to `POST /v1/events` until [`Producer::stop`]
     /// or `hard` (on the caller's runtime).
     pub fn start(api: SocketAddr, conns: usize, body: Bytes, hard: Instant) -> Arc<Producer> {
-        Producer::start_with(vec![api], conns, body, hard, false)
+        Producer::start_with(vec![api], conns, vec![body], hard, false)
     }
 
-    /// The same, connection `i` sending to `apis[i % n]` (the nodes of a cluster; one whose
-    /// node stops answering moves on to the next, as a client with a list of addresses does),
-    /// each event carrying the producer's own `id` (`c{conn}-{n}`); an event that was refused
-    /// or got no answer is sent again under the same id until it gets its 202, as a producer
-    /// that keeps its own event ids does.
+    /// The same, connection `i` sending `bodies[i % b]` to `apis[i % n]` (the nodes of a
+    /// cluster; one whose node stops answering moves on to the next, as a client with a list
+    /// of addresses does), each event carrying the producer's own `id` (`c{conn}-{n}`); an
+    /// event that was refused or got no answer is sent again under the same id until it gets
+    /// its 202, as a producer that keeps its own event ids does.
     pub fn start_with_ids(
         apis: Vec<SocketAddr>,
         conns: usize,
-        body: Bytes,
+        bodies: Vec<Bytes>,
         hard: Instant,
     ) -> Arc<Producer> {
-        Producer::start_with(apis, conns, body, hard, true)
+        Producer::start_with(apis, conns, bodies, hard, true)
     }
 
     fn start_with(
         apis: Vec<SocketAddr>,
         conns: usize,
-        body: Bytes,
+        bodies: Vec<Bytes>,
         hard: Instant,
         own_ids: bool,
     ) -> Arc<Producer> {
@@ -235,7 +235,7 @@ impl Producer {
         let apis: Arc<[SocketAddr]> = apis.into();
         let handles = (0..conns)
             .map(|i| {
-                let (p, body, apis) = (p.clone(), body.clone(), apis.clone());
+                let (p, body, apis) = (p.clone(), bodies[i % bodies.len()].clone(), apis.clone());
                 tokio::spawn(async move { p.run(&apis, i, body, hard).await })
             })
             .collect();

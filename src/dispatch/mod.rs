@@ -480,6 +480,12 @@ impl Dispatcher {
         // before the store closes.
         self.deliverer.slots.close();
         self.deliverer.slots.drained().await;
+        // What is still marked in flight was queued and never started: nothing runs now.
+        self.deliverer
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         sampler.abort();
     }
 

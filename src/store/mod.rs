@@ -239,10 +239,11 @@ pub trait Storage: Send + Sync + 'static {
     fn last_seq(&self) -> Result<u64>;
     /// This writer's slot when several nodes write to the store (see
     /// [`crate::ids::Sequencer::for_writer`]); `None`: it is the only writer.
-    /// A number that changes whenever any node changes an account or a webhook (nodes
-    /// sharing the store read it to keep their registry current); `None` where one node
-    /// alone writes.
-    fn registry_version(&self) -> Result<Option<u64>> {
+    /// A number that changes whenever any node changes an account or a webhook, and whether
+    /// a change since version `seen` was made by another node (nodes sharing the store read
+    /// it to keep their registry current; their own changes are in it already). `None` where
+    /// one node alone writes.
+    fn registry_version(&self, _seen: Option<u64>) -> Result<Option<(u64, bool)>> {
         Ok(None)
     }
     fn writer_slot(&self) -> Option<u8> {

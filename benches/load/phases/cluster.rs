@@ -99,6 +99,30 @@ async fn try_get(addr: SocketAddr, path: &str) -> Option<(StatusCode, Value)> {
     ))
 }
 
+/// The partitions each node holds, by name, as `addr` sees them.
+async fn held(addr: SocketAddr) -> Option<Vec<(String, u64)>> {
+    let (status, v) = try_get(addr, "/v1/admin/cluster").await?;
+    if status != StatusCode::OK {
+        return None;
+    }
+    Some(
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| Some((n["name"].as_str()?.to_string(), n["partitions"].as_u64()?)))
+            .collect(),
+    )
+}
+
+/// Whether `names` hold all 256 partitions between them, each some.
+async fn divided_among(addr: SocketAddr, names: &[String]) -> bool {
+    let Some(now) = held(addr).await else {
+        return false;
+    };
+    let of = |name: &String| now.iter().find(|(n, _)| n == name).map_or(0, |(_, p)| *p);
+    names.iter().map(of).sum::<u64>() == 256 && names.iter().all(|n| of(n) > 0)
+}
+
 /// The name of the node that serves, as `addr` sees it.
 async fn serving(addr: SocketAddr) -> Option<String> {
     let (status, v) = try_get(addr, "/v1/admin/cluster").await?;
@@ -136,6 +160,7 @@ pub struct ClusterResult {
     pub drained: bool,
     pub drain_s: f64,
     pub rejoined: bool,
+    pub divide: bool,
     pub node_ms_per_delivery: Option<f64>,
     pub postgres_ms_per_delivery: Option<f64>,
 }
@@ -165,6 +190,7 @@ pub async fn run(ctx: &Ctx, nodes: usize, webhooks: usize, conns: usize) -> Clus
                     format!("\"http://127.0.0.1:{port}\""),
                 ),
                 ("log", "level", "\"warn\"".to_string()),
+                ("cluster", "divide_work", ctx.opts.divide.to_string()),
             ]
             .map(|(s, k, v)| (s.to_string(), k.to_string(), v));
             let text = config_text(
@@ -207,28 +233,61 @@ pub async fn run(ctx: &Ctx, nodes: usize, webhooks: usize, conns: usize) -> Clus
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    let divide = ctx.opts.divide;
+    let names: Vec<String> = group.iter().map(|n| n.name.clone()).collect();
+    if divide {
+        let by = Instant::now() + Duration::from_secs(60);
+        while !divided_among(apis[0], &names).await {
+            assert!(
+                Instant::now() < by,
+                "cluster phase: not divided among {names:?} in 60 s: {:?}",
+                held(apis[0]).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let ctx = &Ctx {
         api: apis[0],
         ..ctx.clone()
     };
     let recv = ctx.recv.clone();
-    let account = format!("acc_cluster{nodes}x{webhooks}");
+    // Dividing: several accounts, so that every node serves some.
+    let accounts: Vec<String> = if divide {
+        (0..crate::options::DIVIDED_ACCOUNTS)
+            .map(|k| format!("acc_cluster{nodes}x{webhooks}_{k}"))
+            .collect()
+    } else {
+        vec![format!("acc_cluster{nodes}x{webhooks}")]
+    };
     let path = recv.path(true).await;
-    create_account(ctx, &account).await;
-    create_webhooks(ctx, &account, path, 0, webhooks).await;
-    let event = body(&event_of_size(&account, ctx.opts.event_bytes));
+    for account in &accounts {
+        create_account(ctx, account).await;
+    }
+    if divide {
+        // Every node takes the new accounts in (the registry's version) before their
+        // webhooks are created through the node serving each.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    for (k, account) in accounts.iter().enumerate() {
+        create_webhooks(ctx, account, path, k * webhooks, webhooks).await;
+    }
+    let events: Vec<bytes::Bytes> = accounts
+        .iter()
+        .map(|a| body(&event_of_size(a, ctx.opts.event_bytes)))
+        .collect();
 
     let warmup = Duration::from_secs(ctx.opts.warmup);
     let window = Duration::from_secs(ctx.opts.secs.max(9));
     let hard = Instant::now() + warmup + window + Duration::from_secs(60);
     // Producers keep their own event ids, so an event whose answer was lost in the crash is
     // sent again exactly (a standby re-sends one it had in flight itself).
-    let producer = Producer::start_with_ids(apis.clone(), conns, event, hard);
+    let producer = Producer::start_with_ids(apis.clone(), conns, events, hard);
     tokio::time::sleep(warmup).await;
     let mut r = ClusterResult {
         nodes,
         webhooks,
         conns,
+        divide,
         ..Default::default()
     };
     let node_cpu = |g: &[Node]| g.iter().map(Node::cpu_s).collect::<Vec<f64>>();
@@ -242,8 +301,12 @@ pub async fn run(ctx: &Ctx, nodes: usize, webhooks: usize, conns: usize) -> Clus
     );
     tokio::time::sleep(window / 3).await;
 
-    // The kill.
-    let victim_name = serving(apis[0]).await.expect("a node serves");
+    // The kill: the serving node, or (dividing) the last node.
+    let victim_name = if divide {
+        names[nodes - 1].clone()
+    } else {
+        serving(apis[0]).await.expect("a node serves")
+    };
     let victim = group
         .iter()
         .position(|n| n.name == victim_name)
@@ -260,14 +323,22 @@ pub async fn run(ctx: &Ctx, nodes: usize, webhooks: usize, conns: usize) -> Clus
     r.accepted_before = (acked_k - acked0) as f64 / r.before_s;
     r.delivered_before = (recv_k - recv0) as f64 / r.before_s;
     let survivor = apis[(victim + 1) % nodes];
+    let survivors: Vec<String> = names
+        .iter()
+        .filter(|n| **n != victim_name)
+        .cloned()
+        .collect();
     while Instant::now() < t_kill + Duration::from_secs(60) {
-        match serving(survivor).await {
-            Some(name) if name != victim_name => {
-                r.takeover_s = Some(t_kill.elapsed().as_secs_f64());
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        let taken = if divide {
+            divided_among(survivor, &survivors).await
+        } else {
+            matches!(serving(survivor).await, Some(name) if name != victim_name)
+        };
+        if taken {
+            r.takeover_s = Some(t_kill.elapsed().as_secs_f64());
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let end = t0 + window;
     tokio::time::sleep_until(end.into()).await;
@@ -378,7 +449,9 @@ pub async fn run(ctx: &Ctx, nodes: usize, webhooks: usize, conns: usize) -> Clus
             .filter(|n| n["name"] == Value::String(victim_name.clone()))
             .count();
         let answers = try_get(apis[victim], "/readyz").await.map(|(s, _)| s);
-        if listed > 0 && answers == Some(StatusCode::OK) {
+        // Dividing: it takes its share again.
+        let share = !divide || divided_among(survivor, &names).await;
+        if listed > 0 && answers == Some(StatusCode::OK) && share {
             r.rejoined = true;
             break;
         }
@@ -401,7 +474,11 @@ impl ClusterResult {
         let s = rep.section(
             Cell::text("cluster (")
                 .f("nodes", Val::Int(c.nodes as u64))
-                .t(" kyberhook processes on one PostgreSQL): ")
+                .t(if c.divide {
+                    " kyberhook processes on one PostgreSQL, dividing 16 accounts): "
+                } else {
+                    " kyberhook processes on one PostgreSQL): "
+                })
                 .f("webhooks", Val::Int(c.webhooks as u64))
                 .t(" webhook(s) x ")
                 .f("conns", Val::Int(c.conns as u64))
@@ -421,7 +498,11 @@ impl ClusterResult {
                 .f("service_ms", Val::Pcts(c.service_before, 1, Shown::Two)),
         );
         s.row(
-            "SIGKILL of the serving node: another serves after",
+            if c.divide {
+                "SIGKILL of a node: the others hold its partitions after"
+            } else {
+                "SIGKILL of the serving node: another serves after"
+            },
             Cell::fig(
                 "takeover_s",
                 Val::opt(c.takeover_s.map(|v| Val::Secs(v, 2))),
@@ -449,7 +530,11 @@ impl ClusterResult {
                 .f("drained", Val::Flag(c.drained, "yes", "NO"))
                 .t(" in ")
                 .f("drain_s", Val::Secs(c.drain_s, 1))
-                .t("; the killed node rejoined as a standby: ")
+                .t(if c.divide {
+                    "; the killed node rejoined and took its share: "
+                } else {
+                    "; the killed node rejoined as a standby: "
+                })
                 .f("rejoined", Val::Flag(c.rejoined, "yes", "NO")),
         );
         s.row(

@@ -197,7 +197,8 @@ const PARTITION_FENCE: &str = "SELECT p.partition_id FROM kh_partition p
 /// transaction; nodes dividing the work read it a few times a second and take in the changes
 /// ([`Storage::registry_version`]). Its row lock orders such changes between nodes.
 const REGISTRY_CHANGED: &str = "INSERT INTO kh_meta (name, value) VALUES ('registry_version', '1')
-     ON CONFLICT (name) DO UPDATE SET value = (kh_meta.value::bigint + 1)::text, updated_at = now()";
+     ON CONFLICT (name) DO UPDATE SET value = (kh_meta.value::bigint + 1)::text, updated_at = now()
+     RETURNING value";
 
 /// What a statement list is: a lone read, or a write touching these partitions (empty: none).
 enum Mode {
@@ -465,6 +466,8 @@ pub struct PgStore {
     events: Mutex<Recent<u64, EventRecord>>,
     deliveries: Mutex<Recent<DeliveryId, DeliveryRecord>>,
     node: lease::Node,
+    /// Registry versions this node's own writes made ([`Storage::registry_version`]).
+    own_versions: Mutex<std::collections::BTreeSet<u64>>,
     /// Divided mode: the session that registered this node and holds its key, until the
     /// ownership loop takes it over ([`PgStore::divide`]).
     joined: Mutex<Option<Client>>,
@@ -580,6 +583,20 @@ impl PgStore {
         shares: Arc<Shares>,
     ) -> std::result::Result<PgStore, PgError> {
         Self::open_as(config, Joining::Divide(shares))
+    }
+
+    /// Notes the registry version a write of this node made (its last statement's row).
+    fn note_own_change(&self, rows: &[Vec<Row>]) {
+        let made = rows
+            .last()
+            .and_then(|r| r.first())
+            .and_then(|r| r.get::<_, String>(0).parse::<u64>().ok());
+        if let Some(v) = made {
+            self.own_versions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(v);
+        }
     }
 
     /// This node's id in `kh_node` (what the ownership loop registers it under).
@@ -744,6 +761,7 @@ impl PgStore {
             events: Mutex::new(Recent::new(EVENT_CACHE_BYTES, |e| e.body.len())),
             deliveries: Mutex::new(Recent::new(DELIVERY_CACHE_RECORDS, |_| 1)),
             node: me,
+            own_versions: Mutex::default(),
             joined,
         })
     }
@@ -1071,7 +1089,7 @@ impl Storage for PgStore {
             ),
             (REGISTRY_CHANGED, params![]),
         ])
-        .map(drop)
+        .map(|rows| self.note_own_change(&rows))
     }
 
     fn get_account(&self, id: &AccountId) -> Result<Option<Account>> {
@@ -1125,7 +1143,8 @@ impl Storage for PgStore {
             ("DELETE FROM kh_account WHERE account_id = $1", id()),
             (REGISTRY_CHANGED, params![]),
         ],
-        )?;
+        )
+        .map(|rows| self.note_own_change(&rows))?;
         let gone = &account.id;
         self.events
             .lock()
@@ -1156,7 +1175,7 @@ impl Storage for PgStore {
                 (REGISTRY_CHANGED, params![]),
             ],
         )
-        .map(drop)
+        .map(|rows| self.note_own_change(&rows))
     }
 
     fn get_webhook(&self, account: &AccountId, id: WebhookId) -> Result<Option<Webhook>> {
@@ -1210,6 +1229,7 @@ impl Storage for PgStore {
                 (REGISTRY_CHANGED, params![]),
             ],
         )?;
+        self.note_own_change(&rows);
         self.deliveries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1222,16 +1242,23 @@ impl Storage for PgStore {
 
     // ---- events ----
 
-    fn registry_version(&self) -> Result<Option<u64>> {
-        Ok(Some(
-            self.read(
+    fn registry_version(&self, seen: Option<u64>) -> Result<Option<(u64, bool)>> {
+        let now: u64 = self
+            .read(
                 "SELECT value FROM kh_meta WHERE name = 'registry_version'",
                 params![],
             )?
             .first()
             .and_then(|r| r.get::<_, String>(0).parse().ok())
-            .unwrap_or(0),
-        ))
+            .unwrap_or(0);
+        let mut own = self.own_versions.lock().unwrap_or_else(|p| p.into_inner());
+        // Another node's change: a version since `seen` that none of this node's writes made.
+        let elsewhere = match seen {
+            None => true,
+            Some(seen) => (seen.saturating_add(1)..=now).any(|v| !own.contains(&v)),
+        };
+        own.retain(|v| *v > now);
+        Ok(Some((now, elsewhere)))
     }
 
     fn partitions_moved(&self) {

@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 
 use crate::common::{pki, Api, Pki, Receiver, Reply};
 use crate::crash::wait_all_delivered;
+use crate::limits::max_in_window;
+use crate::ordering::{create_hook, event, OrderReceiver};
 use crate::pg::{pg_database, PgDb};
 use crate::pg_failover::{arrivals, free_port, node_config, Node};
 use crate::ui::Browser;
@@ -482,4 +484,156 @@ async fn a_node_paused_past_its_lease_loses_its_share_and_commits_nothing_after_
         late.len(),
         ids.len()
     );
+}
+
+/// Node-a and node-b dividing the work, both divided already; their APIs.
+async fn two_dividing(dir: &Path, db: &PgDb, pki: &Pki) -> (Node, Api, Node, Api) {
+    let a = start_dividing(dir, "node-a", db, pki, free_port());
+    let api_a = a.serving(Duration::from_secs(30));
+    let b = start_dividing(dir, "node-b", db, pki, free_port());
+    let api_b = b.serving(Duration::from_secs(30));
+    wait_divided(&api_a, &["node-a", "node-b"], Duration::from_secs(20)).await;
+    (a, api_a, b, api_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_webhook_keeps_its_order_when_its_node_is_killed() {
+    let pki = pki();
+    // Event 3's first attempt fails: 4 and later wait behind it (retried after 1 s).
+    let rx = OrderReceiver::start(
+        &pki,
+        Duration::from_millis(5),
+        Box::new(|n, attempt| if n == 3 && attempt <= 1 { 500 } else { 200 }),
+    )
+    .await;
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, api_a, b, api_b) = two_dividing(dir.path(), &db, &pki).await;
+    let account = "acc_fifo_divided";
+    let (s, v) = api_a
+        .admin(
+            Method::POST,
+            "/v1/accounts",
+            Some(json!({"name": account, "plan": "enterprise", "id": account})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_hook(&api_a, account, &rx.url, "fifo").await;
+    // The node serving the account dies; the other posts and delivers the rest.
+    let owner = owners(&db).await[account].clone();
+    let (mut victim, survivor) = if owner == "node-a" {
+        (a, api_b)
+    } else {
+        (b, api_a)
+    };
+    for n in 1..=12 {
+        let (s, v) = survivor
+            .admin(Method::POST, "/v1/events", Some(event(account, n)))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rx.hits().iter().any(|h| h.n == 3 && h.status == 500) {
+        assert!(
+            Instant::now() < deadline,
+            "event 3 never failed: {:?}",
+            rx.hits()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    for n in 13..=16 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (s, v) = survivor
+                .admin(Method::POST, "/v1/events", Some(event(account, n)))
+                .await;
+            if s == StatusCode::ACCEPTED {
+                break;
+            }
+            // While the account's partition moves: 503 not_here, retry.
+            assert!(
+                s == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline,
+                "{s} {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let first_arrivals = || {
+        let mut seen = HashSet::new();
+        rx.delivered()
+            .into_iter()
+            .filter(|n| seen.insert(*n))
+            .collect::<Vec<u64>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_arrivals().len() < 16 {
+        assert!(
+            Instant::now() < deadline,
+            "delivered {:?}; requests {:?}",
+            first_arrivals(),
+            rx.hits()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        first_arrivals(),
+        (1..=16).collect::<Vec<u64>>(),
+        "requests {:?}",
+        rx.hits()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_s_rate_holds_for_an_account_posting_through_both_dividing_nodes() {
+    let pki = pki();
+    let rx = Receiver::start(pki.server.clone()).await;
+    let db = pg_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, api_a, _b, api_b) = two_dividing(dir.path(), &db, &pki).await;
+    let account = "acc_paced_divided";
+    let (s, v) = api_b
+        .admin(
+            Method::POST,
+            "/v1/accounts",
+            Some(json!({"name": account, "plan": "starter", "id": account})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_hook(&api_a, account, &rx.url, "none").await;
+    // 40 events at once, half through each node, on the 10 events/s plan.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let api = if i % 2 == 0 {
+            api_a.clone()
+        } else {
+            api_b.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            api.admin(
+                Method::POST,
+                "/v1/events",
+                Some(
+                    json!({"account_id": account, "event": "visitor.checked_in", "data": {"i": i}}),
+                ),
+            )
+            .await
+            .0
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    let got = rx.wait_for(40, Duration::from_secs(20)).await;
+    let times: Vec<Instant> = got.iter().map(|g| g.at).collect();
+    let span = *times.last().unwrap() - times[0];
+    assert!(
+        span >= Duration::from_millis(2500),
+        "40 deliveries at 10/s took only {span:?}"
+    );
+    let peak = max_in_window(&times, Duration::from_secs(1));
+    assert!(peak <= 20, "{peak} deliveries in one second at 10/s");
 }

@@ -1022,7 +1022,8 @@ impl Storage for PgStore {
             "SELECT n.name, n.advertise,
                     (SELECT count(*) FROM kh_partition p WHERE p.owner = n.node_id),
                     (extract(epoch FROM n.last_seen) * 1000)::bigint,
-                    l.owner IS NOT DISTINCT FROM n.node_id AND l.expires_at > now(),
+                    (l.owner IS NOT DISTINCT FROM n.node_id AND l.expires_at > now())
+                      OR EXISTS (SELECT 1 FROM kh_partition p WHERE p.owner = n.node_id),
                     (SELECT partitions FROM kh_schema WHERE id = 1)
              FROM kh_node n CROSS JOIN kh_lease l
              WHERE n.last_seen > now() - $1::bigint * interval '3 millisecond'

@@ -27,7 +27,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::edge::forwarded::{self, ForwardKey};
+pub use crate::edge::forwarded::FORWARDED_BY;
+use crate::edge::forwarded::{self, ForwardKey, HOP_BY_HOP};
 use crate::ids::AccountId;
 use crate::partition::{partition_of, Shares, PARTITIONS};
 use crate::store::postgres::connect::Target;
@@ -38,20 +39,6 @@ pub const LOOKUP_EVERY: Duration = Duration::from_millis(250);
 
 /// How long a relayed request may take before the relaying node answers 503 itself.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Names the relaying node on a relayed request (the standby's header: one relay at most).
-pub const FORWARDED_BY: &str = "x-kyberhook-forwarded-by";
-
-/// Headers that belong to one connection, not to the request (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-];
 
 /// A node that owns a partition, as the database names it.
 #[derive(Debug, Clone, PartialEq, Eq)]

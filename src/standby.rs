@@ -42,7 +42,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::edge::forwarded::{self, ForwardKey};
+use crate::edge::forwarded::{self, ForwardKey, FORWARDED_BY, HOP_BY_HOP};
 use crate::edge::{self, ClientAddr, Handler, Timeouts};
 use crate::store::postgres::connect::Target;
 use crate::StartError;
@@ -60,20 +60,6 @@ const REROUTE_WINDOW: Duration = Duration::from_secs(5);
 /// Bodies up to this size (by `Content-Length`) are read before forwarding, so that they can be
 /// sent again to the next holder; an event is far smaller.
 const KEEP_BODY: u64 = 1 << 20;
-
-/// Names the standby on a forwarded request and on its answer.
-const FORWARDED_BY: &str = "x-kyberhook-forwarded-by";
-
-/// Headers that belong to one connection, not to the request (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-];
 
 /// The node requests go to, as last read from the database.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -29,6 +29,7 @@
 //!        --fail-mode MODE (status:503: how case c's endpoint fails)
 //!        --nodes N (2: the cluster phase's kyberhook processes; alone, runs only that phase)
 //!        --cluster WxC,... (1x32,10x32: its runs)
+//!        --divide (the default: the nodes divide 16 accounts) | --standby (one node serves)
 //!        --backend sled|postgres (sled)  --postgres-url postgres://USER@HOST:PORT (the cluster
 //!          of --backend postgres; else KYBERHOOK_BENCH_POSTGRES_URL, else the bench starts a
 //!          throw-away one with .ci/postgres and stops it at the end; each engine gets a fresh
@@ -77,9 +78,10 @@
 //!     sampled every 100 ms (see `phases/isolation.rs`);
 //! 11. `cluster` (issue 22; only with `--backend postgres`, and only when `--phases` or
 //!     `--nodes` asks for it), per `--cluster` WxC: `--nodes` real `kyberhook serve`
-//!     processes on one fresh database, producers spread over all of them; a third into the
-//!     window the serving node is SIGKILLed: created and delivered per second before and
-//!     after, how long until another node serves, the longest pause in arrivals, lost
+//!     processes on one fresh database, producers spread over all of them (dividing the work:
+//!     16 accounts); a third into the window one node (`--standby`: the serving node) is
+//!     SIGKILLed: created and delivered per second before and after, how long until the
+//!     others hold its partitions (another serves), the longest pause in arrivals, lost
 //!     deliveries and duplicates once drained, and whether the killed node rejoins (see
 //!     `phases/cluster.rs`).
 //!
@@ -198,154 +200,161 @@ fn main() {
                 .t(", answering ")
                 .f("receiver_mode", Val::Text(opts.receiver_mode.to_string())),
         );
-    let (events_only, main_totals) = bench_rt.block_on(async {
-        let run = |name: &str| opts.runs(name);
-        let r = |ph: &str, msg: &str| {
-            let on = run(ph);
-            if on {
-                eprintln!("phase: {msg}");
-            }
-            on
-        };
-        let healthz = if r("healthz", "GET /healthz") {
-            Some(rps::closed_loop(&ctx, rps::healthz_workload(&ctx)).await)
-        } else {
-            None
-        };
-        phases::create_account(&ctx, "acc_ingest").await;
-        let ingest = if r("ingest", "POST /v1/events (no webhook)") {
-            Some(rps::closed_loop(&ctx, rps::ingest_workload(&ctx, "acc_ingest", None)).await)
-        } else {
-            None
-        };
-        let batch = if r("batch", "POST /v1/events/batch x100 (no webhook)") {
-            Some(rps::closed_loop(&ctx, rps::batch_workload(&ctx, "acc_ingest", None)).await)
-        } else {
-            None
-        };
-        rps::report(
-            &mut report,
-            opts.conns,
-            healthz.as_ref(),
-            ingest.as_ref(),
-            batch.as_ref(),
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let m = client::Scrape::get(ctx.metrics).await;
-        let events_only = (
-            m.sum("kyberhook_events_ingested_total", None),
-            du(engine.data.path()),
-            ingest.map_or(0, |i| i.ok_total) + batch.map_or(0, |b| b.items_total),
-            status_bytes("VmRSS:"),
-        );
+    let (events_only, main_totals) =
+        bench_rt.block_on(async {
+            let run = |name: &str| opts.runs(name);
+            let r = |ph: &str, msg: &str| {
+                let on = run(ph);
+                if on {
+                    eprintln!("phase: {msg}");
+                }
+                on
+            };
+            let healthz = if r("healthz", "GET /healthz") {
+                Some(rps::closed_loop(&ctx, rps::healthz_workload(&ctx)).await)
+            } else {
+                None
+            };
+            phases::create_account(&ctx, "acc_ingest").await;
+            let ingest = if r("ingest", "POST /v1/events (no webhook)") {
+                Some(rps::closed_loop(&ctx, rps::ingest_workload(&ctx, "acc_ingest", None)).await)
+            } else {
+                None
+            };
+            let batch = if r("batch", "POST /v1/events/batch x100 (no webhook)") {
+                Some(rps::closed_loop(&ctx, rps::batch_workload(&ctx, "acc_ingest", None)).await)
+            } else {
+                None
+            };
+            rps::report(
+                &mut report,
+                opts.conns,
+                healthz.as_ref(),
+                ingest.as_ref(),
+                batch.as_ref(),
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let m = client::Scrape::get(ctx.metrics).await;
+            let events_only = (
+                m.sum("kyberhook_events_ingested_total", None),
+                du(engine.data.path()),
+                ingest.map_or(0, |i| i.ok_total) + batch.map_or(0, |b| b.items_total),
+                status_bytes("VmRSS:"),
+            );
 
-        if opts.runs("fanout") {
-            let mut n = 0;
-            for &f in &opts.fanouts {
-                for &mode in &opts.fanout_ingest {
-                    n += 1;
+            if opts.runs("fanout") {
+                let mut n = 0;
+                for &f in &opts.fanouts {
+                    for &mode in &opts.fanout_ingest {
+                        n += 1;
+                        eprintln!(
+                            "phase: deliveries with {f} webhook(s), {} ingest",
+                            mode.name()
+                        );
+                        fanout::run(&ctx, n, f, mode).await.report(
+                            &mut report,
+                            recv.urls.len(),
+                            opts.max_backlog,
+                        );
+                    }
+                }
+            } else {
+                report.skipped("deliveries (fanout)", Place::Key("fanout".into()));
+            }
+            if r("latency", "latency, open loop") {
+                latency::run(&ctx, opts.rate, "acc_latency", opts.latency_webhooks)
+                    .await
+                    .report_latency(&mut report);
+            } else {
+                report.skipped("latency", Place::Key("latency".into()));
+            }
+            if r("paced", "paced, open loop to 1 webhook") {
+                latency::run(&ctx, opts.paced_rate, "acc_paced", 1)
+                    .await
+                    .report_paced(&mut report);
+            } else {
+                report.skipped("paced", Place::Key("paced".into()));
+            }
+            if opts.runs("lag") {
+                for (i, &(w, c)) in opts.lag.iter().enumerate() {
                     eprintln!(
-                        "phase: deliveries with {f} webhook(s), {} ingest",
-                        mode.name()
+                        "phase: lag, {w} webhook(s), {c} connections, uncapped single-event ingest"
                     );
-                    fanout::run(&ctx, n, f, mode).await.report(
+                    let account = format!("acc_lag{w}x{c}_{i}");
+                    let path = recv.path(true).await;
+                    phases::create_account(&ctx, &account).await;
+                    phases::create_webhooks(&ctx, &account, path, 0, w).await;
+                    let body = phases::body(&phases::event_json(&account));
+                    let title = Cell::text("lag: closed-loop single-event ingest, uncapped").when(
+                        opts.quota.is_some(),
+                        Cell::text(" (max_scheduled_per_account = ")
+                            .f("quota", Val::opt(opts.quota.map(Val::Int)))
+                            .t(")"),
+                    );
+                    lag::run(&ctx, path, &account, w, c, body).await.report(
                         &mut report,
-                        recv.urls.len(),
-                        opts.max_backlog,
+                        title,
+                        Place::Item("lag".into()),
+                        "issue 12 item 1: >= 0.8 with 10 webhooks and 64 connections",
+                        opts.max_lag.as_deref().unwrap_or("50ms"),
                     );
                 }
+            } else {
+                report.skipped("lag", Place::Key("lag".into()));
             }
-        } else {
-            report.skipped("deliveries (fanout)", Place::Key("fanout".into()));
-        }
-        if r("latency", "latency, open loop") {
-            latency::run(&ctx, opts.rate, "acc_latency", opts.latency_webhooks)
-                .await
-                .report_latency(&mut report);
-        } else {
-            report.skipped("latency", Place::Key("latency".into()));
-        }
-        if r("paced", "paced, open loop to 1 webhook") {
-            latency::run(&ctx, opts.paced_rate, "acc_paced", 1)
-                .await
-                .report_paced(&mut report);
-        } else {
-            report.skipped("paced", Place::Key("paced".into()));
-        }
-        if opts.runs("lag") {
-            for (i, &(w, c)) in opts.lag.iter().enumerate() {
-                eprintln!(
-                    "phase: lag, {w} webhook(s), {c} connections, uncapped single-event ingest"
+            // The metrics are process-wide: the main engine's totals before other engines start.
+            let main_totals = client::Scrape::get(ctx.metrics).await;
+            if opts.runs("flow") {
+                for (i, &(w, c)) in opts.flow.iter().enumerate() {
+                    eprintln!(
+                        "phase: flow, {w} webhook(s) x {c} connections, fresh default engine"
+                    );
+                    flow::report(&mut report, &flow::run(&ctx, i, w, c).await, &opts);
+                }
+            } else {
+                report.skipped("flow", Place::Key("flow".into()));
+            }
+            if opts.runs("isolation") {
+                let case = |c: &str| opts.cases.iter().any(|x| x == c);
+                if case("a") {
+                    eprintln!("phase: isolation a, slow account beside a fast one");
+                    isolation::case_a(&ctx)
+                        .await
+                        .report(&mut report, opts.slow_ms);
+                }
+                if case("b") {
+                    eprintln!("phase: isolation b, slow webhook beside fast ones");
+                    isolation::case_b(&ctx)
+                        .await
+                        .report(&mut report, opts.slow_ms);
+                }
+                if case("c") {
+                    eprintln!("phase: isolation c, an endpoint fails and recovers");
+                    isolation::case_c(&ctx).await.report(&mut report);
+                }
+            } else {
+                report.skipped("isolation", Place::Key("isolation".into()));
+            }
+            if r("retention", "retention under fan-out to 10 webhooks") {
+                retention::run(&ctx).await.report(&mut report);
+            } else {
+                report.skipped("retention", Place::Key("retention".into()));
+            }
+            if opts.runs("cluster") {
+                for &(w, c) in &opts.cluster {
+                    eprintln!(
+                    "phase: cluster, {} nodes {}, {w} webhook(s) x {c} connections, SIGKILL of {}",
+                    opts.nodes,
+                    if opts.divide { "dividing the work" } else { "(one serving, standbys)" },
+                    if opts.divide { "one" } else { "the serving node" }
                 );
-                let account = format!("acc_lag{w}x{c}_{i}");
-                let path = recv.path(true).await;
-                phases::create_account(&ctx, &account).await;
-                phases::create_webhooks(&ctx, &account, path, 0, w).await;
-                let body = phases::body(&phases::event_json(&account));
-                let title = Cell::text("lag: closed-loop single-event ingest, uncapped").when(
-                    opts.quota.is_some(),
-                    Cell::text(" (max_scheduled_per_account = ")
-                        .f("quota", Val::opt(opts.quota.map(Val::Int)))
-                        .t(")"),
-                );
-                lag::run(&ctx, path, &account, w, c, body).await.report(
-                    &mut report,
-                    title,
-                    Place::Item("lag".into()),
-                    "issue 12 item 1: >= 0.8 with 10 webhooks and 64 connections",
-                    opts.max_lag.as_deref().unwrap_or("50ms"),
-                );
+                    cluster::run(&ctx, opts.nodes, w, c)
+                        .await
+                        .report(&mut report);
+                }
             }
-        } else {
-            report.skipped("lag", Place::Key("lag".into()));
-        }
-        // The metrics are process-wide: the main engine's totals before other engines start.
-        let main_totals = client::Scrape::get(ctx.metrics).await;
-        if opts.runs("flow") {
-            for (i, &(w, c)) in opts.flow.iter().enumerate() {
-                eprintln!("phase: flow, {w} webhook(s) x {c} connections, fresh default engine");
-                flow::report(&mut report, &flow::run(&ctx, i, w, c).await, &opts);
-            }
-        } else {
-            report.skipped("flow", Place::Key("flow".into()));
-        }
-        if opts.runs("isolation") {
-            let case = |c: &str| opts.cases.iter().any(|x| x == c);
-            if case("a") {
-                eprintln!("phase: isolation a, slow account beside a fast one");
-                isolation::case_a(&ctx)
-                    .await
-                    .report(&mut report, opts.slow_ms);
-            }
-            if case("b") {
-                eprintln!("phase: isolation b, slow webhook beside fast ones");
-                isolation::case_b(&ctx)
-                    .await
-                    .report(&mut report, opts.slow_ms);
-            }
-            if case("c") {
-                eprintln!("phase: isolation c, an endpoint fails and recovers");
-                isolation::case_c(&ctx).await.report(&mut report);
-            }
-        } else {
-            report.skipped("isolation", Place::Key("isolation".into()));
-        }
-        if r("retention", "retention under fan-out to 10 webhooks") {
-            retention::run(&ctx).await.report(&mut report);
-        } else {
-            report.skipped("retention", Place::Key("retention".into()));
-        }
-        if opts.runs("cluster") {
-            for &(w, c) in &opts.cluster {
-                eprintln!(
-                    "phase: cluster, {} nodes, {w} webhook(s) x {c} connections, SIGKILL of the serving node",
-                    opts.nodes
-                );
-                cluster::run(&ctx, opts.nodes, w, c).await.report(&mut report);
-            }
-        }
-        (events_only, main_totals)
-    });
+            (events_only, main_totals)
+        });
 
     let peak_rss = status_bytes("VmHWM:");
     let rss = status_bytes("VmRSS:");

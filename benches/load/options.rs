@@ -112,8 +112,9 @@ pub struct Opts {
     pub nodes: usize,
     /// `--cluster WxC,...`: the cluster phase's runs (default 1x32,10x32).
     pub cluster: Vec<(usize, usize)>,
-    /// `--divide`: the cluster's nodes divide the partitions (`cluster.divide_work`), the
-    /// producers post for [`DIVIDED_ACCOUNTS`] accounts, and the SIGKILL hits one of them.
+    /// The cluster's nodes divide the partitions (`cluster.divide_work`, the default), the
+    /// producers post for [`DIVIDED_ACCOUNTS`] accounts, and the SIGKILL hits one of them;
+    /// `--standby`: one serves, the others stand by, and the serving one is killed.
     pub divide: bool,
 }
 
@@ -142,7 +143,7 @@ fn usage(msg: &str) -> ! {
          [--latency-conns N] [--phases {}] [--retention S] [--retention-run S] [--lag WxC,...] [--flow WxC,...] \
          [--quota N] [--max-lag D] [--paced-rate N] [--event-bytes N] [--set SECTION.KEY=VALUE] \
          [--isolation {}] [--isolation-conns N] [--slow-ms MS] [--fail-mode MODE] \
-         [--backend sled|postgres] [--postgres-url URL] [--nodes N] [--cluster WxC,...] [--divide]",
+         [--backend sled|postgres] [--postgres-url URL] [--nodes N] [--cluster WxC,...] [--divide|--standby]",
         ALL_PHASES.join(","),
         ALL_CASES.join(",")
     );
@@ -228,7 +229,7 @@ pub fn parse(args: Vec<String>) -> Opts {
         slow_ms: 300,
         fail_mode: "status:503".parse().expect("a valid mode"),
         nodes: 2,
-        divide: false,
+        divide: true,
         cluster: vec![(1, 32), (10, 32)],
         postgres: false,
         postgres_url: std::env::var("KYBERHOOK_BENCH_POSTGRES_URL").ok(),
@@ -280,6 +281,10 @@ pub fn parse(args: Vec<String>) -> Opts {
             }
             "--divide" => {
                 o.divide = true;
+                nodes_given = true;
+            }
+            "--standby" => {
+                o.divide = false;
                 nodes_given = true;
             }
             "--latency-webhooks" => o.latency_webhooks = num(&flag, &value()).min(100) as usize,

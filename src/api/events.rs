@@ -147,33 +147,23 @@ async fn ingest_batch_divided(
         let body = serde_json::to_vec(&json!({ "events": events })).unwrap_or_default();
         let answer = relay::send_bytes(state, owner, &head.parts, body.into(), head.peer).await;
         let shares: Vec<Value> = match answer {
-            Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
-                use http_body_util::BodyExt;
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("results").and_then(|r| r.as_array()).cloned())
-                    .unwrap_or_default()
-            }
             Ok(resp) => {
                 use http_body_util::BodyExt;
                 let status = resp.status();
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let error = serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("error").cloned())
-                    .unwrap_or_else(|| json!({"code": "not_here", "message": format!("node {:?} answered {status}", owner.name)}));
-                vec![json!({ "error": error }); indices.len()]
+                let body: Option<Value> = match resp.into_body().collect().await {
+                    Ok(b) => serde_json::from_slice(&b.to_bytes()).ok(),
+                    Err(_) => None,
+                };
+                if status == StatusCode::ACCEPTED {
+                    body.and_then(|v| v.get("results").and_then(|r| r.as_array()).cloned())
+                        .unwrap_or_default()
+                } else {
+                    // The whole share was refused there (a 429, a 503): each event says so.
+                    let error = body.and_then(|v| v.get("error").cloned()).unwrap_or_else(|| {
+                        json!({"code": "not_here", "message": format!("node {:?} answered {status}", owner.name)})
+                    });
+                    vec![json!({ "error": error }); indices.len()]
+                }
             }
             Err(refusal) => vec![error_item(refusal.code, &refusal.message); indices.len()],
         };

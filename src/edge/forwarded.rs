@@ -24,6 +24,21 @@ use crate::secrets::{self, KeySource, SecretsKey};
 /// The header a standby names its client in.
 pub const HEADER: &str = "x-kyberhook-client";
 
+/// Names the node that forwarded (relayed) a request, on the request and on its answer. A
+/// request goes through one such node at most.
+pub const FORWARDED_BY: &str = "x-kyberhook-forwarded-by";
+
+/// Headers that belong to one connection, not to the request (RFC 9110 7.6.1): never forwarded.
+pub const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
+
 /// How far a header's time may be from the receiving node's clock.
 pub const MAX_SKEW_S: u64 = 60;
 

@@ -429,10 +429,23 @@ fn backend_lines() -> String {
     format!("backend = \"postgres\"\npostgres_url = \"{base}/{name}?sslmode=disable\"")
 }
 
-/// Whether this PostgreSQL run has each engine divide the work (`cluster.divide_work`, a
-/// cluster of one): `KYBERHOOK_TEST_DIVIDE=1`.
+/// Whether this PostgreSQL run has each engine divide the work as a cluster of one
+/// (`cluster.divide_work = true`) rather than serve alone on the serve lease (the default):
+/// `KYBERHOOK_TEST_DIVIDE=1`.
 fn dividing() -> bool {
     on_postgres() && std::env::var("KYBERHOOK_TEST_DIVIDE").as_deref() == Ok("1")
+}
+
+/// In-process engines log their warnings and errors into the output of the test that runs them
+/// (shown when it fails): a 500 in a failing test then says what the engine met.
+fn engine_log_to_the_test() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 pub struct TestEngine {
@@ -457,6 +470,7 @@ impl TestEngine {
     }
 
     pub async fn start_with(config: Config, data: TempDir) -> TestEngine {
+        engine_log_to_the_test();
         let engine = Engine::start(config.clone()).await.unwrap();
         let api = Api::new(engine.api_addr());
         TestEngine {

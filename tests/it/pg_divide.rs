@@ -25,7 +25,7 @@ fn start_dividing(dir: &Path, name: &str, db: &PgDb, pki: &Pki, port: u16) -> No
     let toml = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
         &path,
-        toml.replace("[cluster]\n", "[cluster]\ndivide_work = true\n"),
+        toml.replace("divide_work = false", "divide_work = true"),
     )
     .unwrap();
     Node::start(&path)
@@ -115,15 +115,25 @@ async fn post_events(api: &Api, accounts: &[String], n: usize, tag: &str) -> Vec
             let mut acked = Vec::new();
             for i in 0..n {
                 let id = format!("{tag}_{account}_{i}");
-                let (s, _) = api
-                    .admin(
-                        Method::POST,
-                        "/v1/events",
-                        Some(json!({"account_id": account, "event": "visitor.checked_in", "data": {"i": i}, "id": id})),
-                    )
-                    .await;
-                if s == StatusCode::ACCEPTED {
-                    acked.push(id);
+                // As a producer does: a 503 (the account's partition is moving between
+                // nodes) is sent again, under the same id, after its Retry-After.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let (s, _) = api
+                        .admin(
+                            Method::POST,
+                            "/v1/events",
+                            Some(json!({"account_id": account, "event": "visitor.checked_in", "data": {"i": i}, "id": id})),
+                        )
+                        .await;
+                    if s == StatusCode::ACCEPTED {
+                        acked.push(id);
+                        break;
+                    }
+                    if s != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
             acked

@@ -64,6 +64,7 @@ postgres_url = "{url}"
 postgres_ca_file = "{pg_ca}"
 secrets_key_file = "{key}"
 [cluster]
+divide_work = false
 node_name = "{name}"
 lease = "{lease}"
 {advertise}

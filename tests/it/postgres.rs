@@ -191,7 +191,7 @@ async fn the_first_start_creates_the_schema_and_later_starts_leave_it_and_its_da
     let config = write_config(
         dir.path(),
         &pg_storage(&db, ""),
-        "[cluster]\nnode_name = \"node-a\"\n",
+        "[cluster]\ndivide_work = false\nnode_name = \"node-a\"\n",
     );
 
     let check = kyberhook(&["check-config", "--config", &config], &[]);
@@ -314,7 +314,7 @@ async fn the_first_start_creates_the_schema_and_later_starts_leave_it_and_its_da
     let config_b = write_config(
         dir.path(),
         &pg_storage(&db, ""),
-        "[cluster]\nnode_name = \"node-b\"\n",
+        "[cluster]\ndivide_work = false\nnode_name = \"node-b\"\n",
     );
     let second = serve_until(&config_b, &["kyberhook is serving"]);
     assert!(
@@ -358,7 +358,7 @@ async fn nodes_starting_at_the_same_time_create_one_schema_and_none_fails() {
             let (config, barrier) = (config.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                // One serves; the other waits for it to stop (one node at a time, for now).
+                // One serves; the other waits for it to stop (the serve lease, the default).
                 serve_until(
                     &config,
                     &["kyberhook is serving", "another kyberhook node is serving"],

@@ -1,14 +1,17 @@
 //! The `cluster` phase (`--backend postgres --phases cluster --nodes N`): N real `kyberhook
 //! serve` processes on one fresh database, closed-loop producers spread over all of them (a
 //! producer whose node stops answering moves on to the next, as a client with a list of
-//! addresses does), the receivers in their own processes. A third of the way into the window
-//! the serving node is SIGKILLed; producers keep sending through the survivors. Figures: events
+//! addresses does), the receivers in their own processes. The nodes divide the work (16
+//! accounts), or with `--standby` one serves and the others forward to it. A third of the way
+//! into the window one node (the serving one) is SIGKILLed; producers keep sending through the
+//! survivors. Figures: events
 //! created and delivered per second before and after the kill, 202 → arrival before it, how
 //! long until another node serves and the longest pause in arrivals after the kill, then —
 //! once every acknowledged event is delivered or `--drain-secs` passes — lost deliveries
 //! (acknowledged events missing at a receiver: must be 0) and duplicates (same delivery id
 //! twice: at-least-once allows the attempts in flight at the kill). The killed node is then
-//! started again and must rejoin as a standby while deliveries go on.
+//! started again and must rejoin (and take its share, or wait as a standby) while deliveries
+//! go on.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

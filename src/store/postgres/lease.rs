@@ -44,6 +44,23 @@ async fn hold_own_key(client: &Client, node: &Node) -> Result<bool, tokio_postgr
         .get(0))
 }
 
+/// Writes (or refreshes) `node`'s `kh_node` row.
+async fn register(client: &Client, node: &Node) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO kh_node (node_id, name, advertise, version) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (node_id) DO UPDATE SET last_seen = now()",
+            &[
+                &node.id,
+                &node.name,
+                &node.advertise,
+                &env!("CARGO_PKG_VERSION"),
+            ],
+        )
+        .await
+        .map(drop)
+}
+
 /// Whether the session of node `owner` has ended: its key can be taken (and is let go at once).
 async fn holder_gone(
     client: &impl tokio_postgres::GenericClient,
@@ -127,19 +144,7 @@ pub async fn acquire(
 ) -> Result<(Held, Client, bool), PgError> {
     let sql = |e: tokio_postgres::Error| classify(&e, &target.shown);
     let mut client = target.connect().await?;
-    client
-        .execute(
-            "INSERT INTO kh_node (node_id, name, advertise, version) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (node_id) DO UPDATE SET last_seen = now()",
-            &[
-                &node.id,
-                &node.name,
-                &node.advertise,
-                &env!("CARGO_PKG_VERSION"),
-            ],
-        )
-        .await
-        .map_err(sql)?;
+    register(&client, node).await.map_err(sql)?;
     let mut told = false;
     let mut locked = false;
     loop {
@@ -247,19 +252,7 @@ pub async fn acquire(
 pub async fn join(target: &Target, node: &Node) -> Result<(u8, Client), PgError> {
     let sql = |e: tokio_postgres::Error| classify(&e, &target.shown);
     let mut client = target.connect().await?;
-    client
-        .execute(
-            "INSERT INTO kh_node (node_id, name, advertise, version) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (node_id) DO UPDATE SET last_seen = now()",
-            &[
-                &node.id,
-                &node.name,
-                &node.advertise,
-                &env!("CARGO_PKG_VERSION"),
-            ],
-        )
-        .await
-        .map_err(sql)?;
+    register(&client, node).await.map_err(sql)?;
     // Free unless another node probes it this instant.
     let mut tries = 0;
     while !hold_own_key(&client, node).await.map_err(sql)? {

@@ -1,8 +1,11 @@
 //! Partition leases: which live node owns which of the [`PARTITIONS`] partitions of accounts,
-//! and the per-partition fence a write runs first — the protocol nodes will divide the work by
-//! (issue 22; the research's §3.2). Not yet driven by the engine: today the serve lease
-//! ([`super::lease`]) stamps every partition with its holder, and this module is the next
-//! step's base, tested on its own against a real PostgreSQL (`tests/it/pg_ownership.rs`).
+//! and the per-partition fence a write runs first — the protocol nodes divide the work by when
+//! `cluster.divide_work` is set (the research's §3.2). The engine runs [`run`] through
+//! `PgStore::divide`, with `crate::handover` as its [`PartitionWork`]; the store's own fence
+//! (`PARTITION_FENCE` in `store.rs`) is [`fence`]'s check in one statement. Without
+//! `divide_work`, the serve lease ([`super::lease`]) stamps every partition with its holder.
+//! Tested on its own against a real PostgreSQL (`tests/it/pg_ownership.rs`) and through real
+//! nodes (`tests/it/pg_divide.rs`).
 //!
 //! In: the live nodes (`kh_node` rows whose heartbeat, `last_seen`, is younger than the lease)
 //! and what this node holds (an [`Owned`]: partition → epoch). Out: a [`Change`] — partitions

@@ -261,6 +261,9 @@ impl Shared {
     /// round trips whatever its statements.
     async fn exec(&self, mode: Mode, stmts: Vec<(&'static str, Params)>) -> Result<Vec<Vec<Row>>> {
         // What the fence checks, decided before a connection is taken.
+        // Divided: the partitions and epochs the fence checks, to tell a benign refusal from a
+        // lost lease when it fails.
+        let mut checked: Vec<(i16, i64)> = Vec::new();
         let fence_params: Option<(&'static str, Params, usize)> = match (&mode, &self.fencing) {
             (Mode::Read, _) => None,
             (Mode::Write(_), Fencing::Lease(held)) => {
@@ -281,6 +284,7 @@ impl Shared {
                         None => return Err(not_held()),
                     }
                 }
+                checked = parts.iter().copied().zip(epochs.iter().copied()).collect();
                 let n = parts.len();
                 (n > 0).then(|| (PARTITION_FENCE, params![parts, epochs, *node], n))
             }
@@ -328,6 +332,21 @@ impl Shared {
         let outcome = (|| {
             begun.map_err(db)?;
             if fenced.map_err(db)?.len() < fence_rows {
+                // A partition this node let go meanwhile (its write was slow to reach the
+                // database, and the partition was released): the request is another node's
+                // now. Anything else means this node was counted out.
+                if let Fencing::Partitions { shares, .. } = &self.fencing {
+                    let moved = checked.iter().any(|(p, e)| {
+                        u16::try_from(*p)
+                            .ok()
+                            .and_then(crate::partition::Partition::new)
+                            .and_then(|p| shares.epoch(p))
+                            != Some(*e)
+                    });
+                    if moved {
+                        return Err(not_held());
+                    }
+                }
                 return Err(lease::fenced());
             }
             done.into_iter()

@@ -110,6 +110,14 @@ impl Placement {
         if self.shares.serves_partition(p) {
             return Route::Here;
         }
+        // Held but not served: its work is loading (just taken over) or it is being handed
+        // over. The owners read from the database may be older than that (another node's,
+        // perhaps one that is hung): never relay there.
+        if self.shares.epoch(p).is_some() {
+            return Route::Nobody(
+                "this account's partition is moving between nodes; retry in a moment".into(),
+            );
+        }
         let owner = self.owners.read().unwrap_or_else(|e| e.into_inner())[p.index()].clone();
         match owner {
             // This node still owns it in the database: it is handing it over.

@@ -117,9 +117,9 @@ async fn post_events(api: &Api, accounts: &[String], n: usize, tag: &str) -> Vec
                 let id = format!("{tag}_{account}_{i}");
                 // As a producer does: a 503 (the account's partition is moving between
                 // nodes) is sent again, under the same id, after its Retry-After.
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + Duration::from_secs(30);
                 loop {
-                    let (s, _) = api
+                    let (s, v) = api
                         .admin(
                             Method::POST,
                             "/v1/events",
@@ -131,6 +131,7 @@ async fn post_events(api: &Api, accounts: &[String], n: usize, tag: &str) -> Vec
                         break;
                     }
                     if s != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+                        eprintln!("{id} not acknowledged: {s} {v}");
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -446,7 +447,12 @@ async fn a_node_paused_past_its_lease_loses_its_share_and_commits_nothing_after_
         .unwrap()
         .get(0);
     let on_a = post_events(&api_a, &ids, 1, "on_a").await;
-    assert_eq!(on_a.len(), ids.len());
+    assert_eq!(
+        on_a.len(),
+        ids.len(),
+        "node-a did not take every event after the takeover; its log:\n{}",
+        a.log()
+    );
 
     b.signal("-CONT");
     // What the resumed node is asked now is refused, relayed to node-a, or not answered (it

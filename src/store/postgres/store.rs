@@ -399,13 +399,21 @@ impl Shared {
                     return Err(lease::fenced());
                 }
             }
-            client
+            // NOWAIT: a reader scanning the day tables while this waits for one of them would
+            // deadlock with it (each holding a table the other wants), and PostgreSQL would
+            // end the reader. A day that is in use now is dropped at a later pass.
+            if let Err(e) = client
                 .batch_execute(&format!(
-                    "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                    "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE NOWAIT",
                     names.join(", ")
                 ))
                 .await
-                .map_err(db)?;
+            {
+                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                    return Ok(None);
+                }
+                return Err(db(e));
+            }
             let row = client
                 .query_one(
                     "SELECT (SELECT count(*) FROM kh_due WHERE seq >= $1 AND seq < $2)

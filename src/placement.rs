@@ -84,13 +84,7 @@ impl Placement {
         stop: watch::Receiver<bool>,
     ) -> Result<(Arc<Placement>, tokio::task::JoinHandle<()>), StartError> {
         let target = Target::from_config(config).map_err(|e| StartError::Config(e.to_string()))?;
-        let roots = crate::dispatch::client::tls_client_config(&config.delivery.extra_ca_files)
-            .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(roots)
-            .https_or_http()
-            .enable_http1()
-            .build();
+        let connector = node_connector(config)?;
         let name = config.cluster.node_name();
         let placement = Arc::new(Placement {
             shares,
@@ -200,6 +194,18 @@ impl Placement {
         metrics::counter!("kyberhook_relayed_requests_total").increment(1);
         Ok((parts.status, parts.headers, bytes))
     }
+}
+
+/// How a node connects to another's `cluster.advertise` (to relay or forward a request): HTTP
+/// or HTTPS, trusting the system roots plus `delivery.extra_ca_files`.
+pub fn node_connector(config: &Config) -> Result<HttpsConnector<HttpConnector>, StartError> {
+    let roots = crate::dispatch::client::tls_client_config(&config.delivery.extra_ca_files)
+        .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(roots)
+        .https_or_http()
+        .enable_http1()
+        .build())
 }
 
 /// Reads the owner of every partition every [`LOOKUP_EVERY`] until `stop` (or the placement

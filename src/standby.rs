@@ -320,13 +320,7 @@ impl Standby {
         let prometheus = crate::metrics::install();
         metrics::gauge!("kyberhook_serving").set(0.0);
         let tls = edge::server_tls(&config.server)?;
-        let roots = crate::dispatch::client::tls_client_config(&config.delivery.extra_ca_files)
-            .map_err(|e| StartError::Config(format!("delivery.extra_ca_files: {e}")))?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(roots)
-            .https_or_http()
-            .enable_http1()
-            .build();
+        let connector = crate::placement::node_connector(config)?;
         let me = config.cluster.node_name();
         let (shutdown, shutdown_rx) = watch::channel(false);
         // The first answer already knows where to forward.

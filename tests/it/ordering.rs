@@ -118,6 +118,34 @@ impl OrderReceiver {
     }
 
     /// The events answered 2xx, in the order they were.
+    /// Waits until events 1..=`n` have each arrived once, then checks that their first
+    /// arrivals came in that order (a redelivery of an attempt in flight may come again later).
+    pub(crate) async fn wait_first_arrivals_in_order(&self, n: u64, wait: Duration) {
+        let first_arrivals = || {
+            let mut seen = std::collections::HashSet::new();
+            self.delivered()
+                .into_iter()
+                .filter(|k| seen.insert(*k))
+                .collect::<Vec<u64>>()
+        };
+        let deadline = Instant::now() + wait;
+        while (first_arrivals().len() as u64) < n {
+            assert!(
+                Instant::now() < deadline,
+                "delivered {:?}; requests {:?}",
+                first_arrivals(),
+                self.hits()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            first_arrivals(),
+            (1..=n).collect::<Vec<u64>>(),
+            "requests {:?}",
+            self.hits()
+        );
+    }
+
     pub(crate) fn delivered(&self) -> Vec<u64> {
         self.hits()
             .iter()

@@ -577,29 +577,8 @@ async fn a_fifo_webhook_keeps_its_order_when_its_node_is_killed() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let first_arrivals = || {
-        let mut seen = HashSet::new();
-        rx.delivered()
-            .into_iter()
-            .filter(|n| seen.insert(*n))
-            .collect::<Vec<u64>>()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while first_arrivals().len() < 16 {
-        assert!(
-            Instant::now() < deadline,
-            "delivered {:?}; requests {:?}",
-            first_arrivals(),
-            rx.hits()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        first_arrivals(),
-        (1..=16).collect::<Vec<u64>>(),
-        "requests {:?}",
-        rx.hits()
-    );
+    rx.wait_first_arrivals_in_order(16, Duration::from_secs(30))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

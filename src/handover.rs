@@ -28,13 +28,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::clock;
-use crate::delivery::{Deliveries, DeliveryError};
+use crate::delivery::DeliveryError;
 use crate::dispatch::Deliverer;
 use crate::ids::{AccountId, DeliveryId};
 use crate::ingest::Ingest;
 use crate::partition::{partition_of, Partition, Shares};
 use crate::registry::Registry;
-use crate::scheduler::SchedulerHandle;
 use crate::store::postgres::ownership::{self, PartitionWork};
 use crate::store::{Storage, StoreError};
 
@@ -57,16 +56,13 @@ pub struct Handover {
     jobs: mpsc::UnboundedSender<Job>,
 }
 
-/// The engine's parts a hand-over touches. The worker holds only this, so it ends (and lets
-/// the committer and the delivery writer go) once the last [`Handover`] is dropped.
+/// The engine's parts a hand-over touches: the deliverer (and through it the store, the
+/// registry, the scheduler, the delivery writer and this node's [`Shares`]) and ingest. The
+/// worker holds only this, so it ends (and lets the committer and the delivery writer go)
+/// once the last [`Handover`] is dropped.
 struct Inner {
-    shares: Arc<Shares>,
-    store: Arc<dyn Storage>,
-    registry: Arc<Registry>,
-    scheduler: SchedulerHandle,
     ingest: Ingest,
     deliverer: Arc<Deliverer>,
-    deliveries: Deliveries,
     /// Loads queued or running ([`Handover::settled`]).
     pending: AtomicUsize,
 }
@@ -84,30 +80,20 @@ impl Drop for Pending<'_> {
 fn engine_partitions(parts: impl IntoIterator<Item = ownership::Partition>) -> Vec<Partition> {
     parts
         .into_iter()
-        .filter_map(|p| u16::try_from(p).ok().and_then(Partition::new))
+        .filter_map(Partition::from_stored)
         .collect()
 }
 
 impl Handover {
     /// Starts the worker that loads and drops partitions in the order asked.
     pub fn start(
-        shares: Arc<Shares>,
-        store: Arc<dyn Storage>,
-        registry: Arc<Registry>,
-        scheduler: SchedulerHandle,
         ingest: Ingest,
         deliverer: Arc<Deliverer>,
-        deliveries: Deliveries,
     ) -> (Handover, tokio::task::JoinHandle<()>) {
         let (jobs, mut rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            shares,
-            store,
-            registry,
-            scheduler,
             ingest,
             deliverer,
-            deliveries,
             pending: AtomicUsize::new(0),
         });
         let worker = inner.clone();
@@ -142,6 +128,10 @@ impl Handover {
 }
 
 impl Inner {
+    fn shares(&self) -> &Shares {
+        &self.deliverer.shares
+    }
+
     /// Loads `parts` until it succeeds or they are not held any more, then serves them.
     async fn load(self: &Arc<Self>, parts: Vec<(Partition, i64)>) {
         let _pending = Pending(&self.pending);
@@ -150,7 +140,7 @@ impl Inner {
             let held: Vec<(Partition, i64)> = parts
                 .iter()
                 .copied()
-                .filter(|(p, e)| self.shares.epoch(*p) == Some(*e))
+                .filter(|(p, e)| self.shares().epoch(*p) == Some(*e))
                 .collect();
             let still: Vec<Partition> = held.iter().map(|(p, _)| *p).collect();
             if still.is_empty() {
@@ -190,9 +180,9 @@ impl Inner {
         let set: BTreeSet<Partition> = parts.iter().copied().collect();
         let in_scope = |a: &AccountId| set.contains(&partition_of(a));
         // Another node owned them: whatever this one cached of their deliveries may be old.
-        self.store.partitions_moved();
-        let store = &*self.store;
-        self.registry.sync(
+        self.deliverer.store.partitions_moved();
+        let store = &*self.deliverer.store;
+        self.deliverer.registry.sync(
             || Ok::<_, StoreError>((store.all_accounts()?, store.all_webhooks()?)),
             in_scope,
         )?;
@@ -200,24 +190,31 @@ impl Inner {
         let entries: Vec<(u64, DeliveryId)> =
             store.scheduled_in(parts).collect::<Result<_, _>>()?;
         // FIFO webhooks read their open deliveries afresh (the previous owner moved them on).
-        for hook in self.registry.hooks_where(in_scope) {
-            self.registry.fifo().remove_webhook(hook.id);
-            self.registry.fifo().configure(&hook);
+        for hook in self.deliverer.registry.hooks_where(in_scope) {
+            self.deliverer.registry.fifo().remove_webhook(hook.id);
+            self.deliverer.registry.fifo().configure(&hook);
         }
-        self.registry.backlog().recount(
+        self.deliverer.registry.backlog().recount(
             &entries,
-            |h| self.registry.hook(h).map(|e| e.hook.account_id.clone()),
+            |h| {
+                self.deliverer
+                    .registry
+                    .hook(h)
+                    .map(|e| e.hook.account_id.clone())
+            },
             in_scope,
         );
         // Served from here on: the entries below may be due at once, and admission drops
         // those of a partition not served. (Whatever recovery scheduled before this and was
         // dropped so is among `entries`: read after it was written.)
         for (p, e) in held {
-            self.shares.loaded(*p, *e);
+            self.shares().loaded(*p, *e);
         }
         let now = clock::now_ms();
         for (due, id) in &entries {
-            self.scheduler.schedule(*id, *due, (*due).max(now));
+            self.deliverer
+                .scheduler
+                .schedule(*id, *due, (*due).max(now));
         }
         Ok((owed, entries.len()))
     }
@@ -226,11 +223,11 @@ impl Inner {
     fn drop_work(&self, parts: &[Partition]) {
         let set: BTreeSet<Partition> = parts.iter().copied().collect();
         let in_scope = |a: &AccountId| set.contains(&partition_of(a));
-        for hook in self.registry.hooks_where(in_scope) {
-            self.registry.fifo().remove_webhook(hook.id);
-            self.registry.backlog().forget(&hook.account_id);
+        for hook in self.deliverer.registry.hooks_where(in_scope) {
+            self.deliverer.registry.fifo().remove_webhook(hook.id);
+            self.deliverer.registry.backlog().forget(&hook.account_id);
         }
-        self.store.partitions_moved();
+        self.deliverer.store.partitions_moved();
     }
 }
 
@@ -240,7 +237,7 @@ impl PartitionWork for Handover {
         for (p, epoch) in partitions {
             if let Some(part) = engine_partitions([*p]).pop() {
                 // Held (its recovery writes pass the fence), served once loaded.
-                self.inner.shares.hold(part, *epoch);
+                self.inner.shares().hold(part, *epoch);
                 parts.push((part, *epoch));
             }
         }
@@ -256,7 +253,7 @@ impl PartitionWork for Handover {
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let parts = engine_partitions(partitions.iter().copied());
         for p in &parts {
-            self.inner.shares.drain(*p);
+            self.inner.shares().drain(*p);
         }
         let me = self.clone();
         Box::pin(async move {
@@ -279,14 +276,14 @@ impl PartitionWork for Handover {
                 tokio::time::sleep(DRAIN_POLL).await;
             }
             // Fan-out's records held in memory are written before the partitions go.
-            let deliveries = me.inner.deliveries.clone();
+            let deliveries = me.inner.deliverer.deliveries.clone();
             if let Ok(Err(err)) =
                 tokio::task::spawn_blocking(move || deliveries.write_held_blocking()).await
             {
                 tracing::warn!(error = %err, "writing held deliveries before a hand-over failed; the next owner re-runs their fan-out");
             }
             for p in &parts {
-                me.inner.shares.forget(*p);
+                me.inner.shares().forget(*p);
             }
             let _ = me.jobs.send(Job::Drop(parts));
         })
@@ -295,7 +292,7 @@ impl PartitionWork for Handover {
     fn lost(&self, partitions: &[ownership::Partition]) {
         let parts = engine_partitions(partitions.iter().copied());
         for p in &parts {
-            self.inner.shares.forget(*p);
+            self.inner.shares().forget(*p);
         }
         let _ = self.jobs.send(Job::Drop(parts));
     }

@@ -366,15 +366,7 @@ impl Engine {
         let mut ownership = None;
         let mut handover_worker = None;
         if let (true, Some(pg)) = (dividing, &pg_store) {
-            let (handover, worker) = handover::Handover::start(
-                shares.clone(),
-                store.clone(),
-                registry.clone(),
-                scheduler.clone(),
-                ingest.clone(),
-                deliverer.clone(),
-                deliveries_for_retention.clone(),
-            );
+            let (handover, worker) = handover::Handover::start(ingest.clone(), deliverer.clone());
             let waiter = handover.clone();
             if let Some((task, mut rounds)) = pg.divide(Arc::new(handover), ownership_rx) {
                 // Serve once the first round has run: a node alone holds every partition

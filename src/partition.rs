@@ -31,6 +31,11 @@ impl Partition {
         (n < PARTITIONS).then_some(Partition(n))
     }
 
+    /// A partition number as stored (`partition_id smallint`), if it is one.
+    pub fn from_stored(n: i16) -> Option<Partition> {
+        u16::try_from(n).ok().and_then(Partition::new)
+    }
+
     pub fn index(self) -> usize {
         usize::from(self.0)
     }
@@ -142,6 +147,12 @@ impl Shares {
 
     pub fn serves_partition(&self, p: Partition) -> bool {
         self.load(p) & SERVING != 0
+    }
+
+    /// The epoch this node holds the stored partition `p` at; `None` for one it does not hold
+    /// (or a number that is no partition).
+    pub fn stored_epoch(&self, p: i16) -> Option<i64> {
+        Partition::from_stored(p).and_then(|p| self.epoch(p))
     }
 
     /// The epoch this node holds `p` at (serving or draining): what its writes are fenced by.

@@ -43,7 +43,7 @@ pub async fn ingest_one(state: &Services, call: Call) -> ApiResult {
         if let Some(account) = AccountId::parse(&input.account_id) {
             match relay::elsewhere(state, &account, head.relayed) {
                 Some(Ok(owner)) => {
-                    return relay::send_bytes(state, &owner, &head.parts, bytes, head.peer).await
+                    return relay::send_bytes(state, &owner, &head.request, bytes, head.peer).await
                 }
                 Some(Err(refusal)) => return Err(refusal),
                 None => {}
@@ -145,7 +145,7 @@ async fn ingest_batch_divided(
     for (owner, indices) in &there {
         let events: Vec<&RawValue> = indices.iter().map(|i| batch.events[*i]).collect();
         let body = serde_json::to_vec(&json!({ "events": events })).unwrap_or_default();
-        let answer = relay::send_bytes(state, owner, &head.parts, body.into(), head.peer).await;
+        let answer = relay::send_bytes(state, owner, &head.request, body.into(), head.peer).await;
         let shares: Vec<Value> = match answer {
             Ok(resp) => {
                 use http_body_util::BodyExt;

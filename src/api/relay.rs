@@ -61,15 +61,16 @@ pub async fn account_route(s: &Services, account: &str, call: Call) -> Result<Ap
     Ok(send(s, &owner, parts, Either::Left(body), peer).await)
 }
 
-/// Relays a request whose body was read already (`bytes`, possibly rewritten: a batch's share).
+/// Relays a request (`head`) whose body was read already (`bytes`, possibly rewritten: a
+/// batch's share).
 pub async fn send_bytes(
     s: &Services,
     owner: &Owner,
-    parts: &http::request::Parts,
+    head: &http::Request<()>,
     bytes: Bytes,
     peer: Option<std::net::SocketAddr>,
 ) -> ApiResult {
-    let mut parts = clone_parts(parts);
+    let mut parts = head_of(head);
     parts.headers.insert(
         header::CONTENT_LENGTH,
         HeaderValue::from(bytes.len() as u64),
@@ -100,18 +101,19 @@ async fn send(
 }
 
 /// A request's head without its extensions (which do not clone).
-pub fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
-    let mut req = http::Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req.into_parts().0
+fn head_of<B>(req: &http::Request<B>) -> http::request::Parts {
+    let mut head = http::Request::new(());
+    *head.method_mut() = req.method().clone();
+    *head.uri_mut() = req.uri().clone();
+    *head.version_mut() = req.version();
+    *head.headers_mut() = req.headers().clone();
+    head.into_parts().0
 }
 
 /// What an ingest keeps of its request to relay events after reading the body.
 pub struct Head {
-    pub parts: http::request::Parts,
+    /// The request without its body.
+    pub request: http::Request<()>,
     pub peer: Option<std::net::SocketAddr>,
     pub relayed: bool,
 }
@@ -119,13 +121,8 @@ pub struct Head {
 /// The request's head when nodes divide the work (`None`: one node serves everything).
 pub fn head(s: &Services, call: &Call) -> Option<Head> {
     s.placement.as_ref()?;
-    let mut req = http::Request::new(());
-    *req.method_mut() = call.req.method().clone();
-    *req.uri_mut() = call.req.uri().clone();
-    *req.version_mut() = call.req.version();
-    *req.headers_mut() = call.req.headers().clone();
     Some(Head {
-        parts: req.into_parts().0,
+        request: http::Request::from_parts(head_of(&call.req), ()),
         peer: call.req.extensions().get::<ClientAddr>().map(|a| a.0),
         relayed: was_relayed(call),
     })

@@ -275,11 +275,7 @@ impl Shared {
                 parts.dedup();
                 let mut epochs = Vec::with_capacity(parts.len());
                 for p in &parts {
-                    let epoch = u16::try_from(*p)
-                        .ok()
-                        .and_then(crate::partition::Partition::new)
-                        .and_then(|p| shares.epoch(p));
-                    match epoch {
+                    match shares.stored_epoch(*p) {
                         Some(e) => epochs.push(e),
                         None => return Err(not_held()),
                     }
@@ -336,13 +332,9 @@ impl Shared {
                 // database, and the partition was released): the request is another node's
                 // now. Anything else means this node was counted out.
                 if let Fencing::Partitions { shares, .. } = &self.fencing {
-                    let moved = checked.iter().any(|(p, e)| {
-                        u16::try_from(*p)
-                            .ok()
-                            .and_then(crate::partition::Partition::new)
-                            .and_then(|p| shares.epoch(p))
-                            != Some(*e)
-                    });
+                    let moved = checked
+                        .iter()
+                        .any(|(p, e)| shares.stored_epoch(*p) != Some(*e));
                     if moved {
                         return Err(not_held());
                     }

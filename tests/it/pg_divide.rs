@@ -16,7 +16,7 @@ use crate::crash::wait_all_delivered;
 use crate::limits::max_in_window;
 use crate::ordering::{create_hook, event, OrderReceiver};
 use crate::pg::{pg_database, PgDb};
-use crate::pg_failover::{arrivals, free_port, node_config, Node};
+use crate::pg_failover::{arrivals, create_account, free_port, node_config, Node};
 use crate::ui::Browser;
 
 /// A node of a dividing cluster: `node_config` with `divide_work = true` and a short lease.
@@ -502,6 +502,22 @@ async fn a_node_paused_past_its_lease_loses_its_share_and_commits_nothing_after_
     );
 }
 
+/// Account `account` on `plan`, created through `created_by`, and a webhook of it to `url`
+/// created through `hooked_by` once every node has taken the account in (the registry's
+/// version is read every 250 ms).
+async fn account_with_hook(
+    created_by: &Api,
+    hooked_by: &Api,
+    account: &str,
+    plan: &str,
+    url: &str,
+    ordering: &str,
+) {
+    create_account(created_by, account, plan).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_hook(hooked_by, account, url, ordering).await;
+}
+
 /// Node-a and node-b dividing the work, both divided already; their APIs.
 async fn two_dividing(dir: &Path, db: &PgDb, pki: &Pki) -> (Node, Api, Node, Api) {
     let a = start_dividing(dir, "node-a", db, pki, free_port());
@@ -526,16 +542,7 @@ async fn a_fifo_webhook_keeps_its_order_when_its_node_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let (a, api_a, b, api_b) = two_dividing(dir.path(), &db, &pki).await;
     let account = "acc_fifo_divided";
-    let (s, v) = api_a
-        .admin(
-            Method::POST,
-            "/v1/accounts",
-            Some(json!({"name": account, "plan": "enterprise", "id": account})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    create_hook(&api_a, account, &rx.url, "fifo").await;
+    account_with_hook(&api_a, &api_a, account, "enterprise", &rx.url, "fifo").await;
     // The node serving the account dies; the other posts and delivers the rest.
     let owner = owners(&db).await[account].clone();
     let (mut victim, survivor) = if owner == "node-a" {
@@ -589,16 +596,7 @@ async fn a_plan_s_rate_holds_for_an_account_posting_through_both_dividing_nodes(
     let dir = tempfile::tempdir().unwrap();
     let (_a, api_a, _b, api_b) = two_dividing(dir.path(), &db, &pki).await;
     let account = "acc_paced_divided";
-    let (s, v) = api_b
-        .admin(
-            Method::POST,
-            "/v1/accounts",
-            Some(json!({"name": account, "plan": "starter", "id": account})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    create_hook(&api_a, account, &rx.url, "none").await;
+    account_with_hook(&api_b, &api_a, account, "starter", &rx.url, "none").await;
     // 40 events at once, half through each node, on the 10 events/s plan.
     let mut tasks = Vec::new();
     for i in 0..40 {

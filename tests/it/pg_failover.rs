@@ -520,7 +520,7 @@ async fn a_node_paused_past_its_lease_is_fenced_and_commits_nothing_after_the_ta
 }
 
 /// Creates account `id` on `plan` through `api`.
-async fn create_account(api: &Api, id: &str, plan: &str) {
+pub(crate) async fn create_account(api: &Api, id: &str, plan: &str) {
     let (s, v) = api
         .admin(
             Method::POST,

@@ -196,8 +196,16 @@ async fn nodes_divide_the_accounts_and_each_request_reaches_the_node_serving_its
 
     // Each node delivered its own accounts' events, and relayed the others'.
     let (ma, mb) = (a.standby_addr("metrics"), b.standby_addr("metrics"));
-    let sent_a = counter(&api_a, ma, "kyberhook_delivery_attempts_total").await;
-    let sent_b = counter(&api_a, mb, "kyberhook_delivery_attempts_total").await;
+    // An attempt is counted once its outcome is recorded, a moment after the receiver has it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (sent_a, sent_b) = loop {
+        let sent_a = counter(&api_a, ma, "kyberhook_delivery_attempts_total").await;
+        let sent_b = counter(&api_a, mb, "kyberhook_delivery_attempts_total").await;
+        if sent_a + sent_b >= acked.len() as f64 || Instant::now() > deadline {
+            break (sent_a, sent_b);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         sent_a > 0.0 && sent_b > 0.0,
         "attempts: a {sent_a}, b {sent_b}"

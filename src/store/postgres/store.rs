@@ -301,7 +301,24 @@ impl Shared {
         if !write {
             let mut out = Vec::with_capacity(stmts.len());
             for (st, p) in prepared.iter().zip(&params) {
-                out.push(client.query(st, p).await.map_err(db)?);
+                // A read PostgreSQL ended to break a deadlock (with DDL on the day tables)
+                // changed nothing: it is read again.
+                let mut tries = 0;
+                let rows = loop {
+                    match client.query(st, p).await {
+                        Err(e)
+                            if tries < 3
+                                && e.code()
+                                    == Some(
+                                        &tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED,
+                                    ) =>
+                        {
+                            tries += 1
+                        }
+                        done => break done.map_err(db)?,
+                    }
+                };
+                out.push(rows);
             }
             return Ok(out);
         }

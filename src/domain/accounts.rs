@@ -151,8 +151,17 @@ pub async fn update_account(
 pub async fn delete_account(state: &Services, id: &AccountId) -> Result<(), Refusal> {
     let account = state.store.get_account(id)?.ok_or_else(|| not_found(id))?;
     // Stop new work for the account first, then remove its history off the async workers.
-    state.registry.remove_account(id);
+    {
+        let _writes = state.registry.write_lock();
+        state.registry.remove_account(id);
+    }
     state.deliverer.deliveries.forget_account(account).await?;
+    {
+        // A registry follower that read the store before the delete reached it may have put
+        // the account back meanwhile; from now on no read of the store has it.
+        let _writes = state.registry.write_lock();
+        state.registry.remove_account(id);
+    }
     state.ingest.sync().await?;
     Ok(())
 }

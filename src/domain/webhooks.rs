@@ -576,6 +576,12 @@ pub async fn delete_webhook(
         state.registry.remove_hook(account, hook.id);
     }
     state.deliverer.deliveries.forget_webhook(hook).await?;
+    {
+        // A registry follower that read the store before the delete reached it may have put
+        // the webhook back meanwhile; from now on no read of the store has it.
+        let _writes = state.registry.write_lock();
+        state.registry.remove_hook(account, id);
+    }
     state.ingest.sync().await?;
     Ok(())
 }

@@ -408,17 +408,29 @@ impl Shared {
                     return Err(lease::fenced());
                 }
             }
-            // NOWAIT: a reader scanning the day tables while this waits for one of them would
-            // deadlock with it (each holding a table the other wants), and PostgreSQL would
-            // end the reader. A day that is in use now is dropped at a later pass.
+            // The parents first, all three, before anything else: `DROP TABLE` of a day table
+            // takes its parent's exclusive lock, and every query and write locks a parent
+            // before its day tables. Holding a day table while waiting for its parent (as
+            // locking the day tables first did) made a reader that had its parent and wanted
+            // the day table the deadlock's victim (40P01, a 500 on a delivery listing). Now
+            // this transaction is the one that waits first in any cycle, so PostgreSQL's
+            // deadlock check (run by the longest waiter) ends it, never a reader; a day in use
+            // is dropped at a later pass. Waiting queues writers behind it for at most
+            // `lock_timeout`, once a day.
             if let Err(e) = client
                 .batch_execute(&format!(
-                    "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE NOWAIT",
-                    names.join(", ")
+                    "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                    schema::DAY_PARTITIONED.join(", ")
                 ))
                 .await
             {
-                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                use tokio_postgres::error::SqlState;
+                if [
+                    &SqlState::LOCK_NOT_AVAILABLE,
+                    &SqlState::T_R_DEADLOCK_DETECTED,
+                ]
+                .contains(&e.code().unwrap_or(&SqlState::SUCCESSFUL_COMPLETION))
+                {
                     return Ok(None);
                 }
                 return Err(db(e));

@@ -153,7 +153,7 @@ async fn open_embedded(config: &Config) -> Result<SledStore, StartError> {
             .map_err(StoreError::from)
             .map_err(|e| match e.kind() {
                 // A full or failing disk is the supervisor's to retry, not the operator's.
-                StoreErrorKind::Unavailable => StartError::StorageFailed(e),
+                StoreErrorKind::Unavailable | StoreErrorKind::Moved => StartError::StorageFailed(e),
                 StoreErrorKind::Io => {
                     StartError::Config(format!("storage.path = {:?}: {e}", path.display()))
                 }

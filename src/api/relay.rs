@@ -5,7 +5,7 @@
 //! meanwhile), the client is told to retry.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Response};
 use http_body_util::{Either, Full};
 
 use super::{ApiResult, Call};
@@ -13,14 +13,6 @@ use crate::domain::{Refusal, Services};
 use crate::edge::ClientAddr;
 use crate::ids::AccountId;
 use crate::placement::{Owner, Route, FORWARDED_BY};
-
-/// 503 `not_here`: no node can take the request right now; retry in a second.
-pub fn not_here(message: impl Into<String>) -> Refusal {
-    Refusal {
-        retry_after: Some(1),
-        ..Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "not_here", message)
-    }
-}
 
 /// Whether a relaying node sent this request.
 pub fn was_relayed(call: &Call) -> bool {
@@ -37,11 +29,11 @@ pub fn elsewhere(
     let placement = s.placement.as_ref()?;
     match placement.route(account) {
         Route::Here => None,
-        Route::There(_) | Route::Nobody(_) if relayed => Some(Err(not_here(
+        Route::There(_) | Route::Nobody(_) if relayed => Some(Err(Refusal::not_here(
             "this node does not serve that account (ownership is moving between nodes)",
         ))),
         Route::There(owner) => Some(Ok(owner)),
-        Route::Nobody(why) => Some(Err(not_here(why))),
+        Route::Nobody(why) => Some(Err(Refusal::not_here(why))),
     }
 }
 
@@ -88,7 +80,7 @@ async fn send(
     let placement = s
         .placement
         .as_ref()
-        .ok_or_else(|| not_here("not relaying"))?;
+        .ok_or_else(|| Refusal::not_here("not relaying"))?;
     match placement.relay(owner, parts, body, peer).await {
         Ok((status, headers, bytes)) => {
             let mut r = Response::new(Full::new(bytes));
@@ -96,7 +88,7 @@ async fn send(
             *r.headers_mut() = headers;
             Ok(r)
         }
-        Err(why) => Err(not_here(why)),
+        Err(why) => Err(Refusal::not_here(why)),
     }
 }
 

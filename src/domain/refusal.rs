@@ -13,7 +13,7 @@ use crate::delivery::DeliveryError;
 use crate::dispatch::TestSendError;
 use crate::edge::BodyError;
 use crate::ingest::IngestError;
-use crate::store::StoreError;
+use crate::store::{StoreError, StoreErrorKind};
 
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -55,6 +55,14 @@ impl Refusal {
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
         }
     }
+    /// 503 `not_here`: no node can take the request right now (the account's partition is
+    /// moving between nodes); retry in a second.
+    pub fn not_here(message: impl Into<String>) -> Self {
+        Refusal {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_here", message)
+        }
+    }
     /// 503 `deliveries_lagging`: held for `delivery.max_lag_hold` while deliveries lagged.
     pub fn lagging(message: impl Into<String>) -> Self {
         Refusal {
@@ -91,6 +99,10 @@ impl Refusal {
 
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
+        if e.kind() == StoreErrorKind::Moved {
+            // The account's partition is moving between nodes: its next owner answers.
+            return Refusal::not_here(e.to_string());
+        }
         tracing::error!(error = %e, "storage error while serving a request");
         // The disk refuses writes (the engine is about to restart) or cannot be read: the
         // caller may retry. One answer on every path, whichever command met the failure.
@@ -116,6 +128,7 @@ impl From<IngestError> for Refusal {
                     "the engine is shutting down",
                 )
             },
+            IngestError::Commit(e) if e.kind() == StoreErrorKind::Moved => e.into(),
             IngestError::Commit(e) => {
                 tracing::error!(error = %e, "commit failed");
                 // Whatever the kind, nothing was acknowledged: retryable once the store is back.
@@ -200,6 +213,16 @@ mod tests {
             assert_eq!(a.code, "storage_unavailable");
         }
         let corrupt = StoreError::new(StoreErrorKind::Internal, "a record does not decode");
+        // A write for an account whose partition this node let go: the next owner answers.
+        let moved = StoreError::new(StoreErrorKind::Moved, "this node does not hold it");
+        for a in [
+            Refusal::from(moved.clone()),
+            Refusal::from(IngestError::Commit(moved.clone())),
+            Refusal::from(DeliveryError::Store(moved)),
+        ] {
+            assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{a:?}");
+            assert_eq!((a.code, a.retry_after), ("not_here", Some(1)), "{a:?}");
+        }
         let a = Refusal::from(DeliveryError::Store(corrupt));
         assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
     }

@@ -46,6 +46,10 @@ pub enum StoreErrorKind {
     Operator,
     /// A record that does not decode, or a failure of the storage itself.
     Internal,
+    /// A write refused before it reached the database because it touches accounts whose
+    /// partition this node does not hold (handed over, or never its own): not a failure of
+    /// the store; the request is another node's to serve (503 `not_here`, retry in a second).
+    Moved,
 }
 
 /// A storage failure. Cloneable, so one failure of a group commit or a writer drain can be

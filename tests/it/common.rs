@@ -353,8 +353,8 @@ extra_ca_files = ["{ca}"]
 {extra}
 {cluster}
 "#,
-        cluster = if dividing() && !extra.contains("[cluster]") {
-            "[cluster]\ndivide_work = true\n"
+        cluster = if on_postgres() && !dividing() && !extra.contains("[cluster]") {
+            "[cluster]\ndivide_work = false\n"
         } else {
             ""
         },
@@ -429,11 +429,11 @@ fn backend_lines() -> String {
     format!("backend = \"postgres\"\npostgres_url = \"{base}/{name}?sslmode=disable\"")
 }
 
-/// Whether this PostgreSQL run has each engine divide the work as a cluster of one
-/// (`cluster.divide_work = true`) rather than serve alone on the serve lease (the default):
-/// `KYBERHOOK_TEST_DIVIDE=1`.
+/// Whether this PostgreSQL run has each engine divide the work as a cluster of one (the
+/// default, `cluster.divide_work = true`) rather than serve alone on the serve lease
+/// (`KYBERHOOK_TEST_DIVIDE=0`).
 fn dividing() -> bool {
-    on_postgres() && std::env::var("KYBERHOOK_TEST_DIVIDE").as_deref() == Ok("1")
+    on_postgres() && std::env::var("KYBERHOOK_TEST_DIVIDE").as_deref() != Ok("0")
 }
 
 /// In-process engines log their warnings and errors into the output of the test that runs them

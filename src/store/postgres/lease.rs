@@ -258,9 +258,10 @@ pub async fn join(target: &Target, node: &Node) -> Result<(u8, Client), PgError>
     while !hold_own_key(&client, node).await.map_err(sql)? {
         tries += 1;
         if tries > 50 {
-            return Err(PgError::Failed(
-                "another session holds this node's key".to_string(),
-            ));
+            return Err(PgError::Failed(format!(
+                "a kyberhook node named {:?} is already running on this database (each node needs its own cluster.node_name)",
+                node.name
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -35,7 +35,7 @@
 //! the old owner's write in flight, and every write the old owner begins afterwards sees the
 //! new epoch (READ COMMITTED re-reads the locked row) and fails.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tokio_postgres::{Client, GenericClient};
@@ -311,6 +311,15 @@ pub async fn release(
         .await
 }
 
+/// The first statement of a write of account data: one row per partition of `$1` that still
+/// names this node (`$3`) at the epoch in `$2`. A takeover's `FOR UPDATE` waits for the write;
+/// a write begun after it sees the new owner (READ COMMITTED re-reads the locked row). The
+/// store sends it in the write's pipeline; [`fence`] is the same check on its own.
+pub const FENCE: &str = "SELECT p.partition_id FROM kh_partition p
+     JOIN UNNEST($1::smallint[], $2::bigint[]) AS f(id, epoch)
+       ON p.partition_id = f.id AND p.epoch = f.epoch
+     WHERE p.owner = $3 FOR KEY SHARE OF p";
+
 /// The fence a write transaction on `partitions` runs first (inside it): `Ok(())` when this
 /// node still owns each at the epoch in `owned`; otherwise the partitions it lost (or never
 /// held), and the transaction must not write. Their rows stay share-locked until it ends, so
@@ -324,24 +333,17 @@ pub async fn fence(
     let mut ps: Vec<Partition> = partitions.to_vec();
     ps.sort_unstable();
     ps.dedup();
-    let rows = tx
-        .query(
-            "SELECT partition_id, owner, epoch FROM kh_partition
-             WHERE partition_id = ANY($1) ORDER BY partition_id FOR KEY SHARE",
-            &[&ps],
-        )
-        .await?;
-    let current: BTreeMap<Partition, (Option<i64>, i64)> = rows
+    let (held, epochs): (Vec<Partition>, Vec<i64>) = ps
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .filter_map(|&p| owned.epoch(p).map(|e| (p, e)))
+        .unzip();
+    let still: BTreeSet<Partition> = tx
+        .query(FENCE, &[&held, &epochs, &me])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
         .collect();
-    let lost: Vec<Partition> = ps
-        .into_iter()
-        .filter(|&p| match (owned.epoch(p), current.get(&p)) {
-            (Some(e), Some((Some(o), ce))) => *o != me || *ce != e,
-            _ => true,
-        })
-        .collect();
+    let lost: Vec<Partition> = ps.into_iter().filter(|p| !still.contains(p)).collect();
     Ok(if lost.is_empty() { Ok(()) } else { Err(lost) })
 }
 

@@ -176,7 +176,7 @@ enum Fencing {
     /// One node serves: every write checks the serve lease ([`lease::FENCE`]).
     Lease(lease::Held),
     /// Nodes divide the partitions ([`super::ownership`]): a write of account data checks
-    /// the partitions it touches ([`PARTITION_FENCE`]) at the epochs this node holds them
+    /// the partitions it touches ([`ownership::FENCE`](super::ownership::FENCE)) at the epochs this node holds them
     /// at ([`Shares`]); other writes (sessions, statistics, inbox marks) are not fenced.
     Partitions {
         node: i64,
@@ -184,14 +184,6 @@ enum Fencing {
         shares: Arc<Shares>,
     },
 }
-
-/// The first statement of a write in divided mode: one row per partition of `$1` that still
-/// names this node (`$3`) at the epoch in `$2`. A takeover's `FOR UPDATE` waits for the write;
-/// a write begun after it sees the new owner (READ COMMITTED re-reads the locked row).
-const PARTITION_FENCE: &str = "SELECT p.partition_id FROM kh_partition p
-     JOIN UNNEST($1::smallint[], $2::bigint[]) AS f(id, epoch)
-       ON p.partition_id = f.id AND p.epoch = f.epoch
-     WHERE p.owner = $3 FOR KEY SHARE OF p";
 
 /// Every change of an account or a webhook bumps the registry's version in the same
 /// transaction; nodes dividing the work read it a few times a second and take in the changes
@@ -211,7 +203,7 @@ enum Mode {
 /// another node's to serve.
 pub fn not_held() -> StoreError {
     StoreError::new(
-        StoreErrorKind::Unavailable,
+        StoreErrorKind::Moved,
         "this node does not hold the partition of that account (it is being handed over): try again",
     )
 }
@@ -221,10 +213,6 @@ fn held(shares: &Shares, account: &AccountId) -> bool {
     shares
         .epoch(crate::partition::partition_of(account))
         .is_some()
-}
-
-fn is_not_held(e: &StoreError) -> bool {
-    e.kind() == StoreErrorKind::Unavailable && e.to_string().starts_with("this node does not hold")
 }
 
 impl Shared {
@@ -282,7 +270,7 @@ impl Shared {
                 }
                 checked = parts.iter().copied().zip(epochs.iter().copied()).collect();
                 let n = parts.len();
-                (n > 0).then(|| (PARTITION_FENCE, params![parts, epochs, *node], n))
+                (n > 0).then(|| (super::ownership::FENCE, params![parts, epochs, *node], n))
             }
         };
         let write = !matches!(mode, Mode::Read);
@@ -861,7 +849,7 @@ impl PgStore {
         let shared = self.shared.clone();
         let done = self.run(async move { shared.exec(Mode::Write(partitions), stmts).await });
         if let Err(e) = &done {
-            if !is_not_held(e) {
+            if e.kind() != StoreErrorKind::Moved {
                 self.shared.fail(e);
             }
         }

@@ -413,7 +413,9 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(error = %super::connect::chain(&*e), node = %node.name, "a partition ownership round failed");
-                node.client = None;
+                // The session is kept while it lasts (a failed statement was rolled back): it
+                // holds the node's key, and others count a node out the moment that is free.
+                // A session that ended is replaced at the next round.
                 if last_round.elapsed() >= lease && !node.owned.is_empty() {
                     let all: Vec<Partition> = node.owned.iter().map(|(p, _)| p).collect();
                     work.lost(&all);

@@ -45,6 +45,10 @@ struct Stored {
     key_hash: Option<[u8; 32]>,
     created_ms: u64,
     last_ms: u64,
+    /// Kept in the store only where nodes share sessions: a change relayed to the node that
+    /// serves the account leaves its notice there, for the node that shows the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    notice: Option<String>,
 }
 
 /// What a request learns from its session.
@@ -76,6 +80,7 @@ impl Entry {
             key_hash: self.key_hash,
             created_ms: self.created_ms,
             last_ms: self.last_ms,
+            notice: self.notice.clone(),
         };
         serde_json::to_string(&stored).expect("a session serialises")
     }
@@ -102,7 +107,7 @@ impl Entry {
             created_ms: s.created_ms,
             last_ms: s.last_ms,
             saved_ms: s.last_ms,
-            notice: None,
+            notice: s.notice,
         })
     }
 }
@@ -154,8 +159,12 @@ impl Sessions {
     }
 
     fn save(&self, key: &[u8; 32], entry: &Entry) {
+        self.put(key, &entry.stored());
+    }
+
+    fn put(&self, key: &[u8; 32], text: &str) {
         if let Some(store) = &self.store {
-            if let Err(e) = store.put_session(key, &entry.stored()) {
+            if let Err(e) = store.put_session(key, text) {
                 tracing::warn!(error = %e, "storing a dashboard session failed; it ends at the next restart");
             }
         }
@@ -246,9 +255,9 @@ impl Sessions {
                 return None;
             }
             Some(Some(mut fresh)) => {
-                // Keep this node's notice; take the rest as stored.
-                if let Some(old) = map.get_mut(&key) {
-                    fresh.notice = old.notice.take();
+                // The stored session is the whole truth, its notice included (set, or
+                // already shown, by whichever node); only the last use may be newer here.
+                if let Some(old) = map.get(&key) {
                     fresh.last_ms = fresh.last_ms.max(old.last_ms);
                 }
                 map.insert(key, fresh);
@@ -277,15 +286,39 @@ impl Sessions {
 
     /// Leaves a notice for the next page this session shows.
     pub fn set_notice(&self, id: &str, notice: impl Into<String>) {
-        if let Some(e) = self.lock().get_mut(&digest(id)) {
+        let key = digest(id);
+        let stored = {
+            let mut map = self.lock();
+            let Some(e) = map.get_mut(&key) else {
+                return;
+            };
             e.notice = Some(notice.into());
+            self.shared().then(|| e.stored())
+        };
+        // Written outside the lock: other requests' lookups do not wait on the database.
+        if let Some(text) = stored {
+            self.put(&key, &text);
         }
     }
 
     pub fn take_notice(&self, id: &str) -> Option<String> {
-        self.lock()
-            .get_mut(&digest(id))
-            .and_then(|e| e.notice.take())
+        let key = digest(id);
+        let (notice, stored) = {
+            let mut map = self.lock();
+            let e = map.get_mut(&key)?;
+            let notice = e.notice.take();
+            let stored = (notice.is_some() && self.shared()).then(|| e.stored());
+            (notice, stored)
+        };
+        if let Some(text) = stored {
+            self.put(&key, &text);
+        }
+        notice
+    }
+
+    /// Whether other nodes read these sessions from the store (nodes dividing the work).
+    fn shared(&self) -> bool {
+        self.store.as_ref().is_some_and(|s| s.shares_sessions())
     }
 
     pub fn remove(&self, id: &str) {

@@ -226,8 +226,8 @@ async fn nodes_divide_the_accounts_and_each_request_reaches_the_node_serving_its
     }
 
     // The dashboard: signed in on node-a, the session works on node-b; a plan changed through
-    // node-b's pages is made by the node serving each account; signing out on node-b ends it
-    // on node-a too.
+    // node-b's pages is made by the node serving each account, and its notice shows on
+    // node-b's next page; signing out on node-b ends it on node-a too.
     let mut browser_a = Browser::new(&api_a);
     browser_a.sign_in(crate::common::ADMIN).await;
     let mut browser_b = Browser::new(&api_b);
@@ -246,6 +246,13 @@ async fn nodes_divide_the_accounts_and_each_request_reaches_the_node_serving_its
             )
             .await;
         assert_eq!(done.status, StatusCode::SEE_OTHER, "{id}: {}", done.body);
+        // The notice of the change shows on the next page, whichever node made the change.
+        let next = browser_b.get(done.location()).await;
+        assert!(
+            next.body.contains("is on the professional plan now."),
+            "{id}: {}",
+            next.body
+        );
         let (_, v) = api_a
             .admin(Method::GET, &format!("/v1/accounts/{id}"), None)
             .await;

@@ -302,8 +302,9 @@ impl PartitionWork for Handover {
 pub const REGISTRY_POLL: Duration = Duration::from_millis(250);
 
 /// Keeps this node's registry current with what other nodes change (divided mode): reads the
-/// store's registry version every [`REGISTRY_POLL`] and, when it moved, takes in every account
-/// and webhook that differs ([`Registry::sync`]), so that a pause, edit, rotation or plan
+/// store's registry version every [`REGISTRY_POLL`] and, when another node moved it, re-reads
+/// the accounts its log of changes names (all of them when the log does not reach back) and
+/// takes in what differs ([`Registry::sync`]), so that a pause, edit, rotation or plan
 /// change made through any node governs this node's deliveries within a second. Ends when
 /// `stop` turns true.
 pub async fn follow_registry(
@@ -328,10 +329,28 @@ pub async fn follow_registry(
             };
             if elsewhere {
                 let store = &*s;
-                let changed = r.sync(
-                    || Ok::<_, StoreError>((store.all_accounts()?, store.all_webhooks()?)),
-                    |_| true,
-                )?;
+                // Only the accounts the log says changed; everything when it cannot say.
+                let touched = match last {
+                    Some(since) => store.registry_changes(since, now)?,
+                    None => None,
+                };
+                let changed = match touched {
+                    Some(accounts) => r.sync(
+                        || {
+                            let (mut found, mut hooks) = (Vec::new(), Vec::new());
+                            for id in &accounts {
+                                found.extend(store.get_account(id)?);
+                                hooks.extend(store.webhooks_of(id)?);
+                            }
+                            Ok::<_, StoreError>((found, hooks))
+                        },
+                        |a| accounts.contains(a),
+                    )?,
+                    None => r.sync(
+                        || Ok::<_, StoreError>((store.all_accounts()?, store.all_webhooks()?)),
+                        |_| true,
+                    )?,
+                };
                 if changed > 0 && last.is_some() {
                     tracing::debug!(
                         changed,

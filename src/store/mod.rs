@@ -250,6 +250,12 @@ pub trait Storage: Send + Sync + 'static {
     fn registry_version(&self, _seen: Option<u64>) -> Result<Option<(u64, bool)>> {
         Ok(None)
     }
+    /// The accounts whose records (or webhooks) the changes after version `since` up to
+    /// `now` touched, each once; `None` when the store cannot say for the whole range (its
+    /// log of changes does not reach back that far): the caller re-reads everything.
+    fn registry_changes(&self, _since: u64, _now: u64) -> Result<Option<Vec<AccountId>>> {
+        Ok(None)
+    }
     fn writer_slot(&self) -> Option<u8> {
         None
     }

@@ -174,3 +174,57 @@ fn a_reader_caught_in_a_lock_cycle_with_retention_gets_its_answer() {
         "and dropped the day at the next"
     );
 }
+
+/// The registry's log of changes names the accounts each version since a given one touched,
+/// each once, in the order first changed; a range the log does not wholly hold (trimmed, or
+/// written before the log) is `None`, for the caller to re-read everything.
+#[test]
+fn the_registry_s_log_names_the_accounts_changed_since_a_version() {
+    use kyberhook::ids::AccountId;
+    use kyberhook::model::Account;
+    let (open, store) = open();
+    let account = |id: &str, plan: &str| Account {
+        id: AccountId::parse(id).unwrap(),
+        name: id.into(),
+        plan: plan.into(),
+        created_ms: 1,
+        api_key_hash: [7; 32],
+    };
+    let (a, b) = (
+        AccountId::parse("acc_a").unwrap(),
+        AccountId::parse("acc_b").unwrap(),
+    );
+    store.put_account(&account("acc_a", "starter")).unwrap();
+    let (first, _) = store.registry_version(None).unwrap().unwrap();
+    store.put_account(&account("acc_b", "starter")).unwrap();
+    store
+        .put_account(&account("acc_a", "professional"))
+        .unwrap();
+    let (now, _) = store.registry_version(None).unwrap().unwrap();
+    assert_eq!(now, first + 2);
+    assert_eq!(
+        store.registry_changes(first - 1, now).unwrap(),
+        Some(vec![a.clone(), b.clone()])
+    );
+    assert_eq!(
+        store.registry_changes(first, now).unwrap(),
+        Some(vec![b, a])
+    );
+    assert_eq!(store.registry_changes(now, now).unwrap(), Some(vec![]));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = open.db.client().await;
+        client
+            .execute(
+                "DELETE FROM kh_registry_change WHERE version = $1",
+                &[&(first as i64)],
+            )
+            .await
+            .unwrap();
+    });
+    assert_eq!(store.registry_changes(first - 1, now).unwrap(), None);
+    assert!(store.registry_changes(first, now).unwrap().is_some());
+}

@@ -20,7 +20,8 @@
 //! - `kh_node`: the nodes (one row per process start, its heartbeat in `last_seen`, its writer
 //!   `slot` — the low byte of the sequence numbers it mints — since version 2);
 //!   `kh_lease`, `kh_partition`: who serves. `kh_meta`: named values (the secrets key's check
-//!   value, each node's start-up write probe).
+//!   value, each node's start-up write probe, the registry's version); `kh_registry_change`:
+//!   which account each registry version touched (since version 3).
 //! - `kh_account`, `kh_webhook`: the management records (`record`: [`crate::codec`] bytes,
 //!   webhook secrets sealed), keyed and indexed by id and account.
 //! - `kh_event` (+ `kh_event_id` for producer-chosen ids, the idempotency key) and `kh_inbox`
@@ -86,7 +87,17 @@ pub const DAY_PARTITIONED: [&str; 3] = ["kh_event", "kh_delivery", "kh_attempt"]
 pub const DAYS_AHEAD: u64 = 7;
 
 /// `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 2] = [V1, V2];
+const MIGRATIONS: [&str; 3] = [V1, V2, V3];
+
+/// Version 3: the registry's log of changes — which account each version of
+/// `kh_meta.registry_version` touched — so that other nodes re-read only those accounts
+/// ([`crate::store::Storage::registry_changes`]). Kept ten minutes; a node further behind
+/// re-reads everything.
+const V3: &str = "CREATE TABLE IF NOT EXISTS kh_registry_change (
+    version     bigint PRIMARY KEY,             -- kh_meta.registry_version it made
+    account_id  text NOT NULL,                  -- the account (or its webhook) it changed
+    changed_at  timestamptz NOT NULL DEFAULT now()
+);";
 
 /// Version 2: each node's writer slot (`kh_node.slot`), the low byte of every sequence number
 /// it mints (`ids::Sequencer::for_writer`), so that nodes writing at once never mint the same
@@ -487,7 +498,7 @@ mod tests {
         ] {
             assert!(!upper.contains(avoided), "a migration uses {avoided}");
         }
-        assert_eq!(CURRENT, 2);
+        assert_eq!(CURRENT, 3);
         assert_eq!(PARTITIONS, 256);
         assert!(
             V1.contains("generate_series(0, 255)"),

@@ -188,9 +188,17 @@ enum Fencing {
 /// Every change of an account or a webhook bumps the registry's version in the same
 /// transaction; nodes dividing the work read it a few times a second and take in the changes
 /// ([`Storage::registry_version`]). Its row lock orders such changes between nodes.
-const REGISTRY_CHANGED: &str = "INSERT INTO kh_meta (name, value) VALUES ('registry_version', '1')
-     ON CONFLICT (name) DO UPDATE SET value = (kh_meta.value::bigint + 1)::text, updated_at = now()
-     RETURNING value";
+/// `$1` is the account changed: the version goes into the registry's log of changes
+/// (`kh_registry_change`, ten minutes of it, trimmed here) so that other nodes re-read only
+/// that account. Returns the new version.
+const REGISTRY_CHANGED: &str = "WITH v AS (
+       INSERT INTO kh_meta (name, value) VALUES ('registry_version', '1')
+       ON CONFLICT (name) DO UPDATE SET value = (kh_meta.value::bigint + 1)::text, updated_at = now()
+       RETURNING value::bigint AS version),
+     trimmed AS (
+       DELETE FROM kh_registry_change WHERE changed_at < now() - interval '10 minutes')
+     INSERT INTO kh_registry_change (version, account_id) SELECT version, $1 FROM v
+     RETURNING version::text";
 
 /// What a statement list is: a lone read, or a write touching these partitions (empty: none).
 enum Mode {
@@ -1124,7 +1132,7 @@ impl Storage for PgStore {
                     codec::encode(account)
                 ],
             ),
-            (REGISTRY_CHANGED, params![]),
+            (REGISTRY_CHANGED, params![account.id.as_str().to_string()]),
         ])
         .map(|rows| self.note_own_change(&rows))
     }
@@ -1178,7 +1186,7 @@ impl Storage for PgStore {
             ("DELETE FROM kh_event WHERE account_id = $1", id()),
             ("DELETE FROM kh_event_id WHERE account_id = $1", id()),
             ("DELETE FROM kh_account WHERE account_id = $1", id()),
-            (REGISTRY_CHANGED, params![]),
+            (REGISTRY_CHANGED, id()),
         ],
         )
         .map(|rows| self.note_own_change(&rows))?;
@@ -1209,7 +1217,10 @@ impl Storage for PgStore {
                         codec::encode(&self.sealer.seal_webhook(hook))
                     ],
                 ),
-                (REGISTRY_CHANGED, params![]),
+                (
+                    REGISTRY_CHANGED,
+                    params![hook.account_id.as_str().to_string()],
+                ),
             ],
         )
         .map(|rows| self.note_own_change(&rows))
@@ -1247,9 +1258,10 @@ impl Storage for PgStore {
 
     fn delete_webhook(&self, hook: &Webhook) -> Result<u64> {
         let id = || -> Params { params![wh_key(hook.id)] };
-        let rows = self.write_in(
-            vec![partition_of(&hook.account_id)],
-            vec![
+        let rows =
+            self.write_in(
+                vec![partition_of(&hook.account_id)],
+                vec![
                 (
                     "SELECT count(*) FROM kh_delivery WHERE webhook_id = $1 AND due_ms IS NOT NULL",
                     id(),
@@ -1263,9 +1275,9 @@ impl Storage for PgStore {
                 ("DELETE FROM kh_delivery WHERE webhook_id = $1", id()),
                 ("DELETE FROM kh_stats WHERE webhook_id = $1", id()),
                 ("DELETE FROM kh_webhook WHERE webhook_id = $1", id()),
-                (REGISTRY_CHANGED, params![]),
+                (REGISTRY_CHANGED, params![hook.account_id.as_str().to_string()]),
             ],
-        )?;
+            )?;
         self.note_own_change(&rows);
         self.deliveries
             .lock()
@@ -1296,6 +1308,36 @@ impl Storage for PgStore {
         };
         own.retain(|v| *v > now);
         Ok(Some((now, elsewhere)))
+    }
+
+    fn registry_changes(&self, since: u64, now: u64) -> Result<Option<Vec<AccountId>>> {
+        if now <= since {
+            return Ok(Some(Vec::new()));
+        }
+        let rows = self.read(
+            "SELECT version, account_id FROM kh_registry_change
+             WHERE version > $1 AND version <= $2 ORDER BY version",
+            params![since as i64, now as i64],
+        )?;
+        // Every version of the range, or the log does not reach back (trimmed, or written
+        // before this schema): the caller re-reads everything then.
+        if rows.len() as u64 != now - since {
+            return Ok(None);
+        }
+        let mut accounts: Vec<AccountId> = Vec::new();
+        for r in &rows {
+            let text: String = r.get(1);
+            let id = AccountId::parse(&text).ok_or_else(|| {
+                StoreError::new(
+                    StoreErrorKind::Internal,
+                    format!("the registry's log names an invalid account id {text:?}"),
+                )
+            })?;
+            if !accounts.contains(&id) {
+                accounts.push(id);
+            }
+        }
+        Ok(Some(accounts))
     }
 
     fn partitions_moved(&self) {

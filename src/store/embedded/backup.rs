@@ -527,7 +527,12 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut n = 0u32;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let id = [w, (n % 3000 / 256) as u8, (n % 256) as u8];
+                        // Each of the 3000 ids once per generation (so a record moves one
+                        // generation at a time: an id taken as `n % 256` was hit twice in
+                        // some generations and skipped others, and a snapshot between the two
+                        // steps showed an entry two generations ahead of its record).
+                        let k = n % 3000;
+                        let id = [w, (k / 256) as u8, (k % 256) as u8];
                         let gen = (n / 3000).to_be_bytes();
                         // Move the record to a new generation: the index entry first, then the
                         // record, then drop the old entry. At any instant, `schedule` holds

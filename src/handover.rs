@@ -18,7 +18,7 @@
 //!   loop then releases them.
 //! - **lost** — taken over without a hand-over: dropped at once. Their writes fail the fence.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -301,6 +301,10 @@ impl PartitionWork for Handover {
 /// How often a node dividing the work reads the registry's version.
 pub const REGISTRY_POLL: Duration = Duration::from_millis(250);
 
+/// The most changed accounts the registry follower re-reads one by one; more, and it reads
+/// every account and webhook in two statements instead.
+const ONE_BY_ONE_MAX: usize = 32;
+
 /// Keeps this node's registry current with what other nodes change (divided mode): reads the
 /// store's registry version every [`REGISTRY_POLL`] and, when another node moved it, re-reads
 /// the accounts its log of changes names (all of them when the log does not reach back) and
@@ -329,24 +333,29 @@ pub async fn follow_registry(
             };
             if elsewhere {
                 let store = &*s;
-                // Only the accounts the log says changed; everything when it cannot say.
+                // Only the accounts the log says changed (two reads each, under the
+                // registry's write lock); everything when it cannot say, or when that many
+                // accounts cost more to read one by one than all at once.
                 let touched = match last {
                     Some(since) => store.registry_changes(since, now)?,
                     None => None,
                 };
                 let changed = match touched {
-                    Some(accounts) => r.sync(
-                        || {
-                            let (mut found, mut hooks) = (Vec::new(), Vec::new());
-                            for id in &accounts {
-                                found.extend(store.get_account(id)?);
-                                hooks.extend(store.webhooks_of(id)?);
-                            }
-                            Ok::<_, StoreError>((found, hooks))
-                        },
-                        |a| accounts.contains(a),
-                    )?,
-                    None => r.sync(
+                    Some(accounts) if accounts.len() <= ONE_BY_ONE_MAX => {
+                        let accounts: HashSet<AccountId> = accounts.into_iter().collect();
+                        r.sync(
+                            || {
+                                let (mut found, mut hooks) = (Vec::new(), Vec::new());
+                                for id in &accounts {
+                                    found.extend(store.get_account(id)?);
+                                    hooks.extend(store.webhooks_of(id)?);
+                                }
+                                Ok::<_, StoreError>((found, hooks))
+                            },
+                            |a| accounts.contains(a),
+                        )?
+                    }
+                    _ => r.sync(
                         || Ok::<_, StoreError>((store.all_accounts()?, store.all_webhooks()?)),
                         |_| true,
                     )?,

@@ -1,8 +1,8 @@
 //! Partition leases: which live node owns which of the [`PARTITIONS`] partitions of accounts,
 //! and the per-partition fence a write runs first — the protocol nodes divide the work by when
 //! `cluster.divide_work` is set (the research's §3.2). The engine runs [`run`] through
-//! `PgStore::divide`, with `crate::handover` as its [`PartitionWork`]; the store's own fence
-//! (`PARTITION_FENCE` in `store.rs`) is [`fence`]'s check in one statement. Without
+//! `PgStore::divide`, with `crate::handover` as its [`PartitionWork`]; every write of account
+//! data sends [`FENCE`] first (the check [`fence`] runs on its own). Without
 //! `divide_work`, the serve lease ([`super::lease`]) stamps every partition with its holder.
 //! Tested on its own against a real PostgreSQL (`tests/it/pg_ownership.rs`) and through real
 //! nodes (`tests/it/pg_divide.rs`).

@@ -190,7 +190,7 @@ enum Fencing {
 /// ([`Storage::registry_version`]). Its row lock orders such changes between nodes.
 /// `$1` is the account changed: the version goes into the registry's log of changes
 /// (`kh_registry_change`, ten minutes of it, trimmed here) so that other nodes re-read only
-/// that account. Returns the new version.
+/// that account. Returns the new version. Sent through [`registry_changed`].
 const REGISTRY_CHANGED: &str = "WITH v AS (
        INSERT INTO kh_meta (name, value) VALUES ('registry_version', '1')
        ON CONFLICT (name) DO UPDATE SET value = (kh_meta.value::bigint + 1)::text, updated_at = now()
@@ -199,6 +199,11 @@ const REGISTRY_CHANGED: &str = "WITH v AS (
        DELETE FROM kh_registry_change WHERE changed_at < now() - interval '10 minutes')
      INSERT INTO kh_registry_change (version, account_id) SELECT version, $1 FROM v
      RETURNING version::text";
+
+/// The last statement of a write that changes `account` or one of its webhooks.
+fn registry_changed(account: &AccountId) -> (&'static str, Params) {
+    (REGISTRY_CHANGED, params![account.as_str().to_string()])
+}
 
 /// What a statement list is: a lone read, or a write touching these partitions (empty: none).
 enum Mode {
@@ -421,15 +426,10 @@ impl Shared {
                 .await
             {
                 use tokio_postgres::error::SqlState;
-                if [
-                    &SqlState::LOCK_NOT_AVAILABLE,
-                    &SqlState::T_R_DEADLOCK_DETECTED,
-                ]
-                .contains(&e.code().unwrap_or(&SqlState::SUCCESSFUL_COMPLETION))
-                {
-                    return Ok(None);
-                }
-                return Err(db(e));
+                let gave_way = e.code().is_some_and(|c| {
+                    *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED
+                });
+                return if gave_way { Ok(None) } else { Err(db(e)) };
             }
             let row = client
                 .query_one(
@@ -1132,7 +1132,7 @@ impl Storage for PgStore {
                     codec::encode(account)
                 ],
             ),
-            (REGISTRY_CHANGED, params![account.id.as_str().to_string()]),
+            registry_changed(&account.id),
         ])
         .map(|rows| self.note_own_change(&rows))
     }
@@ -1186,7 +1186,7 @@ impl Storage for PgStore {
             ("DELETE FROM kh_event WHERE account_id = $1", id()),
             ("DELETE FROM kh_event_id WHERE account_id = $1", id()),
             ("DELETE FROM kh_account WHERE account_id = $1", id()),
-            (REGISTRY_CHANGED, id()),
+            registry_changed(&account.id),
         ],
         )
         .map(|rows| self.note_own_change(&rows))?;
@@ -1217,10 +1217,7 @@ impl Storage for PgStore {
                         codec::encode(&self.sealer.seal_webhook(hook))
                     ],
                 ),
-                (
-                    REGISTRY_CHANGED,
-                    params![hook.account_id.as_str().to_string()],
-                ),
+                registry_changed(&hook.account_id),
             ],
         )
         .map(|rows| self.note_own_change(&rows))
@@ -1258,10 +1255,9 @@ impl Storage for PgStore {
 
     fn delete_webhook(&self, hook: &Webhook) -> Result<u64> {
         let id = || -> Params { params![wh_key(hook.id)] };
-        let rows =
-            self.write_in(
-                vec![partition_of(&hook.account_id)],
-                vec![
+        let rows = self.write_in(
+            vec![partition_of(&hook.account_id)],
+            vec![
                 (
                     "SELECT count(*) FROM kh_delivery WHERE webhook_id = $1 AND due_ms IS NOT NULL",
                     id(),
@@ -1275,9 +1271,9 @@ impl Storage for PgStore {
                 ("DELETE FROM kh_delivery WHERE webhook_id = $1", id()),
                 ("DELETE FROM kh_stats WHERE webhook_id = $1", id()),
                 ("DELETE FROM kh_webhook WHERE webhook_id = $1", id()),
-                (REGISTRY_CHANGED, params![hook.account_id.as_str().to_string()]),
+                registry_changed(&hook.account_id),
             ],
-            )?;
+        )?;
         self.note_own_change(&rows);
         self.deliveries
             .lock()

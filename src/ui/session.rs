@@ -45,8 +45,9 @@ struct Stored {
     key_hash: Option<[u8; 32]>,
     created_ms: u64,
     last_ms: u64,
-    /// Kept in the store only where nodes share sessions: a change relayed to the node that
-    /// serves the account leaves its notice there, for the node that shows the next page.
+    /// The pending one-shot notice. Written through when set or shown only where nodes share
+    /// sessions: a change relayed to the node that serves the account leaves its notice
+    /// there, for the node that shows the next page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     notice: Option<String>,
 }

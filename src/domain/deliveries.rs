@@ -234,12 +234,17 @@ pub fn get_delivery(
     // A delivery the writer holds shows its new state before that state's attempt is written
     // (readers never see an older state than the stored one): until the write lands, which
     // takes a few milliseconds, the record names an attempt the store does not have yet.
+    // Whether it was held is asked before the record is read: a record read while held can be
+    // released (its write landed) before `is_held` is asked after, and the attempts read in
+    // between are then older than the record.
     let mut tries = 0;
     let (record, attempts) = loop {
+        let was_held = state.store.is_held(id);
         let record = get_record(state, account, id)?;
         let attempts = state.store.attempts(record.id)?;
         let expected = crate::history::attempts_kept(record.attempt_count);
-        if attempts.len() >= expected || tries == HELD_WRITE_WAITS || !state.store.is_held(id) {
+        let settled = !was_held && !state.store.is_held(id);
+        if attempts.len() >= expected || tries == HELD_WRITE_WAITS || settled {
             break (record, attempts);
         }
         tries += 1;

@@ -231,25 +231,15 @@ pub fn get_delivery(
     account: &AccountId,
     id: DeliveryId,
 ) -> Result<DeliveryDetail, Refusal> {
-    // A delivery the writer holds shows its new state before that state's attempt is written
-    // (readers never see an older state than the stored one): until the write lands, which
-    // takes a few milliseconds, the record names an attempt the store does not have yet.
-    // Whether it was held is asked before the record is read: a record read while held can be
-    // released (its write landed) before `is_held` is asked after, and the attempts read in
-    // between are then older than the record.
-    let mut tries = 0;
-    let (record, attempts) = loop {
-        let was_held = state.store.is_held(id);
-        let record = get_record(state, account, id)?;
-        let attempts = state.store.attempts(record.id)?;
-        let expected = crate::history::attempts_kept(record.attempt_count);
-        let settled = !was_held && !state.store.is_held(id);
-        if attempts.len() >= expected || tries == HELD_WRITE_WAITS || settled {
-            break (record, attempts);
-        }
-        tries += 1;
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    };
+    let (record, attempts) = read_settled(
+        || state.store.is_held(id),
+        || {
+            let record = get_record(state, account, id)?;
+            let attempts = state.store.attempts(record.id)?;
+            Ok((record, attempts))
+        },
+        || std::thread::sleep(std::time::Duration::from_millis(2)),
+    )?;
     let body = state
         .store
         .get_event(record.id.seq)?
@@ -267,6 +257,33 @@ pub fn get_delivery(
         body,
         attempts,
     })
+}
+
+/// Reads a delivery's record with its attempts, the two agreeing.
+///
+/// A delivery the writer holds shows its new state before that state's attempt is written
+/// (readers never see an older state than the stored one): until the write lands, which takes
+/// a few milliseconds, the record names an attempt the store does not have yet. So a short list
+/// of attempts is taken as it is only when the delivery was not held before the record was read
+/// nor after the attempts were: asked only after, a record read while held could be released
+/// (its write landed) in between and be shown with the attempts read before that write. A stored
+/// record always has its attempts: they are written before it, or in its transaction.
+fn read_settled(
+    is_held: impl Fn() -> bool,
+    mut read: impl FnMut() -> Result<(DeliveryRecord, Vec<AttemptRecord>), Refusal>,
+    mut pause: impl FnMut(),
+) -> Result<(DeliveryRecord, Vec<AttemptRecord>), Refusal> {
+    let mut tries = 0;
+    loop {
+        let was_held = is_held();
+        let (record, attempts) = read()?;
+        let complete = attempts.len() >= crate::history::attempts_kept(record.attempt_count);
+        if complete || tries == HELD_WRITE_WAITS || (!was_held && !is_held()) {
+            return Ok((record, attempts));
+        }
+        tries += 1;
+        pause();
+    }
 }
 
 /// Schedules one more attempt now. Refused (409) unless the webhook is active.
@@ -311,4 +328,122 @@ pub async fn retry_delivery(
         })?;
     state.ingest.sync().await?;
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+
+    use super::*;
+    use crate::ids::{EventId, WebhookId};
+
+    fn pending() -> DeliveryRecord {
+        DeliveryRecord {
+            id: DeliveryId {
+                seq: 1,
+                webhook: WebhookId(1),
+            },
+            account_id: AccountId::parse("acc_1").unwrap(),
+            event_id: EventId::from_seq(1),
+            event: "user.login".into(),
+            status: DeliveryStatus::Pending,
+            attempt_count: 0,
+            response_code: None,
+            response_time_ms: None,
+            updated_ms: 0,
+            next_attempt_ms: Some(0),
+            note: None,
+            is_test: false,
+        }
+    }
+
+    fn attempt() -> AttemptRecord {
+        AttemptRecord {
+            number: 1,
+            at_ms: 0,
+            response_code: Some(200),
+            response_time_ms: 3,
+            response_headers: vec![],
+            response_body: String::new(),
+            error: None,
+            timestamp: 0,
+            signature: "v1,sig".into(),
+        }
+    }
+
+    /// The writer's side, scripted: the delivery is held in its delivered state, and its write
+    /// lands (attempt stored, hold released) right after a reader has read the attempts.
+    struct Writer {
+        held: Cell<bool>,
+        stored_attempts: RefCell<Vec<AttemptRecord>>,
+        reads: Cell<u32>,
+    }
+
+    impl Writer {
+        fn read(&self, delivered: &DeliveryRecord) -> (DeliveryRecord, Vec<AttemptRecord>) {
+            self.reads.set(self.reads.get() + 1);
+            let record = delivered.clone();
+            let attempts = self.stored_attempts.borrow().clone();
+            if self.held.get() {
+                self.stored_attempts.borrow_mut().push(attempt());
+                self.held.set(false);
+            }
+            (record, attempts)
+        }
+    }
+
+    #[test]
+    fn a_record_read_while_held_is_never_shown_with_attempts_read_before_its_write() {
+        let mut delivered = pending();
+        delivered.status = DeliveryStatus::Delivered;
+        delivered.attempt_count = 1;
+        delivered.next_attempt_ms = None;
+        let writer = Writer {
+            held: Cell::new(true),
+            stored_attempts: RefCell::new(vec![]),
+            reads: Cell::new(0),
+        };
+        let (record, attempts) =
+            read_settled(|| writer.held.get(), || Ok(writer.read(&delivered)), || {}).unwrap();
+        assert_eq!(record.status, DeliveryStatus::Delivered);
+        assert_eq!(attempts.len(), 1, "the delivered record's attempt is shown");
+        assert_eq!(writer.reads.get(), 2, "read again once the write landed");
+    }
+
+    #[test]
+    fn a_stored_record_with_fewer_attempts_than_kept_is_taken_at_once() {
+        // Not held at all: what the store has is the truth (attempts written before the
+        // record), so there is nothing to wait for.
+        let mut r = pending();
+        r.attempt_count = 1;
+        let reads = Cell::new(0);
+        let (_, attempts) = read_settled(
+            || false,
+            || {
+                reads.set(reads.get() + 1);
+                Ok((r.clone(), vec![]))
+            },
+            || {},
+        )
+        .unwrap();
+        assert!(attempts.is_empty());
+        assert_eq!(reads.get(), 1);
+    }
+
+    #[test]
+    fn a_delivery_held_for_good_is_read_a_bounded_number_of_times() {
+        let mut r = pending();
+        r.attempt_count = 1;
+        let reads = Cell::new(0);
+        read_settled(
+            || true,
+            || {
+                reads.set(reads.get() + 1);
+                Ok((r.clone(), vec![]))
+            },
+            || {},
+        )
+        .unwrap();
+        assert_eq!(reads.get(), HELD_WRITE_WAITS + 1);
+    }
 }

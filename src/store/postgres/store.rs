@@ -1320,6 +1320,9 @@ impl Storage for PgStore {
         if rows.len() as u64 != now - since {
             return Ok(None);
         }
+        // Ten minutes of changes can be many rows: each account once, in the order of its
+        // first change, without a quadratic search.
+        let mut seen = std::collections::HashSet::new();
         let mut accounts: Vec<AccountId> = Vec::new();
         for r in &rows {
             let text: String = r.get(1);
@@ -1329,7 +1332,7 @@ impl Storage for PgStore {
                     format!("the registry's log names an invalid account id {text:?}"),
                 )
             })?;
-            if !accounts.contains(&id) {
+            if seen.insert(id.clone()) {
                 accounts.push(id);
             }
         }
